@@ -1,0 +1,1 @@
+"""Benchmarks of bnjax against Flax and naive references (see BENCHMARKS.md)."""

@@ -1,0 +1,17 @@
+"""bnjax: Batch Normalization (Ioffe & Szegedy, 2015) as a pure JAX function.
+
+The core is ``init`` and ``batch_norm``: parameters and running statistics are
+explicit ``NamedTuple`` pytrees, threaded in and out of every call. ``bnjax.linen``
+and ``bnjax.nnx`` are drop-in replacements for Flax's ``BatchNorm`` modules, thin
+shells over the same core.
+"""
+
+from bnjax.batch_norm import BatchNormParams as BatchNormParams
+from bnjax.batch_norm import BatchNormState as BatchNormState
+from bnjax.batch_norm import batch_norm as batch_norm
+from bnjax.batch_norm import init as init
+from bnjax.moving_average import update_moving_average as update_moving_average
+from bnjax.stats import Moments as Moments
+from bnjax.stats import batch_moments as batch_moments
+
+__version__ = "0.1.0"

@@ -1,0 +1,314 @@
+"""bnjax.batch_norm on one device, against float64 NumPy transcriptions of the
+paper (tests/reference.py), finite differences and Flax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.test_util import check_grads
+
+import bnjax
+from tests import reference
+
+# (shape, axis, reduction axes)
+LAYOUTS = [
+    ((32, 5), -1, (0,)),  # fully connected: over the batch
+    ((4, 6, 5, 3), -1, (0, 1, 2)),  # NHWC convolution: batch and positions
+    ((4, 3, 6, 5), 1, (0, 2, 3)),  # NCHW
+    ((4, 3, 6, 2), (1, -1), (0, 2)),  # two feature axes
+]
+
+
+def random_inputs(shape, axis, seed=0, offset=0.0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = 2.0 * jax.random.normal(keys[0], shape) + offset
+  features = bnjax.validation.feature_axes(len(shape), axis)
+  fshape = tuple(shape[a] for a in features)
+  params = bnjax.BatchNormParams(
+      scale=1.0 + 0.3 * jax.random.normal(keys[1], fshape),
+      bias=0.5 * jax.random.normal(keys[2], fshape),
+  )
+  state = bnjax.BatchNormState(
+      mean=0.1 * jax.random.normal(keys[3], fshape), var=jnp.full(fshape, 2.0)
+  )
+  return x, params, state
+
+
+def expand(a, axes):
+  return np.expand_dims(np.asarray(a, np.float64), axes)
+
+
+@pytest.mark.parametrize("shape, axis, axes", LAYOUTS)
+def test_training_forward_is_algorithm_1(shape, axis, axes):
+  x, params, state = random_inputs(shape, axis, offset=3.0)
+  y, new_state = bnjax.batch_norm(x, params, state, training=True, axis=axis, momentum=0.9)
+  want_y, mu, var = reference.forward(
+      x, expand(params.scale, axes), expand(params.bias, axes), 1e-5, axes
+  )
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      new_state.mean, 0.9 * np.asarray(state.mean) + 0.1 * mu.squeeze(axes), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+      new_state.var, 0.9 * np.asarray(state.var) + 0.1 * var.squeeze(axes), rtol=1e-6
+  )
+  assert new_state.mean.dtype == jnp.float32 and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("shape, axis, axes", LAYOUTS)
+def test_inference_uses_state_and_returns_it_unchanged(shape, axis, axes):
+  x, params, state = random_inputs(shape, axis)
+  y, new_state = bnjax.batch_norm(x, params, state, training=False, axis=axis)
+  assert new_state is state
+  want = expand(params.scale, axes) * (np.asarray(x, np.float64) - expand(state.mean, axes))
+  want = want / np.sqrt(expand(state.var, axes) + 1e-5) + expand(params.bias, axes)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_affine_and_partial_affine():
+  x, params, state = random_inputs((16, 4), -1)
+  y, _ = bnjax.batch_norm(x, None, state, training=True)
+  want, _, _ = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  only_scale = bnjax.BatchNormParams(scale=params.scale, bias=None)
+  y, _ = bnjax.batch_norm(x, only_scale, state, training=True)
+  np.testing.assert_allclose(y, want * np.asarray(params.scale), rtol=1e-5, atol=1e-5)
+
+
+def test_init():
+  params, state = bnjax.init(3)
+  np.testing.assert_array_equal(params.scale, np.ones(3))
+  np.testing.assert_array_equal(params.bias, np.zeros(3))
+  np.testing.assert_array_equal(state.mean, np.zeros(3))
+  np.testing.assert_array_equal(state.var, np.ones(3))
+  params, state = bnjax.init((2, 3), dtype=jnp.bfloat16)
+  assert params.scale.shape == (2, 3) and params.scale.dtype == jnp.bfloat16
+  assert state.var.dtype == jnp.float32
+
+
+def _weights(shape, seed=7):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("shape, axis, axes", LAYOUTS)
+def test_gradients_are_the_papers_chain_rule(shape, axis, axes):
+  x, params, state = random_inputs(shape, axis, offset=-2.0)
+  w = _weights(shape)
+
+  def loss(x, params):
+    y, _ = bnjax.batch_norm(x, params, state, training=True, axis=axis)
+    return jnp.sum(y * w)
+
+  dx, dparams = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, params)
+  want_dx, want_dgamma, want_dbeta = reference.backward(
+      x, expand(params.scale, axes), w, 1e-5, axes
+  )
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams.scale, want_dgamma, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dparams.bias, want_dbeta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradients_match_finite_differences_in_float64(x64, with_mask):
+  x, params, state = random_inputs((6, 3, 4), -1)
+  x = x.astype(jnp.float64)
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  mask = (jnp.arange(18).reshape(6, 3, 1) % 4 != 1) if with_mask else None
+
+  def f(x, scale, bias):
+    # Output and the new state both depend on x: checks their cotangents too.
+    y, new_state = bnjax.batch_norm(
+        x, bnjax.BatchNormParams(scale, bias), state, training=True, momentum=0.5, mask=mask
+    )
+    return y, new_state.mean, new_state.var
+
+  check_grads(f, (x, params.scale, params.bias), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+  check_grads(f, (x, params.scale, params.bias), order=2, modes=["fwd", "rev"], atol=1e-4, rtol=1e-4)
+
+
+def test_inference_gradients_match_finite_differences(x64):
+  x, params, state = random_inputs((6, 4), -1)
+  x = x.astype(jnp.float64)
+
+  def f(x, scale, bias):
+    return bnjax.batch_norm(x, bnjax.BatchNormParams(scale, bias), state, training=False)[0]
+
+  check_grads(f, (x, params.scale, params.bias), order=2, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+def test_variance_exact_when_mean_dwarfs_std(offset):
+  # |mean| / std = offset: the one-pass E[x^2] - E[x]^2 loses everything here.
+  x = jax.random.normal(jax.random.key(3), (256, 4, 4, 8)) + offset
+  _, state = bnjax.init(8)
+  _, new_state = bnjax.batch_norm(x, None, state, training=True, momentum=0.0)
+  _, want = reference.batch_mean_var(x, (0, 1, 2))
+  rel = np.abs(np.asarray(new_state.var, np.float64) / want.squeeze() - 1)
+  assert rel.max() <= 1e-5, rel.max()
+
+
+def test_flax_fast_variance_is_wrong_where_bnjax_is_exact():
+  """The failure the previous test guards against, shown on Flax's default."""
+  x = jax.random.normal(jax.random.key(3), (256, 4, 4, 8)) + 1e4
+  variables = nn.BatchNorm(use_running_average=False, momentum=0.0).init(jax.random.key(0), x)
+  _, updated = nn.BatchNorm(use_running_average=False, momentum=0.0).apply(
+      variables, x, mutable=["batch_stats"]
+  )
+  _, want = reference.batch_mean_var(x, (0, 1, 2))
+  rel = np.abs(np.asarray(updated["batch_stats"]["var"], np.float64) / want.squeeze() - 1)
+  assert rel.max() > 1.0
+
+
+def test_variance_exact_on_adversarially_ordered_batch():
+  # Sorted values put the shift's slice as far from the mean as it can be.
+  x = jnp.sort(jax.random.normal(jax.random.key(4), (4096, 2)), axis=0) + 1e3
+  _, state = bnjax.init(2)
+  _, new_state = bnjax.batch_norm(x, None, state, training=True, momentum=0.0)
+  _, want = reference.batch_mean_var(x, (0,))
+  np.testing.assert_allclose(new_state.var, want.squeeze(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_statistics_in_float32(dtype):
+  x, params, state = random_inputs((64, 4, 8), -1, offset=4.0)
+  x = x.astype(dtype)
+  y, new_state = bnjax.batch_norm(x, params, state, training=True, momentum=0.0)
+  assert y.dtype == dtype
+  assert new_state.mean.dtype == new_state.var.dtype == jnp.float32
+  want_y, mu, var = reference.forward(  # on the half-precision values, in float64
+      np.asarray(x.astype(jnp.float32)), expand(params.scale, (0, 1)),
+      expand(params.bias, (0, 1)), 1e-5, (0, 1)
+  )
+  np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-6)
+  np.testing.assert_allclose(new_state.var, var.squeeze(), rtol=1e-5)
+  np.testing.assert_allclose(y.astype(jnp.float32), want_y, rtol=1e-2, atol=2e-2)
+  dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, state, training=True)[0]))(x)
+  assert dx.dtype == dtype
+
+
+def test_output_dtype_argument():
+  x, params, state = random_inputs((16, 3), -1)
+  y, _ = bnjax.batch_norm(x.astype(jnp.bfloat16), params, state, training=True, dtype=jnp.float32)
+  assert y.dtype == jnp.float32
+
+
+def test_complex_input():
+  x, params, state = random_inputs((16, 3), -1)
+  xc = jax.lax.complex(x, jnp.flip(x, 0) + 1.0)
+  y, new_state = bnjax.batch_norm(xc, params, state, training=True, momentum=0.0)
+  want_y, mu, var = reference.forward(
+      xc, expand(params.scale, (0,)), expand(params.bias, (0,)), 1e-5, (0,)
+  )
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-6)
+  np.testing.assert_allclose(new_state.var, var.squeeze(), rtol=1e-5)
+  assert y.dtype == jnp.complex64 and new_state.var.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("mask_shape", [(8, 5, 1), (8, 5)])
+def test_mask_excludes_entries_even_nan(mask_shape):
+  x, params, state = random_inputs((8, 5, 3), -1, offset=1.0)
+  mask = jax.random.bernoulli(jax.random.key(9), 0.6, (8, 5)).at[0, 0].set(True)
+  x = jnp.where(mask[..., None], x, jnp.nan)  # masked-out entries are NaN
+  w = _weights(x.shape)
+
+  def loss(x, params):
+    y, new_state = bnjax.batch_norm(
+        x, params, state, training=True, mask=mask.reshape(mask_shape), momentum=0.0
+    )
+    return jnp.sum(jnp.where(mask[..., None], y * w, 0.0)), (y, new_state)
+
+  (dx, dparams), (y, new_state) = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+  valid = np.broadcast_to(np.asarray(mask)[..., None], x.shape)
+  want_y, mu, var = reference.forward(
+      x, expand(params.scale, (0, 1)), expand(params.bias, (0, 1)), 1e-5, (0, 1), mask=valid
+  )
+  np.testing.assert_allclose(np.asarray(y)[valid], want_y[valid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_state.var, var.squeeze(), rtol=1e-5)
+  want_dx, want_dgamma, want_dbeta = reference.backward(
+      x, expand(params.scale, (0, 1)), np.where(valid, w, 0.0), 1e-5, (0, 1), mask=valid
+  )
+  assert np.isfinite(np.asarray(dx)).all()
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams.scale, want_dgamma, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams.bias, want_dbeta, rtol=1e-4, atol=1e-5)
+
+
+def test_per_feature_mask():
+  x, params, state = random_inputs((12, 3), -1)
+  mask = jnp.arange(36).reshape(12, 3) % (jnp.arange(3) + 2)[None, :] != 0  # one per feature
+  _, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask, momentum=0.0)
+  _, want = reference.batch_mean_var(x, (0,), mask=np.asarray(mask))
+  np.testing.assert_allclose(new_state.var, want.squeeze(), rtol=1e-5)
+
+
+def test_jit_and_traced_momentum():
+  x, params, state = random_inputs((16, 4), -1)
+
+  @jax.jit
+  def step(x, state, momentum):
+    return bnjax.batch_norm(x, params, state, training=True, momentum=momentum)
+
+  _, a = step(x, state, jnp.float32(0.25))
+  _, b = bnjax.batch_norm(x, params, state, training=True, momentum=0.25)
+  np.testing.assert_allclose(a.var, b.var, rtol=1e-6)
+  _, c = step(x, state, jnp.float32(0.5))  # a new value, no recompilation needed
+  assert step._cache_size() == 1
+  assert not np.allclose(a.var, c.var)
+
+
+def test_unbiased_variance_updates_running_var_with_m_over_m_minus_1():
+  x, params, state = random_inputs((10, 3), -1)
+  y_biased, biased = bnjax.batch_norm(x, params, state, training=True, momentum=0.0)
+  y, unbiased = bnjax.batch_norm(
+      x, params, state, training=True, momentum=0.0, unbiased_variance=True
+  )
+  np.testing.assert_allclose(unbiased.var, biased.var * 10 / 9, rtol=1e-6)
+  np.testing.assert_array_equal(y, y_biased)  # the batch is normalized with the biased one
+
+
+# ---- bad input: each raises an error naming the problem --------------------------------
+
+
+def _call(**overrides):
+  x, params, state = random_inputs((8, 4), -1)
+  kwargs = dict(x=x, params=params, state=state, training=True)
+  kwargs.update(overrides)
+  return bnjax.batch_norm(kwargs.pop("x"), kwargs.pop("params"), kwargs.pop("state"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(training=1), TypeError, "training must be a Python bool"),
+        (dict(training=jnp.array(True)), TypeError, "training must be a Python bool"),
+        (dict(x=jnp.ones((8, 4), jnp.int32)), TypeError, "x must have a floating"),
+        (dict(axis=2), ValueError, "axis 2 is out of range for an input of rank 2"),
+        (dict(axis=(0, 1)), ValueError, "leaving none to compute"),
+        (dict(axis=(1, -1)), ValueError, "names the same axis twice"),
+        (dict(params=bnjax.init(5)[0]), ValueError, r"params.scale has shape \(5,\) but x of shape \(8, 4\) has feature shape \(4,\)"),
+        (dict(state=bnjax.init(3)[1]), ValueError, r"state.mean has shape \(3,\)"),
+        (dict(mask=jnp.ones((8, 4, 1), bool)), ValueError, r"mask of shape \(8, 4, 1\) does not broadcast"),
+        (dict(mask=jnp.ones((3,), bool)), ValueError, r"mask of shape \(3,\) does not broadcast"),
+        (dict(mask=jnp.ones((8,), jnp.int32)), TypeError, "mask must be boolean"),
+        (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\], got 1.5"),
+        (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\]"),
+        (dict(momentum=jnp.ones(2)), ValueError, "momentum must be a scalar"),
+        (dict(epsilon=0.0), ValueError, "epsilon must be positive"),
+        (dict(epsilon=-1e-5), ValueError, "epsilon must be positive"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(overrides, error, match):
+  with pytest.raises(error, match=match):
+    _call(**overrides)

@@ -1,0 +1,217 @@
+"""Synchronized batch norm on 8 simulated devices: ``pmap``, ``shard_map`` and
+``jit`` with a sharded batch all match the full batch on one device (outputs, new
+state, input and parameter gradients), with one collective per direction."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bnjax
+from benchmarks.hlo import count_collectives, total_collectives
+from tests import reference
+
+DEVICES = 8
+SHAPE = (DEVICES * 4, 5, 3)  # global batch of 32, 5 positions, 3 features
+AXES = (0, 1)
+
+
+def make_problem(offset=1.0, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = 1.5 * jax.random.normal(keys[0], SHAPE) + offset
+  w = jax.random.normal(keys[1], SHAPE)  # the loss is sum(w * y)
+  params = bnjax.BatchNormParams(
+      scale=1.0 + 0.2 * jax.random.normal(keys[2], (3,)),
+      bias=0.1 * jax.random.normal(keys[3], (3,)),
+  )
+  _, state = bnjax.init(3)
+  return x, w, params, state
+
+
+def loss_and_state(x, w, params, state, mask=None, momentum=0.8, **kwargs):
+  y, new_state = bnjax.batch_norm(
+      x, params, state, training=True, momentum=momentum, mask=mask, **kwargs
+  )
+  return jnp.sum(w * y), (y, new_state)
+
+
+# Gradients of sum_i loss_i w.r.t. x and params, with the statistics of the whole batch.
+grad_full_batch = jax.jit(jax.grad(loss_and_state, argnums=(0, 2), has_aux=True))
+
+
+def per_device(a):
+  return a.reshape((DEVICES, -1) + a.shape[1:])
+
+
+def assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state, mask=None):
+  (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(x, w, params, state, mask)
+  np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx.reshape(x.shape), want_dx, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state, want_state)
+
+
+def pmapped_step(**kwargs):
+  grad = jax.grad(functools.partial(loss_and_state, **kwargs), argnums=(0, 2), has_aux=True)
+  return jax.pmap(grad, axis_name="batch", in_axes=(0, 0, None, None, 0))
+
+
+def test_pmap_matches_full_batch():
+  x, w, params, state = make_problem()
+  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+      per_device(x), per_device(w), params, state, None
+  )
+  # pmap gives each device the gradient of its own loss w.r.t. the parameters.
+  dparams = jax.tree.map(lambda g: g.sum(0), dparams)
+  for d in range(1, DEVICES):  # every device holds the same new state
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda s: s[d], new_state),
+                 jax.tree.map(lambda s: s[0], new_state))
+  assert_matches_full_batch(x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state))
+
+
+def test_statistics_exact_across_devices_with_large_offset():
+  x, w, params, state = make_problem(offset=1e4)
+  _, (_, new_state) = pmapped_step(axis_name="batch", momentum=0.0)(
+      per_device(x), per_device(w), params, state, None
+  )
+  _, var = reference.batch_mean_var(x, AXES)
+  rel = np.abs(np.asarray(new_state.var[0], np.float64) / var.squeeze() - 1)
+  assert rel.max() <= 1e-5, rel.max()
+
+
+def test_uneven_valid_counts_per_device_with_nan():
+  x, w, params, state = make_problem()
+  # Device d keeps d of its 4 examples (device 0 none at all); the rest is NaN.
+  keep = (jnp.arange(SHAPE[0]) % 4) < (jnp.arange(SHAPE[0]) // 4)
+  mask = jnp.broadcast_to(keep[:, None, None], (SHAPE[0], SHAPE[1], 1))
+  x = jnp.where(mask, x, jnp.nan)
+  w = jnp.where(mask, w, 0.0)
+  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+      per_device(x), per_device(w), params, state, per_device(mask)
+  )
+  dparams = jax.tree.map(lambda g: g.sum(0), dparams)
+  assert np.isfinite(np.asarray(dx)).all()
+  valid = np.broadcast_to(np.asarray(mask), SHAPE)
+  _, mu, var = reference.forward(x, 1.0, 0.0, 1e-5, AXES, mask=valid)
+  np.testing.assert_allclose(new_state.mean[0], 0.2 * mu.squeeze(), rtol=1e-5)
+  np.testing.assert_allclose(new_state.var[0], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
+  (want_dx, want_dparams), (want_y, _) = grad_full_batch(x, w, params, state, mask)
+  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], np.asarray(want_y)[valid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx.reshape(SHAPE), want_dx, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]])
+def test_axis_index_groups_synchronize_within_each_group(groups):
+  x, w, params, state = make_problem()
+  (dx, _), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
+      per_device(x), per_device(w), params, state, None
+  )
+  xs, ws = per_device(x), per_device(w)
+  for group in groups:
+    group_x = xs[np.array(group)].reshape((-1,) + SHAPE[1:])
+    group_w = ws[np.array(group)].reshape((-1,) + SHAPE[1:])
+    (want_dx, _), (want_y, want_state) = grad_full_batch(group_x, group_w, params, state, None)
+    np.testing.assert_allclose(y[np.array(group)].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx[np.array(group)].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
+    for d in group:
+      np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)
+
+
+def _mesh():
+  return jax.make_mesh((DEVICES,), ("batch",))
+
+
+def sharded_problem():
+  x, w, params, state = make_problem()
+  mesh = _mesh()
+  batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+  return (
+      (x, w, params, state),
+      (jax.device_put(x, batch), jax.device_put(w, batch),
+       jax.device_put(params, replicated), jax.device_put(state, replicated)),
+      mesh,
+  )
+
+
+def shard_map_step(mesh):
+  grad = jax.grad(functools.partial(loss_and_state, axis_name="batch"), argnums=(0, 2), has_aux=True)
+  return jax.jit(jax.shard_map(
+      lambda x, w, p, s: grad(x, w, p, s),
+      mesh=mesh,
+      in_specs=(P("batch"), P("batch"), P(), P()),
+      out_specs=((P("batch"), P()), (P("batch"), P())),
+  ))
+
+
+def test_shard_map_matches_full_batch():
+  (x, w, params, state), sharded, mesh = sharded_problem()
+  (dx, dparams), (y, new_state) = shard_map_step(mesh)(*sharded)
+  # Replicated parameters: shard_map sums their gradient over devices itself.
+  assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
+
+
+def test_jit_with_sharded_batch_gives_global_statistics():
+  (x, w, params, state), sharded, _ = sharded_problem()
+  (dx, dparams), (y, new_state) = grad_full_batch(*sharded, None)
+  assert dx.sharding.spec[0] == "batch"  # the gradient stays sharded like x
+  assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
+
+
+def test_one_collective_forward_and_one_backward():
+  x, w, params, state = make_problem()
+  xs, ws = per_device(x), per_device(w)
+
+  def forward(x, params, state):
+    return bnjax.batch_norm(x, params, state, training=True, axis_name="batch")
+
+  pmap_forward = jax.pmap(forward, axis_name="batch", in_axes=(0, None, None))
+  forward_text = pmap_forward.lower(xs, params, state).compile().as_text()
+  step_text = pmapped_step(axis_name="batch").lower(xs, ws, params, state, None).compile().as_text()
+  assert count_collectives(forward_text) == {"all-reduce": 1}
+  assert count_collectives(step_text) == {"all-reduce": 2}
+
+  (_, _, _, _), sharded, mesh = sharded_problem()
+  shard_map_text = shard_map_step(mesh).lower(*sharded).compile().as_text()
+  assert count_collectives(shard_map_text) == {"all-reduce": 2}
+
+
+def test_flax_exact_mode_needs_more_collectives():
+  """The counter sees what the previous test asserts the absence of."""
+  x, w, _, _ = make_problem()
+  bn = nn.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=False)
+  variables = bn.init(jax.random.key(0), x[:4])
+
+  def loss(x, w, variables):
+    y, _ = bn.apply(variables, x, mutable=["batch_stats"])
+    return jnp.sum(w * y)
+
+  step = jax.pmap(jax.grad(loss), axis_name="batch", in_axes=(0, 0, None))
+  text = step.lower(per_device(x), per_device(w), variables).compile().as_text()
+  assert total_collectives(text) > 2
+
+
+def test_shard_map_over_two_mesh_axes():
+  """A batch split over a 2-D mesh (e.g. hosts x chips), synchronized over both."""
+  x, w, params, state = make_problem()
+  mesh = jax.make_mesh((2, 4), ("hosts", "chips"))
+  batch, replicated = NamedSharding(mesh, P(("hosts", "chips"))), NamedSharding(mesh, P())
+  grad = jax.grad(
+      functools.partial(loss_and_state, axis_name=("hosts", "chips")), argnums=(0, 2), has_aux=True
+  )
+  step = jax.jit(jax.shard_map(
+      lambda x, w, p, s: grad(x, w, p, s),
+      mesh=mesh,
+      in_specs=(P(("hosts", "chips")), P(("hosts", "chips")), P(), P()),
+      out_specs=((P(("hosts", "chips")), P()), (P(("hosts", "chips")), P())),
+  ))
+  (dx, dparams), (y, new_state) = step(
+      jax.device_put(x, batch), jax.device_put(w, batch),
+      jax.device_put(params, replicated), jax.device_put(state, replicated),
+  )
+  assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
