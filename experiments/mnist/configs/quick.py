@@ -1,0 +1,14 @@
+"""A quick run of the MNIST experiment, to check the set-up (a few seconds on CPU).
+
+    python -m experiments.mnist --workdir=/tmp/mnist_quick --config=experiments/mnist/configs/quick.py
+"""
+
+from experiments.mnist.configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.num_steps = 600
+  config.eval_every = 200
+  config.checkpoint_every = 300
+  return config

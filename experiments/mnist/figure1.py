@@ -1,0 +1,95 @@
+"""Figure 1 of the paper: the MNIST network trained with and without BN.
+
+    python -m experiments.mnist.figure1 --workdir=W [--config.FIELD=VALUE ...]
+
+Trains both networks from the same seed, on the same batches in the same order,
+into ``W/bn`` and ``W/baseline`` (each resumes from its checkpoints if restarted),
+then draws ``W/figure1.png``: (a) test accuracy against training steps; (b, c) the
+15th, 50th and 85th percentiles of the input to one fixed sigmoid of the last hidden
+layer over the test set, against steps, without (b) and with (c) BN.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments.mnist import configs, input_pipeline, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
+config_flags.DEFINE_config_file("config", configs.DEFAULT, "Configuration of both networks.", lock_config=True)
+
+RUNS = {"bn": True, "baseline": False}  # subfolder -> config.batch_norm
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, title: str) -> None:
+  """The paper's three panels from two runs' metrics (lists of evaluations)."""
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for metrics, label, style in ((bn_metrics, "With BN", "-"), (baseline_metrics, "Without BN", "--")):
+    steps = [m["step"] for m in metrics]
+    axes[0].plot(steps, [m["test_accuracy"] for m in metrics], style, label=label)
+  axes[0].set(title="(a) Test accuracy", xlabel="training steps", ylabel="test accuracy")
+  axes[0].legend(loc="lower right")
+  axes[0].grid(alpha=0.3)
+  for ax, metrics, name in ((axes[1], baseline_metrics, "(b) Without BN"), (axes[2], bn_metrics, "(c) With BN")):
+    steps = [m["step"] for m in metrics]
+    for p in train.PERCENTILES:
+      ax.plot(steps, [m[f"sigmoid_input_p{p}"] for m in metrics], label=f"{p}th percentile")
+    ax.set(title=f"{name}: input to one sigmoid", xlabel="training steps", ylabel="sigmoid input")
+    ax.grid(alpha=0.3)
+  low = min(m[f"sigmoid_input_p{train.PERCENTILES[0]}"] for m in bn_metrics + baseline_metrics)
+  high = max(m[f"sigmoid_input_p{train.PERCENTILES[-1]}"] for m in bn_metrics + baseline_metrics)
+  for ax in axes[1:]:
+    ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+  axes[2].legend(loc="lower right")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_figure1(config, workdir) -> pathlib.Path:
+  """Trains (or resumes) both networks and draws the figure; returns its path."""
+  workdir = pathlib.Path(workdir)
+  for name, batch_norm in RUNS.items():
+    run_config = config.copy_and_resolve_references()
+    run_config.batch_norm = batch_norm
+    train.train_and_evaluate(run_config, workdir / name)
+  path = workdir / "figure1.png"
+  dataset = DATASET_NAMES.get(config.dataset, config.dataset)
+  draw_figure1(
+      train.read_metrics(workdir / "bn"), train.read_metrics(workdir / "baseline"), path,
+      title=f"Figure 1 on {dataset}: {len(config.hidden_sizes)} sigmoid layers of "
+      f"{config.hidden_sizes[0]}, batch {config.batch_size}, SGD lr {config.learning_rate}, "
+      f"unit {config.tracked_unit} of the last hidden layer",
+  )
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  try:
+    path = run_figure1(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, input_pipeline.DataError) as e:
+    raise SystemExit(f"error: {e}") from None
+  for name in RUNS:
+    final = train.read_metrics(pathlib.Path(FLAGS.workdir) / name)[-1]
+    print(f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps", file=sys.stderr)
+  print(f"Figure written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,255 @@
+"""Training and evaluation of the MNIST network: pure steps, run on the device.
+
+How the state flows. Everything that changes during training lives in one
+``TrainState`` pytree: the step, the parameters, the batch-norm running statistics,
+the optimizer state, and the running sum of training losses. ``train_step`` maps a
+state and a batch to the next state and touches nothing else; ``train_steps`` runs
+it many times inside one compiled loop, sampling each batch on the device from a key
+that depends only on the seed and the step; ``evaluate`` reads a state. Saving the
+state is the whole checkpoint, so a restarted run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from experiments.mnist import input_pipeline
+from experiments.mnist.model import MLP
+
+PERCENTILES = (15, 50, 85)
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes."""
+
+  step: jax.Array  # [], int32: steps taken so far
+  params: Any  # the model's parameters
+  batch_stats: Any  # BN running statistics (empty without BN)
+  opt_state: optax.OptState
+  loss_sum: jax.Array  # [], float32: training losses summed since the last evaluation
+  loss_count: jax.Array  # [], int32: steps in loss_sum
+
+
+class DeviceData(NamedTuple):
+  """The dataset on the device: uint8 images ``[N, 28, 28]``, int32 labels ``[N]``."""
+
+  train_images: jax.Array
+  train_labels: jax.Array
+  test_images: jax.Array
+  test_labels: jax.Array
+
+
+def make_model(config: ml_collections.ConfigDict) -> MLP:
+  return MLP(
+      hidden_sizes=tuple(config.hidden_sizes),
+      batch_norm=config.batch_norm,
+      init_stddev=config.init_stddev,
+      momentum=config.bn_momentum,
+  )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.sgd(config.learning_rate)
+
+
+def initial_state(model: MLP, optimizer, key: jax.Array) -> TrainState:
+  variables = model.init(key, jnp.zeros((1, 28, 28), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=optimizer.init(params),
+      loss_sum=jnp.zeros((), jnp.float32),
+      loss_count=jnp.zeros((), jnp.int32),
+  )
+
+
+def to_inputs(images: jax.Array) -> jax.Array:
+  """uint8 pixels to float32 in [0, 1]."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def sample_batch(data: DeviceData, data_key: jax.Array, step: jax.Array, batch_size: int):
+  """The batch of ``step``: uniform with replacement, a function of (key, step) only."""
+  indices = jax.random.randint(
+      jax.random.fold_in(data_key, step), (batch_size,), 0, data.train_labels.shape[0]
+  )
+  return to_inputs(data.train_images[indices]), data.train_labels[indices]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, images, labels, *, model: MLP, optimizer) -> TrainState:
+  """One SGD step on one batch: ``state`` in, next ``state`` out."""
+
+  def loss_fn(params):
+    (logits, _), updates = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        images, train=True, mutable=["batch_stats"],
+    )
+    return cross_entropy(logits, labels), updates.get("batch_stats", {})
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return TrainState(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      loss_sum=state.loss_sum + loss,
+      loss_count=state.loss_count + 1,
+  )
+
+
+def train_steps(
+    state: TrainState, data: DeviceData, data_key: jax.Array, num_steps: jax.Array,
+    *, model: MLP, optimizer, batch_size: int,
+) -> TrainState:
+  """``num_steps`` training steps in one on-device loop (``num_steps`` may be traced)."""
+
+  def body(_, state):
+    images, labels = sample_batch(data, data_key, state.step, batch_size)
+    return train_step(state, images, labels, model=model, optimizer=optimizer)
+
+  return jax.lax.fori_loop(0, num_steps, body, state)
+
+
+def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: int) -> dict:
+  """Test loss and accuracy with the running statistics, the tracked sigmoid's
+  input percentiles over the test set, and the mean training loss since the last
+  evaluation."""
+  logits, sigmoid_inputs = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      to_inputs(data.test_images), train=False,
+  )
+  percentiles = jnp.percentile(sigmoid_inputs[:, tracked_unit], jnp.array(PERCENTILES, jnp.float32))
+  metrics = {
+      "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == data.test_labels),
+      "test_loss": cross_entropy(logits, data.test_labels),
+      "train_loss": state.loss_sum / jnp.maximum(state.loss_count, 1).astype(jnp.float32),
+  }
+  for p, value in zip(PERCENTILES, percentiles):
+    metrics[f"sigmoid_input_p{p}"] = value
+  return metrics
+
+
+class ConfigError(ValueError):
+  """A config field has a value the experiment cannot run with."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Bad values fail before any work, with the field's name."""
+  if config.dataset not in input_pipeline.DATASETS:
+    raise ConfigError(f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}")
+  for field in ("num_steps", "batch_size", "eval_every", "checkpoint_every"):
+    value = config[field]
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+  for field in ("learning_rate", "init_stddev"):
+    if not config[field] > 0:
+      raise ConfigError(f"config.{field} must be positive, got {config[field]!r}")
+  if not 0 <= config.bn_momentum <= 1:
+    raise ConfigError(f"config.bn_momentum must be in [0, 1], got {config.bn_momentum!r}")
+  if not 0 <= config.tracked_unit < config.hidden_sizes[-1]:
+    raise ConfigError(
+        f"config.tracked_unit must index the last hidden layer (0..{config.hidden_sizes[-1] - 1}), "
+        f"got {config.tracked_unit}"
+    )
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
+  """After a restart from ``step``, drops evaluations the lost steps had written."""
+  if path.exists():
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _next_stop(step: int, config) -> int:
+  """The next step at which to evaluate or checkpoint."""
+  stops = [config.num_steps]
+  for every in (config.eval_every, config.checkpoint_every):
+    stops.append((step // every + 1) * every)
+  return min(stops)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+  """Trains one network as ``config`` says, into ``workdir``; resumes if possible.
+
+  Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one JSON object per
+  evaluation) and orbax checkpoints in ``workdir/checkpoints``. Returns the final
+  state.
+  """
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+  dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
+  data = DeviceData(*(jax.device_put(a) for a in dataset))
+  model, optimizer = make_model(config), make_optimizer(config)
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = initial_state(model, optimizer, init_key)
+
+  checkpoints = ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+  )
+  metrics_path = workdir / "metrics.jsonl"
+  if checkpoints.latest_step() is not None:
+    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
+    tqdm.write(f"Resumed {workdir} from its checkpoint of step {int(state.step)}.")
+  else:
+    metrics_path.unlink(missing_ok=True)
+  _keep_metrics_up_to(metrics_path, int(state.step))
+
+  run_steps = jax.jit(
+      lambda state, n: train_steps(state, data, data_key, n, model=model, optimizer=optimizer,
+                                   batch_size=config.batch_size),
+      donate_argnums=0,
+  )
+  run_evaluation = jax.jit(lambda state: evaluate(state, data, model=model, tracked_unit=config.tracked_unit))
+
+  step = int(state.step)
+  label = "BN" if config.batch_norm else "baseline"
+  with tqdm(total=config.num_steps, initial=step, unit="step", desc=f"{config.dataset} {label}",
+            dynamic_ncols=True, mininterval=0.5) as progress:
+    while step < config.num_steps:
+      stop = _next_stop(step, config)
+      started = time.perf_counter()
+      state = run_steps(state, jnp.int32(stop - step))
+      state.step.block_until_ready()
+      rate = (stop - step) / (time.perf_counter() - started)
+      step = stop
+      if step % config.eval_every == 0 or step == config.num_steps:
+        metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state).items()}}
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(metrics) + "\n")
+        state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count))
+        progress.set_postfix({"steps/s": f"{rate:.0f}", "test_acc": f"{metrics['test_accuracy']:.4f}"})
+      if step % config.checkpoint_every == 0 or step == config.num_steps:
+        checkpoints.save(step, args=ocp.args.StandardSave(state))
+      progress.update(stop - progress.n)
+  checkpoints.wait_until_finished()
+  checkpoints.close()
+  return state
