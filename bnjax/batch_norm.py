@@ -183,7 +183,7 @@ def batch_norm(
   )
   if jnp.iscomplexobj(x):
     # Complex inputs differentiate through the same forward pass by autodiff.
-    y, moments, _ = _train_forward(config, x, scale, bias, mask)
+    y, moments, _, _ = _train_forward(config, x, scale, bias, mask)
   else:
     y, moments = _train_normalize(config, x, scale, bias, mask)
   batch_var = moments.unbiased_variance if unbiased_variance else moments.variance
@@ -227,23 +227,25 @@ def _normalize(x, mean, inv_std, scale, bias, reduction_axes, out_dtype):
 
 
 def _train_forward(config: _TrainingConfig, x, scale, bias, mask):
-  """Batch moments, then normalize: returns ``(y, moments, inv_std)``."""
-  moments = stats.batch_moments(
-      x,
-      reduction_axes=config.reduction_axes,
-      mask=mask,
-      axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups,
-  )
+  """Batch moments, then normalize: returns ``(y, moments, inv_std, shift)``.
+
+  ``shift`` is this device's shift (see ``bnjax.stats``), close to the mean; the
+  derivative works with ``x - shift`` too, a cheaper operand than ``x - mean``.
+  """
+  local = stats.local_moments(x, reduction_axes=config.reduction_axes, mask=mask)
+  if config.axis_name is None:
+    moments = local.moments
+  else:
+    moments = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
   inv_std = lax.rsqrt(moments.variance + config.epsilon)
   y = _normalize(x, moments.mean, inv_std, scale, bias, config.reduction_axes, config.out_dtype)
-  return y, moments, inv_std
+  return y, moments, inv_std, local.shift
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _train_normalize(config: _TrainingConfig, x, scale, bias, mask):
   """Training-mode batch norm of real ``x``: returns ``(y, Moments)``."""
-  y, moments, _ = _train_forward(config, x, scale, bias, mask)
+  y, moments, _, _ = _train_forward(config, x, scale, bias, mask)
   return y, moments
 
 
@@ -252,10 +254,10 @@ def _train_normalize_jvp(config: _TrainingConfig, primals, tangents):
   x_dot, scale_dot, bias_dot, _ = (
       None if isinstance(t, SymbolicZero) else t for t in tangents
   )
-  y, moments, inv_std = _train_forward(config, x, scale, bias, mask)
+  y, moments, inv_std, shift = _train_forward(config, x, scale, bias, mask)
   # Rematerialized: reverse mode saves x (not x - mean) and recomputes the rest.
   tangent = jax.checkpoint(functools.partial(_train_tangent, config))(
-      x, moments.mean, inv_std, moments.count, scale, mask, x_dot, scale_dot, bias_dot
+      x, shift, moments.mean, inv_std, moments.count, scale, mask, x_dot, scale_dot, bias_dot
   )
   y_dot, mean_dot, m2_dot = tangent
   moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, m2=m2_dot)
@@ -263,7 +265,7 @@ def _train_normalize_jvp(config: _TrainingConfig, primals, tangents):
 
 
 def _train_tangent(
-    config: _TrainingConfig, x, mean, inv_std, count, scale, mask, x_dot, scale_dot, bias_dot
+    config: _TrainingConfig, x, shift, mean, inv_std, count, scale, mask, x_dot, scale_dot, bias_dot
 ):
   """The linear map from input tangents to output tangents of training-mode BN.
 
@@ -279,12 +281,19 @@ def _train_tangent(
   ``psum``. Entries outside the mask reach ``y`` through ``c`` and ``r`` but not the
   statistics; where they are not finite, they are taken as ``c = 0`` in the
   tangent, so that a zero cotangent there contributes zero.
+
+  Every full-size term is written with ``x - shift`` (``shift`` is this device's
+  shift, within a few standard deviations of the mean) and per-feature
+  corrections by ``mean - shift``: exactly the same map, but XLA fuses a
+  subtraction of a reduction's output into the reductions that consume it.
   """
   axes = config.reduction_axes
   dtype = _compute_dtype(x, scale)
   real_dtype = jnp.finfo(dtype).dtype
   zero = jnp.zeros((), dtype)
-  centered = x.astype(dtype) - expand_to_input(mean.astype(dtype), axes)
+  shift = shift.astype(dtype)
+  mean_offset = mean.astype(dtype) - shift  # [*F]: c = (x - shift) - mean_offset
+  centered = x.astype(dtype) - expand_to_input(shift, axes)
   if mask is not None:
     centered = jnp.where(mask | jnp.isfinite(centered), centered, zero)
   gain = inv_std if scale is None else inv_std * scale.astype(real_dtype)
@@ -297,7 +306,10 @@ def _train_tangent(
   else:
     x_dot = x_dot.astype(dtype)
     valid_x_dot = x_dot if mask is None else jnp.where(mask, x_dot, zero)
-    sums = jnp.stack([jnp.sum(valid_x_dot, axes), jnp.sum(centered * valid_x_dot, axes)])
+    sum_x_dot = jnp.sum(valid_x_dot, axes)
+    # sum(c * x_dot) on this device, from sums around its shift:
+    sum_centered_x_dot = jnp.sum(centered * valid_x_dot, axes) - mean_offset * sum_x_dot
+    sums = jnp.stack([sum_x_dot, sum_centered_x_dot])
     if config.axis_name is not None:
       sums = lax.psum(sums, config.axis_name, axis_index_groups=config.axis_index_groups)
     sum_x_dot, sum_centered_x_dot = sums[0], sums[1]
@@ -308,7 +320,7 @@ def _train_tangent(
   slope = scale_value * inv_std_dot
   if scale_dot is not None:
     slope = slope + scale_dot.astype(real_dtype) * inv_std
-  offset = -gain * mean_dot
+  offset = -gain * mean_dot - slope * mean_offset
   if bias_dot is not None:
     offset = offset + bias_dot.astype(dtype)
   y_dot = expand_to_input(slope, axes) * centered + expand_to_input(offset, axes)

@@ -17,11 +17,12 @@ The shift. For values ``x_1..x_n`` and any shift ``K``, with ``s1 = sum(x - K)``
 ``s2 = sum((x - K)^2)``, the sum of squared deviations is ``m2 = s2 - s1^2 / n``.
 Its rounding error is about ``eps * s2 = eps * m2 * (1 + (mean - K)^2 / var)``, so
 the shift must lie within a few standard deviations of the mean. bnjax takes ``K``
-as the mean of a slice holding at least 1/16 of the values: for any subset of size
-``k``, ``(mean_subset - mean)^2 <= (n / k) * var``, so the error is bounded by
+as the mean of a slice holding at least 1/16 of the values (a corner of each image,
+or some rows of each device's share of the batch): for any subset of size ``k``,
+``(mean_subset - mean)^2 <= (n / k) * var``, so the error is bounded by
 ``17 * eps * m2`` on every input (and is ``~eps * m2`` on shuffled batches), at the
-price of reading 1/16 of ``x`` once more. With a mask the shift is the full masked
-mean (a masked slice could hold no valid value), which costs one more pass.
+price of reading 1/16 to 1/8 of ``x`` once more. With a mask the shift is the full
+masked mean (a masked slice could hold no valid value), which costs one more pass.
 """
 
 from __future__ import annotations
@@ -178,13 +179,33 @@ def _shards_along(x: jax.Array, axis: int) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
-def _subset_axis(x: jax.Array, reduction_axes: Sequence[int]) -> int:
-  """The reduction axis to take the shift's slice from: preferably one that is
-  not split over devices and has at least 16 entries, the last such."""
-  def preference(a):
-    return (_shards_along(x, a) == 1, x.shape[a] >= SHIFT_SUBSET_FRACTION, a)
+def _shift_slice_plan(x: jax.Array, reduction_axes: Sequence[int]) -> dict[int, tuple[int, int]]:
+  """Where the shift's slice comes from: axis -> (blocks, positions kept per block).
 
-  return max(reduction_axes, key=preference)
+  The slice keeps at least 1/16 of the values (at most 1/8 where sizes allow):
+  first the leading positions of the non-leading reduction axes (spatial axes of
+  images, from the last), then, if those are too short, of the leading (batch)
+  axis, taken from each device's block of it so that no device needs another's
+  values: the blocks of the explicit sharding in ``x``'s type, or else of
+  ``jax.device_count()`` devices, when the batch holds 16 or more rows per device.
+  """
+  plan, need = {}, float(SHIFT_SUBSET_FRACTION)
+  leading, *others = reduction_axes
+  for axis in [*reversed(others), leading]:
+    if need < 2:
+      break
+    length = x.shape[axis]
+    blocks = _shards_along(x, axis)
+    if blocks == 1 and axis == leading and length % jax.device_count() == 0 and (
+        length // jax.device_count() >= SHIFT_SUBSET_FRACTION
+    ):
+      blocks = jax.device_count()
+    block = length // blocks
+    kept = -(-block // min(need, block))
+    kept = int(min(block, max(1, kept)))
+    plan[axis] = (blocks, kept)
+    need *= kept / block
+  return plan
 
 
 def estimate_shift(
@@ -195,12 +216,10 @@ def estimate_shift(
 ) -> jax.Array:
   """A ``[*F]`` shift provably close to the mean, for ``shifted_moments``.
 
-  Without a mask: the mean over the first ``ceil(L / 16)`` positions of one
-  reduction axis of length ``L`` (at least 1/16 of the values), so that
-  ``(shift - mean)^2 <= 16 * var``. If that axis is split over ``s`` devices
-  (explicit sharding), the slice is taken from each device's block, so no
-  device reads another's values. With a mask: the masked mean of all of ``x``.
-  Carries no gradient.
+  Without a mask: the mean of a slice holding at least 1/16 of the values (see
+  ``_shift_slice_plan``), so that ``(shift - mean)^2 <= 16 * var``. With a mask:
+  the masked mean of all of ``x`` (a slice could hold no valid value). Carries no
+  gradient.
   """
   x = lax.stop_gradient(x)
   dtype = statistics_dtype(x.dtype)
@@ -209,12 +228,22 @@ def estimate_shift(
     total = _masked_sum(x.astype(dtype), mask, reduction_axes)
     count = _count(x.shape, reduction_axes, mask, real_dtype)
     return total / jnp.maximum(count, 1).astype(dtype)
-  axis = _subset_axis(x, reduction_axes)
-  shards = _shards_along(x, axis)
-  block = x.shape[axis] // shards
-  blocks = x.reshape(x.shape[:axis] + (shards, block) + x.shape[axis + 1 :])
-  subset = lax.slice_in_dim(blocks, 0, -(-block // SHIFT_SUBSET_FRACTION), axis=axis + 1)
-  subset_axes = [a + (a > axis) for a in reduction_axes] + [axis + 1]
+  plan = _shift_slice_plan(x, reduction_axes)
+  blocked_shape, starts, limits, subset_axes = [], [], [], []
+  for axis, length in enumerate(x.shape):
+    blocks, kept = plan.get(axis, (1, length))
+    if blocks > 1:
+      blocked_shape += [blocks, length // blocks]
+      starts += [0, 0]
+      limits += [blocks, kept]
+    else:
+      blocked_shape.append(length)
+      starts.append(0)
+      limits.append(kept)
+    new_axes = [len(blocked_shape) - 2, len(blocked_shape) - 1] if blocks > 1 else [len(blocked_shape) - 1]
+    if axis in reduction_axes:
+      subset_axes += new_axes
+  subset = lax.slice(x.reshape(blocked_shape), starts, limits)
   return jnp.mean(subset.astype(dtype), axis=tuple(subset_axes))
 
 

@@ -1,0 +1,333 @@
+"""bnjax's benchmarks: one command, results to JSON and a Markdown table.
+
+    python -m benchmarks.run                 # the full run (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick         # tiny shapes, to check it runs (tests do)
+
+Writes ``benchmarks/results.json`` and ``BENCHMARKS.md`` (or into ``--output-dir``).
+Every comparison is measured side by side: compiled with ``jax.jit``, synchronized
+with ``block_until_ready``, candidates interleaved round by round, medians kept, and
+the whole measurement repeated to report the spread of each ratio.
+
+1. Batch norm alone, training forward and forward + backward: bnjax, Flax's
+   ``BatchNorm`` (fast default and exact mode), a naive two-pass ``jnp`` version.
+2. The streaming floor: reading x and dy and writing two tensors of their size.
+3. Collectives per synchronized layer in compiled ``pmap``/``shard_map`` steps.
+4. Temporary memory of forward + backward from XLA's memory analysis.
+5. A ResNet-50 training step with bnjax's and Flax's BatchNorm.
+6. The MNIST experiment's on-device training loop against a per-step Python loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # 8 CPU devices for the collective counts; set before jax initializes.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import bnjax  # noqa: E402
+from benchmarks import implementations as impls  # noqa: E402
+from benchmarks.hlo import count_collectives  # noqa: E402
+from benchmarks.timing import ratio_summary, repeated, time_call  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+# ---- 1, 2, 4: batch norm alone ----------------------------------------------------------
+
+
+def batch_norm_cases(quick: bool):
+  if quick:
+    return [("(4, 8, 8, 16) float32", (4, 8, 8, 16), jnp.float32),
+            ("(16, 32) float32", (16, 32), jnp.float32),
+            ("(4, 8, 8, 16) bfloat16", (4, 8, 8, 16), jnp.bfloat16)]
+  return [("(32, 56, 56, 64) float32", (32, 56, 56, 64), jnp.float32),
+          ("(256, 4096) float32", (256, 4096), jnp.float32),
+          ("(32, 56, 56, 64) bfloat16", (32, 56, 56, 64), jnp.bfloat16)]
+
+
+def temp_bytes(jitted, *args) -> int | None:
+  analysis = jitted.lower(*args).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def bench_batch_norm(quick: bool, rounds: int, repeats: int) -> list[dict]:
+  results = []
+  for label, shape, dtype in batch_norm_cases(quick):
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = (jax.random.normal(keys[0], shape) * 2 + 1).astype(dtype)
+    dy = jax.random.normal(keys[1], shape).astype(dtype)
+    scale, bias = jnp.full(shape[-1], 1.5), jnp.full(shape[-1], 0.1)
+    forwards = {name: impls.forward(f) for name, f in impls.IMPLEMENTATIONS.items()}
+    backwards = {name: impls.forward_backward(f) for name, f in impls.IMPLEMENTATIONS.items()}
+    forward_times = repeated(
+        {name: functools.partial(f, x, scale, bias) for name, f in forwards.items()},
+        rounds=rounds, repeats=repeats)
+    backward_candidates = {name: functools.partial(f, x, scale, bias, dy) for name, f in backwards.items()}
+    backward_candidates["streaming_floor"] = functools.partial(impls.streaming_floor, x, dy)
+    backward_times = repeated(backward_candidates, rounds=rounds, repeats=repeats)
+    floor = backward_times.pop("streaming_floor")
+    case = {"case": label, "bytes": int(x.nbytes), "forward_s": {}, "forward_backward_s": {},
+            "streaming_floor_s": statistics.median(floor), "temp_bytes_forward_backward": {}, "ratios": {}}
+    for name in impls.IMPLEMENTATIONS:
+      case["forward_s"][name] = statistics.median(forward_times[name])
+      case["forward_backward_s"][name] = statistics.median(backward_times[name])
+      case["temp_bytes_forward_backward"][name] = temp_bytes(backwards[name], x, scale, bias, dy)
+      case["ratios"][name] = {
+          "forward_backward_vs_flax_fast": ratio_summary(backward_times[name], backward_times["flax_fast"]),
+          "forward_backward_vs_flax_exact": ratio_summary(backward_times[name], backward_times["flax_exact"]),
+          "forward_vs_flax_fast": ratio_summary(forward_times[name], forward_times["flax_fast"]),
+          "forward_backward_vs_streaming_floor": ratio_summary(backward_times[name], floor),
+      }
+    results.append(case)
+    print(f"batch norm {label}: " + ", ".join(
+        f"{n} {1e3 * case['forward_backward_s'][n]:.2f} ms" for n in impls.IMPLEMENTATIONS)
+        + f", floor {1e3 * case['streaming_floor_s']:.2f} ms", flush=True)
+  return results
+
+
+# ---- 3: collectives -------------------------------------------------------------------
+
+
+def bench_collectives(quick: bool) -> dict:
+  devices = jax.devices("cpu")[:8]
+  n = len(devices)
+  shape = (4, 8, 8, 16) if quick else (8, 14, 14, 64)
+  x = jax.random.normal(jax.random.key(0), (n,) + shape)
+  dy = jax.random.normal(jax.random.key(1), (n,) + shape)
+  scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  results = {}
+  for name in ("bnjax", "flax_fast", "flax_exact"):
+    f = functools.partial(impls.IMPLEMENTATIONS[name], axis_name="batch")
+
+    def step(x, scale, bias, dy, f=f):
+      _, vjp, stats = jax.vjp(f, x, scale, bias, has_aux=True)
+      return vjp(dy), stats
+
+    pmap_forward = jax.pmap(f, axis_name="batch", in_axes=(0, None, None), devices=devices)
+    pmap_step = jax.pmap(step, axis_name="batch", in_axes=(0, None, None, 0), devices=devices)
+    shard_map_step = jax.jit(jax.shard_map(
+        step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
+        out_specs=((P("batch"), P(), P()), P())))
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
+    batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    sm_args = (jax.device_put(flat(x), batch_sharding), jax.device_put(scale, replicated),
+               jax.device_put(bias, replicated), jax.device_put(flat(dy), batch_sharding))
+    results[name] = {
+        "pmap_forward": count_collectives(pmap_forward.lower(x, scale, bias).compile().as_text()),
+        "pmap_forward_backward": count_collectives(pmap_step.lower(x, scale, bias, dy).compile().as_text()),
+        "shard_map_forward_backward": count_collectives(shard_map_step.lower(*sm_args).compile().as_text()),
+    }
+    # jit with the batch sharded (no axis name): XLA's SPMD partitioner decides.
+    jit_step = jax.jit(functools.partial(step, f=impls.IMPLEMENTATIONS[name]))
+    results[name]["jit_sharded_forward_backward"] = count_collectives(jit_step.lower(*sm_args).compile().as_text())
+  print("collectives:", json.dumps(results), flush=True)
+  return results
+
+
+# ---- 5: ResNet-50 training step --------------------------------------------------------
+
+
+def bench_resnet(quick: bool, rounds: int, repeats: int) -> dict:
+  from experiments.imagenet import models
+
+  if quick:
+    make, batch, size, label = models.ResNetTiny, 4, 16, "ResNetTiny, batch 4 of 16x16"
+  else:
+    make, batch, size, label = models.ResNet50, 8, 64, "ResNet-50, batch 8 of 64x64 (CPU-sized)"
+  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+  labels = jnp.arange(batch) % 10
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  steps, states = {}, {}
+  for name, norm in (("bnjax", bnjax.linen.BatchNorm), ("flax", nn.BatchNorm)):
+    model = make(norm=norm)
+    variables = model.init(jax.random.key(1), images, train=False)
+    state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
+
+    def train_step(state, images, labels, model=model):
+      params, batch_stats, opt_state = state
+
+      def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                      train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+      (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      param_updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state
+
+    steps[name], states[name] = jax.jit(train_step), state
+  times = repeated({name: functools.partial(steps[name], states[name], images, labels) for name in steps},
+                   rounds=rounds, repeats=repeats)
+  result = {"model": label, "step_s": {n: statistics.median(t) for n, t in times.items()},
+            "bnjax_vs_flax": ratio_summary(times["bnjax"], times["flax"])}
+  print(f"resnet: {json.dumps(result)}", flush=True)
+  return result
+
+
+# ---- 6: the MNIST training loop ------------------------------------------------------------
+
+
+def bench_mnist_loop(quick: bool, rounds: int, repeats: int) -> dict:
+  from experiments.mnist import input_pipeline, train
+  from experiments.mnist.configs import default
+
+  config = default.get_config()
+  fashion = pathlib.Path("/usr/share/datasets/fashion-mnist")
+  if fashion.is_dir():
+    dataset, source = input_pipeline.load_idx_folder(fashion), "Fashion-MNIST (Debian)"
+  else:  # Throughput only: the pixels do not matter to the speed.
+    rng = np.random.default_rng(0)
+    dataset = input_pipeline.Dataset(rng.integers(0, 256, (60000, 28, 28), np.uint8), rng.integers(0, 10, 60000, np.int32),
+                                     rng.integers(0, 256, (10000, 28, 28), np.uint8), rng.integers(0, 10, 10000, np.int32))
+    source = "SYNTHETIC random pixels (throughput only)"
+  data = train.DeviceData(*(jax.device_put(a) for a in dataset))
+  model, optimizer = train.make_model(config), train.make_optimizer(config)
+  data_key = jax.random.key(1)
+  state = train.initial_state(model, optimizer, jax.random.key(0))
+  chunk = 200 if quick else 5000
+
+  on_device = jax.jit(lambda s, n: train.train_steps(s, data, data_key, n, model=model, optimizer=optimizer,
+                                                      batch_size=config.batch_size))
+  one_step = jax.jit(lambda s: train.train_steps(s, data, data_key, 1, model=model, optimizer=optimizer,
+                                                  batch_size=config.batch_size))
+
+  def python_loop(state=state):
+    for _ in range(chunk):
+      state = one_step(state)
+    return state
+
+  times = repeated({"on_device_loop": lambda: on_device(state, jnp.int32(chunk)), "python_loop": python_loop},
+                   rounds=max(2, rounds // 10), repeats=repeats, warmup=1)
+  result = {
+      "data": source, "steps_per_chunk": chunk,
+      "steps_per_s": {n: chunk / statistics.median(t) for n, t in times.items()},
+      "python_loop_time_vs_on_device": ratio_summary(times["python_loop"], times["on_device_loop"]),
+  }
+  if not quick:
+    result["network_50k_training_loop_s"] = time_call(lambda: on_device(state, jnp.int32(config.num_steps)))
+    if fashion.is_dir():
+      import contextlib
+      import io
+      import tempfile
+      with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stderr(io.StringIO()):
+        config.dataset, config.data_dir = "fashion_mnist", str(fashion)
+        start = time.perf_counter()
+        train.train_and_evaluate(config, workdir)
+        result["network_50k_with_100_evaluations_s"] = time.perf_counter() - start
+  print(f"mnist loop: {json.dumps(result)}", flush=True)
+  return result
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "platform": platform.platform(), "python": platform.python_version(),
+      "cpu_count": os.cpu_count(), "jax": jax.__version__, "bnjax": bnjax.__version__,
+      "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+  }
+
+
+def _ratio(r: dict) -> str:
+  return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def markdown(results: dict) -> str:
+  m = results["machine"]
+  lines = [f"## {m['device']} ({m['backend']}), {m['date']}", "",
+           f"jax {m['jax']}, bnjax {m['bnjax']}, Python {m['python']}, {m['cpu_count']} CPUs, {m['platform']}.",
+           f"Medians of {results['settings']['rounds']} interleaved rounds, repeated {results['settings']['repeats']} times;"
+           " ratios are medians over the repeats, (min-max) across them. Lower is faster.", ""]
+  lines += ["### 1, 2. Batch norm alone (training mode), milliseconds", "",
+            "| case | | bnjax | Flax fast | Flax exact | naive two-pass | streaming floor |",
+            "|---|---|---|---|---|---|---|"]
+  for case in results["batch_norm"]:
+    fwd, fb = case["forward_s"], case["forward_backward_s"]
+    lines.append(f"| {case['case']} | forward | " + " | ".join(f"{1e3 * fwd[n]:.2f}" for n in impls.IMPLEMENTATIONS) + " | |")
+    lines.append(f"| | forward + backward | " + " | ".join(f"{1e3 * fb[n]:.2f}" for n in impls.IMPLEMENTATIONS)
+                 + f" | {1e3 * case['streaming_floor_s']:.2f} |")
+  lines += ["", "Forward + backward time ratios (bnjax / other; below 1 means bnjax is faster):", "",
+            "| case | vs Flax fast | vs Flax exact | vs naive | bnjax / streaming floor | Flax fast / floor |",
+            "|---|---|---|---|---|---|"]
+  for case in results["batch_norm"]:
+    r = case["ratios"]["bnjax"]
+    naive = ratio_summary([case["forward_backward_s"]["bnjax"]], [case["forward_backward_s"]["naive_two_pass"]])
+    lines.append(f"| {case['case']} | {_ratio(r['forward_backward_vs_flax_fast'])} | "
+                 f"{_ratio(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
+                 f"{_ratio(r['forward_backward_vs_streaming_floor'])} | "
+                 f"{_ratio(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |")
+  lines += ["", "### 3. Collectives per synchronized layer (compiled HLO, 8 CPU devices)", "",
+            "| implementation | pmap forward | pmap forward + backward | shard_map forward + backward | jit, sharded batch, forward + backward |",
+            "|---|---|---|---|---|"]
+  for name, c in results["collectives"].items():
+    fmt = lambda d: ", ".join(f"{v} {k}" for k, v in sorted(d.items())) or "0"  # noqa: E731
+    lines.append(f"| {name} | {fmt(c['pmap_forward'])} | {fmt(c['pmap_forward_backward'])} | "
+                 f"{fmt(c['shard_map_forward_backward'])} | {fmt(c['jit_sharded_forward_backward'])} |")
+  lines += ["", "### 4. Temporary memory of forward + backward (XLA memory analysis), bytes", "",
+            "| case | " + " | ".join(impls.IMPLEMENTATIONS) + " |", "|---|" + "---|" * len(impls.IMPLEMENTATIONS)]
+  for case in results["batch_norm"]:
+    lines.append(f"| {case['case']} | " + " | ".join(str(case["temp_bytes_forward_backward"][n]) for n in impls.IMPLEMENTATIONS) + " |")
+  r = results["resnet"]
+  lines += ["", f"### 5. Training step of {r['model']}", "",
+            f"bnjax.linen.BatchNorm {1e3 * r['step_s']['bnjax']:.1f} ms, flax.linen.BatchNorm "
+            f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {_ratio(r['bnjax_vs_flax'])}."]
+  mn = results["mnist_loop"]
+  lines += ["", "### 6. MNIST training loop (784-100-100-100-10 with BN, batch 60)", "",
+            f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, per-step "
+            f"Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of {mn['steps_per_chunk']} steps): "
+            f"the Python loop takes {_ratio(mn['python_loop_time_vs_on_device'])} times as long."]
+  if "network_50k_training_loop_s" in mn:
+    lines.append(f"One 50,000-step network: {mn['network_50k_training_loop_s']:.1f} s of training loop"
+                 + (f"; {mn['network_50k_with_100_evaluations_s']:.1f} s for the whole run with 100 evaluations "
+                    "of the 10,000 test images and checkpoints" if "network_50k_with_100_evaluations_s" in mn else "")
+                 + ".")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds")
+  parser.add_argument("--output-dir", default=None, help="where results.json and BENCHMARKS.md go")
+  parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
+  args = parser.parse_args(argv)
+  rounds = args.rounds or (2 if args.quick else 30)
+  repeats = args.repeats or (1 if args.quick else 3)
+  results = {"machine": machine(), "settings": {"quick": args.quick, "rounds": rounds, "repeats": repeats}}
+  results["batch_norm"] = bench_batch_norm(args.quick, rounds, repeats)
+  results["collectives"] = bench_collectives(args.quick)
+  results["resnet"] = bench_resnet(args.quick, max(2, rounds // 3), repeats)
+  results["mnist_loop"] = bench_mnist_loop(args.quick, rounds, repeats)
+  json_path = pathlib.Path(args.output_dir or HERE) / "results.json"
+  markdown_path = pathlib.Path(args.output_dir or HERE.parent) / "BENCHMARKS.md"
+  json_path.parent.mkdir(parents=True, exist_ok=True)
+  json_path.write_text(json.dumps(results, indent=2) + "\n")
+  header = "# Benchmarks\n\nWritten by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
+  markdown_path.write_text(header + markdown(results))
+  print(f"Wrote {json_path} and {markdown_path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""The paper's ImageNet experiment (Section 4.2): models for now."""
