@@ -10,8 +10,16 @@ from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
 from bnjax.batch_norm import init as init
+from bnjax.fold import fold as fold
+from bnjax.fold import fold_variables as fold_variables
 from bnjax.moving_average import update_moving_average as update_moving_average
+from bnjax.population import PopulationStatistics as PopulationStatistics
+from bnjax.population import init_population as init_population
+from bnjax.population import population_state as population_state
+from bnjax.population import update_population as update_population
+from bnjax.renorm import batch_renorm as batch_renorm
 from bnjax.stats import Moments as Moments
 from bnjax.stats import batch_moments as batch_moments
+from bnjax.sync import sync_state as sync_state
 
 __version__ = "0.1.0"

@@ -91,6 +91,7 @@ def batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     unbiased_variance: bool = False,
+    virtual_batch_size: int | None = None,
     dtype: Any = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch normalization: ``y = scale * (x - mean) / sqrt(var + epsilon) + bias``.
@@ -129,6 +130,12 @@ def batch_norm(
     unbiased_variance: if True, the running variance is updated with the unbiased
       batch variance ``m / (m - 1) * var``, as the paper's inference statistics
       use (Algorithm 2); the batch itself is always normalized with the biased one.
+    virtual_batch_size: ghost batch norm (Hoffer et al., 2017): statistics per
+      consecutive group of this many examples along the leading axis, which must
+      be a batch axis dividing evenly. Each group is normalized with its own
+      statistics (on its own device: not synchronized), and the running statistics
+      move by the mean of the groups' statistics (over all devices of
+      ``axis_name``, which then costs one more collective).
     dtype: dtype of ``y``; default ``x.dtype``. Statistics are computed in at
       least float32 whatever the dtype.
 
@@ -140,7 +147,7 @@ def batch_norm(
     TypeError: ``training`` not a Python bool, ``x`` not floating, ``mask`` not boolean.
     ValueError: ``axis`` out of range, ``params``/``state`` not of the feature
       shape of ``x``, ``mask`` not broadcastable, ``momentum`` outside [0, 1],
-      ``epsilon`` not positive.
+      ``epsilon`` not positive, ``virtual_batch_size`` not dividing the batch.
 
   >>> params, state = init(2)
   >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
@@ -150,13 +157,38 @@ def batch_norm(
   >>> state.mean.tolist()
   [0.2, 2.0]
   """
+  inputs = prepare(x, params, state, training=training, axis=axis, momentum=momentum,
+                   epsilon=epsilon, mask=mask, dtype=dtype)
+  if not training:
+    return normalize_inference(inputs, state, epsilon), state
+  if virtual_batch_size is not None:
+    return _ghost_batch_norm(inputs, state, virtual_batch_size, momentum=momentum, epsilon=epsilon,
+                             axis_name=axis_name, unbiased_variance=unbiased_variance)
+  config = training_config(inputs, epsilon, axis_name, axis_index_groups)
+  y, moments = normalize_training(config, inputs)
+  return y, updated_state(state, moments.mean, _batch_variance(moments, unbiased_variance), momentum)
+
+
+class Inputs(NamedTuple):
+  """Validated arguments of a normalization call, in canonical form."""
+
+  x: jax.Array
+  scale: jax.Array | None  # [*F]
+  bias: jax.Array | None  # [*F]
+  mask: jax.Array | None  # x's rank, each axis 1 or x's size
+  features: tuple[int, ...]  # sorted feature axes
+  reduction_axes: tuple[int, ...]  # the other axes
+  out_dtype: jnp.dtype
+
+
+def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype) -> Inputs:
+  """Checks every argument (errors name the problem) and canonicalizes them."""
   validation.check_training(training)
   validation.check_floating("x", x)
   validation.check_momentum(momentum)
   validation.check_epsilon(epsilon)
   x = jnp.asarray(x)
   features = validation.feature_axes(x.ndim, axis)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in features)
   feature_shape = tuple(x.shape[a] for a in features)
   scale, bias = (None, None) if params is None else params
   for name, value in [
@@ -166,38 +198,94 @@ def batch_norm(
       ("state.var", state.var),
   ]:
     validation.check_feature_shape(name, value, feature_shape, x.shape, axis)
-  mask = validation.canonical_mask(mask, x.shape, features)
-  out_dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+  return Inputs(
+      x=x, scale=scale, bias=bias,
+      mask=validation.canonical_mask(mask, x.shape, features),
+      features=features,
+      reduction_axes=tuple(a for a in range(x.ndim) if a not in features),
+      out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
+  )
 
-  if not training:
-    inv_std = lax.rsqrt(state.var + jnp.asarray(epsilon, state.var.dtype))
-    y = _normalize(x, state.mean, inv_std, scale, bias, reduction_axes, out_dtype)
-    return y, state
 
-  config = _TrainingConfig(
-      reduction_axes=reduction_axes,
+def normalize_inference(inputs: Inputs, state: BatchNormState, epsilon: float) -> jax.Array:
+  """Inference mode: normalize with the running statistics."""
+  inv_std = lax.rsqrt(state.var + jnp.asarray(epsilon, state.var.dtype))
+  return _normalize(inputs.x, state.mean, inv_std, inputs.scale, inputs.bias,
+                    inputs.reduction_axes, inputs.out_dtype)
+
+
+def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> "_TrainingConfig":
+  return _TrainingConfig(
+      reduction_axes=inputs.reduction_axes,
       epsilon=float(epsilon),
       axis_name=axis_name,
       axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
-      out_dtype=out_dtype,
+      out_dtype=inputs.out_dtype,
   )
-  if jnp.iscomplexobj(x):
-    # Complex inputs differentiate through the same forward pass by autodiff.
-    y, moments, _, _ = _train_forward(config, x, scale, bias, mask)
-  else:
-    y, moments = _train_normalize(config, x, scale, bias, mask)
-  batch_var = moments.unbiased_variance if unbiased_variance else moments.variance
-  new_state = BatchNormState(
-      mean=moving_average.update_moving_average(
-          state.mean, moments.mean, momentum=momentum
-      ),
+
+
+def normalize_training(config, inputs: Inputs, correction=None) -> tuple[jax.Array, Moments]:
+  """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
+
+  ``correction``, for batch renormalization, is ``RenormCorrection`` (see
+  ``bnjax.renorm``): the output becomes ``(x_hat * r + d) * scale + bias``.
+  """
+  args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
+  if jnp.iscomplexobj(inputs.x):
+    if correction is not None:
+      raise TypeError("batch renormalization supports real inputs only")
+    y, moments, *_ = _train_forward(config, *args)  # autodiff differentiates it
+    return y, moments
+  return _train_normalize(config, *args)
+
+
+def updated_state(state: BatchNormState, batch_mean, batch_var, momentum) -> BatchNormState:
+  """``momentum * state + (1 - momentum) * batch``, for both statistics."""
+  return BatchNormState(
+      mean=moving_average.update_moving_average(state.mean, batch_mean, momentum=momentum),
       var=moving_average.update_moving_average(state.var, batch_var, momentum=momentum),
   )
-  return y, new_state
+
+
+def _batch_variance(moments: Moments, unbiased: bool) -> jax.Array:
+  return moments.unbiased_variance if unbiased else moments.variance
+
+
+def _ghost_batch_norm(inputs: Inputs, state, virtual_batch_size, *, momentum, epsilon, axis_name,
+                      unbiased_variance):
+  """Batch norm with statistics per group of ``virtual_batch_size`` leading rows."""
+  x = inputs.x
+  if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
+    raise ValueError(f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+  if 0 in inputs.features:
+    raise ValueError("virtual_batch_size splits the leading axis, which must be a batch axis, "
+                     f"not a feature axis (axis={inputs.features})")
+  if x.shape[0] % virtual_batch_size:
+    raise ValueError(f"virtual_batch_size {virtual_batch_size} does not divide the batch of "
+                     f"{x.shape[0]} (x.shape={x.shape})")
+  groups = x.shape[0] // virtual_batch_size
+  grouped_features = (0,) + tuple(a + 1 for a in inputs.features)
+  grouped_shape = (groups, virtual_batch_size) + x.shape[1:]
+  per_group = lambda p: None if p is None else jnp.broadcast_to(p, (groups,) + p.shape)  # noqa: E731
+  mask = inputs.mask
+  if mask is not None:
+    mask = mask.reshape(((groups, virtual_batch_size) if mask.shape[0] > 1 else (1, 1)) + mask.shape[1:])
+  grouped = Inputs(
+      x=x.reshape(grouped_shape), scale=per_group(inputs.scale), bias=per_group(inputs.bias), mask=mask,
+      features=grouped_features,
+      reduction_axes=tuple(a for a in range(x.ndim + 1) if a not in grouped_features),
+      out_dtype=inputs.out_dtype,
+  )
+  y, moments = normalize_training(training_config(grouped, epsilon, None, None), grouped)
+  group_mean = jnp.mean(moments.mean, axis=0)
+  group_var = jnp.mean(_batch_variance(moments, unbiased_variance), axis=0)
+  if axis_name is not None:
+    group_mean, group_var = lax.pmean((group_mean, group_var), axis_name)
+  return y.reshape(x.shape), updated_state(state, group_mean, group_var, momentum)
 
 
 class _TrainingConfig(NamedTuple):
-  """The static (hashable) arguments of the training-mode custom VJP."""
+  """The static (hashable) arguments of the training-mode custom derivative."""
 
   reduction_axes: tuple[int, ...]
   epsilon: float
@@ -226,11 +314,33 @@ def _normalize(x, mean, inv_std, scale, bias, reduction_axes, out_dtype):
   return y.astype(out_dtype)
 
 
-def _train_forward(config: _TrainingConfig, x, scale, bias, mask):
-  """Batch moments, then normalize: returns ``(y, moments, inv_std, shift)``.
+class RenormCorrection(NamedTuple):
+  """What batch renormalization needs besides the batch (Ioffe, 2017)."""
+
+  running_mean: jax.Array  # [*F]
+  running_var: jax.Array  # [*F]
+  r_max: jax.Array  # [], >= 1
+  d_max: jax.Array  # [], >= 0
+
+
+def _renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
+  """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
+  -d_max, d_max)``, held constant in the derivative (stop_gradient)."""
+  dtype = inv_std.dtype
+  running_inv_std = lax.rsqrt(correction.running_var.astype(dtype) + epsilon)
+  r_max = jnp.asarray(correction.r_max).astype(dtype)
+  d_max = jnp.asarray(correction.d_max).astype(dtype)
+  r = jnp.clip(running_inv_std / inv_std, 1 / r_max, r_max)
+  d = jnp.clip((mean.astype(dtype) - correction.running_mean.astype(dtype)) * running_inv_std, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _train_forward(config: _TrainingConfig, x, scale, bias, mask, correction):
+  """Batch moments, then normalize: ``(y, moments, inv_std, shift, renorm)``.
 
   ``shift`` is this device's shift (see ``bnjax.stats``), close to the mean; the
   derivative works with ``x - shift`` too, a cheaper operand than ``x - mean``.
+  ``renorm`` is ``(r, d)`` with a ``correction``, else None.
   """
   local = stats.local_moments(x, reduction_axes=config.reduction_axes, mask=mask)
   if config.axis_name is None:
@@ -238,26 +348,31 @@ def _train_forward(config: _TrainingConfig, x, scale, bias, mask):
   else:
     moments = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
   inv_std = lax.rsqrt(moments.variance + config.epsilon)
+  renorm = None
+  if correction is not None:
+    # (x_hat * r + d) * scale + bias == x_hat * (scale * r) + (bias + scale * d)
+    r, d = renorm = _renorm_factors(correction, moments.mean, inv_std, config.epsilon)
+    scale_value = jnp.ones_like(r) if scale is None else scale.astype(r.dtype)
+    bias = scale_value * d if bias is None else bias.astype(d.dtype) + scale_value * d
+    scale = scale_value * r
   y = _normalize(x, moments.mean, inv_std, scale, bias, config.reduction_axes, config.out_dtype)
-  return y, moments, inv_std, local.shift
+  return y, moments, inv_std, local.shift, renorm
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _train_normalize(config: _TrainingConfig, x, scale, bias, mask):
+def _train_normalize(config: _TrainingConfig, x, scale, bias, mask, correction):
   """Training-mode batch norm of real ``x``: returns ``(y, Moments)``."""
-  y, moments, _, _ = _train_forward(config, x, scale, bias, mask)
+  y, moments, *_ = _train_forward(config, x, scale, bias, mask, correction)
   return y, moments
 
 
 def _train_normalize_jvp(config: _TrainingConfig, primals, tangents):
-  x, scale, bias, mask = primals
-  x_dot, scale_dot, bias_dot, _ = (
-      None if isinstance(t, SymbolicZero) else t for t in tangents
-  )
-  y, moments, inv_std, shift = _train_forward(config, x, scale, bias, mask)
+  x, scale, bias, mask, correction = primals
+  x_dot, scale_dot, bias_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+  y, moments, inv_std, shift, renorm = _train_forward(config, x, scale, bias, mask, correction)
   # Rematerialized: reverse mode saves x (not x - mean) and recomputes the rest.
   tangent = jax.checkpoint(functools.partial(_train_tangent, config))(
-      x, shift, moments.mean, inv_std, moments.count, scale, mask, x_dot, scale_dot, bias_dot
+      x, shift, moments.mean, inv_std, moments.count, scale, renorm, mask, x_dot, scale_dot, bias_dot
   )
   y_dot, mean_dot, m2_dot = tangent
   moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, m2=m2_dot)
@@ -265,7 +380,7 @@ def _train_normalize_jvp(config: _TrainingConfig, primals, tangents):
 
 
 def _train_tangent(
-    config: _TrainingConfig, x, shift, mean, inv_std, count, scale, mask, x_dot, scale_dot, bias_dot
+    config: _TrainingConfig, x, shift, mean, inv_std, count, scale, renorm, mask, x_dot, scale_dot, bias_dot
 ):
   """The linear map from input tangents to output tangents of training-mode BN.
 
@@ -280,7 +395,9 @@ def _train_tangent(
   ``sum(dy * c)``, the backward pass of Section 3 of the paper, again with one
   ``psum``. Entries outside the mask reach ``y`` through ``c`` and ``r`` but not the
   statistics; where they are not finite, they are taken as ``c = 0`` in the
-  tangent, so that a zero cotangent there contributes zero.
+  tangent, so that a zero cotangent there contributes zero. With batch
+  renormalization's constants ``(r_renorm, d)``, ``scale`` acts as
+  ``scale * r_renorm`` and ``scale_dot`` also adds ``scale_dot * d``.
 
   Every full-size term is written with ``x - shift`` (``shift`` is this device's
   shift, within a few standard deviations of the mean) and per-feature
@@ -296,8 +413,11 @@ def _train_tangent(
   centered = x.astype(dtype) - expand_to_input(shift, axes)
   if mask is not None:
     centered = jnp.where(mask | jnp.isfinite(centered), centered, zero)
-  gain = inv_std if scale is None else inv_std * scale.astype(real_dtype)
+  renorm_r, renorm_d = (None, None) if renorm is None else renorm
   scale_value = jnp.ones((), real_dtype) if scale is None else scale.astype(real_dtype)
+  if renorm_r is not None:
+    scale_value = scale_value * renorm_r
+  gain = inv_std * scale_value
 
   if x_dot is None:
     mean_dot = jnp.zeros_like(mean)
@@ -318,9 +438,13 @@ def _train_tangent(
     inv_std_dot = -(inv_std**3) * sum_centered_x_dot / count
 
   slope = scale_value * inv_std_dot
+  offset = -gain * mean_dot
   if scale_dot is not None:
-    slope = slope + scale_dot.astype(real_dtype) * inv_std
-  offset = -gain * mean_dot - slope * mean_offset
+    scale_dot = scale_dot.astype(real_dtype)
+    slope = slope + scale_dot * inv_std * (1 if renorm_r is None else renorm_r)
+    if renorm_d is not None:
+      offset = offset + scale_dot * renorm_d
+  offset = offset - slope * mean_offset
   if bias_dot is not None:
     offset = offset + bias_dot.astype(dtype)
   y_dot = expand_to_input(slope, axes) * centered + expand_to_input(offset, axes)

@@ -1,21 +1,23 @@
-"""``bnjax.linen.BatchNorm``: a drop-in for ``flax.linen.BatchNorm``.
+"""``bnjax.linen``: drop-ins for ``flax.linen.BatchNorm``, and more.
 
 Swap the import and keep everything else, checkpoints included::
 
     from bnjax import linen as bn   # instead of: from flax import linen as nn
     x = bn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
 
-Same fields, defaults, call signature and variables (``params/{scale,bias}``,
-``batch_stats/{mean,var}``) as Flax's module; the math is ``bnjax.batch_norm``:
-exact statistics in one pass, one collective per direction when synchronized.
+``BatchNorm`` has Flax's fields, defaults, call signature and variables
+(``params/{scale,bias}``, ``batch_stats/{mean,var}``), plus ``unbiased_variance``
+and ``virtual_batch_size``; the math is ``bnjax.batch_norm``. ``BatchRenorm`` is
+batch renormalization with the same variables. ``recompute_batch_stats`` replaces
+every BN layer's running statistics by the paper's Algorithm 2 statistics.
 
-The module is a thin shell: it declares the variables, hands them to the pure
-function, and writes the returned state back into ``batch_stats``.
+The modules are thin shells: they declare the variables, hand them to the pure
+functions, and write the returned state back into ``batch_stats``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import jax
@@ -24,14 +26,55 @@ from flax import linen as nn
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
-from bnjax import validation
+from bnjax import population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.renorm import batch_renorm
 
 
-class BatchNorm(nn.Module):
+def _variables(module: nn.Module, x, stats_dtype):
+  """Declares (or reads) the BN variables: ``(params, mean variable, var variable)``."""
+  validation.check_floating("x", x)
+  features = validation.feature_axes(jnp.ndim(x), module.axis)
+  shape = tuple(jnp.shape(x)[a] for a in features)
+  mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
+  var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+  scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
+  bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
+  return BatchNormParams(scale=scale, bias=bias), mean, var
+
+
+def _output_dtype(x, params: BatchNormParams, dtype):
+  with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
+    return dtypes.canonicalize_dtype(x, params.scale, params.bias, dtype=dtype)
+
+
+def _write_back(module: nn.Module, training: bool, mean, var, new_state: BatchNormState) -> None:
+  # During init the statistics are not updated (as Flax).
+  if training and not module.is_initializing():
+    mean.value, var.value = new_state.mean, new_state.var
+
+
+class _Normalization(nn.Module):
+  """The fields both modules share, in flax.linen.BatchNorm's order."""
+
+  use_running_average: bool | None = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
+  axis_name: Hashable | None = None
+  axis_index_groups: Any = None
+
+
+class BatchNorm(_Normalization):
   """Batch normalization with Flax's interface and bnjax's core.
 
-  Attributes (as ``flax.linen.BatchNorm``):
+  Attributes (the first 14 as ``flax.linen.BatchNorm``):
     use_running_average: if True, normalize with the stored ``batch_stats``
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
@@ -51,22 +94,15 @@ class BatchNorm(nn.Module):
       is always exact, at the speed of Flax's fast (inexact) one.
     force_float32_reductions: statistics are always reduced in at least float32
       in bnjax; if False, ``batch_stats`` are stored in ``param_dtype`` (as Flax).
+    unbiased_variance: update the running variance with the unbiased batch
+      variance (the paper's inference statistics); see ``bnjax.batch_norm``.
+    virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
   """
 
-  use_running_average: bool | None = None
-  axis: int = -1
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = nn.initializers.zeros
-  scale_init: Initializer = nn.initializers.ones
-  axis_name: Hashable | None = None
-  axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  unbiased_variance: bool = False
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(
@@ -89,44 +125,151 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
-    validation.check_floating("x", x)
-    features = validation.feature_axes(jnp.ndim(x), self.axis)
-    feature_shape = tuple(jnp.shape(x)[a] for a in features)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    mean = self.variable(
-        "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-    )
-    var = self.variable(
-        "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-    )
-    scale = (
-        self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-        if self.use_scale
-        else None
-    )
-    bias = (
-        self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        if self.use_bias
-        else None
-    )
+    params, mean, var = _variables(self, x, stats_dtype)
     initializing = self.is_initializing()
-    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
-      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
     y, new_state = batch_norm(
-        x,
-        BatchNormParams(scale=scale, bias=bias),
-        BatchNormState(mean=mean.value, var=var.value),
+        x, params, BatchNormState(mean=mean.value, var=var.value),
         training=not use_running_average,
         axis=self.axis,
         momentum=self.momentum,
         epsilon=self.epsilon,
-        # During init the named axis may not exist yet, and the statistics are
-        # not updated (as Flax).
+        # During init the named axis may not exist yet (as Flax).
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         mask=mask,
-        dtype=out_dtype,
+        unbiased_variance=self.unbiased_variance,
+        virtual_batch_size=self.virtual_batch_size,
+        dtype=_output_dtype(x, params, self.dtype),
     )
-    if not use_running_average and not initializing:
-      mean.value, var.value = new_state.mean, new_state.var
+    _write_back(self, not use_running_average, mean, var, new_state)
     return y
+
+
+class BatchRenorm(_Normalization):
+  """Batch renormalization (Ioffe, 2017); see ``bnjax.batch_renorm``.
+
+  Same variables as ``BatchNorm`` (a BatchNorm checkpoint loads). ``r_max`` and
+  ``d_max`` are the attributes' values unless the call passes others, which may
+  be traced (the paper raises them on a schedule from 1 and 0).
+
+  Attributes:
+    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+    use_scale, bias_init, scale_init, axis_name, axis_index_groups: as
+      ``BatchNorm``.
+    r_max: bound on the scale correction r, >= 1 (the paper's final 3).
+    d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+  """
+
+  r_max: float = 3.0
+  d_max: float = 5.0
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
+    """Normalizes ``x``; ``r_max``/``d_max`` override the attributes (may be traced)."""
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    params, mean, var = _variables(self, x, jnp.float32)
+    initializing = self.is_initializing()
+    y, new_state = batch_renorm(
+        x, params, BatchNormState(mean=mean.value, var=var.value),
+        training=not use_running_average,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        dtype=_output_dtype(x, params, self.dtype),
+    )
+    _write_back(self, not use_running_average, mean, var, new_state)
+    return y
+
+
+_NORMALIZATIONS = (BatchNorm, BatchRenorm, nn.BatchNorm)
+
+
+def _batch_moments_of_apply(apply_fn, variables, batch) -> dict[tuple[str, ...], Any]:
+  """Runs ``apply_fn`` and returns each training-mode BN layer's batch moments,
+  keyed by module path, computed from the layer's input as bnjax computes them."""
+  moments = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, _NORMALIZATIONS):
+      x = args[0]
+      call_mode = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+      if not nn.merge_param("use_running_average", module.use_running_average, call_mode):
+        if module.path in moments:
+          raise NotImplementedError(
+              f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, or a "
+              "shared module): its statistics cannot be recomputed per call"
+          )
+        single = population.update_population(
+            population.init_population(tuple(jnp.shape(x)[a] for a in
+                                             validation.feature_axes(jnp.ndim(x), module.axis))),
+            x, axis=module.axis, mask=kwargs.get("mask"),
+        )
+        moments[module.path] = single
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    apply_fn(variables, batch)
+  return moments
+
+
+def recompute_batch_stats(
+    apply_fn: Callable[[Any, Any], Any],
+    variables: dict,
+    batches: Iterable[Any],
+    *,
+    unbiased: bool = True,
+) -> dict:
+  """Every BN layer's ``batch_stats`` replaced by Algorithm 2's statistics.
+
+  Runs ``apply_fn(variables, batch)`` for each batch, which must apply the model in
+  training mode (BN layers using batch statistics), e.g.
+  ``lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])``, and
+  records each BN layer's batch statistics (``bnjax.linen.BatchNorm``,
+  ``BatchRenorm`` and ``flax.linen.BatchNorm`` alike). The new statistics are, per
+  layer, the mean of the batch means and ``m / (m - 1)`` times the mean of the
+  batch variances (``unbiased=False``: of the biased ones), exactly, not an
+  exponential average. Pass ``apply_fn`` un-jitted: it is traced under ``jax.jit``
+  here, with a method interceptor that sees the BN inputs. Statistics are those of
+  each batch as given (not synchronized across devices).
+
+  Args:
+    apply_fn: ``(variables, batch) -> anything``, the model in training mode.
+    variables: the model's variables, with a ``batch_stats`` collection.
+    batches: an iterable of inputs for ``apply_fn`` (K >= 1 of them).
+    unbiased: the paper's ``m / (m - 1)`` correction of the variance.
+
+  Returns:
+    ``variables`` with ``batch_stats`` replaced for every BN layer that ran.
+  """
+  run = jax.jit(lambda variables, batch: _batch_moments_of_apply(apply_fn, variables, batch))
+  totals = None
+  for batch in batches:
+    moments = run(variables, batch)
+    if totals is None:
+      totals = moments
+    else:
+      totals = jax.tree.map(lambda a, b: a + b, totals, moments)
+  if not totals:
+    raise ValueError(
+        "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
+        "the model with use_running_average=False (e.g. train=True), un-jitted, and at least one batch"
+    )
+  batch_stats = jax.tree.map(lambda a: a, dict(variables.get("batch_stats", {})))
+  for path, summed in totals.items():
+    state = population.population_state(summed, unbiased=unbiased)
+    node = batch_stats
+    for name in path[:-1]:
+      node[name] = dict(node[name])
+      node = node[name]
+    old = node[path[-1]]
+    node[path[-1]] = {"mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)}
+  return {**variables, "batch_stats": batch_stats}

@@ -1,16 +1,19 @@
-"""``bnjax.nnx.BatchNorm``: a drop-in for ``flax.nnx.BatchNorm``.
+"""``bnjax.nnx``: drop-ins for ``flax.nnx.BatchNorm``, and more.
 
-Same constructor, attributes, state (``nnx.Param`` ``scale``/``bias``,
-``nnx.BatchStat`` ``mean``/``var``) and modes (``.train()``/``.eval()``,
-``use_running_average``, ``nnx.view``) as Flax's module; the math is
-``bnjax.batch_norm``. The module holds the variables; each call reads them, runs the
-pure function and writes the returned state back.
+``BatchNorm`` has Flax's constructor, attributes, state (``nnx.Param``
+``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``) and modes
+(``.train()``/``.eval()``, ``use_running_average``, ``nnx.view``), plus
+``unbiased_variance`` and ``virtual_batch_size``; the math is ``bnjax.batch_norm``.
+``BatchRenorm`` is batch renormalization with the same state.
+``recompute_batch_stats`` sets every BN layer's statistics to the paper's
+Algorithm 2 statistics. The modules hold the variables; each call reads them,
+runs the pure function and writes the returned state back.
 """
 
 from __future__ import annotations
 
 import typing as tp
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from types import MappingProxyType
 
 import jax
@@ -20,13 +23,81 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+from bnjax import population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.renorm import batch_renorm
 
 
-class BatchNorm(nnx.Module):
+class _Normalization(nnx.Module):
+  """The variables and the call plumbing both modules share."""
+
+  def _setup(self, num_features, *, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
+             use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups, promote_dtype, rngs,
+             bias_metadata, scale_metadata):
+    """The variables and the attributes of ``flax.nnx.BatchNorm``."""
+    shape = (num_features,)
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    self.scale: nnx.Param[jax.Array] | None = (
+        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        if use_scale else nnx.data(None)
+    )
+    self.bias: nnx.Param[jax.Array] | None = (
+        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+        if use_bias else nnx.data(None)
+    )
+    self.record_batch_moments = False  # set by recompute_batch_stats only
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.promote_dtype = promote_dtype
+
+  def _training_mode(self, use_running_average) -> bool:
+    return not first_from(
+        use_running_average,
+        self.use_running_average,
+        error_msg="No `use_running_average` argument was provided to BatchNorm: "
+        "pass it to the constructor or the call, or use .train() / .eval().",
+    )
+
+  def _inputs(self, x):
+    """``x`` and the parameters promoted as Flax promotes them, and y's dtype."""
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
+      x, _, _, scale, bias = self.promote_dtype(
+          (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+      )
+      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    return x, BatchNormParams(scale=scale, bias=bias), out_dtype
+
+  def _finish(self, training: bool, x, mask, new_state: BatchNormState) -> None:
+    if training:
+      self.mean[...] = new_state.mean
+      self.var[...] = new_state.var
+      if self.record_batch_moments:
+        empty = population.init_population(self.num_features)
+        self.sow(nnx.Intermediate, "batch_moments",
+                 population.update_population(empty, x, axis=self.axis, mask=mask))
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view`` to set the mode of a view of the model."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class BatchNorm(_Normalization):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
-  Args (as ``flax.nnx.BatchNorm``):
+  Args (all but the last two as ``flax.nnx.BatchNorm``):
     num_features: the number of features ``C``.
     use_running_average: if True, normalize with the stored statistics
       (``.eval()`` sets it); if False, with the batch's, updating them
@@ -49,6 +120,8 @@ class BatchNorm(nnx.Module):
     rngs: random number generators for the initializers.
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
+    unbiased_variance: see ``bnjax.batch_norm``.
+    virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
   """
 
   def __init__(
@@ -72,33 +145,17 @@ class BatchNorm(nnx.Module):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
+      unbiased_variance: bool = False,
+      virtual_batch_size: int | None = None,
   ):
-    shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale: nnx.Param[jax.Array] | None = (
-        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-        if use_scale
-        else nnx.data(None)
-    )
-    self.bias: nnx.Param[jax.Array] | None = (
-        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-        if use_bias
-        else nnx.data(None)
-    )
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
+    self._setup(num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
+                epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+                bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, promote_dtype=promote_dtype, rngs=rngs,
+                bias_metadata=bias_metadata, scale_metadata=scale_metadata)
     self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    self.unbiased_variance = unbiased_variance
+    self.virtual_batch_size = virtual_batch_size
 
   def __call__(
       self,
@@ -117,24 +174,72 @@ class BatchNorm(nnx.Module):
     Returns:
       The normalized input, of ``x``'s shape.
     """
-    use_running_average = first_from(
-        use_running_average,
-        self.use_running_average,
-        error_msg="No `use_running_average` argument was provided to BatchNorm: "
-        "pass it to the constructor or the call, or use .train() / .eval().",
-    )
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
-      x, _, _, scale, bias = self.promote_dtype(
-          (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
-      )
-      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    training = self._training_mode(use_running_average)
+    x, params, out_dtype = self._inputs(x)
     y, new_state = batch_norm(
-        x,
-        BatchNormParams(scale=scale, bias=bias),
-        BatchNormState(mean=self.mean[...], var=self.var[...]),
-        training=not use_running_average,
+        x, params, BatchNormState(mean=self.mean[...], var=self.var[...]),
+        training=training,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=mask,
+        unbiased_variance=self.unbiased_variance,
+        virtual_batch_size=self.virtual_batch_size,
+        dtype=out_dtype,
+    )
+    self._finish(training, x, mask, new_state)
+    return y
+
+
+class BatchRenorm(_Normalization):
+  """Batch renormalization (Ioffe, 2017); see ``bnjax.batch_renorm``.
+
+  Same state as ``BatchNorm``. ``r_max`` and ``d_max`` are the attributes' values
+  unless the call passes others (which may be traced, for a schedule).
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      r_max: float = 3.0,
+      d_max: float = 5.0,
+      use_running_average: bool | None = False,
+      axis: int = -1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros_init(),
+      scale_init: Initializer = initializers.ones_init(),
+      axis_name: Hashable | None = None,
+      axis_index_groups: tp.Any = None,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
+  ):
+    self._setup(num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
+                epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+                bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, promote_dtype=promote_dtype, rngs=rngs,
+                bias_metadata=bias_metadata, scale_metadata=scale_metadata)
+    self.r_max = r_max
+    self.d_max = d_max
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
+    """Normalizes ``x``; ``r_max``/``d_max`` override the attributes."""
+    training = self._training_mode(use_running_average)
+    x, params, out_dtype = self._inputs(x)
+    y, new_state = batch_renorm(
+        x, params, BatchNormState(mean=self.mean[...], var=self.var[...]),
+        training=training,
+        r_max=self.r_max if r_max is None else r_max,
+        d_max=self.d_max if d_max is None else d_max,
         axis=self.axis,
         momentum=self.momentum,
         epsilon=self.epsilon,
@@ -143,12 +248,74 @@ class BatchNorm(nnx.Module):
         mask=mask,
         dtype=out_dtype,
     )
-    if not use_running_average:
-      self.mean[...] = new_state.mean
-      self.var[...] = new_state.var
+    self._finish(training, x, mask, new_state)
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model."""
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
+
+def recompute_batch_stats(
+    model: nnx.Module,
+    batches: Iterable[tp.Any],
+    *,
+    unbiased: bool = True,
+    apply_fn: Callable[[nnx.Module, tp.Any], tp.Any] | None = None,
+) -> nnx.Module:
+  """Sets every bnjax BN layer's ``mean`` and ``var`` to Algorithm 2's statistics.
+
+  Runs the model in training mode on each batch (``apply_fn(model, batch)``,
+  default ``model(batch)``) and records, per BN layer, the batch statistics of its
+  input; then sets ``mean`` to the mean of the batch means and ``var`` to
+  ``m / (m - 1)`` times the mean of the batch variances (``unbiased=False``: of
+  the biased ones), exactly. Everything else in the model is left as it was, the
+  layers' modes included. Updates ``model`` in place and returns it.
+
+  Raises:
+    ValueError: the model has no ``bnjax.nnx`` BN layer, or ``batches`` is empty.
+  """
+  apply_fn = apply_fn or (lambda model, batch: model(batch))
+  layers = [(path, module) for path, module in nnx.iter_graph(model)
+            if isinstance(module, _Normalization)]
+  if not layers:
+    raise ValueError("recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+  saved_state = nnx.clone(nnx.state(model))
+  saved_modes = [module.use_running_average for _, module in layers]
+  for _, module in layers:
+    module.use_running_average, module.record_batch_moments = False, True
+
+  @nnx.jit
+  def batch_moments(model, batch):
+    if hasattr(nnx, "capture"):  # Flax >= 0.12.8: sown values are captured, not stored
+      _, intermediates = nnx.capture(apply_fn, nnx.Intermediate)(model, batch)
+      return intermediates
+    apply_fn(model, batch)
+    return nnx.pop(model, nnx.Intermediate)
+
+  totals = None
+  try:
+    for batch in batches:
+      moments = batch_moments(model, batch)
+      totals = moments if totals is None else jax.tree.map(lambda a, b: a + b, totals, moments)
+  finally:
+    nnx.update(model, saved_state)
+    for (_, module), mode in zip(layers, saved_modes):
+      module.use_running_average, module.record_batch_moments = mode, False
+  if totals is None:
+    raise ValueError("recompute_batch_stats needs at least one batch")
+  for _, module in layers:
+    recorded = _find_intermediate(totals, module, model)
+    summed = recorded[0]
+    state = population.population_state(summed, unbiased=unbiased)
+    module.mean[...] = state.mean.astype(module.mean[...].dtype)
+    module.var[...] = state.var.astype(module.var[...].dtype)
+  return model
+
+
+def _find_intermediate(totals, module, model):
+  """The recorded ``batch_moments`` of ``module`` in the popped state."""
+  for path, candidate in nnx.iter_graph(model):
+    if candidate is module:
+      node = totals
+      for name in path:
+        node = node[name]
+      value = node["batch_moments"]
+      return value.get_value() if isinstance(value, nnx.Variable) else value
+  raise ValueError("BN layer not found in the model")

@@ -25,3 +25,13 @@ def _eight_devices():
       "tests need 8 CPU devices; XLA_FLAGS was read before tests/conftest.py "
       f"could set it (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})"
   )
+
+
+@pytest.fixture
+def x64():
+  """Float64 enabled for one test (finite differences need it)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)

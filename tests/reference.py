@@ -75,3 +75,31 @@ def population_statistics(batches, axes):
     variances.append(var)
   m = np.prod([np.shape(batches[0])[a] for a in axes])
   return np.mean(means, axis=0), m / (m - 1) * np.mean(variances, axis=0)
+
+
+def ghost_forward(x, gamma, beta, eps, virtual_batch_size, axes):
+  """Ghost batch norm as a loop: Algorithm 1 on each group of leading rows."""
+  x = np.asarray(x, np.float64)
+  outputs, means, variances = [], [], []
+  for start in range(0, len(x), virtual_batch_size):
+    y, mu, var = forward(x[start:start + virtual_batch_size], gamma, beta, eps, axes)
+    outputs.append(y)
+    means.append(mu)
+    variances.append(var)
+  return np.concatenate(outputs), np.mean(means, axis=0), np.mean(variances, axis=0)
+
+
+def renorm_corrections(x, running_mean, running_var, eps, r_max, d_max, axes):
+  """Batch Renormalization's r and d (Ioffe 2017, Algorithm 1), per feature."""
+  mu, var = batch_mean_var(x, axes)
+  sigma_b, sigma = np.sqrt(var + eps), np.sqrt(running_var + eps)
+  r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+  d = np.clip((mu - running_mean) / sigma, -d_max, d_max)
+  return r, d
+
+
+def renorm_forward(x, gamma, beta, eps, r, d, axes):
+  """y = ((x - mu_B) / sigma_B * r + d) * gamma + beta, with r and d as given."""
+  x = np.asarray(x, np.float64)
+  mu, var = batch_mean_var(x, axes)
+  return ((x - mu) / np.sqrt(var + eps) * r + d) * gamma + beta

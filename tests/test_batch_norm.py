@@ -109,15 +109,6 @@ def test_gradients_are_the_papers_chain_rule(shape, axis, axes):
   np.testing.assert_allclose(dparams.bias, want_dbeta, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_gradients_match_finite_differences_in_float64(x64, with_mask):
   x, params, state = random_inputs((6, 3, 4), -1)

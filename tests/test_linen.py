@@ -55,7 +55,11 @@ def test_fields_and_defaults_are_flaxs():
   def fields(cls):
     return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
 
-  assert fields(bnjax.linen.BatchNorm) == fields(nn.BatchNorm)
+  ours, theirs = fields(bnjax.linen.BatchNorm), fields(nn.BatchNorm)
+  assert {name: ours[name] for name in theirs} == theirs
+  assert list(ours)[:len(theirs)] == list(theirs)  # positional order kept too
+  assert set(ours) - set(theirs) == {"unbiased_variance", "virtual_batch_size"}
+  assert ours["unbiased_variance"] is False and ours["virtual_batch_size"] is None
 
 
 @pytest.mark.parametrize("config", CONFIGS)

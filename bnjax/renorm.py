@@ -1,0 +1,102 @@
+"""Batch renormalization (Ioffe, 2017, arXiv:1702.03275) as a pure function.
+
+In training, batch norm's output depends on the batch it is in; at inference, on
+the running statistics. Batch renormalization makes training use the running
+statistics too, through two per-feature corrections that are constants to the
+gradient:
+
+    r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = ((x - mu_B) / sigma_B * r + d) * scale + bias
+
+with ``sigma_B = sqrt(var_B + epsilon)`` of the batch and ``mu``,
+``sigma = sqrt(var + epsilon)`` of the running statistics. With ``r = 1, d = 0``
+(``r_max = 1, d_max = 0``) it is batch norm; the paper starts there and relaxes
+``r_max`` and ``d_max`` on a schedule, which is why both may be traced scalars.
+Inference is batch norm's. The running statistics are updated as batch norm's
+(``var`` is the running variance), so a batch-norm checkpoint continues with
+batch renormalization and back.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bnjax.batch_norm import (
+    BatchNormParams,
+    BatchNormState,
+    RenormCorrection,
+    normalize_inference,
+    normalize_training,
+    prepare,
+    training_config,
+    updated_state,
+)
+
+
+def _check_limit(name: str, value, lowest: float) -> None:
+  if isinstance(value, numbers.Real) or (
+      isinstance(value, (jax.Array, jnp.ndarray)) and not isinstance(value, jax.core.Tracer)
+      and jnp.ndim(value) == 0
+  ):
+    if not float(value) >= lowest:
+      raise ValueError(f"{name} must be >= {lowest}, got {float(value)}")
+  elif jnp.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+
+
+def batch_renorm(
+    x: jax.Array,
+    params: BatchNormParams | None,
+    state: BatchNormState,
+    *,
+    training: bool,
+    r_max,
+    d_max,
+    momentum: float | jax.Array = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    dtype: Any = None,
+) -> tuple[jax.Array, BatchNormState]:
+  """Batch renormalization; arguments and returns as ``bnjax.batch_norm``.
+
+  Args:
+    x: ``[..., *F, ...]`` real floating input.
+    params: ``BatchNormParams`` of shape ``[*F]``, or None.
+    state: ``BatchNormState``: the running ``mu`` and ``sigma^2`` the
+      corrections pull the batch towards.
+    training: Python bool.
+    r_max: bound on ``r``, >= 1 (1 is batch norm); may be a traced scalar.
+    d_max: bound on ``|d|``, >= 0 (0 is batch norm); may be a traced scalar.
+    momentum, epsilon, axis, axis_name, axis_index_groups, mask, dtype: as
+      ``bnjax.batch_norm``.
+
+  Returns:
+    ``(y, new_state)``.
+
+  >>> import bnjax
+  >>> params, state = bnjax.init(1)
+  >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2, std 1; running: 0 and 1
+  >>> y, _ = batch_renorm(x, params, state, training=True, r_max=1.0, d_max=5.0)
+  >>> y.ravel().round(3).tolist()  # x_hat + d with d = (2 - 0) / 1
+  [1.0, 3.0]
+  """
+  _check_limit("r_max", r_max, 1.0)
+  _check_limit("d_max", d_max, 0.0)
+  inputs = prepare(x, params, state, training=training, axis=axis, momentum=momentum,
+                   epsilon=epsilon, mask=mask, dtype=dtype)
+  if not training:
+    return normalize_inference(inputs, state, epsilon), state
+  correction = RenormCorrection(running_mean=state.mean, running_var=state.var, r_max=r_max, d_max=d_max)
+  y, moments = normalize_training(
+      training_config(inputs, epsilon, axis_name, axis_index_groups), inputs, correction
+  )
+  return y, updated_state(state, moments.mean, moments.variance, momentum)
