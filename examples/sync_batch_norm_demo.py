@@ -45,7 +45,8 @@ class MLP(nn.Module):
     return nn.Dense(1)(x)
 
 
-def main(steps: int = 5, per_device_batch: int = 16):
+def main(steps: int = 5, per_device_batch: int = 16) -> list[tuple[bool, float]]:
+  """Trains and prints; returns, per step, (identical on all devices, max |sync - full batch|)."""
   devices = jax.local_device_count()
   print("=" * 72)
   print("SYNTHETIC DATA: random inputs and targets, to show how the state flows.")
@@ -83,6 +84,7 @@ def main(steps: int = 5, per_device_batch: int = 16):
 
   params_r, stats_r, opt_r = replicate(params), replicate(batch_stats), replicate(opt_state)
   single_device = MLP(axis_name=None)
+  checks = []
   for step in range(steps):
     # The statistics a single device computes from the whole global batch, with the
     # same parameters and state, before the step:
@@ -101,7 +103,9 @@ def main(steps: int = 5, per_device_batch: int = 16):
     print(f"step {step}: loss {float(loss[0]):.4f}  BatchNorm_0 running var[:3] "
           f"{np.round(np.asarray(var[0][:3]), 4)}  identical on all {devices} devices: "
           f"{same_everywhere}  max |sync - full batch| = {error:.1e}")
+    checks.append((same_everywhere, error))
   print(f"bnjax {bnjax.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
+  return checks
 
 
 if __name__ == "__main__":
