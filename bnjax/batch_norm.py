@@ -163,7 +163,8 @@ def batch_norm(
     return normalize_inference(inputs, state, epsilon), state
   if virtual_batch_size is not None:
     return _ghost_batch_norm(inputs, state, virtual_batch_size, momentum=momentum, epsilon=epsilon,
-                             axis_name=axis_name, unbiased_variance=unbiased_variance)
+                             axis_name=axis_name, axis_index_groups=axis_index_groups,
+                             unbiased_variance=unbiased_variance)
   config = training_config(inputs, epsilon, axis_name, axis_index_groups)
   y, moments = normalize_training(config, inputs)
   return y, updated_state(state, moments.mean, _batch_variance(moments, unbiased_variance), momentum)
@@ -227,8 +228,8 @@ def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> "_
 def normalize_training(config, inputs: Inputs, correction=None) -> tuple[jax.Array, Moments]:
   """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
 
-  ``correction``, for batch renormalization, is ``RenormCorrection`` (see
-  ``bnjax.renorm``): the output becomes ``(x_hat * r + d) * scale + bias``.
+  ``correction``, for batch renormalization (``bnjax.renorm``), is a
+  ``RenormCorrection``: the output becomes ``(x_hat * r + d) * scale + bias``.
   """
   args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
   if jnp.iscomplexobj(inputs.x):
@@ -252,7 +253,7 @@ def _batch_variance(moments: Moments, unbiased: bool) -> jax.Array:
 
 
 def _ghost_batch_norm(inputs: Inputs, state, virtual_batch_size, *, momentum, epsilon, axis_name,
-                      unbiased_variance):
+                      axis_index_groups, unbiased_variance):
   """Batch norm with statistics per group of ``virtual_batch_size`` leading rows."""
   x = inputs.x
   if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size <= 0:
@@ -280,7 +281,8 @@ def _ghost_batch_norm(inputs: Inputs, state, virtual_batch_size, *, momentum, ep
   group_mean = jnp.mean(moments.mean, axis=0)
   group_var = jnp.mean(_batch_variance(moments, unbiased_variance), axis=0)
   if axis_name is not None:
-    group_mean, group_var = lax.pmean((group_mean, group_var), axis_name)
+    group_mean, group_var = lax.pmean((group_mean, group_var), axis_name,
+                                      axis_index_groups=axis_index_groups)
   return y.reshape(x.shape), updated_state(state, group_mean, group_var, momentum)
 
 
