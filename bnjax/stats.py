@@ -11,7 +11,10 @@ a batch (Algorithm 1 of Ioffe & Szegedy, 2015). This module computes them
 * across devices with one collective: each device reduces its own values to
   ``(count, mean, m2)``, one collective exchanges them, and every device
   combines them exactly (Chan, Golub & LeVeque, 1979). Uneven valid counts per
-  device are weighted correctly; this is not a mean of means.
+  device are weighted correctly; this is not a mean of means. The exchange is one
+  ``psum`` of a ``[D, 4, *F]`` array (D devices in the group): tiny next to the
+  activations, but it grows with D, so very large axes are best synchronized in
+  groups (``axis_index_groups``), as large-scale training does anyway.
 
 The shift. For values ``x_1..x_n`` and any shift ``K``, with ``s1 = sum(x - K)`` and
 ``s2 = sum((x - K)^2)``, the sum of squared deviations is ``m2 = s2 - s1^2 / n``.
@@ -37,7 +40,7 @@ import numpy as np
 from jax import lax
 
 # The shift is the mean of a slice holding at least 1 / SHIFT_SUBSET_FRACTION of
-# the values along one reduction axis; see the module docstring for the bound.
+# the values; see the module docstring for the bound.
 SHIFT_SUBSET_FRACTION = 16
 
 
