@@ -288,3 +288,13 @@ def test_default_config_is_the_paper_setup():
   config = default.get_config()
   assert (config.num_steps, config.batch_size, tuple(config.hidden_sizes)) == (50_000, 60, (100, 100, 100))
   assert pathlib.Path(configs.DEFAULT).name == "default.py"
+
+
+def test_command_line_reports_bad_input_without_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.mnist", f"--workdir={tmp_path}", "--config.data_dir=/nonexistent"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode == 1
+  assert "error: data_dir /nonexistent is not a folder" in result.stderr
+  assert "Traceback" not in result.stderr

@@ -6,7 +6,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.mnist import configs, input_pipeline, train
+from experiments.mnist import configs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl, config.json and checkpoints.")
@@ -19,10 +19,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DataError) as e:
-    raise SystemExit(f"error: {e}") from None
+  train.exit_on_bad_input(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments.mnist import configs, input_pipeline, train  # noqa: E402
+from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
@@ -81,10 +81,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    path = run_figure1(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DataError) as e:
-    raise SystemExit(f"error: {e}") from None
+  path = train.exit_on_bad_input(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
     final = train.read_metrics(pathlib.Path(FLAGS.workdir) / name)[-1]
     print(f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps", file=sys.stderr)

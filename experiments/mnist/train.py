@@ -171,6 +171,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def exit_on_bad_input(fn, *args):
+  """Runs ``fn(*args)``; a config or data error ends the program with its message
+  (no traceback: the message says what to change)."""
+  try:
+    return fn(*args)
+  except (ConfigError, input_pipeline.DataError) as e:
+    raise SystemExit(f"error: {e}") from None
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
