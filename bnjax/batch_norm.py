@@ -167,7 +167,8 @@ def batch_norm(
                              unbiased_variance=unbiased_variance)
   config = training_config(inputs, epsilon, axis_name, axis_index_groups)
   y, moments = normalize_training(config, inputs)
-  return y, updated_state(state, moments.mean, _batch_variance(moments, unbiased_variance), momentum)
+  return y, updated_state(state, moments.mean, _batch_variance(moments, unbiased_variance), momentum,
+                          has_mean=moments.count > 0, has_var=_has_variance(moments.count, unbiased_variance))
 
 
 class Inputs(NamedTuple):
@@ -232,24 +233,44 @@ def normalize_training(config, inputs: Inputs, correction=None) -> tuple[jax.Arr
   ``RenormCorrection``: the output becomes ``(x_hat * r + d) * scale + bias``.
   """
   args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
-  if jnp.iscomplexobj(inputs.x):
-    if correction is not None:
-      raise TypeError("batch renormalization supports real inputs only")
-    y, moments, *_ = _train_forward(config, *args)  # autodiff differentiates it
+  if not jnp.iscomplexobj(inputs.x):
+    return _train_normalize(config, *args)
+  # Complex inputs: autodiff differentiates the forward pass itself.
+  if correction is not None:
+    raise TypeError("batch renormalization supports real inputs only")
+  if inputs.mask is None:
+    y, moments, *_ = _train_forward(config, *args)
     return y, moments
-  return _train_normalize(config, *args)
+  # Masked-out entries that are not finite would make 0 * NaN in autodiff's
+  # backward pass: differentiate a copy where they are 0, and give them their own
+  # (non-finite) output without a derivative.
+  keep = inputs.mask | jnp.isfinite(inputs.x)
+  safe_x = jnp.where(keep, inputs.x, jnp.zeros((), inputs.x.dtype))
+  y, moments, inv_std, *_ = _train_forward(config, safe_x, *args[1:])
+  unsafe_y = _normalize(inputs.x, moments.mean, inv_std, inputs.scale, inputs.bias,
+                        config.reduction_axes, config.out_dtype)
+  return jnp.where(keep, y, lax.stop_gradient(unsafe_y)), moments
 
 
-def updated_state(state: BatchNormState, batch_mean, batch_var, momentum) -> BatchNormState:
-  """``momentum * state + (1 - momentum) * batch``, for both statistics."""
-  return BatchNormState(
-      mean=moving_average.update_moving_average(state.mean, batch_mean, momentum=momentum),
-      var=moving_average.update_moving_average(state.var, batch_var, momentum=momentum),
-  )
+def updated_state(state: BatchNormState, batch_mean, batch_var, momentum, *, has_mean, has_var) -> BatchNormState:
+  """``momentum * state + (1 - momentum) * batch``, for both statistics; a
+  statistic the batch does not define (``has_mean``/``has_var`` False: no valid
+  value, or one only for an unbiased variance) leaves the state as it was."""
+
+  def update(old, new, defined):
+    moved = moving_average.update_moving_average(old, jnp.where(defined, new, jnp.zeros((), new.dtype)),
+                                                 momentum=momentum)
+    return jnp.where(defined, moved, old.astype(moved.dtype))
+
+  return BatchNormState(mean=update(state.mean, batch_mean, has_mean), var=update(state.var, batch_var, has_var))
 
 
 def _batch_variance(moments: Moments, unbiased: bool) -> jax.Array:
   return moments.unbiased_variance if unbiased else moments.variance
+
+
+def _has_variance(count, unbiased: bool):
+  return count > (1 if unbiased else 0)
 
 
 def _ghost_batch_norm(inputs: Inputs, state, virtual_batch_size, *, momentum, epsilon, axis_name,
@@ -278,12 +299,25 @@ def _ghost_batch_norm(inputs: Inputs, state, virtual_batch_size, *, momentum, ep
       out_dtype=inputs.out_dtype,
   )
   y, moments = normalize_training(training_config(grouped, epsilon, None, None), grouped)
-  group_mean = jnp.mean(moments.mean, axis=0)
-  group_var = jnp.mean(_batch_variance(moments, unbiased_variance), axis=0)
+  # The mean over the groups (of every device of axis_name) that define each
+  # statistic: a fully masked (padding) group defines none.
+  has_mean = moments.count > 0
+  has_var = _has_variance(moments.count, unbiased_variance)
+  batch_var = _batch_variance(moments, unbiased_variance)
+  sums = (
+      jnp.sum(jnp.where(has_mean, moments.mean, jnp.zeros((), moments.mean.dtype)), axis=0),
+      jnp.sum(has_mean, axis=0, dtype=jnp.float32),
+      jnp.sum(jnp.where(has_var, batch_var, jnp.zeros((), batch_var.dtype)), axis=0),
+      jnp.sum(has_var, axis=0, dtype=jnp.float32),
+  )
   if axis_name is not None:
-    group_mean, group_var = lax.pmean((group_mean, group_var), axis_name,
-                                      axis_index_groups=axis_index_groups)
-  return y.reshape(x.shape), updated_state(state, group_mean, group_var, momentum)
+    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+  mean_sum, mean_groups, var_sum, var_groups = sums
+  return y.reshape(x.shape), updated_state(
+      state, mean_sum / jnp.maximum(mean_groups, 1).astype(mean_sum.dtype), var_sum / jnp.maximum(var_groups, 1),
+      momentum,
+      has_mean=mean_groups > 0, has_var=var_groups > 0,
+  )
 
 
 class _TrainingConfig(NamedTuple):
@@ -349,7 +383,7 @@ def _train_forward(config: _TrainingConfig, x, scale, bias, mask, correction):
     moments = local.moments
   else:
     moments = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
-  inv_std = lax.rsqrt(moments.variance + config.epsilon)
+  inv_std = lax.rsqrt(moments.normalizing_variance + config.epsilon)
   renorm = None
   if correction is not None:
     # (x_hat * r + d) * scale + bias == x_hat * (scale * r) + (bias + scale * d)
@@ -435,9 +469,10 @@ def _train_tangent(
       sums = jnp.stack([sum_x_dot, sum_centered_x_dot])
       sums = lax.psum(sums, config.axis_name, axis_index_groups=config.axis_index_groups)
       sum_x_dot, sum_centered_x_dot = sums[0], sums[1]
-    mean_dot = sum_x_dot / count
+    safe_count = jnp.maximum(count, 1)  # no valid value: no derivative either
+    mean_dot = sum_x_dot / safe_count
     m2_dot = 2 * sum_centered_x_dot
-    inv_std_dot = -(inv_std**3) * sum_centered_x_dot / count
+    inv_std_dot = -(inv_std**3) * sum_centered_x_dot / safe_count
 
   slope = scale_value * inv_std_dot
   offset = -gain * mean_dot

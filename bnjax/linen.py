@@ -263,13 +263,17 @@ def recompute_batch_stats(
         "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
         "the model with use_running_average=False (e.g. train=True), un-jitted, and at least one batch"
     )
-  batch_stats = jax.tree.map(lambda a: a, dict(variables.get("batch_stats", {})))
+  batch_stats = variables.get("batch_stats", {})
   for path, summed in totals.items():
     state = population.population_state(summed, unbiased=unbiased)
-    node = batch_stats
-    for name in path[:-1]:
-      node[name] = dict(node[name])
-      node = node[name]
-    old = node[path[-1]]
-    node[path[-1]] = {"mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)}
+    batch_stats = _replace_at(batch_stats, path, lambda old: {
+        "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)})
   return {**variables, "batch_stats": batch_stats}
+
+
+def _replace_at(tree, path: tuple[str, ...], replace):
+  """A copy of the nested dict ``tree`` with ``tree[path]`` replaced by
+  ``replace(tree[path])``; the empty path is the root."""
+  if not path:
+    return replace(tree)
+  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], replace)}

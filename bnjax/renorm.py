@@ -99,4 +99,5 @@ def batch_renorm(
   y, moments = normalize_training(
       training_config(inputs, epsilon, axis_name, axis_index_groups), inputs, correction
   )
-  return y, updated_state(state, moments.mean, moments.variance, momentum)
+  return y, updated_state(state, moments.mean, moments.variance, momentum,
+                          has_mean=moments.count > 0, has_var=moments.count > 0)

@@ -58,12 +58,19 @@ class Moments(NamedTuple):
   @property
   def variance(self) -> jax.Array:
     """The biased variance ``m2 / count`` (Algorithm 1); NaN where count is 0."""
-    return self.m2 / self.count
+    return jnp.where(self.count > 0, self.m2 / jnp.maximum(self.count, 1), jnp.nan)
 
   @property
   def unbiased_variance(self) -> jax.Array:
-    """The unbiased variance ``m2 / (count - 1)`` (Algorithm 2)."""
-    return self.m2 / (self.count - 1)
+    """The unbiased variance ``m2 / (count - 1)`` (Algorithm 2); NaN where count < 2."""
+    return jnp.where(self.count > 1, self.m2 / jnp.maximum(self.count - 1, 1), jnp.nan)
+
+  @property
+  def normalizing_variance(self) -> jax.Array:
+    """The biased variance, and 0 where there is no value (count 0): what
+    normalization divides by, finite so that an empty set (a padded virtual batch,
+    a device or batch whose values are all masked out) yields no NaN."""
+    return self.m2 / jnp.maximum(self.count, 1)
 
 
 class ShiftedMoments(NamedTuple):
@@ -266,8 +273,8 @@ def combine_moments(moments: Moments | ShiftedMoments) -> Moments:
 
   Exact (Chan et al.): ``mean = sum(n_i mean_i) / n`` and
   ``m2 = sum(m2_i) + sum(n_i |mean_i - mean|^2)``. Means are taken relative to the
-  first entry's (its shift, for ``ShiftedMoments``), so a large common offset
-  cancels exactly.
+  mean (for ``ShiftedMoments``, the shift) of the entry with the most values, so a
+  large common offset cancels exactly (an empty entry's mean means nothing).
 
   >>> parts = Moments(count=jnp.array([2., 1.]), mean=jnp.array([1., 4.]),
   ...                 m2=jnp.array([2., 0.]))  # the sets {0, 2} and {4}
@@ -277,11 +284,13 @@ def combine_moments(moments: Moments | ShiftedMoments) -> Moments:
   """
   if isinstance(moments, Moments):
     moments = ShiftedMoments(moments.count, moments.mean, jnp.zeros_like(moments.mean), moments.m2)
-  reference = moments.shift[:1]
+  largest = jnp.argmax(moments.count, axis=0)[None]
+  reference = jnp.take_along_axis(moments.shift, largest, axis=0)
   relative_means = (moments.shift - reference) + moments.offset
   count = jnp.sum(moments.count, axis=0)
   weights = moments.count.astype(relative_means.dtype)
-  relative_mean = jnp.sum(weights * relative_means, axis=0) / count.astype(relative_means.dtype)
+  safe_count = jnp.maximum(count, 1).astype(relative_means.dtype)
+  relative_mean = jnp.sum(weights * relative_means, axis=0) / safe_count
   spread = jnp.sum(moments.count * abs_squared(relative_means - relative_mean[None]), axis=0)
   return Moments(
       count=count, mean=reference[0] + relative_mean, m2=jnp.sum(moments.m2, axis=0) + spread
@@ -355,7 +364,8 @@ def batch_moments(
       statistics are then synchronized within each group only.
 
   Returns:
-    ``Moments`` with ``[*F]`` fields, float32 or wider.
+    ``Moments`` with ``[*F]`` fields, float32 or wider. Where no value is valid
+    (count 0) the mean is finite but meaningless, and ``variance`` is NaN.
 
   >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
   >>> m = batch_moments(x, reduction_axes=(0,))

@@ -303,3 +303,30 @@ def _call(**overrides):
 def test_bad_input_raises_a_clear_error(overrides, error, match):
   with pytest.raises(error, match=match):
     _call(**overrides)
+
+
+def test_complex_masked_nan_entries_do_not_reach_gradients():
+  x, params, state = random_inputs((10, 3), -1)
+  xc = jax.lax.complex(x, jnp.flip(x, 0))
+  mask = (jnp.arange(10) % 3 != 0)[:, None]
+  w = _weights((10, 3))
+
+  def loss(x, scale):
+    y, _ = bnjax.batch_norm(x, bnjax.BatchNormParams(scale, params.bias), state, training=True, mask=mask)
+    return jnp.real(jnp.sum(jnp.where(mask, y, 0.0) * w.astype(y.dtype)))
+
+  clean = jax.grad(loss, argnums=(0, 1))(xc, params.scale)
+  poisoned = jax.grad(loss, argnums=(0, 1))(jnp.where(mask, xc, jnp.nan), params.scale)
+  np.testing.assert_allclose(poisoned[1], clean[1], rtol=1e-5)
+  np.testing.assert_allclose(jnp.where(mask, poisoned[0], 0), jnp.where(mask, clean[0], 0), rtol=1e-5, atol=1e-6)
+  y, _ = bnjax.batch_norm(jnp.where(mask, xc, jnp.nan), params, state, training=True, mask=mask)
+  assert np.isnan(np.asarray(y)[~np.broadcast_to(np.asarray(mask), y.shape)]).all()  # still NaN out
+
+
+def test_nothing_valid_leaves_the_state_and_gives_finite_gradients():
+  x, params, state = random_inputs((6, 3), -1)
+  mask = jnp.zeros((6, 1), bool)
+  y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask)
+  jax.tree.map(np.testing.assert_array_equal, new_state, state)
+  dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, state, training=True, mask=mask)[0]))(x)
+  assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(y)).all()

@@ -215,3 +215,15 @@ def test_shard_map_over_two_mesh_axes():
       jax.device_put(params, replicated), jax.device_put(state, replicated),
   )
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
+
+
+@pytest.mark.parametrize("empty_device", [0, 3])
+def test_empty_device_keeps_large_offset_statistics_exact(empty_device):
+  """The exchange's reference is the fullest device, not device 0."""
+  x = 1.0 * jax.random.normal(jax.random.key(7), (DEVICES * 64, 1)) + 1e4
+  keep = (jnp.arange(DEVICES * 64) // 64) != empty_device
+  _, state = bnjax.init(1)
+  f = lambda x, m: bnjax.batch_norm(x, None, state, training=True, mask=m, axis_name="i", momentum=0.0)[1]  # noqa: E731
+  new_state = jax.pmap(f, axis_name="i")(x.reshape(DEVICES, 64, 1), keep.reshape(DEVICES, 64, 1))
+  want = np.asarray(x, np.float64)[np.asarray(keep)].var()
+  assert abs(float(new_state.var[0, 0]) / want - 1) <= 1e-5

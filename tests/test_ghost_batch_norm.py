@@ -96,3 +96,30 @@ def test_linen_and_nnx_expose_it():
   np.testing.assert_allclose(updated["batch_stats"]["var"], want_state.var, rtol=1e-6)
   layer = bnjax.nnx.BatchNorm(3, virtual_batch_size=6, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(layer(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_fully_masked_virtual_batch_leaves_no_nan():
+  """A padded final batch: its last virtual batch has no valid example."""
+  x = jnp.arange(8.0).reshape(8, 1)
+  mask = jnp.arange(8) < 6  # groups {0,1} {2,3} {4,5} valid, {6,7} padding
+  params, state = bnjax.init(1)
+
+  def loss(x, params):
+    y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask, virtual_batch_size=2, momentum=0.0)
+    return jnp.sum(jnp.where(mask[:, None], y * x, 0.0)), new_state
+
+  (dx, dparams), new_state = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+  np.testing.assert_allclose(new_state.mean, [2.5])  # mean of the group means 0.5, 2.5, 4.5
+  np.testing.assert_allclose(new_state.var, [0.25])  # each valid group's biased variance
+  assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(dparams.scale)).all()
+  _, want = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+  want_dx = jax.grad(lambda x: loss(jnp.concatenate([x, jnp.zeros((2, 1))]), params)[0])(x[:6])
+  np.testing.assert_allclose(dx[:6], want_dx, rtol=1e-5, atol=1e-6)
+
+
+def test_no_group_with_a_variance_leaves_the_state():
+  x = jnp.arange(4.0).reshape(4, 1)
+  params, state = bnjax.init(1)
+  _, new_state = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=1, unbiased_variance=True)
+  np.testing.assert_allclose(new_state.var, state.var)  # one value per group: no unbiased variance
+  np.testing.assert_allclose(new_state.mean, 0.01 * 1.5, rtol=1e-6)

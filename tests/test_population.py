@@ -116,3 +116,11 @@ def test_nnx_recompute_batch_stats():
 def test_nnx_recompute_without_bn_layers():
   with pytest.raises(ValueError, match="found no bnjax.nnx"):
     bnjax.nnx.recompute_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), BATCHES)
+
+
+def test_linen_recompute_when_the_batch_norm_is_the_root_module():
+  module = bnjax.linen.BatchNorm(use_running_average=False)
+  variables = module.init(jax.random.key(0), BATCHES[0])
+  new = bnjax.linen.recompute_batch_stats(lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES)
+  mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
+  np.testing.assert_allclose(new["batch_stats"]["var"], var.ravel(), rtol=1e-5)
