@@ -141,7 +141,9 @@ def batch_norm(
 
   Returns:
     ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated state (``state``
-    itself when not training).
+    itself when not training). Where the batch has no valid value for a feature
+    (everything masked out; for ``unbiased_variance`` fewer than two), that
+    statistic of the state is left as it was, and the gradients stay finite.
 
   Raises:
     TypeError: ``training`` not a Python bool, ``x`` not floating, ``mask`` not boolean.
