@@ -223,7 +223,7 @@ def test_metrics_and_config_are_written(tmp_path):
     ("dataset", "cifar10", "config.dataset must be one of"),
     ("num_steps", -5, "config.num_steps must be a positive integer, got -5"),
     ("batch_size", 0, "config.batch_size must be a positive integer"),
-    ("learning_rate", 0.0, "config.learning_rate must be positive"),
+    ("learning_rate", 0.0, "config.learning_rate must be a positive finite number"),
     ("tracked_unit", 100, "config.tracked_unit must index the last hidden layer"),
 ])
 def test_bad_config_values(tmp_path, field, value, match):
@@ -298,3 +298,44 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
   assert result.returncode == 1
   assert "error: data_dir /nonexistent is not a folder" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_restart_with_another_config_is_refused(tmp_path):
+  data_dir = make_idx_folder(tmp_path / "data")
+  train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
+  saved = (tmp_path / "run" / "config.json").read_text()
+  with pytest.raises(train.ConfigError, match=r"another config \(learning_rate: 0.01 -> 0.5\)"):
+    train.train_and_evaluate(small_config(data_dir, learning_rate=0.5), tmp_path / "run")
+  with pytest.raises(train.ConfigError, match=r"another config \(batch_norm: True -> False\)"):
+    train.train_and_evaluate(small_config(data_dir, batch_norm=False), tmp_path / "run")
+  with pytest.raises(train.ConfigError, match="already at step 300, past config.num_steps=200"):
+    train.train_and_evaluate(small_config(data_dir, num_steps=200), tmp_path / "run")
+  assert (tmp_path / "run" / "config.json").read_text() == saved  # untouched by the refusals
+  train.train_and_evaluate(small_config(data_dir, num_steps=400), tmp_path / "run")  # extending is fine
+  assert [m["step"] for m in train.read_metrics(tmp_path / "run")] == [100, 200, 300, 400]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden_sizes", (), "hidden_sizes must be a non-empty tuple of positive integers"),
+    ("hidden_sizes", (100, 0), "hidden_sizes must be a non-empty tuple of positive integers"),
+    ("hidden_sizes", (100.5,), "hidden_sizes must be a non-empty tuple of positive integers"),
+    ("learning_rate", float("inf"), "learning_rate must be a positive finite number"),
+    ("init_stddev", float("nan"), "init_stddev must be a positive finite number"),
+])
+def test_more_bad_config_values(tmp_path, field, value, match):
+  config = small_config(tmp_path)
+  config[field] = value
+  with pytest.raises(train.ConfigError, match=match):
+    train.validate_config(config)
+
+
+def test_corrupt_gzip_and_empty_files_are_data_errors(tmp_path):
+  folder = make_idx_folder(tmp_path)
+  path = folder / "train-images-idx3-ubyte.gz"
+  raw = path.read_bytes()
+  path.write_bytes(raw[:20] + bytes(b ^ 0xFF for b in raw[20:200]) + raw[200:])
+  with pytest.raises(input_pipeline.DataError, match="train-images-idx3-ubyte.gz: cannot be read"):
+    input_pipeline.load_idx_folder(folder)
+  folder = make_idx_folder(tmp_path / "empty", num_test=0)
+  with pytest.raises(input_pipeline.DataError, match="t10k-images-idx3-ubyte.gz: holds no images"):
+    input_pipeline.load_idx_folder(folder)

@@ -11,6 +11,7 @@ import gzip
 import pathlib
 import re
 import socket
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -57,7 +58,7 @@ def read_idx(path: str | pathlib.Path, *, expected_magic: int) -> np.ndarray:
   try:
     with opener(path, "rb") as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise DataError(f"{path}: cannot be read as {'gzip' if opener is gzip.open else 'a file'}: {e}") from e
   if len(raw) < 4:
     raise DataError(f"{path}: truncated: {len(raw)} bytes, not even a magic number")
@@ -111,6 +112,8 @@ def load_idx_folder(data_dir: str | pathlib.Path) -> Dataset:
     labels = read_idx(labels_path, expected_magic=LABEL_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
       raise DataError(f"{images_path}: images of shape {images.shape[1:]}, expected (28, 28)")
+    if images.shape[0] == 0:
+      raise DataError(f"{images_path}: holds no images")
     if labels.shape != (images.shape[0],):
       raise DataError(
           f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}"

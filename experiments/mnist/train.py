@@ -12,6 +12,7 @@ state is the whole checkpoint, so a restarted run continues bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import pathlib
 import time
@@ -160,15 +161,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
       raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
   for field in ("learning_rate", "init_stddev"):
-    if not config[field] > 0:
-      raise ConfigError(f"config.{field} must be positive, got {config[field]!r}")
+    if not (isinstance(config[field], numbers.Real) and math.isfinite(config[field]) and config[field] > 0):
+      raise ConfigError(f"config.{field} must be a positive finite number, got {config[field]!r}")
   if not 0 <= config.bn_momentum <= 1:
     raise ConfigError(f"config.bn_momentum must be in [0, 1], got {config.bn_momentum!r}")
-  if not 0 <= config.tracked_unit < config.hidden_sizes[-1]:
+  sizes = tuple(config.hidden_sizes) if isinstance(config.hidden_sizes, (tuple, list)) else ()
+  if not sizes or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in sizes):
+    raise ConfigError(f"config.hidden_sizes must be a non-empty tuple of positive integers, got "
+                      f"{config.hidden_sizes!r}")
+  if not 0 <= config.tracked_unit < sizes[-1]:
     raise ConfigError(
-        f"config.tracked_unit must index the last hidden layer (0..{config.hidden_sizes[-1] - 1}), "
+        f"config.tracked_unit must index the last hidden layer (0..{sizes[-1] - 1}), "
         f"got {config.tracked_unit}"
     )
+
+
+# Fields a restarted run may change: how far to go, and how often to checkpoint.
+RESTART_MAY_CHANGE = ("num_steps", "checkpoint_every")
+
+
+def check_restart(saved_config: dict, config: ml_collections.ConfigDict, step: int) -> None:
+  """A run resumes only with the config it was started with (up to
+  ``RESTART_MAY_CHANGE``): otherwise its parameters would mix two set-ups."""
+  current = json.loads(config.to_json_best_effort())
+  changed = sorted(k for k in set(saved_config) | set(current)
+                   if k not in RESTART_MAY_CHANGE and saved_config.get(k) != current.get(k))
+  if changed:
+    details = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    raise ConfigError(f"the workdir holds a run with another config ({details}); resume it with its own "
+                      "config, or give a new --workdir")
+  if step > config.num_steps:
+    raise ConfigError(f"the workdir holds a run already at step {step}, past config.num_steps="
+                      f"{config.num_steps}; give a new --workdir")
 
 
 def exit_on_bad_input(fn, *args):
@@ -207,12 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one JSON object per
   evaluation) and orbax checkpoints in ``workdir/checkpoints``. Returns the final
-  state.
+  state. A workdir with checkpoints resumes from the last one, with the same
+  config only (``num_steps`` may grow, ``checkpoint_every`` change); an extended
+  run keeps the evaluation it made at its old last step.
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
   data = DeviceData(*(jax.device_put(a) for a in dataset))
@@ -225,12 +250,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
   )
   metrics_path = workdir / "metrics.jsonl"
+  config_path = workdir / "config.json"
   if checkpoints.latest_step() is not None:
+    if config_path.exists():
+      check_restart(json.loads(config_path.read_text()), config, checkpoints.latest_step())
     state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
     tqdm.write(f"Resumed {workdir} from its checkpoint of step {int(state.step)}.")
   else:
     metrics_path.unlink(missing_ok=True)
   _keep_metrics_up_to(metrics_path, int(state.step))
+  config_path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
   run_steps = jax.jit(
       lambda state, n: train_steps(state, data, data_key, n, model=model, optimizer=optimizer,
