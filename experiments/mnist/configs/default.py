@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data: TFDS by default; a folder of the four IDX .gz files if data_dir is set.
   config.dataset = "mnist"  # or "fashion_mnist"
-  config.data_dir = ""  # e.g. /usr/share/datasets/fashion-mnist (Debian)
+  config.data_dir = ""  # e.g. /usr/share/datasets/fashion-mnist (Debian); files of config.dataset
   config.tfds_data_dir = ""  # TFDS's data_dir; "" means TFDS's default
   # Model.
   config.batch_norm = True
