@@ -300,7 +300,7 @@ def markdown(results: dict) -> str:
   for case in results["batch_norm"]:
     fwd, fb = case["forward_s"], case["forward_backward_s"]
     lines.append(f"| {case['case']} | forward | " + " | ".join(f"{1e3 * fwd[n]:.2f}" for n in impls.IMPLEMENTATIONS) + " | |")
-    lines.append(f"| | forward + backward | " + " | ".join(f"{1e3 * fb[n]:.2f}" for n in impls.IMPLEMENTATIONS)
+    lines.append("| | forward + backward | " + " | ".join(f"{1e3 * fb[n]:.2f}" for n in impls.IMPLEMENTATIONS)
                  + f" | {1e3 * case['streaming_floor_s']:.2f} |")
   lines += ["", "Forward + backward time ratios (bnjax / other; below 1 means bnjax is faster):", "",
             "| case | vs Flax fast | vs Flax exact | vs naive | bnjax / streaming floor | Flax fast / floor |",

@@ -23,7 +23,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from bnjax import population, validation
+from bnjax import population
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.renorm import batch_renorm
 
@@ -300,22 +300,18 @@ def recompute_batch_stats(
       module.use_running_average, module.record_batch_moments = mode, False
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")
-  for _, module in layers:
-    recorded = _find_intermediate(totals, module, model)
-    summed = recorded[0]
+  for path, module in layers:
+    summed = _recorded_moments(totals, path)[0]
     state = population.population_state(summed, unbiased=unbiased)
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model
 
 
-def _find_intermediate(totals, module, model):
-  """The recorded ``batch_moments`` of ``module`` in the popped state."""
-  for path, candidate in nnx.iter_graph(model):
-    if candidate is module:
-      node = totals
-      for name in path:
-        node = node[name]
-      value = node["batch_moments"]
-      return value.get_value() if isinstance(value, nnx.Variable) else value
-  raise ValueError("BN layer not found in the model")
+def _recorded_moments(totals, path):
+  """What the layer at ``path`` sowed as ``batch_moments`` (a tuple of one)."""
+  node = totals
+  for name in path:
+    node = node[name]
+  value = node["batch_moments"]
+  return value.get_value() if isinstance(value, nnx.Variable) else value
