@@ -42,6 +42,7 @@ def fold(
     the wider of the two dtypes).
 
   Raises:
+    TypeError: the kernel, bias, parameters or state are not floating.
     ValueError: the kernel's last axis is not the BN's number of features.
 
   >>> import bnjax
@@ -52,6 +53,11 @@ def fold(
   ([0.5, 1.0], [-0.5, -2.0])
   """
   validation.check_epsilon(epsilon)
+  validation.check_floating("kernel", kernel)  # an integer kernel cannot hold the scaled one
+  validation.check_floating_fields("layer", [("bias", bias)])
+  validation.check_floating_fields("state", [("mean", state.mean), ("var", state.var)])
+  if params is not None:
+    validation.check_floating_fields("params", [("scale", params.scale), ("bias", params.bias)])
   features = jnp.shape(kernel)[-1:]
   for name, value in [("state.mean", state.mean), ("state.var", state.var),
                       ("params.scale", None if params is None else params.scale),
