@@ -74,7 +74,19 @@ class _Normalization(nn.Module):
 class BatchNorm(_Normalization):
   """Batch normalization with Flax's interface and bnjax's core.
 
-  Attributes (the first 14 as ``flax.linen.BatchNorm``):
+  The first 14 attributes are ``flax.linen.BatchNorm``'s, with its defaults and
+  variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, all ``[C]``
+  (float32 statistics). The math is ``bnjax.batch_norm``.
+
+  >>> import jax
+  >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> variables = layer.init(jax.random.key(0), x)
+  >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  >>> y.round(3).tolist(), updates["batch_stats"]["mean"].tolist()
+  ([[-1.0], [1.0]], [0.2])
+
+  Attributes:
     use_running_average: if True, normalize with the stored ``batch_stats``
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
@@ -112,15 +124,22 @@ class BatchNorm(_Normalization):
       *,
       mask: jax.Array | None = None,
   ) -> jax.Array:
-    """Normalizes ``x`` (``[..., C]`` for ``axis=-1``).
+    """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
     Args:
-      x: the input.
+      x: ``[..., C]`` floating input (features on ``axis``).
       use_running_average: overrides the attribute of the same name.
-      mask: optional boolean, True for entries that enter the statistics.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
 
     Returns:
-      The normalized input, of ``x``'s shape.
+      The normalized input, of ``x``'s shape, in ``dtype`` (default: promoted
+      from the input and the parameters).
+
+    Raises:
+      flax.errors.ModifyScopeVariableError: training mode (outside ``init``)
+        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
+      TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
@@ -153,10 +172,18 @@ class BatchRenorm(_Normalization):
   ``d_max`` are the attributes' values unless the call passes others, which may
   be traced (the paper raises them on a schedule from 1 and 0).
 
+  The attributes ``use_running_average``, ``axis``, ``momentum``, ``epsilon``,
+  ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``, ``bias_init``,
+  ``scale_init``, ``axis_name`` and ``axis_index_groups`` are ``BatchNorm``'s.
+
+  >>> import jax
+  >>> layer = BatchRenorm(use_running_average=False, r_max=1.0, d_max=5.0)
+  >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2; running mean 0, variance 1
+  >>> y, _ = layer.apply(layer.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  >>> y.round(3).tolist()  # x_hat + d, with d = (2 - 0) / 1
+  [[1.0], [3.0]]
+
   Attributes:
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
-    use_scale, bias_init, scale_init, axis_name, axis_index_groups: as
-      ``BatchNorm``.
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
   """
@@ -166,7 +193,10 @@ class BatchRenorm(_Normalization):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
-    """Normalizes ``x``; ``r_max``/``d_max`` override the attributes (may be traced)."""
+    """Normalizes ``x`` (``[..., C]``, floating) to ``x``'s shape; in training mode
+    also updates ``batch_stats``. ``r_max``/``d_max`` override the attributes (may
+    be traced scalars). Raises as ``BatchNorm.__call__``, and ``ValueError`` for
+    ``r_max < 1`` or ``d_max < 0``."""
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
@@ -248,7 +278,23 @@ def recompute_batch_stats(
     unbiased: the paper's ``m / (m - 1)`` correction of the variance.
 
   Returns:
-    ``variables`` with ``batch_stats`` replaced for every BN layer that ran.
+    ``variables`` with ``batch_stats`` replaced for every BN layer that ran
+    (``[C]`` float32 ``mean`` and ``var``, or the dtype they had).
+
+  Raises:
+    ValueError: no BN layer ran in training mode (``apply_fn`` evaluates, or
+      ``batches`` is empty).
+    NotImplementedError: a BN layer ran more than once in one call (``nn.scan``,
+      a shared module).
+
+  >>> import jax
+  >>> model = BatchNorm(use_running_average=False)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 1)))
+  >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]  # means 1, 5
+  >>> variables = recompute_batch_stats(
+  ...     lambda v, b: model.apply(v, b, mutable=["batch_stats"]), variables, batches)
+  >>> variables["batch_stats"]["mean"].tolist(), variables["batch_stats"]["var"].tolist()
+  ([3.0], [2.0])
   """
   run = jax.jit(lambda variables, batch: _batch_moments_of_apply(apply_fn, variables, batch))
   totals = None
