@@ -17,6 +17,8 @@ functions, and write the returned state back into ``batch_stats``.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -267,8 +269,9 @@ def recompute_batch_stats(
   ``BatchRenorm`` and ``flax.linen.BatchNorm`` alike). The new statistics are, per
   layer, the mean of the batch means and ``m / (m - 1)`` times the mean of the
   batch variances (``unbiased=False``: of the biased ones), exactly, not an
-  exponential average. Pass ``apply_fn`` un-jitted: it is traced under ``jax.jit``
-  here, with a method interceptor that sees the BN inputs. Statistics are those of
+  exponential average. ``apply_fn`` is traced under ``jax.jit`` here, with a
+  method interceptor that sees the BN inputs (a jitted ``apply_fn`` is unwrapped
+  first). A statistic that no batch defines keeps its old value. Statistics are those of
   each batch as given (not synchronized across devices).
 
   Args:
@@ -296,6 +299,8 @@ def recompute_batch_stats(
   >>> variables["batch_stats"]["mean"].tolist(), variables["batch_stats"]["var"].tolist()
   ([3.0], [2.0])
   """
+  while isinstance(apply_fn, jax.stages.Wrapped):  # a jitted apply_fn would hide the BN calls
+    apply_fn = apply_fn.__wrapped__
   run = jax.jit(lambda variables, batch: _batch_moments_of_apply(apply_fn, variables, batch))
   totals = None
   for batch in batches:
@@ -307,13 +312,17 @@ def recompute_batch_stats(
   if not totals:
     raise ValueError(
         "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
-        "the model with use_running_average=False (e.g. train=True), un-jitted, and at least one batch"
+        "the model with use_running_average=False (e.g. train=True), and at least one batch"
     )
   batch_stats = variables.get("batch_stats", {})
+  def recomputed(old, summed):
+    # Statistics that no batch defined (every value masked out) keep their old value.
+    state = population.population_state(
+        summed, unbiased=unbiased, fallback=BatchNormState(mean=old["mean"], var=old["var"]))
+    return {**old, "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)}
+
   for path, summed in totals.items():
-    state = population.population_state(summed, unbiased=unbiased)
-    batch_stats = _replace_at(batch_stats, path, lambda old: {
-        "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)})
+    batch_stats = _replace_at(batch_stats, path, functools.partial(recomputed, summed=summed))
   return {**variables, "batch_stats": batch_stats}
 
 

@@ -352,7 +352,9 @@ def recompute_batch_stats(
     raise ValueError("recompute_batch_stats needs at least one batch")
   for path, module in layers:
     summed = _recorded_moments(totals, path)[0]
-    state = population.population_state(summed, unbiased=unbiased)
+    # Statistics that no batch defined (every value masked out) keep their old value.
+    state = population.population_state(
+        summed, unbiased=unbiased, fallback=BatchNormState(mean=module.mean[...], var=module.var[...]))
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model
