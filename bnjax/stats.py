@@ -40,9 +40,9 @@ or every 16th row of the batch), chosen from the shape alone: for any subset of 
 price of reading 1/16 to 1/8 of ``x`` once more. With a mask the shift is the full
 masked mean (a masked slice could hold no valid value), which costs one more pass.
 
-The range that is exact. The deviations ``x - K`` are scaled by an exact power of
-two near ``1 / sqrt(n)`` before they are squared and summed, so no intermediate
-exceeds a few times the variance: the statistics keep the bound above for every
+The range that is exact. Where a sum of squared deviations ``x - K`` overflows,
+they are summed again scaled by an exact power of two near ``1 / sqrt(n)`` (a
+second pass only then), so no intermediate exceeds a few times the variance: the statistics keep the bound above for every
 input whose values, deviations and variance are finite in the statistics dtype
 (in float32 up to ``|x| ~ 1e38``), down to variances where squared deviations
 become subnormal (in float32 about ``n * 1e-38``). ``batch_norm`` then
@@ -187,9 +187,9 @@ def shifted_moments(
   """Moments of ``x`` over ``reduction_axes`` in one pass around ``shift``.
 
   Exact to ``eps * (1 + (mean - shift)^2 / var)`` relative; see the module
-  docstring. Masked-out entries (even NaN or inf) do not enter the sums. The
-  deviations are scaled by an exact power of two before they are squared and
-  summed, so no sum overflows where the variance itself is representable.
+  docstring. Masked-out entries (even NaN or inf) do not enter the sums. Where
+  a sum of squares overflows, the deviations are summed again scaled by an exact
+  power of two, so no sum overflows where the variance itself is representable.
 
   Args:
     x: ``[...]`` input of any floating or complex dtype.
@@ -207,20 +207,32 @@ def shifted_moments(
   """
   dtype = statistics_dtype(x.dtype)
   real_dtype = jnp.finfo(dtype).dtype
-  scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes))
-  centered = x.astype(dtype) - expand_to_input(shift.astype(dtype), reduction_axes)
-  scaled = centered * jnp.asarray(scale, dtype)
-  s1 = _masked_sum(scaled, mask, reduction_axes)
-  s2 = _masked_sum(abs_squared(scaled), mask, reduction_axes)
+  shift = shift.astype(dtype)
   count = _count(x.shape, reduction_axes, mask, real_dtype)
   safe_count = jnp.maximum(count, 1)
+
+  def sums(scale: float):
+    centered = x.astype(dtype) - expand_to_input(shift, reduction_axes)
+    if scale != 1:
+      centered = centered * jnp.asarray(scale, dtype)
+    return _masked_sum(centered, mask, reduction_axes), _masked_sum(abs_squared(centered), mask, reduction_axes)
+
+  # Sums of squares overflow only where deviations near the top of the range add up
+  # past it; only then are they summed again, scaled (the common case pays nothing).
+  scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes))
+  s1, s2 = sums(1)
+  s1, s2, scale = lax.cond(
+      jnp.any(jnp.isinf(s2)),
+      lambda: (*sums(scale), jnp.asarray(scale, real_dtype)),
+      lambda: (s1, s2, jnp.ones((), real_dtype)),
+  )
   scaled_offset = s1 / safe_count.astype(dtype)
   scaled_var = jnp.maximum(s2 / safe_count - abs_squared(scaled_offset), 0)
   return ShiftedMoments(
       count=count,
-      shift=shift.astype(dtype),
-      offset=scaled_offset / jnp.asarray(scale, dtype),
-      var=scaled_var / jnp.asarray(scale * scale, real_dtype),
+      shift=shift,
+      offset=scaled_offset / scale.astype(dtype),
+      var=scaled_var / (scale * scale),
   )
 
 
