@@ -81,15 +81,24 @@ class _Normalization(nnx.Module):
 
   def _finish(self, training: bool, x, mask, new_state: BatchNormState) -> None:
     if training:
-      self.mean[...] = new_state.mean
-      self.var[...] = new_state.var
+      # The running statistics carry no gradient (as Flax): with hijax variables
+      # the write happens inside the differentiated function, which otherwise fails.
+      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      self.var[...] = jax.lax.stop_gradient(new_state.var)
       if self.record_batch_moments:
         empty = population.init_population(self.num_features)
         self.sow(nnx.Intermediate, "batch_moments",
                  population.update_population(empty, x, axis=self.axis, mask=mask))
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model."""
+    """Used by ``nnx.view`` to set the mode of a view of the model.
+
+    ``nnx.view_info`` reads the ``Args:`` section below (one entry per argument).
+
+    Args:
+      use_running_average: if True, normalize with the stored statistics
+        instead of the batch's, which leaves them unchanged.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
