@@ -93,11 +93,12 @@ class _Normalization(nnx.Module):
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view`` to set the mode of a view of the model.
 
-    ``nnx.view_info`` reads the ``Args:`` section below (one entry per argument).
+    ``nnx.view_info`` prints the ``Args:`` section below, worded as Flax's so
+    that its output is Flax's.
 
     Args:
-      use_running_average: if True, normalize with the stored statistics
-        instead of the batch's, which leaves them unchanged.
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average

@@ -152,19 +152,16 @@ def test_gradient_with_hijax_variables_as_flax(norm):
     close((grads, stats), gradients(exact_flax, hijax=True), rtol=1e-4, atol=1e-5)
 
 
-def test_view_info_lists_the_mode_argument_as_flax():
+def test_view_info_is_flaxs():
   """Issue 8 item 4: ``nnx.view_info`` parses ``set_view``'s ``Args:`` section."""
 
   class Model(nnx.Module):
-    def __init__(self, rngs):
-      self.norm = bnjax.nnx.BatchNorm(2, rngs=rngs)
-      self.renorm = bnjax.nnx.BatchRenorm(2, rngs=rngs)
-      self.flax_norm = nnx.BatchNorm(2, rngs=rngs)
+    def __init__(self, norm, rngs):
+      self.norm = norm(2, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
 
-  sections = nnx.view_info(Model(nnx.Rngs(0))).split("\n")
-  signature = "  use_running_average: bool | None = None"
-  # Flax's BatchNorm, then bnjax's BatchNorm and BatchRenorm: the same signature line.
-  assert sorted(line for line in sections if not line.startswith("    ")) == sorted(
-      ["BatchNorm:", signature, "BatchNorm:", signature, "BatchRenorm:", signature])
-  descriptions = [line for line in sections if line.startswith("    ")]
-  assert len(descriptions) == 6 and all(line.strip() for line in descriptions)
+  want = nnx.view_info(Model(nnx.BatchNorm, nnx.Rngs(0)))
+  assert "use_running_average" in want
+  assert nnx.view_info(Model(bnjax.nnx.BatchNorm, nnx.Rngs(0))) == want
+  renorm = nnx.view_info(Model(bnjax.nnx.BatchRenorm, nnx.Rngs(0)))
+  assert renorm == want.replace("BatchNorm:", "BatchRenorm:")
