@@ -286,6 +286,14 @@ def recompute_batch_stats(
             if isinstance(module, _Normalization)]
   if not layers:
     raise ValueError("recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+  variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+  if any(getattr(variable, "hijax", False) for variable in variables):
+    # nnx.jit refuses hijax variables (nnx.var_defaults(hijax=True)): recompute on a
+    # copy with ordinary ones, then write the statistics back.
+    ordinary = nnx.with_vars(model, hijax=False)
+    recompute_batch_stats(ordinary, batches, unbiased=unbiased, apply_fn=apply_fn)
+    nnx.update(model, nnx.state(ordinary, nnx.BatchStat))
+    return model
   saved_state = nnx.clone(nnx.state(model))
   saved_modes = [module.use_running_average for _, module in layers]
   for _, module in layers:

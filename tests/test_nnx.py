@@ -165,3 +165,16 @@ def test_view_info_is_flaxs():
   assert nnx.view_info(Model(bnjax.nnx.BatchNorm, nnx.Rngs(0))) == want
   renorm = nnx.view_info(Model(bnjax.nnx.BatchRenorm, nnx.Rngs(0)))
   assert renorm == want.replace("BatchNorm:", "BatchRenorm:")
+
+
+def test_recompute_batch_stats_with_hijax_variables():
+  """A sibling of issue 8 item 3: ``nnx.jit`` refuses hijax variables, so the
+  recomputation runs on a copy with ordinary ones and writes the result back."""
+  batches = [jax.random.normal(jax.random.key(i), (8, 4)) for i in range(3)]
+  with nnx.var_defaults(hijax=True):
+    hijax_model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
+  model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
+  bnjax.nnx.recompute_batch_stats(hijax_model, batches)
+  bnjax.nnx.recompute_batch_stats(model, batches)
+  assert hijax_model.norm.mean.hijax and not np.allclose(model.norm.var[...], 1.0)
+  close(nnx.state(hijax_model), nnx.state(model), rtol=0, atol=0)
