@@ -81,15 +81,25 @@ class _Normalization(nnx.Module):
 
   def _finish(self, training: bool, x, mask, new_state: BatchNormState) -> None:
     if training:
-      self.mean[...] = new_state.mean
-      self.var[...] = new_state.var
+      # The running statistics carry no gradient (as Flax): with hijax variables
+      # the write happens inside the differentiated function, which otherwise fails.
+      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      self.var[...] = jax.lax.stop_gradient(new_state.var)
       if self.record_batch_moments:
         empty = population.init_population(self.num_features)
         self.sow(nnx.Intermediate, "batch_moments",
                  population.update_population(empty, x, axis=self.axis, mask=mask))
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model."""
+    """Used by ``nnx.view`` to set the mode of a view of the model.
+
+    ``nnx.view_info`` prints the ``Args:`` section below, worded as Flax's so
+    that its output is Flax's.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
@@ -326,6 +336,14 @@ def recompute_batch_stats(
             if isinstance(module, _Normalization)]
   if not layers:
     raise ValueError("recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+  variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+  if any(getattr(variable, "hijax", False) for variable in variables):
+    # nnx.jit refuses hijax variables (nnx.var_defaults(hijax=True)): recompute on a
+    # copy with ordinary ones, then write the statistics back.
+    ordinary = nnx.with_vars(model, hijax=False)
+    recompute_batch_stats(ordinary, batches, unbiased=unbiased, apply_fn=apply_fn)
+    nnx.update(model, nnx.state(ordinary, nnx.BatchStat))
+    return model
   saved_state = nnx.clone(nnx.state(model))
   saved_modes = [module.use_running_average for _, module in layers]
   for _, module in layers:
