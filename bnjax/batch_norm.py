@@ -115,9 +115,10 @@ def batch_norm(
 
   Args:
     x: ``[..., *F, ...]`` floating or complex input (float32, bfloat16, float16, ...).
-      In inference mode it may have no batch axis (``[C]``: one example); in
-      training mode it needs one, or an ``axis_name`` to reduce over (one example
-      per ``vmap`` lane or device).
+      It may have no batch axis (``[C]``: one example): inference normalizes it
+      with ``state``; training takes its statistics over ``axis_name`` (one
+      example per ``vmap`` lane or device) or, without one, over the single value
+      of each feature (variance 0, as Flax computes it: ``y = bias``).
     params: ``BatchNormParams`` of shape ``[*F]``, or None for no affine transform.
     state: ``BatchNormState`` of shape ``[*F]``.
     training: Python bool; see above.
@@ -159,8 +160,8 @@ def batch_norm(
       ``momentum`` of the wrong type.
     ValueError: ``axis`` out of range, ``params``/``state`` not of the feature
       shape of ``x``, ``mask`` not broadcastable, ``momentum`` outside [0, 1],
-      ``epsilon`` not positive, ``virtual_batch_size`` not dividing the batch, no
-      values to compute training statistics over, ``axis_index_groups`` not
+      ``epsilon`` not positive, ``virtual_batch_size`` not dividing the batch, a
+      reduction axis of size 0 in training, ``axis_index_groups`` not
       holding each device index once.
     NotImplementedError: ``axis_index_groups`` under ``shard_map``.
 
@@ -208,7 +209,7 @@ def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
   x = jnp.asarray(x)
   features = validation.feature_axes(x.ndim, axis)
   if training:
-    validation.check_reduction(x.shape, features, axis, axis_name)
+    validation.check_reduction(x.shape, features)
   feature_shape = tuple(x.shape[a] for a in features)
   scale, bias = (None, None) if params is None else params
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])

@@ -88,7 +88,7 @@ def update_population(
   """
   validation.check_floating("x", x)
   features = validation.feature_axes(jnp.ndim(x), axis)
-  validation.check_reduction(jnp.shape(x), features, axis, axis_name)
+  validation.check_reduction(jnp.shape(x), features)
   expected = tuple(jnp.shape(x)[a] for a in features)
   validation.check_feature_shape("population.mean_sum", population.mean_sum, expected, jnp.shape(x), axis)
   moments = stats.batch_moments(

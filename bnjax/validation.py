@@ -39,9 +39,9 @@ def check_floating(name: str, x) -> None:
 def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
   """Sorted, non-negative feature axes of a rank-``ndim`` input.
 
-  Every axis may be a feature axis (an input ``[C]`` of one example, normalized
-  with running statistics); ``check_reduction`` refuses that where batch
-  statistics are needed.
+  Every axis may be a feature axis (an input ``[C]`` of one example): in
+  training each feature is then a batch of one value (or reduced over a named
+  axis), as Flax computes it.
 
   >>> feature_axes(4, -1)
   (3,)
@@ -96,18 +96,10 @@ def feature_shape(name: str, num_features) -> tuple[int, ...]:
   return shape
 
 
-def check_reduction(x_shape, features: tuple[int, ...], axis, axis_name) -> None:
-  """Batch statistics need values to reduce: at least one axis that is not a
-  feature axis (or, for one example per device or ``vmap`` lane, an
-  ``axis_name`` to reduce over), and no reduction axis of size 0."""
-  reduction = [a for a in range(len(x_shape)) if a not in features]
-  if not reduction and axis_name is None:
-    raise ValueError(
-        f"axis {axis!r} makes every axis of x (shape {tuple(x_shape)}) a feature axis, "
-        "leaving none to compute batch statistics over; add a batch axis, reduce over a "
-        "named axis (axis_name) or normalize with the running statistics (training=False)."
-    )
-  empty = [a for a in reduction if x_shape[a] == 0]
+def check_reduction(x_shape, features: tuple[int, ...]) -> None:
+  """Batch statistics need values: no reduction axis may have size 0. (With no
+  reduction axis at all, each feature is a batch of one value, as Flax reads it.)"""
+  empty = [a for a in range(len(x_shape)) if a not in features and x_shape[a] == 0]
   if empty:
     raise ValueError(
         f"x of shape {tuple(x_shape)} has no values to compute batch statistics over "

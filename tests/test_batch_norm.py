@@ -286,7 +286,6 @@ def _call(**overrides):
         (dict(training=jnp.array(True)), TypeError, "training must be a Python bool"),
         (dict(x=jnp.ones((8, 4), jnp.int32)), TypeError, "x must have a floating"),
         (dict(axis=2), ValueError, "axis 2 is out of range for an input of rank 2"),
-        (dict(axis=(0, 1)), ValueError, "leaving none to compute"),
         (dict(axis=(1, -1)), ValueError, "names the same axis twice"),
         (dict(params=bnjax.init(5)[0]), ValueError, r"params.scale has shape \(5,\) but x of shape \(8, 4\) has feature shape \(4,\)"),
         (dict(state=bnjax.init(3)[1]), ValueError, r"state.mean has shape \(3,\)"),
@@ -388,10 +387,14 @@ def test_one_example_per_vmap_lane_trains_over_the_named_axis():
   np.testing.assert_allclose(new_state.var[0], want_state.var, rtol=1e-5)
 
 
-def test_training_without_batch_axis_is_refused():
-  x, params, state = random_inputs((4, 3), -1)
-  with pytest.raises(ValueError, match="leaving none to compute batch statistics"):
-    bnjax.batch_norm(x[0], params, state, training=True)
+def test_training_without_batch_axis_is_a_batch_of_one():
+  """As Flax computes it (Flax's test_bind_stateful): the same as x[None]."""
+  x, params, state = random_inputs((4, 3), -1, offset=2.0)
+  y, new_state = bnjax.batch_norm(x[0], params, state, training=True, momentum=0.5)
+  want_y, want_state = bnjax.batch_norm(x[:1], params, state, training=True, momentum=0.5)
+  np.testing.assert_array_equal(y, want_y[0])
+  jax.tree.map(np.testing.assert_array_equal, new_state, want_state)
+  np.testing.assert_allclose(y, params.bias, atol=1e-6)
 
 
 @pytest.mark.parametrize("offset", [1e5, 1e7])

@@ -49,20 +49,10 @@ def _jax_default_promotion(request):
     yield
 
 
-_MASKS_AS_FLAX = "issue 8 items 1/2: fixed in core on main"
 # Flax's test (file::class::name) -> (why it fails with bnjax's BatchNorm, strict).
-EXPECTED_FAILURES = {
-    # Refused on purpose, also after issue 8 item 2 (which normalizes x of shape [C]
-    # with the running statistics, in inference mode).
-    "linen_module_test.py::ModuleTest::test_bind_stateful": (
-        "training mode on x of shape [C] (no batch axis): bnjax refuses batch statistics "
-        "over no axis with an error naming the fixes (Flax takes mean = x and var = 0, "
-        "so that y = bias whatever x is)", True),
-    # The odd-numbered cases pass mask=[True, False, True, False, True] (shape [5])
-    # with x of shape [10, 5], which NumPy broadcasting accepts (issue 8 item 1).
-    **{f"nnx_normalization_test.py::TestLinenConsistency::test_nnx_linen_batchnorm_equivalence{i}":
-       (_MASKS_AS_FLAX, False) for i in range(1, 16, 2)},
-}
+# None since issue 8: masks broadcast as NumPy broadcasts them, and an input with no
+# batch axis is a batch of one value per feature, as Flax computes it.
+EXPECTED_FAILURES: dict[str, tuple[str, bool]] = {}
 
 
 def pytest_collection_modifyitems(config, items):
