@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -375,16 +374,15 @@ def test_a_full_disk_during_a_resume_loses_no_history(tmp_path):
   shutil.rmtree(workdir / "checkpoints" / "300")  # killed after evaluating 300, before its checkpoint
   before = {name: (workdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
 
-  def limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
-
+  limit_file_size = (  # then run the command; a write past the limit fails (EFBIG), as on a full disk
+      "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+  )
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.dataset=fashion_mnist",
-       f"--config.data_dir={data_dir}", "--config.num_steps=300", "--config.eval_every=100",
-       "--config.checkpoint_every=150"],
+      [sys.executable, "-c", limit_file_size, "-m", "experiments.mnist", f"--workdir={workdir}",
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300",
+       "--config.eval_every=100", "--config.checkpoint_every=150"],
       cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300,
-      preexec_fn=limit_file_size,
   )
   assert result.returncode == 1, result.stderr
   assert re.search(r"error: cannot write .*config.json: File too large", result.stderr), result.stderr
@@ -394,17 +392,18 @@ def test_a_full_disk_during_a_resume_loses_no_history(tmp_path):
   assert [m["step"] for m in train.read_metrics(workdir)] == [100, 200, 300]
 
 
-def _as_nobody():
-  os.setgid(65534)
-  os.setuid(65534)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("obstacle", ["a file", "a read-only folder"])
 def test_an_unwritable_checkpoint_folder_exits_at_once(tmp_path, obstacle):
-  base = pathlib.Path(tempfile.mkdtemp(dir=tmp_path))  # open to the unprivileged user below
-  for folder in (tmp_path, base):
-    folder.chmod(0o755)
+  base = pathlib.Path(tempfile.mkdtemp())  # outside pytest's private folder: open to the user below
+  base.chmod(0o755)
+  try:
+    _check_unwritable_checkpoint_folder(base, obstacle)
+  finally:
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _check_unwritable_checkpoint_folder(base, obstacle):
   data_dir = make_idx_folder(base / "data")
   workdir = base / "run"
   workdir.mkdir(mode=0o777)
@@ -415,12 +414,16 @@ def test_an_unwritable_checkpoint_folder_exits_at_once(tmp_path, obstacle):
   else:
     (workdir / "checkpoints").mkdir(mode=0o555)
     expected = f"error: cannot write to the checkpoints folder {workdir / 'checkpoints'}: Permission denied"
+  as_user = []
+  if os.geteuid() == 0 and obstacle == "a read-only folder":  # root may write anywhere: run as nobody
+    if not shutil.which("setpriv"):
+      pytest.skip("running as root without setpriv (util-linux) to drop privileges")
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
   started = time.monotonic()
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}", "--config.dataset=fashion_mnist",
-       f"--config.data_dir={data_dir}", "--config.num_steps=300"],
+      [*as_user, sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}",
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300"],
       cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=240,
-      preexec_fn=_as_nobody if os.geteuid() == 0 else None,  # root may write anywhere
   )
   assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (1, expected), result.stderr
   assert "Traceback" not in result.stderr
