@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from experiments.common.errors import RunError
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
+flags.disclaim_key_flags()  # flags defined here belong to the caller: --help lists them
 _CONFIG_FLAGS: dict[str, str] = {}  # flag name -> default config file
 
 
