@@ -518,3 +518,30 @@ def test_evaluation_data_are_arguments_not_constants():
   want = jax.jit(lambda state: train.evaluate(state, data, model=model, tracked_unit=config.tracked_unit))(state)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def test_figure1_legends_hide_no_curve():
+  """Panel (c)'s legend once sat on its 15th-percentile curve, which runs low to the right."""
+  steps = range(500, 50_001, 500)
+  noise = np.random.default_rng(0).normal(0, 0.1, (len(steps), 3))
+
+  def run(levels, first_accuracy, last_accuracy):  # shaped as in docs/figure1.png
+    return [{"step": s, "test_accuracy": last_accuracy - (last_accuracy - first_accuracy) * np.exp(-s / 8000),
+             **{f"sigmoid_input_p{p}": level + n for p, level, n in zip(train.PERCENTILES, levels, noise[i])}}
+            for i, s in enumerate(steps)]
+
+  fig = figure1.make_figure1(run((-1.4, 0.0, 1.5), 0.7, 0.87), run((-0.7, -0.3, 0.2), 0.1, 0.8), title="test")
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+  assert len(legends) == 2  # (a)'s, and one for the percentiles
+  for legend in legends:
+    box = legend.get_window_extent(renderer)
+    for ax in fig.axes:
+      for line in ax.get_lines():
+        points = ax.transData.transform(line.get_xydata())
+        inside = ((box.x0 <= points[:, 0]) & (points[:, 0] <= box.x1) & (box.y0 <= points[:, 1])
+                  & (points[:, 1] <= box.y1))
+        assert not inside.any(), (line.get_label(), ax.get_title())
+  import matplotlib.pyplot as plt
+  plt.close(fig)
