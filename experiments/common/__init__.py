@@ -11,9 +11,9 @@ The pieces, in the order a ``train_and_evaluate`` uses them::
 
     from experiments import common
 
-    common.validate(...)                            # your own checks -> ConfigError
+    validate_config(config)                         # the experiment's checks: raise ConfigError
     with common.WorkdirLock(workdir):               # WorkdirError if another process has it
-      data = load(...)                              # raise DataError: no empty workdir is left
+      data = load_data(config)                      # raise DataError: no new workdir is left
       with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints:
         resuming = checkpoints.latest_step is not None   # newest *intact* step
         common.check_config(workdir, config, resuming=resuming, may_change=("num_steps",))
