@@ -117,7 +117,7 @@ def fold_variables(
     epsilon: the BNs' epsilon.
 
   Returns:
-    ``{"params": ...}`` for the same model without those BNs: each layer with
+    ``{"params": ...}`` for the same model without those BNs, each layer with
     the folded kernel and a bias, the BN entries removed, and ``batch_stats``
     dropped once empty. Meant for a model whose layers have ``use_bias=True``
     where a BN followed them. Kernels keep their ``[..., C]`` shape and dtype;

@@ -64,8 +64,8 @@ def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
       ``bnjax.init``).
 
   Returns:
-    ``PopulationStatistics`` with float32 fields: ``num_batches`` ``[]``, the
-    others ``[*F]``.
+    ``PopulationStatistics`` of float32 zeros, ``num_batches`` of shape ``[]``
+    and the other fields ``[*F]``.
 
   Raises:
     TypeError: ``num_features`` neither an int nor a sequence of ints.
