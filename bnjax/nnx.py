@@ -89,14 +89,7 @@ class _Normalization(nnx.Module):
                  population.update_population(empty, x, axis=self.axis, mask=mask))
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model.
-
-    ``nnx.view_info`` reads the ``Args:`` section below (one entry per argument).
-
-    Args:
-      use_running_average: if True, normalize with the stored statistics
-        instead of the batch's, which leaves them unchanged.
-    """
+    """Used by ``nnx.view`` to set the mode of a view of the model."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
