@@ -40,19 +40,42 @@ from bnjax.stats import Moments, expand_to_input
 class BatchNormParams(NamedTuple):
   """The learned affine transform ``y = scale * x_hat + bias`` (gamma, beta).
 
-  Either field may be None: no scale (gamma = 1) or no bias (beta = 0).
-  ``F`` is the feature shape, ``(C,)`` for one feature axis.
+  A pytree of two ``[*F]`` arrays (``F`` the feature shape, ``(C,)`` for one
+  feature axis), in the parameter dtype (float32 by default). Either field may be
+  None: no scale (gamma = 1) or no bias (beta = 0). Constructing one checks
+  nothing; ``bnjax.batch_norm`` raises ``TypeError`` for non-floating fields and
+  ``ValueError`` for fields not of the input's feature shape.
+
+  >>> params = BatchNormParams(scale=jnp.full((2,), 2.0), bias=None)  # no beta
+  >>> _, state = init(2)
+  >>> y, _ = batch_norm(jnp.array([[0.0, 5.0], [2.0, 7.0]]), params, state, training=True)
+  >>> y.round(3).tolist()  # 2 * x_hat: each feature has std 1
+  [[-2.0, -2.0], [2.0, 2.0]]
   """
 
-  scale: jax.Array | None  # [*F], param dtype (float32 by default): gamma
-  bias: jax.Array | None  # [*F], param dtype (float32 by default): beta
+  scale: jax.Array | None  #: Gamma, ``[*F]`` in the parameter dtype; None means 1.
+  bias: jax.Array | None  #: Beta, ``[*F]`` in the parameter dtype; None means 0.
 
 
 class BatchNormState(NamedTuple):
-  """Running statistics used in inference mode, updated in training mode."""
+  """Running statistics used in inference mode, updated in training mode.
 
-  mean: jax.Array  # [*F], float32: running average of batch means
-  var: jax.Array  # [*F], float32: running average of batch variances (biased)
+  A pytree of two ``[*F]`` float32 arrays (or wider: float64 under x64, complex
+  for a complex mean). ``init`` starts them at mean 0 and variance 1, as Flax
+  does; ``batch_norm`` in training mode returns them moved towards the batch's
+  statistics. Constructing one checks nothing; ``bnjax.batch_norm`` raises
+  ``TypeError`` for non-floating fields and ``ValueError`` for fields not of the
+  input's feature shape.
+
+  >>> state = BatchNormState(mean=jnp.array([1.0]), var=jnp.array([4.0]))
+  >>> y, same = batch_norm(jnp.array([[3.0]]), None, state, training=False,
+  ...                      epsilon=1e-12)
+  >>> y.tolist(), same is state  # (3 - 1) / sqrt(4); evaluation returns the state
+  ([[1.0]], True)
+  """
+
+  mean: jax.Array  #: Running average of the batch means, ``[*F]`` float32.
+  var: jax.Array  #: Running average of the (biased) batch variances, ``[*F]`` float32.
 
 
 def init(
@@ -65,7 +88,12 @@ def init(
     dtype: dtype of the parameters. The state is always float32.
 
   Returns:
-    ``(params, state)`` with ``[*F]`` fields.
+    ``(params, state)``: ``BatchNormParams`` (scale 1, bias 0) in ``dtype`` and
+    ``BatchNormState`` (mean 0, var 1) in float32, all fields ``[*F]``.
+
+  Raises:
+    TypeError: ``num_features`` neither an int nor a sequence of ints.
+    ValueError: ``num_features`` (or an entry of it) not positive, or empty.
 
   >>> params, state = init(3)
   >>> params.scale, state.var

@@ -135,7 +135,7 @@ class BatchNorm(_Normalization):
         ``bnjax.batch_norm``.
 
     Returns:
-      The normalized input, of ``x``'s shape, in ``dtype`` (default: promoted
+      The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
       from the input and the parameters).
 
     Raises:
@@ -195,10 +195,26 @@ class BatchRenorm(_Normalization):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
-    """Normalizes ``x`` (``[..., C]``, floating) to ``x``'s shape; in training mode
-    also updates ``batch_stats``. ``r_max``/``d_max`` override the attributes (may
-    be traced scalars). Raises as ``BatchNorm.__call__``, and ``ValueError`` for
-    ``r_max < 1`` or ``d_max < 0``."""
+    """Normalizes ``x``; in training mode also updates ``batch_stats``.
+
+    Args:
+      x: ``[..., C]`` real floating input (features on ``axis``).
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
+      r_max: overrides the attribute; may be a traced scalar (a schedule).
+      d_max: overrides the attribute; may be a traced scalar.
+
+    Returns:
+      The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the parameters).
+
+    Raises:
+      flax.errors.ModifyScopeVariableError: training mode (outside ``init``)
+        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
+      ValueError: ``r_max < 1`` or ``d_max < 0``, or as ``bnjax.batch_renorm``.
+      TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
+    """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )

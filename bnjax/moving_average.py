@@ -33,6 +33,11 @@ def update_moving_average(average: jax.Array, value: jax.Array, *, momentum) -> 
   Returns:
     ``[*F]`` the new average.
 
+  Raises:
+    TypeError: ``average`` and ``value`` of shapes that do not broadcast, or
+      ``momentum`` not a number. Nothing else is checked here (``batch_norm``
+      checks ``momentum``).
+
   >>> update_moving_average(jnp.array(1.0), jnp.array(3.0), momentum=0.75)
   Array(1.5, dtype=float32)
   """

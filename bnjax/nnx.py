@@ -199,7 +199,7 @@ class BatchNorm(_Normalization):
         ``bnjax.batch_norm``.
 
     Returns:
-      The normalized input, of ``x``'s shape, in ``dtype`` (default: promoted
+      The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
       from the input and the variables).
 
     Raises:
@@ -239,6 +239,15 @@ class BatchRenorm(_Normalization):
   >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2; running mean 0, variance 1
   >>> layer(x).round(3).tolist()  # x_hat + d, with d = (2 - 0) / 1
   [[1.0], [3.0]]
+
+  Args:
+    num_features: the number of features ``C``.
+    r_max: bound on the scale correction r, >= 1 (the paper's final 3).
+    d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+    use_running_average, axis, momentum, epsilon, dtype: as ``BatchNorm``'s.
+    param_dtype, use_bias, use_scale, bias_init, scale_init: as ``BatchNorm``'s.
+    axis_name, axis_index_groups, promote_dtype, rngs: as ``BatchNorm``'s.
+    bias_metadata, scale_metadata: as ``BatchNorm``'s.
   """
 
   def __init__(
@@ -273,10 +282,26 @@ class BatchRenorm(_Normalization):
     self.d_max = d_max
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
-    """Normalizes ``x`` (``[..., num_features]``, floating) to ``x``'s shape; in
-    training mode also updates ``mean`` and ``var``. ``r_max``/``d_max`` override
-    the attributes. Raises as ``BatchNorm.__call__``, and ``ValueError`` for
-    ``r_max < 1`` or ``d_max < 0``."""
+    """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
+
+    Args:
+      x: ``[..., num_features]`` real floating input (features on ``axis``).
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
+      r_max: overrides the attribute; may be a traced scalar (a schedule).
+      d_max: overrides the attribute; may be a traced scalar.
+
+    Returns:
+      The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the variables).
+
+    Raises:
+      ValueError: ``r_max < 1`` or ``d_max < 0``, no mode given
+        (``use_running_average`` None in the constructor and the call), or as
+        ``bnjax.batch_renorm``.
+      TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
+    """
     training = self._training_mode(use_running_average)
     x, params, out_dtype = self._inputs(x)
     y, new_state = batch_renorm(

@@ -32,19 +32,49 @@ from bnjax.batch_norm import BatchNormState
 
 class PopulationStatistics(NamedTuple):
   """Sums over the batches seen so far, per feature, and how many batches each
-  sum holds: a batch enters only the statistics it defines (a feature with no
-  valid value in a batch adds nothing; one value adds no unbiased variance)."""
+  sum holds.
 
-  num_batches: jax.Array  # [], float32: batches seen
-  mean_sum: jax.Array  # [*F], float32: sum of batch means
-  variance_sum: jax.Array  # [*F], float32: sum of biased batch variances
-  unbiased_variance_sum: jax.Array  # [*F], float32: sum of m/(m-1) * batch variances
-  mean_batches: jax.Array  # [*F], float32: batches with a valid value (in mean_sum, variance_sum)
-  unbiased_variance_batches: jax.Array  # [*F], float32: batches with 2 or more (in unbiased_variance_sum)
+  The accumulator of Algorithm 2, a pytree of float32 arrays: ``num_batches`` a
+  scalar, the other fields ``[*F]`` (``F`` the feature shape; ``mean_sum`` complex
+  for complex input). A batch enters only the statistics it defines: a feature
+  with no valid value in a batch adds nothing, and one value adds no unbiased
+  variance. ``init_population`` starts it, ``update_population`` adds a batch and
+  ``population_state`` turns it into a ``BatchNormState``; constructing one
+  directly checks nothing.
+
+  >>> x = jnp.array([[0.0, 1.0], [2.0, 1.0]])  # [N, C]
+  >>> population = update_population(init_population(2), x)
+  >>> population.num_batches.tolist(), population.mean_sum.tolist(), population.variance_sum.tolist()
+  (1.0, [1.0, 1.0], [1.0, 0.0])
+  """
+
+  num_batches: jax.Array  #: Batches seen, ``[]`` float32.
+  mean_sum: jax.Array  #: Sum of the batch means, ``[*F]`` float32.
+  variance_sum: jax.Array  #: Sum of the biased batch variances, ``[*F]`` float32.
+  unbiased_variance_sum: jax.Array  #: Sum of ``m / (m - 1) * var_B``, ``[*F]`` float32.
+  mean_batches: jax.Array  #: Batches with a valid value, ``[*F]`` float32.
+  unbiased_variance_batches: jax.Array  #: Batches with two or more valid values, ``[*F]`` float32.
 
 
 def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
-  """No batches yet."""
+  """No batches yet: every sum and count 0.
+
+  Args:
+    num_features: ``C``, or the feature shape ``F`` for several feature axes (as
+      ``bnjax.init``).
+
+  Returns:
+    ``PopulationStatistics`` of float32 zeros, ``num_batches`` of shape ``[]``
+    and the other fields ``[*F]``.
+
+  Raises:
+    TypeError: ``num_features`` neither an int nor a sequence of ints.
+    ValueError: ``num_features`` (or an entry of it) not positive, or empty.
+
+  >>> population = init_population(3)
+  >>> population.num_batches.tolist(), population.mean_sum.shape
+  (0.0, (3,))
+  """
   shape = validation.feature_shape("num_features", num_features)
   zeros = jnp.zeros(shape, jnp.float32)
   return PopulationStatistics(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros, zeros)
@@ -85,6 +115,36 @@ def update_population(
   A feature whose values are all masked out adds nothing to that feature's
   statistics; a feature with a single valid value adds its mean but no unbiased
   variance.
+
+  Args:
+    population: the ``PopulationStatistics`` so far, of feature shape ``[*F]``.
+    x: ``[..., *F, ...]`` floating or complex batch, features on ``axis``.
+    axis: the feature axis or axes of ``x``.
+    mask: optional boolean, True for valid entries, broadcastable to ``x``
+      (NumPy's rules, as ``bnjax.batch_norm``).
+    axis_name: named axis (``pmap``/``shard_map``) whose devices' batches
+      together form the batch, or None.
+    axis_index_groups: optional groups of device indices along ``axis_name``, as
+      ``bnjax.batch_norm``.
+
+  Returns:
+    The ``PopulationStatistics`` with this batch added (``num_batches`` + 1), of
+    the same shapes and dtypes (``mean_sum`` complex for complex ``x``).
+
+  Raises:
+    TypeError: ``x`` not floating, ``mask`` not boolean, ``axis`` not an int or a
+      sequence of ints.
+    ValueError: ``axis`` out of range, ``x``'s feature shape not that of
+      ``population``, ``mask`` not broadcastable, no values to reduce over,
+      ``axis_index_groups`` not holding each index once.
+    NameError: ``axis_name`` not bound (outside ``pmap``/``shard_map``).
+    NotImplementedError: ``axis_index_groups`` under ``shard_map``.
+
+  >>> population = init_population(1)
+  >>> population = update_population(population, jnp.array([[0.0], [2.0], [9.0]]),
+  ...                                mask=jnp.array([[True], [True], [False]]))
+  >>> population.mean_sum.tolist(), population.unbiased_variance_sum.tolist()  # of 0 and 2
+  ([1.0], [2.0])
   """
   validation.check_floating("x", x)
   features = validation.feature_axes(jnp.ndim(x), axis)
@@ -116,6 +176,15 @@ def population_state(
     fallback: the statistics to keep where no batch defined one (every value of a
       feature masked out; for ``unbiased``, no batch with two values); without it
       those entries are NaN.
+
+  Returns:
+    A ``BatchNormState`` with ``[*F]`` float32 ``mean`` and ``var`` (the mean
+    complex for complex batches): the mean of the batch means and of the batch
+    variances, over the batches that define each.
+
+  Raises:
+    TypeError: ``unbiased`` not a Python bool.
+    ValueError: ``fallback``'s fields not broadcastable to the feature shape.
 
   >>> population = init_population(1)
   >>> for batch in ([[0.0], [2.0]], [[4.0], [6.0]]):  # means 1, 5; variances 1, 1

@@ -70,36 +70,46 @@ class Moments(NamedTuple):
   """Count, mean and biased variance of a set of values, per feature.
 
   The sufficient statistics that combine exactly across devices or batches
-  (``combine_moments``). ``F`` is the feature shape (one entry per normalized
-  feature). The variance is stored, not the sum of squared deviations
-  ``m2 = count * var``, so that every representable variance stays finite.
+  (Chan, Golub & LeVeque, 1979). ``F`` is the feature shape (one entry per
+  normalized feature); the fields are float32 or wider (float64 for float64
+  input; the mean complex for complex input). The variance is stored, not the sum
+  of squared deviations ``m2 = count * var``, so that every representable variance
+  stays finite. Constructing one checks nothing and raises nothing.
+
+  >>> m = Moments(count=jnp.array([2.0]), mean=jnp.array([2.0]), var=jnp.array([1.0]))
+  >>> m.m2.tolist(), m.unbiased_variance.tolist()  # values 1 and 3
+  ([2.0], [2.0])
+  >>> Moments(jnp.array([0.0]), jnp.array([0.0]), jnp.array([0.0])).variance.tolist()
+  [nan]
   """
 
-  count: jax.Array  # [*F], real statistics dtype: number of values reduced
-  mean: jax.Array  # [*F], statistics dtype (complex for complex input)
-  var: jax.Array  # [*F], real statistics dtype: mean of |x - mean|^2; 0 where count is 0
+  count: jax.Array  #: Number of values reduced, ``[*F]`` in the real statistics dtype.
+  mean: jax.Array  #: Their mean, ``[*F]`` in the statistics dtype (complex for complex input).
+  var: jax.Array  #: Mean of ``|x - mean|^2``, ``[*F]`` real; 0 where count is 0.
 
   @property
   def m2(self) -> jax.Array:
-    """The sum of squared deviations ``count * var``."""
+    """The sum of squared deviations ``count * var``, ``[*F]``."""
     return self.var * self.count
 
   @property
   def variance(self) -> jax.Array:
-    """The biased variance (Algorithm 1); NaN where count is 0."""
+    """The biased variance (Algorithm 1), ``[*F]``; NaN where count is 0."""
     return jnp.where(self.count > 0, self.var, jnp.nan)
 
   @property
   def unbiased_variance(self) -> jax.Array:
-    """The unbiased variance ``count / (count - 1) * var`` (Algorithm 2); NaN where
-    count < 2."""
+    """The unbiased variance ``count / (count - 1) * var`` (Algorithm 2), ``[*F]``;
+    NaN where count < 2."""
     return jnp.where(self.count > 1, self.var * (self.count / jnp.maximum(self.count - 1, 1)), jnp.nan)
 
   @property
   def normalizing_variance(self) -> jax.Array:
-    """The biased variance, and 0 where there is no value (count 0): what
-    normalization divides by, finite so that an empty set (a padded virtual batch,
-    a device or batch whose values are all masked out) yields no NaN."""
+    """The biased variance, ``[*F]``, and 0 where there is no value (count 0).
+
+    What normalization divides by: finite, so that an empty set (a padded virtual
+    batch, a device or batch whose values are all masked out) yields no NaN.
+    """
     return self.var
 
 
@@ -464,28 +474,45 @@ def batch_moments(
     axis_name: Hashable | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> Moments:
-  """Exact moments over ``reduction_axes`` of ``x`` and, with ``axis_name``, of
-  the ``x`` of every device along that named axis (``pmap``/``shard_map``).
+  """Exact per-feature moments over ``reduction_axes`` of ``x`` and, with
+  ``axis_name``, of the ``x`` of every device along that named axis.
 
-  Under ``jit`` with ``x`` sharded over devices (no ``axis_name``), the reductions
-  are over the global array and XLA inserts the cross-device sums itself.
+  The statistics ``bnjax.batch_norm`` normalizes with in training mode, for use on
+  their own. Under ``jit`` with ``x`` sharded over devices (no ``axis_name``), the
+  reductions are over the global array and XLA inserts the cross-device sums
+  itself. With ``axis_name`` (inside ``pmap``/``shard_map``) the devices exchange
+  their moments in one collective and every device gets the same result. The
+  arguments are checked less than by ``bnjax.batch_norm`` and
+  ``bnjax.update_population``, which check them with messages naming the problem.
 
   Args:
-    x: ``[...]`` floating or complex input.
-    reduction_axes: sorted axes of ``x`` to reduce over (batch and spatial axes).
+    x: ``[...]`` floating or complex input; ``F`` is its shape without the
+      ``reduction_axes``.
+    reduction_axes: sorted, non-negative axes of ``x`` to reduce over (batch and
+      spatial axes), at least one (or an ``axis_name``).
     mask: optional boolean of ``x``'s rank, broadcastable to ``x``; True = valid.
-    axis_name: named axis to synchronize over, or None.
-    axis_index_groups: optional groups of device indices along ``axis_name``;
-      statistics are then synchronized within each group only.
+    axis_name: named axis (``pmap``/``shard_map``) to synchronize over, or None.
+    axis_index_groups: optional groups of device indices along ``axis_name``
+      (``pmap`` only; any sizes, together holding each index once); statistics
+      are then synchronized within each group only.
 
   Returns:
     ``Moments`` with ``[*F]`` fields, float32 or wider. Where no value is valid
     (count 0) the mean is finite but meaningless, and ``variance`` is NaN.
 
+  Raises:
+    NameError: ``axis_name`` not bound (called outside ``pmap``/``shard_map``).
+    ValueError: ``mask`` not broadcastable to ``x``; ``axis_index_groups`` not
+      holding each index of ``axis_name`` exactly once.
+    NotImplementedError: ``axis_index_groups`` under ``shard_map``.
+
   >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
   >>> m = batch_moments(x, reduction_axes=(0,))
   >>> m.mean.tolist(), m.variance.tolist()
   ([2.0, 20.0], [1.0, 100.0])
+  >>> valid = jnp.array([[True], [False]])  # [N, 1]: the second example masked out
+  >>> batch_moments(x, reduction_axes=(0,), mask=valid).mean.tolist()
+  [1.0, 10.0]
   """
   moments = local_moments(x, reduction_axes=reduction_axes, mask=mask)
   if axis_name is not None:
