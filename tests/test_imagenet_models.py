@@ -219,7 +219,18 @@ def tiny_runs():
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1, impl="rbg"), images)
     apply = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]), static_argnames="train")
     runs[name] = variables, apply
+  # The Inception's softmax layer starts at zero (tested below); random here, so that
+  # the logits show what the network computes.
+  head = runs["inception_tiny"][0]["params"]["logits"]
+  runs["initial_inception_head"] = dict(head)
+  head["kernel"] = jax.random.normal(jax.random.key(2), head["kernel"].shape) * 0.3
   return images, runs
+
+
+def test_inception_starts_at_uniform_predictions(tiny_runs):
+  """Zero softmax layer: the first loss is ln(num_classes) whatever the input."""
+  head = tiny_runs[1]["initial_inception_head"]
+  assert not np.any(head["kernel"]) and not np.any(head["bias"])
 
 
 @pytest.mark.parametrize("name", ["inception_tiny", "resnet_tiny"])

@@ -9,11 +9,11 @@
 ``create_model(config)`` builds either from an experiment config; ``count_params``
 counts parameters with ``jax.eval_shape`` (nothing is allocated).
 
-Every convolution that feeds a nonlinearity is followed by batch norm and has no
-bias: BN goes on the input of each nonlinearity and its beta replaces the bias
-(Section 3.2). Without BN (``norm=None``) the convolutions have biases. ``norm`` is
-the BatchNorm class (``bnjax.linen.BatchNorm`` by default, ``flax.linen.BatchNorm``
-to compare), called as ``norm(use_running_average=..., dtype=...)``: bind
+Every convolution is followed by batch norm and has no bias: BN goes on the input
+of each nonlinearity and its beta replaces the bias (Section 3.2). Without BN
+(Inception with ``norm=None``) the convolutions have biases. ``norm`` is the
+BatchNorm class (``bnjax.linen.BatchNorm`` by default, ``flax.linen.BatchNorm`` to
+compare), called as ``norm(use_running_average=..., dtype=...)``: bind
 ``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups`` or
 ``virtual_batch_size`` with ``functools.partial`` before passing it.
 
@@ -34,7 +34,8 @@ The paper gives 13.6M parameters for its Inception; its own table gives about
 11,178,336: our count less the 9,952 gammas). Nothing in the paper accounts for
 the 2.4M difference: not an auxiliary classifier (GoogLeNet's are about 3.2M
 each at 1000 classes), and the paper says there is no fully connected layer
-but the softmax's. We build the table.
+but the softmax's. We build the table; its choices and departures are listed in
+``Inception``'s docstring.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ class Inception(nn.Module):
   At 224x224 the feature maps are 112, 56, 28, 14 and 7 wide, as listed; any
   multiple of 32 works (global pooling).
 
-  Choices where the table leaves room (also in the module docstring):
+  Choices where the table leaves room, and departures from it:
 
   * Modules 4c and 4d: the table lists 576 output channels, but its branches add
     to 608 with a pool projection of 128. We use 96 by default (576 channels):
@@ -250,6 +251,14 @@ class Inception(nn.Module):
     for the BN variants, so the baseline Inception had it; the table does not show it.
   * The separable stem's depth multiplier is ``min(8, max(1, stem_channels // 3))``,
     tf-slim's rule: 8 at full width, smaller when a width multiplier shrinks the stem.
+  * Stride-2 modules stride the last convolution of each branch (as tf-slim); the
+    table does not say which. Its rows for 3c and 4e list the spatial size of the
+    module's input (28x28, 14x14); the outputs are 14x14 and 7x7, as the next rows.
+  * Average pools leave the padding out of each average (TensorFlow's "SAME").
+  * Initialization (not in the paper): convolutions He et al. (2015) truncated
+    normal, as tf-slim's; the softmax layer's kernel zeros (big_vision's
+    ``head_zeroinit``), so every network starts at loss ln(num_classes) (without it
+    the network without BN starts with logits of standard deviation about 4).
 
   Attributes:
     num_classes: size of the softmax layer.
@@ -312,7 +321,7 @@ class Inception(nn.Module):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name="logits")(x)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="logits")(x)
 
 
 def inception_modules(pool_projection_4cd: int = 96,
