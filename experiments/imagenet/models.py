@@ -90,7 +90,7 @@ class InceptionModuleSpec(NamedTuple):
   reduce_double3: int  # double #3x3 reduce
   out_double3: int  # double #3x3 (both convolutions)
   pool: str  # "avg" or "max"
-  pool_projection: int  # 1x1 projection after the pool; 0 = pass through
+  pool_projection: int | None  # 1x1 projection after the pool; 0 = pass through; None: 4c/4d option
   strides: int
 
 
