@@ -259,8 +259,10 @@ def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
 
 
 def normalize_inference(inputs: Inputs, state: BatchNormState, epsilon: float) -> jax.Array:
-  """Inference mode: normalize with the running statistics."""
-  inv_std = lax.rsqrt(state.var + jnp.asarray(epsilon, state.var.dtype))
+  """Inference mode: normalize with the running statistics (in at least float32,
+  also when they are stored in half precision)."""
+  var = state.var.astype(stats.statistics_dtype(state.var.dtype))
+  inv_std = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
   return _normalize(inputs.x, state.mean, None, inv_std, inputs.scale, inputs.bias,
                     inputs.reduction_axes, inputs.out_dtype)
 

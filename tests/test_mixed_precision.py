@@ -61,3 +61,15 @@ def test_modules_with_bfloat16_parameters():
     assert y.dtype == jnp.bfloat16 and updated["batch_stats"]["var"].dtype == jnp.float32
   layer = bnjax.nnx.BatchRenorm(3, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert layer(x).dtype == jnp.bfloat16 and layer.var[...].dtype == jnp.float32
+
+
+def test_half_precision_running_statistics_normalize_in_float32():
+  """bfloat16 running statistics (Flax's force_float32_reductions=False) are
+  widened before rsqrt(var + eps): the output is that of their float32 values."""
+  x = jax.random.normal(jax.random.key(1), (8, 3)) * 3.0
+  state = bnjax.BatchNormState(mean=jnp.array([0.5, -1.0, 2.0], jnp.bfloat16),
+                               var=jnp.array([3.3, 0.7, 11.0], jnp.bfloat16))
+  y, _ = bnjax.batch_norm(x, None, state, training=False)
+  mean64, var64 = (np.asarray(v.astype(jnp.float32), np.float64) for v in state)
+  want = (np.asarray(x, np.float64) - mean64) / np.sqrt(var64 + 1e-5)
+  np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
