@@ -22,21 +22,41 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from bnjax.batch_norm import (
-    BatchNormParams,
-    BatchNormState,
-    RenormCorrection,
-    normalize_inference,
-    normalize_training,
-    prepare,
-    training_config,
-    updated_state,
-)
+from bnjax import _engine
+from bnjax.batch_norm import BatchNormParams, BatchNormState
+
+
+class RenormCorrection(NamedTuple):
+  """What batch renormalization needs besides the batch (Ioffe, 2017): the
+  engine's ``correction`` (``bnjax._engine.normalize_training``)."""
+
+  running_mean: jax.Array  # [*F]
+  running_var: jax.Array  # [*F]
+  r_max: jax.Array  # [], >= 1
+  d_max: jax.Array  # [], >= 0
+
+  def factors(self, mean, inv_std, epsilon):
+    """``(r, d)`` for the batch's ``mean: [*F]`` and ``inv_std: [*F]``."""
+    return _renorm_factors(self, mean, inv_std, epsilon)
+
+
+def _renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
+  """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
+  -d_max, d_max)``, held constant in the derivative (stop_gradient)."""
+  dtype = inv_std.dtype
+  running_inv_std = lax.rsqrt(correction.running_var.astype(dtype) + epsilon)
+  r_max = jnp.asarray(correction.r_max).astype(dtype)
+  d_max = jnp.asarray(correction.d_max).astype(dtype)
+  r = jnp.clip(running_inv_std / inv_std, 1 / r_max, r_max)
+  running_mean = correction.running_mean.astype(dtype)
+  d = jnp.clip((mean.astype(dtype) - running_mean) * running_inv_std, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 def _check_limit(name: str, value, lowest: float) -> None:
@@ -98,13 +118,13 @@ def batch_renorm(
   """
   _check_limit("r_max", r_max, 1.0)
   _check_limit("d_max", d_max, 0.0)
-  inputs = prepare(x, params, state, training=training, axis=axis, momentum=momentum,
-                   epsilon=epsilon, mask=mask, dtype=dtype)
+  inputs = _engine.prepare(x, params, state, training=training, axis=axis, momentum=momentum,
+                           epsilon=epsilon, mask=mask, dtype=dtype)
   if not training:
-    return normalize_inference(inputs, state, epsilon), state
-  correction = RenormCorrection(running_mean=state.mean, running_var=state.var, r_max=r_max, d_max=d_max)
-  y, moments = normalize_training(
-      training_config(inputs, epsilon, axis_name, axis_index_groups), inputs, correction
-  )
-  return y, updated_state(state, moments.mean, moments.variance, momentum,
-                          has_mean=moments.count > 0, has_var=moments.count > 0)
+    return _engine.normalize_inference(inputs, state, epsilon), state
+  correction = RenormCorrection(running_mean=state.mean, running_var=state.var, r_max=r_max,
+                                d_max=d_max)
+  config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
+  y, moments = _engine.normalize_training(config, inputs, correction)
+  return y, _engine.updated_state(state, moments.mean, moments.variance, momentum,
+                                  has_mean=moments.count > 0, has_var=moments.count > 0)

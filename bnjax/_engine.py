@@ -1,0 +1,330 @@
+"""The engine under ``bnjax.batch_norm`` and ``bnjax.batch_renorm`` (private).
+
+Validation and canonical arguments (``prepare``), inference and training-mode
+normalization, and the training path's hand-written derivative (``jax.custom_jvp``):
+the statistics are computed once, in the forward pass, and the derivative needs only
+``sum(dx)`` and ``sum(dx * (x - mean))`` per feature (and, transposed for the
+backward pass, ``sum(dy)`` and ``sum(dy * (x - mean))``, Section 3 of the paper),
+reduced across devices in one collective. Being a JVP rule it serves forward mode,
+reverse mode and higher orders alike.
+
+Nothing here is public API: ``bnjax/__init__.py`` says what is. The variants build
+on it from their own modules (``bnjax.ghost``, ``bnjax.renorm``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from bnjax import moving_average, stats, validation
+from bnjax.stats import Moments, expand_to_input
+
+
+class Inputs(NamedTuple):
+  """Validated arguments of a normalization call, in canonical form."""
+
+  x: jax.Array
+  scale: jax.Array | None  # [*F]
+  bias: jax.Array | None  # [*F]
+  mask: jax.Array | None  # x's rank, each axis 1 or x's size
+  features: tuple[int, ...]  # sorted feature axes
+  reduction_axes: tuple[int, ...]  # the other axes
+  out_dtype: jnp.dtype
+
+
+def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
+            axis_name=None) -> Inputs:
+  """Checks every argument (errors name the problem) and canonicalizes them."""
+  del axis_name  # checked where it is used
+  validation.check_training(training)
+  validation.check_floating("x", x)
+  validation.check_momentum(momentum)
+  validation.check_epsilon(epsilon)
+  x = jnp.asarray(x)
+  features = validation.feature_axes(x.ndim, axis)
+  if training:
+    validation.check_reduction(x.shape, features)
+  feature_shape = tuple(x.shape[a] for a in features)
+  scale, bias = (None, None) if params is None else params
+  validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])
+  validation.check_floating_fields("state", [("mean", state.mean), ("var", state.var)])
+  for name, value in [
+      ("params.scale", scale),
+      ("params.bias", bias),
+      ("state.mean", state.mean),
+      ("state.var", state.var),
+  ]:
+    validation.check_feature_shape(name, value, feature_shape, x.shape, axis)
+  return Inputs(
+      x=x, scale=scale, bias=bias,
+      mask=validation.canonical_mask(mask, x.shape, features),
+      features=features,
+      reduction_axes=tuple(a for a in range(x.ndim) if a not in features),
+      out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
+  )
+
+
+def normalize_inference(inputs: Inputs, state, epsilon: float) -> jax.Array:
+  """Inference mode: normalize with the running statistics (in at least float32,
+  also when they are stored in half precision)."""
+  var = state.var.astype(stats.statistics_dtype(state.var.dtype))
+  inv_std = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+  return _normalize(inputs.x, state.mean, None, inv_std, inputs.scale, inputs.bias,
+                    inputs.reduction_axes, inputs.out_dtype)
+
+
+class TrainingConfig(NamedTuple):
+  """The static (hashable) arguments of the training-mode custom derivative."""
+
+  reduction_axes: tuple[int, ...]
+  epsilon: float
+  axis_name: Hashable | None
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+  out_dtype: jnp.dtype
+
+
+def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> TrainingConfig:
+  return TrainingConfig(
+      reduction_axes=inputs.reduction_axes,
+      epsilon=float(epsilon),
+      axis_name=axis_name,
+      axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
+      out_dtype=inputs.out_dtype,
+  )
+
+
+def normalize_training(config: TrainingConfig, inputs: Inputs,
+                       correction: Any = None) -> tuple[jax.Array, Moments]:
+  """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
+
+  ``correction``, for batch renormalization, is a ``bnjax.renorm.RenormCorrection``
+  (a pytree with a ``factors(mean, inv_std, epsilon) -> (r, d)`` method): the output
+  becomes ``(x_hat * r + d) * scale + bias``.
+  """
+  args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
+  if not jnp.iscomplexobj(inputs.x):
+    return _train_normalize(config, *args)
+  # Complex inputs: autodiff differentiates the forward pass itself.
+  if correction is not None:
+    raise TypeError("batch renormalization supports real inputs only")
+  if inputs.mask is None:
+    y, moments, *_ = _train_forward(config, *args)
+    return y, moments
+  # Masked-out entries that are not finite would make 0 * NaN in autodiff's
+  # backward pass: differentiate a copy where they are 0, and give them their own
+  # (non-finite) output without a derivative.
+  keep = inputs.mask | jnp.isfinite(inputs.x)
+  safe_x = jnp.where(keep, inputs.x, jnp.zeros((), inputs.x.dtype))
+  y, moments, inv_std, shift, mean_offset, _ = _train_forward(config, safe_x, *args[1:])
+  unsafe_y = _normalize(inputs.x, shift, mean_offset, inv_std, inputs.scale, inputs.bias,
+                        config.reduction_axes, config.out_dtype)  # only where y is not finite
+  return jnp.where(keep, y, lax.stop_gradient(unsafe_y)), moments
+
+
+def updated_state(state, batch_mean, batch_var, momentum, *, has_mean, has_var):
+  """``momentum * state + (1 - momentum) * batch``, for both statistics; a
+  statistic the batch does not define (``has_mean``/``has_var`` False: no valid
+  value, or one only for an unbiased variance) leaves the state as it was.
+  ``state`` is a ``BatchNormState``; so is the result."""
+
+  def update(old, new, defined):
+    moved = moving_average.update_moving_average(
+        old, jnp.where(defined, new, jnp.zeros((), new.dtype)), momentum=momentum)
+    return jnp.where(defined, moved, old.astype(moved.dtype))
+
+  return state._replace(mean=update(state.mean, batch_mean, has_mean),
+                        var=update(state.var, batch_var, has_var))
+
+
+def batch_variance(moments: Moments, unbiased: bool) -> jax.Array:
+  """The batch variance the running statistics move towards."""
+  return moments.unbiased_variance if unbiased else moments.variance
+
+
+def has_variance(count, unbiased: bool):
+  """Whether ``count`` values define that variance (two for the unbiased one)."""
+  return count > (1 if unbiased else 0)
+
+
+def _compute_dtype(x, *params) -> jnp.dtype:
+  return stats.statistics_dtype(x.dtype, *(p.dtype for p in params if p is not None))
+
+
+def _normalize(x, shift, offset, inv_std, scale, bias, reduction_axes, out_dtype):
+  """``(x - mean) * gain + bias`` with ``gain = scale * inv_std`` and the mean
+  given as ``shift + offset``, computed as ``(x - shift) * gain + (bias - offset *
+  gain)`` in the compute dtype, then cast.
+
+  ``x - shift`` is exact where ``x`` is near the shift (within a factor of two),
+  so large offsets cost no precision when ``offset`` carries what the shift
+  misses of the mean. ``offset`` None is 0.
+  """
+  dtype = _compute_dtype(x, scale, bias)
+  gain = inv_std.astype(dtype)
+  if scale is not None:
+    gain = gain * scale.astype(dtype)
+  shifted_bias = None if offset is None else -offset.astype(dtype) * gain
+  if bias is not None:
+    shifted_bias = (bias.astype(dtype) if shifted_bias is None
+                    else shifted_bias + bias.astype(dtype))
+  y = x.astype(dtype) - expand_to_input(shift.astype(dtype), reduction_axes)
+  y = y * expand_to_input(gain, reduction_axes)
+  if shifted_bias is not None:
+    y = y + expand_to_input(shifted_bias, reduction_axes)
+  return y.astype(out_dtype)
+
+
+def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction):
+  """Batch moments, then normalize: ``(y, moments, inv_std, shift, mean_offset, renorm)``.
+
+  ``shift`` is this device's shift (see ``bnjax.stats``), close to the mean, and
+  ``mean_offset`` is ``mean - shift`` to the last digit; the output and the
+  derivative work with ``x - shift``, an exact and cheaper operand than
+  ``x - mean``. ``renorm`` is ``(r, d)`` with a ``correction``, else None.
+  """
+  local = stats.local_moments(x, reduction_axes=config.reduction_axes, mask=mask)
+  combined = local
+  if config.axis_name is not None:
+    combined = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
+  moments = combined.moments
+  mean_offset = (combined.shift - local.shift) + combined.offset
+  inv_std = lax.rsqrt(moments.normalizing_variance + config.epsilon)
+  renorm = None
+  if correction is not None:
+    # (x_hat * r + d) * scale + bias == x_hat * (scale * r) + (bias + scale * d)
+    r, d = renorm = correction.factors(moments.mean, inv_std, config.epsilon)
+    scale_value = jnp.ones_like(r) if scale is None else scale.astype(r.dtype)
+    bias = scale_value * d if bias is None else bias.astype(d.dtype) + scale_value * d
+    scale = scale_value * r
+  # x - mean = (x - rounded_mean) - rounding, with the rounding of the mean to
+  # its dtype known to the last digit: exact like normalizing around the shift,
+  # but a subtraction apart from the statistics' x - shift, which XLA then fuses
+  # as it fuses two-pass batch norm (sharing x - shift measured 10-20% slower).
+  rounded_mean = moments.mean
+  rounding = (local.shift - rounded_mean) + mean_offset
+  y = _normalize(x, rounded_mean, rounding, inv_std, scale, bias, config.reduction_axes,
+                 config.out_dtype)
+  return y, moments, inv_std, local.shift, mean_offset, renorm
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train_normalize(config: TrainingConfig, x, scale, bias, mask, correction):
+  """Training-mode batch norm of real ``x``: returns ``(y, Moments)``."""
+  y, moments, *_ = _train_forward(config, x, scale, bias, mask, correction)
+  return y, moments
+
+
+class _Residuals(NamedTuple):
+  """What the derivative keeps of the forward pass (``c = x - mean``).
+
+  ``y = gamma * x_hat + beta`` with ``x_hat = c * r``: ``gamma = scale`` and
+  ``beta = bias`` in batch norm; with batch renormalization's constants
+  ``(r_renorm, d)``, ``gamma = scale * r_renorm`` and ``beta = bias + scale * d``.
+  """
+
+  centered: jax.Array  # x's shape: x - shift (0 where masked out and not finite)
+  mean_offset: jax.Array  # [*F]: mean - shift, so c = centered - mean_offset
+  inv_std: jax.Array  # [*F]: r = 1 / sqrt(var + epsilon)
+  count: jax.Array  # [*F]: N, the number of valid values
+  mask: jax.Array | None  # x's rank, True for valid entries (None: all valid)
+  gamma: jax.Array  # [*F] (or [] without scale): the effective scale
+  gamma_per_scale: jax.Array | float  # d gamma / d scale: r_renorm, or 1
+  beta_per_scale: jax.Array | float  # d beta / d scale: d, or 0
+  dtype: jnp.dtype  # the compute dtype of the full-size terms
+
+
+def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
+  x, scale, bias, mask, correction = primals
+  x_dot, scale_dot, bias_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+  y, moments, inv_std, shift, mean_offset, renorm = _train_forward(
+      config, x, scale, bias, mask, correction)
+  # Not rematerialized (jax.checkpoint): measured, saving x - shift for the
+  # backward pass is faster and uses no more memory than Flax (BENCHMARKS.md).
+  dtype = _compute_dtype(x, scale)
+  real_dtype = jnp.finfo(dtype).dtype
+  centered = x.astype(dtype) - expand_to_input(shift.astype(dtype), config.reduction_axes)
+  if mask is not None:
+    centered = jnp.where(mask | jnp.isfinite(centered), centered, jnp.zeros((), dtype))
+  gamma = jnp.ones((), real_dtype) if scale is None else scale.astype(real_dtype)
+  r_renorm, d = (1, 0) if renorm is None else renorm
+  if renorm is not None:
+    gamma = gamma * r_renorm
+  residuals = _Residuals(
+      centered=centered, mean_offset=mean_offset.astype(dtype), inv_std=inv_std,
+      count=moments.count, mask=mask, gamma=gamma, gamma_per_scale=r_renorm,
+      beta_per_scale=d, dtype=dtype)
+  y_dot, mean_dot, m2_dot = _train_tangent(config, residuals, x_dot, scale_dot, bias_dot)
+  var_dot = m2_dot / jnp.maximum(moments.count, 1)
+  moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, var=var_dot)
+  return (y, moments), (y_dot, moments_dot)
+
+
+def _train_tangent(config: TrainingConfig, res: _Residuals, x_dot, scale_dot, bias_dot):
+  """The linear map from input tangents to output tangents of training-mode BN.
+
+  With ``c = x - mean``, ``r = 1 / sqrt(var + eps)``, ``y = gamma * r * c + beta``
+  (``_Residuals``) and global sums over the ``N`` valid values ``S0 = sum(x_dot)``,
+  ``S1 = sum(c * x_dot)`` (one ``psum``):
+
+      mean_dot = S0 / N,   m2_dot = 2 * S1,   r_dot = -r^3 * S1 / N
+      y_dot = gamma * r * (x_dot - mean_dot) + (gamma * r_dot + gamma_dot * r) * c + beta_dot
+
+  with ``gamma_dot = scale_dot * gamma_per_scale`` and ``beta_dot = bias_dot +
+  scale_dot * beta_per_scale``. Reverse mode transposes this map: ``dx = gamma * r *
+  dy`` plus, on valid entries, a per-feature affine function of ``c`` built from
+  ``sum(dy)`` and ``sum(dy * c)``, the backward pass of Section 3 of the paper, again
+  with one ``psum``. Entries outside the mask reach ``y`` through ``c`` and ``r`` but
+  not the statistics; where they are not finite, they are taken as ``c = 0`` in the
+  tangent, so that a zero cotangent there contributes zero.
+
+  Every full-size term is written with ``x - shift`` (``shift`` is this device's
+  shift, within a few standard deviations of the mean) and per-feature
+  corrections by ``mean - shift``: exactly the same map, but XLA fuses a
+  subtraction of a reduction's output into the reductions that consume it.
+  Returns ``(y_dot, mean_dot, m2_dot)``.
+  """
+  axes = config.reduction_axes
+  gain = res.inv_std * res.gamma  # gamma * r
+  if x_dot is None:
+    mean_dot = jnp.zeros_like(res.mean_offset)
+    m2_dot = jnp.zeros_like(res.count)
+    inv_std_dot = jnp.zeros_like(res.inv_std)
+  else:
+    x_dot = x_dot.astype(res.dtype)
+    zero = jnp.zeros((), res.dtype)
+    valid_x_dot = x_dot if res.mask is None else jnp.where(res.mask, x_dot, zero)
+    sum_x_dot = jnp.sum(valid_x_dot, axes)
+    # sum(c * x_dot) on this device, from sums around its shift:
+    sum_centered_x_dot = jnp.sum(res.centered * valid_x_dot, axes) - res.mean_offset * sum_x_dot
+    if config.axis_name is not None:  # both sums in one collective
+      sums = jnp.stack([sum_x_dot, sum_centered_x_dot])
+      sums = stats.psum(sums, config.axis_name, config.axis_index_groups)
+      sum_x_dot, sum_centered_x_dot = sums[0], sums[1]
+    safe_count = jnp.maximum(res.count, 1)  # no valid value: no derivative either
+    mean_dot = sum_x_dot / safe_count
+    m2_dot = 2 * sum_centered_x_dot
+    inv_std_dot = -(res.inv_std**3) * sum_centered_x_dot / safe_count
+
+  slope = res.gamma * inv_std_dot  # the coefficient of c
+  offset = -gain * mean_dot
+  if scale_dot is not None:
+    scale_dot = scale_dot.astype(res.gamma.dtype)
+    slope = slope + scale_dot * res.inv_std * res.gamma_per_scale
+    offset = offset + scale_dot * res.beta_per_scale
+  offset = offset - slope * res.mean_offset  # c = centered - mean_offset
+  if bias_dot is not None:
+    offset = offset + bias_dot.astype(res.dtype)
+  y_dot = expand_to_input(slope, axes) * res.centered + expand_to_input(offset, axes)
+  if x_dot is not None:
+    y_dot = y_dot + expand_to_input(gain, axes) * x_dot
+  return y_dot.astype(config.out_dtype), mean_dot, m2_dot
+
+
+_train_normalize.defjvp(_train_normalize_jvp, symbolic_zeros=True)
