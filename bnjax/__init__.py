@@ -15,7 +15,6 @@ from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
 from bnjax.batch_norm import init as init
 from bnjax.fold import fold as fold
-from bnjax.fold import fold_variables as fold_variables
 from bnjax.moving_average import update_moving_average as update_moving_average
 from bnjax.population import PopulationStatistics as PopulationStatistics
 from bnjax.population import init_population as init_population
@@ -34,6 +33,12 @@ _LAZY_SUBMODULES = ("linen", "nnx")  # Flax drop-ins, imported on first access
 def __getattr__(name: str):
   if name in _LAZY_SUBMODULES:
     return _importlib.import_module(f"bnjax.{name}")  # also sets the attribute
+  if name == "fold_variables":  # moved beside the Flax layer whose variables it reads
+    import warnings
+
+    warnings.warn("bnjax.fold_variables moved to bnjax.linen.fold_variables",
+                  DeprecationWarning, stacklevel=2)
+    return _importlib.import_module("bnjax.linen").fold_variables
   raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
 
 

@@ -48,10 +48,9 @@ def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
   validation.check_momentum(momentum)
   validation.check_epsilon(epsilon)
   x = jnp.asarray(x)
-  features = validation.feature_axes(x.ndim, axis)
+  axes = validation.input_axes(x.shape, axis)
   if training:
-    validation.check_reduction(x.shape, features)
-  feature_shape = tuple(x.shape[a] for a in features)
+    validation.check_reduction(x.shape, axes.features)
   scale, bias = (None, None) if params is None else params
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])
   validation.check_floating_fields("state", [("mean", state.mean), ("var", state.var)])
@@ -61,12 +60,12 @@ def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
       ("state.mean", state.mean),
       ("state.var", state.var),
   ]:
-    validation.check_feature_shape(name, value, feature_shape, x.shape, axis)
+    validation.check_feature_shape(name, value, axes.feature_shape, x.shape, axis)
   return Inputs(
       x=x, scale=scale, bias=bias,
-      mask=validation.canonical_mask(mask, x.shape, features),
-      features=features,
-      reduction_axes=tuple(a for a in range(x.ndim) if a not in features),
+      mask=validation.canonical_mask(mask, x.shape, axes.features),
+      features=axes.features,
+      reduction_axes=axes.reduction,
       out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
   )
 

@@ -18,8 +18,7 @@ functions, and write the returned state back into ``batch_stats``.
 from __future__ import annotations
 
 import functools
-
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -28,16 +27,16 @@ from flax import linen as nn
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
-from bnjax import population, validation
+from bnjax import _wrappers, population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.fold import fold
 from bnjax.renorm import batch_renorm
 
 
 def _variables(module: nn.Module, x, stats_dtype):
   """Declares (or reads) the BN variables: ``(params, mean variable, var variable)``."""
   validation.check_floating("x", x)
-  features = validation.feature_axes(jnp.ndim(x), module.axis)
-  shape = tuple(jnp.shape(x)[a] for a in features)
+  shape = validation.input_axes(jnp.shape(x), module.axis).feature_shape
   mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
   var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
   scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
@@ -48,12 +47,6 @@ def _variables(module: nn.Module, x, stats_dtype):
 def _output_dtype(x, params: BatchNormParams, dtype):
   with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
     return dtypes.canonicalize_dtype(x, params.scale, params.bias, dtype=dtype)
-
-
-def _write_back(module: nn.Module, training: bool, mean, var, new_state: BatchNormState) -> None:
-  # During init the statistics are not updated (as Flax).
-  if training and not module.is_initializing():
-    mean.value, var.value = new_state.mean, new_state.var
 
 
 class _Normalization(nn.Module):
@@ -71,6 +64,34 @@ class _Normalization(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   axis_name: Hashable | None = None
   axis_index_groups: Any = None
+
+  def _apply(self, normalize, x, use_running_average, mask, *, stats_dtype=jnp.float32,
+             **options) -> jax.Array:
+    """The call both layers share: declares (or reads) the variables, runs
+    ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
+    and, in training mode, writes the returned state back to ``batch_stats``."""
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    training = not use_running_average
+    params, mean, var = _variables(self, x, stats_dtype)
+    initializing = self.is_initializing()
+    y, new_state = normalize(
+        x, params, BatchNormState(mean=mean.value, var=var.value),
+        training=training,
+        axis=self.axis,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        # During init the named axis may not exist yet (as Flax).
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask,
+        dtype=_output_dtype(x, params, self.dtype),
+        **options,
+    )
+    if training and not initializing:  # during init the statistics stay (as Flax)
+      mean.value, var.value = new_state.mean, new_state.var
+    return y
 
 
 class BatchNorm(_Normalization):
@@ -143,28 +164,10 @@ class BatchNorm(_Normalization):
         with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
       TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    params, mean, var = _variables(self, x, stats_dtype)
-    initializing = self.is_initializing()
-    y, new_state = batch_norm(
-        x, params, BatchNormState(mean=mean.value, var=var.value),
-        training=not use_running_average,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        # During init the named axis may not exist yet (as Flax).
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        unbiased_variance=self.unbiased_variance,
-        virtual_batch_size=self.virtual_batch_size,
-        dtype=_output_dtype(x, params, self.dtype),
-    )
-    _write_back(self, not use_running_average, mean, var, new_state)
-    return y
+    return self._apply(batch_norm, x, use_running_average, mask, stats_dtype=stats_dtype,
+                       unbiased_variance=self.unbiased_variance,
+                       virtual_batch_size=self.virtual_batch_size)
 
 
 class BatchRenorm(_Normalization):
@@ -194,7 +197,8 @@ class BatchRenorm(_Normalization):
   d_max: float = 5.0
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None,
+               d_max=None):
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
     Args:
@@ -215,26 +219,9 @@ class BatchRenorm(_Normalization):
       ValueError: ``r_max < 1`` or ``d_max < 0``, or as ``bnjax.batch_renorm``.
       TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
     """
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
-    params, mean, var = _variables(self, x, jnp.float32)
-    initializing = self.is_initializing()
-    y, new_state = batch_renorm(
-        x, params, BatchNormState(mean=mean.value, var=var.value),
-        training=not use_running_average,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        dtype=_output_dtype(x, params, self.dtype),
-    )
-    _write_back(self, not use_running_average, mean, var, new_state)
-    return y
+    return self._apply(batch_renorm, x, use_running_average, mask,
+                       r_max=self.r_max if r_max is None else r_max,
+                       d_max=self.d_max if d_max is None else d_max)
 
 
 _NORMALIZATIONS = (BatchNorm, BatchRenorm, nn.BatchNorm)
@@ -256,12 +243,9 @@ def _batch_moments_of_apply(apply_fn, variables, batch) -> dict[tuple[str, ...],
               f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, or a "
               "shared module): its statistics cannot be recomputed per call"
           )
-        single = population.update_population(
-            population.init_population(tuple(jnp.shape(x)[a] for a in
-                                             validation.feature_axes(jnp.ndim(x), module.axis))),
-            x, axis=module.axis, mask=kwargs.get("mask"),
-        )
-        moments[module.path] = single
+        shape = validation.input_axes(jnp.shape(x), module.axis).feature_shape
+        moments[module.path] = population.update_population(
+            population.init_population(shape), x, axis=module.axis, mask=kwargs.get("mask"))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -318,33 +302,81 @@ def recompute_batch_stats(
   while isinstance(apply_fn, jax.stages.Wrapped):  # a jitted apply_fn would hide the BN calls
     apply_fn = apply_fn.__wrapped__
   run = jax.jit(lambda variables, batch: _batch_moments_of_apply(apply_fn, variables, batch))
-  totals = None
-  for batch in batches:
-    moments = run(variables, batch)
-    if totals is None:
-      totals = moments
-    else:
-      totals = jax.tree.map(lambda a, b: a + b, totals, moments)
+  totals = _wrappers.sum_over_batches(lambda batch: run(variables, batch), batches)
   if not totals:
     raise ValueError(
         "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
         "the model with use_running_average=False (e.g. train=True), and at least one batch"
     )
   batch_stats = variables.get("batch_stats", {})
+
   def recomputed(old, summed):
     # Statistics that no batch defined (every value masked out) keep their old value.
     state = population.population_state(
         summed, unbiased=unbiased, fallback=BatchNormState(mean=old["mean"], var=old["var"]))
-    return {**old, "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)}
+    return {**old, "mean": state.mean.astype(old["mean"].dtype),
+            "var": state.var.astype(old["var"].dtype)}
 
   for path, summed in totals.items():
-    batch_stats = _replace_at(batch_stats, path, functools.partial(recomputed, summed=summed))
+    batch_stats = _wrappers.replace_at(batch_stats, path,
+                                       functools.partial(recomputed, summed=summed))
   return {**variables, "batch_stats": batch_stats}
 
 
-def _replace_at(tree, path: tuple[str, ...], replace):
-  """A copy of the nested dict ``tree`` with ``tree[path]`` replaced by
-  ``replace(tree[path])``; the empty path is the root."""
-  if not path:
-    return replace(tree)
-  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], replace)}
+def fold_variables(
+    variables: Mapping[str, Any], pairs: Iterable[tuple[str, str]], *, epsilon: float = 1e-5
+) -> dict[str, Any]:
+  """Folds every ``(layer, batch_norm)`` pair of a Flax variable dict (``bnjax.fold``).
+
+  Args:
+    variables: ``{"params": ..., "batch_stats": ...}`` of a model with BN.
+    pairs: ``(layer_path, bn_path)`` with '/'-separated module paths, e.g.
+      ``[("Conv_0", "BatchNorm_0"), ("block/Dense_0", "block/BatchNorm_0")]``:
+      each BN directly follows its layer (a Dense or a Conv, with or without bias).
+    epsilon: the BNs' epsilon.
+
+  Returns:
+    ``{"params": ...}`` for the same model without those BNs, each layer with
+    the folded kernel and a bias, the BN entries removed, and ``batch_stats``
+    dropped once empty. Meant for a model whose layers have ``use_bias=True``
+    where a BN followed them. Kernels keep their ``[..., C]`` shape and dtype;
+    each folded bias is ``[C]``.
+
+  Raises:
+    KeyError: ``variables`` has no ``params``, or a path names no module of
+      ``params`` (or, for a BN, of ``batch_stats``); the message lists the names
+      there are.
+    TypeError, ValueError: as ``fold`` (non-floating arrays, a kernel whose last
+      axis is not the BN's number of features, ``epsilon`` not positive).
+
+  >>> variables = {
+  ...     "params": {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+  ...                "BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.ones(2)}},
+  ...     "batch_stats": {"BatchNorm_0": {"mean": jnp.array([1.0, 2.0]),
+  ...                                     "var": jnp.array([4.0, 1.0])}}}
+  >>> folded = fold_variables(variables, [("Dense_0", "BatchNorm_0")], epsilon=1e-12)
+  >>> list(folded), list(folded["params"])  # the BN is gone
+  (['params'], ['Dense_0'])
+  >>> dense = folded["params"]["Dense_0"]
+  >>> dense["kernel"][0].tolist(), dense["bias"].tolist()
+  ([0.5, 1.0], [0.5, -1.0])
+  """
+  params = dict(variables["params"])
+  batch_stats = dict(variables.get("batch_stats", {}))
+  for layer_path, bn_path in pairs:
+    layer = _wrappers.get_path(params, layer_path)
+    bn_params = _wrappers.get_path(params, bn_path)
+    bn_stats = _wrappers.get_path(batch_stats, bn_path)
+    kernel, bias = fold(
+        layer["kernel"], layer.get("bias"),
+        BatchNormParams(bn_params.get("scale"), bn_params.get("bias")),
+        BatchNormState(bn_stats["mean"], bn_stats["var"]), epsilon=epsilon,
+    )
+    folded_layer = {**layer, "kernel": kernel, "bias": bias}
+    params = _wrappers.replace_at(params, layer_path, lambda _, new=folded_layer: new)
+    params = _wrappers.without(params, bn_path)
+    batch_stats = _wrappers.without(batch_stats, bn_path)
+  folded = {"params": params}
+  if jax.tree.leaves(batch_stats):
+    folded["batch_stats"] = batch_stats
+  return folded

@@ -23,88 +23,12 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from bnjax import population
+from bnjax import _wrappers, population
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.renorm import batch_renorm
 
 
-class _Normalization(nnx.Module):
-  """The variables and the call plumbing both modules share."""
-
-  def _setup(self, num_features, *, use_running_average, axis, momentum, epsilon, dtype, param_dtype,
-             use_bias, use_scale, bias_init, scale_init, axis_name, axis_index_groups, promote_dtype, rngs,
-             bias_metadata, scale_metadata):
-    """The variables and the attributes of ``flax.nnx.BatchNorm``."""
-    shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale: nnx.Param[jax.Array] | None = (
-        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-        if use_scale else nnx.data(None)
-    )
-    self.bias: nnx.Param[jax.Array] | None = (
-        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-        if use_bias else nnx.data(None)
-    )
-    self.record_batch_moments = False  # set by recompute_batch_stats only
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.promote_dtype = promote_dtype
-
-  def _training_mode(self, use_running_average) -> bool:
-    return not first_from(
-        use_running_average,
-        self.use_running_average,
-        error_msg="No `use_running_average` argument was provided to BatchNorm: "
-        "pass it to the constructor or the call, or use .train() / .eval().",
-    )
-
-  def _inputs(self, x):
-    """``x`` and the parameters promoted as Flax promotes them, and y's dtype."""
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
-      x, _, _, scale, bias = self.promote_dtype(
-          (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
-      )
-      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-    return x, BatchNormParams(scale=scale, bias=bias), out_dtype
-
-  def _finish(self, training: bool, x, mask, new_state: BatchNormState) -> None:
-    if training:
-      # The running statistics carry no gradient (as Flax): with hijax variables
-      # the write happens inside the differentiated function, which otherwise fails.
-      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
-      self.var[...] = jax.lax.stop_gradient(new_state.var)
-      if self.record_batch_moments:
-        empty = population.init_population(self.num_features)
-        self.sow(nnx.Intermediate, "batch_moments",
-                 population.update_population(empty, x, axis=self.axis, mask=mask))
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model.
-
-    ``nnx.view_info`` prints the ``Args:`` section below, worded as Flax's so
-    that its output is Flax's.
-
-    Args:
-      use_running_average: if True, the stored batch statistics will be
-        used instead of computing the batch statistics on the input.
-    """
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-
-
-class BatchNorm(_Normalization):
+class BatchNorm(nnx.Module):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
   All arguments but the last two are ``flax.nnx.BatchNorm``'s, with its defaults
@@ -174,12 +98,31 @@ class BatchNorm(_Normalization):
       unbiased_variance: bool = False,
       virtual_batch_size: int | None = None,
   ):
-    self._setup(num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
-                epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
-                bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, promote_dtype=promote_dtype, rngs=rngs,
-                bias_metadata=bias_metadata, scale_metadata=scale_metadata)
+    shape = (num_features,)
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    self.scale: nnx.Param[jax.Array] | None = (
+        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        if use_scale else nnx.data(None)
+    )
+    self.bias: nnx.Param[jax.Array] | None = (
+        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+        if use_bias else nnx.data(None)
+    )
+    self.record_batch_moments = False  # set by recompute_batch_stats only
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
     self.unbiased_variance = unbiased_variance
     self.virtual_batch_size = virtual_batch_size
 
@@ -207,10 +150,30 @@ class BatchNorm(_Normalization):
         and the call), or as ``bnjax.batch_norm``.
       TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
-    training = self._training_mode(use_running_average)
-    x, params, out_dtype = self._inputs(x)
-    y, new_state = batch_norm(
-        x, params, BatchNormState(mean=self.mean[...], var=self.var[...]),
+    return self._apply(batch_norm, x, use_running_average, mask,
+                       unbiased_variance=self.unbiased_variance,
+                       virtual_batch_size=self.virtual_batch_size)
+
+  def _apply(self, normalize, x, use_running_average, mask, **options) -> jax.Array:
+    """The call both layers share: promotes as Flax does, runs ``normalize``
+    (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, in
+    training mode, writes the returned state back."""
+    training = not first_from(
+        use_running_average,
+        self.use_running_average,
+        error_msg="No `use_running_average` argument was provided to BatchNorm: "
+        "pass it to the constructor or the call, or use .train() / .eval().",
+    )
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
+      x, _, _, scale, bias = self.promote_dtype(
+          (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+      )
+      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    y, new_state = normalize(
+        x, BatchNormParams(scale=scale, bias=bias),
+        BatchNormState(mean=self.mean[...], var=self.var[...]),
         training=training,
         axis=self.axis,
         momentum=self.momentum,
@@ -218,21 +181,42 @@ class BatchNorm(_Normalization):
         axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups,
         mask=mask,
-        unbiased_variance=self.unbiased_variance,
-        virtual_batch_size=self.virtual_batch_size,
         dtype=out_dtype,
+        **options,
     )
-    self._finish(training, x, mask, new_state)
+    if training:
+      # The running statistics carry no gradient (as Flax): with hijax variables
+      # the write happens inside the differentiated function, which otherwise fails.
+      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      self.var[...] = jax.lax.stop_gradient(new_state.var)
+      if self.record_batch_moments:
+        empty = population.init_population(self.num_features)
+        self.sow(nnx.Intermediate, "batch_moments",
+                 population.update_population(empty, x, axis=self.axis, mask=mask))
     return y
 
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view`` to set the mode of a view of the model.
 
-class BatchRenorm(_Normalization):
+    ``nnx.view_info`` prints the ``Args:`` section below, worded as Flax's so
+    that its output is Flax's.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+class BatchRenorm(BatchNorm):
   """Batch renormalization (Ioffe, 2017); see ``bnjax.batch_renorm``.
 
-  Same arguments (but ``use_fast_variance``, ``unbiased_variance`` and
-  ``virtual_batch_size``) and state as ``BatchNorm``, plus ``r_max`` (>= 1) and
-  ``d_max`` (>= 0), the bounds of the corrections. They are the attributes'
-  values unless the call passes others (which may be traced, for a schedule).
+  ``BatchNorm`` with two more arguments, ``r_max`` (>= 1) and ``d_max`` (>= 0), the
+  bounds of the corrections: the same state, and the same keyword arguments but
+  ``unbiased_variance`` and ``virtual_batch_size``. ``r_max`` and ``d_max`` are the
+  attributes' values unless the call passes others (which may be traced, for a
+  schedule).
 
   >>> from flax import nnx
   >>> layer = BatchRenorm(1, r_max=1.0, d_max=5.0, rngs=nnx.Rngs(0))
@@ -244,44 +228,24 @@ class BatchRenorm(_Normalization):
     num_features: the number of features ``C``.
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
-    use_running_average, axis, momentum, epsilon, dtype: as ``BatchNorm``'s.
-    param_dtype, use_bias, use_scale, bias_init, scale_init: as ``BatchNorm``'s.
-    axis_name, axis_index_groups, promote_dtype, rngs: as ``BatchNorm``'s.
-    bias_metadata, scale_metadata: as ``BatchNorm``'s.
+    **kwargs: ``BatchNorm``'s keyword arguments (``use_running_average``, ``axis``,
+      ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
+      ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+      ``axis_index_groups``, ``use_fast_variance``, ``promote_dtype``, ``rngs``,
+      ``bias_metadata``, ``scale_metadata``).
   """
 
-  def __init__(
-      self,
-      num_features: int,
-      *,
-      r_max: float = 3.0,
-      d_max: float = 5.0,
-      use_running_average: bool | None = False,
-      axis: int = -1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
-      axis_name: Hashable | None = None,
-      axis_index_groups: tp.Any = None,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
-  ):
-    self._setup(num_features, use_running_average=use_running_average, axis=axis, momentum=momentum,
-                epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
-                bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, promote_dtype=promote_dtype, rngs=rngs,
-                bias_metadata=bias_metadata, scale_metadata=scale_metadata)
+  def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
+    for name in ("unbiased_variance", "virtual_batch_size"):
+      if name in kwargs:
+        raise TypeError(f"BatchRenorm takes no {name}: batch renormalization updates the "
+                        "running statistics with the biased variance of the whole batch")
+    super().__init__(num_features, **kwargs)
     self.r_max = r_max
     self.d_max = d_max
 
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None,
+               d_max=None):
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
     Args:
@@ -302,23 +266,9 @@ class BatchRenorm(_Normalization):
         ``bnjax.batch_renorm``.
       TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
     """
-    training = self._training_mode(use_running_average)
-    x, params, out_dtype = self._inputs(x)
-    y, new_state = batch_renorm(
-        x, params, BatchNormState(mean=self.mean[...], var=self.var[...]),
-        training=training,
-        r_max=self.r_max if r_max is None else r_max,
-        d_max=self.d_max if d_max is None else d_max,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-    )
-    self._finish(training, x, mask, new_state)
-    return y
+    return self._apply(batch_renorm, x, use_running_average, mask,
+                       r_max=self.r_max if r_max is None else r_max,
+                       d_max=self.d_max if d_max is None else d_max)
 
 
 def recompute_batch_stats(
@@ -358,9 +308,10 @@ def recompute_batch_stats(
   """
   apply_fn = apply_fn or (lambda model, batch: model(batch))
   layers = [(path, module) for path, module in nnx.iter_graph(model)
-            if isinstance(module, _Normalization)]
+            if isinstance(module, BatchNorm)]  # BatchRenorm too
   if not layers:
-    raise ValueError("recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+    raise ValueError(
+        "recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
   variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
   if any(getattr(variable, "hijax", False) for variable in variables):
     # nnx.jit refuses hijax variables (nnx.var_defaults(hijax=True)): recompute on a
@@ -382,11 +333,8 @@ def recompute_batch_stats(
     apply_fn(model, batch)
     return nnx.pop(model, nnx.Intermediate)
 
-  totals = None
   try:
-    for batch in batches:
-      moments = batch_moments(model, batch)
-      totals = moments if totals is None else jax.tree.map(lambda a, b: a + b, totals, moments)
+    totals = _wrappers.sum_over_batches(lambda batch: batch_moments(model, batch), batches)
   finally:
     nnx.update(model, saved_state)
     for (_, module), mode in zip(layers, saved_modes):
@@ -394,19 +342,12 @@ def recompute_batch_stats(
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")
   for path, module in layers:
-    summed = _recorded_moments(totals, path)[0]
+    recorded = _wrappers.get_path(totals, path)["batch_moments"]  # a tuple of one
+    if isinstance(recorded, nnx.Variable):
+      recorded = recorded.get_value()
     # Statistics that no batch defined (every value masked out) keep their old value.
-    state = population.population_state(
-        summed, unbiased=unbiased, fallback=BatchNormState(mean=module.mean[...], var=module.var[...]))
+    fallback = BatchNormState(mean=module.mean[...], var=module.var[...])
+    state = population.population_state(recorded[0], unbiased=unbiased, fallback=fallback)
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model
-
-
-def _recorded_moments(totals, path):
-  """What the layer at ``path`` sowed as ``batch_moments`` (a tuple of one)."""
-  node = totals
-  for name in path:
-    node = node[name]
-  value = node["batch_moments"]
-  return value.get_value() if isinstance(value, nnx.Variable) else value

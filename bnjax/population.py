@@ -147,14 +147,14 @@ def update_population(
   ([1.0], [2.0])
   """
   validation.check_floating("x", x)
-  features = validation.feature_axes(jnp.ndim(x), axis)
-  validation.check_reduction(jnp.shape(x), features)
-  expected = tuple(jnp.shape(x)[a] for a in features)
-  validation.check_feature_shape("population.mean_sum", population.mean_sum, expected, jnp.shape(x), axis)
+  axes = validation.input_axes(jnp.shape(x), axis)
+  validation.check_reduction(jnp.shape(x), axes.features)
+  validation.check_feature_shape("population.mean_sum", population.mean_sum, axes.feature_shape,
+                                 jnp.shape(x), axis)
   moments = stats.batch_moments(
       x,
-      reduction_axes=tuple(a for a in range(jnp.ndim(x)) if a not in features),
-      mask=validation.canonical_mask(mask, jnp.shape(x), features),
+      reduction_axes=axes.reduction,
+      mask=validation.canonical_mask(mask, jnp.shape(x), axes.features),
       axis_name=axis_name,
       axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
   )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,25 @@ def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
   if len(set(canonical)) != len(canonical):
     raise ValueError(f"axis {axis!r} names the same axis twice (input rank {ndim}).")
   return tuple(canonical)
+
+
+class InputAxes(NamedTuple):
+  """How an input's axes divide: features (kept) and the rest (reduced over)."""
+
+  features: tuple[int, ...]  # sorted, non-negative feature axes
+  feature_shape: tuple[int, ...]  # F: the input's sizes on them
+  reduction: tuple[int, ...]  # every other axis, in order
+
+
+def input_axes(x_shape: Sequence[int], axis: int | Sequence[int]) -> InputAxes:
+  """The feature axes ``axis`` of an input of shape ``x_shape``, checked.
+
+  >>> input_axes((8, 5, 3), -1)
+  InputAxes(features=(2,), feature_shape=(3,), reduction=(0, 1))
+  """
+  features = feature_axes(len(x_shape), axis)
+  return InputAxes(features=features, feature_shape=tuple(x_shape[a] for a in features),
+                   reduction=tuple(a for a in range(len(x_shape)) if a not in features))
 
 
 def feature_shape(name: str, num_features) -> tuple[int, ...]:

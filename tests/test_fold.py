@@ -1,5 +1,7 @@
 """bnjax.fold: an eval-mode Conv + BN equals the folded Conv, on a small CNN."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +43,7 @@ PAIRS = [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Dense_0", "Batc
 def test_folded_cnn_equals_eval_mode_cnn():
   x = jax.random.normal(jax.random.key(2), (4, 10, 10, 3))
   variables = trained_looking_variables(x)
-  folded = bnjax.fold_variables(variables, PAIRS)
+  folded = bnjax.linen.fold_variables(variables, PAIRS)
   assert set(folded) == {"params"} and "BatchNorm_0" not in folded["params"]
   np.testing.assert_allclose(CNN(folded=True).apply(folded, x), CNN().apply(variables, x), rtol=2e-5, atol=2e-5)
 
@@ -70,7 +72,13 @@ def test_feature_mismatch_is_named():
   with pytest.raises(ValueError, match=r"state.mean has shape \(4,\) but the kernel of shape \(3, 5\) has 5 output"):
     bnjax.fold(jnp.ones((3, 5)), None, params, state)
   with pytest.raises(KeyError, match="no 'Conv_9'"):
-    bnjax.fold_variables({"params": {}, "batch_stats": {}}, [("Conv_9", "BatchNorm_0")])
+    bnjax.linen.fold_variables({"params": {}, "batch_stats": {}}, [("Conv_9", "BatchNorm_0")])
+
+
+def test_old_homes_of_fold_variables_still_work_with_a_deprecation_warning():
+  for module in (bnjax, importlib.import_module("bnjax.fold")):  # bnjax.fold is the function
+    with pytest.warns(DeprecationWarning, match="moved to bnjax.linen.fold_variables"):
+      assert module.fold_variables is bnjax.linen.fold_variables
 
 
 def test_integer_kernel_is_refused():

@@ -1,0 +1,69 @@
+"""What ``bnjax.linen`` and ``bnjax.nnx`` share, apart from Flax (private).
+
+Paths into nested dicts (a ``'/'``-separated string or a tuple of names), and the
+loop that sums each layer's batch statistics over the batches of
+``recompute_batch_stats``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+
+
+def _names(path: str | tuple) -> tuple:
+  return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+
+
+def get_path(tree: Mapping, path: str | tuple[str, ...]) -> Any:
+  """``tree[a][b]...`` for the path ``a/b/...``; a missing name is a ``KeyError``
+  that lists the names there are.
+
+  >>> get_path({"a": {"b": 1}}, "a/b")
+  1
+  """
+  for name in _names(path):
+    if name not in tree:
+      shown = "/".join(map(str, _names(path)))
+      raise KeyError(f"no '{name}' on the path '{shown}'; have {sorted(tree, key=str)}")
+    tree = tree[name]
+  return tree
+
+
+def replace_at(tree: Mapping, path: str | tuple[str, ...], replace: Callable[[Any], Any]) -> dict:
+  """A copy of ``tree`` with the entry at ``path`` replaced by ``replace(entry)``
+  (``replace({})`` where there is none); the empty path is the root.
+
+  >>> replace_at({"a": {"b": 1}}, ("a", "b"), lambda v: v + 1)
+  {'a': {'b': 2}}
+  """
+  names = _names(path)
+  if not names:
+    return replace(tree)
+  head, rest = names[0], names[1:]
+  return {**tree, head: replace_at(tree.get(head, {}), rest, replace)}
+
+
+def without(tree: Mapping, path: str | tuple[str, ...]) -> dict:
+  """A copy of ``tree`` without the entry at ``path``.
+
+  >>> without({"a": {"b": 1, "c": 2}}, "a/b")
+  {'a': {'c': 2}}
+  """
+  *parents, last = _names(path)
+  return replace_at(tree, tuple(parents), lambda node: {k: v for k, v in node.items() if k != last})
+
+
+def sum_over_batches(run: Callable[[Any], Any], batches: Iterable[Any]) -> Any:
+  """The sum of the pytrees ``run(batch)`` over ``batches``; None for no batch.
+
+  >>> sum_over_batches(lambda b: {"n": b}, [1, 2, 3])
+  {'n': 6}
+  """
+  totals = None
+  for batch in batches:
+    values = run(batch)
+    totals = values if totals is None else jax.tree.map(lambda a, b: a + b, totals, values)
+  return totals
