@@ -23,7 +23,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
+
+try:
+  from flax import linen as nn
+except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
+  raise ModuleNotFoundError(
+      f"bnjax.linen needs Flax: pip install 'bnjax[flax]' ({error})") from error
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
@@ -39,14 +44,48 @@ def _variables(module: nn.Module, x, stats_dtype):
   shape = validation.input_axes(jnp.shape(x), module.axis).feature_shape
   mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
   var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
-  scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
-  bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
+  scale = bias = None
+  if module.use_scale:
+    scale = module.param("scale", module.scale_init, shape, module.param_dtype)
+  if module.use_bias:
+    bias = module.param("bias", module.bias_init, shape, module.param_dtype)
   return BatchNormParams(scale=scale, bias=bias), mean, var
 
 
 def _output_dtype(x, params: BatchNormParams, dtype):
   with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
     return dtypes.canonicalize_dtype(x, params.scale, params.bias, dtype=dtype)
+
+
+def _apply(module: nn.Module, normalize, x, use_running_average, mask, *,
+           stats_dtype=jnp.float32, **options) -> jax.Array:
+  """The call both layers share: declares (or reads) the variables, runs
+  ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
+  and, in training mode, writes the returned state back to ``batch_stats``. A
+  function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
+  may declare variables."""
+  use_running_average = nn.merge_param(
+      "use_running_average", module.use_running_average, use_running_average
+  )
+  training = not use_running_average
+  params, mean, var = _variables(module, x, stats_dtype)
+  initializing = module.is_initializing()
+  y, new_state = normalize(
+      x, params, BatchNormState(mean=mean.value, var=var.value),
+      training=training,
+      axis=module.axis,
+      momentum=module.momentum,
+      epsilon=module.epsilon,
+      # During init the named axis may not exist yet (as Flax).
+      axis_name=None if initializing else module.axis_name,
+      axis_index_groups=None if initializing else module.axis_index_groups,
+      mask=mask,
+      dtype=_output_dtype(x, params, module.dtype),
+      **options,
+  )
+  if training and not initializing:  # during init the statistics stay (as Flax)
+    mean.value, var.value = new_state.mean, new_state.var
+  return y
 
 
 class _Normalization(nn.Module):
@@ -64,34 +103,6 @@ class _Normalization(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   axis_name: Hashable | None = None
   axis_index_groups: Any = None
-
-  def _apply(self, normalize, x, use_running_average, mask, *, stats_dtype=jnp.float32,
-             **options) -> jax.Array:
-    """The call both layers share: declares (or reads) the variables, runs
-    ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
-    and, in training mode, writes the returned state back to ``batch_stats``."""
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
-    training = not use_running_average
-    params, mean, var = _variables(self, x, stats_dtype)
-    initializing = self.is_initializing()
-    y, new_state = normalize(
-        x, params, BatchNormState(mean=mean.value, var=var.value),
-        training=training,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        # During init the named axis may not exist yet (as Flax).
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask,
-        dtype=_output_dtype(x, params, self.dtype),
-        **options,
-    )
-    if training and not initializing:  # during init the statistics stay (as Flax)
-      mean.value, var.value = new_state.mean, new_state.var
-    return y
 
 
 class BatchNorm(_Normalization):
@@ -165,9 +176,9 @@ class BatchNorm(_Normalization):
       TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    return self._apply(batch_norm, x, use_running_average, mask, stats_dtype=stats_dtype,
-                       unbiased_variance=self.unbiased_variance,
-                       virtual_batch_size=self.virtual_batch_size)
+    return _apply(self, batch_norm, x, use_running_average, mask, stats_dtype=stats_dtype,
+                  unbiased_variance=self.unbiased_variance,
+                  virtual_batch_size=self.virtual_batch_size)
 
 
 class BatchRenorm(_Normalization):
@@ -219,9 +230,9 @@ class BatchRenorm(_Normalization):
       ValueError: ``r_max < 1`` or ``d_max < 0``, or as ``bnjax.batch_renorm``.
       TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
     """
-    return self._apply(batch_renorm, x, use_running_average, mask,
-                       r_max=self.r_max if r_max is None else r_max,
-                       d_max=self.d_max if d_max is None else d_max)
+    return _apply(self, batch_renorm, x, use_running_average, mask,
+                  r_max=self.r_max if r_max is None else r_max,
+                  d_max=self.d_max if d_max is None else d_max)
 
 
 _NORMALIZATIONS = (BatchNorm, BatchRenorm, nn.BatchNorm)
@@ -240,8 +251,8 @@ def _batch_moments_of_apply(apply_fn, variables, batch) -> dict[tuple[str, ...],
       if not nn.merge_param("use_running_average", module.use_running_average, call_mode):
         if module.path in moments:
           raise NotImplementedError(
-              f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, or a "
-              "shared module): its statistics cannot be recomputed per call"
+              f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, "
+              "or a shared module): its statistics cannot be recomputed per call"
           )
         shape = validation.input_axes(jnp.shape(x), module.axis).feature_shape
         moments[module.path] = population.update_population(

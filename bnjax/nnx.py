@@ -18,7 +18,12 @@ from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+try:
+  from flax import nnx
+except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
+  raise ModuleNotFoundError(
+      f"bnjax.nnx needs Flax: pip install 'bnjax[flax]' ({error})") from error
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
@@ -337,7 +342,7 @@ def recompute_batch_stats(
     totals = _wrappers.sum_over_batches(lambda batch: batch_moments(model, batch), batches)
   finally:
     nnx.update(model, saved_state)
-    for (_, module), mode in zip(layers, saved_modes):
+    for (_, module), mode in zip(layers, saved_modes, strict=True):
       module.use_running_average, module.record_batch_moments = mode, False
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")

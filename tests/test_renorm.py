@@ -137,3 +137,11 @@ def test_linen_and_nnx_modules_match_the_function():
   layer.mean[...], layer.var[...] = jnp.full(4, 0.5), jnp.full(4, 2.0)
   np.testing.assert_allclose(layer(x), want, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(layer.var[...], want_state.var, rtol=1e-6)
+
+
+def test_nnx_batch_renorm_is_a_batch_norm_without_its_batch_norm_only_arguments():
+  layer = bnjax.nnx.BatchRenorm(3, r_max=2.0, momentum=0.5, rngs=nnx.Rngs(0))
+  assert isinstance(layer, bnjax.nnx.BatchNorm) and layer.momentum == 0.5 and layer.r_max == 2.0
+  for name, value in [("unbiased_variance", True), ("virtual_batch_size", 2)]:
+    with pytest.raises(TypeError, match=f"BatchRenorm takes no {name}"):
+      bnjax.nnx.BatchRenorm(3, rngs=nnx.Rngs(0), **{name: value})
