@@ -71,7 +71,8 @@ def fold(
   multiplier = lax.rsqrt(state.var.astype(jnp.float32) + epsilon)
   if params is not None and params.scale is not None:
     multiplier = multiplier * params.scale.astype(jnp.float32)
-  shifted = -state.mean.astype(jnp.float32) if bias is None else bias.astype(jnp.float32) - state.mean
+  mean = state.mean.astype(jnp.float32)
+  shifted = -mean if bias is None else bias.astype(jnp.float32) - state.mean
   new_bias = shifted * multiplier
   if params is not None and params.bias is not None:
     new_bias = new_bias + params.bias.astype(jnp.float32)

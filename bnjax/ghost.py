@@ -85,7 +85,8 @@ def _reshape_batch(x, shape):
   if not any(spec[:2 if merging else 1]):
     return x.reshape(shape)
   if merging:
-    return lax.reshape(x, shape, out_sharding=sharding.update(spec=P(spec[0] or spec[1], *spec[2:])))
+    merged = P(spec[0] or spec[1], *spec[2:])
+    return lax.reshape(x, shape, out_sharding=sharding.update(spec=merged))
   blocks = stats.shards_along(x, 0)
   rest = spec[1:]
   if shape[0] % blocks == 0:

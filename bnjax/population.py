@@ -44,8 +44,10 @@ class PopulationStatistics(NamedTuple):
 
   >>> x = jnp.array([[0.0, 1.0], [2.0, 1.0]])  # [N, C]
   >>> population = update_population(init_population(2), x)
-  >>> population.num_batches.tolist(), population.mean_sum.tolist(), population.variance_sum.tolist()
-  (1.0, [1.0, 1.0], [1.0, 0.0])
+  >>> population.num_batches.tolist(), population.mean_sum.tolist()
+  (1.0, [1.0, 1.0])
+  >>> population.variance_sum.tolist()
+  [1.0, 0.0]
   """
 
   num_batches: jax.Array  #: Batches seen, ``[]`` float32.
@@ -80,7 +82,8 @@ def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
   return PopulationStatistics(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros, zeros)
 
 
-def accumulate_moments(population: PopulationStatistics, moments: stats.Moments) -> PopulationStatistics:
+def accumulate_moments(population: PopulationStatistics,
+                       moments: stats.Moments) -> PopulationStatistics:
   """Adds one batch, given its moments; statistics it does not define stay."""
   mean_sum = population.mean_sum
   if jnp.iscomplexobj(moments.mean) and not jnp.iscomplexobj(mean_sum):
@@ -94,9 +97,11 @@ def accumulate_moments(population: PopulationStatistics, moments: stats.Moments)
       num_batches=population.num_batches + 1,
       mean_sum=add(mean_sum, moments.mean, has_mean),
       variance_sum=add(population.variance_sum, moments.var, has_mean),
-      unbiased_variance_sum=add(population.unbiased_variance_sum, moments.unbiased_variance, has_unbiased),
+      unbiased_variance_sum=add(population.unbiased_variance_sum, moments.unbiased_variance,
+                                has_unbiased),
       mean_batches=population.mean_batches + has_mean.astype(jnp.float32),
-      unbiased_variance_batches=population.unbiased_variance_batches + has_unbiased.astype(jnp.float32),
+      unbiased_variance_batches=(population.unbiased_variance_batches
+                                 + has_unbiased.astype(jnp.float32)),
   )
 
 
@@ -195,7 +200,8 @@ def population_state(
   """
   validation.check_bool("unbiased", unbiased)
   if unbiased:
-    variance_sum, variance_batches = population.unbiased_variance_sum, population.unbiased_variance_batches
+    variance_sum = population.unbiased_variance_sum
+    variance_batches = population.unbiased_variance_batches
   else:
     variance_sum, variance_batches = population.variance_sum, population.mean_batches
 
@@ -205,6 +211,7 @@ def population_state(
     return jnp.where(batches > 0, value, missing)
 
   return BatchNormState(
-      mean=average(population.mean_sum, population.mean_batches, None if fallback is None else fallback.mean),
+      mean=average(population.mean_sum, population.mean_batches,
+                   None if fallback is None else fallback.mean),
       var=average(variance_sum, variance_batches, None if fallback is None else fallback.var),
   )

@@ -42,12 +42,13 @@ masked mean (a masked slice could hold no valid value), which costs one more pas
 
 The range that is exact. Where a sum of squared deviations ``x - K`` overflows,
 they are summed again scaled by an exact power of two near ``1 / sqrt(n)`` (a
-second pass only then), so no intermediate exceeds a few times the variance: the statistics keep the bound above for every
-input whose values, deviations and variance are finite in the statistics dtype
-(in float32 up to ``|x| ~ 1e38``), down to variances where squared deviations
-become subnormal (in float32 about ``n * 1e-38``). ``batch_norm`` then
-normalizes around the same shift, ``(x - K) * g + (bias - (mean - K) * g)``, so
-its output is as exact as its statistics: it never subtracts a rounded mean.
+second pass only then), so no intermediate exceeds a few times the variance: the
+statistics keep the bound above for every input whose values, deviations and variance
+are finite in the statistics dtype (in float32 up to ``|x| ~ 1e38``), down to
+variances where squared deviations become subnormal (in float32 about
+``n * 1e-38``). ``batch_norm`` then normalizes around the same shift,
+``(x - K) * g + (bias - (mean - K) * g)``, so its output is as exact as its
+statistics: it never subtracts a rounded mean.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class Moments(NamedTuple):
   def unbiased_variance(self) -> jax.Array:
     """The unbiased variance ``count / (count - 1) * var`` (Algorithm 2), ``[*F]``;
     NaN where count < 2."""
-    return jnp.where(self.count > 1, self.var * (self.count / jnp.maximum(self.count - 1, 1)), jnp.nan)
+    correction = self.count / jnp.maximum(self.count - 1, 1)
+    return jnp.where(self.count > 1, self.var * correction, jnp.nan)
 
   @property
   def normalizing_variance(self) -> jax.Array:
@@ -225,7 +227,8 @@ def shifted_moments(
     centered = x.astype(dtype) - expand_to_input(shift, reduction_axes)
     if scale != 1:
       centered = centered * jnp.asarray(scale, dtype)
-    return _masked_sum(centered, mask, reduction_axes), _masked_sum(abs_squared(centered), mask, reduction_axes)
+    return (_masked_sum(centered, mask, reduction_axes),
+            _masked_sum(abs_squared(centered), mask, reduction_axes))
 
   # Sums of squares overflow only where deviations near the top of the range add up
   # past it; only then are they summed again, scaled (the common case pays nothing).
@@ -315,7 +318,8 @@ def estimate_shift(
     count = _count(x.shape, reduction_axes, mask, real_dtype)
     return total / jnp.maximum(count, 1).astype(dtype)
   slices = _shift_slice(x, reduction_axes)
-  subset = lax.slice(x, [0] * x.ndim, [limit for limit, _ in slices], [stride for _, stride in slices])
+  limits = [limit for limit, _ in slices]
+  subset = lax.slice(x, [0] * x.ndim, limits, [stride for _, stride in slices])
   return jnp.mean(subset.astype(dtype), axis=tuple(reduction_axes))
 
 
@@ -412,7 +416,8 @@ def check_axis_index_groups(axis_index_groups, axis_size: int) -> None:
   >>> check_axis_index_groups([[0, 1], [1]], 3)
   Traceback (most recent call last):
   ...
-  ValueError: axis_index_groups [[0, 1], [1]] must hold each index 0..2 of the named axis (size 3) exactly once; in more than one group: [1]; in no group: [2]
+  ValueError: axis_index_groups [[0, 1], [1]] must hold each index 0..2 of the named axis
+  (size 3) exactly once; in more than one group: [1]; in no group: [2]
   """
   if axis_index_groups is None:
     return

@@ -58,7 +58,8 @@ def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
   elif isinstance(axis, Sequence) and not isinstance(axis, str):
     axes = tuple(axis)
   else:
-    raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r} ({type(axis).__name__}).")
+    raise TypeError(
+        f"axis must be an int or a sequence of ints, got {axis!r} ({type(axis).__name__}).")
   if not axes:
     raise ValueError("axis must name at least one feature axis, got ().")
   for a in axes:
@@ -196,7 +197,9 @@ def canonical_mask(mask, x_shape: tuple[int, ...], features: tuple[int, ...]):
   >>> canonical_mask(jnp.ones((2, 5), bool), (2, 5, 3), (2,))
   Traceback (most recent call last):
   ...
-  ValueError: mask of shape (2, 5) does not broadcast to x of shape (2, 5, 3) (NumPy rules, trailing axes aligned); to mask whole positions of x's shape without the feature axes, add size-1 feature axes: mask[..., None] has shape (2, 5, 1).
+  ValueError: mask of shape (2, 5) does not broadcast to x of shape (2, 5, 3) (NumPy rules,
+  trailing axes aligned); to mask whole positions of x's shape without the feature axes,
+  add size-1 feature axes: mask[..., None] has shape (2, 5, 1).
   """
   if mask is None:
     return None
@@ -208,7 +211,7 @@ def canonical_mask(mask, x_shape: tuple[int, ...], features: tuple[int, ...]):
     )
   given_shape, ndim = tuple(mask.shape), len(x_shape)
   aligned = (1,) * (ndim - mask.ndim) + given_shape
-  if mask.ndim > ndim or any(m not in (1, d) for m, d in zip(aligned, x_shape)):
+  if mask.ndim > ndim or any(m not in (1, d) for m, d in zip(aligned, x_shape, strict=True)):
     hint = ""
     without = tuple(d for a, d in enumerate(x_shape) if a not in features)
     if given_shape == without and mask.ndim < ndim:
