@@ -46,9 +46,10 @@ second pass only then), so no intermediate exceeds a few times the variance: the
 statistics keep the bound above for every input whose values, deviations and variance
 are finite in the statistics dtype (in float32 up to ``|x| ~ 1e38``), down to
 variances where squared deviations become subnormal (in float32 about
-``n * 1e-38``). ``batch_norm`` then normalizes around the same shift,
-``(x - K) * g + (bias - (mean - K) * g)``, so its output is as exact as its
-statistics: it never subtracts a rounded mean.
+``n * 1e-38``). ``batch_norm`` then computes ``x - mean`` as
+``(x - m) - (mean - m)``, with ``m`` the mean rounded to float32 and
+``mean - m`` known to the last digit from ``K`` and the offset, so its output is
+as exact as its statistics (``x - m`` is exact where ``x`` is near the mean).
 """
 
 from __future__ import annotations
