@@ -5,14 +5,15 @@ of the image's area and aspect ratio 3/4 to 4/3 (Szegedy et al., 2015), decoded
 from the JPEG bytes together with the crop (``tf.image.decode_and_crop_jpeg``: only
 the crop is decompressed), resized to ``image_size``, randomly flipped. Evaluation
 takes the central square of 87.5% of the shorter side (224 of 256), decoded fused
-with the crop the same way. Pixels are normalized per channel with ImageNet's mean
-and standard deviation.
+with the crop the same way. Optional photometric distortions (brightness,
+saturation, hue, contrast: tf-slim's Inception preprocessing, scaled by a factor).
+Pixels are normalized per channel with ImageNet's mean and standard deviation.
 
 Each host reads its own part of each split (``tfds.split_for_jax_process``). The
-training order is shuffled at three levels, so that the examples stored together
-in a shard do not always meet in a batch (the paper's within-shard shuffling,
-Section 4.2.1): the shard files' order, the interleaving of 16 shards, and a
-shuffle buffer of examples. Everything random is a function of the seed, the
+training order is shuffled at up to three levels: the shard files' order, the
+interleaving of 16 shards and, when ``shuffle_buffer_size`` > 0, a shuffle buffer
+of examples, so that the examples stored together in a shard do not always meet in
+a batch (the paper's within-shard shuffling, Section 4.2.1). Everything random is a function of the seed, the
 epoch, the host and the example's position, so a restarted run at step ``s`` sees
 exactly the batches an uninterrupted run sees from step ``s``; to get there it reads
 (without decoding) the examples of the current epoch that it skips.
@@ -40,7 +41,7 @@ import tensorflow_datasets as tfds
 
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-EVAL_CROP_FRACTION = 224 / 256  # the central crop's side over the shorter side
+EVAL_CROP_FRACTION = 224 / 256  # default: the central crop's side over the shorter side
 AREA_RANGE = (0.08, 1.0)  # of the random training crop, as a fraction of the image
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # then the central crop
@@ -144,12 +145,13 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.image.resize(image, [image_size, image_size], method=tf.image.ResizeMethod.BICUBIC)
 
 
-def decode_and_center_crop(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """The central square of ``EVAL_CROP_FRACTION`` of the shorter side, decoded
-  from the JPEG with the crop, resized: float32 ``[image_size, image_size, 3]``."""
+def decode_and_center_crop(image_bytes: tf.Tensor, image_size: int,
+                           crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+  """The central square of ``crop_fraction`` of the shorter side, decoded from the
+  JPEG with the crop, resized: float32 ``[image_size, image_size, 3]``."""
   shape = tf.image.extract_jpeg_shape(image_bytes)
   height, width = shape[0], shape[1]
-  crop = tf.maximum(tf.cast(EVAL_CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32), tf.int32), 1)
+  crop = tf.maximum(tf.cast(crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32), 1)
   window = tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
   return _resize(tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3), image_size)
 
@@ -173,18 +175,34 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: 
   )
 
 
-def preprocess_train(index: tf.Tensor, example: dict, *, crop_seed: int, image_size: int) -> dict:
-  """Random crop and flip of the ``index``-th example of a host's epoch."""
+def distort_color(image: tf.Tensor, seeds: tf.Tensor, strength: float) -> tf.Tensor:
+  """Random brightness, saturation, hue and contrast, in that order, at ``strength``
+  times tf-slim's Inception amounts (brightness +-32/255, saturation and contrast
+  x[0.5, 1.5], hue +-0.2); ``image`` float in [0, 255], ``seeds`` int ``[4, 2]``."""
+  image = image / 255.0
+  image = tf.image.stateless_random_brightness(image, 32.0 / 255.0 * strength, seeds[0])
+  image = tf.image.stateless_random_saturation(image, 1 - 0.5 * strength, 1 + 0.5 * strength, seeds[1])
+  image = tf.image.stateless_random_hue(image, min(0.2 * strength, 0.5), seeds[2])
+  image = tf.image.stateless_random_contrast(image, 1 - 0.5 * strength, 1 + 0.5 * strength, seeds[3])
+  return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+
+def preprocess_train(index: tf.Tensor, example: dict, *, crop_seed: int, image_size: int,
+                     photometric_distortion: float = 0.0) -> dict:
+  """Random crop, flip (and color distortion) of the ``index``-th example of a
+  host's epoch; the randomness is a function of ``(crop_seed, index)``."""
   seeds = tf.random.experimental.stateless_split(
-      tf.random.experimental.stateless_fold_in(tf.constant([crop_seed, 0], tf.int64), index), 2)
+      tf.random.experimental.stateless_fold_in(tf.constant([crop_seed, 0], tf.int64), index), 6)
   image = decode_and_random_crop(example["image"], seeds[0], image_size)
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+  if photometric_distortion > 0:
+    image = distort_color(image, seeds[2:], photometric_distortion)
   return {"image": normalize(image), "label": tf.cast(example["label"], tf.int32)}
 
 
-def preprocess_eval(example: dict, *, image_size: int) -> dict:
+def preprocess_eval(example: dict, *, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> dict:
   return {
-      "image": normalize(decode_and_center_crop(example["image"], image_size)),
+      "image": normalize(decode_and_center_crop(example["image"], image_size, crop_fraction)),
       "label": tf.cast(example["label"], tf.int32),
       "mask": tf.constant(True),
   }
@@ -203,7 +221,7 @@ def _options() -> tf.data.Options:
 
 def train_batches(
     builder, *, global_batch_size: int, image_size: int, seed: int, process_index: int, process_count: int,
-    start_step: int = 0, shuffle_buffer_size: int | None = None,
+    start_step: int = 0, shuffle_buffer_size: int = 0, photometric_distortion: float = 0.0,
 ) -> Iterator[dict]:
   """This host's training batches from step ``start_step`` on, without end.
 
@@ -218,7 +236,9 @@ def train_batches(
     seed: the run's seed.
     process_index, process_count: this host and the number of hosts.
     start_step: the first step to yield.
-    shuffle_buffer_size: examples in the shuffle buffer; default 16 batches.
+    shuffle_buffer_size: examples in this host's shuffle buffer; 0: none (the
+      shards' order and interleaving only).
+    photometric_distortion: strength of ``distort_color``; 0: none.
 
   Yields:
     ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
@@ -226,7 +246,6 @@ def train_batches(
   plan = split_plan(builder, TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count,
                     train=True)
   local = plan.local_batch_size
-  buffer = shuffle_buffer_size or 16 * local
   split = tfds.split_for_jax_process(TRAIN_SPLIT, process_index=process_index, process_count=process_count)
 
   def epoch(e: int, skip_batches: int) -> tf.data.Dataset:
@@ -235,9 +254,12 @@ def train_batches(
                                   options=_options())
     ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
                             decoders={"image": tfds.decode.SkipDecoding()})
-    ds = ds.shuffle(buffer, seed=buffer_seed).take(plan.num_batches * local).enumerate()
+    if shuffle_buffer_size > 0:
+      ds = ds.shuffle(shuffle_buffer_size, seed=buffer_seed)
+    ds = ds.take(plan.num_batches * local).enumerate()
     ds = ds.skip(skip_batches * local)  # read, not decoded
-    ds = ds.map(functools.partial(preprocess_train, crop_seed=crop_seed, image_size=image_size),
+    ds = ds.map(functools.partial(preprocess_train, crop_seed=crop_seed, image_size=image_size,
+                                  photometric_distortion=photometric_distortion),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(local, drop_remainder=True)
 
@@ -249,7 +271,7 @@ def train_batches(
 
 
 def eval_batches(builder, *, global_batch_size: int, image_size: int, process_index: int,
-                 process_count: int) -> tuple[Split, tf.data.Dataset]:
+                 process_count: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tuple[Split, tf.data.Dataset]:
   """This host's evaluation batches of the validation split: every example once.
 
   Returns:
@@ -262,7 +284,8 @@ def eval_batches(builder, *, global_batch_size: int, image_size: int, process_in
   split = tfds.split_for_jax_process(EVAL_SPLIT, process_index=process_index, process_count=process_count)
   ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(options=_options()))
-  ds = ds.map(functools.partial(preprocess_eval, image_size=image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(functools.partial(preprocess_eval, image_size=image_size, crop_fraction=crop_fraction),
+              num_parallel_calls=tf.data.AUTOTUNE)
   return plan, _padded(ds, plan, image_size)
 
 
