@@ -287,9 +287,11 @@ class Experiment(NamedTuple):
   num_params: int
 
 
-def prepare(config: ml_collections.ConfigDict) -> Experiment:
+def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_model) -> Experiment:
   """Checks the config and the data and builds the run's parts; writes nothing,
   compiles nothing.
+
+  ``create_model(config, norm=...)`` builds the network (tests pass smaller ones).
 
   Raises:
     ConfigError: a bad field (its name in the message).
@@ -300,8 +302,8 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   layout = parallel.make_layout(config.parallelism)
   bn_setup = parallel.batch_norm_setup(config, layout)
   try:
-    model = models.create_model(config, norm=bn_setup.norm)
-    eval_model = models.create_model(config, norm=parallel.batch_norm_setup(
+    model = create_model(config, norm=bn_setup.norm)
+    eval_model = create_model(config, norm=parallel.batch_norm_setup(
         config, layout._replace(parallelism="jit")).norm)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -515,7 +517,8 @@ def _format_duration(seconds: float) -> str:
 # ---- the loop -------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       create_model=models.create_model) -> TrainState:
   """Trains ``config``'s network into ``workdir``; resumes from its last checkpoint.
 
   Writes (process 0) ``workdir/config.json``, ``workdir/metrics.jsonl`` (rows with
@@ -523,12 +526,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ``log_every`` steps, ``top1``, ``top5``, ``eval_loss`` at each evaluation, and
   ``fake_data`` in every row) and TensorBoard summaries; every process writes its
   part of the orbax checkpoints in ``workdir/checkpoints``. Everything is checked
-  (``prepare``) before the first write.
+  (``prepare``) before the first write. ``create_model``: as ``prepare``'s.
 
   Returns:
     The final canonical state.
   """
-  exp = prepare(config)
+  exp = prepare(config, create_model=create_model)
   from clu import metric_writers  # TensorBoard, as the Flax examples (imports TensorFlow)
 
   schedule, layout = exp.schedule, exp.layout
