@@ -247,7 +247,7 @@ def compile_counter():
     ({"fake_data": False}, input_pipeline.DataError, ["ILSVRC2012_img_train.tar", "download_and_prepare"]),
 ], ids=["batch", "eval_batch", "image_size", "model", "parallelism", "group", "missing_data"])
 def test_bad_input_fails_before_any_compile_and_writes_nothing(tmp_path, compile_counter, fields, error, words):
-  config = tiny_config(batch_size=BATCH, tfds_data_dir=str(tmp_path / "no_data"), **fields)
+  config = tiny_config(**{"batch_size": BATCH, "tfds_data_dir": str(tmp_path / "no_data"), **fields})
   workdir = tmp_path / "run"
   with pytest.raises(error) as raised:
     train.train_and_evaluate(config, str(workdir))
