@@ -3,7 +3,9 @@
     python -m benchmarks.run                 # the full run (about 10 minutes on 2 CPU cores)
     python -m benchmarks.run --quick         # tiny shapes, to check it runs (tests do)
 
-Writes ``benchmarks/results.json`` and ``BENCHMARKS.md`` (or into ``--output-dir``).
+The full run writes ``benchmarks/results.json`` and ``BENCHMARKS.md`` (the committed
+results), or into ``--output-dir``. A quick run never overwrites them: it writes into
+``--output-dir``, by default a folder in the system's temporary directory.
 Every comparison is measured side by side: compiled with ``jax.jit``, synchronized
 with ``block_until_ready``, candidates interleaved round by round, medians kept, and
 the whole measurement repeated to report the spread of each ratio.
@@ -32,6 +34,7 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -46,6 +49,7 @@ import bnjax  # noqa: E402
 from benchmarks import implementations as impls  # noqa: E402
 from benchmarks.hlo import count_collectives  # noqa: E402
 from benchmarks.timing import ratio_summary, repeated, time_call  # noqa: E402
+from experiments.common.files import write_text_atomic  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -343,6 +347,20 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+COMMITTED_RESULTS = (HERE / "results.json", HERE.parent / "BENCHMARKS.md")  # a full run's, in the repository
+
+
+def output_paths(*, quick: bool, output_dir: str | None) -> tuple[pathlib.Path, pathlib.Path]:
+  """Where ``results.json`` and ``BENCHMARKS.md`` go: the committed files for a full
+  run, a temporary folder for a quick one, or ``output_dir``."""
+  if output_dir:
+    return pathlib.Path(output_dir) / "results.json", pathlib.Path(output_dir) / "BENCHMARKS.md"
+  if quick:
+    folder = pathlib.Path(tempfile.gettempdir()) / "bnjax-benchmarks-quick"
+    return folder / "results.json", folder / "BENCHMARKS.md"
+  return COMMITTED_RESULTS
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds")
@@ -350,6 +368,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args(argv)
+  json_path, markdown_path = output_paths(quick=args.quick, output_dir=args.output_dir)
+  if args.quick and {json_path.resolve(), markdown_path.resolve()} & set(COMMITTED_RESULTS):
+    parser.error(f"--quick would overwrite the full run's results in {args.output_dir}; give another --output-dir")
   rounds = args.rounds or (2 if args.quick else 30)
   repeats = args.repeats or (1 if args.quick else 3)
   results = {"machine": machine(), "settings": {"quick": args.quick, "rounds": rounds, "repeats": repeats}}
@@ -357,12 +378,11 @@ def main(argv=None) -> dict:
   results["collectives"] = bench_collectives(args.quick)
   results["resnet"] = bench_resnet(args.quick, max(2, rounds // 3), repeats)
   results["mnist_loop"] = bench_mnist_loop(args.quick, rounds, repeats)
-  json_path = pathlib.Path(args.output_dir or HERE) / "results.json"
-  markdown_path = pathlib.Path(args.output_dir or HERE.parent) / "BENCHMARKS.md"
   json_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps(results, indent=2) + "\n")
+  markdown_path.parent.mkdir(parents=True, exist_ok=True)
+  write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
   header = "# Benchmarks\n\nWritten by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
-  markdown_path.write_text(header + markdown(results))
+  write_text_atomic(markdown_path, header + markdown(results))
   print(f"Wrote {json_path} and {markdown_path}")
   return results
 

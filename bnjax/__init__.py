@@ -3,8 +3,12 @@
 The core is ``init`` and ``batch_norm``: parameters and running statistics are
 explicit ``NamedTuple`` pytrees, threaded in and out of every call. ``bnjax.linen``
 and ``bnjax.nnx`` are drop-in replacements for Flax's ``BatchNorm`` modules, thin
-shells over the same core.
+shells over the same core; they import Flax, so they load on first use
+(``bnjax.linen.BatchNorm`` after ``import bnjax`` works, and the core alone never
+imports Flax).
 """
+
+import importlib as _importlib
 
 from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
@@ -23,3 +27,15 @@ from bnjax.stats import batch_moments as batch_moments
 from bnjax.sync import sync_state as sync_state
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("linen", "nnx")  # Flax drop-ins, imported on first access
+
+
+def __getattr__(name: str):
+  if name in _LAZY_SUBMODULES:
+    return _importlib.import_module(f"bnjax.{name}")  # also sets the attribute
+  raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_LAZY_SUBMODULES])

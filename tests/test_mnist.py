@@ -4,9 +4,13 @@ import gzip
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments.mnist import configs, figure1, input_pipeline, train
 from experiments.mnist.configs import default
 from experiments.mnist.model import MLP
@@ -216,7 +221,7 @@ def test_metrics_and_config_are_written(tmp_path):
                       "sigmoid_input_p50", "sigmoid_input_p85"}
     assert m["sigmoid_input_p15"] <= m["sigmoid_input_p50"] <= m["sigmoid_input_p85"]
   assert metrics[-1]["test_accuracy"] > 0.5  # the stripes are easy to read
-  assert json.loads((tmp_path / "run" / "config.json").read_text())["num_steps"] == 300
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["num_steps"] == 300
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -245,6 +250,7 @@ def _final_state(workdir):
     return manager.restore(manager.latest_step())
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data", num_train=2000)
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -257,6 +263,14 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert interrupted.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
     time.sleep(0.05)
+  # A second process on the same workdir refuses at once, naming the first.
+  second = subprocess.run(_run_cli(tmp_path / "cut", data_dir), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert interrupted.poll() is None, "the run finished before the second one started"
+  assert second.returncode == 1
+  assert second.stderr.strip().splitlines()[-1] == (
+      f"error: the workdir {tmp_path / 'cut'} is in use by another run (pid {interrupted.pid} on "
+      f"{socket.gethostname()}); wait for it to end, or give another --workdir")
   interrupted.send_signal(signal.SIGKILL)
   interrupted.wait()
   steps_done = max(m["step"] for m in train.read_metrics(tmp_path / "cut"))
@@ -280,8 +294,8 @@ def test_figure1_draws_a_png_from_both_runs(tmp_path):
   image = matplotlib.image.imread(path)
   assert image.ndim == 3 and image.shape[1] > image.shape[0] > 200
   assert len(train.read_metrics(tmp_path / "fig" / "bn")) == len(train.read_metrics(tmp_path / "fig" / "baseline")) == 3
-  assert json.loads((tmp_path / "fig" / "baseline" / "config.json").read_text())["batch_norm"] is False
-  assert json.loads((tmp_path / "fig" / "bn" / "config.json").read_text())["batch_norm"] is True
+  assert json.loads((tmp_path / "fig" / "baseline" / "config.json").read_text())["config"]["batch_norm"] is False
+  assert json.loads((tmp_path / "fig" / "bn" / "config.json").read_text())["config"]["batch_norm"] is True
 
 
 def test_default_config_is_the_paper_setup():
@@ -304,9 +318,9 @@ def test_restart_with_another_config_is_refused(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data")
   train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
   saved = (tmp_path / "run" / "config.json").read_text()
-  with pytest.raises(train.ConfigError, match=r"another config \(learning_rate: 0.01 -> 0.5\)"):
+  with pytest.raises(train.ConfigError, match=r"another config or settings \(learning_rate: 0.01 -> 0.5\)"):
     train.train_and_evaluate(small_config(data_dir, learning_rate=0.5), tmp_path / "run")
-  with pytest.raises(train.ConfigError, match=r"another config \(batch_norm: True -> False\)"):
+  with pytest.raises(train.ConfigError, match=r"another config or settings \(batch_norm: True -> False\)"):
     train.train_and_evaluate(small_config(data_dir, batch_norm=False), tmp_path / "run")
   with pytest.raises(train.ConfigError, match="already at step 300, past config.num_steps=200"):
     train.train_and_evaluate(small_config(data_dir, num_steps=200), tmp_path / "run")
@@ -339,3 +353,195 @@ def test_corrupt_gzip_and_empty_files_are_data_errors(tmp_path):
   folder = make_idx_folder(tmp_path / "empty", num_test=0)
   with pytest.raises(input_pipeline.DataError, match="t10k-images-idx3-ubyte.gz: holds no images"):
     input_pipeline.load_idx_folder(folder)
+
+
+# ---- runs that lose nothing (issue 12) ------------------------------------------
+
+
+def _assert_same_states(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_resume_loses_no_history(tmp_path):
+  """config.json and metrics.jsonl are replaced atomically: a write that fails half
+  way (here: the file-size limit, as a full disk) leaves them whole."""
+  data_dir = make_idx_folder(tmp_path / "data")
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(small_config(data_dir), workdir)
+  shutil.rmtree(workdir / "checkpoints" / "300")  # killed after evaluating 300, before its checkpoint
+  before = {name: (workdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+
+  limit_file_size = (  # then run the command; a write past the limit fails (EFBIG), as on a full disk
+      "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", limit_file_size, "-m", "experiments.mnist", f"--workdir={workdir}",
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300",
+       "--config.eval_every=100", "--config.checkpoint_every=150"],
+      cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 1, result.stderr
+  assert re.search(r"error: cannot write .*config.json: File too large", result.stderr), result.stderr
+  assert {name: (workdir / name).read_bytes() for name in before} == before
+  # Without the limit, the same command resumes from step 150 and redoes 200 and 300.
+  train.train_and_evaluate(small_config(data_dir), workdir)
+  assert [m["step"] for m in train.read_metrics(workdir)] == [100, 200, 300]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("obstacle", ["a file", "a read-only folder"])
+def test_an_unwritable_checkpoint_folder_exits_at_once(tmp_path, obstacle):
+  base = pathlib.Path(tempfile.mkdtemp())  # outside pytest's private folder: open to the user below
+  base.chmod(0o755)
+  try:
+    _check_unwritable_checkpoint_folder(base, obstacle)
+  finally:
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _check_unwritable_checkpoint_folder(base, obstacle):
+  data_dir = make_idx_folder(base / "data")
+  workdir = base / "run"
+  workdir.mkdir(mode=0o777)
+  workdir.chmod(0o777)
+  if obstacle == "a file":
+    (workdir / "checkpoints").write_text("")
+    expected = f"error: cannot keep checkpoints in {workdir / 'checkpoints'}: a file is in the way"
+  else:
+    (workdir / "checkpoints").mkdir(mode=0o555)
+    expected = f"error: cannot write to the checkpoints folder {workdir / 'checkpoints'}: Permission denied"
+  as_user = []
+  if os.geteuid() == 0 and obstacle == "a read-only folder":  # root may write anywhere: run as nobody
+    if not shutil.which("setpriv"):
+      pytest.skip("running as root without setpriv (util-linux) to drop privileges")
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+  started = time.monotonic()
+  result = subprocess.run(
+      [*as_user, sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}",
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300"],
+      cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=240,
+  )
+  assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (1, expected), result.stderr
+  assert "Traceback" not in result.stderr
+  assert time.monotonic() - started < 200
+
+
+def _flip_a_bit_in_the_largest_file(folder):
+  path = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  raw = bytearray(path.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_not_restored(tmp_path, capsys):
+  data_dir = make_idx_folder(tmp_path / "data")
+  whole = train.train_and_evaluate(small_config(data_dir, num_steps=450), tmp_path / "whole")
+  train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
+  _flip_a_bit_in_the_largest_file(tmp_path / "run" / "checkpoints" / "300")
+  with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 400, "test_acc')  # and a last line cut short by a kill
+  resumed = train.train_and_evaluate(small_config(data_dir, num_steps=450), tmp_path / "run")
+  err = capsys.readouterr().err
+  assert f"checkpoint {tmp_path / 'run' / 'checkpoints' / '300'} is not intact" in err
+  assert "does not match its checksum" in err and "trying the older step 150" in err
+  assert "dropped a truncated last line" in err
+  _assert_same_states(whole, resumed)  # resumed from 150: the same run
+  assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["300.corrupt", "450"] or \
+      sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["300", "300.corrupt", "450"]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  data_dir = make_idx_folder(tmp_path / "data")
+  train_step = train.train_step
+
+  def diverging_step(state, images, labels, **kwargs):  # the loss of step 251 is NaN
+    new = train_step(state, images, labels, **kwargs)
+    nan = jnp.where(state.step == 250, jnp.float32(jnp.nan), jnp.float32(0))
+    return new._replace(loss_sum=new.loss_sum + nan)
+
+  monkeypatch.setattr(train, "train_step", diverging_step)
+  with pytest.raises(common.NonFiniteError, match=r"training loss is nan at step 251; stopped there. The last "
+                                                  r"checkpoint, of step 150, is kept"):
+    train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
+  assert [m["step"] for m in train.read_metrics(tmp_path / "run")] == [100, 200]
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["150"]
+
+
+def test_a_huge_learning_rate_stops_with_a_clear_error(tmp_path):
+  data_dir = make_idx_folder(tmp_path / "data")
+  with pytest.raises(common.NonFiniteError, match=r"training loss is (nan|inf) at step \d+; .*smaller "
+                                                  r"config.learning_rate \(now 1e\+30\)"):
+    train.train_and_evaluate(small_config(data_dir, learning_rate=1e30), tmp_path / "run")
+  text = (tmp_path / "run" / "metrics.jsonl").read_text() if (tmp_path / "run" / "metrics.jsonl").exists() else ""
+  assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_resume_without_config_json_is_refused(tmp_path):
+  data_dir = make_idx_folder(tmp_path / "data")
+  train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
+  (tmp_path / "run" / "config.json").unlink()
+  with pytest.raises(common.ConfigError, match=r"holds checkpoints but .*config.json is missing"):
+    train.train_and_evaluate(small_config(data_dir, learning_rate=0.5, num_steps=400), tmp_path / "run")
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_float32_run_is_not_resumed_under_x64(tmp_path, x64):
+  data_dir = make_idx_folder(tmp_path / "data")
+  jax.config.update("jax_enable_x64", False)
+  train.train_and_evaluate(small_config(data_dir), tmp_path / "run")
+  jax.config.update("jax_enable_x64", True)
+  with pytest.raises(common.ConfigError, match=r"runtime jax_enable_x64: False -> True"):
+    train.train_and_evaluate(small_config(data_dir, num_steps=400), tmp_path / "run")
+
+
+def test_evaluation_data_are_arguments_not_constants():
+  """Closed-over images are folded into the program as constants: a slow compile."""
+  data = train.DeviceData(*(jnp.asarray(a) for a in (
+      np.zeros((500, 28, 28), np.uint8), np.zeros(500, np.int32),
+      np.zeros((300, 28, 28), np.uint8), np.zeros(300, np.int32))))
+  config = small_config("unused")
+  model, optimizer = train.make_model(config), train.make_optimizer(config)
+  init_key, data_key = jax.random.split(jax.random.key(0))
+  state = train.initial_state(model, optimizer, init_key)
+  run_steps, run_evaluation = train.compile_steps(state, data, data_key, model=model, optimizer=optimizer,
+                                                  config=config)
+  for compiled in (run_steps, run_evaluation):
+    shapes = re.findall(r"= \w+\[([\d,]*)\]\S* constant\(", compiled.as_text())
+    sizes = [int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes]
+    assert sizes and max(sizes) < 300, sizes  # closed over, the images became f32[300,784] constants
+  got = run_evaluation(state, data)
+  want = jax.jit(lambda state: train.evaluate(state, data, model=model, tracked_unit=config.tracked_unit))(state)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def test_figure1_legends_hide_no_curve():
+  """Panel (c)'s legend once sat on its 15th-percentile curve, which runs low to the right."""
+  steps = range(500, 50_001, 500)
+  noise = np.random.default_rng(0).normal(0, 0.1, (len(steps), 3))
+
+  def run(levels, first_accuracy, last_accuracy):  # shaped as in docs/figure1.png
+    return [{"step": s, "test_accuracy": last_accuracy - (last_accuracy - first_accuracy) * np.exp(-s / 8000),
+             **{f"sigmoid_input_p{p}": level + n for p, level, n in zip(train.PERCENTILES, levels, noise[i])}}
+            for i, s in enumerate(steps)]
+
+  fig = figure1.make_figure1(run((-1.4, 0.0, 1.5), 0.7, 0.87), run((-0.7, -0.3, 0.2), 0.1, 0.8), title="test")
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+  assert len(legends) == 2  # (a)'s, and one for the percentiles
+  for legend in legends:
+    box = legend.get_window_extent(renderer)
+    for ax in fig.axes:
+      for line in ax.get_lines():
+        points = ax.transData.transform(line.get_xydata())
+        inside = ((box.x0 <= points[:, 0]) & (points[:, 0] <= box.x1) & (box.y0 <= points[:, 1])
+                  & (points[:, 1] <= box.y1))
+        assert not inside.any(), (line.get_label(), ax.get_title())
+  import matplotlib.pyplot as plt
+  plt.close(fig)

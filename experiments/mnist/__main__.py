@@ -1,16 +1,20 @@
 """Trains one MNIST network (Section 4.1 of the paper).
 
     python -m experiments.mnist --workdir=W [--config=experiments/mnist/configs/default.py] [--config.FIELD=VALUE ...]
+
+The config fields, their defaults and what each means: experiments/mnist/configs/default.py
+(`--help` lists them too). Killed and restarted with the same command, a run
+continues from its last intact checkpoint.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from experiments.common import cli
 from experiments.mnist import configs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl, config.json and checkpoints.")
-config_flags.DEFINE_config_file("config", configs.DEFAULT, "Training configuration.", lock_config=True)
+cli.define_config_flag(configs.DEFAULT, "Training configuration.")
 
 
 def main(argv):
@@ -19,8 +23,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  train.exit_on_bad_input(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+  cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

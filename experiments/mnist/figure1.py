@@ -11,6 +11,7 @@ layer over the test set, against steps, without (b) and with (c) BN.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -19,21 +20,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from experiments import common  # noqa: E402
+from experiments.common import cli  # noqa: E402
 from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
-config_flags.DEFINE_config_file("config", configs.DEFAULT, "Configuration of both networks.", lock_config=True)
+cli.define_config_flag(configs.DEFAULT, "Configuration of both networks (config.batch_norm is set for each).")
 
 RUNS = {"bn": True, "baseline": False}  # subfolder -> config.batch_norm
 DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
-def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, title: str) -> None:
+def make_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], *, title: str) -> plt.Figure:
   """The paper's three panels from two runs' metrics (lists of evaluations)."""
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
   for metrics, label, style in ((bn_metrics, "With BN", "-"), (baseline_metrics, "Without BN", "--")):
     steps = [m["step"] for m in metrics]
     axes[0].plot(steps, [m["test_accuracy"] for m in metrics], style, label=label)
@@ -50,28 +52,45 @@ def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, 
   high = max(m[f"sigmoid_input_p{train.PERCENTILES[-1]}"] for m in bn_metrics + baseline_metrics)
   for ax in axes[1:]:
     ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
-  axes[2].legend(loc="lower right")
+  # One legend for (b) and (c), below them: inside a panel it would hide a curve.
+  fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", ncol=len(train.PERCENTILES),
+             bbox_to_anchor=(0.67, 0.0), frameon=False, title="over the test set, at each evaluation:",
+             title_fontsize="small")
   fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  return fig
+
+
+def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, title: str) -> None:
+  """Writes the figure to ``path`` (a PNG) atomically: a kill leaves the old one."""
+  fig = make_figure1(bn_metrics, baseline_metrics, title=title)
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+  try:
+    fig.savefig(temporary, dpi=120)
+    os.replace(temporary, path)
+  finally:
+    temporary.unlink(missing_ok=True)
+    plt.close(fig)
 
 
 def run_figure1(config, workdir) -> pathlib.Path:
   """Trains (or resumes) both networks and draws the figure; returns its path."""
   workdir = pathlib.Path(workdir)
-  for name, batch_norm in RUNS.items():
-    run_config = config.copy_and_resolve_references()
-    run_config.batch_norm = batch_norm
-    train.train_and_evaluate(run_config, workdir / name)
-  path = workdir / "figure1.png"
-  dataset = DATASET_NAMES.get(config.dataset, config.dataset)
-  draw_figure1(
-      train.read_metrics(workdir / "bn"), train.read_metrics(workdir / "baseline"), path,
-      title=f"Figure 1 on {dataset}: {len(config.hidden_sizes)} sigmoid layers of "
-      f"{config.hidden_sizes[0]}, batch {config.batch_size}, SGD lr {config.learning_rate}, "
-      f"unit {config.tracked_unit} of the last hidden layer",
-  )
+  train.validate_config(config)
+  with common.WorkdirLock(workdir):
+    for name, batch_norm in RUNS.items():
+      run_config = config.copy_and_resolve_references()
+      run_config.batch_norm = batch_norm
+      train.train_and_evaluate(run_config, workdir / name)
+    path = workdir / "figure1.png"
+    dataset = DATASET_NAMES.get(config.dataset, config.dataset)
+    draw_figure1(
+        train.read_metrics(workdir / "bn"), train.read_metrics(workdir / "baseline"), path,
+        title=f"Figure 1 on {dataset}: {len(config.hidden_sizes)} sigmoid layers of "
+        f"{config.hidden_sizes[0]}, batch {config.batch_size}, SGD lr {config.learning_rate}, "
+        f"unit {config.tracked_unit} of the last hidden layer",
+    )
   return path
 
 
@@ -81,7 +100,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  path = train.exit_on_bad_input(run_figure1, FLAGS.config, FLAGS.workdir)
+  path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
     final = train.read_metrics(pathlib.Path(FLAGS.workdir) / name)[-1]
     print(f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps", file=sys.stderr)
@@ -89,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

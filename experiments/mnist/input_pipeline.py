@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from experiments.common import DataError as DataError
+
 DATASETS = ("mnist", "fashion_mnist")
 SPLITS = {"train": "train", "test": "t10k"}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: 0x00000803 (3-D uint8), 0x00000801 (1-D uint8)
@@ -37,10 +39,6 @@ class Dataset(NamedTuple):
   train_labels: np.ndarray
   test_images: np.ndarray
   test_labels: np.ndarray
-
-
-class DataError(ValueError):
-  """The data is missing or malformed; the message says which file and why."""
 
 
 def read_idx(path: str | pathlib.Path, *, expected_magic: int) -> np.ndarray:
@@ -135,7 +133,13 @@ def internet_reachable(host: str = "storage.googleapis.com", timeout: float = 3.
 
 def load_tfds(name: str, tfds_data_dir: str | None = None) -> Dataset:
   """Loads ``name`` through TensorFlow Datasets (downloading it if needed)."""
-  import tensorflow_datasets as tfds  # Heavy (TensorFlow); only on this path.
+  try:
+    import tensorflow_datasets as tfds  # Heavy (TensorFlow); only on this path.
+  except ImportError as e:
+    raise DataError(
+        f"reading '{name}' through TFDS needs TensorFlow Datasets ({e}): pip install -e \".[tfds]\". "
+        + OFFLINE_HINT
+    ) from e
 
   builder = tfds.builder(name, data_dir=tfds_data_dir)
   if not builder.is_prepared() and not internet_reachable():

@@ -11,7 +11,7 @@ state is the whole checkpoint, so a restarted run continues bit for bit.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import numbers
 import pathlib
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from experiments import common
+from experiments.common import ConfigError as ConfigError
 from experiments.mnist import input_pipeline
 from experiments.mnist.model import MLP
 
@@ -120,13 +121,20 @@ def train_steps(
     state: TrainState, data: DeviceData, data_key: jax.Array, num_steps: jax.Array,
     *, model: MLP, optimizer, batch_size: int,
 ) -> TrainState:
-  """``num_steps`` training steps in one on-device loop (``num_steps`` may be traced)."""
+  """Up to ``num_steps`` training steps in one on-device loop (``num_steps`` may be
+  traced). Stops after the first step whose loss is not finite: ``state.loss_sum``
+  is then NaN or infinite and ``state.step`` that step's number."""
 
-  def body(_, state):
+  def keep_going(carry):
+    i, state = carry
+    return (i < num_steps) & jnp.isfinite(state.loss_sum)
+
+  def body(carry):
+    i, state = carry
     images, labels = sample_batch(data, data_key, state.step, batch_size)
-    return train_step(state, images, labels, model=model, optimizer=optimizer)
+    return i + 1, train_step(state, images, labels, model=model, optimizer=optimizer)
 
-  return jax.lax.fori_loop(0, num_steps, body, state)
+  return jax.lax.while_loop(keep_going, body, (jnp.zeros_like(num_steps), state))[1]
 
 
 def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: int) -> dict:
@@ -146,10 +154,6 @@ def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: i
   for p, value in zip(PERCENTILES, percentiles):
     metrics[f"sigmoid_input_p{p}"] = value
   return metrics
-
-
-class ConfigError(ValueError):
-  """A config field has a value the experiment cannot run with."""
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -180,42 +184,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 RESTART_MAY_CHANGE = ("num_steps", "checkpoint_every")
 
 
-def check_restart(saved_config: dict, config: ml_collections.ConfigDict, step: int) -> None:
-  """A run resumes only with the config it was started with (up to
-  ``RESTART_MAY_CHANGE``): otherwise its parameters would mix two set-ups."""
-  current = json.loads(config.to_json_best_effort())
-  changed = sorted(k for k in set(saved_config) | set(current)
-                   if k not in RESTART_MAY_CHANGE and saved_config.get(k) != current.get(k))
-  if changed:
-    details = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in changed)
-    raise ConfigError(f"the workdir holds a run with another config ({details}); resume it with its own "
-                      "config, or give a new --workdir")
-  if step > config.num_steps:
-    raise ConfigError(f"the workdir holds a run already at step {step}, past config.num_steps="
-                      f"{config.num_steps}; give a new --workdir")
-
-
-def exit_on_bad_input(fn, *args):
-  """Runs ``fn(*args)``; a config or data error ends the program with its message
-  (no traceback: the message says what to change)."""
-  try:
-    return fn(*args)
-  except (ConfigError, input_pipeline.DataError) as e:
-    raise SystemExit(f"error: {e}") from None
-
-
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def _keep_metrics_up_to(path: pathlib.Path, step: int) -> None:
-  """After a restart from ``step``, drops evaluations the lost steps had written."""
-  if path.exists():
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+  """The evaluations of the run in ``workdir``, oldest first."""
+  return common.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl").read()
 
 
 def _next_stop(step: int, config) -> int:
@@ -226,68 +197,90 @@ def _next_stop(step: int, config) -> int:
   return min(stops)
 
 
+def compile_steps(state: TrainState, data: DeviceData, data_key: jax.Array, *, model: MLP, optimizer,
+                  config: ml_collections.ConfigDict):
+  """The compiled training loop ``(state, data, data_key, num_steps) -> state`` and
+  evaluation ``(state, data) -> metrics``. The data are arguments, not constants
+  closed over: XLA would otherwise fold 55 MB of images into the program (a slow
+  compile and ``slow_operation_alarm`` messages)."""
+  run_steps = jax.jit(
+      functools.partial(train_steps, model=model, optimizer=optimizer, batch_size=config.batch_size),
+      donate_argnums=0,
+  )
+  run_evaluation = jax.jit(functools.partial(evaluate, model=model, tracked_unit=config.tracked_unit))
+  return (run_steps.lower(state, data, data_key, jnp.int32(1)).compile(),
+          run_evaluation.lower(state, data).compile())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
   """Trains one network as ``config`` says, into ``workdir``; resumes if possible.
 
-  Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one JSON object per
-  evaluation) and orbax checkpoints in ``workdir/checkpoints``. Returns the final
-  state. A workdir with checkpoints resumes from the last one, with the same
-  config only (``num_steps`` may grow, ``checkpoint_every`` change); an extended
-  run keeps the evaluation it made at its old last step.
+  Writes ``workdir/config.json`` (the config and the JAX settings that change the
+  numbers), ``workdir/metrics.jsonl`` (one JSON object per evaluation) and
+  checksummed orbax checkpoints in ``workdir/checkpoints`` (see
+  ``experiments.common``). Returns the final state. A workdir with checkpoints
+  resumes from the newest intact one, with the same config and settings only
+  (``num_steps`` may grow, ``checkpoint_every`` change); an extended run keeps the
+  evaluation it made at its old last step.
+
+  Raises:
+    ConfigError, DataError, WorkdirError, CheckpointError: what to change, in one
+      line; a config or data error leaves no new workdir behind.
+    NonFiniteError: at the first step with a NaN or infinite training loss; the
+      checkpoints written before it are kept.
   """
   validate_config(config)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with common.WorkdirLock(workdir):
+    dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
+    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints:
+      restored_step = checkpoints.latest_step
+      common.check_config(workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE)
+      if restored_step is not None and restored_step > config.num_steps:
+        raise ConfigError(f"the workdir holds a run already at step {restored_step}, past config.num_steps="
+                          f"{config.num_steps}; give a new --workdir")
+      common.write_config(workdir, config)
+      return _train(config, workdir, dataset, checkpoints)
 
-  dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
+
+def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoints) -> TrainState:
   data = DeviceData(*(jax.device_put(a) for a in dataset))
   model, optimizer = make_model(config), make_optimizer(config)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = initial_state(model, optimizer, init_key)
-
-  checkpoints = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-  )
-  metrics_path = workdir / "metrics.jsonl"
-  config_path = workdir / "config.json"
-  if checkpoints.latest_step() is not None:
-    if config_path.exists():
-      check_restart(json.loads(config_path.read_text()), config, checkpoints.latest_step())
-    state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
+  if checkpoints.latest_step is not None:
+    state = checkpoints.restore(state)
     tqdm.write(f"Resumed {workdir} from its checkpoint of step {int(state.step)}.")
-  else:
-    metrics_path.unlink(missing_ok=True)
-  _keep_metrics_up_to(metrics_path, int(state.step))
-  config_path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-  run_steps = jax.jit(
-      lambda state, n: train_steps(state, data, data_key, n, model=model, optimizer=optimizer,
-                                   batch_size=config.batch_size),
-      donate_argnums=0,
-  )
-  run_evaluation = jax.jit(lambda state: evaluate(state, data, model=model, tracked_unit=config.tracked_unit))
-
+  metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
+  metrics_log.keep_up_to(int(state.step))
   step = int(state.step)
+  if step == config.num_steps:
+    return state
+
+  tqdm.write("Compiling the training loop and the evaluation (10-30 s on a CPU)...")
+  run_steps, run_evaluation = compile_steps(state, data, data_key, model=model, optimizer=optimizer, config=config)
   label = "BN" if config.batch_norm else "baseline"
   with tqdm(total=config.num_steps, initial=step, unit="step", desc=f"{config.dataset} {label}",
             dynamic_ncols=True, mininterval=0.5) as progress:
     while step < config.num_steps:
       stop = _next_stop(step, config)
       started = time.perf_counter()
-      state = run_steps(state, jnp.int32(stop - step))
-      state.step.block_until_ready()
+      state = run_steps(state, data, data_key, jnp.int32(stop - step))
+      if not math.isfinite(float(state.loss_sum)):
+        last = checkpoints.latest_step
+        raise common.NonFiniteError(
+            f"the training loss is {float(state.loss_sum)} at step {int(state.step)}; stopped there. "
+            + (f"The last checkpoint, of step {last}, is kept" if last is not None else "No checkpoint was written")
+            + f". Try a smaller config.learning_rate (now {config.learning_rate}) in a new --workdir"
+        )
       rate = (stop - step) / (time.perf_counter() - started)
       step = stop
       if step % config.eval_every == 0 or step == config.num_steps:
-        metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state).items()}}
-        with metrics_path.open("a") as f:
-          f.write(json.dumps(metrics) + "\n")
+        metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state, data).items()}}
+        metrics_log.append(metrics)
         state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count))
         progress.set_postfix({"steps/s": f"{rate:.0f}", "test_acc": f"{metrics['test_accuracy']:.4f}"})
       if step % config.checkpoint_every == 0 or step == config.num_steps:
-        checkpoints.save(step, args=ocp.args.StandardSave(state))
+        checkpoints.save(step, state)
       progress.update(stop - progress.n)
-  checkpoints.wait_until_finished()
-  checkpoints.close()
   return state

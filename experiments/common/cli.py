@@ -1,0 +1,139 @@
+"""Command lines that end with one line saying what to change, never a traceback.
+
+    # in an experiment's __main__.py
+    flags.DEFINE_string("workdir", None, "...")
+    cli.define_config_flag(configs.DEFAULT, "Training configuration.")
+
+    def main(argv):
+      cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+
+    if __name__ == "__main__":
+      app.run(main, flags_parser=cli.parse_flags)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import sys
+import threading
+from typing import Any, Callable, NoReturn
+
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.common.errors import RunError
+
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
+flags.disclaim_key_flags()  # flags defined here belong to the caller: --help lists them
+_CONFIG_FLAGS: dict[str, str] = {}  # flag name -> default config file
+
+
+def fail(message: str, status: int = 1) -> NoReturn:
+  """Prints ``error: message`` on stderr and exits with ``status``.
+
+  If a library thread that is not a daemon is still alive (orbax runs some), it
+  would keep the process from ending after an error; then the process ends with
+  ``os._exit`` after flushing its output, so an error never turns into a hang.
+  """
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+    os._exit(status)
+  raise SystemExit(status)
+
+
+def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir,
+  checkpoint, non-finite loss) or an ``OSError`` ends the program with its one-line
+  message and status 1; Ctrl-C with status 130 and how to resume."""
+  try:
+    return fn(*args, **kwargs)
+  except RunError as e:
+    fail(str(e))
+  except OSError as e:
+    fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+  except KeyboardInterrupt:
+    fail("interrupted; the same command resumes from the last checkpoint", 130)
+
+
+def _display_path(path: str) -> str:
+  try:
+    return str(pathlib.Path(path).resolve().relative_to(_ROOT))
+  except ValueError:
+    return path
+
+
+def load_config_file(path: str) -> Any:
+  """``get_config()`` of the config file at ``path``."""
+  spec = importlib.util.spec_from_file_location("_config_for_help", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def config_fields(config: Any, prefix: str = "") -> list[str]:
+  """Dotted names of the leaf fields of a ``ConfigDict``."""
+  names = []
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      names += config_fields(value, f"{prefix}{key}.")
+    else:
+      names.append(f"{prefix}{key}")
+  return sorted(names)
+
+
+def _has_field(config: Any, dotted: str) -> bool:
+  for part in dotted.split("."):
+    if not (hasattr(config, "keys") and part in config.keys()):
+      return False
+    config = config[part]
+  return True
+
+
+def _config_error(name: str, default_file: str, argv: list[str], error: Exception) -> NoReturn:
+  """One line for a config flag that cannot be parsed: an unknown field is named,
+  with the valid fields and the file that documents them."""
+  given = [a.split("=", 1)[1] for a in argv if re.match(rf"^--?{name}=", a)]
+  path = given[-1] if given else default_file
+  try:
+    config = load_config_file(path)
+  except Exception:  # The file itself is the problem: say what the parser said.
+    fail(f"--{name}={path}: {str(error).strip() or type(error).__name__}")
+  overrides = [m.group(2) for a in argv if (m := re.match(rf"^--?(no)?{name}\.([^=]+)", a))]
+  unknown = [o for o in overrides if not _has_field(config, o)]
+  if unknown:
+    fail(f"--{name}.{unknown[0]}: no such config field; the fields of {_display_path(path)} are: "
+         + ", ".join(config_fields(config)))
+  fail(f"--{name}: {str(error).strip() or type(error).__name__}")
+
+
+def define_config_flag(default_file: str, help: str, *, name: str = "config") -> None:
+  """``config_flags.DEFINE_config_file`` (locked: no new fields) with ``--help``
+  naming the config file and its fields, and a one-line error for an unknown field
+  (ml_collections raises it while defining the flag, so it cannot wait for
+  ``parse_flags``)."""
+  fields = ", ".join(config_fields(load_config_file(default_file)))
+  help = (f"{help} A file defining get_config(); the default, {_display_path(default_file)}, documents "
+          f"each field. Override a field with --{name}.FIELD=VALUE; the fields are: {fields}.")
+  try:
+    config_flags.DEFINE_config_file(name, default_file, help, lock_config=True)
+  except Exception as e:  # Only overrides on sys.argv are parsed here.
+    _config_error(name, default_file, sys.argv, e)
+  _CONFIG_FLAGS[name] = default_file
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run``'s ``flags_parser``: absl's parsing, with one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (--help lists the flags)")
+  except Exception as e:  # ml_collections raises KeyError/AttributeError/IOError
+    for name, default_file in _CONFIG_FLAGS.items():
+      if any(re.match(rf"^--?(no)?{name}[.=]", a) for a in argv):
+        _config_error(name, default_file, argv, e)
+    raise

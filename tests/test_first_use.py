@@ -1,0 +1,122 @@
+"""A new user's first steps: the package's submodules, the experiment's command line,
+the quick benchmark, an install without TensorFlow."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from benchmarks import run as benchmarks_run
+from tests.test_mnist import make_idx_folder
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _python(code, *args, **kwargs):
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "XLA_FLAGS": ""}, **kwargs)
+
+
+def test_flax_submodules_are_reachable_from_the_package_and_load_lazily():
+  result = _python(
+      "import sys, bnjax\n"
+      "assert 'flax' not in sys.modules, 'the core imported Flax'\n"
+      "print(bnjax.linen.BatchNorm.__name__, bnjax.nnx.BatchNorm.__name__, 'nnx' in dir(bnjax))\n"
+      "bnjax.no_such_thing\n"
+  )
+  assert result.stdout == "BatchNorm BatchNorm True\n", result.stderr
+  assert result.stderr.strip().splitlines()[-1] == "AttributeError: module 'bnjax' has no attribute 'no_such_thing'"
+
+
+def _mnist(*args, module="experiments.mnist"):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["experiments.mnist", "experiments.mnist.figure1"])
+def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module):
+  for config_file in ([], ["--config=experiments/mnist/configs/quick.py"]):
+    result = _mnist(f"--workdir={tmp_path / 'run'}", *config_file, "--config.lr=0.1", module=module)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: --config.lr: no such config field; the fields of experiments/mnist/configs/"
+        f"{'quick' if config_file else 'default'}.py are: batch_norm, batch_size, bn_momentum, checkpoint_every, "
+        "data_dir, dataset, eval_every, hidden_sizes, init_stddev, learning_rate, num_steps, seed, tfds_data_dir, "
+        "tracked_unit"
+    ]
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_help_says_where_the_config_fields_are():
+  result = _mnist("--help")
+  text = " ".join(result.stdout.split())
+  assert "experiments/mnist/configs/default.py" in text and "--config.FIELD=VALUE" in text, result.stdout
+  assert "learning_rate" in text and "hidden_sizes" in text
+
+
+@pytest.mark.slow
+def test_config_and_data_errors_leave_no_workdir_behind(tmp_path):
+  data_dir = make_idx_folder(tmp_path / "data")
+  result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.num_steps=-5")
+  assert result.stderr.splitlines() == ["error: config.num_steps must be a positive integer, got -5"]
+  result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.dataset=fashion_mnist",
+                  f"--config.data_dir={data_dir / 'missing'}")
+  assert result.returncode == 1 and result.stderr.startswith(f"error: data_dir {data_dir / 'missing'} is not a folder")
+  result = _mnist(f"--workdir={tmp_path / 'a' / 'fig'}", "--config.dataset=fashion_mnist",
+                  f"--config.data_dir={data_dir / 'missing'}", module="experiments.mnist.figure1")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_the_idx_path_runs_without_tensorflow(tmp_path):
+  """The README's command needs no TensorFlow; TFDS data says what to install."""
+  data_dir = make_idx_folder(tmp_path / "data")
+  no_tensorflow = (
+      "import sys, runpy\n"
+      "class WithoutTensorFlow:  # as if not installed: imports fail, find_spec says None\n"
+      "  def __init__(self, finders):\n"
+      "    self.finders = finders\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
+      "      return None\n"
+      "    specs = (f.find_spec(name, path, target) for f in self.finders if hasattr(f, 'find_spec'))\n"
+      "    return next((s for s in specs if s is not None), None)\n"
+      "sys.meta_path[:] = [WithoutTensorFlow(list(sys.meta_path))]\n"
+      "sys.argv = ['experiments.mnist', *sys.argv[1:]]\n"
+      "runpy.run_module('experiments.mnist', run_name='__main__', alter_sys=True)\n"
+  )
+  result = _python(no_tensorflow, f"--workdir={tmp_path / 'idx'}", "--config.dataset=fashion_mnist",
+                   f"--config.data_dir={data_dir}", "--config.num_steps=200", "--config.eval_every=100")
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "idx" / "metrics.jsonl").read_text().count("\n") == 2
+  result = _python(no_tensorflow, f"--workdir={tmp_path / 'tfds'}", "--config.num_steps=200")
+  assert result.returncode == 1
+  assert result.stderr.startswith("error: reading 'mnist' through TFDS needs TensorFlow Datasets "
+                                   "(No module named 'tensorflow_datasets'): pip install -e \".[tfds]\""), result.stderr
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_extras_keep_tensorflow_out_of_the_experiments():
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  assert not [r for r in extras["experiments"] if "tensorflow" in r]
+  tfds = " ".join(extras["tfds"])
+  # tensorflow-cpu has no wheels for macOS on Apple silicon: tensorflow there.
+  assert "tensorflow-datasets" in tfds and "tensorflow-cpu" in tfds and "sys_platform == 'darwin'" in tfds
+  assert {"bnjax[experiments]", "bnjax[tfds]"} <= set(extras["test"])
+
+
+def test_a_quick_benchmark_never_overwrites_the_committed_results(tmp_path):
+  quick = benchmarks_run.output_paths(quick=True, output_dir=None)
+  assert not set(quick) & set(benchmarks_run.COMMITTED_RESULTS)
+  assert all(not str(p).startswith(str(ROOT)) for p in quick)
+  assert benchmarks_run.output_paths(quick=False, output_dir=None) == benchmarks_run.COMMITTED_RESULTS
+  assert benchmarks_run.output_paths(quick=True, output_dir=str(tmp_path)) == (
+      tmp_path / "results.json", tmp_path / "BENCHMARKS.md")
+  with pytest.raises(SystemExit):
+    benchmarks_run.main(["--quick", "--output-dir", str(ROOT / "benchmarks")])
