@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import linen as nn
 
+from experiments import common
 from experiments.imagenet import input_pipeline, parallel, train
 from tests.imagenet_testing import micro_net, prepare_tiny_imagenet, tiny_config, write_mock_metadata
 
@@ -145,7 +146,7 @@ def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism,
   assert rows[1]["bn_statistics"] == ("recomputed" if recompute else "running")
   assert int(parallel.host_copy(state.step)) == 2
   assert (workdir / "checkpoints" / "2").is_dir()
-  assert json.loads((workdir / "config.json").read_text())["model"] == model
+  assert json.loads((workdir / "config.json").read_text())["config"]["model"] == model
   assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard summaries"
 
 
@@ -258,7 +259,10 @@ def test_bad_input_fails_before_any_compile_and_writes_nothing(tmp_path, compile
 
 
 def test_resume_refuses_another_config(tmp_path):
-  saved = json.loads(tiny_config(batch_size=BATCH).to_json_best_effort())
-  with pytest.raises(train.ConfigError, match="model: 'resnet_tiny' -> 'inception_tiny'"):
-    train.check_restart(saved, tiny_config(batch_size=BATCH, model="inception_tiny"))
-  train.check_restart(saved, tiny_config(batch_size=BATCH, log_every=7))  # bookkeeping may change
+  common.write_config(tmp_path, tiny_config(batch_size=BATCH))
+  with pytest.raises(common.ConfigError, match="model: 'resnet_tiny' -> 'inception_tiny'"):
+    common.check_config(tmp_path, tiny_config(batch_size=BATCH, model="inception_tiny"), resuming=True,
+                        may_change=train.RESTART_MAY_CHANGE)
+  # How often to log, evaluate and save may change.
+  common.check_config(tmp_path, tiny_config(batch_size=BATCH, log_every=7, eval_every=3), resuming=True,
+                      may_change=train.RESTART_MAY_CHANGE)

@@ -39,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from experiments import common
+
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EVAL_CROP_FRACTION = 224 / 256  # default: the central crop's side over the shorter side
@@ -51,7 +53,7 @@ FAKE_NUM_CLASSES = 1000
 FAKE_BATCHES = 2  # distinct synthetic training batches, cycled
 
 
-class DataError(ValueError):
+class DataError(common.DataError):
   """The data is missing or cannot feed this run; the message says what to do."""
 
 

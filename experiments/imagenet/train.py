@@ -18,10 +18,12 @@ would have without the interruption.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import numbers
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,12 +33,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 import bnjax
 from bnjax import linen as bn
+from experiments import common
 from experiments.imagenet import input_pipeline, models, parallel
 from experiments.imagenet.configs import default as default_config
 
@@ -47,12 +48,7 @@ OPTIMIZERS = ("momentum", "sgd")
 SCHEDULES = ("constant", "exponential", "cosine")
 
 
-class ConfigError(ValueError):
-  """A config field has a value the experiment cannot run with."""
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+ConfigError = common.ConfigError  # a config field the experiment cannot run with (one line)
 
 
 class TrainState(NamedTuple):
@@ -427,7 +423,7 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
   return bn.recompute_batch_stats(apply, variables_of(params, batch_stats), images)["batch_stats"]
 
 
-# ---- bookkeeping (process 0 writes; every process saves checkpoints) ---------------------------
+# ---- bookkeeping (experiments.common; process 0 writes, every process saves checkpoints) ------
 
 
 # Fields a resumed run may change: how often to log, evaluate and save, where the
@@ -436,53 +432,9 @@ RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_
                       "recompute_bn_batches")
 
 
-def check_restart(saved_config: dict, config: ml_collections.ConfigDict) -> None:
-  """A run resumes only with the config it was started with (up to ``RESTART_MAY_CHANGE``)."""
-  current = json.loads(config.to_json_best_effort())
-  changed = sorted(k for k in set(saved_config) | set(current)
-                   if k not in RESTART_MAY_CHANGE and saved_config.get(k) != current.get(k))
-  if changed:
-    details = ", ".join(f"{k}: {saved_config.get(k)!r} -> {current.get(k)!r}" for k in changed)
-    raise ConfigError(f"the workdir holds a run with another config ({details}); resume it with its own "
-                      "config, or give a new --workdir")
-
-
 def read_metrics(workdir) -> list[dict]:
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def _write_text_atomically(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_text(text)
-  tmp.replace(path)
-
-
-class MetricsLog:
-  """``workdir/metrics.jsonl``, one JSON object per line, written by process 0.
-
-  Rewritten whole at each row (atomic, and works on object stores such as GCS)."""
-
-  def __init__(self, workdir: epath.Path, keep_up_to_step: int):
-    self.path = workdir / "metrics.jsonl"
-    self.rows = [r for r in read_metrics(workdir) if r["step"] <= keep_up_to_step]
-    self.enabled = jax.process_index() == 0
-    self._flush()
-
-  def write(self, row: dict) -> None:
-    self.rows.append(row)
-    self._flush()
-
-  def _flush(self) -> None:
-    if self.enabled:
-      _write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-
-
-def _checkpoint_manager(workdir: epath.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(workdir / "checkpoints",
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  """The rows of ``workdir/metrics.jsonl``, oldest first."""
+  return common.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl").read()
 
 
 def _say(message: str) -> None:
@@ -519,46 +471,62 @@ def _format_duration(seconds: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        create_model=models.create_model) -> TrainState:
-  """Trains ``config``'s network into ``workdir``; resumes from its last checkpoint.
+  """Trains ``config``'s network into ``workdir``; resumes from its newest intact checkpoint.
 
   Writes (process 0) ``workdir/config.json``, ``workdir/metrics.jsonl`` (rows with
   ``step``, ``train_loss``, ``learning_rate``, ``images_per_sec`` every
   ``log_every`` steps, ``top1``, ``top5``, ``eval_loss`` at each evaluation, and
   ``fake_data`` in every row) and TensorBoard summaries; every process writes its
-  part of the orbax checkpoints in ``workdir/checkpoints``. Everything is checked
-  (``prepare``) before the first write. ``create_model``: as ``prepare``'s.
+  part of the checksummed orbax checkpoints in ``workdir/checkpoints`` (see
+  ``experiments.common``; on several hosts the workdir must be a folder they all
+  see). Everything is checked (``prepare``) before the first write. A resumed run
+  must have the config it started with, up to ``RESTART_MAY_CHANGE``.
+  ``create_model``: as ``prepare``'s.
 
   Returns:
     The final canonical state.
+
+  Raises:
+    ConfigError, DataError, WorkdirError, CheckpointError: what to change, in one
+      line; a config or data error leaves nothing in the workdir.
+    NonFiniteError: at the first logged NaN or infinite training loss.
   """
   exp = prepare(config, create_model=create_model)
+  workdir = pathlib.Path(workdir)
+  primary = jax.process_index() == 0
+  with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
+    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints:
+      latest = checkpoints.latest_step
+      common.check_config(workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE)
+      if latest is not None and latest > exp.schedule.num_train_steps:
+        raise ConfigError(f"the workdir holds a run already at step {latest}, past the "
+                          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir")
+      if primary:
+        common.write_config(workdir, config)
+      return _train(exp, workdir, checkpoints)
+
+
+def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoints) -> TrainState:
   from clu import metric_writers  # TensorBoard, as the Flax examples (imports TensorFlow)
 
-  schedule, layout = exp.schedule, exp.layout
-  workdir = epath.Path(workdir)
+  config, schedule, layout = exp.config, exp.schedule, exp.layout
+  primary = jax.process_index() == 0
   if config.fake_data:
     logging.warning(FAKE_DATA_WARNING)
     _say(f"WARNING: {FAKE_DATA_WARNING}")
   _say(f"{config.model}: {exp.num_params:,} parameters; {layout.num_devices} devices on {jax.process_count()} "
        f"host(s), {layout.parallelism}; {schedule.num_train_steps} steps of {config.batch_size} images "
        f"({schedule.steps_per_epoch} per epoch)")
-
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = _checkpoint_manager(workdir)
   state = make_initial_state(exp)
-  config_path = workdir / "config.json"
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    if config_path.exists():
-      check_restart(json.loads(config_path.read_text()), config)
-    state = checkpoints.restore(latest, args=ocp.args.StandardRestore(state))
-    _say(f"Resumed {workdir} from its checkpoint of step {int(parallel.host_copy(state.step))}.")
+  if checkpoints.latest_step is not None:
+    state = checkpoints.restore(state)
+    _say(f"Resumed {workdir} from its checkpoint of step {checkpoints.latest_step}.")
   start = int(parallel.host_copy(state.step))
-  if jax.process_index() == 0:
-    _write_text_atomically(config_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  metrics = MetricsLog(workdir, keep_up_to_step=start if latest is not None else -1)
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-  if latest is None:
+  metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
+  if primary:
+    metrics_log.keep_up_to(start)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary)
+  if start == 0:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json_best_effort()).items()
                           if isinstance(v, (int, float, str, bool))})
 
@@ -588,7 +556,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       fetched = jax.device_get(pending)
       train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
       if not math.isfinite(train_loss):
-        raise NonFiniteLossError(f"the training loss is {train_loss} at step {step}")
+        last = checkpoints.latest_step
+        raise common.NonFiniteError(
+            f"the training loss is {train_loss} at step {step}; stopped there. "
+            + (f"The last checkpoint, of step {last}, is kept" if last is not None else "No checkpoint was written")
+            + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) in a new --workdir")
       images_per_sec = timer.rate()
       row.update(train_loss=train_loss, learning_rate=float(np.mean(fetched[-1]["learning_rate"])),
                  images_per_sec=images_per_sec)
@@ -611,13 +583,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            + ("  [FAKE DATA]" if config.fake_data else ""))
     if row:
       row = {"step": step, **row, "fake_data": bool(config.fake_data)}
-      metrics.write(row)
+      if primary:
+        metrics_log.append(row)
       writer.write_scalars(step, {k: v for k, v in row.items() if isinstance(v, float)})
     if step % schedule.checkpoint_every == 0 or step == schedule.num_train_steps:
-      checkpoints.save(step, args=ocp.args.StandardSave(canonical()))
+      checkpoints.save(step, canonical())
     timer.exclude(time.perf_counter() - pause)  # evaluation and saving are not training
-  checkpoints.wait_until_finished()
-  checkpoints.close()
   writer.flush()
   writer.close()
   return canonical()
