@@ -7,9 +7,12 @@ Environment (both optional):
                                   data_dir=DIR): imagenet2012 of N random images per split.
   IMAGENET_RUNNER_STOP_AFTER=K    after checkpoint K is saved, print "saved K" and
                                   wait (to be killed: an interrupted run).
+  IMAGENET_RUNNER_MICRO=1         train tests.imagenet_testing.MicroNet instead of
+                                  config.model (compiles in seconds).
 """
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -21,6 +24,11 @@ def main():
   from experiments import common
   from experiments.common import cli
   from experiments.imagenet import __main__ as imagenet_main
+  from experiments.imagenet import train
+  from tests.imagenet_testing import micro_net
+
+  if os.environ.get("IMAGENET_RUNNER_MICRO"):
+    train.train_and_evaluate = functools.partial(train.train_and_evaluate, create_model=micro_net)
 
   stop_after = os.environ.get("IMAGENET_RUNNER_STOP_AFTER")
   if stop_after:
