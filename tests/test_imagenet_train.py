@@ -126,9 +126,8 @@ def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_
     np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars[device_group], atol=1e-5)
 
 
-@pytest.mark.parametrize("model, parallelism, recompute", [
-    ("inception_tiny", "jit", 0), ("resnet_tiny", "pmap", 1)])
-def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism, recompute):
+@pytest.mark.parametrize("model, parallelism", [("inception_tiny", "jit"), ("resnet_tiny", "pmap")])
+def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism):
   if model.startswith("inception") and not _average_pool_is_differentiable():
     pytest.xfail("models.average_pool cannot be differentiated under jit (its reduce_window init value "
                  "jnp.zeros((), dtype) is a tracer there, so lax picks the generic, non-differentiable "
@@ -137,7 +136,7 @@ def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism,
   data_dir = write_mock_metadata(tmp_path / "data", num_examples)
   config = tiny_config(model=model, parallelism=parallelism, fake_data=False, tfds_data_dir=str(data_dir),
                        batch_size=BATCH, eval_batch_size=BATCH, num_train_steps=2, log_every=1, eval_every=2,
-                       checkpoint_every=2, recompute_bn_batches=recompute, shuffle_buffer=8,
+                       checkpoint_every=2, shuffle_buffer=8,
                        photometric_distortion=0.5)
   workdir = tmp_path / "run"
   with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
@@ -147,11 +146,36 @@ def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism,
   assert all(np.isfinite(r["train_loss"]) and r["fake_data"] is False for r in rows)
   assert rows[1]["eval_examples"] == num_examples
   assert 0 <= rows[1]["top1"] <= rows[1]["top5"] <= 1
-  assert rows[1]["bn_statistics"] == ("recomputed" if recompute else "running")
+  assert rows[1]["bn_statistics"] == "running"
   assert int(parallel.host_copy(state.step)) == 2
   assert (workdir / "checkpoints" / "2").is_dir()
   assert json.loads((workdir / "config.json").read_text())["config"]["model"] == model
   assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard summaries"
+
+
+def test_recomputed_statistics_are_algorithm_2_over_training_batches():
+  num_batches = 3
+  config = tiny_config(batch_size=BATCH, recompute_bn_batches=num_batches)
+  exp = train.prepare(config, create_model=micro_net)
+  state = train.make_initial_state(exp)
+  stats = jax.device_get(train.recompute_statistics(exp, state.params, state.batch_stats))
+
+  # Reference: the first BN layer's inputs on the same batches (the fake stream with
+  # seed + 2, cycled), Algorithm 2 in float64: the mean of the batch means and
+  # m / (m - 1) times the mean of the batch variances, m values per feature and batch.
+  host = parallel.host_copy(state)
+  fake = input_pipeline.fake_train_batches(global_batch_size=BATCH, image_size=32, seed=config.seed + 2,
+                                           process_index=0, process_count=1)
+  means, variances = [], []
+  for k in range(num_batches):
+    x, _, _ = jax.jit(functools.partial(_bn1_input_output_and_state, exp.eval_model))(
+        {"params": host.params, "batch_stats": host.batch_stats}, fake[k % len(fake)]["image"])
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    means.append(x.mean(0))
+    variances.append(x.var(0) * x.shape[0] / (x.shape[0] - 1))
+  np.testing.assert_allclose(stats["bn1"]["mean"], np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["bn1"]["var"], np.mean(variances, 0), rtol=1e-5)
+  assert not np.allclose(stats["bn1"]["var"], host.batch_stats["bn1"]["var"])  # they were replaced
 
 
 def _average_pool_is_differentiable() -> bool:
