@@ -89,10 +89,14 @@ def _bn1_input_output_and_state(model, variables, images):
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "pmap"])
-@pytest.mark.parametrize("group_size, num_groups", [(0, 1), (1, 8), (4, 2)], ids=["all", "per_device", "groups_of_4"])
-def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_size, num_groups):
+@pytest.mark.parametrize("group_size, virtual_batch_size, num_groups", [
+    (0, 0, 1), (1, 0, 8), (4, 0, 2), (0, 2, 8), (0, 4, 4), (4, 1, 16)],
+    ids=["all", "per_device", "groups_of_4", "virtual_2", "virtual_4", "groups_of_4_virtual_1"])
+def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_size, virtual_batch_size,
+                                                             num_groups):
   momentum = 0.5
-  config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_momentum=momentum, parallelism=parallelism)
+  config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_virtual_batch_size=virtual_batch_size,
+                       bn_momentum=momentum, parallelism=parallelism)
   exp = train.prepare(config, create_model=micro_net)
   host_state = parallel.host_copy(train.make_initial_state(exp))
   variables = {"params": host_state.params, "batch_stats": host_state.batch_stats}
@@ -120,10 +124,17 @@ def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_
   if parallelism == "jit":  # the running statistics move by the mean of the groups'
     np.testing.assert_allclose(stats["mean"], (1 - momentum) * group_means.mean(0), atol=1e-5)
     np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars.mean(0), atol=1e-5)
-  else:  # each device moves by its group's (train_step then averages them across devices)
+  elif num_groups <= 8 and exp.bn_setup.average_statistics:
+    # Groups of devices: each device moves by its group's (train_step then averages
+    # them across devices).
     device_group = np.arange(8) // (8 // num_groups)
     np.testing.assert_allclose(stats["mean"], (1 - momentum) * group_means[device_group], atol=1e-5)
     np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars[device_group], atol=1e-5)
+  else:  # groups within devices, or one group: the mean over all groups, on every device
+    np.testing.assert_allclose(stats["mean"], np.broadcast_to((1 - momentum) * group_means.mean(0), stats["mean"].shape),
+                               atol=1e-5)
+    np.testing.assert_allclose(stats["var"], np.broadcast_to(momentum + (1 - momentum) * group_vars.mean(0),
+                                                             stats["var"].shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("model, parallelism", [("inception_tiny", "jit"), ("resnet_tiny", "pmap")])
