@@ -131,8 +131,8 @@ def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_
     np.testing.assert_allclose(stats["mean"], (1 - momentum) * group_means[device_group], atol=1e-5)
     np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars[device_group], atol=1e-5)
   else:  # groups within devices, or one group: the mean over all groups, on every device
-    np.testing.assert_allclose(stats["mean"], np.broadcast_to((1 - momentum) * group_means.mean(0), stats["mean"].shape),
-                               atol=1e-5)
+    np.testing.assert_allclose(stats["mean"], np.broadcast_to((1 - momentum) * group_means.mean(0),
+                                                              stats["mean"].shape), atol=1e-5)
     np.testing.assert_allclose(stats["var"], np.broadcast_to(momentum + (1 - momentum) * group_vars.mean(0),
                                                              stats["var"].shape), atol=1e-5)
 
