@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # A script for subprocesses, not a test module (its import would run it).
-collect_ignore = ["multihost_worker.py"]
+collect_ignore = ["multihost_worker.py", "imagenet_runner.py"]
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

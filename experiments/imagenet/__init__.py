@@ -1,1 +1,6 @@
-"""The paper's ImageNet experiment (Section 4.2): models for now."""
+"""The paper's ImageNet experiment (Section 4.2): models, input pipeline, training.
+
+    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/NAME.py
+
+See README.md in this folder.
+"""

@@ -1,0 +1,56 @@
+"""The ImageNet command line, for subprocess tests (see test_imagenet_cli.py).
+
+Usage: python -m tests.imagenet_runner [CLI flags of python -m experiments.imagenet]
+
+Environment (both optional):
+  IMAGENET_RUNNER_MOCK=N:DIR      run inside tfds.testing.mock_data(num_examples=N,
+                                  data_dir=DIR): imagenet2012 of N random images per split.
+  IMAGENET_RUNNER_STOP_AFTER=K    after checkpoint K is saved, print "saved K" and
+                                  wait (to be killed: an interrupted run).
+  IMAGENET_RUNNER_MICRO=1         train tests.imagenet_testing.MicroNet instead of
+                                  config.model (compiles in seconds).
+"""
+
+import contextlib
+import functools
+import os
+import sys
+import time
+
+
+def main():
+  from absl import app
+
+  from experiments import common
+  from experiments.common import cli
+  from experiments.imagenet import __main__ as imagenet_main
+  from experiments.imagenet import train
+  from tests.imagenet_testing import micro_net
+
+  if os.environ.get("IMAGENET_RUNNER_MICRO"):
+    train.train_and_evaluate = functools.partial(train.train_and_evaluate, create_model=micro_net)
+
+  stop_after = os.environ.get("IMAGENET_RUNNER_STOP_AFTER")
+  if stop_after:
+    save = common.Checkpoints.save
+
+    def save_then_wait(self, step, state):
+      save(self, step, state)
+      if step == int(stop_after):
+        print(f"saved {step}", flush=True)
+        time.sleep(3600)
+
+    common.Checkpoints.save = save_then_wait
+  mock = os.environ.get("IMAGENET_RUNNER_MOCK")
+  context = contextlib.nullcontext()
+  if mock:
+    import tensorflow_datasets as tfds
+
+    num_examples, data_dir = mock.split(":", 1)
+    context = tfds.testing.mock_data(num_examples=int(num_examples), data_dir=data_dir)
+  with context:
+    app.run(imagenet_main.main, argv=sys.argv, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  main()

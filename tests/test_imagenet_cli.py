@@ -1,0 +1,173 @@
+"""The ImageNet command line in subprocesses: two jax.distributed processes train as
+one process does; a run killed with SIGKILL resumes and ends as an uninterrupted
+one; bad input gives one line and leaves no workdir.
+
+The training runs train ``tests.imagenet_testing.MicroNet`` (two convolutions with
+BN; the real networks are trained in test_imagenet_train.py), through
+``tests.imagenet_runner``, which runs the same ``main`` as ``python -m
+experiments.imagenet``; they share a JAX compilation cache (a folder per test
+module), so a program compiled by one run is reused by the next of the same shape.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments.imagenet import train
+from tests.imagenet_testing import write_mock_metadata
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = "experiments/imagenet/configs/tiny.py"
+TIMEOUT = 300  # seconds, per run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(devices: int, cache: pathlib.Path | None = None, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+  return env
+
+
+def _start(args: list[str], env: dict, module: str = "tests.imagenet_runner") -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen) -> tuple[str, str]:
+  try:
+    out, err = process.communicate(timeout=TIMEOUT)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    pytest.fail(f"{process.args} did not finish within {TIMEOUT} s")
+  assert process.returncode == 0, err[-3000:]
+  return out, err
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+  return {r["step"]: r["train_loss"] for r in train.read_metrics(workdir) if "train_loss" in r}
+
+
+def _final_eval(workdir: pathlib.Path) -> dict:
+  row = train.read_metrics(workdir)[-1]
+  return {k: row[k] for k in ("step", "top1", "top5", "eval_loss", "eval_examples")}
+
+
+def test_two_processes_train_as_one(tmp_path, compilation_cache):
+  """2 processes x 2 CPU devices (gloo) and 1 process x 4 devices, the same global
+  batches of fake data: the same losses step by step, the same evaluation."""
+  flags = [f"--config={TINY}", "--config.batch_size=8", "--config.eval_batch_size=8",
+           "--config.num_train_steps=3", "--config.log_every=1", "--config.eval_every=3",
+           "--config.checkpoint_every=3", "--config.lr_schedule=constant", "--config.warmup_epochs=0",
+           "--config.base_learning_rate=0.5"]
+  single = _start([f"--workdir={tmp_path / 'one'}", *flags], _env(4, compilation_cache, IMAGENET_RUNNER_MICRO="1"))
+  port = _free_port()
+  workers = [
+      _start([f"--workdir={tmp_path / 'two'}", *flags, f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2", f"--process_id={i}"], _env(2, IMAGENET_RUNNER_MICRO="1"))
+      for i in range(2)
+  ]
+  try:
+    outputs = [_finish(w) for w in workers]
+    _finish(single)
+  finally:
+    for p in [single, *workers]:
+      p.kill()
+  assert "4 devices on 2 host(s)" in outputs[0][0]
+  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  for step in one:
+    assert two[step] == pytest.approx(one[step], rel=1e-5), step
+  assert len(set(one.values())) == 3  # the steps differ: the comparison is not vacuous
+  eval_one, eval_two = _final_eval(tmp_path / "one"), _final_eval(tmp_path / "two")
+  assert eval_two["eval_examples"] == eval_one["eval_examples"] == 20
+  assert eval_two["eval_loss"] == pytest.approx(eval_one["eval_loss"], rel=1e-5)
+  assert (eval_two["top1"], eval_two["top5"]) == (eval_one["top1"], eval_one["top5"])
+  assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
+
+
+def _checkpoint_arrays(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
+  import jax
+
+  with warnings.catch_warnings():  # "Sharding info not provided": restored as saved, on this host
+    warnings.simplefilter("ignore", UserWarning)
+    restored = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "default"))
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(restored)]
+
+
+def test_killed_run_resumes_as_if_uninterrupted(tmp_path, compilation_cache):
+  """The real input pipeline on mock imagenet2012 (an epoch boundary at step 5),
+  killed with SIGKILL after its checkpoint of step 3, resumed by the same command."""
+  num_examples = 40
+  data_dir = write_mock_metadata(tmp_path / "data", num_examples)
+  flags = [f"--config={TINY}", "--config.fake_data=False",
+           f"--config.tfds_data_dir={data_dir}", "--config.batch_size=8", "--config.eval_batch_size=16",
+           "--config.num_train_steps=7", "--config.log_every=1", "--config.eval_every=7",
+           "--config.checkpoint_every=3", "--config.shuffle_buffer=16"]
+  env = _env(2, compilation_cache, IMAGENET_RUNNER_MOCK=f"{num_examples}:{data_dir}", IMAGENET_RUNNER_MICRO="1")
+  _finish(_start([f"--workdir={tmp_path / 'straight'}", *flags], env))
+
+  interrupted = _start([f"--workdir={tmp_path / 'killed'}", *flags], {**env, "IMAGENET_RUNNER_STOP_AFTER": "3"})
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    line = ""
+    while not line.startswith("saved 3") and time.monotonic() < deadline and interrupted.poll() is None:
+      line = interrupted.stdout.readline()
+    assert line.startswith("saved 3"), interrupted.stderr.read()[-3000:]
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait(timeout=30)
+  finally:
+    interrupted.kill()
+  assert interrupted.returncode == -signal.SIGKILL
+  assert max(_losses(tmp_path / "killed")) == 3
+
+  out, _ = _finish(_start([f"--workdir={tmp_path / 'killed'}", *flags], env))
+  assert "from its checkpoint of step 3" in out
+  straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+  assert sorted(resumed) == sorted(straight) == list(range(1, 8))
+  for step in straight:
+    assert resumed[step] == straight[step], step
+  assert _final_eval(tmp_path / "killed") == _final_eval(tmp_path / "straight")
+  for got, want in zip(_checkpoint_arrays(tmp_path / "killed", 7), _checkpoint_arrays(tmp_path / "straight", 7),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--config.no_such_field=1"], ["--config.no_such_field: no such config field", "batch_size"]),
+    (["--config.batch_size=6"], ["config.batch_size=6", "multiple of the 4 devices"]),
+    (["--config.image_size=100"], ["image_size", "multiple of 32"]),
+], ids=["unknown_field", "batch", "image_size"])
+def test_bad_input_is_one_line_and_no_workdir(tmp_path, flags, words):
+  workdir = tmp_path / "run"
+  process = _start([f"--workdir={workdir}", f"--config={TINY}", *flags], _env(4), module="experiments.imagenet")
+  out, err = process.communicate(timeout=TIMEOUT)
+  assert process.returncode == 1, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and all(w in last for w in words), last
+  assert "Traceback" not in err
+  assert not workdir.exists()
