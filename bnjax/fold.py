@@ -42,6 +42,7 @@ def fold(
     the wider of the two dtypes).
 
   Raises:
+    TypeError: the kernel, bias, parameters or state are not floating.
     ValueError: the kernel's last axis is not the BN's number of features.
 
   >>> import bnjax
@@ -52,6 +53,11 @@ def fold(
   ([0.5, 1.0], [-0.5, -2.0])
   """
   validation.check_epsilon(epsilon)
+  validation.check_floating("kernel", kernel)  # an integer kernel cannot hold the scaled one
+  validation.check_floating_fields("layer", [("bias", bias)])
+  validation.check_floating_fields("state", [("mean", state.mean), ("var", state.var)])
+  if params is not None:
+    validation.check_floating_fields("params", [("scale", params.scale), ("bias", params.bias)])
   features = jnp.shape(kernel)[-1:]
   for name, value in [("state.mean", state.mean), ("state.var", state.var),
                       ("params.scale", None if params is None else params.scale),
@@ -111,10 +117,30 @@ def fold_variables(
     epsilon: the BNs' epsilon.
 
   Returns:
-    ``{"params": ...}`` for the same model without those BNs: each layer with
+    ``{"params": ...}`` for the same model without those BNs, each layer with
     the folded kernel and a bias, the BN entries removed, and ``batch_stats``
     dropped once empty. Meant for a model whose layers have ``use_bias=True``
-    where a BN followed them.
+    where a BN followed them. Kernels keep their ``[..., C]`` shape and dtype;
+    each folded bias is ``[C]``.
+
+  Raises:
+    KeyError: ``variables`` has no ``params``, or a path names no module of
+      ``params`` (or, for a BN, of ``batch_stats``); the message lists the names
+      there are.
+    TypeError, ValueError: as ``fold`` (non-floating arrays, a kernel whose last
+      axis is not the BN's number of features, ``epsilon`` not positive).
+
+  >>> import bnjax
+  >>> params, state = bnjax.init(2)
+  >>> variables = {
+  ...     "params": {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+  ...                "BatchNorm_0": {"scale": params.scale, "bias": params.bias + 1.0}},
+  ...     "batch_stats": {"BatchNorm_0": {"mean": jnp.array([1.0, 2.0]), "var": jnp.array([4.0, 1.0])}}}
+  >>> folded = fold_variables(variables, [("Dense_0", "BatchNorm_0")], epsilon=1e-12)
+  >>> list(folded), list(folded["params"])  # the BN is gone
+  (['params'], ['Dense_0'])
+  >>> folded["params"]["Dense_0"]["kernel"][0].tolist(), folded["params"]["Dense_0"]["bias"].tolist()
+  ([0.5, 1.0], [0.5, -1.0])
   """
   params = dict(variables["params"])
   batch_stats = dict(variables.get("batch_stats", {}))

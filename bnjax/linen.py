@@ -17,6 +17,8 @@ functions, and write the returned state back into ``batch_stats``.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -74,7 +76,19 @@ class _Normalization(nn.Module):
 class BatchNorm(_Normalization):
   """Batch normalization with Flax's interface and bnjax's core.
 
-  Attributes (the first 14 as ``flax.linen.BatchNorm``):
+  The first 14 attributes are ``flax.linen.BatchNorm``'s, with its defaults and
+  variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, all ``[C]``
+  (float32 statistics). The math is ``bnjax.batch_norm``.
+
+  >>> import jax
+  >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> variables = layer.init(jax.random.key(0), x)
+  >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  >>> y.round(3).tolist(), updates["batch_stats"]["mean"].tolist()
+  ([[-1.0], [1.0]], [0.2])
+
+  Attributes:
     use_running_average: if True, normalize with the stored ``batch_stats``
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
@@ -112,15 +126,22 @@ class BatchNorm(_Normalization):
       *,
       mask: jax.Array | None = None,
   ) -> jax.Array:
-    """Normalizes ``x`` (``[..., C]`` for ``axis=-1``).
+    """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
     Args:
-      x: the input.
+      x: ``[..., C]`` floating input (features on ``axis``).
       use_running_average: overrides the attribute of the same name.
-      mask: optional boolean, True for entries that enter the statistics.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
 
     Returns:
-      The normalized input, of ``x``'s shape.
+      The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the parameters).
+
+    Raises:
+      flax.errors.ModifyScopeVariableError: training mode (outside ``init``)
+        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
+      TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
@@ -153,10 +174,18 @@ class BatchRenorm(_Normalization):
   ``d_max`` are the attributes' values unless the call passes others, which may
   be traced (the paper raises them on a schedule from 1 and 0).
 
+  The attributes ``use_running_average``, ``axis``, ``momentum``, ``epsilon``,
+  ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``, ``bias_init``,
+  ``scale_init``, ``axis_name`` and ``axis_index_groups`` are ``BatchNorm``'s.
+
+  >>> import jax
+  >>> layer = BatchRenorm(use_running_average=False, r_max=1.0, d_max=5.0)
+  >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2; running mean 0, variance 1
+  >>> y, _ = layer.apply(layer.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  >>> y.round(3).tolist()  # x_hat + d, with d = (2 - 0) / 1
+  [[1.0], [3.0]]
+
   Attributes:
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
-    use_scale, bias_init, scale_init, axis_name, axis_index_groups: as
-      ``BatchNorm``.
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
   """
@@ -166,7 +195,26 @@ class BatchRenorm(_Normalization):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
-    """Normalizes ``x``; ``r_max``/``d_max`` override the attributes (may be traced)."""
+    """Normalizes ``x``; in training mode also updates ``batch_stats``.
+
+    Args:
+      x: ``[..., C]`` real floating input (features on ``axis``).
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
+      r_max: overrides the attribute; may be a traced scalar (a schedule).
+      d_max: overrides the attribute; may be a traced scalar.
+
+    Returns:
+      The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the parameters).
+
+    Raises:
+      flax.errors.ModifyScopeVariableError: training mode (outside ``init``)
+        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
+      ValueError: ``r_max < 1`` or ``d_max < 0``, or as ``bnjax.batch_renorm``.
+      TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
+    """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
@@ -237,8 +285,9 @@ def recompute_batch_stats(
   ``BatchRenorm`` and ``flax.linen.BatchNorm`` alike). The new statistics are, per
   layer, the mean of the batch means and ``m / (m - 1)`` times the mean of the
   batch variances (``unbiased=False``: of the biased ones), exactly, not an
-  exponential average. Pass ``apply_fn`` un-jitted: it is traced under ``jax.jit``
-  here, with a method interceptor that sees the BN inputs. Statistics are those of
+  exponential average. ``apply_fn`` is traced under ``jax.jit`` here, with a
+  method interceptor that sees the BN inputs (a jitted ``apply_fn`` is unwrapped
+  first). A statistic that no batch defines keeps its old value. Statistics are those of
   each batch as given (not synchronized across devices).
 
   Args:
@@ -248,8 +297,26 @@ def recompute_batch_stats(
     unbiased: the paper's ``m / (m - 1)`` correction of the variance.
 
   Returns:
-    ``variables`` with ``batch_stats`` replaced for every BN layer that ran.
+    ``variables`` with ``batch_stats`` replaced for every BN layer that ran
+    (``[C]`` float32 ``mean`` and ``var``, or the dtype they had).
+
+  Raises:
+    ValueError: no BN layer ran in training mode (``apply_fn`` evaluates, or
+      ``batches`` is empty).
+    NotImplementedError: a BN layer ran more than once in one call (``nn.scan``,
+      a shared module).
+
+  >>> import jax
+  >>> model = BatchNorm(use_running_average=False)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 1)))
+  >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]  # means 1, 5
+  >>> variables = recompute_batch_stats(
+  ...     lambda v, b: model.apply(v, b, mutable=["batch_stats"]), variables, batches)
+  >>> variables["batch_stats"]["mean"].tolist(), variables["batch_stats"]["var"].tolist()
+  ([3.0], [2.0])
   """
+  while isinstance(apply_fn, jax.stages.Wrapped):  # a jitted apply_fn would hide the BN calls
+    apply_fn = apply_fn.__wrapped__
   run = jax.jit(lambda variables, batch: _batch_moments_of_apply(apply_fn, variables, batch))
   totals = None
   for batch in batches:
@@ -261,13 +328,17 @@ def recompute_batch_stats(
   if not totals:
     raise ValueError(
         "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
-        "the model with use_running_average=False (e.g. train=True), un-jitted, and at least one batch"
+        "the model with use_running_average=False (e.g. train=True), and at least one batch"
     )
   batch_stats = variables.get("batch_stats", {})
+  def recomputed(old, summed):
+    # Statistics that no batch defined (every value masked out) keep their old value.
+    state = population.population_state(
+        summed, unbiased=unbiased, fallback=BatchNormState(mean=old["mean"], var=old["var"]))
+    return {**old, "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)}
+
   for path, summed in totals.items():
-    state = population.population_state(summed, unbiased=unbiased)
-    batch_stats = _replace_at(batch_stats, path, lambda old: {
-        "mean": state.mean.astype(old["mean"].dtype), "var": state.var.astype(old["var"].dtype)})
+    batch_stats = _replace_at(batch_stats, path, functools.partial(recomputed, summed=summed))
   return {**variables, "batch_stats": batch_stats}
 
 

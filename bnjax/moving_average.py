@@ -20,7 +20,10 @@ def update_moving_average(average: jax.Array, value: jax.Array, *, momentum) -> 
   at step ``k = 0, 1, ...`` gives the cumulative (equal-weight) average.
 
   The result keeps ``average``'s dtype (float32 batch statistics stay float32 with
-  bfloat16 activations), promoted to complex if ``value`` is complex.
+  bfloat16 activations), promoted to complex if ``value`` is complex. It is
+  computed in at least float32 and rounded once: a half-precision ``average``
+  gets the exact ``momentum`` (0.99 in bfloat16 would be 0.98828, giving the new
+  value 17% too much weight).
 
   Args:
     average: ``[*F]`` the running average.
@@ -30,12 +33,18 @@ def update_moving_average(average: jax.Array, value: jax.Array, *, momentum) -> 
   Returns:
     ``[*F]`` the new average.
 
+  Raises:
+    TypeError: ``average`` and ``value`` of shapes that do not broadcast, or
+      ``momentum`` not a number. Nothing else is checked here (``batch_norm``
+      checks ``momentum``).
+
   >>> update_moving_average(jnp.array(1.0), jnp.array(3.0), momentum=0.75)
   Array(1.5, dtype=float32)
   """
   dtype = average.dtype
   if jnp.iscomplexobj(value) and not jnp.iscomplexobj(average):
     dtype = value.dtype
-  momentum = jnp.asarray(momentum).astype(dtype)
-  new = momentum * average.astype(dtype) + (1 - momentum) * value.astype(dtype)
+  compute_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+  momentum = jnp.asarray(momentum).astype(compute_dtype)
+  new = momentum * average.astype(compute_dtype) + (1 - momentum) * value.astype(compute_dtype)
   return new.astype(dtype)

@@ -81,15 +81,25 @@ class _Normalization(nnx.Module):
 
   def _finish(self, training: bool, x, mask, new_state: BatchNormState) -> None:
     if training:
-      self.mean[...] = new_state.mean
-      self.var[...] = new_state.var
+      # The running statistics carry no gradient (as Flax): with hijax variables
+      # the write happens inside the differentiated function, which otherwise fails.
+      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      self.var[...] = jax.lax.stop_gradient(new_state.var)
       if self.record_batch_moments:
         empty = population.init_population(self.num_features)
         self.sow(nnx.Intermediate, "batch_moments",
                  population.update_population(empty, x, axis=self.axis, mask=mask))
 
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view`` to set the mode of a view of the model."""
+    """Used by ``nnx.view`` to set the mode of a view of the model.
+
+    ``nnx.view_info`` prints the ``Args:`` section below, worded as Flax's so
+    that its output is Flax's.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average
 
@@ -97,7 +107,23 @@ class _Normalization(nnx.Module):
 class BatchNorm(_Normalization):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
-  Args (all but the last two as ``flax.nnx.BatchNorm``):
+  All arguments but the last two are ``flax.nnx.BatchNorm``'s, with its defaults
+  and state: ``nnx.Param`` ``scale``/``bias`` and ``nnx.BatchStat`` ``mean``/``var``,
+  all ``[num_features]`` (float32 statistics). Training mode (the default,
+  ``.train()``) normalizes with the batch's statistics and updates ``mean`` and
+  ``var`` in place; ``.eval()`` normalizes with them. The math is
+  ``bnjax.batch_norm``.
+
+  >>> from flax import nnx
+  >>> layer = BatchNorm(1, momentum=0.9, rngs=nnx.Rngs(0))
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> layer(x).round(3).tolist(), layer.mean[...].tolist()
+  ([[-1.0], [1.0]], [0.2])
+  >>> layer.eval()
+  >>> layer(x).round(3).tolist()  # (x - 0.2) / sqrt(0.9 * 1 + 0.1 * 1)
+  [[0.8], [2.8]]
+
+  Args:
     num_features: the number of features ``C``.
     use_running_average: if True, normalize with the stored statistics
       (``.eval()`` sets it); if False, with the batch's, updating them
@@ -167,12 +193,19 @@ class BatchNorm(_Normalization):
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
     Args:
-      x: the input, ``[..., num_features]`` for ``axis=-1``.
+      x: ``[..., num_features]`` floating input (features on ``axis``).
       use_running_average: overrides the attribute of the same name.
-      mask: optional boolean, True for entries that enter the statistics.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
 
     Returns:
-      The normalized input, of ``x``'s shape.
+      The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the variables).
+
+    Raises:
+      ValueError: no mode given (``use_running_average`` None in the constructor
+        and the call), or as ``bnjax.batch_norm``.
+      TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     training = self._training_mode(use_running_average)
     x, params, out_dtype = self._inputs(x)
@@ -196,8 +229,25 @@ class BatchNorm(_Normalization):
 class BatchRenorm(_Normalization):
   """Batch renormalization (Ioffe, 2017); see ``bnjax.batch_renorm``.
 
-  Same state as ``BatchNorm``. ``r_max`` and ``d_max`` are the attributes' values
-  unless the call passes others (which may be traced, for a schedule).
+  Same arguments (but ``use_fast_variance``, ``unbiased_variance`` and
+  ``virtual_batch_size``) and state as ``BatchNorm``, plus ``r_max`` (>= 1) and
+  ``d_max`` (>= 0), the bounds of the corrections. They are the attributes'
+  values unless the call passes others (which may be traced, for a schedule).
+
+  >>> from flax import nnx
+  >>> layer = BatchRenorm(1, r_max=1.0, d_max=5.0, rngs=nnx.Rngs(0))
+  >>> x = jnp.array([[1.0], [3.0]])  # batch mean 2; running mean 0, variance 1
+  >>> layer(x).round(3).tolist()  # x_hat + d, with d = (2 - 0) / 1
+  [[1.0], [3.0]]
+
+  Args:
+    num_features: the number of features ``C``.
+    r_max: bound on the scale correction r, >= 1 (the paper's final 3).
+    d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+    use_running_average, axis, momentum, epsilon, dtype: as ``BatchNorm``'s.
+    param_dtype, use_bias, use_scale, bias_init, scale_init: as ``BatchNorm``'s.
+    axis_name, axis_index_groups, promote_dtype, rngs: as ``BatchNorm``'s.
+    bias_metadata, scale_metadata: as ``BatchNorm``'s.
   """
 
   def __init__(
@@ -232,7 +282,26 @@ class BatchRenorm(_Normalization):
     self.d_max = d_max
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None):
-    """Normalizes ``x``; ``r_max``/``d_max`` override the attributes."""
+    """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
+
+    Args:
+      x: ``[..., num_features]`` real floating input (features on ``axis``).
+      use_running_average: overrides the attribute of the same name.
+      mask: optional boolean, True for entries that enter the statistics; see
+        ``bnjax.batch_norm``.
+      r_max: overrides the attribute; may be a traced scalar (a schedule).
+      d_max: overrides the attribute; may be a traced scalar.
+
+    Returns:
+      The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
+      from the input and the variables).
+
+    Raises:
+      ValueError: ``r_max < 1`` or ``d_max < 0``, no mode given
+        (``use_running_average`` None in the constructor and the call), or as
+        ``bnjax.batch_renorm``.
+      TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
+    """
     training = self._training_mode(use_running_average)
     x, params, out_dtype = self._inputs(x)
     y, new_state = batch_renorm(
@@ -268,14 +337,38 @@ def recompute_batch_stats(
   the biased ones), exactly. Everything else in the model is left as it was, the
   layers' modes included. Updates ``model`` in place and returns it.
 
+  Args:
+    model: an nnx model holding ``bnjax.nnx`` ``BatchNorm``/``BatchRenorm`` layers.
+    batches: an iterable of inputs for ``apply_fn`` (K >= 1 of them).
+    unbiased: the paper's ``m / (m - 1)`` correction of the variance.
+    apply_fn: ``(model, batch) -> anything``; default ``model(batch)``.
+
+  Returns:
+    ``model``, whose BN layers' ``[num_features]`` ``mean`` and ``var`` are set.
+
   Raises:
     ValueError: the model has no ``bnjax.nnx`` BN layer, or ``batches`` is empty.
+
+  >>> from flax import nnx
+  >>> model = BatchNorm(1, rngs=nnx.Rngs(0))
+  >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]  # means 1, 5
+  >>> model = recompute_batch_stats(model, batches)
+  >>> model.mean[...].tolist(), model.var[...].tolist()
+  ([3.0], [2.0])
   """
   apply_fn = apply_fn or (lambda model, batch: model(batch))
   layers = [(path, module) for path, module in nnx.iter_graph(model)
             if isinstance(module, _Normalization)]
   if not layers:
     raise ValueError("recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+  variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
+  if any(getattr(variable, "hijax", False) for variable in variables):
+    # nnx.jit refuses hijax variables (nnx.var_defaults(hijax=True)): recompute on a
+    # copy with ordinary ones, then write the statistics back.
+    ordinary = nnx.with_vars(model, hijax=False)
+    recompute_batch_stats(ordinary, batches, unbiased=unbiased, apply_fn=apply_fn)
+    nnx.update(model, nnx.state(ordinary, nnx.BatchStat))
+    return model
   saved_state = nnx.clone(nnx.state(model))
   saved_modes = [module.use_running_average for _, module in layers]
   for _, module in layers:
@@ -302,7 +395,9 @@ def recompute_batch_stats(
     raise ValueError("recompute_batch_stats needs at least one batch")
   for path, module in layers:
     summed = _recorded_moments(totals, path)[0]
-    state = population.population_state(summed, unbiased=unbiased)
+    # Statistics that no batch defined (every value masked out) keep their old value.
+    state = population.population_state(
+        summed, unbiased=unbiased, fallback=BatchNormState(mean=module.mean[...], var=module.var[...]))
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model

@@ -80,7 +80,14 @@ def batch_renorm(
       ``bnjax.batch_norm``.
 
   Returns:
-    ``(y, new_state)``.
+    ``(y, new_state)``: ``y`` of ``x``'s shape (dtype ``dtype``, default
+    ``x.dtype``), and the state moved towards the batch's statistics (``state``
+    itself when not training).
+
+  Raises:
+    ValueError: ``r_max < 1`` or ``d_max < 0`` (when concrete), either not a
+      scalar, or as ``bnjax.batch_norm``.
+    TypeError: as ``bnjax.batch_norm``, and for complex ``x``.
 
   >>> import bnjax
   >>> params, state = bnjax.init(1)

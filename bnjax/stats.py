@@ -9,23 +9,45 @@ a batch (Algorithm 1 of Ioffe & Szegedy, 2015). This module computes them
   reduced in float32; float64 and complex inputs keep their precision);
 * over the valid entries of an optional ``mask`` only;
 * across devices with one collective: each device reduces its own values to
-  ``(count, mean, m2)``, one collective exchanges them, and every device
+  ``(count, mean, var)``, one collective exchanges them, and every device
   combines them exactly (Chan, Golub & LeVeque, 1979). Uneven valid counts per
   device are weighted correctly; this is not a mean of means. The exchange is one
   ``psum`` of a ``[D, 4, *F]`` array (D devices in the group): tiny next to the
   activations, but it grows with D, so very large axes are best synchronized in
-  groups (``axis_index_groups``), as large-scale training does anyway.
+  groups, as large-scale training does anyway.
+
+Where each way of synchronizing works:
+
+* ``pmap``: ``axis_name``, and ``axis_index_groups`` (groups may differ in size;
+  together they must hold every index along the axis exactly once).
+* ``shard_map``: ``axis_name`` (one mesh axis or a tuple of them). JAX does not
+  support ``axis_index_groups`` there: give the mesh two axes, e.g.
+  ``("group", "device")``, and synchronize over ``"device"`` only.
+* ``jit`` with the batch sharded over devices (``NamedSharding``): no
+  ``axis_name``; the statistics are those of the global batch. For groups of
+  ``k`` devices, each holding ``b`` contiguous examples, use
+  ``virtual_batch_size=k * b`` (ghost batch norm over the global batch): each
+  virtual batch is then one group's examples.
 
 The shift. For values ``x_1..x_n`` and any shift ``K``, with ``s1 = sum(x - K)`` and
 ``s2 = sum((x - K)^2)``, the sum of squared deviations is ``m2 = s2 - s1^2 / n``.
 Its rounding error is about ``eps * s2 = eps * m2 * (1 + (mean - K)^2 / var)``, so
 the shift must lie within a few standard deviations of the mean. bnjax takes ``K``
 as the mean of a slice holding at least 1/16 of the values (a corner of each image,
-or some rows of each device's share of the batch): for any subset of size ``k``,
+or every 16th row of the batch), chosen from the shape alone: for any subset of size ``k``,
 ``(mean_subset - mean)^2 <= (n / k) * var``, so the error is bounded by
 ``17 * eps * m2`` on every input (and is ``~eps * m2`` on shuffled batches), at the
 price of reading 1/16 to 1/8 of ``x`` once more. With a mask the shift is the full
 masked mean (a masked slice could hold no valid value), which costs one more pass.
+
+The range that is exact. Where a sum of squared deviations ``x - K`` overflows,
+they are summed again scaled by an exact power of two near ``1 / sqrt(n)`` (a
+second pass only then), so no intermediate exceeds a few times the variance: the statistics keep the bound above for every
+input whose values, deviations and variance are finite in the statistics dtype
+(in float32 up to ``|x| ~ 1e38``), down to variances where squared deviations
+become subnormal (in float32 about ``n * 1e-38``). ``batch_norm`` then
+normalizes around the same shift, ``(x - K) * g + (bias - (mean - K) * g)``, so
+its output is as exact as its statistics: it never subtracts a rounded mean.
 """
 
 from __future__ import annotations
@@ -45,32 +67,50 @@ SHIFT_SUBSET_FRACTION = 16
 
 
 class Moments(NamedTuple):
-  """Count, mean and sum of squared deviations of a set of values, per feature.
+  """Count, mean and biased variance of a set of values, per feature.
 
-  The sufficient statistics that combine exactly across devices or batches.
-  ``F`` is the feature shape (one entry per normalized feature).
+  The sufficient statistics that combine exactly across devices or batches
+  (Chan, Golub & LeVeque, 1979). ``F`` is the feature shape (one entry per
+  normalized feature); the fields are float32 or wider (float64 for float64
+  input; the mean complex for complex input). The variance is stored, not the sum
+  of squared deviations ``m2 = count * var``, so that every representable variance
+  stays finite. Constructing one checks nothing and raises nothing.
+
+  >>> m = Moments(count=jnp.array([2.0]), mean=jnp.array([2.0]), var=jnp.array([1.0]))
+  >>> m.m2.tolist(), m.unbiased_variance.tolist()  # values 1 and 3
+  ([2.0], [2.0])
+  >>> Moments(jnp.array([0.0]), jnp.array([0.0]), jnp.array([0.0])).variance.tolist()
+  [nan]
   """
 
-  count: jax.Array  # [*F], real statistics dtype: number of values reduced
-  mean: jax.Array  # [*F], statistics dtype (complex for complex input)
-  m2: jax.Array  # [*F], real statistics dtype: sum of |x - mean|^2
+  count: jax.Array  #: Number of values reduced, ``[*F]`` in the real statistics dtype.
+  mean: jax.Array  #: Their mean, ``[*F]`` in the statistics dtype (complex for complex input).
+  var: jax.Array  #: Mean of ``|x - mean|^2``, ``[*F]`` real; 0 where count is 0.
+
+  @property
+  def m2(self) -> jax.Array:
+    """The sum of squared deviations ``count * var``, ``[*F]``."""
+    return self.var * self.count
 
   @property
   def variance(self) -> jax.Array:
-    """The biased variance ``m2 / count`` (Algorithm 1); NaN where count is 0."""
-    return jnp.where(self.count > 0, self.m2 / jnp.maximum(self.count, 1), jnp.nan)
+    """The biased variance (Algorithm 1), ``[*F]``; NaN where count is 0."""
+    return jnp.where(self.count > 0, self.var, jnp.nan)
 
   @property
   def unbiased_variance(self) -> jax.Array:
-    """The unbiased variance ``m2 / (count - 1)`` (Algorithm 2); NaN where count < 2."""
-    return jnp.where(self.count > 1, self.m2 / jnp.maximum(self.count - 1, 1), jnp.nan)
+    """The unbiased variance ``count / (count - 1) * var`` (Algorithm 2), ``[*F]``;
+    NaN where count < 2."""
+    return jnp.where(self.count > 1, self.var * (self.count / jnp.maximum(self.count - 1, 1)), jnp.nan)
 
   @property
   def normalizing_variance(self) -> jax.Array:
-    """The biased variance, and 0 where there is no value (count 0): what
-    normalization divides by, finite so that an empty set (a padded virtual batch,
-    a device or batch whose values are all masked out) yields no NaN."""
-    return self.m2 / jnp.maximum(self.count, 1)
+    """The biased variance, ``[*F]``, and 0 where there is no value (count 0).
+
+    What normalization divides by: finite, so that an empty set (a padded virtual
+    batch, a device or batch whose values are all masked out) yields no NaN.
+    """
+    return self.var
 
 
 class ShiftedMoments(NamedTuple):
@@ -78,17 +118,18 @@ class ShiftedMoments(NamedTuple):
 
   A float32 mean near 1e4 is only known to about 5e-4; kept as a shift (one of the
   inputs' own values or a mean of them) plus a small offset, it is known to the
-  last digit, which combining devices' moments exactly needs.
+  last digit, which combining devices' moments and normalizing ``x`` around it
+  (``(x - shift) - offset``) need.
   """
 
   count: jax.Array  # [*F], real statistics dtype
   shift: jax.Array  # [*F], statistics dtype
   offset: jax.Array  # [*F], statistics dtype: mean - shift
-  m2: jax.Array  # [*F], real statistics dtype
+  var: jax.Array  # [*F], real statistics dtype: biased variance, 0 where count is 0
 
   @property
   def moments(self) -> Moments:
-    return Moments(count=self.count, mean=self.shift + self.offset, m2=self.m2)
+    return Moments(count=self.count, mean=self.shift + self.offset, var=self.var)
 
 
 def statistics_dtype(*dtypes) -> jnp.dtype:
@@ -140,6 +181,12 @@ def _masked_sum(values, mask, reduction_axes):
   return jnp.sum(values, axis=tuple(reduction_axes))
 
 
+def _power_of_two_scale(num_values: int) -> float:
+  """``2^-k`` with ``4^k >= num_values``: exact to multiply by, and it keeps sums
+  of ``num_values`` squares of scaled deviations within the range of the variance."""
+  return 2.0 ** -math.ceil(math.log2(max(num_values, 1)) / 2)
+
+
 def shifted_moments(
     x: jax.Array,
     shift: jax.Array,
@@ -150,7 +197,9 @@ def shifted_moments(
   """Moments of ``x`` over ``reduction_axes`` in one pass around ``shift``.
 
   Exact to ``eps * (1 + (mean - shift)^2 / var)`` relative; see the module
-  docstring. Masked-out entries (even NaN or inf) do not enter the sums.
+  docstring. Masked-out entries (even NaN or inf) do not enter the sums. Where
+  a sum of squares overflows, the deviations are summed again scaled by an exact
+  power of two, so no sum overflows where the variance itself is representable.
 
   Args:
     x: ``[...]`` input of any floating or complex dtype.
@@ -168,17 +217,36 @@ def shifted_moments(
   """
   dtype = statistics_dtype(x.dtype)
   real_dtype = jnp.finfo(dtype).dtype
-  centered = x.astype(dtype) - expand_to_input(shift.astype(dtype), reduction_axes)
-  s1 = _masked_sum(centered, mask, reduction_axes)
-  s2 = _masked_sum(abs_squared(centered), mask, reduction_axes)
+  shift = shift.astype(dtype)
   count = _count(x.shape, reduction_axes, mask, real_dtype)
-  safe_count = jnp.maximum(count, 1).astype(real_dtype)
-  offset = s1 / safe_count.astype(dtype)
-  m2 = jnp.maximum(s2 - abs_squared(s1) / safe_count, 0)
-  return ShiftedMoments(count=count, shift=shift.astype(dtype), offset=offset, m2=m2)
+  safe_count = jnp.maximum(count, 1)
+
+  def sums(scale: float):
+    centered = x.astype(dtype) - expand_to_input(shift, reduction_axes)
+    if scale != 1:
+      centered = centered * jnp.asarray(scale, dtype)
+    return _masked_sum(centered, mask, reduction_axes), _masked_sum(abs_squared(centered), mask, reduction_axes)
+
+  # Sums of squares overflow only where deviations near the top of the range add up
+  # past it; only then are they summed again, scaled (the common case pays nothing).
+  scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes))
+  s1, s2 = sums(1)
+  s1, s2, scale = lax.cond(
+      jnp.any(jnp.isinf(s2)),
+      lambda: (*sums(scale), jnp.asarray(scale, real_dtype)),
+      lambda: (s1, s2, jnp.ones((), real_dtype)),
+  )
+  scaled_offset = s1 / safe_count.astype(dtype)
+  scaled_var = jnp.maximum(s2 / safe_count - abs_squared(scaled_offset), 0)
+  return ShiftedMoments(
+      count=count,
+      shift=shift,
+      offset=scaled_offset / scale.astype(dtype),
+      var=scaled_var / (scale * scale),
+  )
 
 
-def _shards_along(x: jax.Array, axis: int) -> int:
+def shards_along(x: jax.Array, axis: int) -> int:
   """How many devices ``axis`` of ``x`` is split over in its type (explicit
   sharding under ``jit``); 1 when unsharded or when the type does not say."""
   sharding = getattr(jax.typeof(x), "sharding", None)
@@ -189,33 +257,39 @@ def _shards_along(x: jax.Array, axis: int) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
-def _shift_slice_plan(x: jax.Array, reduction_axes: Sequence[int]) -> dict[int, tuple[int, int]]:
-  """Where the shift's slice comes from: axis -> (blocks, positions kept per block).
+def _shift_slice(x: jax.Array, reduction_axes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """Which values the shift is the mean of: per axis of ``x``, ``(limit, stride)``.
 
-  The slice keeps at least 1/16 of the values (at most 1/8 where sizes allow):
-  first the leading positions of the non-leading reduction axes (spatial axes of
-  images, from the last), then, if those are too short, of the leading (batch)
-  axis, taken from each device's block of it so that no device needs another's
-  values: the blocks of the explicit sharding in ``x``'s type, or else of
-  ``jax.device_count()`` devices, when the batch holds 16 or more rows per device.
+  The slice keeps at least 1/16 of the values (at most 1/8 where sizes allow),
+  chosen from ``x``'s type alone (its shape, and the sharding of its type where
+  ``jit`` shards it explicitly), never from the devices of the process, so that
+  the result depends on the data only: first the leading positions of the
+  non-leading reduction axes (a corner of each image, from the last spatial
+  axis), then, if those are too short, every ``stride``-th row of the leading
+  (batch) axis, so that each device of a batch sharded in contiguous blocks keeps
+  rows of its own (or, where the batch size has no divisor near the fraction
+  needed, its leading rows). Axes sharded in ``x``'s type are kept whole except
+  for a stride that divides each device's block.
   """
-  plan, need = {}, float(SHIFT_SUBSET_FRACTION)
+  slices = [(length, 1) for length in x.shape]
+  need = SHIFT_SUBSET_FRACTION
   leading, *others = reduction_axes
-  for axis in [*reversed(others), leading]:
-    if need < 2:
-      break
+  for axis in reversed(others):
     length = x.shape[axis]
-    blocks = _shards_along(x, axis)
-    if blocks == 1 and axis == leading and length % jax.device_count() == 0 and (
-        length // jax.device_count() >= SHIFT_SUBSET_FRACTION
-    ):
-      blocks = jax.device_count()
+    if need < 2 or shards_along(x, axis) > 1:
+      continue
+    kept = max(1, -(-length // min(int(need), length)))
+    slices[axis] = (kept, 1)
+    need = need * kept / length
+  if need >= 2:
+    length, blocks = x.shape[leading], shards_along(x, leading)
     block = length // blocks
-    kept = -(-block // min(need, block))
-    kept = int(min(block, max(1, kept)))
-    plan[axis] = (blocks, kept)
-    need *= kept / block
-  return plan
+    stride = max((s for s in range(1, int(need) + 1) if block % s == 0), default=1)
+    if 2 * stride > need or blocks > 1:
+      slices[leading] = (length, stride)
+    else:
+      slices[leading] = (max(1, -(-length // min(int(need), length))), 1)
+  return tuple(slices)
 
 
 def estimate_shift(
@@ -227,34 +301,22 @@ def estimate_shift(
   """A ``[*F]`` shift provably close to the mean, for ``shifted_moments``.
 
   Without a mask: the mean of a slice holding at least 1/16 of the values (see
-  ``_shift_slice_plan``), so that ``(shift - mean)^2 <= 16 * var``. With a mask:
-  the masked mean of all of ``x`` (a slice could hold no valid value). Carries no
-  gradient.
+  ``_shift_slice``), so that ``(shift - mean)^2 <= 16 * var``. With a mask: the
+  masked mean of all of ``x`` (a slice could hold no valid value). With no
+  reduction axis: ``x`` itself. Carries no gradient.
   """
   x = lax.stop_gradient(x)
   dtype = statistics_dtype(x.dtype)
+  if not reduction_axes:
+    return x.astype(dtype)
   if mask is not None:
     real_dtype = jnp.finfo(dtype).dtype
     total = _masked_sum(x.astype(dtype), mask, reduction_axes)
     count = _count(x.shape, reduction_axes, mask, real_dtype)
     return total / jnp.maximum(count, 1).astype(dtype)
-  plan = _shift_slice_plan(x, reduction_axes)
-  blocked_shape, starts, limits, subset_axes = [], [], [], []
-  for axis, length in enumerate(x.shape):
-    blocks, kept = plan.get(axis, (1, length))
-    if blocks > 1:
-      blocked_shape += [blocks, length // blocks]
-      starts += [0, 0]
-      limits += [blocks, kept]
-    else:
-      blocked_shape.append(length)
-      starts.append(0)
-      limits.append(kept)
-    new_axes = [len(blocked_shape) - 2, len(blocked_shape) - 1] if blocks > 1 else [len(blocked_shape) - 1]
-    if axis in reduction_axes:
-      subset_axes += new_axes
-  subset = lax.slice(x.reshape(blocked_shape), starts, limits)
-  return jnp.mean(subset.astype(dtype), axis=tuple(subset_axes))
+  slices = _shift_slice(x, reduction_axes)
+  subset = lax.slice(x, [0] * x.ndim, [limit for limit, _ in slices], [stride for _, stride in slices])
+  return jnp.mean(subset.astype(dtype), axis=tuple(reduction_axes))
 
 
 def local_moments(
@@ -268,77 +330,140 @@ def local_moments(
   return shifted_moments(x, shift, reduction_axes=reduction_axes, mask=mask)
 
 
-def combine_moments(moments: Moments | ShiftedMoments) -> Moments:
+def combine_shifted_moments(moments: ShiftedMoments) -> ShiftedMoments:
   """Combines moments stacked along a leading axis into the moments of the union.
 
-  Exact (Chan et al.): ``mean = sum(n_i mean_i) / n`` and
-  ``m2 = sum(m2_i) + sum(n_i |mean_i - mean|^2)``. Means are taken relative to the
-  mean (for ``ShiftedMoments``, the shift) of the entry with the most values, so a
-  large common offset cancels exactly (an empty entry's mean means nothing).
-
-  >>> parts = Moments(count=jnp.array([2., 1.]), mean=jnp.array([1., 4.]),
-  ...                 m2=jnp.array([2., 0.]))  # the sets {0, 2} and {4}
-  >>> m = combine_moments(parts)
-  >>> float(m.count), float(m.mean), float(m.m2)
-  (3.0, 2.0, 8.0)
+  Exact (Chan et al.): with weights ``w_i = n_i / n``, ``mean = sum(w_i mean_i)``
+  and ``var = sum(w_i var_i) + sum(w_i |mean_i - mean|^2)``. Means are taken
+  relative to the shift of the entry with the most values, which becomes the
+  result's shift, so a large common offset cancels exactly (an empty entry's mean
+  means nothing).
   """
-  if isinstance(moments, Moments):
-    moments = ShiftedMoments(moments.count, moments.mean, jnp.zeros_like(moments.mean), moments.m2)
   largest = jnp.argmax(moments.count, axis=0)[None]
   reference = jnp.take_along_axis(moments.shift, largest, axis=0)
   relative_means = (moments.shift - reference) + moments.offset
   count = jnp.sum(moments.count, axis=0)
-  weights = moments.count.astype(relative_means.dtype)
-  safe_count = jnp.maximum(count, 1).astype(relative_means.dtype)
-  relative_mean = jnp.sum(weights * relative_means, axis=0) / safe_count
-  spread = jnp.sum(moments.count * abs_squared(relative_means - relative_mean[None]), axis=0)
-  return Moments(
-      count=count, mean=reference[0] + relative_mean, m2=jnp.sum(moments.m2, axis=0) + spread
-  )
+  weights = moments.count / jnp.maximum(count, 1)[None]
+  relative_mean = jnp.sum(weights.astype(relative_means.dtype) * relative_means, axis=0)
+  spread = jnp.sum(weights * abs_squared(relative_means - relative_mean[None]), axis=0)
+  var = jnp.sum(weights * moments.var, axis=0) + spread
+  return ShiftedMoments(count=count, shift=reference[0], offset=relative_mean, var=var)
+
+
+def combine_moments(moments: Moments) -> Moments:
+  """Combines moments stacked along a leading axis into the moments of the union.
+
+  Exact (Chan et al.); see ``combine_shifted_moments``.
+
+  >>> parts = Moments(count=jnp.array([2., 1.]), mean=jnp.array([1., 4.]),
+  ...                 var=jnp.array([1., 0.]))  # the sets {0, 2} and {4}
+  >>> m = combine_moments(parts)
+  >>> float(m.count), float(m.mean), float(m.m2)
+  (3.0, 2.0, 8.0)
+  """
+  shifted = ShiftedMoments(moments.count, moments.mean, jnp.zeros_like(moments.mean), moments.var)
+  return combine_shifted_moments(shifted).moments
 
 
 def all_gather_moments(
     moments: ShiftedMoments,
     axis_name: Hashable,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
-) -> Moments:
+) -> ShiftedMoments:
   """Moments of the union of every device's values along ``axis_name``.
 
-  One collective: each device writes its ``(count, shift, offset, m2)``, stacked
-  as one ``[P, *F]`` real array, into its own row of a zero ``[D, P, *F]`` array,
-  and a ``psum`` of that gathers every row on every device. A ``psum`` rather than
-  an ``all_gather`` because its result is replicated in type (``shard_map`` checks
-  that), and it supports ``axis_index_groups`` everywhere. Every device then
-  combines the same gathered rows exactly, so all get identical statistics.
-  With ``axis_index_groups``, within each group only.
+  One collective: each device writes its ``(count, shift, offset, var)``, stacked
+  as one ``[P, *F]`` real array, into its own row of a zero ``[G, P, *F]`` array
+  (``G`` the size of the largest group), and a ``psum`` of that gathers every row
+  on every device. A ``psum`` rather than an ``all_gather`` because its result is
+  replicated in type (``shard_map`` checks that), and it takes
+  ``axis_index_groups`` of unequal sizes (rows a smaller group leaves empty count
+  no values). Every device then combines the same gathered rows exactly, so all
+  get identical statistics. With ``axis_index_groups``, within each group only.
+
+  ``axis_index_groups`` work under ``pmap`` (and ``vmap``); ``shard_map`` does not
+  support them: there, give the mesh a second axis and synchronize over one.
+
+  Returns:
+    The combined moments; their shift is that of the device with the most values.
   """
   is_complex = jnp.iscomplexobj(moments.shift)
-  parts = [moments.count, moments.shift, moments.offset, moments.m2]
+  parts = [moments.count, moments.shift, moments.offset, moments.var]
   if is_complex:
     parts = [moments.count, moments.shift.real, moments.shift.imag,
-             moments.offset.real, moments.offset.imag, moments.m2]
+             moments.offset.real, moments.offset.imag, moments.var]
   stacked = jnp.stack(parts)
   position, size = _position_in_group(axis_name, axis_index_groups)
   rows = jnp.arange(size).reshape((size,) + (1,) * stacked.ndim) == position
   scattered = jnp.where(rows, stacked, jnp.zeros((), stacked.dtype))
-  gathered = lax.psum(scattered, axis_name, axis_index_groups=axis_index_groups)
+  gathered = psum(scattered, axis_name, axis_index_groups)
   if is_complex:
     shift = lax.complex(gathered[:, 1], gathered[:, 2])
     offset = lax.complex(gathered[:, 3], gathered[:, 4])
   else:
     shift, offset = gathered[:, 1], gathered[:, 2]
-  return combine_moments(ShiftedMoments(gathered[:, 0], shift, offset, gathered[:, -1]))
+  return combine_shifted_moments(ShiftedMoments(gathered[:, 0], shift, offset, gathered[:, -1]))
+
+
+def check_axis_index_groups(axis_index_groups, axis_size: int) -> None:
+  """Groups must hold each index along the axis exactly once.
+
+  >>> check_axis_index_groups([[0, 1], [2]], 3)
+  >>> check_axis_index_groups([[0, 1], [1]], 3)
+  Traceback (most recent call last):
+  ...
+  ValueError: axis_index_groups [[0, 1], [1]] must hold each index 0..2 of the named axis (size 3) exactly once; in more than one group: [1]; in no group: [2]
+  """
+  if axis_index_groups is None:
+    return
+  flat = [i for group in axis_index_groups for i in group]
+  problems = []
+  if any(len(group) == 0 for group in axis_index_groups):
+    problems.append("a group is empty")
+  for what, indices in [
+      ("out of range", {i for i in flat if not 0 <= i < axis_size}),
+      ("in more than one group", {i for i in flat if flat.count(i) > 1}),
+      ("in no group", set(range(axis_size)) - set(flat)),
+  ]:
+    if indices:
+      problems.append(f"{what}: {sorted(indices)}")
+  if problems:
+    groups = [list(g) for g in axis_index_groups]
+    raise ValueError(
+        f"axis_index_groups {groups} must hold each index 0..{axis_size - 1} of the named axis "
+        f"(size {axis_size}) exactly once; {'; '.join(problems)}"
+    )
+
+
+def psum(x, axis_name: Hashable, axis_index_groups=None):
+  """``lax.psum`` over ``axis_name``, within each group of ``axis_index_groups``;
+  the groups are checked (``check_axis_index_groups``), with a clear error where
+  JAX does not support them."""
+  if axis_index_groups is not None:
+    check_axis_index_groups(axis_index_groups, lax.axis_size(axis_name))
+  try:
+    return lax.psum(x, axis_name, axis_index_groups=axis_index_groups)
+  except NotImplementedError as error:
+    if axis_index_groups is None:
+      raise
+    raise NotImplementedError(
+        f"axis_index_groups {[list(g) for g in axis_index_groups]} are not supported by JAX here "
+        "(shard_map does not implement them; pmap does). Under shard_map, give the mesh a second "
+        "axis, e.g. jax.make_mesh((groups, devices_per_group), ('group', 'device')), and "
+        "synchronize over axis_name='device'."
+    ) from error
 
 
 def _position_in_group(axis_name, axis_index_groups):
-  """This device's index within its group along ``axis_name``, and group size."""
+  """This device's index within its group along ``axis_name``, and the size of
+  the largest group."""
   index = lax.axis_index(axis_name)
   if axis_index_groups is None:
     return index, lax.axis_size(axis_name)
   positions = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
   for group in axis_index_groups:
     positions[list(group)] = np.arange(len(group))
-  return jnp.asarray(positions)[index], len(axis_index_groups[0])
+  return jnp.asarray(positions)[index], max(len(g) for g in axis_index_groups)
 
 
 def batch_moments(
@@ -349,30 +474,47 @@ def batch_moments(
     axis_name: Hashable | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> Moments:
-  """Exact moments over ``reduction_axes`` of ``x`` and, with ``axis_name``, of
-  the ``x`` of every device along that named axis (``pmap``/``shard_map``).
+  """Exact per-feature moments over ``reduction_axes`` of ``x`` and, with
+  ``axis_name``, of the ``x`` of every device along that named axis.
 
-  Under ``jit`` with ``x`` sharded over devices (no ``axis_name``), the reductions
-  are over the global array and XLA inserts the cross-device sums itself.
+  The statistics ``bnjax.batch_norm`` normalizes with in training mode, for use on
+  their own. Under ``jit`` with ``x`` sharded over devices (no ``axis_name``), the
+  reductions are over the global array and XLA inserts the cross-device sums
+  itself. With ``axis_name`` (inside ``pmap``/``shard_map``) the devices exchange
+  their moments in one collective and every device gets the same result. The
+  arguments are checked less than by ``bnjax.batch_norm`` and
+  ``bnjax.update_population``, which check them with messages naming the problem.
 
   Args:
-    x: ``[...]`` floating or complex input.
-    reduction_axes: sorted axes of ``x`` to reduce over (batch and spatial axes).
+    x: ``[...]`` floating or complex input; ``F`` is its shape without the
+      ``reduction_axes``.
+    reduction_axes: sorted, non-negative axes of ``x`` to reduce over (batch and
+      spatial axes), at least one (or an ``axis_name``).
     mask: optional boolean of ``x``'s rank, broadcastable to ``x``; True = valid.
-    axis_name: named axis to synchronize over, or None.
-    axis_index_groups: optional groups of device indices along ``axis_name``;
-      statistics are then synchronized within each group only.
+    axis_name: named axis (``pmap``/``shard_map``) to synchronize over, or None.
+    axis_index_groups: optional groups of device indices along ``axis_name``
+      (``pmap`` only; any sizes, together holding each index once); statistics
+      are then synchronized within each group only.
 
   Returns:
     ``Moments`` with ``[*F]`` fields, float32 or wider. Where no value is valid
     (count 0) the mean is finite but meaningless, and ``variance`` is NaN.
 
+  Raises:
+    NameError: ``axis_name`` not bound (called outside ``pmap``/``shard_map``).
+    ValueError: ``mask`` not broadcastable to ``x``; ``axis_index_groups`` not
+      holding each index of ``axis_name`` exactly once.
+    NotImplementedError: ``axis_index_groups`` under ``shard_map``.
+
   >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
   >>> m = batch_moments(x, reduction_axes=(0,))
   >>> m.mean.tolist(), m.variance.tolist()
   ([2.0, 20.0], [1.0, 100.0])
+  >>> valid = jnp.array([[True], [False]])  # [N, 1]: the second example masked out
+  >>> batch_moments(x, reduction_axes=(0,), mask=valid).mean.tolist()
+  [1.0, 10.0]
   """
   moments = local_moments(x, reduction_axes=reduction_axes, mask=mask)
-  if axis_name is None:
-    return moments.moments
-  return all_gather_moments(moments, axis_name, axis_index_groups)
+  if axis_name is not None:
+    moments = all_gather_moments(moments, axis_name, axis_index_groups)
+  return moments.moments

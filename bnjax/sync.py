@@ -26,7 +26,11 @@ def sync_state(state: BatchNormState, axis_name: Hashable) -> BatchNormState:
     axis_name: the named axis to average over.
 
   Returns:
-    The averaged state, of the same structure.
+    The averaged state, of the same structure, shapes (``[*F]`` per statistic)
+    and dtypes.
+
+  Raises:
+    NameError: ``axis_name`` is not bound (called outside ``pmap``/``shard_map``).
 
   >>> import jax.numpy as jnp
   >>> states = BatchNormState(mean=jnp.array([[0.0], [2.0]]), var=jnp.array([[1.0], [3.0]]))

@@ -206,7 +206,7 @@ def test_complex_input():
   assert y.dtype == jnp.complex64 and new_state.var.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("mask_shape", [(8, 5, 1), (8, 5)])
+@pytest.mark.parametrize("mask_shape", [(8, 5, 1)])
 def test_mask_excludes_entries_even_nan(mask_shape):
   x, params, state = random_inputs((8, 5, 3), -1, offset=1.0)
   mask = jax.random.bernoulli(jax.random.key(9), 0.6, (8, 5)).at[0, 0].set(True)
@@ -286,7 +286,6 @@ def _call(**overrides):
         (dict(training=jnp.array(True)), TypeError, "training must be a Python bool"),
         (dict(x=jnp.ones((8, 4), jnp.int32)), TypeError, "x must have a floating"),
         (dict(axis=2), ValueError, "axis 2 is out of range for an input of rank 2"),
-        (dict(axis=(0, 1)), ValueError, "leaving none to compute"),
         (dict(axis=(1, -1)), ValueError, "names the same axis twice"),
         (dict(params=bnjax.init(5)[0]), ValueError, r"params.scale has shape \(5,\) but x of shape \(8, 4\) has feature shape \(4,\)"),
         (dict(state=bnjax.init(3)[1]), ValueError, r"state.mean has shape \(3,\)"),
@@ -330,3 +329,125 @@ def test_nothing_valid_leaves_the_state_and_gives_finite_gradients():
   jax.tree.map(np.testing.assert_array_equal, new_state, state)
   dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, state, training=True, mask=mask)[0]))(x)
   assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(y)).all()
+
+
+# Issue 8: masks read as NumPy (and Flax) broadcast them; inputs without a batch
+# axis; the output as exact as the statistics; argument types.
+
+
+@pytest.mark.parametrize("x_shape, mask", [
+    ((4, 4, 3), np.array([[True], [True], [False], [True]])),  # [4, 1] is [1, 4, 1]
+    ((10, 5), np.arange(5) % 2 == 0),  # [5] is [1, 5]: per feature
+    ((6, 4, 3), np.arange(12).reshape(4, 3) % 5 != 0),  # [4, 3] is [1, 4, 3]
+])
+def test_mask_is_broadcast_as_flax_broadcasts_it(x_shape, mask):
+  x = jax.random.normal(jax.random.key(3), x_shape) + 2.0
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=False)
+  variables = flax_bn.init(jax.random.key(0), x, mask=mask)
+  want_y, want = flax_bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+  params, state = bnjax.init(x_shape[-1])
+  y, new_state = bnjax.batch_norm(x, params, state, training=True, momentum=0.0, mask=jnp.asarray(mask))
+  valid = np.broadcast_to(mask, x_shape)
+  defined = valid.reshape(-1, x_shape[-1]).any(0)  # Flax's statistics are NaN elsewhere
+  assert not defined.all() or mask.ndim > 1
+  np.testing.assert_allclose(new_state.mean[defined], want["batch_stats"]["mean"][defined], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(new_state.var[defined], want["batch_stats"]["var"][defined], rtol=1e-5)
+  # A feature with no valid value leaves the state as it was (bnjax's documented rule).
+  np.testing.assert_array_equal(new_state.mean[~defined], state.mean[~defined])
+  np.testing.assert_array_equal(new_state.var[~defined], state.var[~defined])
+  np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, want_y, 0), rtol=1e-5, atol=1e-5)
+  _, ref_var = reference.batch_mean_var(x, tuple(range(len(x_shape) - 1)), mask=valid)
+  np.testing.assert_allclose(new_state.var[defined], ref_var.ravel()[defined], rtol=1e-5)
+
+
+def test_mask_of_x_shape_without_features_is_refused_with_the_fix():
+  x, params, state = random_inputs((6, 5, 3), -1)
+  with pytest.raises(ValueError, match=r"mask\[\.\.\., None\] has shape \(6, 5, 1\)"):
+    bnjax.batch_norm(x, params, state, training=True, mask=jnp.ones((6, 5), bool))
+
+
+def test_one_example_without_batch_axis_in_inference():
+  x, params, state = random_inputs((4, 3), -1)
+  state = bnjax.BatchNormState(mean=jnp.array([1.0, -1.0, 0.5]), var=jnp.array([4.0, 1.0, 0.25]))
+  y_batch, _ = bnjax.batch_norm(x, params, state, training=False)
+  y_one, same = bnjax.batch_norm(x[1], params, state, training=False)
+  np.testing.assert_allclose(y_one, y_batch[1], rtol=1e-6)
+  assert same is state
+  per_example = jax.vmap(lambda e: bnjax.batch_norm(e, params, state, training=False)[0])(x)
+  np.testing.assert_allclose(per_example, y_batch, rtol=1e-6)
+
+
+def test_one_example_per_vmap_lane_trains_over_the_named_axis():
+  x, params, state = random_inputs((8, 3), -1, offset=3.0)
+  want_y, want_state = bnjax.batch_norm(x, params, state, training=True)
+  y, new_state = jax.vmap(
+      lambda e: bnjax.batch_norm(e, params, state, training=True, axis_name="lanes"),
+      axis_name="lanes")(x)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new_state.var[0], want_state.var, rtol=1e-5)
+
+
+def test_training_without_batch_axis_is_a_batch_of_one():
+  """As Flax computes it (Flax's test_bind_stateful): the same as x[None]."""
+  x, params, state = random_inputs((4, 3), -1, offset=2.0)
+  y, new_state = bnjax.batch_norm(x[0], params, state, training=True, momentum=0.5)
+  want_y, want_state = bnjax.batch_norm(x[:1], params, state, training=True, momentum=0.5)
+  np.testing.assert_array_equal(y, want_y[0])
+  jax.tree.map(np.testing.assert_array_equal, new_state, want_state)
+  np.testing.assert_allclose(y, params.bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e5, 1e7])
+def test_output_as_exact_as_the_statistics_at_large_offsets(offset):
+  rng = np.random.default_rng(4)
+  x = (offset + rng.standard_normal((32, 16))).astype(np.float32)
+  params, state = bnjax.init(16)
+  y = jax.jit(lambda x: bnjax.batch_norm(x, params, state, training=True)[0])(x)
+  x64 = x.astype(np.float64)
+  want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+  # Subtracting a float32-rounded mean was off by up to 0.45 standard deviations at 1e7.
+  np.testing.assert_allclose(y, want, atol=5e-6)
+
+
+@pytest.mark.parametrize("std", [1e18, 5e18, 1e19])
+def test_variance_near_float32_range_is_finite_and_exact(std):
+  rng = np.random.default_rng(5)
+  x = (1e19 + std * rng.standard_normal((32, 4))).astype(np.float32)
+  params, state = bnjax.init(4)
+  y, new_state = bnjax.batch_norm(jnp.asarray(x), params, state, training=True, momentum=0.0)
+  np.testing.assert_allclose(new_state.var, np.var(x.astype(np.float64), 0), rtol=1e-5)
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(y, (x64 - x64.mean(0)) / np.sqrt(x64.var(0)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(state=bnjax.BatchNormState(jnp.zeros(4, jnp.int32), jnp.ones(4))), TypeError,
+         "state.mean must have a floating"),
+        (dict(params=bnjax.BatchNormParams(jnp.ones(4, jnp.int32), None)), TypeError,
+         "params.scale must have a floating"),
+        (dict(momentum=True), TypeError, "momentum must be a real number"),
+        (dict(momentum="0.9"), TypeError, "momentum must be a real number"),
+        (dict(unbiased_variance="no"), TypeError, "unbiased_variance must be a Python bool"),
+        (dict(axis=None), TypeError, "axis must be an int or a sequence of ints, got None"),
+        (dict(axis=1.0), TypeError, "axis must be an int or a sequence of ints, got 1.0"),
+        (dict(x=jnp.ones((0, 4))), ValueError, r"has no values .* \(axis 0 has size 0\)"),
+        (dict(axis_index_groups=[[0, "a"]], axis_name="i"), TypeError, "axis_index_groups must be"),
+    ],
+)
+def test_bad_argument_types_raise_a_clear_error(overrides, error, match):
+  with pytest.raises(error, match=match):
+    _call(**overrides)
+
+
+@pytest.mark.parametrize("num_features", [0, -3, (4, 0), 2.5, True])
+def test_init_refuses_an_empty_or_non_integer_layer(num_features):
+  with pytest.raises((ValueError, TypeError), match="num_features must be a positive int"):
+    bnjax.init(num_features)
+
+
+def test_zero_size_batch_in_inference_is_empty():
+  _, params, state = random_inputs((8, 4), -1)
+  y, _ = bnjax.batch_norm(jnp.ones((0, 4)), params, state, training=False)
+  assert y.shape == (0, 4)

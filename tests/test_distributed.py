@@ -227,3 +227,91 @@ def test_empty_device_keeps_large_offset_statistics_exact(empty_device):
   new_state = jax.pmap(f, axis_name="i")(x.reshape(DEVICES, 64, 1), keep.reshape(DEVICES, 64, 1))
   want = np.asarray(x, np.float64)[np.asarray(keep)].var()
   assert abs(float(new_state.var[0, 0]) / want - 1) <= 1e-5
+
+
+# Issue 8: groups of unequal sizes are exact; bad groups are refused clearly.
+
+UNEQUAL_GROUPS = [[[0, 1, 2], [3, 4, 5, 6, 7]], [[5], [0, 1, 2, 3, 4, 6, 7]], [[0, 3], [1, 4, 6], [2, 5, 7]]]
+
+
+@pytest.mark.parametrize("groups", UNEQUAL_GROUPS)
+def test_unequal_axis_index_groups_are_exact(groups):
+  x, w, params, state = make_problem(offset=30.0)
+  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
+      per_device(x), per_device(w), params, state, None
+  )
+  xs, ws = per_device(x), per_device(w)
+  for group in groups:
+    members = np.array(group)
+    group_x = xs[members].reshape((-1,) + SHAPE[1:])
+    group_w = ws[members].reshape((-1,) + SHAPE[1:])
+    (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(group_x, group_w, params, state, None)
+    np.testing.assert_allclose(y[members].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx[members].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[members].sum(0), b, rtol=1e-4, atol=1e-4),
+                 dparams, want_dparams)
+    for d in group:
+      np.testing.assert_allclose(new_state.mean[d], want_state.mean, rtol=1e-5)
+      np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups, match", [
+    ([[0, 1], [2, 3]], r"in no group: \[4, 5, 6, 7\]"),
+    ([[0, 1, 2, 3], [4, 5, 6, 7, 8]], r"out of range: \[8\]"),
+    ([[0, 1, 2, 3], [3, 4, 5, 6, 7]], r"in more than one group: \[3\]"),
+    ([[0, 1, 2, 3, 4, 5, 6, 7], []], "a group is empty"),
+])
+def test_bad_axis_index_groups_are_refused(groups, match):
+  x, w, params, state = make_problem()
+  with pytest.raises(ValueError, match=match):
+    pmapped_step(axis_name="batch", axis_index_groups=groups)(per_device(x), per_device(w), params, state, None)
+
+
+def test_axis_index_groups_under_shard_map_name_the_alternative():
+  (_, _, _, state), (x, *_), mesh = sharded_problem()
+  f = jax.jit(jax.shard_map(
+      lambda x: bnjax.batch_norm(x, None, state, training=True, axis_name="batch",
+                                 axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])[0],
+      mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+  with pytest.raises(NotImplementedError, match="give the mesh a second axis"):
+    f(x)
+
+
+def test_groups_under_jit_are_virtual_batches_of_their_devices():
+  """Under jit with a sharded batch, groups of k devices are ghost batches of k
+  devices' examples, as bnjax.stats documents."""
+  (x, w, params, state), (sx, sw, sparams, sstate), _ = sharded_problem()
+  per_device_examples = SHAPE[0] // DEVICES
+  step = jax.jit(jax.grad(functools.partial(loss_and_state, virtual_batch_size=2 * per_device_examples),
+                          argnums=(0, 2), has_aux=True))
+  (dx, _), (y, _) = step(sx, sw, sparams, sstate)
+  dx, y = np.asarray(dx), np.asarray(y)
+  for first in range(0, DEVICES, 2):
+    rows = slice(first * per_device_examples, (first + 2) * per_device_examples)
+    (want_dx, _), (want_y, _) = grad_full_batch(x[rows], w[rows], params, state, None)
+    np.testing.assert_allclose(y[rows], want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx[rows], want_dx, rtol=1e-4, atol=1e-5)
+
+
+_DEVICE_COUNT_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+import jax, jax.numpy as jnp, numpy as np, bnjax
+x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
+params, state = bnjax.init(4)
+f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)
+y, s = jax.pmap(f, axis_name="i")(x.reshape(2, 64, 4))
+print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(), np.asarray(s.mean).tobytes().hex())
+"""
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_process_device_count():
+  import subprocess
+  import sys
+  outputs = [
+      subprocess.run([sys.executable, "-c", _DEVICE_COUNT_SCRIPT, str(n)], capture_output=True, text=True,
+                     check=True, timeout=300).stdout
+      for n in (2, 8)
+  ]
+  assert outputs[0] == outputs[1] and outputs[0].strip()

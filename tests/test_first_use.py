@@ -52,6 +52,16 @@ def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module
 
 
 @pytest.mark.slow
+def test_flag_errors_are_one_line(tmp_path):
+  for flag, expected in [("--config=missing.py", "error: --config=missing.py: no such file"),
+                         ("--config.num_steps=abc", "error: flag --config.num_steps=abc: invalid literal for int() "
+                                                     "with base 10: 'abc' (--help lists the flags)")]:
+    result = _mnist(f"--workdir={tmp_path / 'run'}", flag)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [expected])
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_help_says_where_the_config_fields_are():
   result = _mnist("--help")
   text = " ".join(result.stdout.split())

@@ -71,3 +71,11 @@ def test_feature_mismatch_is_named():
     bnjax.fold(jnp.ones((3, 5)), None, params, state)
   with pytest.raises(KeyError, match="no 'Conv_9'"):
     bnjax.fold_variables({"params": {}, "batch_stats": {}}, [("Conv_9", "BatchNorm_0")])
+
+
+def test_integer_kernel_is_refused():
+  params, state = bnjax.init(4)
+  with pytest.raises(TypeError, match="kernel must have a floating or complex dtype, got int32"):
+    bnjax.fold(jnp.ones((3, 4), jnp.int32), None, params, state)
+  with pytest.raises(TypeError, match="state.var must have a floating or complex dtype, got int32"):
+    bnjax.fold(jnp.ones((3, 4)), None, params, bnjax.BatchNormState(state.mean, jnp.ones(4, jnp.int32)))

@@ -66,7 +66,7 @@ def test_running_statistics_averaged_across_devices():
 
 def test_masked_groups():
   x, params, state = problem()
-  mask = jnp.arange(24 * 5).reshape(24, 5) % 3 != 0
+  mask = (jnp.arange(24 * 5).reshape(24, 5) % 3 != 0)[..., None]
   y, _ = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=12, mask=mask)
   for start in (0, 12):
     want, _ = bnjax.batch_norm(x[start:start + 12], params, state, training=True, mask=mask[start:start + 12])
@@ -101,12 +101,12 @@ def test_linen_and_nnx_expose_it():
 def test_fully_masked_virtual_batch_leaves_no_nan():
   """A padded final batch: its last virtual batch has no valid example."""
   x = jnp.arange(8.0).reshape(8, 1)
-  mask = jnp.arange(8) < 6  # groups {0,1} {2,3} {4,5} valid, {6,7} padding
+  mask = (jnp.arange(8) < 6)[:, None]  # groups {0,1} {2,3} {4,5} valid, {6,7} padding
   params, state = bnjax.init(1)
 
   def loss(x, params):
     y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask, virtual_batch_size=2, momentum=0.0)
-    return jnp.sum(jnp.where(mask[:, None], y * x, 0.0)), new_state
+    return jnp.sum(jnp.where(mask, y * x, 0.0)), new_state
 
   (dx, dparams), new_state = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
   np.testing.assert_allclose(new_state.mean, [2.5])  # mean of the group means 0.5, 2.5, 4.5

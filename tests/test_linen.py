@@ -213,3 +213,20 @@ def test_under_jax_vmap_and_nn_vmap():
   lifted_vars = lifted.init(jax.random.key(0), x)
   y_lifted, _ = lifted.apply(lifted_vars, x, mutable=["batch_stats"])
   close(y_lifted, y)
+
+
+def test_half_precision_batch_stats_updated_with_the_exact_momentum():
+  """Issue 8 item 5: ``batch_stats`` in bfloat16 (``force_float32_reductions=False``)
+  are updated in float32 and rounded once; Flax rounds ``momentum`` to bfloat16
+  (0.99 -> 0.98828) and gives the batch 17% too much weight."""
+  x = jnp.tile(jnp.array([[90.0, -20.0], [110.0, 20.0]]), (4, 1)).astype(jnp.bfloat16)
+  module = bnjax.linen.BatchNorm(use_running_average=False, param_dtype=jnp.bfloat16,
+                                 force_float32_reductions=False)
+  variables = module.init(jax.random.key(0), x)
+  _, updated = module.apply(variables, x, mutable=["batch_stats"])
+  stats = updated["batch_stats"]
+  want = {"mean": 0.01 * np.array([100.0, 0.0]), "var": 0.99 + 0.01 * np.array([100.0, 400.0])}
+  for name in ("mean", "var"):
+    assert stats[name].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(stats[name].astype(jnp.float32),
+                                  want[name].astype(jnp.bfloat16).astype(np.float32))

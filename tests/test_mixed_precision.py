@@ -29,7 +29,7 @@ def test_statistics_in_float32_output_in_input_dtype(dtype, variant):
   params = bnjax.BatchNormParams(jnp.full(3, 1.5, jnp.bfloat16), jnp.full(3, 0.5, jnp.bfloat16))
   _, state = bnjax.init(3)
   kwargs = {"plain": {}, "ghost": {"virtual_batch_size": 4}, "unbiased": {"unbiased_variance": True},
-            "masked": {"mask": jnp.arange(64).reshape(16, 4) % 5 != 0}, "renorm": {}}[variant]
+            "masked": {"mask": (jnp.arange(64).reshape(16, 4) % 5 != 0)[..., None]}, "renorm": {}}[variant]
   fn = (lambda x, **k: bnjax.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0, **k)) \
       if variant == "renorm" else (lambda x, **k: bnjax.batch_norm(x, params, state, training=True, **k))
   y, new_state = fn(x, **kwargs)

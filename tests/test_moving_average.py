@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import bnjax
 
@@ -30,3 +31,32 @@ def test_cumulative_average_from_a_traced_schedule():
 def test_keeps_the_average_dtype():
   new = bnjax.update_moving_average(jnp.zeros(2), jnp.ones(2, jnp.bfloat16), momentum=0.5)
   assert new.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_average_uses_the_exact_momentum(dtype):
+  """Issue 8 item 5: computed in float32 and rounded once (0.99 in bfloat16 is
+  0.98828, which gave the new value 17% too much weight)."""
+  new = bnjax.update_moving_average(jnp.zeros(1, dtype), jnp.full(1, 100.0, dtype), momentum=0.99)
+  assert new.dtype == dtype
+  np.testing.assert_array_equal(new.astype(jnp.float32), [1.0])
+  traced = jax.jit(bnjax.update_moving_average)(jnp.full(1, 2.0, dtype), jnp.full(1, 3.0, dtype), momentum=0.999)
+  np.testing.assert_array_equal(traced.astype(jnp.float32), np.asarray(np.float64(2.001), dtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", ["plain", "ghost", "renorm"])
+def test_half_precision_running_statistics_are_rounded_once(variant):
+  """Every state update of the core (plain, ghost, renorm) goes through it."""
+  x = jnp.tile(jnp.array([[90.0, -20.0], [110.0, 20.0]]), (4, 1))  # mean (100, 0), var (100, 400)
+  params, state = bnjax.init(2)
+  state = jax.tree.map(lambda s: s.astype(jnp.bfloat16), state)
+  if variant == "renorm":
+    _, new = bnjax.batch_renorm(x, params, state, training=True, r_max=1.0, d_max=0.0, momentum=0.99)
+  else:
+    _, new = bnjax.batch_norm(x, params, state, training=True, momentum=0.99,
+                              virtual_batch_size=4 if variant == "ghost" else None)
+  want_mean = np.asarray([0.99 * 0 + 0.01 * 100, 0.0], np.float64)
+  want_var = np.asarray([0.99 * 1 + 0.01 * 100, 0.99 * 1 + 0.01 * 400], np.float64)
+  for got, want in ((new.mean, want_mean), (new.var, want_var)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(np.float32))

@@ -117,3 +117,64 @@ def test_synchronized_under_pmap():
   full = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
   close(y.reshape(32, 3), full(x.reshape(32, 3)), rtol=1e-5, atol=1e-5)
   close(jax.tree.map(lambda a: a[5], new_state), nnx.state(full))
+
+
+@pytest.mark.parametrize("norm", [bnjax.nnx.BatchNorm, bnjax.nnx.BatchRenorm])
+def test_gradient_with_hijax_variables_as_flax(norm):
+  """Issue 8 item 3: with hijax variables the running statistics are written
+  inside the differentiated function; as Flax, the write stops the gradient, so
+  the gradients and statistics are those of ordinary variables (and Flax's)."""
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+
+  def gradients(norm, hijax):
+    with nnx.var_defaults(hijax=hijax):
+      model = Net(norm, nnx.Rngs(0))  # the BN input depends on the parameters
+
+      @jax.jit
+      def grad(x):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda params: jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)  # noqa: E731
+        return jax.grad(loss)(nnx.with_vars(params, hijax=False))
+
+      if hijax:
+        grads = grad(x)
+      else:  # ordinary variables: nnx.grad carries the state updates out
+        grads = nnx.grad(lambda model: jnp.sum(model(x) ** 2))(model)
+      return grads, nnx.state(model, nnx.BatchStat)
+
+  def exact_flax(n, rngs):
+    return nnx.BatchNorm(n, use_fast_variance=False, rngs=rngs)
+
+  grads, stats = gradients(norm, hijax=True)
+  assert not np.allclose(stats["norm"]["mean"][...], 0.0)  # the write happened
+  close((grads, stats), gradients(norm, hijax=False), rtol=1e-5, atol=1e-6)
+  if norm is bnjax.nnx.BatchNorm:
+    close((grads, stats), gradients(exact_flax, hijax=True), rtol=1e-4, atol=1e-5)
+
+
+def test_view_info_is_flaxs():
+  """Issue 8 item 4: ``nnx.view_info`` parses ``set_view``'s ``Args:`` section."""
+
+  class Model(nnx.Module):
+    def __init__(self, norm, rngs):
+      self.norm = norm(2, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+  want = nnx.view_info(Model(nnx.BatchNorm, nnx.Rngs(0)))
+  assert "use_running_average" in want
+  assert nnx.view_info(Model(bnjax.nnx.BatchNorm, nnx.Rngs(0))) == want
+  renorm = nnx.view_info(Model(bnjax.nnx.BatchRenorm, nnx.Rngs(0)))
+  assert renorm == want.replace("BatchNorm:", "BatchRenorm:")
+
+
+def test_recompute_batch_stats_with_hijax_variables():
+  """A sibling of issue 8 item 3: ``nnx.jit`` refuses hijax variables, so the
+  recomputation runs on a copy with ordinary ones and writes the result back."""
+  batches = [jax.random.normal(jax.random.key(i), (8, 4)) for i in range(3)]
+  with nnx.var_defaults(hijax=True):
+    hijax_model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
+  model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
+  bnjax.nnx.recompute_batch_stats(hijax_model, batches)
+  bnjax.nnx.recompute_batch_stats(model, batches)
+  assert hijax_model.norm.mean.hijax and not np.allclose(model.norm.var[...], 1.0)
+  close(nnx.state(hijax_model), nnx.state(model), rtol=0, atol=0)

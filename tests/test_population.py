@@ -124,3 +124,54 @@ def test_linen_recompute_when_the_batch_norm_is_the_root_module():
   new = bnjax.linen.recompute_batch_stats(lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES)
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
   np.testing.assert_allclose(new["batch_stats"]["var"], var.ravel(), rtol=1e-5)
+
+
+def test_a_batch_that_defines_no_statistic_changes_none():
+  """An all-masked batch and a final batch of one example (issue 8)."""
+  batches = [np.asarray(b) for b in BATCHES[:3]]
+  population = bnjax.init_population(3)
+  for batch in batches:
+    population = bnjax.update_population(population, jnp.asarray(batch))
+  all_masked = bnjax.update_population(population, BATCHES[3], mask=jnp.zeros((16, 4, 1), bool))
+  one_example = bnjax.update_population(all_masked, BATCHES[4][:1, :1])
+  mean, var = reference.population_statistics(batches, (0, 1))
+  for unbiased, want_var in [(True, var), (False, var * 63 / 64)]:
+    state = bnjax.population_state(one_example, unbiased=unbiased)
+    if unbiased:  # the single example adds a mean but no unbiased variance
+      want_mean = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4
+    else:  # ... and a biased variance of 0
+      want_mean, want_var = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4, want_var * 3 / 4
+    np.testing.assert_allclose(state.mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(state.var, want_var.ravel(), rtol=1e-5)
+
+
+def test_statistics_no_batch_defines_keep_the_fallback():
+  population = bnjax.update_population(bnjax.init_population(2), jnp.ones((4, 2)),
+                                       mask=jnp.array([True, False]))
+  fallback = bnjax.BatchNormState(mean=jnp.array([7.0, 8.0]), var=jnp.array([2.0, 3.0]))
+  state = bnjax.population_state(population, fallback=fallback)
+  np.testing.assert_allclose(state.mean, [1.0, 8.0])
+  np.testing.assert_allclose(state.var, [0.0, 3.0])
+  assert np.isnan(bnjax.population_state(population).var[1])
+
+
+def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistics():
+  model = bnjax.linen.BatchNorm(use_running_average=False)
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 2)))
+  variables = {**variables, "batch_stats": {"mean": jnp.array([5.0, 6.0]), "var": jnp.array([2.0, 3.0])}}
+  mask = jnp.array([[True, False]] * 4)  # the second feature never has a valid value
+  apply_fn = jax.jit(lambda v, b: model.apply(v, b, mask=mask, mutable=["batch_stats"]))
+  batches = [jnp.arange(8.0).reshape(4, 2), jnp.arange(8.0).reshape(4, 2) + 2.0]
+  new = bnjax.linen.recompute_batch_stats(apply_fn, variables, batches)
+  # feature 0 holds 0, 2, 4, 6 and then 2, 4, 6, 8: means 3, 5; unbiased variances 20/3 each
+  np.testing.assert_allclose(new["batch_stats"]["mean"], [4.0, 6.0])
+  np.testing.assert_allclose(new["batch_stats"]["var"], [20.0 / 3.0, 3.0], rtol=1e-6)
+
+
+def test_nnx_recompute_keeps_statistics_no_batch_defines():
+  layer = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+  layer.mean[...] = jnp.array([5.0, 6.0])
+  mask = jnp.array([[True, False]] * 4)
+  bnjax.nnx.recompute_batch_stats(layer, [jnp.arange(8.0).reshape(4, 2)], apply_fn=lambda m, b: m(b, mask=mask))
+  np.testing.assert_allclose(layer.mean[...], [3.0, 6.0])
+  np.testing.assert_allclose(layer.var[...], [20.0 / 3.0, 1.0], rtol=1e-6)

@@ -39,6 +39,7 @@ def fail(message: str, status: int = 1) -> NoReturn:
   ``os._exit`` after flushing its output, so an error never turns into a hang.
   """
   sys.stdout.flush()
+  message = " ".join(message.split())  # one line, whatever a library put in it
   sys.stderr.write(f"error: {message}\n")
   sys.stderr.flush()
   if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
@@ -94,10 +95,14 @@ def _has_field(config: Any, dotted: str) -> bool:
   return True
 
 
+def _config_files_given(name: str, argv: list[str]) -> list[str]:
+  return [a.split("=", 1)[1] for a in argv if re.match(rf"^--?{name}=", a)]
+
+
 def _config_error(name: str, default_file: str, argv: list[str], error: Exception) -> NoReturn:
   """One line for a config flag that cannot be parsed: an unknown field is named,
   with the valid fields and the file that documents them."""
-  given = [a.split("=", 1)[1] for a in argv if re.match(rf"^--?{name}=", a)]
+  given = _config_files_given(name, argv)
   path = given[-1] if given else default_file
   try:
     config = load_config_file(path)
@@ -128,6 +133,10 @@ def define_config_flag(default_file: str, help: str, *, name: str = "config") ->
 
 def parse_flags(argv: list[str]) -> list[str]:
   """``app.run``'s ``flags_parser``: absl's parsing, with one-line errors."""
+  for name in _CONFIG_FLAGS:
+    for path in _config_files_given(name, argv):
+      if not pathlib.Path(path.split(":", 1)[0]).is_file():
+        fail(f"--{name}={path}: no such file")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -9,11 +9,11 @@
 ``create_model(config)`` builds either from an experiment config; ``count_params``
 counts parameters with ``jax.eval_shape`` (nothing is allocated).
 
-Every convolution that feeds a nonlinearity is followed by batch norm and has no
-bias: BN goes on the input of each nonlinearity and its beta replaces the bias
-(Section 3.2). Without BN (``norm=None``) the convolutions have biases. ``norm`` is
-the BatchNorm class (``bnjax.linen.BatchNorm`` by default, ``flax.linen.BatchNorm``
-to compare), called as ``norm(use_running_average=..., dtype=...)``: bind
+Every convolution is followed by batch norm and has no bias: BN goes on the input
+of each nonlinearity and its beta replaces the bias (Section 3.2). Without BN
+(Inception with ``norm=None``) the convolutions have biases. ``norm`` is the
+BatchNorm class (``bnjax.linen.BatchNorm`` by default, ``flax.linen.BatchNorm`` to
+compare), called as ``norm(use_running_average=..., dtype=...)``: bind
 ``momentum``, ``epsilon``, ``axis_name``, ``axis_index_groups`` or
 ``virtual_batch_size`` with ``functools.partial`` before passing it.
 
@@ -34,7 +34,8 @@ The paper gives 13.6M parameters for its Inception; its own table gives about
 11,178,336: our count less the 9,952 gammas). Nothing in the paper accounts for
 the 2.4M difference: not an auxiliary classifier (GoogLeNet's are about 3.2M
 each at 1000 classes), and the paper says there is no fully connected layer
-but the softmax's. We build the table.
+but the softmax's. We build the table; its choices and departures are listed in
+``Inception``'s docstring.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class InceptionModuleSpec(NamedTuple):
   reduce_double3: int  # double #3x3 reduce
   out_double3: int  # double #3x3 (both convolutions)
   pool: str  # "avg" or "max"
-  pool_projection: int  # 1x1 projection after the pool; 0 = pass through
+  pool_projection: int | None  # 1x1 projection after the pool; 0 = pass through; None: 4c/4d option
   strides: int
 
 
@@ -167,14 +168,32 @@ class InceptionModule(nn.Module):
     branches.append(unit(s.out_double3, (3, 3), s.strides, name="double_3x3_b")(y))
     window, strides = (3, 3), (s.strides, s.strides)
     if s.pool == "avg":
-      # Padding excluded from the average, as TensorFlow's (our choice; not in the paper).
-      y = nn.avg_pool(x, window, strides, padding="SAME", count_include_pad=False)
+      y = average_pool(x, window, strides)
     else:
       y = nn.max_pool(x, window, strides, padding="SAME")
     if s.pool_projection:
       y = unit(s.pool_projection, (1, 1), name="pool_projection")(y)
     branches.append(y)
     return jnp.concatenate(branches, axis=-1)
+
+
+def average_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
+  """Average pooling with "SAME" padding, the padding left out of each average
+  (as TensorFlow's; our choice, the paper does not say), in the input's dtype.
+
+  Args:
+    x: [N, H, W, C].
+
+  Returns:
+    [N, ceil(H / strides[0]), ceil(W / strides[1]), C], same dtype.
+
+  >>> average_pool(jnp.arange(4.0).reshape(1, 1, 4, 1), (1, 3), (1, 1))[0, 0, :, 0]
+  Array([0.5, 1. , 2. , 2.5], dtype=float32)
+  """
+  sums = nn.pool(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+  counts = nn.pool(jnp.ones((1, *x.shape[1:3], 1), x.dtype), jnp.zeros((), x.dtype), jax.lax.add, window,
+                   strides, "SAME")
+  return sums / counts
 
 
 def local_response_normalization(x: jax.Array, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
@@ -190,8 +209,11 @@ def local_response_normalization(x: jax.Array, *, size: int = 5, alpha: float = 
   Returns:
     [..., C], same dtype.
 
-  >>> local_response_normalization(jnp.full((1, 3), 10.0), size=3, alpha=0.3).round(3)
-  Array([[3.976, 3.393, 3.976]], dtype=float32)
+  Three channels of 10, window 3: the middle one is 10 / (1 + 0.1 * 300)^0.75,
+  the edges (one zero neighbour) 10 / (1 + 0.1 * 200)^0.75.
+
+  >>> local_response_normalization(jnp.full((1, 3), 10.0), size=3, alpha=0.3)[0].tolist()
+  [1.0194, 0.7612, 1.0194]
   """
   x32 = x.astype(jnp.float32)
   padding = [(0, 0)] * (x.ndim - 1) + [(size // 2, (size - 1) // 2)]
@@ -212,7 +234,7 @@ class Inception(nn.Module):
   At 224x224 the feature maps are 112, 56, 28, 14 and 7 wide, as listed; any
   multiple of 32 works (global pooling).
 
-  Choices where the table leaves room (also in the module docstring):
+  Choices where the table leaves room, and departures from it:
 
   * Modules 4c and 4d: the table lists 576 output channels, but its branches add
     to 608 with a pool projection of 128. We use 96 by default (576 channels):
@@ -229,6 +251,14 @@ class Inception(nn.Module):
     for the BN variants, so the baseline Inception had it; the table does not show it.
   * The separable stem's depth multiplier is ``min(8, max(1, stem_channels // 3))``,
     tf-slim's rule: 8 at full width, smaller when a width multiplier shrinks the stem.
+  * Stride-2 modules stride the last convolution of each branch (as tf-slim); the
+    table does not say which. Its rows for 3c and 4e list the spatial size of the
+    module's input (28x28, 14x14); the outputs are 14x14 and 7x7, as the next rows.
+  * Average pools leave the padding out of each average (TensorFlow's "SAME").
+  * Initialization (not in the paper): convolutions He et al. (2015) truncated
+    normal, as tf-slim's; the softmax layer's kernel zeros (big_vision's
+    ``head_zeroinit``), so every network starts at loss ln(num_classes) (without it
+    the network without BN starts with logits of standard deviation about 4).
 
   Attributes:
     num_classes: size of the softmax layer.
@@ -242,6 +272,8 @@ class Inception(nn.Module):
     dropout_rate: dropout before the softmax layer (GoogLeNet: 0.4); needs an rng
       named "dropout" in training when > 0.
     pool_projection_4cd: pool projection of modules 4c and 4d, 96 or 128 (above).
+    modules: names of the table's modules to build, in order (None: all ten, the
+      paper's network). The tiny variant keeps one of each kind to compile fast.
     dtype: computation dtype (bfloat16 for mixed precision); parameters, BN
       statistics and logits stay float32.
   """
@@ -253,6 +285,7 @@ class Inception(nn.Module):
   lrn: bool = False
   dropout_rate: float = 0.0
   pool_projection_4cd: int = 96
+  modules: tuple[str, ...] | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -279,7 +312,7 @@ class Inception(nn.Module):
       x = local_response_normalization(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
 
-    for spec in inception_modules(self.pool_projection_4cd):
+    for spec in inception_modules(self.pool_projection_4cd, self.modules):
       scaled = spec._replace(**{field: width(getattr(spec, field)) if getattr(spec, field) else 0
                                 for field in ("ones", "reduce3", "out3", "reduce_double3",
                                               "out_double3", "pool_projection")})
@@ -288,18 +321,23 @@ class Inception(nn.Module):
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name="logits")(x)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="logits")(x)
 
 
-def inception_modules(pool_projection_4cd: int = 96) -> tuple[InceptionModuleSpec, ...]:
-  """The table's modules, with the pool projection of 4c and 4d set (96 or 128)."""
+def inception_modules(pool_projection_4cd: int = 96,
+                      names: Sequence[str] | None = None) -> tuple[InceptionModuleSpec, ...]:
+  """The table's modules (those named, in the table's order; all if None), with the pool
+  projection of 4c and 4d set to ``pool_projection_4cd`` (96 or 128)."""
   if pool_projection_4cd not in (96, 128):
     raise ValueError(
         f"pool_projection_4cd must be 96 (576 channels out of 4c and 4d, tf-slim) or 128 (608, the "
         f"table's pool projection column), got {pool_projection_4cd!r}"
     )
+  known = [s.name for s in INCEPTION_MODULES]
+  if names is not None and (not names or set(names) - set(known)):
+    raise ValueError(f"modules must name some of the table's modules {', '.join(known)}; got {names!r}")
   return tuple(s._replace(pool_projection=pool_projection_4cd) if s.pool_projection is None else s
-               for s in INCEPTION_MODULES)
+               for s in INCEPTION_MODULES if names is None or s.name in names)
 
 
 # ---- ResNet ----------------------------------------------------------------------------
@@ -400,8 +438,12 @@ _RESNETS = {
     "resnet152": ResNet152, "resnet_tiny": ResNetTiny,
 }
 _ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
-# Tiny variants: the same network at this fraction of the width (times the config's).
+# Tiny variants, for tests and CPU smoke runs: 1/8 of the width (times the config's);
+# the tiny Inception keeps one module of each kind of the table (avg pool +
+# projection, stride 2, max pool + projection), with the full network's total stride
+# 32: its 27 convolutions compile 2-3x faster than the full 70.
 _TINY_WIDTH = 1 / 8
+_TINY_INCEPTION_MODULES = ("3a", "3c", "4e", "5b")
 MODEL_NAMES = ("inception", "inception_tiny", *_RESNETS)
 
 
@@ -460,7 +502,8 @@ def create_model(config, *, norm: ModuleDef | None = None) -> nn.Module:
   return Inception(
       num_classes=config.num_classes, width_multiplier=width, norm=norm if config.batch_norm else None,
       activation=_ACTIVATIONS[config.activation], lrn=config.lrn, dropout_rate=config.dropout_rate,
-      pool_projection_4cd=config.pool_projection_4cd, dtype=dtype,
+      pool_projection_4cd=config.pool_projection_4cd,
+      modules=_TINY_INCEPTION_MODULES if name == "inception_tiny" else None, dtype=dtype,
   )
 
 

@@ -1,0 +1,187 @@
+"""Every ```python block of the guide (docs/**/*.md) and of README.md runs.
+
+Each page's blocks run in order in one namespace, as a reader pasting them into
+one Python session would: with JAX's default promotion rules (not the suite's
+strict ones), eight CPU devices (tests/conftest.py), in a fresh temporary working
+directory (the figures a page saves land there). Two markers, an HTML comment on the last non-blank line
+before a block, change how a block runs:
+
+* ``<!-- raises: ValueError -->``: the block must raise that exception (a builtin
+  name, or a dotted name the page has imported, e.g. ``flax.errors.ScopeCollectionNotFound``).
+* ``<!-- requires: haiku -->``: the block needs an optional package (``pip install
+  -e ".[docs]"``); without it the block is skipped, and so is every later block
+  marked with the same package, and the page's test reports the skip.
+
+A figure a page saves (``*.png`` in the working directory) must be committed beside
+the page under the same name; ``BNJAX_UPDATE_DOC_FIGURES=1`` copies the new ones
+there. The Sphinx build of the site (guide and API reference, warnings as errors)
+is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+# The guide's pages and the README must have code to run; other pages, if they have any.
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts and (
+    p.parent.name == "guide" or "```python" in p.read_text())) + [ROOT / "README.md"]
+
+_FENCE = re.compile(r"^(`{3,})\s*(\S*)")
+_MARKER = re.compile(r"^<!--\s*(raises|requires):\s*([\w.]+)\s*-->$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  line: int  # 1-based line of the block's first code line
+  code: str
+  raises: str | None
+  requires: str | None
+
+
+def python_blocks(text: str, where: str = "page") -> list[Block]:
+  """The ```python blocks of a Markdown text, with the markers just before them.
+
+  >>> python_blocks("<!-- raises: KeyError -->\\n```python\\n{}[1]\\n```\\n```bash\\nls\\n```\\n")
+  [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None)]
+  """
+  lines = text.splitlines()
+  blocks, markers, i = [], {}, 0
+  while i < len(lines):
+    stripped = lines[i].strip()
+    marker = _MARKER.match(stripped)
+    fence = _FENCE.match(stripped)
+    if marker:
+      if marker.group(1) in markers:
+        raise ValueError(f"{where}:{i + 1}: two '{marker.group(1)}' markers before one block")
+      markers[marker.group(1)] = marker.group(2)
+      i += 1
+    elif fence:
+      ticks, language = fence.groups()
+      end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks), None)
+      if end is None:
+        raise ValueError(f"{where}:{i + 1}: unclosed code fence")
+      if language == "python":
+        blocks.append(Block(line=i + 2, code="\n".join(lines[i + 1:end]) + "\n",
+                            raises=markers.get("raises"), requires=markers.get("requires")))
+      elif markers:
+        raise ValueError(f"{where}:{i + 1}: a marker before a '{language}' block, not a python one")
+      markers, i = {}, end + 1
+    else:
+      if stripped and markers:
+        raise ValueError(f"{where}:{i + 1}: a marker must be followed by its python block")
+      i += 1
+  if markers:
+    raise ValueError(f"{where}: a marker at the end of the page, before no block")
+  return blocks
+
+
+def _exception_type(name: str, namespace: dict) -> type[BaseException]:
+  head, *rest = name.split(".")
+  value = namespace[head] if head in namespace else getattr(builtins, head)
+  for part in rest:
+    value = getattr(value, part)
+  if not (isinstance(value, type) and issubclass(value, BaseException)):
+    raise TypeError(f"the raises marker names {name}, which is not an exception type")
+  return value
+
+
+def _missing(module: str) -> bool:
+  return importlib.util.find_spec(module) is None
+
+
+def run_blocks(blocks: list[Block], where: str) -> list[str]:
+  """Runs the blocks in order in one namespace; returns the skipped blocks' reasons."""
+  namespace = {"__name__": "__main__"}
+  skipped, missing = [], set()
+  for block in blocks:
+    if block.requires and (block.requires in missing or _missing(block.requires)):
+      missing.add(block.requires)
+      skipped.append(f"{where}:{block.line} needs {block.requires}")
+      continue
+    # Blank lines in front, so that tracebacks point at the page's own lines.
+    code = compile("\n" * (block.line - 1) + block.code, where, "exec")
+    if block.raises is None:
+      exec(code, namespace)
+      continue
+    try:
+      exec(code, namespace)
+    except BaseException as error:  # noqa: BLE001: compared with the marker below
+      if not isinstance(error, _exception_type(block.raises, namespace)):
+        raise AssertionError(
+            f"{where}:{block.line}: the block is marked to raise {block.raises} but raised "
+            f"{type(error).__name__}: {error}") from error
+    else:
+      raise AssertionError(f"{where}:{block.line}: the block is marked to raise {block.raises} "
+                           "but ran without an error")
+  return skipped
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_page_runs(page, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  relative = str(page.relative_to(ROOT))
+  blocks = python_blocks(page.read_text(), relative)
+  assert blocks, f"{relative} has no ```python block: nothing to run"
+  try:
+    # A reader's session has JAX's defaults, not the suite's strict promotion.
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+      skipped = run_blocks(blocks, relative)
+  finally:
+    if "matplotlib.pyplot" in sys.modules:
+      sys.modules["matplotlib.pyplot"].close("all")
+  for figure in sorted(tmp_path.glob("*.png")):
+    committed = page.parent / figure.name
+    if os.environ.get("BNJAX_UPDATE_DOC_FIGURES") == "1":
+      shutil.copyfile(figure, committed)
+    assert committed.exists(), (
+        f"{relative} saves {figure.name}, which is not committed beside it: "
+        "run with BNJAX_UPDATE_DOC_FIGURES=1 to copy it there")
+    assert f"]({figure.name})" in page.read_text(), f"{page.name} saves {figure.name} but does not show it"
+  if skipped:
+    pytest.skip("; ".join(skipped) + ' (pip install -e ".[docs]")')
+
+
+def test_markers_are_checked():
+  blocks = python_blocks("<!-- requires: haiku -->\n```python\nimport haiku\n```\n\n```python\nx = 1\n```\n")
+  assert [(b.line, b.requires) for b in blocks] == [(3, "haiku"), (7, None)]
+  with pytest.raises(ValueError, match="followed by its python block"):
+    python_blocks("<!-- raises: KeyError -->\nsome prose\n```python\npass\n```\n")
+  with pytest.raises(ValueError, match="not a python one"):
+    python_blocks("<!-- raises: KeyError -->\n```bash\nls\n```\n")
+  with pytest.raises(AssertionError, match="ran without an error"):
+    run_blocks(python_blocks("<!-- raises: KeyError -->\n```python\nx = {}\n```\n"), "page")
+  with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
+    run_blocks(python_blocks("<!-- raises: KeyError -->\n```python\n1 / 0\n```\n"), "page")
+  # A marked block that raises what it says passes, and the namespace carries on.
+  assert run_blocks(python_blocks(
+      "```python\nd = {}\n```\n<!-- raises: KeyError -->\n```python\nd[1]\n```\n"
+      "<!-- requires: no_such_module_here -->\n```python\nimport no_such_module_here\n```\n"), "page"
+  ) == ["page:10 needs no_such_module_here"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_missing("sphinx") or _missing("myst_parser"),
+                    reason='the docs extra is not installed (pip install -e ".[docs]")')
+def test_site_builds_without_warnings(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
+       str(tmp_path / "html")],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert (tmp_path / "html" / "api.html").exists()
+
