@@ -34,6 +34,7 @@ def main():
         time.sleep(3600)
 
     common.Checkpoints.save = save_then_wait
+  figure3.define_flags()
   app.run(figure3.main, argv=sys.argv, flags_parser=cli.parse_flags)
 
 

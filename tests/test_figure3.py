@@ -19,20 +19,15 @@ import pytest
 from experiments.imagenet import figure3, idx_data, input_pipeline, train
 from experiments.imagenet.configs import figure3 as figure3_config
 from tests.imagenet_testing import micro_net
+from tests.test_mnist import FASHION_MNIST, fashion_mnist_dir  # noqa: F401 (the fixture)
 
-FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def fashion_mnist():
-  """Debian's dataset-fashion-mnist, loaded; .ci/run installs it."""
-  if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-    message = "Fashion-MNIST missing: apt-get install dataset-fashion-mnist"
-    if os.environ.get("BNJAX_REQUIRE_FASHION_MNIST"):
-      pytest.fail(message)
-    pytest.skip(message)
-  return input_pipeline.builder_for("fashion_mnist", None, idx_dir=str(FASHION_MNIST))
+def fashion_mnist(fashion_mnist_dir):
+  """Debian's dataset-fashion-mnist, loaded as the ImageNet experiment's source."""
+  return input_pipeline.builder_for("fashion_mnist", None, idx_dir=str(fashion_mnist_dir))
 
 
 def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnist):
@@ -125,7 +120,7 @@ def test_variant_configs_keep_the_papers_rate_ratios():
                                  "bn_x5_sigmoid": 5 * base, "inception_sigmoid": base})
   for name in figure3.VARIANTS:
     config = figure3.variant_config(name, miniature)
-    assert (config.model, config.image_size, config.num_train_steps) == ("inception_tiny", 32, 400)
+    assert (config.model, config.image_size, config.num_train_steps) == ("inception_tiny", 32, 300)
   assert not figure3.variant_config("inception", miniature).batch_norm
   assert figure3.variant_config("bn_x5_sigmoid", miniature).activation == "sigmoid"
 
@@ -144,17 +139,17 @@ def test_table_counts_steps_to_the_inceptions_best():
 def _figure_command(workdir, *flags):
   return [sys.executable, "-m", "tests.figure3_runner", f"--workdir={workdir}",
           f"--config.data_dir={FASHION_MNIST}", "--config.batch_size=16", "--config.eval_batch_size=1024",
-          "--config.num_train_steps=4", "--config.eval_every=2", "--config.checkpoint_every=2", *flags]
+          "--config.num_train_steps=2", "--config.eval_every=2", "--config.checkpoint_every=1", *flags]
 
 
 @pytest.mark.slow
 def test_figure_command_draws_the_table_and_resumes_after_a_kill(fashion_mnist, tmp_path):
-  env = {**os.environ, "FIGURE3_RUNNER_STOP_AT": "bn_x5:2"}
+  env = {**os.environ, "FIGURE3_RUNNER_STOP_AT": "bn_x5:1"}
   killed = subprocess.Popen(_figure_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
   try:
-    for line in killed.stdout:  # until bn_x5 saved its step-2 checkpoint
-      if line.startswith("stopped at bn_x5 2"):
+    for line in killed.stdout:  # until bn_x5 saved its step-1 checkpoint
+      if line.startswith("stopped at bn_x5 1"):
         break
     else:
       pytest.fail(f"the figure ended without reaching bn_x5's checkpoint: {killed.wait()}")
@@ -169,11 +164,11 @@ def test_figure_command_draws_the_table_and_resumes_after_a_kill(fashion_mnist, 
   for name, mtime in finished.items():  # finished runs are not trained again
     assert f"{name}: finished, not trained again" in done.stderr
     assert (tmp_path / name / "metrics.jsonl").stat().st_mtime_ns == mtime
-  assert "Resumed" in done.stdout and "from its checkpoint of step 2" in done.stdout
+  assert "bn_x5: finished" not in done.stderr and "from its checkpoint of step 1" in done.stdout
   assert (tmp_path / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   table = (tmp_path / "figure3.md").read_text()
   for name in figure3.VARIANTS:
     rows = train.read_metrics(tmp_path / name)
-    assert [r["step"] for r in rows if "top1" in r] == [2, 4], name
+    assert [r["step"] for r in rows if "top1" in r] == [2], name
     best = max(r["top1"] for r in rows if "top1" in r)
     assert f"| {figure3.VARIANTS[name]} |" in table and f"{best:.1%}" in table

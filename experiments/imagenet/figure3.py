@@ -20,7 +20,7 @@ drawn as far as it went.
 from __future__ import annotations
 
 import importlib
-import os
+import io
 import pathlib
 import sys
 import time
@@ -36,8 +36,6 @@ from experiments.common import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "figure3.py")
-flags.DEFINE_string("workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png.")
-cli.define_config_flag(DEFAULT_CONFIG, "The miniature's fields, set on every variant's config.")
 
 # The paper's Figure 3, in its order; name -> label.
 VARIANTS = {
@@ -137,13 +135,12 @@ def draw(curves: dict, rows: list[dict], path: pathlib.Path, *, title: str) -> N
   tab.set_title("(b) Steps to reach the Inception's best accuracy, and each one's best")
   fig.suptitle(title)
   fig.tight_layout()
-  temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+  png = io.BytesIO()
   try:
-    fig.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
+    fig.savefig(png, format="png", dpi=110)
   finally:
-    temporary.unlink(missing_ok=True)
     plt.close(fig)
+  common.write_bytes_atomic(path, png.getvalue())
 
 
 def run_figure3(miniature, workdir) -> pathlib.Path:
@@ -181,6 +178,12 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
   return path
 
 
+def define_flags() -> None:
+  """--workdir and --config (at run time, not import: other commands use these names)."""
+  flags.DEFINE_string("workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png.")
+  cli.define_config_flag(DEFAULT_CONFIG, "The miniature's fields, set on every variant's config.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -193,4 +196,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
