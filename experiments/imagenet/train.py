@@ -280,11 +280,14 @@ class Experiment(NamedTuple):
   num_params: int
 
 
-def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_model) -> Experiment:
+def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_model,
+            norm_class=bn.BatchNorm) -> Experiment:
   """Checks the config and the data and builds the run's parts; writes nothing,
   compiles nothing.
 
-  ``create_model(config, norm=...)`` builds the network (tests pass smaller ones).
+  ``create_model(config, norm=...)`` builds the network (tests pass smaller ones);
+  ``norm_class`` is its BatchNorm (``flax.linen.BatchNorm`` to compare; it has no
+  ``virtual_batch_size``, so only with ``bn_group_size=0`` under ``jit``).
 
   Raises:
     ConfigError: a bad field (its name in the message).
@@ -293,11 +296,11 @@ def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_mod
   layout_devices, process_count = jax.device_count(), jax.process_count()
   validate_config(config, num_devices=layout_devices, process_count=process_count)
   layout = parallel.make_layout(config.parallelism)
-  bn_setup = parallel.batch_norm_setup(config, layout)
+  bn_setup = parallel.batch_norm_setup(config, layout, norm_class=norm_class)
   try:
     model = create_model(config, norm=bn_setup.norm)
     eval_model = create_model(config, norm=parallel.batch_norm_setup(
-        config, layout._replace(parallelism="jit")).norm)
+        config, layout._replace(parallelism="jit"), norm_class=norm_class).norm)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.fake_data:
