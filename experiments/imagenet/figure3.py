@@ -113,7 +113,7 @@ def format_table(rows: list[dict]) -> list[list[str]]:
 
 def draw(curves: dict, rows: list[dict], path: pathlib.Path, *, title: str) -> None:
   """Writes the two panels to ``path`` (PNG) atomically."""
-  fig, (ax, tab) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1.1, 1]})
+  fig, (ax, tab) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.1, 1]})
   styles = {"inception": "k-", "bn_baseline": "C0-", "bn_x5": "C1-", "bn_x30": "C2-", "bn_x5_sigmoid": "C3--",
             "inception_sigmoid": "k--"}
   for name, curve in curves.items():
@@ -125,7 +125,8 @@ def draw(curves: dict, rows: list[dict], path: pathlib.Path, *, title: str) -> N
   ax.set(title="(a) Test accuracy (10,000 test images)", xlabel="training steps (batches of 32)",
          ylabel="top-1 accuracy")
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right", fontsize="small")
+  ax.set_ylim(0.0, None)
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small")  # below: hides no curve
   tab.axis("off")
   text = format_table(rows)
   cells = tab.table(cellText=text[1:], colLabels=text[0], loc="center", cellLoc="center")
