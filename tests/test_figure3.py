@@ -86,8 +86,9 @@ def test_training_order_resumes_exactly(fashion_mnist):
 
 
 def test_missing_files_name_the_folder_and_the_package(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"):
+  with pytest.raises(input_pipeline.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist") as e:
     input_pipeline.builder_for("fashion_mnist", None, idx_dir=str(tmp_path))
+  assert "\n" not in str(e.value)
   with pytest.raises(input_pipeline.DataError, match="set --config.data_dir"):
     input_pipeline.builder_for("fashion_mnist", None)
   with pytest.raises(input_pipeline.DataError, match="got config.dataset='imagenet2012'"):

@@ -1,7 +1,10 @@
 """A folder of MNIST-format IDX files as the ImageNet experiment's dataset.
 
-    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/figure3.py \\
-        --config.dataset=fashion_mnist --config.data_dir=/usr/share/datasets/fashion-mnist
+    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/bn_x5.py \\
+        --config.dataset=fashion_mnist --config.data_dir=/usr/share/datasets/fashion-mnist \\
+        --config.num_classes=10 --config.image_size=32 --config.model=inception_tiny
+
+(``python -m experiments.imagenet.figure3`` sets these fields on all six variants.)
 
 ``config.dataset`` is ``fashion_mnist`` or ``mnist`` and ``config.data_dir`` the
 folder of the four IDX files (read by ``experiments.common.idx``, the reader the
