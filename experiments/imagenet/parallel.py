@@ -91,10 +91,8 @@ def batch_norm_setup(config, layout: Layout, *, norm_class=bn.BatchNorm) -> Batc
     if size is not None and size < config.batch_size:
       norm = functools.partial(norm, virtual_batch_size=size)
     return BatchNormSetup(norm, None, False)
-  if virtual and virtual <= per_device:
-    if virtual < per_device:
-      norm = functools.partial(norm, virtual_batch_size=virtual)
-    return BatchNormSetup(functools.partial(norm, axis_name=AXIS), AXIS, False)
+  if virtual and virtual <= per_device:  # groups within each device; running statistics averaged over all
+    return BatchNormSetup(functools.partial(norm, axis_name=AXIS, virtual_batch_size=virtual), AXIS, False)
   group = virtual // per_device if virtual else group
   if group and group < layout.num_devices:
     groups = [list(range(g, g + group)) for g in range(0, layout.num_devices, group)]

@@ -408,17 +408,17 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
   training batches (a stream of its own, seed + 2; the global batch's statistics
   per batch), via ``bnjax.linen.recompute_batch_stats`` under ``jit``."""
   config = exp.config
-  fake = config.fake_data
   common = dict(global_batch_size=config.batch_size, image_size=config.image_size, seed=config.seed + 2,
                 process_index=jax.process_index(), process_count=jax.process_count())
-  if fake:
-    host = input_pipeline.fake_train_batches(**common)
-    host = (host[k % len(host)] for k in range(config.recompute_bn_batches))
+  if config.fake_data:
+    fake = input_pipeline.fake_train_batches(**common)
+    host_batches = (fake[k % len(fake)] for k in range(config.recompute_bn_batches))
   else:
-    source = input_pipeline.train_batches(exp.builder, **common)
-    host = (next(source) for _ in range(config.recompute_bn_batches))
+    source = input_pipeline.train_batches(exp.builder, shuffle_buffer_size=config.shuffle_buffer,
+                                          photometric_distortion=float(config.photometric_distortion), **common)
+    host_batches = (next(source) for _ in range(config.recompute_bn_batches))
   jit_layout = exp.layout._replace(parallelism="jit")
-  images = (parallel.to_device_batch(jit_layout, b)["image"] for b in host)
+  images = (parallel.to_device_batch(jit_layout, b)["image"] for b in host_batches)
   apply = lambda v, x: exp.eval_model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
   return bn.recompute_batch_stats(apply, variables_of(params, batch_stats), images)["batch_stats"]
 
