@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments.imagenet import figure3, idx_data, input_pipeline, train
-from experiments.imagenet.configs import figure3 as figure3_config
+from experiments.imagenet import figure3_config
 from tests.imagenet_testing import micro_net
 from tests.test_mnist import FASHION_MNIST, fashion_mnist_dir  # noqa: F401 (the fixture)
 

@@ -5,7 +5,7 @@
 
 Trains ``inception``, ``bn_baseline``, ``bn_x5``, ``bn_x30``, ``bn_x5_sigmoid`` and
 ``inception_sigmoid``, each built from its own config with the miniature's fields
-of ``configs/figure3.py`` set on it (the learning rate: the miniature's Inception
+of ``figure3_config.py`` set on it (the learning rate: the miniature's Inception
 rate times the paper's ratio), each an ordinary run of the experiment in
 ``W/<name>/`` (``metrics.jsonl``, checkpoints; ``python -m experiments.imagenet``
 trains the same run). Then draws ``W/figure3.png``: (a) test accuracy against
@@ -35,7 +35,7 @@ from experiments import common  # noqa: E402
 from experiments.common import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "figure3.py")
+DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "figure3_config.py")
 
 # The paper's Figure 3, in its order; name -> label.
 VARIANTS = {

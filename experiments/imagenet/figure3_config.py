@@ -3,7 +3,8 @@
     python -m experiments.imagenet.figure3 --workdir=W --config.dataset=fashion_mnist \\
         --config.data_dir=/usr/share/datasets/fashion-mnist
 
-``experiments/imagenet/figure3.py`` builds each variant from its own config
+Not a config of its own (so it lives beside ``figure3.py``, not in ``configs/``):
+``figure3.py`` builds each variant from its config in ``configs/``
 (``inception.py``, ``bn_baseline.py``, ``bn_x5.py``, ``bn_x30.py``,
 ``bn_x5_sigmoid.py``, ``inception_sigmoid.py``: BN or not, sigmoid or ReLU,
 Section 4.2.1's changes) and sets every field of this file on it, except
