@@ -65,6 +65,7 @@ from experiments.common.errors import RunError as RunError
 from experiments.common.errors import WorkdirError as WorkdirError
 from experiments.common.errors import warn as warn
 from experiments.common.files import MetricsLog as MetricsLog
+from experiments.common.files import write_bytes_atomic as write_bytes_atomic
 from experiments.common.files import write_json_atomic as write_json_atomic
 from experiments.common.files import write_text_atomic as write_text_atomic
 from experiments.common.workdir import WorkdirLock as WorkdirLock

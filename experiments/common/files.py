@@ -40,14 +40,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   Raises:
     WorkdirError: if the folder cannot be written (naming the path and why).
   """
+  write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Replaces ``path``'s content by ``data``, atomically and durably (as ``write_text_atomic``)."""
   path = pathlib.Path(path)
   try:
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   except OSError as e:
     raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)

@@ -73,13 +73,23 @@ def _shuffle_seeds(seed: int, epoch: int, process_index: int) -> np.ndarray:
 # ---- the data on disk --------------------------------------------------------------
 
 
-def builder_for(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of ``dataset``, with both splits prepared in ``data_dir``.
+def builder_for(dataset: str, data_dir: str | None, idx_dir: str | None = None):
+  """The TFDS builder of ``dataset``, with both splits prepared in ``data_dir``; or,
+  for ``mnist``/``fashion_mnist`` with ``idx_dir`` (``config.data_dir``), the IDX
+  files of that folder (``idx_data.IdxSource``, which the functions below also take).
 
   Raises:
     DataError: an unknown dataset, or one not prepared there (the message says
       where to put ImageNet's files and how TFDS prepares them).
   """
+  from experiments.imagenet import idx_data  # the source chosen here (it imports this module)
+
+  if idx_dir or dataset in idx_data.DATASETS:
+    if not idx_dir:
+      raise DataError(f"config.dataset={dataset!r} is read from a folder of IDX files: set --config.data_dir "
+                      "(`apt-get install dataset-fashion-mnist` puts Fashion-MNIST's in "
+                      "/usr/share/datasets/fashion-mnist)")
+    return idx_data.load(dataset, idx_dir)
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -108,6 +118,17 @@ def missing_data_message(builder: tfds.core.DatasetBuilder, missing: list[str]) 
           "or --config.fake_data=True for synthetic data")
 
 
+def num_classes(builder) -> int:
+  """The number of classes of ``builder_for``'s dataset."""
+  return builder.num_classes if _is_idx(builder) else builder.info.features["label"].num_classes
+
+
+def _is_idx(builder) -> bool:
+  from experiments.imagenet import idx_data
+
+  return isinstance(builder, idx_data.IdxSource)
+
+
 def split_plan(builder, split: str, *, global_batch_size: int, process_count: int, train: bool) -> Split:
   """Examples per host and batches per host for ``split``.
 
@@ -118,6 +139,11 @@ def split_plan(builder, split: str, *, global_batch_size: int, process_count: in
   Raises:
     DataError: a training split with fewer examples per host than a batch.
   """
+  if _is_idx(builder):
+    from experiments.imagenet import idx_data
+
+    return idx_data.split_plan(builder, split, global_batch_size=global_batch_size, process_count=process_count,
+                               train=train)
   counts = tuple(
       builder.info.splits[tfds.split_for_jax_process(split, process_index=i, process_count=process_count)].num_examples
       for i in range(process_count)
@@ -245,6 +271,13 @@ def train_batches(
   Yields:
     ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
   """
+  if _is_idx(builder):
+    from experiments.imagenet import idx_data
+
+    yield from idx_data.train_batches(builder, global_batch_size=global_batch_size, image_size=image_size,
+                                      seed=seed, process_index=process_index, process_count=process_count,
+                                      start_step=start_step)
+    return
   plan = split_plan(builder, TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count,
                     train=True)
   local = plan.local_batch_size
@@ -281,6 +314,11 @@ def eval_batches(builder, *, global_batch_size: int, image_size: int, process_in
     ``{"image": float32 [B, S, S, 3], "label": int32 [B], "mask": bool [B]}``, the
     same number on every host, ``mask`` False on the padding that fills them.
   """
+  if _is_idx(builder):
+    from experiments.imagenet import idx_data
+
+    return idx_data.eval_batches(builder, global_batch_size=global_batch_size, image_size=image_size,
+                                 process_index=process_index, process_count=process_count)
   plan = split_plan(builder, EVAL_SPLIT, global_batch_size=global_batch_size, process_count=process_count,
                     train=False)
   split = tfds.split_for_jax_process(EVAL_SPLIT, process_index=process_index, process_count=process_count)

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from bnjax import linen as bn
@@ -190,9 +191,12 @@ def average_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
   >>> average_pool(jnp.arange(4.0).reshape(1, 1, 4, 1), (1, 3), (1, 1))[0, 0, :, 0]
   Array([0.5, 1. , 2. , 2.5], dtype=float32)
   """
-  sums = nn.pool(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
-  counts = nn.pool(jnp.ones((1, *x.shape[1:3], 1), x.dtype), jnp.zeros((), x.dtype), jax.lax.add, window,
-                   strides, "SAME")
+  # A NumPy zero: a concrete init value lets lax.reduce_window recognize a sum,
+  # which has a gradient (a traced jnp.zeros under jit made it a generic reduction
+  # that cannot be differentiated: the Inception could not be trained).
+  zero = np.zeros((), x.dtype)
+  sums = nn.pool(x, zero, jax.lax.add, window, strides, "SAME")
+  counts = nn.pool(np.ones((1, *x.shape[1:3], 1), x.dtype), zero, jax.lax.add, window, strides, "SAME")
   return sums / counts
 
 

@@ -107,9 +107,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, proc
   _validate_statistics_groups(config, num_devices)
   if config.recompute_bn_batches and not config.get("batch_norm", True):
     raise ConfigError("config.recompute_bn_batches > 0 needs a network with batch norm (batch_norm=True)")
-  if config.get("data_dir"):
-    raise ConfigError("config.data_dir (a folder of IDX files) is not read by the ImageNet experiment; "
-                      "give a TFDS folder as config.tfds_data_dir")
   if not 0 < config.eval_crop_fraction <= 1:
     raise ConfigError(f"config.eval_crop_fraction must be in (0, 1], got {config.eval_crop_fraction!r}")
 
@@ -310,8 +307,8 @@ def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_mod
     builder, num_classes = None, input_pipeline.FAKE_NUM_CLASSES
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
   else:
-    builder = input_pipeline.builder_for(config.dataset, config.tfds_data_dir)
-    num_classes = builder.info.features["label"].num_classes
+    builder = input_pipeline.builder_for(config.dataset, config.tfds_data_dir, idx_dir=config.get("data_dir"))
+    num_classes = input_pipeline.num_classes(builder)
     steps_per_epoch = input_pipeline.split_plan(
         builder, input_pipeline.TRAIN_SPLIT, global_batch_size=config.batch_size, process_count=process_count,
         train=True).num_batches
@@ -431,7 +428,7 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
 
 # Fields a resumed run may change: how often to log, evaluate and save, where the
 # data lives, and how evaluation batches and statistics are made.
-RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_dir", "eval_batch_size",
+RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_dir", "data_dir", "eval_batch_size",
                       "recompute_bn_batches")
 
 

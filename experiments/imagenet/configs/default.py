@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- Data -------------------------------------------------------------------------------
   config.dataset = "imagenet2012"  # TFDS name (Section 4.2: ImageNet classification)
   config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS's default (~/tensorflow_datasets)
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # a folder of IDX files (a later issue); None = use TFDS
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # a folder of IDX files (mnist, fashion_mnist: idx_data.py); None = TFDS
   config.fake_data = False  # True: synthetic batches, for throughput and smoke runs only
   # Our choice: 0 = no example-level shuffle buffer (shards in random order, each
   # shard's examples in stored order): the Inception before Section 4.2.1 added

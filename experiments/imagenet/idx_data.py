@@ -1,0 +1,211 @@
+"""A folder of MNIST-format IDX files as the ImageNet experiment's dataset.
+
+    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/bn_x5.py \\
+        --config.dataset=fashion_mnist --config.data_dir=/usr/share/datasets/fashion-mnist \\
+        --config.num_classes=10 --config.image_size=32 --config.model=inception_tiny
+
+(``python -m experiments.imagenet.figure3`` sets these fields on all six variants.)
+
+``config.dataset`` is ``fashion_mnist`` or ``mnist`` and ``config.data_dir`` the
+folder of the four IDX files (read by ``experiments.common.idx``, the reader the
+MNIST experiment uses). The 60,000 training and 10,000 test images (28x28 gray
+bytes) stay in memory; batches have the ImageNet pipeline's form and guarantees
+(``input_pipeline.py`` chooses this source when ``builder_for`` is given a
+``data_dir``):
+
+* Geometry: the 28x28 image, resized by ``image_size / 32`` (bilinear, only when
+  ``image_size`` > 32), is centred on a black ``image_size`` square (at 32: padded
+  by 2 pixels, as LeNet-5's input) and its gray value copied to the 3 channels.
+* Training augmentation: the ImageNet crop takes 8-100% of a photo's area; on a
+  28x28 item that would cut most of it away, so the crop here is the one of
+  small-image networks: a random ``image_size`` window of the square padded by
+  ``image_size / 8`` pixels (a shift of up to 4 pixels at 32). Left-right flips for
+  Fashion-MNIST (a mirrored shoe is a shoe), none for MNIST (a mirrored digit is
+  not one). No photometric distortion (gray images; ``photometric_distortion`` is
+  not used) and no shuffle buffer (every epoch is a full permutation of the split,
+  ``shuffle_buffer`` is not used).
+* Pixels are normalized with the training split's mean and standard deviation
+  (one value for all channels); the black padding is the background's value.
+* Order: epoch ``e`` of host ``p`` is a permutation drawn from ``(seed, e, p)`` of
+  the host's contiguous part of the training split, and the crops and flips of
+  each batch from ``(seed, e, p, batch)``: a run restarted at step ``s`` sees the
+  batches an uninterrupted run sees, without reading the skipped ones.
+* Evaluation: the whole test split, each image once, centred (no crop), each host
+  its contiguous part, padded with masked-out zeros to the same number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from experiments.common import idx
+from experiments.imagenet import input_pipeline
+
+DATASETS = idx.DATASETS  # ("mnist", "fashion_mnist")
+FLIPPED = {"fashion_mnist": True, "mnist": False}  # left-right flips in training
+SOURCE_SIZE = 28  # side of the IDX images
+BASE_SIZE = 32  # image_size at which the 28x28 image is padded, not resized
+
+
+class IdxSource(NamedTuple):
+  """The dataset of an IDX folder, in memory: what ``builder_for`` returns for it."""
+
+  name: str  # config.dataset: "fashion_mnist" or "mnist"
+  data_dir: pathlib.Path
+  train_images: np.ndarray  # uint8 [60000, 28, 28]
+  train_labels: np.ndarray  # int32 [60000]
+  test_images: np.ndarray  # uint8 [10000, 28, 28]
+  test_labels: np.ndarray  # int32 [10000]
+  mean: float  # of the training pixels, in [0, 255]
+  std: float
+  num_classes: int = idx.NUM_CLASSES
+
+
+def load(dataset: str, data_dir: str | pathlib.Path) -> IdxSource:
+  """The four IDX files of ``data_dir``, checked, as an ``IdxSource``.
+
+  Raises:
+    DataError: an unknown ``dataset`` or missing or damaged files (one line naming
+      the folder and how to install Debian's Fashion-MNIST).
+  """
+  if dataset not in DATASETS:
+    raise input_pipeline.DataError(f"config.data_dir is a folder of IDX files, read for config.dataset in "
+                                   f"{DATASETS}; got config.dataset={dataset!r}")
+  try:
+    data = idx.load_idx_folder(data_dir)
+  except idx.DataError as e:
+    raise input_pipeline.DataError(f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}") from None
+  pixels = data.train_images.astype(np.float64)
+  return IdxSource(name=dataset, data_dir=pathlib.Path(data_dir), train_images=data.train_images,
+                   train_labels=data.train_labels, test_images=data.test_images, test_labels=data.test_labels,
+                   mean=float(pixels.mean()), std=float(pixels.std()))
+
+
+def _bounds(num_examples: int, process_count: int) -> list[int]:
+  """Where each host's contiguous part of a split begins (and the last one ends)."""
+  return [num_examples * i // process_count for i in range(process_count + 1)]
+
+
+def split_plan(source: IdxSource, split: str, *, global_batch_size: int, process_count: int,
+               train: bool) -> input_pipeline.Split:
+  """As ``input_pipeline.split_plan``, for ``split`` "train" or "validation" (the test split)."""
+  images = source.train_images if split == input_pipeline.TRAIN_SPLIT else source.test_images
+  bounds = _bounds(len(images), process_count)
+  counts = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+  local = global_batch_size // process_count
+  if train:
+    num_batches = min(counts) // local
+    if num_batches == 0:
+      raise input_pipeline.DataError(
+          f"the training split of {source.data_dir} has {min(counts)} images on a host, fewer than the batch of "
+          f"{local} per host (config.batch_size={global_batch_size}, {process_count} hosts)")
+  else:
+    num_batches = max(1, math.ceil(max(counts) / local))
+  return input_pipeline.Split(examples_per_host=counts, local_batch_size=local, num_batches=num_batches)
+
+
+def _geometry(image_size: int) -> tuple[int, int]:
+  """(side of the resized item, its margin on the black square)."""
+  inner = round(SOURCE_SIZE * image_size / BASE_SIZE)
+  return inner, (image_size - inner) // 2
+
+
+def _resized(images: np.ndarray, inner: int) -> np.ndarray:
+  """uint8 ``[B, 28, 28]`` -> float32 ``[B, inner, inner]`` in [0, 255]."""
+  if inner == SOURCE_SIZE:
+    return images.astype(np.float32)
+  import tensorflow as tf
+
+  resized = tf.image.resize(images[..., None].astype(np.float32), [inner, inner], method="bilinear",
+                            antialias=True)
+  return np.clip(resized.numpy()[..., 0], 0.0, 255.0)
+
+
+def _finish(source: IdxSource, squares: np.ndarray) -> np.ndarray:
+  """float32 ``[B, S, S]`` in [0, 255] -> normalized float32 ``[B, S, S, 3]``."""
+  normalized = (squares - np.float32(source.mean)) / np.float32(source.std)
+  return np.ascontiguousarray(np.broadcast_to(normalized[..., None], (*normalized.shape, 3)), dtype=np.float32)
+
+
+def centred(source: IdxSource, images: np.ndarray, image_size: int) -> np.ndarray:
+  """The evaluation view: uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
+  inner, margin = _geometry(image_size)
+  squares = np.zeros((len(images), image_size, image_size), np.float32)
+  squares[:, margin:margin + inner, margin:margin + inner] = _resized(images, inner)
+  return _finish(source, squares)
+
+
+def augmented(source: IdxSource, images: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
+  """The training view: a random shifted window (and flip, for Fashion-MNIST) of
+  the padded square; uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
+  inner, margin = _geometry(image_size)
+  shift = image_size // 8
+  side = image_size + 2 * shift
+  padded = np.zeros((len(images), side, side), np.float32)
+  start = margin + shift
+  padded[:, start:start + inner, start:start + inner] = _resized(images, inner)
+  offsets = rng.integers(0, 2 * shift + 1, size=(len(images), 2))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (image_size, image_size), axis=(1, 2))
+  squares = windows[np.arange(len(images)), offsets[:, 0], offsets[:, 1]]
+  if FLIPPED[source.name]:
+    flip = rng.random(len(images)) < 0.5
+    squares = np.where(flip[:, None, None], squares[:, :, ::-1], squares)
+  return _finish(source, squares)
+
+
+def train_batches(source: IdxSource, *, global_batch_size: int, image_size: int, seed: int, process_index: int,
+                  process_count: int, start_step: int = 0, **unused) -> Iterator[dict]:
+  """As ``input_pipeline.train_batches`` (``shuffle_buffer_size`` and
+  ``photometric_distortion`` are not used: see the module's docstring).
+
+  Yields:
+    ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
+  """
+  del unused
+  plan = split_plan(source, input_pipeline.TRAIN_SPLIT, global_batch_size=global_batch_size,
+                    process_count=process_count, train=True)
+  local = plan.local_batch_size
+  first = _bounds(len(source.train_images), process_count)[process_index]
+  e, k = divmod(start_step, plan.num_batches)
+  while True:
+    order = first + np.random.default_rng([seed, e, process_index]).permutation(plan.examples_per_host[process_index])
+    for k in range(k, plan.num_batches):
+      rows = order[k * local:(k + 1) * local]
+      rng = np.random.default_rng([seed, e, process_index, k, 1])
+      yield {"image": augmented(source, source.train_images[rows], image_size, rng),
+             "label": source.train_labels[rows]}
+    e, k = e + 1, 0
+
+
+class EvalBatches:
+  """The padded evaluation batches of one host, made on demand (``as_numpy_iterator``,
+  as a ``tf.data.Dataset``'s)."""
+
+  def __init__(self, source: IdxSource, plan: input_pipeline.Split, first: int, stop: int, image_size: int):
+    self.source, self.plan, self.first, self.stop, self.image_size = source, plan, first, stop, image_size
+
+  def as_numpy_iterator(self) -> Iterator[dict]:
+    local, stop = self.plan.local_batch_size, self.stop
+    for b in range(self.plan.num_batches):
+      rows = np.arange(self.first + b * local, self.first + (b + 1) * local)
+      mask = rows < stop
+      rows = np.where(mask, rows, self.first)  # the padding: any image, masked out, zeroed below
+      image = centred(self.source, self.source.test_images[rows], self.image_size)
+      image[~mask] = 0.0
+      yield {"image": image, "label": np.where(mask, self.source.test_labels[rows], 0).astype(np.int32),
+             "mask": mask}
+
+
+def eval_batches(source: IdxSource, *, global_batch_size: int, image_size: int, process_index: int,
+                 process_count: int, **unused) -> tuple[input_pipeline.Split, EvalBatches]:
+  """As ``input_pipeline.eval_batches``: every test image once, centred (no crop)."""
+  del unused
+  plan = split_plan(source, input_pipeline.EVAL_SPLIT, global_batch_size=global_batch_size,
+                    process_count=process_count, train=False)
+  bounds = _bounds(len(source.test_images), process_count)
+  return plan, EvalBatches(source, plan, bounds[process_index], bounds[process_index + 1], image_size)

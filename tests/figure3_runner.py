@@ -1,0 +1,42 @@
+"""The figure command with a micro network, for subprocess tests (test_figure3.py).
+
+Usage: python -m tests.figure3_runner [flags of python -m experiments.imagenet.figure3]
+
+Every variant trains ``tests.imagenet_testing.MicroNet`` (compiles in seconds).
+Environment (optional): ``FIGURE3_RUNNER_STOP_AT=NAME:K``: after the run ``NAME``
+saved checkpoint ``K``, print "stopped at NAME K" and wait (to be killed).
+"""
+
+import functools
+import os
+import sys
+import time
+
+
+def main():
+  from absl import app
+
+  from experiments import common
+  from experiments.common import cli
+  from experiments.imagenet import figure3, train
+  from tests.imagenet_testing import micro_net
+
+  train.train_and_evaluate = functools.partial(train.train_and_evaluate, create_model=micro_net)
+  stop_at = os.environ.get("FIGURE3_RUNNER_STOP_AT")
+  if stop_at:
+    name, step_text = stop_at.split(":")
+    save = common.Checkpoints.save
+
+    def save_then_wait(self, step, state):
+      save(self, step, state)
+      if self.directory.parent.name == name and step == int(step_text):
+        print(f"stopped at {name} {step}", flush=True)
+        time.sleep(3600)
+
+    common.Checkpoints.save = save_then_wait
+  figure3.define_flags()
+  app.run(figure3.main, argv=sys.argv, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  main()
