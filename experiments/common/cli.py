@@ -47,6 +47,18 @@ def fail(message: str, status: int = 1) -> NoReturn:
   raise SystemExit(status)
 
 
+def check_command_line(argv: list[str], workdir: str | None) -> None:
+  """What every experiment command checks before it runs: no positional
+  arguments and a ``--workdir``; then orbax's INFO log of every save is silenced."""
+  from absl import app, logging
+
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not workdir:
+    raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)
+
+
 def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir,
   checkpoint, non-finite loss) or an ``OSError`` ends the program with its one-line

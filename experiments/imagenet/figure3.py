@@ -29,7 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 from experiments.common import cli  # noqa: E402
@@ -186,11 +186,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure3, FLAGS.config, FLAGS.workdir)
   print((pathlib.Path(FLAGS.workdir) / "figure3.md").read_text(), file=sys.stderr)
   print(f"Figure written to {path}", file=sys.stderr)

@@ -7,7 +7,7 @@ The config fields, their defaults and what each means: experiments/mnist/configs
 continues from its last intact checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments.common import cli
 from experiments.mnist import configs, train
@@ -18,11 +18,7 @@ cli.define_config_flag(configs.DEFAULT, "Training configuration.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cli.check_command_line(argv, FLAGS.workdir)
   cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 

@@ -19,7 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 from experiments.common import cli  # noqa: E402
@@ -95,11 +95,7 @@ def run_figure1(config, workdir) -> pathlib.Path:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
     final = train.read_metrics(pathlib.Path(FLAGS.workdir) / name)[-1]
