@@ -228,8 +228,9 @@ class _Residuals(NamedTuple):
   ``(r_renorm, d)``, ``gamma = scale * r_renorm`` and ``beta = bias + scale * d``.
   """
 
-  centered: jax.Array  # x's shape: x - shift (0 where masked out and not finite)
-  mean_offset: jax.Array  # [*F]: mean - shift, so c = centered - mean_offset
+  x: jax.Array  # the input, [...]
+  shift: jax.Array  # [*F]: this device's shift, so c = (x - shift) - mean_offset
+  mean_offset: jax.Array  # [*F]: mean - shift
   inv_std: jax.Array  # [*F]: r = 1 / sqrt(var + epsilon)
   count: jax.Array  # [*F]: N, the number of valid values
   mask: jax.Array | None  # x's rank, True for valid entries (None: all valid)
@@ -239,24 +240,36 @@ class _Residuals(NamedTuple):
   dtype: jnp.dtype  # the compute dtype of the full-size terms
 
 
+def _centered(res: _Residuals, reduction_axes, *, copy_for: jax.Array) -> jax.Array:
+  """``x - shift`` in the compute dtype (0 where masked out and not finite).
+
+  Computed where it is used rather than saved by the forward pass: saving it costs
+  a full-size write and read that recomputing it does not. Each use gets a copy of
+  its own, as the statistics' sums do (``bnjax.stats.shifted_moments``): XLA's CPU
+  reductions write a shared operand out in full and fuse one of their own. The
+  barrier that makes the copy takes ``copy_for`` along (a different value at each
+  use), so that XLA cannot merge the copies back into one.
+  """
+  x, shift, _ = lax.optimization_barrier((res.x, res.shift, copy_for))
+  values = x.astype(res.dtype) - expand_to_input(shift.astype(res.dtype), reduction_axes)
+  if res.mask is None:
+    return values
+  return jnp.where(res.mask | jnp.isfinite(values), values, jnp.zeros((), res.dtype))
+
+
 def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
   x, scale, bias, mask, correction = primals
   x_dot, scale_dot, bias_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
   y, moments, inv_std, shift, mean_offset, renorm = _train_forward(
       config, x, scale, bias, mask, correction)
-  # Not rematerialized (jax.checkpoint): measured, saving x - shift for the
-  # backward pass is faster and uses no more memory than Flax (BENCHMARKS.md).
   dtype = _compute_dtype(x, scale)
   real_dtype = jnp.finfo(dtype).dtype
-  centered = x.astype(dtype) - expand_to_input(shift.astype(dtype), config.reduction_axes)
-  if mask is not None:
-    centered = jnp.where(mask | jnp.isfinite(centered), centered, jnp.zeros((), dtype))
   gamma = jnp.ones((), real_dtype) if scale is None else scale.astype(real_dtype)
   r_renorm, d = (1, 0) if renorm is None else renorm
   if renorm is not None:
     gamma = gamma * r_renorm
   residuals = _Residuals(
-      centered=centered, mean_offset=mean_offset.astype(dtype), inv_std=inv_std,
+      x=x, shift=shift, mean_offset=mean_offset.astype(dtype), inv_std=inv_std,
       count=moments.count, mask=mask, gamma=gamma, gamma_per_scale=r_renorm,
       beta_per_scale=d, dtype=dtype)
   y_dot, mean_dot, m2_dot = _train_tangent(config, residuals, x_dot, scale_dot, bias_dot)
@@ -301,7 +314,8 @@ def _train_tangent(config: TrainingConfig, res: _Residuals, x_dot, scale_dot, bi
     valid_x_dot = x_dot if res.mask is None else jnp.where(res.mask, x_dot, zero)
     sum_x_dot = jnp.sum(valid_x_dot, axes)
     # sum(c * x_dot) on this device, from sums around its shift:
-    sum_centered_x_dot = jnp.sum(res.centered * valid_x_dot, axes) - res.mean_offset * sum_x_dot
+    centered = _centered(res, axes, copy_for=res.mean_offset)
+    sum_centered_x_dot = jnp.sum(centered * valid_x_dot, axes) - res.mean_offset * sum_x_dot
     if config.axis_name is not None:  # both sums in one collective
       sums = jnp.stack([sum_x_dot, sum_centered_x_dot])
       sums = stats.psum(sums, config.axis_name, config.axis_index_groups)
@@ -320,7 +334,8 @@ def _train_tangent(config: TrainingConfig, res: _Residuals, x_dot, scale_dot, bi
   offset = offset - slope * res.mean_offset  # c = centered - mean_offset
   if bias_dot is not None:
     offset = offset + bias_dot.astype(res.dtype)
-  y_dot = expand_to_input(slope, axes) * res.centered + expand_to_input(offset, axes)
+  centered = _centered(res, axes, copy_for=res.inv_std)
+  y_dot = expand_to_input(slope, axes) * centered + expand_to_input(offset, axes)
   if x_dot is not None:
     y_dot = y_dot + expand_to_input(gain, axes) * x_dot
   return y_dot.astype(config.out_dtype), mean_dot, m2_dot

@@ -225,11 +225,17 @@ def shifted_moments(
   safe_count = jnp.maximum(count, 1)
 
   def sums(scale: float):
-    centered = x.astype(dtype) - expand_to_input(shift, reduction_axes)
+    # Each sum converts and centers x itself: were that shared (between the two sums,
+    # or with the caller's own use of x), XLA's CPU reductions would write it out in
+    # full and read it again; apart, it fuses into each reduction. The barrier gives
+    # each sum its own copy of the operands, which XLA cannot merge back into one.
+    operands = lax.optimization_barrier(((x, shift), (x, shift)))
+    values, squares = (
+        x.astype(dtype) - expand_to_input(shift, reduction_axes) for x, shift in operands)
     if scale != 1:
-      centered = centered * jnp.asarray(scale, dtype)
-    return (_masked_sum(centered, mask, reduction_axes),
-            _masked_sum(abs_squared(centered), mask, reduction_axes))
+      values, squares = values * jnp.asarray(scale, dtype), squares * jnp.asarray(scale, dtype)
+    return (_masked_sum(values, mask, reduction_axes),
+            _masked_sum(abs_squared(squares), mask, reduction_axes))
 
   # Sums of squares overflow only where deviations near the top of the range add up
   # past it; only then are they summed again, scaled (the common case pays nothing).
