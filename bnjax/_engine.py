@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from bnjax import moving_average, stats, validation
+from bnjax import _fusion, moving_average, stats, validation
 from bnjax.stats import Moments, expand_to_input
 
 
@@ -245,12 +245,10 @@ def _centered(res: _Residuals, reduction_axes, *, copy_for: jax.Array) -> jax.Ar
 
   Computed where it is used rather than saved by the forward pass: saving it costs
   a full-size write and read that recomputing it does not. Each use gets a copy of
-  its own, as the statistics' sums do (``bnjax.stats.shifted_moments``): XLA's CPU
-  reductions write a shared operand out in full and fuse one of their own. The
-  barrier that makes the copy takes ``copy_for`` along (a different value at each
-  use), so that XLA cannot merge the copies back into one.
+  its own (``bnjax._fusion``), as the statistics' sums do; ``copy_for``, a
+  different value at each use, keeps XLA from merging the copies back into one.
   """
-  x, shift, _ = lax.optimization_barrier((res.x, res.shift, copy_for))
+  ((x, shift, _),) = _fusion.unshared_on_cpu((res.x, res.shift, copy_for))
   values = x.astype(res.dtype) - expand_to_input(shift.astype(res.dtype), reduction_axes)
   if res.mask is None:
     return values

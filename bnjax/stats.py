@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bnjax import _fusion
+
 # The shift is the mean of a slice holding at least 1 / SHIFT_SUBSET_FRACTION of
 # the values; see the module docstring for the bound.
 SHIFT_SUBSET_FRACTION = 16
@@ -225,17 +227,15 @@ def shifted_moments(
   safe_count = jnp.maximum(count, 1)
 
   def sums(scale: float):
-    # Each sum converts and centers x itself: were that shared (between the two sums,
-    # or with the caller's own use of x), XLA's CPU reductions would write it out in
-    # full and read it again; apart, it fuses into each reduction. The barrier gives
-    # each sum its own copy of the operands, which XLA cannot merge back into one.
-    operands = lax.optimization_barrier(((x, shift), (x, shift)))
-    values, squares = (
-        x.astype(dtype) - expand_to_input(shift, reduction_axes) for x, shift in operands)
-    if scale != 1:
-      values, squares = values * jnp.asarray(scale, dtype), squares * jnp.asarray(scale, dtype)
+    # Each sum converts, centers and scales x itself: shared (between the two sums,
+    # or with the caller's own use of x), XLA's CPU reductions write it out in full.
+    scale = jnp.asarray(scale, dtype)
+    operands = _fusion.unshared_on_cpu((x, shift, scale), copies=2)
+    values, deviations = (
+        (x.astype(dtype) - expand_to_input(shift, reduction_axes)) * scale
+        for x, shift, scale in operands)
     return (_masked_sum(values, mask, reduction_axes),
-            _masked_sum(abs_squared(squares), mask, reduction_axes))
+            _masked_sum(abs_squared(deviations), mask, reduction_axes))
 
   # Sums of squares overflow only where deviations near the top of the range add up
   # past it; only then are they summed again, scaled (the common case pays nothing).
