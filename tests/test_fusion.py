@@ -22,7 +22,7 @@ def test_training_pass_keeps_no_input_sized_temporary_on_cpu(dtype):
   forward = jax.jit(lambda x: bnjax.batch_norm(x, params, state, training=True))
   backward = jax.jit(jax.grad(training_loss, argnums=(0, 1), has_aux=True))
   float32_copy = x.size * 4  # what x - shift, or x cast to float32, would take
-  small = float32_copy / 4  # per-feature statistics and the shift's slice fit in it
+  small = float32_copy / 4  # per-feature statistics fit in it
   forward_bytes = forward.lower(x).compile().memory_analysis().temp_size_in_bytes
   backward_bytes = backward.lower(x, params, state).compile().memory_analysis().temp_size_in_bytes
   assert forward_bytes < small
@@ -31,13 +31,15 @@ def test_training_pass_keeps_no_input_sized_temporary_on_cpu(dtype):
   assert backward_bytes < small + (float32_copy if dtype == jnp.bfloat16 else 0)
 
 
-@pytest.mark.parametrize("platform, sums_share_x", [("cpu", False), ("cuda", True), ("tpu", True)])
-def test_statistics_sums_get_their_own_x_on_cpu_only(platform, sums_share_x):
-  """On CPU the two sums of the statistics take x from one barrier with two copies
-  of (x, shift, scale), six results; elsewhere they share one copy, three."""
+@pytest.mark.parametrize("platform, copies_of_x", [("cpu", 2), ("cuda", 1), ("tpu", 1)])
+def test_statistics_sums_get_their_own_x_on_cpu_only(platform, copies_of_x):
+  """On CPU the two sums of the statistics take x from a barrier with two copies
+  of it; elsewhere they share one."""
   x = jnp.ones((8, 4))
   params, state = bnjax.init(4)
   grad = jax.jit(jax.grad(training_loss, argnums=(0, 1), has_aux=True))
   module = jax.export.export(grad, platforms=[platform])(x, params, state).mlir_module()
-  results = [int(n) for n in re.findall(r"%\w+:(\d+) = stablehlo.optimization_barrier", module)]
-  assert results and (6 in results) != sums_share_x and set(results) <= {3, 6}
+  barriers = re.findall(r"stablehlo.optimization_barrier ([^:]*) :", module)
+  assert barriers
+  most_copies = max(operands.split(", ").count("%arg0") for operands in barriers)
+  assert most_copies == copies_of_x
