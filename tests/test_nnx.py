@@ -51,18 +51,17 @@ def test_constructor_signature_is_flaxs():
 
 
 @nnx.jit
-def train_twice(ours, theirs, x):
-  """Two training-mode calls of each (the second sees updated statistics)."""
-  return [(ours(x), theirs(x)) for _ in range(2)]
-
-
-@nnx.jit
-def evaluate(ours, theirs, x):
-  """The modules' own mode, their statistics after it, then training mode by argument."""
-  outputs = ours(x), theirs(x)
-  statistics = nnx.state(ours, nnx.BatchStat)
-  return outputs, statistics, (ours(x, use_running_average=False),
-                               theirs(x, use_running_average=False))
+def train_then_evaluate(ours, theirs, x):
+  """Two training-mode calls of each (the second sees updated statistics), their
+  statistics; then in inference mode (``.eval()``) the outputs, the statistics after
+  them, and the outputs in training mode by argument."""
+  training = [(ours(x), theirs(x)) for _ in range(2)]
+  trained = nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat)
+  ours.eval(), theirs.eval()
+  inference = ours(x), theirs(x)
+  after_inference = nnx.state(ours, nnx.BatchStat)
+  by_argument = ours(x, use_running_average=False), theirs(x, use_running_average=False)
+  return training, trained, inference, after_inference, by_argument
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9),
@@ -83,15 +82,12 @@ def test_matches_flax_state_and_outputs(kwargs):
       assert y.dtype == want.dtype
       chex.assert_trees_all_close(y, want, rtol=tolerance, atol=tolerance)
 
-  close_outputs(train_twice(ours, theirs, x))  # training updates mean and var
-  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat),
-                              rtol=1e-6, atol=1e-7)
-  before = nnx.state(ours, nnx.BatchStat)
-  ours.eval(), theirs.eval()
-  assert ours.use_running_average is True
-  inference, after_inference, training = evaluate(ours, theirs, x)
-  close_outputs([inference, training])
-  chex.assert_trees_all_equal(after_inference, before)  # inference leaves them alone
+  training, trained, inference, after_inference, by_argument = train_then_evaluate(ours, theirs, x)
+  assert ours.use_running_average is True and theirs.use_running_average is True
+  close_outputs(training)  # training updates mean and var
+  chex.assert_trees_all_close(*trained, rtol=1e-6, atol=1e-7)
+  close_outputs([inference, by_argument])
+  chex.assert_trees_all_equal(after_inference, trained[0])  # inference leaves them alone
   chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat),
                               rtol=1e-6, atol=1e-7)
 
@@ -115,11 +111,18 @@ def test_view_and_call_override():
                               rtol=1e-6, atol=1e-7)
 
 
+def numpy_normal_init(key, shape, dtype):
+  """Normal weights (scaled by fan-in) drawn by NumPy: the default initializers would
+  compile ``jax.random`` kernels for each shape; any random weights serve here."""
+  del key
+  return jnp.asarray(normal(sum(shape), shape) / np.sqrt(shape[0]), dtype)
+
+
 class Net(nnx.Module):
   def __init__(self, norm, rngs):
-    self.linear = nnx.Linear(4, 6, use_bias=False, rngs=rngs)
+    self.linear = nnx.Linear(4, 6, use_bias=False, kernel_init=numpy_normal_init, rngs=rngs)
     self.norm = norm(6, rngs=rngs)
-    self.head = nnx.Linear(6, 1, rngs=rngs)
+    self.head = nnx.Linear(6, 1, kernel_init=numpy_normal_init, rngs=rngs)
 
   def __call__(self, x):
     return self.head(nnx.relu(self.norm(self.linear(x))))
