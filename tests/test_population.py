@@ -9,7 +9,6 @@ Tolerances: the statistics are float32 sums over 64 values per batch, combined o
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -21,7 +20,7 @@ import bnjax.nnx
 from tests import reference
 
 # NumPy inputs: jax.random would compile a kernel for the shape (about a second on CPU).
-BATCHES = [jnp.asarray(2.0 * np.random.default_rng(i).standard_normal((16, 4, 3), np.float32) + i)
+BATCHES = [2.0 * np.random.default_rng(i).standard_normal((16, 4, 3), np.float32) + i
            for i in range(5)]
 RTOL, ATOL = 1e-6, 1e-6  # float32 rounding, see above
 
@@ -42,11 +41,11 @@ def test_pure_accumulator_is_algorithm_2(unbiased):
 
 def test_cumulative_momentum_in_batch_norm_gives_the_same():
   """The running average with momentum k/(k+1), traced, is Algorithm 2 too."""
-  state = bnjax.BatchNormState(jnp.zeros(3), jnp.zeros(3))
+  state = bnjax.BatchNormState(np.zeros(3, np.float32), np.zeros(3, np.float32))
   step = jax.jit(lambda x, state, k: bnjax.batch_norm(
       x, None, state, training=True, momentum=k / (k + 1), unbiased_variance=True)[1])
   for k, batch in enumerate(BATCHES):
-    state = step(batch, state, jnp.float32(k))
+    state = step(batch, state, np.float32(k))
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
   np.testing.assert_allclose(state.mean, mean.ravel(), rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(state.var, var.ravel(), rtol=RTOL)
@@ -101,9 +100,16 @@ def test_linen_recompute_needs_training_mode(net_variables):
                                       BATCHES)
 
 
+def numpy_normal_init(key, shape, dtype):
+  """Normal weights drawn by NumPy (the default initializer would compile
+  ``jax.random`` kernels for the shape; any random weights serve here)."""
+  del key
+  return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+
+
 class NnxNet(nnx.Module):
   def __init__(self, rngs):
-    self.dense = nnx.Linear(3, 5, use_bias=False, rngs=rngs)
+    self.dense = nnx.Linear(3, 5, use_bias=False, kernel_init=numpy_normal_init, rngs=rngs)
     self.norm = bnjax.nnx.BatchNorm(5, rngs=rngs)
     self.renorm = bnjax.nnx.BatchRenorm(5, rngs=rngs)
 
@@ -129,7 +135,8 @@ def test_nnx_recompute_batch_stats():
 
 def test_nnx_recompute_without_bn_layers():
   with pytest.raises(ValueError, match="found no bnjax.nnx"):
-    bnjax.nnx.recompute_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), BATCHES)
+    bnjax.nnx.recompute_batch_stats(
+        nnx.Linear(2, 2, kernel_init=numpy_normal_init, rngs=nnx.Rngs(0)), BATCHES)
 
 
 def test_linen_recompute_when_the_batch_norm_is_the_root_module():
@@ -145,11 +152,11 @@ def test_linen_recompute_when_the_batch_norm_is_the_root_module():
 
 def test_a_batch_that_defines_no_statistic_changes_none():
   """An all-masked batch and a final batch of one example (issue 8)."""
-  batches = [np.asarray(b) for b in BATCHES[:3]]
+  batches = BATCHES[:3]
   update = jax.jit(bnjax.update_population)
   population = bnjax.init_population(3)
   for batch in batches:
-    population = update(population, jnp.asarray(batch))
+    population = update(population, batch)
   all_masked = update(population, BATCHES[3], mask=np.zeros((16, 4, 1), bool))
   one_example = update(all_masked, BATCHES[4][:1, :1])
   mean, var = reference.population_statistics(batches, (0, 1))
@@ -157,9 +164,9 @@ def test_a_batch_that_defines_no_statistic_changes_none():
     state = jax.jit(bnjax.population_state, static_argnames="unbiased")(
         one_example, unbiased=unbiased)
     if unbiased:  # the single example adds a mean but no unbiased variance
-      want_mean = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4
+      want_mean = (mean.ravel() * 3 + BATCHES[4][0, 0]) / 4
     else:  # ... and a biased variance of 0
-      want_mean, want_var = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4, want_var * 3 / 4
+      want_mean, want_var = (mean.ravel() * 3 + BATCHES[4][0, 0]) / 4, want_var * 3 / 4
     np.testing.assert_allclose(state.mean, want_mean, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(state.var, want_var.ravel(), rtol=RTOL)
 
@@ -184,9 +191,9 @@ def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistic
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(np.zeros((2, 2), np.float32))
   variables = {**variables, "batch_stats": {"mean": np.array([5.0, 6.0], np.float32),
                                             "var": np.array([2.0, 3.0], np.float32)}}
-  mask = jnp.array([[True, False]] * 4)  # the second feature never has a valid value
+  mask = np.array([[True, False]] * 4)  # the second feature never has a valid value
   apply_fn = jax.jit(lambda v, b: model.apply(v, b, mask=mask, mutable=["batch_stats"]))
-  batches = [jnp.arange(8.0).reshape(4, 2), jnp.arange(8.0).reshape(4, 2) + 2.0]
+  batches = [np.arange(8.0, dtype=np.float32).reshape(4, 2) + shift for shift in (0.0, 2.0)]
   new = bnjax.linen.recompute_batch_stats(apply_fn, variables, batches)
   # feature 0 holds 0, 2, 4, 6 and then 2, 4, 6, 8: means 3, 5; unbiased variances 20/3 each
   np.testing.assert_allclose(new["batch_stats"]["mean"], [4.0, 6.0])
@@ -195,9 +202,9 @@ def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistic
 
 def test_nnx_recompute_keeps_statistics_no_batch_defines():
   layer = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-  layer.mean[...] = jnp.array([5.0, 6.0])
-  mask = jnp.array([[True, False]] * 4)
-  bnjax.nnx.recompute_batch_stats(layer, [jnp.arange(8.0).reshape(4, 2)],
+  layer.mean[...] = np.array([5.0, 6.0], np.float32)
+  mask = np.array([[True, False]] * 4)
+  bnjax.nnx.recompute_batch_stats(layer, [np.arange(8.0, dtype=np.float32).reshape(4, 2)],
                                   apply_fn=lambda m, b: m(b, mask=mask))
   np.testing.assert_allclose(layer.mean[...], [3.0, 6.0])
   np.testing.assert_allclose(layer.var[...], [20.0 / 3.0, 1.0], rtol=1e-6)
