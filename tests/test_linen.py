@@ -281,6 +281,8 @@ def test_under_jax_vmap_and_nn_vmap():
   apply = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))
   members = jax.jit(lambda x: jax.vmap(module.init)(jax.random.split(jax.random.key(0), 3), x))(x)
   y, state = jax.jit(jax.vmap(apply))(members, x)
+  want = np.stack([reference.forward(member, 1.0, 0.0, 1e-5, (0,))[0] for member in x])
+  np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)  # each member its own batch
   for i in range(3):
     yi, si = apply(jax.tree.map(lambda a: a[i], members), x[i])
     chex.assert_trees_all_close(y[i], yi, rtol=1e-6, atol=1e-6)
