@@ -14,8 +14,8 @@ before a block, change how a block runs:
 
 A figure a page saves (``*.png`` in the working directory) must be committed beside
 the page under the same name; ``BNJAX_UPDATE_DOC_FIGURES=1`` copies the new ones
-there. The Sphinx build of the site (guide and API reference, warnings as errors)
-is the slow test at the end.
+there. The pages and the Sphinx build of the site (guide and API reference, warnings
+as errors) are slow tests: end to end, seconds each.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def run_blocks(blocks: list[Block], where: str) -> list[str]:
   return skipped
 
 
+@pytest.mark.slow  # end to end: 4 to 30 s a page (each compiles its own models)
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_page_runs(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)

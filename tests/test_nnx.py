@@ -1,7 +1,12 @@
-"""bnjax.nnx.BatchNorm against flax.nnx.BatchNorm (exact-variance mode)."""
+"""bnjax.nnx.BatchNorm against flax.nnx.BatchNorm (exact-variance mode), and against
+Algorithm 1 (float64 NumPy) where the semantics are bnjax's own.
+
+The modules run under ``nnx.jit``: eager calls would compile operation by operation,
+which is what costs the time on CPU."""
 
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +15,7 @@ import pytest
 from flax import nnx
 
 import bnjax.nnx
-
-
-def close(a, b, rtol=1e-5, atol=1e-5):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(
-      np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=rtol, atol=atol), a, b)
+from tests import reference
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +25,19 @@ def standard_promotion():
     yield
 
 
+def normal(seed, shape):
+  """Standard normal float32 inputs from NumPy (``jax.random`` compiles a kernel for each
+  new shape, about a second each on these CPUs)."""
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
+def exact_flax(num_features, **kwargs):
+  return nnx.BatchNorm(num_features, use_fast_variance=False, **kwargs)
+
+
 def pair(num_features=3, **kwargs):
   return (bnjax.nnx.BatchNorm(num_features, rngs=nnx.Rngs(0), **kwargs),
-          nnx.BatchNorm(num_features, rngs=nnx.Rngs(0), use_fast_variance=False, **kwargs))
+          exact_flax(num_features, rngs=nnx.Rngs(0), **kwargs))
 
 
 def test_constructor_signature_is_flaxs():
@@ -39,50 +50,87 @@ def test_constructor_signature_is_flaxs():
       assert ours[name].default == theirs[name].default, name
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9), dict(use_bias=False, use_scale=False),
-                                    dict(axis=1), dict(param_dtype=jnp.bfloat16)])
+@nnx.jit
+def train_then_evaluate(ours, theirs, x):
+  """Two training-mode calls of each (the second sees updated statistics), their
+  statistics; then in inference mode (``.eval()``) the outputs, the statistics after
+  them, and the outputs in training mode by argument."""
+  training = [(ours(x), theirs(x)) for _ in range(2)]
+  trained = nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat)
+  ours.eval(), theirs.eval()
+  inference = ours(x), theirs(x)
+  after_inference = nnx.state(ours, nnx.BatchStat)
+  by_argument = ours(x, use_running_average=False), theirs(x, use_running_average=False)
+  return training, trained, inference, after_inference, by_argument
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9),
+                                    dict(use_bias=False, use_scale=False), dict(axis=1),
+                                    dict(param_dtype=jnp.bfloat16)])
 def test_matches_flax_state_and_outputs(kwargs):
-  x = 2.0 * jax.random.normal(jax.random.key(0), (8, 3, 5)) + 1.0
+  x = 2.0 * normal(0, (8, 3, 5)) + 1.0
   if kwargs.get("axis") != 1:
     x = x.transpose(0, 2, 1)
   ours, theirs = pair(**kwargs)
-  close(nnx.state(ours), nnx.state(theirs))
-  assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(theirs))
-  for _ in range(2):  # training updates mean and var
-    close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
-  close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
-  ours.eval(), theirs.eval()
-  assert ours.use_running_average is True
-  before = nnx.state(ours, nnx.BatchStat)
-  close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
-  close(nnx.state(ours, nnx.BatchStat), before)  # inference leaves them alone
-  close(ours(x, use_running_average=False), theirs(x, use_running_average=False), rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_equal_structs(nnx.state(ours), nnx.state(theirs))
+  chex.assert_trees_all_equal(nnx.state(ours), nnx.state(theirs))
+  # bfloat16 parameters give bfloat16 outputs (8 bits of mantissa: 4e-3 relative).
+  tolerance = 1e-2 if kwargs.get("param_dtype") == jnp.bfloat16 else 2e-6
+
+  def close_outputs(pairs):
+    for y, want in pairs:
+      assert y.dtype == want.dtype
+      chex.assert_trees_all_close(y, want, rtol=tolerance, atol=tolerance)
+
+  training, trained, inference, after_inference, by_argument = train_then_evaluate(ours, theirs, x)
+  assert ours.use_running_average is True and theirs.use_running_average is True
+  close_outputs(training)  # training updates mean and var
+  chex.assert_trees_all_close(*trained, rtol=1e-6, atol=1e-7)
+  close_outputs([inference, by_argument])
+  chex.assert_trees_all_equal(after_inference, trained[0])  # inference leaves them alone
+  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat),
+                              rtol=1e-6, atol=1e-7)
 
 
 def test_view_and_call_override():
-  x = jax.random.normal(jax.random.key(0), (8, 3))
+  """A view in inference mode normalizes with the running statistics and leaves them;
+  the module itself, in training mode, normalizes with the batch's and updates them."""
+  x = normal(0, (8, 3)) + 1.0
   ours, _ = pair()
   frozen = nnx.view(ours, use_running_average=True)
   assert frozen.use_running_average and not ours.use_running_average
-  frozen(x)
-  close(nnx.state(ours, nnx.BatchStat)["var"][...], jnp.ones(3))
-  ours(x)
-  assert not np.allclose(nnx.state(ours, nnx.BatchStat)["var"][...], 1.0)
+  call = nnx.jit(lambda module, x: module(x))
+  y_frozen = call(frozen, x)
+  chex.assert_trees_all_equal((ours.mean[...], ours.var[...]), (np.zeros(3), np.ones(3)))
+  np.testing.assert_allclose(y_frozen, x / np.sqrt(1 + 1e-5), rtol=1e-6, atol=1e-6)
+  y = call(ours, x)
+  want, mean, var = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
+  np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
+  chex.assert_trees_all_close((ours.mean[...], ours.var[...]),
+                              (0.01 * mean.ravel(), 0.99 + 0.01 * var.ravel()),
+                              rtol=1e-6, atol=1e-7)
+
+
+def numpy_normal_init(key, shape, dtype):
+  """Normal weights (scaled by fan-in) drawn by NumPy: the default initializers would
+  compile ``jax.random`` kernels for each shape; any random weights serve here."""
+  del key
+  return jnp.asarray(normal(sum(shape), shape) / np.sqrt(shape[0]), dtype)
 
 
 class Net(nnx.Module):
   def __init__(self, norm, rngs):
-    self.linear = nnx.Linear(4, 6, use_bias=False, rngs=rngs)
+    self.linear = nnx.Linear(4, 6, use_bias=False, kernel_init=numpy_normal_init, rngs=rngs)
     self.norm = norm(6, rngs=rngs)
-    self.head = nnx.Linear(6, 1, rngs=rngs)
+    self.head = nnx.Linear(6, 1, kernel_init=numpy_normal_init, rngs=rngs)
 
   def __call__(self, x):
     return self.head(nnx.relu(self.norm(self.linear(x))))
 
 
 def test_training_loop_with_nnx_jit_and_optimizer_matches_flax():
-  x = jax.random.normal(jax.random.key(0), (16, 4))
-  target = jnp.sum(x, axis=1, keepdims=True)
+  x = normal(0, (16, 4))
+  target = np.sum(x, axis=1, keepdims=True)
 
   def train(norm):
     model = Net(norm, nnx.Rngs(0))
@@ -96,16 +144,16 @@ def test_training_loop_with_nnx_jit_and_optimizer_matches_flax():
 
     losses = [step(model, optimizer) for _ in range(5)]
     model.eval()
-    return jnp.stack(losses), model(x), nnx.state(model)
+    return jnp.stack(losses), nnx.jit(lambda model: model(x))(model), nnx.state(model)
 
-  def exact_flax(n, rngs):
-    return nnx.BatchNorm(n, use_fast_variance=False, rngs=rngs)
-
-  close(train(bnjax.nnx.BatchNorm), train(exact_flax), rtol=1e-4, atol=1e-5)
+  # Five SGD steps through float32 forward and backward passes.
+  chex.assert_trees_all_close(train(bnjax.nnx.BatchNorm), train(exact_flax), rtol=1e-5, atol=1e-6)
 
 
 def test_synchronized_under_pmap():
-  x = jax.random.normal(jax.random.key(0), (8, 4, 3)) + 2.0
+  """Each device's slice is normalized with the whole batch's statistics: the outputs and
+  the updated statistics are those of the whole batch on one device."""
+  x = normal(0, (8, 4, 3)) + 2.0
   graphdef, state = nnx.split(bnjax.nnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0)))
 
   def apply(state, x):
@@ -115,8 +163,10 @@ def test_synchronized_under_pmap():
 
   y, new_state = jax.pmap(apply, axis_name="batch", in_axes=(None, 0))(state, x)
   full = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-  close(y.reshape(32, 3), full(x.reshape(32, 3)), rtol=1e-5, atol=1e-5)
-  close(jax.tree.map(lambda a: a[5], new_state), nnx.state(full))
+  want = nnx.jit(lambda module, x: module(x))(full, x.reshape(32, 3))
+  chex.assert_trees_all_close(y.reshape(32, 3), want, rtol=2e-6, atol=2e-6)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[5], new_state), nnx.state(full),
+                              rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("norm", [bnjax.nnx.BatchNorm, bnjax.nnx.BatchRenorm])
@@ -124,7 +174,7 @@ def test_gradient_with_hijax_variables_as_flax(norm):
   """Issue 8 item 3: with hijax variables the running statistics are written
   inside the differentiated function; as Flax, the write stops the gradient, so
   the gradients and statistics are those of ordinary variables (and Flax's)."""
-  x = jax.random.normal(jax.random.key(0), (8, 4))
+  x = normal(0, (8, 4))
 
   def gradients(norm, hijax):
     with nnx.var_defaults(hijax=hijax):
@@ -139,17 +189,16 @@ def test_gradient_with_hijax_variables_as_flax(norm):
       if hijax:
         grads = grad(x)
       else:  # ordinary variables: nnx.grad carries the state updates out
-        grads = nnx.grad(lambda model: jnp.sum(model(x) ** 2))(model)
-      return grads, nnx.state(model, nnx.BatchStat)
-
-  def exact_flax(n, rngs):
-    return nnx.BatchNorm(n, use_fast_variance=False, rngs=rngs)
+        grads = nnx.jit(nnx.grad(lambda model, x: jnp.sum(model(x) ** 2)))(model, x)
+      # As plain arrays: hijax variables are leaves of the state's tree, ordinary ones nodes.
+      return grads, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
   grads, stats = gradients(norm, hijax=True)
-  assert not np.allclose(stats["norm"]["mean"][...], 0.0)  # the write happened
-  close((grads, stats), gradients(norm, hijax=False), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(stats["norm"]["mean"], 0.0)  # the write happened
+  chex.assert_trees_all_close((grads, stats), gradients(norm, hijax=False), rtol=1e-5, atol=1e-6)
   if norm is bnjax.nnx.BatchNorm:
-    close((grads, stats), gradients(exact_flax, hijax=True), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close((grads, stats), gradients(exact_flax, hijax=True), rtol=1e-5,
+                                atol=1e-6)
 
 
 def test_view_info_is_flaxs():
@@ -170,11 +219,18 @@ def test_view_info_is_flaxs():
 def test_recompute_batch_stats_with_hijax_variables():
   """A sibling of issue 8 item 3: ``nnx.jit`` refuses hijax variables, so the
   recomputation runs on a copy with ordinary ones and writes the result back."""
-  batches = [jax.random.normal(jax.random.key(i), (8, 4)) for i in range(3)]
+  batches = [normal(i, (8, 4)) for i in range(3)]
   with nnx.var_defaults(hijax=True):
     hijax_model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
   model = Net(bnjax.nnx.BatchNorm, nnx.Rngs(0))
   bnjax.nnx.recompute_batch_stats(hijax_model, batches)
   bnjax.nnx.recompute_batch_stats(model, batches)
-  assert hijax_model.norm.mean.hijax and not np.allclose(model.norm.var[...], 1.0)
-  close(nnx.state(hijax_model), nnx.state(model), rtol=0, atol=0)
+  assert hijax_model.norm.mean.hijax
+  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(hijax_model)),
+                              nnx.to_pure_dict(nnx.state(model)))
+  # Algorithm 2 over the BN layer's inputs, in float64 (float32 rounding: 1e-6).
+  kernel = np.asarray(model.linear.kernel[...], np.float64)
+  hidden = [b.astype(np.float64) @ kernel for b in batches]
+  mean, var = reference.population_statistics(hidden, (0,))
+  chex.assert_trees_all_close((model.norm.mean[...], model.norm.var[...]),
+                              (mean.ravel(), var.ravel()), rtol=1e-6, atol=1e-6)

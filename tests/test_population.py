@@ -1,9 +1,14 @@
 """Algorithm 2 (population statistics over K batches): the pure accumulator,
 bnjax.linen.recompute_batch_stats and bnjax.nnx.recompute_batch_stats, against a
-NumPy transcription of the algorithm."""
+NumPy transcription of the algorithm (float64).
 
+Tolerances: the statistics are float32 sums over 64 values per batch, combined over
+5 batches, of inputs of order 1 to 10; their float32 rounding error (unit roundoff
+6e-8, a few roundings deep) stays below 1e-6 relative (measured: 3e-7), and below
+1e-6 absolute for means near 0."""
+
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -14,7 +19,10 @@ import bnjax.linen
 import bnjax.nnx
 from tests import reference
 
-BATCHES = [2.0 * jax.random.normal(jax.random.key(i), (16, 4, 3)) + i for i in range(5)]
+# NumPy inputs: jax.random would compile a kernel for the shape (about a second on CPU).
+BATCHES = [2.0 * np.random.default_rng(i).standard_normal((16, 4, 3), np.float32) + i
+           for i in range(5)]
+RTOL, ATOL = 1e-6, 1e-6  # float32 rounding, see above
 
 
 @pytest.mark.parametrize("unbiased", [True, False])
@@ -27,20 +35,20 @@ def test_pure_accumulator_is_algorithm_2(unbiased):
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
   if not unbiased:
     var = var * (64 - 1) / 64
-  np.testing.assert_allclose(state.mean, mean.ravel(), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(state.var, var.ravel(), rtol=1e-5)
+  np.testing.assert_allclose(state.mean, mean.ravel(), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(state.var, var.ravel(), rtol=RTOL)
 
 
 def test_cumulative_momentum_in_batch_norm_gives_the_same():
   """The running average with momentum k/(k+1), traced, is Algorithm 2 too."""
-  state = bnjax.BatchNormState(jnp.zeros(3), jnp.zeros(3))
+  state = bnjax.BatchNormState(np.zeros(3, np.float32), np.zeros(3, np.float32))
   step = jax.jit(lambda x, state, k: bnjax.batch_norm(
       x, None, state, training=True, momentum=k / (k + 1), unbiased_variance=True)[1])
   for k, batch in enumerate(BATCHES):
-    state = step(batch, state, jnp.float32(k))
+    state = step(batch, state, np.float32(k))
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
-  np.testing.assert_allclose(state.mean, mean.ravel(), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state.var, var.ravel(), rtol=1e-5)
+  np.testing.assert_allclose(state.mean, mean.ravel(), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(state.var, var.ravel(), rtol=RTOL)
 
 
 class Net(nn.Module):
@@ -55,41 +63,53 @@ class Net(nn.Module):
 
 
 def layer_inputs(variables, x):
-  """The inputs of the three BN layers, computed by hand."""
+  """The inputs of the three BN layers in training mode, in float64 (Algorithm 1)."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+
+  def normalize(h, name):
+    return reference.forward(h, p[name]["scale"], p[name]["bias"], 1e-5, (0, 1))[0]
+
   h1 = np.asarray(x, np.float64) @ p["Dense_0"]["kernel"]
-  mu, var = h1.mean((0, 1)), h1.var((0, 1))
-  h2 = np.maximum((h1 - mu) / np.sqrt(var + 1e-5) * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"], 0)
-  h2 = h2 @ p["Dense_1"]["kernel"]
-  mu2, var2 = h2.mean((0, 1)), h2.var((0, 1))
-  h3 = (h2 - mu2) / np.sqrt(var2 + 1e-5) * p["flax_bn"]["scale"] + p["flax_bn"]["bias"]
-  return {"BatchNorm_0": h1, "flax_bn": h2, "renorm": h3}
+  h2 = np.maximum(normalize(h1, "BatchNorm_0"), 0) @ p["Dense_1"]["kernel"]
+  return {"BatchNorm_0": h1, "flax_bn": h2, "renorm": normalize(h2, "flax_bn")}
 
 
-def test_linen_recompute_batch_stats():
-  model = Net()
-  variables = model.init(jax.random.key(0), BATCHES[0], train=False)
+@pytest.fixture(scope="module")
+def net_variables():
+  return jax.jit(lambda x: Net().init(jax.random.key(0), x, train=False))(BATCHES[0])
+
+
+def test_linen_recompute_batch_stats(net_variables):
+  model, variables = Net(), net_variables
   with jax.numpy_dtype_promotion("standard"):  # Flax's BatchNorm promotes implicitly
     new = bnjax.linen.recompute_batch_stats(
         lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, BATCHES)
   inputs = [layer_inputs(variables, b) for b in BATCHES]
+  want = {}
   for name in ("BatchNorm_0", "flax_bn", "renorm"):
-    mean, var = reference.population_statistics([np.asarray(i[name]) for i in inputs], (0, 1))
-    np.testing.assert_allclose(new["batch_stats"][name]["mean"], mean.ravel(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(new["batch_stats"][name]["var"], var.ravel(), rtol=1e-4)
-  jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
+    mean, var = reference.population_statistics([i[name] for i in inputs], (0, 1))
+    want[name] = {"mean": mean.ravel(), "var": var.ravel()}
+  chex.assert_trees_all_close(new["batch_stats"], want, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_equal(new["params"], variables["params"])
 
 
-def test_linen_recompute_needs_training_mode():
-  model = Net()
-  variables = model.init(jax.random.key(0), BATCHES[0], train=False)
+def test_linen_recompute_needs_training_mode(net_variables):
+  model, variables = Net(), net_variables
   with pytest.raises(ValueError, match="saw no BN layer in training mode"):
-    bnjax.linen.recompute_batch_stats(lambda v, b: model.apply(v, b, train=False), variables, BATCHES)
+    bnjax.linen.recompute_batch_stats(lambda v, b: model.apply(v, b, train=False), variables,
+                                      BATCHES)
+
+
+def numpy_normal_init(key, shape, dtype):
+  """Normal weights drawn by NumPy (the default initializer would compile
+  ``jax.random`` kernels for the shape; any random weights serve here)."""
+  del key
+  return np.random.default_rng(0).standard_normal(shape).astype(dtype)
 
 
 class NnxNet(nnx.Module):
   def __init__(self, rngs):
-    self.dense = nnx.Linear(3, 5, use_bias=False, rngs=rngs)
+    self.dense = nnx.Linear(3, 5, use_bias=False, kernel_init=numpy_normal_init, rngs=rngs)
     self.norm = bnjax.nnx.BatchNorm(5, rngs=rngs)
     self.renorm = bnjax.nnx.BatchRenorm(5, rngs=rngs)
 
@@ -100,68 +120,80 @@ class NnxNet(nnx.Module):
 def test_nnx_recompute_batch_stats():
   model = NnxNet(nnx.Rngs(0))
   model.eval()
-  kernel = model.dense.kernel[...]
+  kernel = np.asarray(model.dense.kernel[...], np.float64)
   bnjax.nnx.recompute_batch_stats(model, BATCHES)
   assert model.norm.use_running_average and model.renorm.use_running_average  # modes restored
-  hidden = [np.asarray(b) @ np.asarray(kernel) for b in BATCHES]
-  mean, var = reference.population_statistics(hidden, (0, 1))
-  np.testing.assert_allclose(model.norm.mean[...], mean.ravel(), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(model.norm.var[...], var.ravel(), rtol=1e-4)
-  # The second layer's input: the first normalized with each batch's own statistics.
-  second = [np.maximum((h - h.mean((0, 1))) / np.sqrt(h.var((0, 1)) + 1e-5), 0) for h in hidden]
-  mean, var = reference.population_statistics(second, (0, 1))
-  np.testing.assert_allclose(model.renorm.var[...], var.ravel(), rtol=1e-3)
+  hidden = [np.asarray(b, np.float64) @ kernel for b in BATCHES]
+  # The second layer's input: the first normalized with each batch's own statistics
+  # (its scale 1 and bias 0 as initialized).
+  second = [np.maximum(reference.forward(h, 1.0, 0.0, 1e-5, (0, 1))[0], 0) for h in hidden]
+  for layer, inputs in ((model.norm, hidden), (model.renorm, second)):
+    mean, var = reference.population_statistics(inputs, (0, 1))
+    np.testing.assert_allclose(layer.mean[...], mean.ravel(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(layer.var[...], var.ravel(), rtol=RTOL)
 
 
 def test_nnx_recompute_without_bn_layers():
   with pytest.raises(ValueError, match="found no bnjax.nnx"):
-    bnjax.nnx.recompute_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), BATCHES)
+    bnjax.nnx.recompute_batch_stats(
+        nnx.Linear(2, 2, kernel_init=numpy_normal_init, rngs=nnx.Rngs(0)), BATCHES)
 
 
 def test_linen_recompute_when_the_batch_norm_is_the_root_module():
   module = bnjax.linen.BatchNorm(use_running_average=False)
-  variables = module.init(jax.random.key(0), BATCHES[0])
-  new = bnjax.linen.recompute_batch_stats(lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES)
+  variables = jax.jit(lambda x: module.init(jax.random.key(0), x))(BATCHES[0])
+  new = bnjax.linen.recompute_batch_stats(
+      lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES)
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
-  np.testing.assert_allclose(new["batch_stats"]["var"], var.ravel(), rtol=1e-5)
+  chex.assert_trees_all_close(new["batch_stats"], {"mean": mean.ravel(), "var": var.ravel()},
+                              rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_equal(new["params"], variables["params"])
 
 
 def test_a_batch_that_defines_no_statistic_changes_none():
   """An all-masked batch and a final batch of one example (issue 8)."""
-  batches = [np.asarray(b) for b in BATCHES[:3]]
+  batches = BATCHES[:3]
+  update = jax.jit(bnjax.update_population)
   population = bnjax.init_population(3)
   for batch in batches:
-    population = bnjax.update_population(population, jnp.asarray(batch))
-  all_masked = bnjax.update_population(population, BATCHES[3], mask=jnp.zeros((16, 4, 1), bool))
-  one_example = bnjax.update_population(all_masked, BATCHES[4][:1, :1])
+    population = update(population, batch)
+  all_masked = update(population, BATCHES[3], mask=np.zeros((16, 4, 1), bool))
+  one_example = update(all_masked, BATCHES[4][:1, :1])
   mean, var = reference.population_statistics(batches, (0, 1))
   for unbiased, want_var in [(True, var), (False, var * 63 / 64)]:
-    state = bnjax.population_state(one_example, unbiased=unbiased)
+    state = jax.jit(bnjax.population_state, static_argnames="unbiased")(
+        one_example, unbiased=unbiased)
     if unbiased:  # the single example adds a mean but no unbiased variance
-      want_mean = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4
+      want_mean = (mean.ravel() * 3 + BATCHES[4][0, 0]) / 4
     else:  # ... and a biased variance of 0
-      want_mean, want_var = (mean.ravel() * 3 + np.asarray(BATCHES[4][0, 0])) / 4, want_var * 3 / 4
-    np.testing.assert_allclose(state.mean, want_mean, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(state.var, want_var.ravel(), rtol=1e-5)
+      want_mean, want_var = (mean.ravel() * 3 + BATCHES[4][0, 0]) / 4, want_var * 3 / 4
+    np.testing.assert_allclose(state.mean, want_mean, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(state.var, want_var.ravel(), rtol=RTOL)
 
 
 def test_statistics_no_batch_defines_keep_the_fallback():
-  population = bnjax.update_population(bnjax.init_population(2), jnp.ones((4, 2)),
-                                       mask=jnp.array([True, False]))
-  fallback = bnjax.BatchNormState(mean=jnp.array([7.0, 8.0]), var=jnp.array([2.0, 3.0]))
-  state = bnjax.population_state(population, fallback=fallback)
-  np.testing.assert_allclose(state.mean, [1.0, 8.0])
-  np.testing.assert_allclose(state.var, [0.0, 3.0])
-  assert np.isnan(bnjax.population_state(population).var[1])
+  @jax.jit
+  def states(x, mask, fallback):
+    population = bnjax.update_population(bnjax.init_population(2), x, mask=mask)
+    return bnjax.population_state(population, fallback=fallback), bnjax.population_state(population)
+
+  fallback = bnjax.BatchNormState(mean=np.array([7.0, 8.0], np.float32),
+                                  var=np.array([2.0, 3.0], np.float32))
+  state, without_fallback = states(np.ones((4, 2), np.float32), np.array([True, False]), fallback)
+  np.testing.assert_array_equal(state.mean, [1.0, 8.0])
+  np.testing.assert_array_equal(state.var, [0.0, 3.0])
+  np.testing.assert_array_equal(without_fallback.mean, [1.0, np.nan])
+  np.testing.assert_array_equal(without_fallback.var, [0.0, np.nan])
 
 
 def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistics():
   model = bnjax.linen.BatchNorm(use_running_average=False)
-  variables = model.init(jax.random.key(0), jnp.zeros((2, 2)))
-  variables = {**variables, "batch_stats": {"mean": jnp.array([5.0, 6.0]), "var": jnp.array([2.0, 3.0])}}
-  mask = jnp.array([[True, False]] * 4)  # the second feature never has a valid value
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(np.zeros((2, 2), np.float32))
+  variables = {**variables, "batch_stats": {"mean": np.array([5.0, 6.0], np.float32),
+                                            "var": np.array([2.0, 3.0], np.float32)}}
+  mask = np.array([[True, False]] * 4)  # the second feature never has a valid value
   apply_fn = jax.jit(lambda v, b: model.apply(v, b, mask=mask, mutable=["batch_stats"]))
-  batches = [jnp.arange(8.0).reshape(4, 2), jnp.arange(8.0).reshape(4, 2) + 2.0]
+  batches = [np.arange(8.0, dtype=np.float32).reshape(4, 2) + shift for shift in (0.0, 2.0)]
   new = bnjax.linen.recompute_batch_stats(apply_fn, variables, batches)
   # feature 0 holds 0, 2, 4, 6 and then 2, 4, 6, 8: means 3, 5; unbiased variances 20/3 each
   np.testing.assert_allclose(new["batch_stats"]["mean"], [4.0, 6.0])
@@ -170,8 +202,9 @@ def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistic
 
 def test_nnx_recompute_keeps_statistics_no_batch_defines():
   layer = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-  layer.mean[...] = jnp.array([5.0, 6.0])
-  mask = jnp.array([[True, False]] * 4)
-  bnjax.nnx.recompute_batch_stats(layer, [jnp.arange(8.0).reshape(4, 2)], apply_fn=lambda m, b: m(b, mask=mask))
+  layer.mean[...] = np.array([5.0, 6.0], np.float32)
+  mask = np.array([[True, False]] * 4)
+  bnjax.nnx.recompute_batch_stats(layer, [np.arange(8.0, dtype=np.float32).reshape(4, 2)],
+                                  apply_fn=lambda m, b: m(b, mask=mask))
   np.testing.assert_allclose(layer.mean[...], [3.0, 6.0])
   np.testing.assert_allclose(layer.var[...], [20.0 / 3.0, 1.0], rtol=1e-6)

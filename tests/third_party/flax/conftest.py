@@ -55,15 +55,27 @@ def _jax_default_promotion(request):
 EXPECTED_FAILURES: dict[str, tuple[str, bool]] = {}
 
 
+# The files of this folder that stay in the fast tests: the check that the Flax tests
+# see bnjax's classes. Flax's tests themselves (135 tests: 2 min on the shared 2-core
+# machine, 11 s of it the docstring examples; most of it XLA compiling Flax's eager
+# calls, in Flax's code, which stays as it is) are a compatibility suite: marked slow,
+# they run in CI. The fast tests compare bnjax with Flax in tests/test_linen.py and
+# tests/test_nnx.py.
+FAST = {"test_replacement.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
-  """Marks EXPECTED_FAILURES; keeps the batch-norm tests of linen_test.py (the rest
-  of that file tests other modules)."""
+  """Marks EXPECTED_FAILURES, and Flax's tests slow; keeps the batch-norm tests of
+  linen_test.py (the rest of that file tests other modules)."""
+  here = __file__.rsplit("/", 1)[0]
   for item in items:
     expected = EXPECTED_FAILURES.get(item.nodeid.rsplit("/", 1)[-1])
     if expected:
       reason, strict = expected
       item.add_marker(pytest.mark.xfail(reason=reason, strict=strict))
-  here = __file__.rsplit("/", 1)[0]
+    if str(item.fspath).startswith(here) and item.fspath.basename not in FAST:
+      item.add_marker(pytest.mark.slow)
   deselected = [
       item for item in items
       if str(item.fspath).startswith(here) and "batch_norm" not in item.name
