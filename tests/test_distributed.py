@@ -294,9 +294,10 @@ def test_groups_under_jit_are_virtual_batches_of_their_devices():
 
 
 _DEVICE_COUNT_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
-import jax, jax.numpy as jnp, numpy as np, bnjax
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))  # before any other jax use
+import jax.numpy as jnp, numpy as np, bnjax
 x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
 params, state = bnjax.init(4)
 f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)
