@@ -3,6 +3,7 @@ paper (tests/reference.py), finite differences and Flax."""
 
 import importlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,26 +174,47 @@ def test_variance_exact_on_adversarially_ordered_batch():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_statistics_in_float32(dtype):
+  """Against the float64 reference on the same half-precision values: float32
+  statistics, and y and dx each a float32 computation rounded once to ``dtype``."""
   x, params, state = random_inputs((64, 4, 8), -1, offset=4.0)
   x = x.astype(dtype)
-  y, new_state = bnjax.batch_norm(x, params, state, training=True, momentum=0.0)
-  assert y.dtype == dtype
+  w = _weights(x.shape)
+
+  @jax.jit
+  def step(x, params):
+    def loss(x, params):
+      y, new_state = bnjax.batch_norm(x, params, state, training=True, momentum=0.0)
+      return jnp.sum(w * y.astype(jnp.float32)), (y, new_state)
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+
+  (dx, dparams), (y, new_state) = step(x, params)
+  assert y.dtype == dx.dtype == dtype and dparams.scale.dtype == jnp.float32
   assert new_state.mean.dtype == new_state.var.dtype == jnp.float32
-  want_y, mu, var = reference.forward(  # on the half-precision values, in float64
-      np.asarray(x.astype(jnp.float32)), expand(params.scale, (0, 1)),
-      expand(params.bias, (0, 1)), 1e-5, (0, 1)
-  )
+  x64 = np.asarray(x.astype(jnp.float32), np.float64)
+  gamma, beta = expand(params.scale, (0, 1)), expand(params.bias, (0, 1))
+  want_y, mu, var = reference.forward(x64, gamma, beta, 1e-5, (0, 1))
   np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-6)
   np.testing.assert_allclose(new_state.var, var.squeeze(), rtol=1e-5)
-  np.testing.assert_allclose(y.astype(jnp.float32), want_y, rtol=1e-2, atol=2e-2)
-  dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, state, training=True)[0]))(x)
-  assert dx.dtype == dtype
+  # The cotangent reaching y is w rounded to dtype (the transpose of the cast).
+  dy = np.asarray(w.astype(dtype).astype(jnp.float32), np.float64)
+  want_dx, want_dgamma, want_dbeta = reference.backward(x64, gamma, dy, 1e-5, (0, 1))
+  unit_roundoff = 2.0 ** -(jnp.finfo(dtype).nmant + 1)  # one rounding to dtype
+  np.testing.assert_allclose(y.astype(jnp.float32), want_y, rtol=unit_roundoff, atol=1e-5)
+  np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, rtol=unit_roundoff, atol=1e-5)
+  # float32 parameters: float32 sums of 256 terms each.
+  np.testing.assert_allclose(dparams.scale, want_dgamma, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dparams.bias, want_dbeta, rtol=1e-5, atol=1e-4)
 
 
 def test_output_dtype_argument():
+  """A float32 output of bfloat16 input is not rounded to bfloat16 on the way."""
   x, params, state = random_inputs((16, 3), -1)
-  y, _ = bnjax.batch_norm(x.astype(jnp.bfloat16), params, state, training=True, dtype=jnp.float32)
+  x = x.astype(jnp.bfloat16)
+  y, _ = bnjax.batch_norm(x, params, state, training=True, dtype=jnp.float32)
   assert y.dtype == jnp.float32
+  want, _, _ = reference.forward(np.asarray(x.astype(jnp.float32)), expand(params.scale, (0,)),
+                                 expand(params.bias, (0,)), 1e-5, (0,))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)  # float32, not bfloat16's 4e-3
 
 
 def test_complex_input():
@@ -325,12 +347,24 @@ def test_complex_masked_nan_entries_do_not_reach_gradients():
 
 
 def test_nothing_valid_leaves_the_state_and_gives_finite_gradients():
+  """No valid value: the statistics are constants (no derivative), so y is an
+  affine map of x per feature and dx is its slope times dy."""
   x, params, state = random_inputs((6, 3), -1)
   mask = jnp.zeros((6, 1), bool)
-  y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask)
-  jax.tree.map(np.testing.assert_array_equal, new_state, state)
-  dx = jax.grad(lambda x: jnp.sum(bnjax.batch_norm(x, params, state, training=True, mask=mask)[0]))(x)
-  assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(y)).all()
+  w = _weights(x.shape)
+
+  @jax.jit
+  def step(x):
+    loss = lambda x: jnp.sum(w * bnjax.batch_norm(x, params, state, training=True, mask=mask)[0])  # noqa: E731
+    return bnjax.batch_norm(x, params, state, training=True, mask=mask), jax.grad(loss)(x)
+
+  (y, new_state), dx = step(x)
+  chex.assert_trees_all_equal(new_state, state)
+  chex.assert_tree_all_finite((y, dx))
+  y, x = np.asarray(y, np.float64), np.asarray(x, np.float64)
+  slope = (y[1:] - y[:1]) / (x[1:] - x[:1])  # the same for every pair of examples
+  np.testing.assert_allclose(slope, np.broadcast_to(slope[0], slope.shape), rtol=1e-4)
+  np.testing.assert_allclose(dx, slope[0] * np.asarray(w), rtol=1e-4)
 
 
 # Issue 8: masks read as NumPy (and Flax) broadcast them; inputs without a batch
@@ -386,7 +420,9 @@ def test_one_example_per_vmap_lane_trains_over_the_named_axis():
       lambda e: bnjax.batch_norm(e, params, state, training=True, axis_name="lanes"),
       axis_name="lanes")(x)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(new_state.var[0], want_state.var, rtol=1e-5)
+  for lane in range(8):  # every lane holds the state of the whole batch
+    np.testing.assert_allclose(new_state.mean[lane], want_state.mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new_state.var[lane], want_state.var, rtol=1e-5)
 
 
 def test_training_without_batch_axis_is_a_batch_of_one():
@@ -395,7 +431,7 @@ def test_training_without_batch_axis_is_a_batch_of_one():
   y, new_state = bnjax.batch_norm(x[0], params, state, training=True, momentum=0.5)
   want_y, want_state = bnjax.batch_norm(x[:1], params, state, training=True, momentum=0.5)
   np.testing.assert_array_equal(y, want_y[0])
-  jax.tree.map(np.testing.assert_array_equal, new_state, want_state)
+  chex.assert_trees_all_equal(new_state, want_state)
   np.testing.assert_allclose(y, params.bias, atol=1e-6)
 
 
@@ -443,9 +479,10 @@ def test_bad_argument_types_raise_a_clear_error(overrides, error, match):
     _call(**overrides)
 
 
-@pytest.mark.parametrize("num_features", [0, -3, (4, 0), 2.5, True])
-def test_init_refuses_an_empty_or_non_integer_layer(num_features):
-  with pytest.raises((ValueError, TypeError), match="num_features must be a positive int"):
+@pytest.mark.parametrize("num_features, error", [
+    (0, ValueError), (-3, ValueError), ((4, 0), ValueError), (2.5, TypeError), (True, TypeError)])
+def test_init_refuses_an_empty_or_non_integer_layer(num_features, error):
+  with pytest.raises(error, match="num_features must be a positive int"):
     bnjax.init(num_features)
 
 

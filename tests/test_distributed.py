@@ -4,6 +4,7 @@ state, input and parameter gradients), with one collective per direction."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +53,8 @@ def assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state, ma
   (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(x, w, params, state, mask)
   np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx.reshape(x.shape), want_dx, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state, want_state)
+  chex.assert_trees_all_close(dparams, want_dparams, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(new_state, want_state, rtol=1e-5, atol=1e-6)
 
 
 def pmapped_step(**kwargs):
@@ -69,8 +70,7 @@ def test_pmap_matches_full_batch():
   # pmap gives each device the gradient of its own loss w.r.t. the parameters.
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
   for d in range(1, DEVICES):  # every device holds the same new state
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda s: s[d], new_state),
-                 jax.tree.map(lambda s: s[0], new_state))
+    chex.assert_trees_all_equal(jax.tree.map(lambda s: s[d], new_state), jax.tree.map(lambda s: s[0], new_state))
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state))
 
 
@@ -103,7 +103,7 @@ def test_uneven_valid_counts_per_device_with_nan():
   (want_dx, want_dparams), (want_y, _) = grad_full_batch(x, w, params, state, mask)
   np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], np.asarray(want_y)[valid], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx.reshape(SHAPE), want_dx, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
+  chex.assert_trees_all_close(dparams, want_dparams, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]])
@@ -120,6 +120,7 @@ def test_axis_index_groups_synchronize_within_each_group(groups):
     np.testing.assert_allclose(y[np.array(group)].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx[np.array(group)].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
     for d in group:
+      np.testing.assert_allclose(new_state.mean[d], want_state.mean, rtol=1e-5, atol=1e-7)
       np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)
 
 
@@ -248,8 +249,8 @@ def test_unequal_axis_index_groups_are_exact(groups):
     (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(group_x, group_w, params, state, None)
     np.testing.assert_allclose(y[members].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx[members].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[members].sum(0), b, rtol=1e-4, atol=1e-4),
-                 dparams, want_dparams)
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[members].sum(0), dparams), want_dparams,
+                                rtol=1e-4, atol=1e-4)
     for d in group:
       np.testing.assert_allclose(new_state.mean[d], want_state.mean, rtol=1e-5)
       np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)

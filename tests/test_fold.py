@@ -60,11 +60,36 @@ def test_fold_of_one_dense_layer_with_and_without_bias():
     np.testing.assert_allclose(x @ k + b[None], want, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_keeps_half_precision_kernels():
-  kernel = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
-  params, state = bnjax.init(4)
-  k, b = bnjax.fold(kernel, None, params, state)
-  assert k.dtype == jnp.bfloat16 and k.shape == kernel.shape and b.shape == (4,)
+@pytest.mark.parametrize("layer_bias_dtype", [None, jnp.bfloat16, pytest.param(jnp.float32, marks=pytest.mark.xfail(
+    raises=jax.dtypes.TypePromotionError, strict=True,
+    reason="bnjax.fold widens the bias with jnp.promote_types, which strict promotion refuses"))])
+def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
+  """A bfloat16 3x3 convolution kernel folded with a trained-looking BN: on image
+  patches, the folded layer equals the conv followed by eval-mode BN (float64), to
+  the rounding of the folded kernel and bias to their dtypes."""
+  keys = jax.random.split(jax.random.key(5), 7)
+  kernel = jax.random.normal(keys[0], (3, 3, 2, 4), jnp.bfloat16)
+  layer_bias = (None if layer_bias_dtype is None
+                else (0.3 * jax.random.normal(keys[1], (4,))).astype(layer_bias_dtype))
+  params = bnjax.BatchNormParams(1.0 + 0.5 * jax.random.normal(keys[2], (4,)), 0.5 * jax.random.normal(keys[3], (4,)))
+  state = bnjax.BatchNormState(jax.random.normal(keys[4], (4,)), jax.random.uniform(keys[5], (4,), minval=0.2, maxval=3.0))
+  k, b = bnjax.fold(kernel, layer_bias, params, state)
+  bias_dtype = jnp.bfloat16 if layer_bias_dtype is None else np.promote_types(jnp.bfloat16, layer_bias_dtype)
+  assert k.dtype == jnp.bfloat16 and k.shape == kernel.shape and b.dtype == bias_dtype and b.shape == (4,)
+
+  f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
+  patches = f64(jax.random.normal(keys[6], (32, 3, 3, 2)))  # a convolution's output at 32 positions
+  z = np.tensordot(patches, f64(kernel), axes=3) + (0.0 if layer_bias is None else f64(layer_bias))
+  want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(params.bias)
+  got = np.tensordot(patches, f64(k), axes=3) + f64(b)
+  # Each folded value is its exact value rounded once to its dtype (relative error
+  # <= u): the error is at most u_kernel * sum|patch * k| + u_bias * |b|.
+  exact_k = f64(kernel) * (f64(params.scale) / np.sqrt(f64(state.var) + 1e-5))
+  u_kernel, u_bias = 2.0 ** -8, 2.0 ** -(jnp.finfo(bias_dtype).nmant + 1)
+  bound = u_kernel * np.tensordot(np.abs(patches), np.abs(exact_k), axes=3) + u_bias * np.abs(f64(b))
+  assert (np.abs(got - want) <= bound + 1e-5).all(), np.abs(got - want) / bound
+  # and not more exact than that: the kernel is not widened behind the caller's back
+  assert np.abs(f64(k) - exact_k).max() > 1e-4
 
 
 def test_feature_mismatch_is_named():

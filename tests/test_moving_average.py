@@ -29,8 +29,9 @@ def test_cumulative_average_from_a_traced_schedule():
 
 
 def test_keeps_the_average_dtype():
-  new = bnjax.update_moving_average(jnp.zeros(2), jnp.ones(2, jnp.bfloat16), momentum=0.5)
+  new = bnjax.update_moving_average(jnp.zeros(2), jnp.array([1.0, -3.0], jnp.bfloat16), momentum=0.25)
   assert new.dtype == jnp.float32
+  np.testing.assert_array_equal(new, [0.75, -2.25])  # exact in float32
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

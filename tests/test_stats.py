@@ -75,6 +75,7 @@ def test_half_precision_reduced_in_float32():
   m = stats.batch_moments(x, reduction_axes=(0,))
   assert m.mean.dtype == m.m2.dtype == jnp.float32
   mu, var = reference.batch_mean_var(np.asarray(x.astype(jnp.float32)), (0,))
+  np.testing.assert_allclose(m.mean, mu.ravel(), rtol=1e-6)
   np.testing.assert_allclose(m.variance, var.ravel(), rtol=1e-5)
 
 
