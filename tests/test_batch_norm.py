@@ -112,12 +112,10 @@ def test_inference_uses_state_and_returns_it_unchanged(shape, axis, axes):
 def test_no_affine_and_partial_affine():
   x, params, state = random_inputs((16, 4), -1)
   want, _, _ = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
-  y, _ = batch_norm(x, None, state, training=True)
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-  y, _ = batch_norm(x, bnjax.BatchNormParams(scale=params.scale, bias=None), state, training=True)
-  np.testing.assert_allclose(y, want * np.asarray(params.scale), rtol=1e-5, atol=1e-5)
-  y, _ = batch_norm(x, bnjax.BatchNormParams(scale=None, bias=params.bias), state, training=True)
-  np.testing.assert_allclose(y, want + np.asarray(params.bias), rtol=1e-5, atol=1e-5)
+  cases = (None, bnjax.BatchNormParams(scale=params.scale, bias=None), bnjax.BatchNormParams(scale=None, bias=params.bias))
+  outputs = jax.jit(lambda x: [bnjax.batch_norm(x, p, state, training=True)[0] for p in cases])(x)
+  for y, want_y in zip(outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias))):
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
 
 
 def test_init():
@@ -315,19 +313,21 @@ def test_jit_and_traced_momentum():
   def step(x, state, momentum):
     return bnjax.batch_norm(x, params, state, training=True, momentum=momentum)
 
-  _, a = step(x, state, jnp.float32(0.25))
-  _, b = bnjax.batch_norm(x, params, state, training=True, momentum=0.25)  # eager
-  np.testing.assert_allclose(a.var, b.var, rtol=1e-6)
-  _, c = step(x, state, jnp.float32(0.5))  # a new value, no recompilation needed
+  mu, var = reference.batch_mean_var(x, (0,))
+  for momentum in (0.25, 0.5):  # a new value, no recompilation needed
+    _, new_state = step(x, state, jnp.float32(momentum))
+    np.testing.assert_allclose(new_state.mean, momentum * np.asarray(state.mean) + (1 - momentum) * mu.squeeze(),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(new_state.var, momentum * np.asarray(state.var) + (1 - momentum) * var.squeeze(),
+                               rtol=1e-6)
   assert step._cache_size() == 1
-  _, var = reference.batch_mean_var(x, (0,))
-  np.testing.assert_allclose(c.var, 0.5 * np.asarray(state.var) + 0.5 * var.squeeze(), rtol=1e-6)
 
 
 def test_unbiased_variance_updates_running_var_with_m_over_m_minus_1():
   x, params, state = random_inputs((10, 3), -1)
-  y_biased, biased = batch_norm(x, params, state, training=True, momentum=0.0)
-  y, unbiased = batch_norm(x, params, state, training=True, momentum=0.0, unbiased_variance=True)
+  (y_biased, biased), (y, unbiased) = jax.jit(lambda x: [
+      bnjax.batch_norm(x, params, state, training=True, momentum=0.0, unbiased_variance=unbiased)
+      for unbiased in (False, True)])(x)
   np.testing.assert_allclose(unbiased.var, biased.var * 10 / 9, rtol=1e-6)
   np.testing.assert_array_equal(y, y_biased)  # the batch is normalized with the biased one
 

@@ -131,18 +131,20 @@ def test_modules_with_bfloat16_parameters():
                              dtype=jnp.bfloat16), bnjax.batch_norm),
       (bnjax.linen.BatchRenorm(use_running_average=False, momentum=0.9, param_dtype=jnp.bfloat16,
                                dtype=jnp.bfloat16, **limits), functools.partial(bnjax.batch_renorm, **limits))):
-    variables = jax.jit(module.init)(jax.random.key(0), x)
-    assert variables["params"]["scale"].dtype == jnp.bfloat16
-    y, updated = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))(variables, x)
-    want_y, want_state = jax.jit(lambda x: function(x, params, state, training=True, momentum=0.9))(x)
+    # The module's variables: init's shapes and dtypes (bfloat16 parameters, float32
+    # statistics), and Flax's initial values, which bnjax.init gives.
+    variables = {"params": params._asdict(), "batch_stats": state._asdict()}
+    chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(module.init, jax.random.key(0), x), variables)
+    (y, updated), (want_y, want_state) = jax.jit(lambda v, x: (
+        module.apply(v, x, mutable=["batch_stats"]), function(x, params, state, training=True, momentum=0.9)))(
+            variables, x)
     assert y.dtype == jnp.bfloat16 and updated["batch_stats"]["var"].dtype == jnp.float32
     np.testing.assert_array_equal(y, want_y)
     chex.assert_trees_all_equal(updated["batch_stats"], want_state._asdict())
   layer = bnjax.nnx.BatchRenorm(3, momentum=0.9, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
                                 **limits)
-  y = nnx.jit(lambda layer, x: layer(x))(layer, x)
-  want_y, want_state = jax.jit(lambda x: bnjax.batch_renorm(x, params, state, training=True, momentum=0.9,
-                                                            **limits))(x)
+  y, (want_y, want_state) = nnx.jit(lambda layer, x: (
+      layer(x), bnjax.batch_renorm(x, params, state, training=True, momentum=0.9, **limits)))(layer, x)
   assert y.dtype == jnp.bfloat16 and layer.scale[...].dtype == jnp.bfloat16 and layer.var[...].dtype == jnp.float32
   np.testing.assert_array_equal(y, want_y)
   chex.assert_trees_all_equal((layer.mean[...], layer.var[...]), tuple(want_state))
