@@ -112,7 +112,8 @@ def test_inference_uses_state_and_returns_it_unchanged(shape, axis, axes):
 def test_no_affine_and_partial_affine():
   x, params, state = random_inputs((16, 4), -1)
   want, _, _ = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
-  cases = (None, bnjax.BatchNormParams(scale=params.scale, bias=None), bnjax.BatchNormParams(scale=None, bias=params.bias))
+  cases = (None, bnjax.BatchNormParams(scale=params.scale, bias=None),
+           bnjax.BatchNormParams(scale=None, bias=params.bias))
   outputs = jax.jit(lambda x: [bnjax.batch_norm(x, p, state, training=True)[0] for p in cases])(x)
   for y, want_y in zip(outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias))):
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
