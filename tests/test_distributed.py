@@ -72,9 +72,14 @@ def pmapped_step(**kwargs):
   return jax.pmap(grad, axis_name="batch", in_axes=(0, 0, None, None, 0))
 
 
+# One object, so that the tests that run it and the one that reads its compiled
+# program share one compilation.
+synchronized_step = pmapped_step(axis_name="batch")
+
+
 def test_pmap_matches_full_batch():
   x, w, params, state = make_problem()
-  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+  (dx, dparams), (y, new_state) = synchronized_step(
       per_device(x), per_device(w), params, state, None
   )
   # pmap gives each device the gradient of its own loss w.r.t. the parameters.
@@ -102,19 +107,21 @@ def test_uneven_valid_counts_per_device_with_nan():
   x = jnp.asarray(np.where(mask, x, np.nan))
   w = jnp.asarray(np.where(mask, w, 0.0), jnp.float32)
   mask = jnp.asarray(mask)
-  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+  (dx, dparams), (y, new_state) = synchronized_step(
       per_device(x), per_device(w), params, state, per_device(mask)
   )
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
-  assert np.isfinite(np.asarray(dx)).all()
+  chex.assert_tree_all_finite((dx, dparams))
   valid = np.broadcast_to(np.asarray(mask), SHAPE)
-  _, mu, var = reference.forward(x, 1.0, 0.0, 1e-5, AXES, mask=valid)
-  np.testing.assert_allclose(new_state.mean[0], 0.2 * mu.squeeze(), rtol=1e-5)
-  np.testing.assert_allclose(new_state.var[0], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
-  (want_dx, want_dparams), (want_y, _) = grad_full_batch(x, w, params, state, mask)
-  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], np.asarray(want_y)[valid], rtol=1e-5, atol=1e-5)
+  gamma, beta = (np.asarray(p, np.float64)[None, None] for p in params)
+  want_y, mu, var = reference.forward(x, gamma, beta, 1e-5, AXES, mask=valid)
+  for device in range(DEVICES):  # device 0, with no valid example, too
+    np.testing.assert_allclose(new_state.mean[device], 0.2 * mu.squeeze(), rtol=1e-5)
+    np.testing.assert_allclose(new_state.var[device], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
+  want_dx, want_dgamma, want_dbeta = reference.backward(x, gamma, w, 1e-5, AXES, mask=valid)
+  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], want_y[valid], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx.reshape(SHAPE), want_dx, rtol=1e-4, atol=1e-5)
-  chex.assert_trees_all_close(dparams, want_dparams, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(tuple(dparams), (want_dgamma, want_dbeta), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]])
@@ -160,6 +167,7 @@ def sharded_problem():
   )
 
 
+@functools.cache  # one compilation for the tests that run it and the one that reads it
 def shard_map_step(mesh):
   grad = jax.grad(functools.partial(loss_and_state, axis_name="batch"), argnums=(0, 2), has_aux=True)
   return jax.jit(jax.shard_map(
@@ -193,7 +201,7 @@ def test_one_collective_forward_and_one_backward():
 
   pmap_forward = jax.pmap(forward, axis_name="batch", in_axes=(0, None, None))
   forward_text = pmap_forward.lower(xs, params, state).compile().as_text()
-  step_text = pmapped_step(axis_name="batch").lower(xs, ws, params, state, None).compile().as_text()
+  step_text = synchronized_step.lower(xs, ws, params, state, None).compile().as_text()
   assert count_collectives(forward_text) == {"all-reduce": 1}
   assert count_collectives(step_text) == {"all-reduce": 2}
 
