@@ -322,6 +322,7 @@ import sys
 import jax
 jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))  # before any other jax use
 import jax.numpy as jnp, numpy as np, bnjax
+assert jax.device_count() == int(sys.argv[1]), jax.devices()
 x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
 params, state = bnjax.init(4)
 f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)
