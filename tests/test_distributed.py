@@ -85,7 +85,7 @@ def test_pmap_matches_full_batch():
   # pmap gives each device the gradient of its own loss w.r.t. the parameters.
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
   for d in range(1, DEVICES):  # every device holds the same new state
-    chex.assert_trees_all_equal(jax.tree.map(lambda s: s[d], new_state), jax.tree.map(lambda s: s[0], new_state))
+    chex.assert_trees_all_equal(tuple(s[d] for s in new_state), tuple(s[0] for s in new_state))
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state))
 
 

@@ -120,6 +120,14 @@ def test_population_statistics_in_float32(dtype):
   np.testing.assert_allclose(state.var, x.var((0, 1)) * 64 / 63, rtol=1e-5)
 
 
+def module_and_function(module, function, variables, x):
+  """A training step of a linen module and of the function it wraps, in one compiled call."""
+  params, state = (type_(**variables[name]) for type_, name in ((bnjax.BatchNormParams, "params"),
+                                                                 (bnjax.BatchNormState, "batch_stats")))
+  return jax.jit(lambda v, x: (module.apply(v, x, mutable=["batch_stats"]),
+                               function(x, params, state, training=True, momentum=0.9)))(variables, x)
+
+
 def test_modules_with_bfloat16_parameters():
   """The Flax shells keep bfloat16 parameters and add no math: their output and
   statistics are the function's on the same bfloat16 parameters."""
@@ -135,9 +143,7 @@ def test_modules_with_bfloat16_parameters():
     # statistics), and Flax's initial values, which bnjax.init gives.
     variables = {"params": params._asdict(), "batch_stats": state._asdict()}
     chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(module.init, jax.random.key(0), x), variables)
-    (y, updated), (want_y, want_state) = jax.jit(lambda v, x: (
-        module.apply(v, x, mutable=["batch_stats"]), function(x, params, state, training=True, momentum=0.9)))(
-            variables, x)
+    (y, updated), (want_y, want_state) = module_and_function(module, function, variables, x)
     assert y.dtype == jnp.bfloat16 and updated["batch_stats"]["var"].dtype == jnp.float32
     np.testing.assert_array_equal(y, want_y)
     chex.assert_trees_all_equal(updated["batch_stats"], want_state._asdict())
