@@ -1,20 +1,20 @@
 """Suite-wide settings, as equinox's tests do: eight simulated CPU devices, and
 strict dtype and rank promotion so that silent upcasts and broadcasts fail."""
 
-import os
-
-# XLA reads this when jax initializes its backends, so it must precede any jax use.
-_DEVICES = "--xla_force_host_platform_device_count=8"
-if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
-
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # A script for subprocesses, not a test module (its import would run it).
 collect_ignore = ["multihost_worker.py", "imagenet_runner.py"]
 
 jax.config.update("jax_platforms", "cpu")
+# Read when jax initializes its backends (the first array or device query), so it
+# must come before any jax use; it takes precedence over XLA_FLAGS's device count.
+try:
+  jax.config.update("jax_num_cpu_devices", 8)
+  _DEVICES_PROBLEM = None
+except RuntimeError as error:  # jax was used before pytest imported this file
+  _DEVICES_PROBLEM = str(error)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -22,8 +22,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, (
-      "tests need 8 CPU devices; XLA_FLAGS was read before tests/conftest.py "
-      f"could set it (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})"
+      f"tests need 8 CPU devices and see {jax.device_count()}: tests/conftest.py sets "
+      "jax.config.update('jax_num_cpu_devices', 8), which must run before jax initializes "
+      "its backends; something used jax before pytest imported tests/conftest.py"
+      + (f" ({_DEVICES_PROBLEM})" if _DEVICES_PROBLEM else "")
   )
 
 

@@ -9,16 +9,14 @@ full batch computed on one device.
 """
 
 import json
-import os
 import sys
 
+import jax
+
 LOCAL_DEVICES = 2
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-
-import jax  # noqa: E402
-
 process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
 jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)  # before any other jax use
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
 

@@ -4,6 +4,7 @@ state, input and parameter gradients), with one collective per direction."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,15 +23,25 @@ AXES = (0, 1)
 
 
 def make_problem(offset=1.0, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  x = 1.5 * jax.random.normal(keys[0], SHAPE) + offset
-  w = jax.random.normal(keys[1], SHAPE)  # the loss is sum(w * y)
-  params = bnjax.BatchNormParams(
-      scale=1.0 + 0.2 * jax.random.normal(keys[2], (3,)),
-      bias=0.1 * jax.random.normal(keys[3], (3,)),
-  )
+  """x, w (the loss is sum(w * y)), params and init's state; NumPy draws (jax.random
+  compiles a program per shape)."""
+  rng = np.random.default_rng(seed)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  x = f32(1.5 * rng.standard_normal(SHAPE) + offset)
+  w = f32(rng.standard_normal(SHAPE))
+  params = bnjax.BatchNormParams(scale=f32(1.0 + 0.2 * rng.standard_normal(3)), bias=f32(0.1 * rng.standard_normal(3)))
   _, state = bnjax.init(3)
   return x, w, params, state
+
+
+def reference_step(x, w, params, state, momentum=0.8):
+  """Float64 (dx, (dscale, dbias)), (y, (mean, var)) of a batch: Algorithm 1 and
+  the paper's Section 3 backward (tests/reference.py)."""
+  gamma, beta = (np.asarray(p, np.float64)[None, None] for p in params)
+  y, mu, var = reference.forward(x, gamma, beta, 1e-5, AXES)
+  dx, dgamma, dbeta = reference.backward(x, gamma, w, 1e-5, AXES)
+  new_state = tuple(momentum * np.asarray(s) + (1 - momentum) * b.ravel() for s, b in zip(state, (mu, var)))
+  return (dx, (dgamma, dbeta)), (y, new_state)
 
 
 def loss_and_state(x, w, params, state, mask=None, momentum=0.8, **kwargs):
@@ -52,8 +63,8 @@ def assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state, ma
   (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(x, w, params, state, mask)
   np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx.reshape(x.shape), want_dx, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state, want_state)
+  chex.assert_trees_all_close(dparams, want_dparams, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(new_state, want_state, rtol=1e-5, atol=1e-6)
 
 
 def pmapped_step(**kwargs):
@@ -61,16 +72,20 @@ def pmapped_step(**kwargs):
   return jax.pmap(grad, axis_name="batch", in_axes=(0, 0, None, None, 0))
 
 
+# One object, so that the tests that run it and the one that reads its compiled
+# program share one compilation.
+synchronized_step = pmapped_step(axis_name="batch")
+
+
 def test_pmap_matches_full_batch():
   x, w, params, state = make_problem()
-  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+  (dx, dparams), (y, new_state) = synchronized_step(
       per_device(x), per_device(w), params, state, None
   )
   # pmap gives each device the gradient of its own loss w.r.t. the parameters.
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
   for d in range(1, DEVICES):  # every device holds the same new state
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda s: s[d], new_state),
-                 jax.tree.map(lambda s: s[0], new_state))
+    chex.assert_trees_all_equal(tuple(s[d] for s in new_state), tuple(s[0] for s in new_state))
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state))
 
 
@@ -87,40 +102,53 @@ def test_statistics_exact_across_devices_with_large_offset():
 def test_uneven_valid_counts_per_device_with_nan():
   x, w, params, state = make_problem()
   # Device d keeps d of its 4 examples (device 0 none at all); the rest is NaN.
-  keep = (jnp.arange(SHAPE[0]) % 4) < (jnp.arange(SHAPE[0]) // 4)
-  mask = jnp.broadcast_to(keep[:, None, None], (SHAPE[0], SHAPE[1], 1))
-  x = jnp.where(mask, x, jnp.nan)
-  w = jnp.where(mask, w, 0.0)
-  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch")(
+  keep = (np.arange(SHAPE[0]) % 4) < (np.arange(SHAPE[0]) // 4)
+  mask = np.broadcast_to(keep[:, None, None], (SHAPE[0], SHAPE[1], 1))
+  x = jnp.asarray(np.where(mask, x, np.nan))
+  w = jnp.asarray(np.where(mask, w, 0.0), jnp.float32)
+  mask = jnp.asarray(mask)
+  (dx, dparams), (y, new_state) = synchronized_step(
       per_device(x), per_device(w), params, state, per_device(mask)
   )
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
-  assert np.isfinite(np.asarray(dx)).all()
+  chex.assert_tree_all_finite((dx, dparams))
   valid = np.broadcast_to(np.asarray(mask), SHAPE)
-  _, mu, var = reference.forward(x, 1.0, 0.0, 1e-5, AXES, mask=valid)
-  np.testing.assert_allclose(new_state.mean[0], 0.2 * mu.squeeze(), rtol=1e-5)
-  np.testing.assert_allclose(new_state.var[0], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
-  (want_dx, want_dparams), (want_y, _) = grad_full_batch(x, w, params, state, mask)
-  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], np.asarray(want_y)[valid], rtol=1e-5, atol=1e-5)
+  gamma, beta = (np.asarray(p, np.float64)[None, None] for p in params)
+  want_y, mu, var = reference.forward(x, gamma, beta, 1e-5, AXES, mask=valid)
+  for device in range(DEVICES):  # device 0, with no valid example, too
+    np.testing.assert_allclose(new_state.mean[device], 0.2 * mu.squeeze(), rtol=1e-5)
+    np.testing.assert_allclose(new_state.var[device], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
+  want_dx, want_dgamma, want_dbeta = reference.backward(x, gamma, w, 1e-5, AXES, mask=valid)
+  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], want_y[valid], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx.reshape(SHAPE), want_dx, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), dparams, want_dparams)
+  chex.assert_trees_all_close(tuple(dparams), (want_dgamma, want_dbeta), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]])
 def test_axis_index_groups_synchronize_within_each_group(groups):
   x, w, params, state = make_problem()
-  (dx, _), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
+  (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
       per_device(x), per_device(w), params, state, None
   )
-  xs, ws = per_device(x), per_device(w)
+  assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, y, new_state)
+
+
+def assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, y, new_state):
+  """Each group's devices hold Algorithm 1 on the group's examples (float64
+  reference), and the group's share of the parameters' gradient."""
+  xs, ws = per_device(np.asarray(x)), per_device(np.asarray(w))
+  dx, y, dparams = np.asarray(dx), np.asarray(y), tuple(np.asarray(a) for a in dparams)
   for group in groups:
-    group_x = xs[np.array(group)].reshape((-1,) + SHAPE[1:])
-    group_w = ws[np.array(group)].reshape((-1,) + SHAPE[1:])
-    (want_dx, _), (want_y, want_state) = grad_full_batch(group_x, group_w, params, state, None)
-    np.testing.assert_allclose(y[np.array(group)].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx[np.array(group)].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
+    members = np.array(group)
+    group_x = xs[members].reshape((-1,) + SHAPE[1:])
+    (want_dx, want_dparams), (want_y, want_state) = reference_step(
+        group_x, ws[members].reshape((-1,) + SHAPE[1:]), params, state)
+    np.testing.assert_allclose(y[members].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx[members].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(tuple(a[members].sum(0) for a in dparams), want_dparams, rtol=1e-4, atol=1e-4)
     for d in group:
-      np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)
+      np.testing.assert_allclose(new_state.mean[d], want_state[0], rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(new_state.var[d], want_state[1], rtol=1e-5)
 
 
 def _mesh():
@@ -139,6 +167,7 @@ def sharded_problem():
   )
 
 
+@functools.cache  # one compilation for the tests that run it and the one that reads it
 def shard_map_step(mesh):
   grad = jax.grad(functools.partial(loss_and_state, axis_name="batch"), argnums=(0, 2), has_aux=True)
   return jax.jit(jax.shard_map(
@@ -172,7 +201,7 @@ def test_one_collective_forward_and_one_backward():
 
   pmap_forward = jax.pmap(forward, axis_name="batch", in_axes=(0, None, None))
   forward_text = pmap_forward.lower(xs, params, state).compile().as_text()
-  step_text = pmapped_step(axis_name="batch").lower(xs, ws, params, state, None).compile().as_text()
+  step_text = synchronized_step.lower(xs, ws, params, state, None).compile().as_text()
   assert count_collectives(forward_text) == {"all-reduce": 1}
   assert count_collectives(step_text) == {"all-reduce": 2}
 
@@ -185,7 +214,8 @@ def test_flax_exact_mode_needs_more_collectives():
   """The counter sees what the previous test asserts the absence of."""
   x, w, _, _ = make_problem()
   bn = nn.BatchNorm(use_running_average=False, axis_name="batch", use_fast_variance=False)
-  variables = bn.init(jax.random.key(0), x[:4])
+  params, state = bnjax.init(3)
+  variables = {"params": params._asdict(), "batch_stats": state._asdict()}  # Flax's init, unchanged
 
   def loss(x, w, variables):
     y, _ = bn.apply(variables, x, mutable=["batch_stats"])
@@ -217,16 +247,22 @@ def test_shard_map_over_two_mesh_axes():
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
 
 
+# The new state of a masked batch synchronized over the devices (one compile for all cases).
+masked_state_across_devices = jax.pmap(
+    lambda x, mask: bnjax.batch_norm(x, None, bnjax.init(1)[1], training=True, mask=mask, axis_name="i",
+                                     momentum=0.0)[1], axis_name="i")
+
+
 @pytest.mark.parametrize("empty_device", [0, 3])
 def test_empty_device_keeps_large_offset_statistics_exact(empty_device):
   """The exchange's reference is the fullest device, not device 0."""
-  x = 1.0 * jax.random.normal(jax.random.key(7), (DEVICES * 64, 1)) + 1e4
-  keep = (jnp.arange(DEVICES * 64) // 64) != empty_device
-  _, state = bnjax.init(1)
-  f = lambda x, m: bnjax.batch_norm(x, None, state, training=True, mask=m, axis_name="i", momentum=0.0)[1]  # noqa: E731
-  new_state = jax.pmap(f, axis_name="i")(x.reshape(DEVICES, 64, 1), keep.reshape(DEVICES, 64, 1))
-  want = np.asarray(x, np.float64)[np.asarray(keep)].var()
-  assert abs(float(new_state.var[0, 0]) / want - 1) <= 1e-5
+  x = np.random.default_rng(7).standard_normal((DEVICES * 64, 1)).astype(np.float32) + np.float32(1e4)
+  keep = np.arange(DEVICES * 64) // 64 != empty_device
+  new_state = masked_state_across_devices(x.reshape(DEVICES, 64, 1), keep.reshape(DEVICES, 64, 1))
+  want = x.astype(np.float64)[keep].var()
+  for device in range(DEVICES):
+    assert abs(float(new_state.var[device, 0]) / want - 1) <= 1e-5
+  np.testing.assert_allclose(new_state.mean[:, 0], x.astype(np.float64)[keep].mean(), rtol=1e-7)
 
 
 # Issue 8: groups of unequal sizes are exact; bad groups are refused clearly.
@@ -240,19 +276,7 @@ def test_unequal_axis_index_groups_are_exact(groups):
   (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
       per_device(x), per_device(w), params, state, None
   )
-  xs, ws = per_device(x), per_device(w)
-  for group in groups:
-    members = np.array(group)
-    group_x = xs[members].reshape((-1,) + SHAPE[1:])
-    group_w = ws[members].reshape((-1,) + SHAPE[1:])
-    (want_dx, want_dparams), (want_y, want_state) = grad_full_batch(group_x, group_w, params, state, None)
-    np.testing.assert_allclose(y[members].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx[members].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[members].sum(0), b, rtol=1e-4, atol=1e-4),
-                 dparams, want_dparams)
-    for d in group:
-      np.testing.assert_allclose(new_state.mean[d], want_state.mean, rtol=1e-5)
-      np.testing.assert_allclose(new_state.var[d], want_state.var, rtol=1e-5)
+  assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, y, new_state)
 
 
 @pytest.mark.parametrize("groups, match", [
@@ -288,15 +312,17 @@ def test_groups_under_jit_are_virtual_batches_of_their_devices():
   dx, y = np.asarray(dx), np.asarray(y)
   for first in range(0, DEVICES, 2):
     rows = slice(first * per_device_examples, (first + 2) * per_device_examples)
-    (want_dx, _), (want_y, _) = grad_full_batch(x[rows], w[rows], params, state, None)
+    (want_dx, _), (want_y, _) = reference_step(x[rows], w[rows], params, state)
     np.testing.assert_allclose(y[rows], want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx[rows], want_dx, rtol=1e-4, atol=1e-5)
 
 
 _DEVICE_COUNT_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
-import jax, jax.numpy as jnp, numpy as np, bnjax
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))  # before any other jax use
+import jax.numpy as jnp, numpy as np, bnjax
+assert jax.device_count() == int(sys.argv[1]), jax.devices()
 x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
 params, state = bnjax.init(4)
 f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)

@@ -28,43 +28,80 @@ class CNN(nn.Module):
 
 
 def trained_looking_variables(x):
-  variables = CNN().init(jax.random.key(0), x)
-  keys = iter(jax.random.split(jax.random.key(1), 32))
-  def perturb(path, a):
-    if path[-1].key == "var":
-      return jax.random.uniform(next(keys), a.shape, minval=0.2, maxval=3.0)
-    return a + 0.5 * jax.random.normal(next(keys), a.shape)
-  return jax.tree_util.tree_map_with_path(perturb, variables)
+  """The CNN's variables filled with NumPy random values (no init to compile):
+  kernels, biases, scales and means around 0 or 1, variances in [0.2, 3]."""
+  shapes = jax.eval_shape(CNN().init, jax.random.key(0), x)
+  rng = np.random.default_rng(1)
+  def fill(path, a):
+    name = path[-1].key
+    if name == "var":
+      return jnp.asarray(rng.uniform(0.2, 3.0, a.shape), a.dtype)
+    return jnp.asarray((name == "scale") + 0.5 * rng.standard_normal(a.shape), a.dtype)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 PAIRS = [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Dense_0", "BatchNorm_2")]
 
 
+def normal(seed, shape, dtype=jnp.float32):
+  """NumPy's samples (jax.random compiles a program per shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
 def test_folded_cnn_equals_eval_mode_cnn():
-  x = jax.random.normal(jax.random.key(2), (4, 10, 10, 3))
+  x = normal(2, (4, 10, 10, 3))
   variables = trained_looking_variables(x)
-  folded = bnjax.linen.fold_variables(variables, PAIRS)
-  assert set(folded) == {"params"} and "BatchNorm_0" not in folded["params"]
-  np.testing.assert_allclose(CNN(folded=True).apply(folded, x), CNN().apply(variables, x), rtol=2e-5, atol=2e-5)
+  folded = jax.jit(lambda v: bnjax.linen.fold_variables(v, PAIRS))(variables)
+  assert set(folded) == {"params"} and set(folded["params"]) == {"Conv_0", "Conv_1", "Dense_0"}
+  folded_y, y = jax.jit(CNN(folded=True).apply)(folded, x), jax.jit(CNN().apply)(variables, x)
+  np.testing.assert_allclose(folded_y, y, rtol=2e-5, atol=2e-5)
 
 
 def test_fold_of_one_dense_layer_with_and_without_bias():
-  x = jax.random.normal(jax.random.key(3), (6, 5))
-  kernel, bias = jax.random.normal(jax.random.key(4), (5, 3)), jnp.array([0.1, -0.2, 0.3])
+  """Against eval-mode BN of the layer's output, in float64."""
+  x = np.random.default_rng(3).standard_normal((6, 5))
+  kernel, bias = normal(4, (5, 3)), jnp.array([0.1, -0.2, 0.3])
   params = bnjax.BatchNormParams(jnp.array([1.0, 2.0, -0.5]), jnp.array([0.0, 1.0, 2.0]))
   state = bnjax.BatchNormState(jnp.array([0.3, -1.0, 2.0]), jnp.array([0.5, 2.0, 4.0]))
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
   for layer_bias in (bias, None):
-    z = x @ kernel + (0 if layer_bias is None else layer_bias[None])
-    want, _ = bnjax.batch_norm(z, params, state, training=False)
+    z = x @ f64(kernel) + (0.0 if layer_bias is None else f64(layer_bias))
+    want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(params.bias)
     k, b = bnjax.fold(kernel, layer_bias, params, state)
-    np.testing.assert_allclose(x @ k + b[None], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x @ f64(k) + f64(b), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_keeps_half_precision_kernels():
-  kernel = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
-  params, state = bnjax.init(4)
-  k, b = bnjax.fold(kernel, None, params, state)
-  assert k.dtype == jnp.bfloat16 and k.shape == kernel.shape and b.shape == (4,)
+@pytest.mark.parametrize("layer_bias_dtype", [None, jnp.bfloat16, pytest.param(jnp.float32, marks=pytest.mark.xfail(
+    raises=jax.dtypes.TypePromotionError, strict=True,
+    reason="bnjax.fold widens the bias with jnp.promote_types, which strict promotion refuses"))])
+def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
+  """A bfloat16 3x3 convolution kernel folded with a trained-looking BN: on image
+  patches, the folded layer equals the conv followed by eval-mode BN (float64), to
+  the rounding of the folded kernel and bias to their dtypes."""
+  rng = np.random.default_rng(5)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.bfloat16)
+  layer_bias = None if layer_bias_dtype is None else jnp.asarray(0.3 * rng.standard_normal(4), layer_bias_dtype)
+  params = bnjax.BatchNormParams(jnp.asarray(1.0 + 0.5 * rng.standard_normal(4), jnp.float32),
+                                 jnp.asarray(0.5 * rng.standard_normal(4), jnp.float32))
+  state = bnjax.BatchNormState(jnp.asarray(rng.standard_normal(4), jnp.float32),
+                               jnp.asarray(rng.uniform(0.2, 3.0, 4), jnp.float32))
+  k, b = bnjax.fold(kernel, layer_bias, params, state)
+  bias_dtype = jnp.bfloat16 if layer_bias_dtype is None else np.promote_types(jnp.bfloat16, layer_bias_dtype)
+  assert k.dtype == jnp.bfloat16 and k.shape == kernel.shape and b.dtype == bias_dtype and b.shape == (4,)
+
+  f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
+  patches = rng.standard_normal((32, 3, 3, 2))  # the input patches of a convolution at 32 positions
+  z = np.tensordot(patches, f64(kernel), axes=3) + (0.0 if layer_bias is None else f64(layer_bias))
+  want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(params.bias)
+  got = np.tensordot(patches, f64(k), axes=3) + f64(b)
+  # Each folded value is its exact value rounded once to its dtype (relative error
+  # <= u): the error is at most u_kernel * sum|patch * k| + u_bias * |b|.
+  exact_k = f64(kernel) * (f64(params.scale) / np.sqrt(f64(state.var) + 1e-5))
+  u_kernel, u_bias = 2.0 ** -8, 2.0 ** -(jnp.finfo(bias_dtype).nmant + 1)
+  bound = u_kernel * np.tensordot(np.abs(patches), np.abs(exact_k), axes=3) + u_bias * np.abs(f64(b))
+  assert (np.abs(got - want) <= bound + 1e-5).all(), np.abs(got - want) / bound
+  # and not more exact than that: the kernel is not widened behind the caller's back
+  assert np.abs(f64(k) - exact_k).max() > 1e-4
 
 
 def test_feature_mismatch_is_named():

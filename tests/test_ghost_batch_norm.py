@@ -1,5 +1,6 @@
 """Ghost batch norm (virtual_batch_size) against a loop over groups."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,45 +13,55 @@ import bnjax.nnx
 from tests import reference
 
 
+STATIC = ("training", "axis", "unbiased_variance", "virtual_batch_size", "axis_name")
+batch_norm = jax.jit(bnjax.batch_norm, static_argnames=STATIC)  # compiled whole, not op by op
+
+
 def problem():
-  keys = jax.random.split(jax.random.key(0), 3)
-  x = 2 * jax.random.normal(keys[0], (24, 5, 3)) + jnp.arange(24.0)[:, None, None] / 4  # groups differ
-  params = bnjax.BatchNormParams(1 + 0.1 * jax.random.normal(keys[1], (3,)), 0.2 * jax.random.normal(keys[2], (3,)))
-  return x, params, bnjax.init(3)[1]
+  """x [24, 5, 3] whose groups of rows differ in mean; params; init's state (NumPy draws:
+  jax.random compiles a program per shape)."""
+  rng = np.random.default_rng(0)
+  x = 2 * rng.standard_normal((24, 5, 3)) + np.arange(24.0)[:, None, None] / 4
+  params = bnjax.BatchNormParams(jnp.asarray(1 + 0.1 * rng.standard_normal(3), jnp.float32),
+                                 jnp.asarray(0.2 * rng.standard_normal(3), jnp.float32))
+  return jnp.asarray(x, jnp.float32), params, bnjax.init(3)[1]
 
 
-@pytest.mark.parametrize("unbiased", [False, True])
-def test_matches_a_loop_over_groups(unbiased):
+def test_matches_a_loop_over_groups():
   x, params, state = problem()
-  y, new_state = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=6, momentum=0.0,
-                                  unbiased_variance=unbiased)
+  ghost = lambda unbiased: bnjax.batch_norm(  # noqa: E731
+      x, params, state, training=True, virtual_batch_size=6, momentum=0.0, unbiased_variance=unbiased)
+  (y, new_state), (unbiased_y, unbiased_state) = jax.jit(lambda: (ghost(False), ghost(True)))()
   want_y, mu, var = reference.ghost_forward(x, np.asarray(params.scale), np.asarray(params.bias), 1e-5, 6, (0, 1))
-  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(new_state.mean, mu.ravel(), rtol=1e-5, atol=1e-6)
   m = 6 * 5
-  np.testing.assert_allclose(new_state.var, var.ravel() * (m / (m - 1) if unbiased else 1), rtol=1e-5)
+  for got_y, got_state, want_var in ((y, new_state, var), (unbiased_y, unbiased_state, var * m / (m - 1))):
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_state.mean, mu.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_state.var, want_var.ravel(), rtol=1e-5)
 
 
 def test_gradients_match_a_loop_over_groups():
+  """dx, dscale, dbias: the paper's Section 3 backward on each group of 8, in float64."""
   x, params, state = problem()
-  w = jax.random.normal(jax.random.key(4), x.shape)
+  w = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
 
   def ghost(x, params):
     return jnp.sum(w * bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=8)[0])
 
-  def loop(x, params):
-    return sum(jnp.sum(w[i:i + 8] * bnjax.batch_norm(x[i:i + 8], params, state, training=True)[0])
-               for i in range(0, 24, 8))
-
-  got, want = jax.grad(ghost, argnums=(0, 1))(x, params), jax.grad(loop, argnums=(0, 1))(x, params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  dx, dparams = jax.jit(jax.grad(ghost, argnums=(0, 1)))(x, params)
+  gamma = np.asarray(params.scale, np.float64)
+  groups = [reference.backward(x[i:i + 8], gamma, w[i:i + 8], 1e-5, (0, 1)) for i in range(0, 24, 8)]
+  want_dx, want_dscale, want_dbias = zip(*groups)
+  np.testing.assert_allclose(dx, np.concatenate(want_dx), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams.scale, np.sum(want_dscale, 0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dparams.bias, np.sum(want_dbias, 0), rtol=1e-4, atol=1e-4)
 
 
 def test_whole_batch_is_plain_batch_norm():
   x, params, state = problem()
-  a = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=24)
-  b = bnjax.batch_norm(x, params, state, training=True)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6), a, b)
+  a, b = jax.jit(lambda: (bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=24),
+                          bnjax.batch_norm(x, params, state, training=True)))()
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_running_statistics_averaged_across_devices():
@@ -60,17 +71,28 @@ def test_running_statistics_averaged_across_devices():
   y, new_state = jax.pmap(f, axis_name="i")(x.reshape((8, 3) + x.shape[1:]))
   want_y, mu, var = reference.ghost_forward(x, np.asarray(params.scale), np.asarray(params.bias), 1e-5, 3, (0, 1))
   np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(new_state.var[0], var.ravel(), rtol=1e-5)
-  np.testing.assert_allclose(new_state.mean[7], mu.ravel(), rtol=1e-5, atol=1e-6)
+  for device in range(8):  # every device holds the mean over all devices' groups
+    np.testing.assert_allclose(new_state.mean[device], mu.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state.var[device], var.ravel(), rtol=1e-5)
 
 
 def test_masked_groups():
+  """Each group of 12 normalized with its own valid entries' statistics (float64
+  reference), and the state moved by the mean of the groups'."""
   x, params, state = problem()
-  mask = (jnp.arange(24 * 5).reshape(24, 5) % 3 != 0)[..., None]
-  y, _ = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=12, mask=mask)
-  for start in (0, 12):
-    want, _ = bnjax.batch_norm(x[start:start + 12], params, state, training=True, mask=mask[start:start + 12])
-    np.testing.assert_allclose(y[start:start + 12], want, rtol=1e-5, atol=1e-5)
+  mask = (np.arange(24 * 5).reshape(24, 5) % 3 != 0)[..., None]
+  y, new_state = batch_norm(x, params, state, training=True, virtual_batch_size=12, mask=jnp.asarray(mask),
+                            momentum=0.0)
+  means, variances = [], []
+  for rows in (slice(0, 12), slice(12, 24)):
+    valid = np.broadcast_to(mask[rows], x[rows].shape)
+    want, mu, var = reference.forward(x[rows], np.asarray(params.scale, np.float64),
+                                      np.asarray(params.bias, np.float64), 1e-5, (0, 1), mask=valid)
+    np.testing.assert_allclose(y[rows], want, rtol=1e-5, atol=1e-5)
+    means.append(mu.ravel())
+    variances.append(var.ravel())
+  np.testing.assert_allclose(new_state.mean, np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_state.var, np.mean(variances, 0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("size, match", [(5, "virtual_batch_size 5 does not divide the batch of 24"),
@@ -89,13 +111,15 @@ def test_leading_axis_must_be_a_batch_axis():
 
 def test_linen_and_nnx_expose_it():
   x, params, state = problem()
-  want, want_state = bnjax.batch_norm(x, None, state, training=True, virtual_batch_size=6)
+  want, want_state = batch_norm(x, None, state, training=True, virtual_batch_size=6)
   module = bnjax.linen.BatchNorm(use_running_average=False, virtual_batch_size=6)
-  y, updated = module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  y, updated = jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))(variables, x)
   np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(updated["batch_stats"]["var"], want_state.var, rtol=1e-6)
   layer = bnjax.nnx.BatchNorm(3, virtual_batch_size=6, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(layer(x), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(nnx.jit(lambda layer, x: layer(x))(layer, x), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(layer.var[...], want_state.var, rtol=1e-6)
 
 
 def test_fully_masked_virtual_batch_leaves_no_nan():
@@ -108,18 +132,25 @@ def test_fully_masked_virtual_batch_leaves_no_nan():
     y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=mask, virtual_batch_size=2, momentum=0.0)
     return jnp.sum(jnp.where(mask, y * x, 0.0)), new_state
 
-  (dx, dparams), new_state = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+  (dx, dparams), new_state = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, params)
   np.testing.assert_allclose(new_state.mean, [2.5])  # mean of the group means 0.5, 2.5, 4.5
   np.testing.assert_allclose(new_state.var, [0.25])  # each valid group's biased variance
-  assert np.isfinite(np.asarray(dx)).all() and np.isfinite(np.asarray(dparams.scale)).all()
-  _, want = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
-  want_dx = jax.grad(lambda x: loss(jnp.concatenate([x, jnp.zeros((2, 1))]), params)[0])(x[:6])
-  np.testing.assert_allclose(dx[:6], want_dx, rtol=1e-5, atol=1e-6)
+  # The valid groups, each Algorithm 1 on its own (d(y * x)/dx = y + backward(dy = x));
+  # the padding gets no gradient.
+  want_dx, want_dscale, want_dbias = [], 0.0, 0.0
+  for group in np.split(np.asarray(x, np.float64)[:6], 3):
+    y, _, _ = reference.forward(group, 1.0, 0.0, 1e-5, (0,))
+    gx, gscale, gbias = reference.backward(group, 1.0, group, 1e-5, (0,))
+    want_dx.append(y + gx)
+    want_dscale, want_dbias = want_dscale + gscale, want_dbias + gbias
+  np.testing.assert_allclose(dx, np.concatenate(want_dx + [np.zeros((2, 1))]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dparams.scale, want_dscale, rtol=1e-5)
+  np.testing.assert_allclose(dparams.bias, want_dbias, rtol=1e-6)
 
 
 def test_no_group_with_a_variance_leaves_the_state():
   x = jnp.arange(4.0).reshape(4, 1)
   params, state = bnjax.init(1)
-  _, new_state = bnjax.batch_norm(x, params, state, training=True, virtual_batch_size=1, unbiased_variance=True)
+  _, new_state = batch_norm(x, params, state, training=True, virtual_batch_size=1, unbiased_variance=True)
   np.testing.assert_allclose(new_state.var, state.var)  # one value per group: no unbiased variance
   np.testing.assert_allclose(new_state.mean, 0.01 * 1.5, rtol=1e-6)

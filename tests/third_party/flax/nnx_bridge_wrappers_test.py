@@ -18,7 +18,7 @@
 # written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's
 # BatchNorm in place of Flax's and lists the tests expected to fail.
 import os
-# bnjax: dropped, the suite sets XLA_FLAGS: os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+# bnjax: dropped, the suite sets its device count (tests/conftest.py): os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -27,7 +27,7 @@
 #     view / functional / decorator / broadcast dropout: left out to keep these
 #     tests within their time budget.
 import os
-# bnjax: dropped, the suite sets XLA_FLAGS: os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+# bnjax: dropped, the suite sets its device count (tests/conftest.py): os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 import dataclasses
 from functools import partial
 import typing as tp

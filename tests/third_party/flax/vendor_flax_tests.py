@@ -129,7 +129,7 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
       continue
     if isinstance(node, ast.Assign) and "os.environ" in text(node):
       # The suite's 8 simulated devices (tests/conftest.py) must stay as they are.
-      out.append(f"# bnjax: dropped, the suite sets XLA_FLAGS: {text(node)}")
+      out.append(f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {text(node)}")
       continue
     out += ["", text(node)] if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.If)) else [text(node)]
   return "\n".join(out).rstrip() + "\n"
