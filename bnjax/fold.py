@@ -76,7 +76,10 @@ def fold(
   new_bias = shifted * multiplier
   if params is not None and params.bias is not None:
     new_bias = new_bias + params.bias.astype(jnp.float32)
-  bias_dtype = kernel.dtype if bias is None else jnp.promote_types(kernel.dtype, bias.dtype)
+  bias_dtype = kernel.dtype
+  if bias is not None:  # the wider of the two, whatever the promotion mode
+    with jax.numpy_dtype_promotion("standard"):
+      bias_dtype = jnp.promote_types(kernel.dtype, bias.dtype)
   new_kernel = kernel.astype(jnp.float32) * multiplier.reshape((1,) * (kernel.ndim - 1) + features)
   return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
 

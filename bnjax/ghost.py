@@ -37,7 +37,11 @@ def _ghost_batch_norm(inputs: _engine.Inputs, state, virtual_batch_size, *, mome
   grouped_shape = (groups, virtual_batch_size) + x.shape[1:]
 
   def per_group(p):
-    return None if p is None else jnp.broadcast_to(p, (groups,) + p.shape)
+    # Widened before the copies, so that their gradients add up in float32 and are
+    # rounded to a half-precision parameter's dtype once.
+    if p is None:
+      return None
+    return jnp.broadcast_to(p.astype(stats.statistics_dtype(p.dtype)), (groups,) + p.shape)
 
   mask = inputs.mask
   if mask is not None:

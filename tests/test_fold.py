@@ -71,9 +71,7 @@ def test_fold_of_one_dense_layer_with_and_without_bias():
     np.testing.assert_allclose(x @ f64(k) + f64(b), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer_bias_dtype", [None, jnp.bfloat16, pytest.param(jnp.float32, marks=pytest.mark.xfail(
-    raises=jax.dtypes.TypePromotionError, strict=True,
-    reason="bnjax.fold widens the bias with jnp.promote_types, which strict promotion refuses"))])
+@pytest.mark.parametrize("layer_bias_dtype", [None, jnp.bfloat16, jnp.float32])
 def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
   """A bfloat16 3x3 convolution kernel folded with a trained-looking BN: on image
   patches, the folded layer equals the conv followed by eval-mode BN (float64), to
