@@ -328,27 +328,36 @@ def _final_state(workdir):
 def test_killed_run_resumes_bit_identically(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data", num_train=2000)
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  subprocess.run(_run_cli(tmp_path / "whole", data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
-
+  # The uninterrupted run trains beside the one to be killed (two cores, half the wait).
+  whole_log = (tmp_path / "whole.log").open("w")  # a file: a full pipe would stall the run
+  whole = subprocess.Popen(_run_cli(tmp_path / "whole", data_dir), cwd=ROOT, env=env, stdout=whole_log,
+                           stderr=subprocess.STDOUT)
   interrupted = subprocess.Popen(_run_cli(tmp_path / "cut", data_dir), cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  checkpoints = tmp_path / "cut" / "checkpoints"
-  deadline = time.monotonic() + 120
-  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-    assert interrupted.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
-    time.sleep(0.05)
-  # A second process on the same workdir refuses at once, naming the first.
-  second = subprocess.run(_run_cli(tmp_path / "cut", data_dir), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-  assert interrupted.poll() is None, "the run finished before the second one started"
-  assert second.returncode == 1
-  assert second.stderr.strip().splitlines()[-1] == (
-      f"error: the workdir {tmp_path / 'cut'} is in use by another run (pid {interrupted.pid} on "
-      f"{socket.gethostname()}); wait for it to end, or give another --workdir")
-  interrupted.send_signal(signal.SIGKILL)
-  interrupted.wait()
-  steps_done = max(m["step"] for m in train.read_metrics(tmp_path / "cut"))
-  assert steps_done < 20000, "the run finished before it could be killed"
+  try:
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+      assert interrupted.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+      time.sleep(0.05)
+    # A second process on the same workdir refuses at once, naming the first.
+    second = subprocess.run(_run_cli(tmp_path / "cut", data_dir), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert interrupted.poll() is None, "the run finished before the second one started"
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: the workdir {tmp_path / 'cut'} is in use by another run (pid {interrupted.pid} on "
+        f"{socket.gethostname()}); wait for it to end, or give another --workdir")
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    steps_done = max(m["step"] for m in train.read_metrics(tmp_path / "cut"))
+    assert steps_done < 20000, "the run finished before it could be killed"
+    assert whole.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+  finally:
+    for process in (whole, interrupted):
+      process.kill()
+      process.wait()
+    whole_log.close()
 
   subprocess.run(_run_cli(tmp_path / "cut", data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
   assert (tmp_path / "cut" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
