@@ -4,10 +4,12 @@ asserted here, only that every section produced its figures."""
 import json
 
 import jax
+import pytest
 
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_results(tmp_path):
   # Flax's BatchNorm, one of the candidates, relies on implicit promotion.
   with jax.numpy_dtype_promotion("standard"):
