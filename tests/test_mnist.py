@@ -47,16 +47,25 @@ def write_idx(path, array, *, gz=True):
     f.write(header + array.tobytes())
 
 
-def make_idx_folder(folder, num_train=600, num_test=200, seed=0, names=None):
-  """Random images whose class is readable from a bright stripe, in IDX files."""
+def striped_images(num_train=600, num_test=200, seed=0):
+  """Random images whose class is readable from a bright stripe:
+  {split: (images [n, 28, 28], labels [n])} for "train" and "test"."""
   rng = np.random.default_rng(seed)
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  names = names or {"train": "train-{}-idx{}-ubyte.gz", "test": "t10k-{}-idx{}-ubyte.gz"}
+  arrays = {}
   for split, n in (("train", num_train), ("test", num_test)):
     labels = rng.integers(0, 10, n)
     images = rng.integers(0, 60, (n, 28, 28))
     images[np.arange(n), 2 * labels + 4, :] = 255
+    arrays[split] = images, labels
+  return arrays
+
+
+def make_idx_folder(folder, num_train=600, num_test=200, seed=0, names=None):
+  """``striped_images`` in IDX files."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  names = names or {"train": "train-{}-idx{}-ubyte.gz", "test": "t10k-{}-idx{}-ubyte.gz"}
+  for split, (images, labels) in striped_images(num_train, num_test, seed).items():
     write_idx(folder / names[split].format("images", 3), images)
     write_idx(folder / names[split].format("labels", 1), labels)
   return folder
@@ -95,10 +104,14 @@ def test_idx_folder_round_trip_in_both_spellings(tmp_path):
   make_idx_folder(tmp_path / "a", seed=1)
   make_idx_folder(tmp_path / "b", seed=1, names={"train": "train-{}.idx{}-ubyte.gz", "test": "t10k-{}.idx{}-ubyte.gz"})
   a, b = input_pipeline.load_idx_folder(tmp_path / "a"), input_pipeline.load_idx_folder(tmp_path / "b")
-  assert a.train_images.shape == (600, 28, 28) and a.train_images.dtype == np.uint8
-  assert a.test_labels.shape == (200,) and a.test_labels.dtype == np.int32
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
+  assert a.train_images.dtype == np.uint8 and a.test_labels.dtype == np.int32
+  written = striped_images(seed=1)
+  want = (*written["train"], *written["test"])  # train images, labels, test images, labels
+  for got in (a, b):
+    assert len(got) == len(want) == 4
+    for x, y in zip(got, want):
+      np.testing.assert_array_equal(x, y)
+      assert x.shape == y.shape
 
 
 def test_read_idx_uncompressed(tmp_path):
@@ -145,8 +158,15 @@ def test_tfds_pipeline_with_mock_data(monkeypatch, tmp_path):
   monkeypatch.setattr(input_pipeline, "internet_reachable", lambda: True)
   with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
     data = input_pipeline.load_dataset("mnist", tfds_data_dir=str(tmp_path))
-  assert data.train_images.shape == (24, 28, 28) and data.train_images.dtype == np.uint8
-  assert data.test_labels.shape == (24,) and data.test_labels.dtype == np.int32
+    # Reference: the same (deterministic) mock examples read through tfds.load itself.
+    examples = {split: list(tfds.as_numpy(tfds.load("mnist", split=split, data_dir=str(tmp_path))))
+                for split in ("train", "test")}
+  assert data.train_images.dtype == np.uint8 and data.test_labels.dtype == np.int32
+  for split, images, labels in (("train", data.train_images, data.train_labels),
+                                ("test", data.test_images, data.test_labels)):
+    np.testing.assert_array_equal(images, np.stack([e["image"][..., 0] for e in examples[split]]))
+    np.testing.assert_array_equal(labels, [e["label"] for e in examples[split]])
+    assert images.shape == (24, 28, 28) and images.std() > 10  # random pixels, not a blank
   assert data.train_labels.min() >= 0 and data.train_labels.max() <= 9
 
 
