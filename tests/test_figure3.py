@@ -145,7 +145,7 @@ def _figure_command(workdir, *flags):
 
 @pytest.mark.slow
 def test_figure_command_draws_the_table_and_resumes_after_a_kill(fashion_mnist, tmp_path):
-  env = {**os.environ, "FIGURE3_RUNNER_STOP_AT": "bn_x5:1"}
+  env = {**os.environ, "FIGURE3_RUNNER_STOP_AT": "bn_x5:1"}  # the runner sets its devices
   killed = subprocess.Popen(_figure_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
   try:
