@@ -347,7 +347,8 @@ def _final_state(workdir):
 @pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data", num_train=2000)
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # the resumed run reuses the others' programs
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   # The uninterrupted run trains beside the one to be killed (two cores, half the wait).
   whole_log = (tmp_path / "whole.log").open("w")  # a file: a full pipe would stall the run
   whole = subprocess.Popen(_run_cli(tmp_path / "whole", data_dir), cwd=ROOT, env=env, stdout=whole_log,
