@@ -260,14 +260,29 @@ def drawn_variables(model, images, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+# The networks that run are the tiny ones cut to half their depth: the Inception's
+# stem and first two modules (3a: average pool and projection; 3c: stride 2, max
+# pool passed through), the ResNet's stem and first two stages (a stride-1 and a
+# stride-2 bottleneck, both with a projection shortcut). Every unit's BN is wired
+# alike (test_every_batch_norm_takes_the_configs_momentum_and_epsilon counts them
+# all); training-mode BN dominates the compile time, which halves.
+RUN_DEPTH = {"inception_tiny": {"modules": ("3a", "3c")}, "resnet_tiny": {"stage_sizes": (1, 1)}}
+
+
+def running_model(name, **fields):
+  model = models.create_model(make_config(model=name, batch_norm=True, dropout_rate=0.0, num_classes=10,
+                                          image_size=32, **fields))
+  return model.clone(**RUN_DEPTH[name])
+
+
 @pytest.fixture(scope="module")
 def tiny_runs():
-  """Tiny Inception (BN, LRN) and ResNet: variables, and the jitted train/eval apply."""
+  """Tiny Inception (BN, LRN) and ResNet, at ``RUN_DEPTH``: variables, and the jitted
+  train/eval apply."""
   images = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (4, 32, 32, 3)), jnp.float32)
   runs = {}
   for name in ("inception_tiny", "resnet_tiny"):
-    model = models.create_model(make_config(model=name, batch_norm=True, dropout_rate=0.0, num_classes=10,
-                                            image_size=32))
+    model = running_model(name)
     apply = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]), static_argnames="train")
     runs[name] = drawn_variables(model, images), apply
   return images, runs
@@ -307,8 +322,7 @@ def test_batch_stats_change_in_training_only(tiny_runs, name):
 def test_bfloat16_computes_in_bfloat16_and_returns_float32_logits(tiny_runs):
   images, runs = tiny_runs
   variables, apply32 = runs["inception_tiny"]
-  model = models.create_model(make_config(model="inception_tiny", batch_norm=True, dropout_rate=0.0, num_classes=10,
-                                          image_size=32, half_precision=True))
+  model = running_model("inception_tiny", half_precision=True)
   conv_dtypes = {out.dtype for out in module_outputs(model, 32, nn.Conv).values()}
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
   params_and_stats = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
@@ -333,6 +347,29 @@ def test_dropout_needs_a_dropout_rng_in_training_only():
   with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
     jax.eval_shape(functools.partial(model.apply, train=True), variables, images)
   jax.eval_shape(functools.partial(model.apply, train=True, rngs={"dropout": jax.random.key(0)}), variables, images)
+
+
+@pytest.mark.parametrize("name", ["inception_tiny", "resnet_tiny"])
+def test_every_batch_norm_takes_the_configs_momentum_and_epsilon(name):
+  model = models.create_model(make_config(model=name, batch_norm=True, bn_momentum=0.7, bn_epsilon=0.02,
+                                          dropout_rate=0.0))
+  variables, images = init_shapes(model, 32)
+  layers = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, bnjax.linen.BatchNorm) and context.method_name == "__call__":
+      module = context.module
+      layers[module.scope.path] = (module.momentum, module.epsilon, module.use_running_average)
+    return next_fun(*args, **kwargs)
+
+  for train in (True, False):
+    layers.clear()
+    with nn.intercept_methods(record):
+      jax.eval_shape(functools.partial(model.apply, train=train, mutable=["batch_stats"]), variables, images)
+    num_states = len(jax.tree.leaves(variables["batch_stats"])) // 2  # a mean and a var per layer
+    # 27: the Inception's units; 17: the ResNet's stem and 4 bottlenecks' 3 + shortcut.
+    assert len(layers) == num_states == {"inception_tiny": 27, "resnet_tiny": 17}[name]
+    assert set(layers.values()) == {(0.7, 0.02, not train)}
 
 
 def test_norm_argument_is_used():
