@@ -59,7 +59,9 @@ def _fake_batch(seed: int = 0) -> dict:
                                            process_count=1)[0]
 
 
-@pytest.mark.parametrize("group_size", [0, 2])
+# Groups of 2 devices: slow (compiling both steps takes seconds); their forward
+# statistics are checked fast below, in both layouts.
+@pytest.mark.parametrize("group_size", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_pmap_and_jit_take_the_same_step(micro_state, group_size):
   config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_momentum=0.5)
   host_state = micro_state
