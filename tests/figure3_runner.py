@@ -2,9 +2,9 @@
 
 Usage: python -m tests.figure3_runner [flags of python -m experiments.imagenet.figure3]
 
-Every variant trains ``tests.imagenet_testing.MicroNet`` (compiles in seconds).
-Environment (optional): ``FIGURE3_RUNNER_STOP_AT=NAME:K``: after the run ``NAME``
-saved checkpoint ``K``, print "stopped at NAME K" and wait (to be killed).
+Every variant trains ``tests.imagenet_testing.MicroNet`` (compiles in seconds), on
+2 CPU devices. Environment (optional): ``FIGURE3_RUNNER_STOP_AT=NAME:K``: after the
+run ``NAME`` saved checkpoint ``K``, print "stopped at NAME K" and wait (to be killed).
 """
 
 import functools
@@ -14,6 +14,11 @@ import time
 
 
 def main():
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 2)  # before anything initializes JAX's backends
+
   from absl import app
 
   from experiments import common

@@ -2,7 +2,8 @@
 
 Usage: python -m tests.imagenet_runner [CLI flags of python -m experiments.imagenet]
 
-Environment (both optional):
+Environment (all optional):
+  IMAGENET_RUNNER_DEVICES=N       N CPU devices (jax_num_cpu_devices; default: XLA's).
   IMAGENET_RUNNER_MOCK=N:DIR      run inside tfds.testing.mock_data(num_examples=N,
                                   data_dir=DIR): imagenet2012 of N random images per split.
   IMAGENET_RUNNER_STOP_AFTER=K    after checkpoint K is saved, print "saved K" and
@@ -19,6 +20,12 @@ import time
 
 
 def main():
+  devices = os.environ.get("IMAGENET_RUNNER_DEVICES")
+  if devices:  # before anything initializes JAX's backends
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", int(devices))
+
   from absl import app
 
   from experiments import common

@@ -1,13 +1,19 @@
 """The benchmark runs (tiny, quick mode) so that it cannot rot; timings are not
 asserted here, only that every section produced its figures."""
 
+import functools
 import json
+import re
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_results(tmp_path):
   # Flax's BatchNorm, one of the candidates, relies on implicit promotion.
   with jax.numpy_dtype_promotion("standard"):
@@ -24,3 +30,40 @@ def test_quick_benchmark_writes_results(tmp_path):
   markdown = (tmp_path / "BENCHMARKS.md").read_text()
   for heading in ("### 1, 2.", "### 3.", "### 4.", "### 5.", "### 6."):
     assert heading in markdown
+
+
+def _constant_sizes(lowered_text: str) -> list[int]:
+  """Element counts of the constants in a lowered (StableHLO) program."""
+  shapes = re.findall(r"stablehlo\.constant dense<.*?> : tensor<((?:\d+x)*)\w+>", lowered_text)
+  return [int(np.prod([int(d) for d in shape.split("x") if d])) for shape in shapes]
+
+
+def test_mnist_loop_benchmark_takes_the_data_as_arguments():
+  """Closed over, the images would be folded into the programs as constants (and the
+  timing would be of another program than the experiment's). Lowered only: shapes."""
+  from experiments.mnist import train
+  from experiments.mnist.configs import default
+
+  config = default.get_config()
+  model, optimizer = train.make_model(config), train.make_optimizer(config)
+  data = train.DeviceData(jax.ShapeDtypeStruct((500, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((500,), jnp.int32),
+                          jax.ShapeDtypeStruct((300, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((300,), jnp.int32))
+  state = jax.eval_shape(functools.partial(train.initial_state, model, optimizer), jax.random.key(0))
+  data_key = jax.eval_shape(lambda: jax.random.key(1))
+  on_device, one_step = run.mnist_loops(config, model, optimizer)
+  plain_params = jax.eval_shape(functools.partial(run.plain_jax_mnist_params, config))
+  plain_steps = run.plain_jax_mnist_steps(config)
+  programs = {
+      "on_device": on_device.lower(state, data, data_key, jnp.int32(1)),
+      "one_step": one_step.lower(state, data, data_key),
+      "plain_jax": plain_steps.lower(plain_params, data.train_images, data.train_labels, jnp.int32(1)),
+  }
+  for name, lowered in programs.items():
+    sizes = _constant_sizes(lowered.as_text())
+    assert sizes and max(sizes) < 1000, (name, sorted(sizes)[-3:])  # the images: 500 x 784 = 392,000
+    donated = [arg for arg in jax.tree.leaves(lowered.args_info) if arg.donated]
+    assert len(donated) == (0 if name == "plain_jax" else len(jax.tree.leaves(state))), name
+  # The check sees images that are closed over.
+  images = jnp.zeros((500, 28, 28), jnp.uint8)
+  closed_over = jax.jit(lambda i: images[i].astype(jnp.float32).sum()).lower(jnp.int32(0))
+  assert max(_constant_sizes(closed_over.as_text())) == 500 * 28 * 28

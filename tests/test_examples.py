@@ -4,10 +4,12 @@ import importlib.util
 import pathlib
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # the whole script, eager as a user writes it
 def test_sync_batch_norm_demo_statistics_equal_the_full_batch():
   spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "sync_batch_norm_demo.py")
   demo = importlib.util.module_from_spec(spec)

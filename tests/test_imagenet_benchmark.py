@@ -2,11 +2,13 @@
 both BatchNorms side by side; timings are not asserted, only that they exist."""
 
 import jax
+import pytest
 
 from benchmarks import imagenet_throughput
 from tests.imagenet_testing import micro_net
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_compares_both_batch_norms_in_both_modes():
   with jax.numpy_dtype_promotion("standard"):  # Flax's BatchNorm relies on implicit promotion
     results = imagenet_throughput.measure(["resnet50"], ["jit", "pmap"], image_size=32, batch_size=16,

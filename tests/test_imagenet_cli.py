@@ -39,9 +39,15 @@ def compilation_cache(tmp_path_factory):
   return tmp_path_factory.mktemp("jax_cache")
 
 
-def _env(devices: int, cache: pathlib.Path | None = None, **extra) -> dict:
+def _env(devices: int, cache: pathlib.Path | None = None, *, runner: bool = True, **extra) -> dict:
+  """The children's environment: ``devices`` CPU devices, set by tests.imagenet_runner
+  (jax_num_cpu_devices) or, for ``python -m experiments.imagenet``, by XLA_FLAGS."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+  env.update(JAX_PLATFORMS="cpu", **extra)
+  if runner:
+    env["IMAGENET_RUNNER_DEVICES"] = str(devices)
+  else:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   if cache is not None:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   return env
@@ -164,7 +170,8 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path, compilation_cache):
 ], ids=["unknown_field", "batch", "image_size"])
 def test_bad_input_is_one_line_and_no_workdir(tmp_path, flags, words):
   workdir = tmp_path / "run"
-  process = _start([f"--workdir={workdir}", f"--config={TINY}", *flags], _env(4), module="experiments.imagenet")
+  process = _start([f"--workdir={workdir}", f"--config={TINY}", *flags], _env(4, runner=False),
+                   module="experiments.imagenet")
   out, err = process.communicate(timeout=TIMEOUT)
   assert process.returncode == 1, err[-2000:]
   last = err.strip().splitlines()[-1]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax
 from flax import linen as nn
 
 import bnjax
@@ -52,16 +53,33 @@ def module_outputs(model, image_size, module_type, train=False):
 # ---- shapes -----------------------------------------------------------------------------
 
 
-SHAPE_CASES = ([(name, 64) for name in models.MODEL_NAMES]  # tracing full-size models takes seconds
-               + [(name, size) for name in ("inception_tiny", "resnet_tiny") for size in (32, 96, 160, 224)])
+def traced(name, image_size, num_classes=1000, batch_norm=True, pool_projection_4cd=96):
+  """``create_model``'s network and its variables' shapes for a batch of 3 images,
+  traced once per module (a full-size network takes a second or two)."""
+  return _traced(name, image_size, num_classes, batch_norm, pool_projection_4cd)  # one cache key per network
 
 
-@pytest.mark.parametrize("name, image_size", SHAPE_CASES)
-def test_every_model_gives_logits_at_every_multiple_of_32(name, image_size):
-  model = models.create_model(make_config(model=name, batch_norm=True, num_classes=7, image_size=image_size))
+@functools.cache
+def _traced(name, image_size, num_classes, batch_norm, pool_projection_4cd):
+  model = models.create_model(make_config(model=name, batch_norm=batch_norm, num_classes=num_classes,
+                                          image_size=image_size, pool_projection_4cd=pool_projection_4cd))
   variables, images = init_shapes(model, image_size, batch=3)
+  return model, variables, images
+
+
+def param_count(variables) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+SHAPE_CASES = ([(name, 64, 1000) for name in models.MODEL_NAMES if "tiny" not in name]  # full size: at 64 only
+               + [(name, size, 7) for name in ("inception_tiny", "resnet_tiny") for size in (32, 96, 160, 224)])
+
+
+@pytest.mark.parametrize("name, image_size, num_classes", SHAPE_CASES)
+def test_every_model_gives_logits_at_every_multiple_of_32(name, image_size, num_classes):
+  model, variables, images = traced(name, image_size, num_classes)
   logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
-  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  assert logits.shape == (3, num_classes) and logits.dtype == jnp.float32
 
 
 def test_inception_feature_maps_follow_the_table():
@@ -84,40 +102,50 @@ def test_pool_projection_128_gives_608_channels_in_4c_and_4d():
 # ---- parameter counts -------------------------------------------------------------------
 
 
-def table_count(pool_projection_4cd, batch_norm, num_classes=1000):
+def table_count(pool_projection_4cd, batch_norm, num_classes=1000, width=1.0):
   """Parameters of the paper's table, counted by hand: k*k*in*out per convolution plus,
-  per convolution that feeds a nonlinearity, 2*out (BN's gamma, beta) or out (bias)."""
+  per convolution that feeds a nonlinearity, 2*out (BN's gamma, beta) or out (bias).
+  ``width`` multiplies every channel count (rounded, at least 1); the stem's depth
+  multiplier is then tf-slim's min(8, max(1, stem channels // 3))."""
   per_unit = 2 if batch_norm else 1
+
+  def w(channels):
+    return max(1, round(channels * width)) if channels else 0
 
   def conv(k, cin, cout):
     return k * k * cin * cout + per_unit * cout
 
-  total = 7 * 7 * 1 * 24  # depthwise 7x7, 3 -> 24 channels (multiplier 8), no bias
-  total += conv(1, 24, 64) + conv(1, 64, 64) + conv(3, 64, 192)
+  depthwise = 3 * min(8, max(1, w(64) // 3))  # 24 channels at full width
+  total = 7 * 7 * 1 * depthwise  # depthwise 7x7, no bias
+  total += conv(1, depthwise, w(64)) + conv(1, w(64), w(64)) + conv(3, w(64), w(192))
   rows = [  # #1x1, #3x3 reduce, #3x3, double reduce, double #3x3, pool proj (0 = pass through)
       (64, 64, 64, 64, 96, 32), (64, 64, 96, 64, 96, 64), (0, 128, 160, 64, 96, 0),
       (224, 64, 96, 96, 128, 128), (192, 96, 128, 96, 128, 128),
       (160, 128, 160, 128, 160, pool_projection_4cd), (96, 128, 192, 160, 192, pool_projection_4cd),
       (0, 128, 192, 192, 256, 0), (352, 192, 320, 160, 224, 128), (352, 192, 320, 192, 224, 128)]
-  cin = 192
-  for ones, r3, o3, rd, od, proj in rows:
+  cin = w(192)
+  for row in rows:
+    ones, r3, o3, rd, od, proj = map(w, row)
     total += (conv(1, cin, ones) if ones else 0) + conv(1, cin, r3) + conv(3, r3, o3)
     total += conv(1, cin, rd) + conv(3, rd, od) + conv(3, od, od) + (conv(1, cin, proj) if proj else 0)
     cin = ones + o3 + od + (proj or cin)
-  assert cin == 1024
+  assert cin == w(1024) or width != 1.0
   return total + cin * num_classes + num_classes
 
 
 @pytest.mark.parametrize("projection", [96, 128])
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_inception_parameter_count_is_the_tables(projection, batch_norm):
-  config = make_config(batch_norm=batch_norm, pool_projection_4cd=projection)
-  count = models.count_params(models.create_model(config), 224)
+  count = param_count(traced("inception", 64, batch_norm=batch_norm, pool_projection_4cd=projection)[1])
   assert count == table_count(projection, batch_norm)
   documented = {(96, True): 11_188_288, (128, True): 11_278_528, (96, False): 11_178_336, (128, False): 11_268_512}
   assert count == documented[projection, batch_norm]
-  # Parameters do not depend on the image size (global pooling, no fully connected layer).
-  assert models.count_params(models.create_model(config), 32) == count
+
+
+def test_count_params_does_not_depend_on_the_image_size():
+  """Global pooling, no fully connected layer before it: the same count at any size."""
+  model, variables, _ = traced("inception", 64)
+  assert models.count_params(model, 224) == models.count_params(model, 32) == param_count(variables) == 11_188_288
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -126,13 +154,16 @@ def test_inception_parameter_count_is_the_tables(projection, batch_norm):
 ])
 def test_resnet_parameter_counts_are_the_standard_ones(name, expected):
   """torchvision's published counts (weights + BN gamma/beta, 1000 classes)."""
-  assert models.count_params(models.create_model(make_config(model=name, batch_norm=True)), 224) == expected
+  assert param_count(traced(name, 64)[1]) == expected
 
 
-def test_width_multiplier_scales_the_count_about_quadratically():
-  full = models.count_params(models.create_model(make_config(batch_norm=True, num_classes=10)), 32)
-  half = models.count_params(models.create_model(make_config(batch_norm=True, num_classes=10, width_multiplier=0.5)), 32)
-  assert 0.2 < half / full < 0.3
+def test_width_multiplier_scales_every_channel_count():
+  """Half width: every channel count of the table halved (all even: no rounding), the
+  stem's depth multiplier still 8 (32 // 3 > 8); about a quarter of the parameters."""
+  config = make_config(batch_norm=True, num_classes=10, width_multiplier=0.5)
+  half = models.count_params(models.create_model(config), 32)
+  assert half == table_count(96, True, num_classes=10, width=0.5)
+  assert 0.2 < half / table_count(96, True, num_classes=10) < 0.3
 
 
 # ---- BN placement, activations ----------------------------------------------------------
@@ -205,31 +236,65 @@ def test_lrn_matches_the_formula_in_float64_numpy():
 # ---- running the tiny models -------------------------------------------------------------
 
 
+def drawn_variables(model, images, seed=0):
+  """``model``'s variables drawn in NumPy: kernels He-normal (as the networks'), head
+  included (the Inception's starts at zero, below; random here, so that the logits
+  show what the network computes), biases 0, BN's gamma 1 and beta 0; running means
+  N(0, 0.1^2) and variances U(0.5, 1.5), off their initial 0 and 1. Compiling the
+  real init of a 27-convolution network takes XLA on CPU 10-20 s."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+      value = rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape)  # fan in: all but the last axis
+    elif name.endswith("['mean']"):
+      value = rng.normal(0, 0.1, leaf.shape)
+    elif name.endswith("['var']"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = np.full(leaf.shape, float(name.endswith("['scale']")))
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# The networks that run are the tiny ones cut to half their depth: the Inception's
+# stem and first two modules (3a: average pool and projection; 3c: stride 2, max
+# pool passed through), the ResNet's stem and first two stages (a stride-1 and a
+# stride-2 bottleneck, both with a projection shortcut). Every unit's BN is wired
+# alike (test_every_batch_norm_takes_the_configs_momentum_and_epsilon counts them
+# all); training-mode BN dominates the compile time, which halves.
+RUN_DEPTH = {"inception_tiny": {"modules": ("3a", "3c")}, "resnet_tiny": {"stage_sizes": (1, 1)}}
+
+
+def running_model(name, **fields):
+  model = models.create_model(make_config(model=name, batch_norm=True, dropout_rate=0.0, num_classes=10,
+                                          image_size=32, **fields))
+  return model.clone(**RUN_DEPTH[name])
+
+
 @pytest.fixture(scope="module")
 def tiny_runs():
-  """Tiny Inception (BN, LRN) and ResNet: variables, and the jitted train/eval apply.
-
-  Initialized from an "rbg" key: with the default threefry keys, XLA on CPU takes
-  minutes to compile the initialization of a 27-convolution network."""
-  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 2.0 + 1.0
+  """Tiny Inception (BN, LRN) and ResNet, at ``RUN_DEPTH``: variables, and the jitted
+  train/eval apply."""
+  images = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (4, 32, 32, 3)), jnp.float32)
   runs = {}
   for name in ("inception_tiny", "resnet_tiny"):
-    model = models.create_model(make_config(model=name, batch_norm=True, dropout_rate=0.0, num_classes=10,
-                                            image_size=32))
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1, impl="rbg"), images)
+    model = running_model(name)
     apply = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]), static_argnames="train")
-    runs[name] = variables, apply
-  # The Inception's softmax layer starts at zero (tested below); random here, so that
-  # the logits show what the network computes.
-  head = runs["inception_tiny"][0]["params"]["logits"]
-  runs["initial_inception_head"] = dict(head)
-  head["kernel"] = jax.random.normal(jax.random.key(2), head["kernel"].shape) * 0.3
+    runs[name] = drawn_variables(model, images), apply
   return images, runs
 
 
-def test_inception_starts_at_uniform_predictions(tiny_runs):
+def test_inception_starts_at_uniform_predictions():
   """Zero softmax layer: the first loss is ln(num_classes) whatever the input."""
-  head = tiny_runs[1]["initial_inception_head"]
+  model = models.create_model(make_config(model="inception_tiny", num_classes=10, image_size=32))
+  images = jnp.ones((2, 32, 32, 3))
+  # Only the softmax layer's initial values are returned: XLA prunes the rest of init.
+  head = jax.jit(lambda key: model.init(key, images, train=False)["params"]["logits"])(jax.random.key(0))
+  assert head["kernel"].shape == (128, 10) and head["bias"].shape == (10,)
   assert not np.any(head["kernel"]) and not np.any(head["bias"])
 
 
@@ -257,8 +322,7 @@ def test_batch_stats_change_in_training_only(tiny_runs, name):
 def test_bfloat16_computes_in_bfloat16_and_returns_float32_logits(tiny_runs):
   images, runs = tiny_runs
   variables, apply32 = runs["inception_tiny"]
-  model = models.create_model(make_config(model="inception_tiny", batch_norm=True, dropout_rate=0.0, num_classes=10,
-                                          image_size=32, half_precision=True))
+  model = running_model("inception_tiny", half_precision=True)
   conv_dtypes = {out.dtype for out in module_outputs(model, 32, nn.Conv).values()}
   assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
   params_and_stats = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
@@ -280,9 +344,32 @@ def test_dropout_needs_a_dropout_rng_in_training_only():
   model = models.create_model(make_config(model="inception_tiny", batch_norm=False, dropout_rate=0.4))
   variables, images = init_shapes(model, 32)
   jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
-  with pytest.raises(Exception, match="dropout"):
+  with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
     jax.eval_shape(functools.partial(model.apply, train=True), variables, images)
   jax.eval_shape(functools.partial(model.apply, train=True, rngs={"dropout": jax.random.key(0)}), variables, images)
+
+
+@pytest.mark.parametrize("name", ["inception_tiny", "resnet_tiny"])
+def test_every_batch_norm_takes_the_configs_momentum_and_epsilon(name):
+  model = models.create_model(make_config(model=name, batch_norm=True, bn_momentum=0.7, bn_epsilon=0.02,
+                                          dropout_rate=0.0))
+  variables, images = init_shapes(model, 32)
+  layers = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, bnjax.linen.BatchNorm) and context.method_name == "__call__":
+      module = context.module
+      layers[module.scope.path] = (module.momentum, module.epsilon, module.use_running_average)
+    return next_fun(*args, **kwargs)
+
+  for train in (True, False):
+    layers.clear()
+    with nn.intercept_methods(record):
+      jax.eval_shape(functools.partial(model.apply, train=train, mutable=["batch_stats"]), variables, images)
+    num_states = len(jax.tree.leaves(variables["batch_stats"])) // 2  # a mean and a var per layer
+    # 27: the Inception's units; 17: the ResNet's stem and 4 bottlenecks' 3 + shortcut.
+    assert len(layers) == num_states == {"inception_tiny": 27, "resnet_tiny": 17}[name]
+    assert set(layers.values()) == {(0.7, 0.02, not train)}
 
 
 def test_norm_argument_is_used():

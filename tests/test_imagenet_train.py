@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,15 @@ BATCH = 16  # 2 examples on each of the 8 devices
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
   return prepare_tiny_imagenet(tmp_path_factory.mktemp("tiny_imagenet"), train_per_class=8, num_val=13)
+
+
+@pytest.fixture(scope="module")
+def micro_state():
+  """MicroNet's initial state for ``tiny_config(batch_size=BATCH)``, on the host. Its
+  variables do not depend on how statistics are grouped, their momentum or the
+  layout, so every test below starts from this one (one init compile)."""
+  exp = train.prepare(tiny_config(batch_size=BATCH), create_model=micro_net)
+  return parallel.host_copy(train.make_initial_state(exp))
 
 
 def _one_step(parallelism: str, config, host_state, batch):
@@ -51,10 +59,12 @@ def _fake_batch(seed: int = 0) -> dict:
                                            process_count=1)[0]
 
 
-@pytest.mark.parametrize("group_size", [0, 2])
-def test_pmap_and_jit_take_the_same_step(group_size):
+# Groups of 2 devices: slow (compiling both steps takes seconds); their forward
+# statistics are checked fast below, in both layouts.
+@pytest.mark.parametrize("group_size", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_pmap_and_jit_take_the_same_step(micro_state, group_size):
   config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_momentum=0.5)
-  host_state = parallel.host_copy(train.make_initial_state(train.prepare(config, create_model=micro_net)))
+  host_state = micro_state
   batch = _fake_batch()
   jit_state, jit_metrics = _one_step("jit", config, host_state, batch)
   pmap_state, pmap_metrics = _one_step("pmap", config, host_state, batch)
@@ -92,14 +102,13 @@ def _bn1_input_output_and_state(model, variables, images):
 @pytest.mark.parametrize("group_size, virtual_batch_size, num_groups", [
     (0, 0, 1), (1, 0, 8), (4, 0, 2), (0, 2, 8), (0, 4, 4), (4, 1, 16)],
     ids=["all", "per_device", "groups_of_4", "virtual_2", "virtual_4", "groups_of_4_virtual_1"])
-def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_size, virtual_batch_size,
-                                                             num_groups):
+def test_batch_norm_statistics_are_those_of_the_global_batch(micro_state, parallelism, group_size,
+                                                             virtual_batch_size, num_groups):
   momentum = 0.5
   config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_virtual_batch_size=virtual_batch_size,
                        bn_momentum=momentum, parallelism=parallelism)
   exp = train.prepare(config, create_model=micro_net)
-  host_state = parallel.host_copy(train.make_initial_state(exp))
-  variables = {"params": host_state.params, "batch_stats": host_state.batch_stats}
+  variables = {"params": micro_state.params, "batch_stats": micro_state.batch_stats}
   batch = _fake_batch(seed=3)
   run = functools.partial(_bn1_input_output_and_state, exp.model)
   if parallelism == "jit":
@@ -137,6 +146,7 @@ def test_batch_norm_statistics_are_those_of_the_global_batch(parallelism, group_
                                                              stats["var"].shape), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, parallelism", [("inception_tiny", "jit"), ("resnet_tiny", "pmap")])
 def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism):
   if model.startswith("inception") and not _average_pool_is_differentiable():
@@ -164,23 +174,24 @@ def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism)
   assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard summaries"
 
 
-def test_recomputed_statistics_are_algorithm_2_over_training_batches():
+def test_recomputed_statistics_are_algorithm_2_over_training_batches(micro_state):
   num_batches = 3
   config = tiny_config(batch_size=BATCH, recompute_bn_batches=num_batches)
   exp = train.prepare(config, create_model=micro_net)
-  state = train.make_initial_state(exp)
+  state = parallel.to_global_replicated(exp.layout, micro_state)
   stats = jax.device_get(train.recompute_statistics(exp, state.params, state.batch_stats))
 
   # Reference: the first BN layer's inputs on the same batches (the fake stream with
   # seed + 2, cycled), Algorithm 2 in float64: the mean of the batch means and
   # m / (m - 1) times the mean of the batch variances, m values per feature and batch.
-  host = parallel.host_copy(state)
+  host = micro_state
   fake = input_pipeline.fake_train_batches(global_batch_size=BATCH, image_size=32, seed=config.seed + 2,
                                            process_index=0, process_count=1)
+  bn1_input_output_and_state = jax.jit(functools.partial(_bn1_input_output_and_state, exp.eval_model))
   means, variances = [], []
   for k in range(num_batches):
-    x, _, _ = jax.jit(functools.partial(_bn1_input_output_and_state, exp.eval_model))(
-        {"params": host.params, "batch_stats": host.batch_stats}, fake[k % len(fake)]["image"])
+    x, _, _ = bn1_input_output_and_state({"params": host.params, "batch_stats": host.batch_stats},
+                                         fake[k % len(fake)]["image"])
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     means.append(x.mean(0))
     variances.append(x.var(0) * x.shape[0] / (x.shape[0] - 1))
@@ -245,10 +256,10 @@ def test_evaluation_batches_hold_every_example_once(tiny_imagenet, process_count
   assert sorted(got) == want
 
 
-def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(tiny_imagenet):
+def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(tiny_imagenet, micro_state):
   config = tiny_config(fake_data=False, tfds_data_dir=str(tiny_imagenet), batch_size=BATCH, eval_batch_size=8)
   exp = train.prepare(config, create_model=micro_net)
-  state = train.make_initial_state(exp)
+  state = parallel.to_global_replicated(exp.layout, micro_state)
   metrics = train.evaluate(exp, state.params, state.batch_stats)
   assert metrics["eval_examples"] == 13
 
@@ -258,9 +269,9 @@ def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(ti
       functools.partial(input_pipeline.preprocess_eval, image_size=32)).as_numpy_iterator())
   images = np.stack([e["image"] for e in examples])
   labels = np.array([e["label"] for e in examples])
-  host = parallel.host_copy(state)
-  logits = np.asarray(exp.eval_model.apply({"params": host.params, "batch_stats": host.batch_stats},
-                                           images, train=False), np.float64)
+  host = micro_state
+  logits = np.asarray(jax.jit(functools.partial(exp.eval_model.apply, train=False))(
+      {"params": host.params, "batch_stats": host.batch_stats}, images), np.float64)
   top5 = np.argsort(-logits, axis=1)[:, :5]
   log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
       1, keepdims=True)

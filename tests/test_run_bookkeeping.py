@@ -39,7 +39,7 @@ def test_atomic_write_keeps_the_old_content_when_the_write_fails(tmp_path, monke
 
 
 def test_json_has_no_nan(tmp_path):
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="Out of range float values are not JSON compliant: nan"):
     common.write_json_atomic(tmp_path / "x.json", {"loss": float("nan")})
   assert not (tmp_path / "x.json").exists()
 
@@ -96,6 +96,7 @@ with WorkdirLock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_and_a_killed_one_releases_the_lock(tmp_path):
   workdir = tmp_path / "run"
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=ROOT,
@@ -114,18 +115,18 @@ def test_a_second_process_is_refused_and_a_killed_one_releases_the_lock(tmp_path
 
 def test_an_error_leaves_no_empty_workdir_behind(tmp_path):
   workdir = tmp_path / "a" / "b"
-  with pytest.raises(common.DataError):
+  with pytest.raises(common.DataError, match="no data"):
     with common.WorkdirLock(workdir):
       (workdir / "checkpoints").mkdir()  # empty folders do not count
       raise common.DataError("no data")
   assert not (tmp_path / "a").exists()
   # A workdir that existed, or holds files, stays.
   workdir.mkdir(parents=True)
-  with pytest.raises(common.DataError):
+  with pytest.raises(common.DataError, match="no data"):
     with common.WorkdirLock(workdir):
       raise common.DataError("no data")
   assert workdir.is_dir()
-  with pytest.raises(common.DataError):
+  with pytest.raises(common.DataError, match="no data"):
     with common.WorkdirLock(tmp_path / "c"):
       (tmp_path / "c" / "metrics.jsonl").write_text("")
       raise common.DataError("no data")
@@ -261,6 +262,7 @@ cli.exit_on_error(run)
 """
 
 
+@pytest.mark.slow
 def test_an_error_exits_at_once_even_with_a_thread_left():
   started = time.monotonic()
   result = subprocess.run([sys.executable, "-c", _FAIL_WITH_A_THREAD], cwd=ROOT, capture_output=True,
