@@ -1,5 +1,12 @@
 """Suite-wide settings, as equinox's tests do: eight simulated CPU devices, and
-strict dtype and rank promotion so that silent upcasts and broadcasts fail."""
+strict dtype and rank promotion so that silent upcasts and broadcasts fail. Plus
+JAX's persistent compilation cache, in .cache/jax-tests/ at the repository root:
+most of the suite's time is XLA compiling small programs, and a second run (or a
+subprocess compiling what an earlier one did) reads them back instead.
+``BNJAX_TEST_COMPILATION_CACHE=0`` turns it off."""
+
+import os
+import pathlib
 
 import jax
 import pytest
@@ -17,6 +24,15 @@ except RuntimeError as error:  # jax was used before pytest imported this file
   _DEVICES_PROBLEM = str(error)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
+  _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"
+  # Environment variables, so that the experiments' subprocesses share the cache.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)
