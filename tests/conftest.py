@@ -30,7 +30,11 @@ if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
   # Environment variables, so that the experiments' subprocesses share the cache.
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+  # A size limit turns on JAX's file lock: xdist workers and multi-host processes
+  # then never read an entry another is still writing.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
