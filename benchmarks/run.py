@@ -21,16 +21,16 @@ the whole measurement repeated to report the spread of each ratio.
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # 8 CPU devices for the collective counts, before jax starts
+  import jax
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  # 8 CPU devices for the collective counts; set before jax initializes.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  jax.config.update("jax_num_cpu_devices", 8)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
