@@ -269,9 +269,9 @@ def shards_along(x: jax.Array, axis: int) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
-# The one pass around zero is kept where every feature's mean is within this many
-# variances squared of zero (|mean| <= 2 std): it is then exact to 5 * eps relative
-# (see the module docstring), close to what a pass around the mean itself gives.
+# The one pass around zero is kept where every feature has mean^2 <= this many
+# variances (|mean| <= 2 std): it is then exact to 5 * eps relative (see the module
+# docstring), close to what a pass around the mean itself gives.
 ONE_PASS_MEAN_SQUARED_PER_VARIANCE = 4.0
 
 
