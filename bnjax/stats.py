@@ -60,6 +60,7 @@ as exact as its statistics (``x - m`` is exact where ``x`` is near the mean).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
@@ -188,6 +189,34 @@ def _masked_sum(values, mask, reduction_axes):
   return jnp.sum(values, axis=tuple(reduction_axes))
 
 
+def _sums(x, shift, scale, *, dtype, reduction_axes, mask):
+  """``(sum(d), sum(|d|^2))`` per feature over the valid entries, ``d = (x - shift) *
+  scale`` in ``dtype`` (``shift`` None: 0; ``scale`` None: 1).
+
+  Each sum computes ``d`` itself: shared (between the two sums, or with the
+  caller's own use of ``x``), XLA's CPU reductions write it out in full.
+  """
+
+  def deviations(x, shift, scale):
+    d = x.astype(dtype)
+    if shift is not None:
+      d = d - expand_to_input(shift, reduction_axes)
+    return d if scale is None else d * scale
+
+  values, squares = (deviations(*copy) for copy in
+                     _fusion.unshared_on_cpu((x, shift, scale), copies=2))
+  return (_masked_sum(values, mask, reduction_axes),
+          _masked_sum(abs_squared(squares), mask, reduction_axes))
+
+
+def _mean_and_variance(s1, s2, count):
+  """The mean and biased variance of ``count`` values from their sums ``s1`` and
+  ``s2`` of values and squares (0 and 0 where count is 0)."""
+  safe_count = jnp.maximum(count, 1)
+  mean = s1 / safe_count.astype(s1.dtype)
+  return mean, jnp.maximum(s2 / safe_count - abs_squared(mean), 0)
+
+
 def _power_of_two_scale(num_values: int) -> float:
   """``2^-k`` with ``4^k >= num_values``: exact to multiply by, and it keeps sums
   of ``num_values`` squares of scaled deviations within the range of the variance."""
@@ -226,30 +255,18 @@ def shifted_moments(
   real_dtype = jnp.finfo(dtype).dtype
   shift = shift.astype(dtype)
   count = _count(x.shape, reduction_axes, mask, real_dtype)
-  safe_count = jnp.maximum(count, 1)
-
-  def sums(scale: float):
-    # Each sum converts, centers and scales x itself: shared (between the two sums,
-    # or with the caller's own use of x), XLA's CPU reductions write it out in full.
-    scale = jnp.asarray(scale, dtype)
-    operands = _fusion.unshared_on_cpu((x, shift, scale), copies=2)
-    values, deviations = (
-        (x.astype(dtype) - expand_to_input(shift, reduction_axes)) * scale
-        for x, shift, scale in operands)
-    return (_masked_sum(values, mask, reduction_axes),
-            _masked_sum(abs_squared(deviations), mask, reduction_axes))
+  sums = functools.partial(_sums, x, shift, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
 
   # Sums of squares overflow only where deviations near the top of the range add up
   # past it; only then are they summed again, scaled (the common case pays nothing).
   scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes))
-  s1, s2 = sums(1)
+  s1, s2 = sums(None)
   s1, s2, scale = lax.cond(
       jnp.any(jnp.isinf(s2)),
-      lambda: (*sums(scale), jnp.asarray(scale, real_dtype)),
+      lambda: (*sums(jnp.asarray(scale, dtype)), jnp.asarray(scale, real_dtype)),
       lambda: (s1, s2, jnp.ones((), real_dtype)),
   )
-  scaled_offset = s1 / safe_count.astype(dtype)
-  scaled_var = jnp.maximum(s2 / safe_count - abs_squared(scaled_offset), 0)
+  scaled_offset, scaled_var = _mean_and_variance(s1, s2, count)
   return ShiftedMoments(
       count=count,
       shift=shift,
@@ -299,13 +316,8 @@ def local_moments(
   if not reduction_axes:  # one value per feature: its own mean
     return ShiftedMoments(count, x.astype(dtype), jnp.zeros(x.shape, dtype),
                           jnp.zeros(x.shape, real_dtype))
-  # Each sum converts x itself: shared, XLA's CPU reductions would write it out.
-  values, squares = (c.astype(dtype) for c in _fusion.unshared_on_cpu(x, copies=2))
-  s1 = _masked_sum(values, mask, reduction_axes)
-  s2 = _masked_sum(abs_squared(squares), mask, reduction_axes)
-  safe_count = jnp.maximum(count, 1)
-  mean = s1 / safe_count.astype(dtype)
-  var = jnp.maximum(s2 / safe_count - abs_squared(mean), 0)
+  s1, s2 = _sums(x, None, None, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
+  mean, var = _mean_and_variance(s1, s2, count)
   one_pass = ShiftedMoments(count=count, shift=mean, offset=jnp.zeros_like(mean), var=var)
   near_zero = abs_squared(mean) <= ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
   exact = jnp.all(jnp.isfinite(s2) & near_zero)
