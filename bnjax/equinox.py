@@ -1,0 +1,333 @@
+"""``bnjax.equinox``: a drop-in for ``equinox.nn.BatchNorm``, and more.
+
+Swap the class and keep everything else (``eqx.nn.make_with_state``, ``vmap`` with
+an ``axis_name``, ``eqx.nn.inference_mode``)::
+
+    from bnjax import equinox as bn   # bn.BatchNorm instead of eqx.nn.BatchNorm
+    model, state = eqx.nn.make_with_state(bn.BatchNorm)(16, "batch", mode="batch")
+
+``BatchNorm`` has Equinox's constructor, call, fields and state
+(``batch_counter``/``batch_state_index``, or ``ema_first_time_index``/
+``ema_state_index``); the math is ``bnjax.batch_norm``. ``recompute_batch_stats``
+replaces every layer's running statistics by the paper's Algorithm 2 statistics.
+The layer is a thin shell: it reads its state, hands it to the pure function, and
+writes the returned state back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+try:
+  import equinox as eqx
+except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Equinox
+  raise ModuleNotFoundError(
+      f"bnjax.equinox needs Equinox: pip install 'bnjax[equinox]' ({error})") from error
+
+from bnjax import _wrappers
+from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+
+_LEGACY_WARNING = (
+    "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for backward "
+    "compatibility (as in Equinox; so does bnjax.equinox.BatchNorm). For new code pass "
+    "mode='batch'. See `https://github.com/patrick-kidger/equinox/issues/659`."
+)
+
+
+def _static_axis_name(axis_name):
+  """Hashable (a static field): a list of names becomes a tuple."""
+  if isinstance(axis_name, list):
+    return tuple(axis_name)
+  return axis_name
+
+
+def _debiased_momentum(momentum: float, step: jax.Array) -> jax.Array:
+  """The weight of the old average at ``step`` (1, 2, ...) of a zero-debiased
+  moving average kept as the average itself (not as Adam's biased ``hidden``):
+  ``momentum * (1 - momentum**(step - 1)) / (1 - momentum**step)``; 0 at step 1.
+
+  >>> [round(float(_debiased_momentum(0.5, jnp.array(k))), 4) for k in (1, 2, 3)]
+  [0.0, 0.3333, 0.4286]
+  """
+  if momentum >= 1:
+    return jnp.asarray(momentum, jnp.float32)
+  old = jnp.float32(momentum) ** (step - 1).astype(jnp.float32)
+  return momentum * (1 - old) / (1 - momentum * old)
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+  r"""Batch normalization with ``equinox.nn.BatchNorm``'s interface and bnjax's core.
+
+  Used as Equinox's: on one example ``x: [input_size, dim_1, ..., dim_N]``, inside
+  ``jax.vmap`` (or ``pmap``, ``shard_map``) with a matching ``axis_name``; the
+  statistics are those of every example along the named axes, exchanged in one
+  collective. Under ``jax.jit`` with a sharded batch the ``vmap``'s statistics are
+  those of the global batch. The constructor, call, fields and state are Equinox's,
+  with its defaults (``mode`` unspecified means ``"ema"``, with Equinox's warning)
+  and its ``momentum`` (the weight of the old running statistics).
+
+  * ``mode="batch"``: training normalizes with the batch's statistics; inference
+    with their zero-debiased moving average (``state.get(layer.batch_state_index)``
+    holds that average, ``batch_counter`` the number of training steps).
+  * ``mode="ema"``: training normalizes with the running statistics after they
+    have moved towards this batch (the batch's own on the first step), gradients
+    flowing through the batch's part, as Equinox does; inference with the running
+    statistics.
+
+  Where this differs from Equinox 0.13.8, on purpose:
+
+  * Running variance at initialization: 1 (mean 0) in both modes, so that a layer
+    never trained is the identity in inference. Equinox's ``"ema"`` mode starts it
+    at 0 (``jnp.empty``): ``x / sqrt(eps)`` until the first training step.
+  * ``"batch"`` mode's debiasing: exact. Equinox starts its biased ``hidden``
+    variance at 1 and still divides it by ``1 - momentum**steps``: after one step
+    the inference variance is ``momentum / (1 - momentum) + var_B`` (99 + var_B at
+    momentum 0.99), converging only as ``momentum**steps`` vanishes. bnjax keeps
+    the debiased average itself in the state (Equinox keeps ``hidden``); the
+    inference mean is Equinox's.
+  * Statistics exact in float32 for any offset (Equinox's two-pass mean of means
+    is exact only when every example has as many values, which masks break), kept
+    in at least float32 for half-precision ``dtype``.
+  * ``axis_name`` is a static field (hashable: a list becomes a tuple).
+  * ``__call__`` takes a ``mask``.
+
+  >>> import equinox as eqx
+  >>> layer, state = eqx.nn.make_with_state(BatchNorm)(1, "batch", mode="batch", momentum=0.9)
+  >>> x = jnp.array([[1.0], [3.0]])  # two examples of one feature: mean 2, variance 1
+  >>> y, state = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+  ...     x, state)
+  >>> y.round(3).tolist(), [s.tolist() for s in state.get(layer.batch_state_index)]
+  ([[-1.0], [1.0]], [[2.0], [1.0]])
+
+  Attributes:
+    weight: gamma, ``[input_size]`` (None without ``channelwise_affine``).
+    bias: beta, ``[input_size]`` (None without ``channelwise_affine``).
+    ema_first_time_index: ``"ema"`` mode's flag, True until the first training step.
+    ema_state_index: ``"ema"`` mode's running ``(mean, var)``, ``[input_size]`` each.
+    batch_counter: ``"batch"`` mode's number of training steps, an int32 scalar.
+    batch_state_index: ``"batch"`` mode's debiased ``(mean, var)``, ``[input_size]``.
+    axis_name: the named axis or axes the statistics are taken over.
+    inference: normalize with the running statistics (``eqx.nn.inference_mode``).
+    input_size: the number of channels ``C``.
+    eps: added to the variance before the square root.
+    channelwise_affine: whether ``weight`` and ``bias`` exist.
+    momentum: weight of the old running statistics.
+    mode: ``"batch"`` or ``"ema"``.
+    record: set by ``recompute_batch_stats`` only.
+  """
+
+  weight: jax.Array | None
+  bias: jax.Array | None
+  ema_first_time_index: eqx.nn.StateIndex | None
+  ema_state_index: eqx.nn.StateIndex | None
+  batch_counter: eqx.nn.StateIndex | None
+  batch_state_index: eqx.nn.StateIndex | None
+  axis_name: Hashable = eqx.field(static=True)
+  inference: bool
+  input_size: int = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
+  channelwise_affine: bool = eqx.field(static=True)
+  momentum: float = eqx.field(static=True)
+  mode: Literal["ema", "batch"] = eqx.field(static=True)
+  record: Literal["unbiased", "biased"] | None  # None: no leaf (a string only while recording)
+
+  def __init__(
+      self,
+      input_size: int,
+      axis_name: Hashable | Sequence[Hashable],
+      eps: float = 1e-5,
+      channelwise_affine: bool = True,
+      momentum: float = 0.99,
+      inference: bool = False,
+      dtype=None,
+      mode: Literal["ema", "batch", "legacy"] = "legacy",
+  ):
+    """Equinox's arguments and defaults.
+
+    Args:
+      input_size: the number of channels ``C``.
+      axis_name: the name (or a sequence of names) of the ``vmap``/``pmap`` axes to
+        compute statistics over.
+      eps: added to the variance before the square root.
+      channelwise_affine: whether the layer has the learned ``weight`` and ``bias``.
+      momentum: weight of the old running statistics, in [0, 1].
+      inference: normalize with the running statistics (may be toggled with
+        ``eqx.nn.inference_mode`` or overridden in the call).
+      dtype: dtype of ``weight`` and ``bias`` (default float32, float64 under x64);
+        the running statistics are in this dtype or float32, the wider.
+      mode: ``"batch"`` or ``"ema"``; unspecified means ``"ema"``, with a warning.
+
+    Raises:
+      ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``.
+    """
+    if mode == "legacy":
+      mode = "ema"
+      warnings.warn(_LEGACY_WARNING, stacklevel=2)
+    if mode not in {"ema", "batch"}:
+      raise ValueError(f"Invalid mode {mode!r}, must be 'ema' or 'batch'.")
+    dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)  # float32 or x64's
+    stats_dtype = jnp.promote_types(dtype, jnp.float32)
+    self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
+    self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
+    neutral = (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
+    self.ema_first_time_index = eqx.nn.StateIndex(jnp.array(True)) if mode == "ema" else None
+    self.ema_state_index = eqx.nn.StateIndex(neutral) if mode == "ema" else None
+    self.batch_counter = eqx.nn.StateIndex(jnp.array(0)) if mode == "batch" else None
+    self.batch_state_index = eqx.nn.StateIndex(neutral) if mode == "batch" else None
+    self.axis_name = _static_axis_name(axis_name)
+    self.inference = inference
+    self.input_size = input_size
+    self.eps = eps
+    self.channelwise_affine = channelwise_affine
+    self.momentum = momentum
+    self.mode = mode
+    self.record = None
+
+  @property
+  def _statistics_index(self) -> eqx.nn.StateIndex:
+    return self.batch_state_index if self.mode == "batch" else self.ema_state_index
+
+  @jax.named_scope("bnjax.equinox.BatchNorm")
+  def __call__(
+      self,
+      x: jax.Array,
+      state: eqx.nn.State,
+      *,
+      key: Any = None,
+      inference: bool | None = None,
+      mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, eqx.nn.State]:
+    """Normalizes one example; in training mode also updates the state.
+
+    Args:
+      x: ``[input_size, dim_1, ..., dim_N]`` floating input (one example).
+      state: the ``eqx.nn.State`` holding this layer's running statistics.
+      key: ignored (Equinox's API).
+      inference: overrides the field of the same name when not None.
+      mask: optional boolean broadcastable to ``x`` (``[]`` for the whole example),
+        True for the values that enter the statistics (see ``bnjax.batch_norm``).
+
+    Returns:
+      ``(y, state)``: ``y`` of ``x``'s shape (in the dtype promoted from ``x`` and
+      ``weight``), and the state with this layer's statistics updated (unchanged
+      in inference).
+
+    Raises:
+      NameError: in training, no ``vmap``/``pmap`` with a matching ``axis_name``.
+      TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. ``x`` not of
+        ``input_size`` channels).
+    """
+    del key
+    inference = self.inference if inference is None else inference
+    params = BatchNormParams(self.weight, self.bias) if self.channelwise_affine else None
+    with jax.numpy_dtype_promotion("standard"):  # Equinox's output dtype
+      dtype = jnp.result_type(x, self.weight) if self.channelwise_affine else x.dtype
+    running = BatchNormState(*state.get(self._statistics_index))
+
+    def normalize(statistics, **training):
+      if not training:
+        return batch_norm(x, params, statistics, training=False, axis=0, epsilon=self.eps,
+                          dtype=dtype)
+      return batch_norm(x, params, statistics, training=True, axis=0, epsilon=self.eps,
+                        axis_name=self.axis_name, mask=mask, dtype=dtype, **training)
+
+    if inference:
+      return normalize(running)[0], state
+    if self.record is not None:  # recompute_batch_stats: this batch's statistics alone
+      y, batch = normalize(running, momentum=0.0, unbiased_variance=self.record == "unbiased")
+      return y, state.set(self._statistics_index, tuple(batch))
+    if self.mode == "batch":
+      step = state.get(self.batch_counter) + 1
+      y, running = normalize(running, momentum=_debiased_momentum(self.momentum, step))
+      state = state.set(self.batch_counter, step)
+    else:
+      first_time = state.get(self.ema_first_time_index)
+      _, running = normalize(
+          running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum)))
+      y, _ = normalize(running)  # with the moved statistics, as Equinox
+      state = state.set(self.ema_first_time_index, jnp.array(False))
+    return y, state.set(self._statistics_index, tuple(running))
+
+
+def _layers(model) -> list[BatchNorm]:
+  is_layer = lambda node: isinstance(node, BatchNorm)  # noqa: E731
+  return [leaf for leaf in jax.tree.leaves(model, is_leaf=is_layer) if is_layer(leaf)]
+
+
+def recompute_batch_stats(
+    model,
+    state: eqx.nn.State,
+    batches: Iterable[Any],
+    *,
+    apply_fn: Callable[[Any, eqx.nn.State, Any], tuple[Any, eqx.nn.State]],
+    unbiased: bool = True,
+) -> eqx.nn.State:
+  """Every ``BatchNorm``'s running statistics replaced by Algorithm 2's.
+
+  Runs ``apply_fn(model, state, batch)`` for each batch, the model in training mode
+  as it is trained (``vmap`` with the layers' ``axis_name`` included), with every
+  ``BatchNorm`` recording its batch's statistics instead of moving its running
+  ones. Each layer's new statistics are the mean of the batch means and of the
+  ``m / (m - 1)``-corrected batch variances (``unbiased=False``: of the biased
+  ones), as ``bnjax.population_state`` computes them, exactly. ``apply_fn`` is
+  traced once, under ``eqx.filter_jit``. The layers' counters are left as they
+  are (at least 1 in ``"batch"`` mode, ``"ema"`` mode's first-time flag cleared),
+  so that training afterwards keeps moving these statistics.
+
+  Args:
+    model: a pytree holding ``bnjax.equinox.BatchNorm`` layers.
+    state: the model's ``eqx.nn.State``.
+    batches: an iterable of inputs for ``apply_fn`` (K >= 1 of them).
+    apply_fn: ``(model, state, batch) -> (anything, state)``, the training call.
+    unbiased: the paper's ``m / (m - 1)`` correction of the variance.
+
+  Returns:
+    The new state; every other entry is ``state``'s.
+
+  Raises:
+    ValueError: ``model`` has no ``bnjax.equinox.BatchNorm``, or ``batches`` is empty.
+
+  >>> import equinox as eqx
+  >>> layer, state = eqx.nn.make_with_state(BatchNorm)(1, "batch", mode="batch")
+  >>> apply_fn = lambda m, s, b: jax.vmap(m, axis_name="batch", in_axes=(0, None),
+  ...                                     out_axes=(0, None))(b, s)
+  >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]  # means 1, 5
+  >>> state = recompute_batch_stats(layer, state, batches, apply_fn=apply_fn)
+  >>> [s.tolist() for s in state.get(layer.batch_state_index)]  # 3 and 2/1 * 1
+  [[3.0], [2.0]]
+  """
+  layers = _layers(model)
+  if not layers:
+    raise ValueError("recompute_batch_stats found no bnjax.equinox.BatchNorm in the model")
+  record = "unbiased" if unbiased else "biased"
+  recording = eqx.tree_at(lambda m: [layer.record for layer in _layers(m)], model,
+                          [record] * len(layers), is_leaf=lambda node: node is None)
+
+  @eqx.filter_jit
+  def batch_statistics(state, batch):
+    _, new_state = apply_fn(recording, state, batch)
+    return [new_state.get(layer._statistics_index) for layer in layers]
+
+  # Each batch starts from the same state (an Equinox State is used up once set).
+  totals = _wrappers.sum_over_batches(
+      lambda batch: (batch_statistics(_copy(state), batch), 1), batches)
+  if totals is None:
+    raise ValueError("recompute_batch_stats needs at least one batch")
+  statistics, num_batches = totals
+  for layer, (mean, var) in zip(layers, statistics, strict=True):
+    state = state.set(layer._statistics_index, (mean / num_batches, var / num_batches))
+    if layer.mode == "batch":
+      state = state.set(layer.batch_counter, jnp.maximum(state.get(layer.batch_counter), 1))
+    else:
+      state = state.set(layer.ema_first_time_index, jnp.array(False))
+  return state
+
+
+def _copy(state: eqx.nn.State) -> eqx.nn.State:
+  """A fresh ``State`` with the same entries (setting one invalidates the old)."""
+  return jax.tree.map(lambda leaf: leaf, state)
