@@ -1,0 +1,367 @@
+"""``bnjax.haiku``: a drop-in for ``haiku.BatchNorm``, and more.
+
+Swap the class and keep everything else, params and state included::
+
+    from bnjax import haiku as bn   # bn.BatchNorm instead of hk.BatchNorm
+    x = bn.BatchNorm(True, True, decay_rate=0.9)(x, is_training=True)
+
+``BatchNorm`` has Haiku's constructor, call, parameters (``scale``, ``offset``) and
+state (``mean_ema`` and ``var_ema``, each ``counter``/``hidden``/``average``: Haiku's
+``ExponentialMovingAverage``, zero-debiased); the math is ``bnjax.batch_norm``.
+``recompute_batch_stats`` replaces every layer's statistics by the paper's
+Algorithm 2 statistics, ``sync_state`` averages them across devices. The module is
+a thin shell: it reads its state, hands it to the pure function, and writes the
+returned state back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+  import haiku as hk
+except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Haiku
+  raise ModuleNotFoundError(
+      f"bnjax.haiku needs Haiku: pip install 'bnjax[haiku]' ({error})") from error
+
+from bnjax import _wrappers
+from bnjax import sync_state as _sync_state
+from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+
+_EMA_NAMES = ("mean_ema", "var_ema")
+_recording: list[str] = []  # set by recompute_batch_stats while it traces the model
+
+
+def _axis_name(names: str | Sequence[str] | None) -> Hashable | None:
+  return names if names is None or isinstance(names, str) else tuple(names)
+
+
+class _MovingAverage(hk.Module):
+  """The state of Haiku's ``ExponentialMovingAverage`` (its names, shapes, and
+  ``average = hidden / (1 - decay**counter)``); ``bnjax.batch_norm`` moves ``hidden``."""
+
+  def __init__(self, decay: float, name: str):
+    super().__init__(name=name)
+    self.decay = decay
+
+  def hidden(self, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """``(counter, hidden)``, created as Haiku's (0 and zeros) where missing."""
+    counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
+    return counter, hk.get_state("hidden", shape, jnp.float32, init=jnp.zeros)
+
+  def set(self, counter: jax.Array, hidden: jax.Array) -> None:
+    """Stores ``counter`` and ``hidden`` and their zero-debiased ``average``."""
+    self._store(counter, hidden, hidden / self._debias(counter, hidden.dtype))
+
+  def set_average(self, counter: jax.Array, average: jax.Array) -> None:
+    """Stores ``average`` and the ``hidden`` that gives it at ``counter`` (>= 1)."""
+    self._store(counter, average * self._debias(counter, average.dtype), average)
+
+  def _debias(self, counter, dtype) -> jax.Array:
+    """``1 - decay**counter``, computed as Haiku computes it."""
+    with jax.numpy_dtype_promotion("standard"):  # a float to an int32 power, as Haiku
+      return 1 - jnp.power(jnp.asarray(self.decay, dtype), counter)
+
+  def _store(self, counter, hidden, average) -> None:
+    hk.set_state("counter", counter)
+    hk.set_state("hidden", hidden)
+    hk.set_state("average", average)
+
+  def average(self) -> jax.Array:
+    return hk.get_state("average")
+
+
+class BatchNorm(hk.Module):
+  """Batch normalization with ``haiku.BatchNorm``'s interface and bnjax's core.
+
+  The constructor, call, parameters (``scale``, ``offset``: of the input's shape
+  with 1 on the reduced axes, in the input's dtype) and state (``mean_ema/~`` and
+  ``var_ema/~`` with ``counter``, ``hidden`` and ``average``) are Haiku's; the
+  moving averages are Haiku's ``ExponentialMovingAverage`` (zero-debiased, with
+  ``decay_rate`` the weight of the old value). A model's params and state load
+  into either class. With ``cross_replica_axis`` the statistics are those of every
+  replica along the named axes (``pmap``, ``shard_map`` and, unlike Haiku's
+  documentation says of its own, ``vmap``), exchanged in one collective.
+
+  Where this differs from Haiku 0.0.17, on purpose:
+
+  * The variance is exact, ``E[(x - E[x])^2]`` in float32 at any offset (Haiku
+    computes ``E[x^2] - E[x]^2`` in the input's dtype: inexact, even negative,
+    when the mean is large against the deviation).
+  * Statistics are computed in at least float32 and the state is float32 for
+    half-precision inputs (Haiku's state takes the input's dtype).
+  * ``__call__`` takes a ``mask``; ``axis`` may hold negative axes.
+  * Integer inputs are normalized as float32 (float64 under x64), with parameters
+    in that dtype (Haiku creates them in the integer dtype).
+
+  >>> import haiku as hk
+  >>> forward = hk.transform_with_state(lambda x: BatchNorm(True, True, 0.9)(x, True))
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> params, state = forward.init(None, x)
+  >>> y, state = forward.apply(params, state, None, x)
+  >>> y.round(3).tolist(), state["batch_norm/~/mean_ema"]["average"].tolist()
+  ([[-1.0], [1.0]], [[2.0]])
+  """
+
+  def __init__(
+      self,
+      create_scale: bool,
+      create_offset: bool,
+      decay_rate: float,
+      eps: float = 1e-5,
+      scale_init: hk.initializers.Initializer | None = None,
+      offset_init: hk.initializers.Initializer | None = None,
+      axis: Sequence[int] | None = None,
+      cross_replica_axis: str | Sequence[str] | None = None,
+      cross_replica_axis_index_groups: Sequence[Sequence[int]] | None = None,
+      data_format: str = "channels_last",
+      name: str | None = None,
+  ):
+    """Haiku's arguments and checks.
+
+    Args:
+      create_scale: whether to learn a ``scale`` (gamma).
+      create_offset: whether to learn an ``offset`` (beta).
+      decay_rate: the moving averages' decay, the weight of the old value.
+      eps: added to the variance before the square root.
+      scale_init: initializer of ``scale`` (default ones); only with ``create_scale``.
+      offset_init: initializer of ``offset`` (default zeros); only with ``create_offset``.
+      axis: the axes to reduce over; default all but the channel axis.
+      cross_replica_axis: named axis (or axes) to take the statistics over.
+      cross_replica_axis_index_groups: groups of replica indices (``pmap`` only).
+      data_format: ``channels_last`` (``N...C``) or ``channels_first`` (``NC...``).
+      name: the module's name.
+
+    Raises:
+      ValueError: an initializer without its parameter, or index groups without
+        ``cross_replica_axis``.
+    """
+    super().__init__(name=name)
+    if not create_scale and scale_init is not None:
+      raise ValueError("Cannot set `scale_init` if `create_scale=False`")
+    if not create_offset and offset_init is not None:
+      raise ValueError("Cannot set `offset_init` if `create_offset=False`")
+    if cross_replica_axis is None and cross_replica_axis_index_groups is not None:
+      raise ValueError("`cross_replica_axis` name must be specified "
+                       "if `cross_replica_axis_index_groups` are used.")
+    self.create_scale = create_scale
+    self.create_offset = create_offset
+    self.eps = eps
+    self.scale_init = scale_init or jnp.ones
+    self.offset_init = offset_init or jnp.zeros
+    self.axis = axis
+    self.cross_replica_axis = cross_replica_axis
+    self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
+    self.channel_index = hk.get_channel_index(data_format)
+    self.decay_rate = decay_rate
+    self.mean_ema = _MovingAverage(decay_rate, name="mean_ema")
+    self.var_ema = _MovingAverage(decay_rate, name="var_ema")
+
+  def _reduced_axes(self, ndim: int) -> tuple[int, ...]:
+    if self.axis is not None:
+      return tuple(sorted(a % ndim for a in self.axis))
+    channel = self.channel_index % ndim if ndim else self.channel_index
+    return tuple(i for i in range(ndim) if i != channel)
+
+  def __call__(
+      self,
+      inputs: jax.Array,
+      is_training: bool,
+      test_local_stats: bool = False,
+      scale: jax.Array | None = None,
+      offset: jax.Array | None = None,
+      *,
+      mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """Normalizes ``inputs``; in training also updates the moving averages.
+
+    Args:
+      inputs: ``[..., C]`` floating input (``[N, C, ...]`` for ``channels_first``).
+      is_training: normalize with the batch's statistics and update the averages.
+      test_local_stats: when not training, normalize with the batch's statistics
+        anyway (the averages stay).
+      scale: a scale broadcastable to ``inputs``, only without ``create_scale``.
+      offset: an offset broadcastable to ``inputs``, only without ``create_offset``.
+      mask: optional boolean broadcastable to ``inputs``, True for the values that
+        enter the statistics (see ``bnjax.batch_norm``).
+
+    Returns:
+      The normalized input, of ``inputs``' shape, in the dtype promoted from the
+      input and ``scale``/``offset`` (the input's, for the module's own).
+
+    Raises:
+      ValueError: ``scale``/``offset`` given with ``create_scale``/``create_offset``,
+        or as ``bnjax.batch_norm``.
+    """
+    if self.create_scale and scale is not None:
+      raise ValueError("Cannot pass `scale` at call time if `create_scale=True`.")
+    if self.create_offset and offset is not None:
+      raise ValueError("Cannot pass `offset` at call time if `create_offset=True`.")
+    inputs = jnp.asarray(inputs)
+    if not jnp.issubdtype(inputs.dtype, jnp.inexact):  # Haiku's mean of integers is float
+      inputs = inputs.astype(jnp.result_type(float))
+    reduced = self._reduced_axes(inputs.ndim)
+    w_shape = tuple(1 if i in reduced else n for i, n in enumerate(inputs.shape))
+    features = tuple(i for i in range(inputs.ndim) if i not in reduced)
+    x, mask_ = inputs, mask
+    if not features:  # one statistic for everything: a unit feature axis
+      x, features = inputs[..., None], (inputs.ndim,)
+      mask_ = None if mask is None else jnp.asarray(mask)[..., None]
+    feature_shape = tuple(x.shape[i] for i in features)
+
+    def as_feature(value):
+      return None if value is None else jnp.reshape(value, feature_shape)
+
+    if self.create_scale:
+      scale = hk.get_parameter("scale", w_shape, inputs.dtype, init=self.scale_init)
+    if self.create_offset:
+      offset = hk.get_parameter("offset", w_shape, inputs.dtype, init=self.offset_init)
+    with jax.numpy_dtype_promotion("standard"):  # Haiku's output dtype
+      dtype = jnp.result_type(*(v for v in (inputs, scale, offset) if v is not None))
+    per_feature = all(v is None or np.broadcast_shapes(jnp.shape(v), w_shape) == w_shape
+                      for v in (scale, offset))
+    params = None
+    if per_feature:
+      params = BatchNormParams(
+          as_feature(None if scale is None else jnp.broadcast_to(scale, w_shape)),
+          as_feature(None if offset is None else jnp.broadcast_to(offset, w_shape)))
+    options = dict(axis=features, epsilon=self.eps, mask=mask_, dtype=dtype)
+
+    if is_training:
+      (counter, mean), (_, var) = (ema.hidden(w_shape) for ema in (self.mean_ema, self.var_ema))
+      record = _recording[-1] if _recording else None
+      y, hidden = batch_norm(
+          x, params, BatchNormState(as_feature(mean), as_feature(var)), training=True,
+          momentum=0.0 if record else self.decay_rate,
+          axis_name=_axis_name(self.cross_replica_axis),
+          axis_index_groups=self.cross_replica_axis_index_groups,
+          unbiased_variance=record == "unbiased", **options)
+      for ema, value in zip((self.mean_ema, self.var_ema), hidden, strict=True):
+        if record:  # recompute_batch_stats: this batch's statistics as the average
+          ema.set_average(jnp.maximum(counter, 1), jnp.reshape(value, w_shape))
+        else:
+          ema.set(counter + 1, jnp.reshape(value, w_shape))
+    elif test_local_stats:
+      neutral = BatchNormState(jnp.zeros(feature_shape), jnp.ones(feature_shape))
+      y, _ = batch_norm(x, params, neutral, training=True,
+                        axis_name=_axis_name(self.cross_replica_axis),
+                        axis_index_groups=self.cross_replica_axis_index_groups, **options)
+    else:
+      averages = BatchNormState(as_feature(self.mean_ema.average()),
+                                as_feature(self.var_ema.average()))
+      y, _ = batch_norm(x, params, averages, training=False, **options)
+    if not per_feature:  # a scale or offset per example (conditional normalization)
+      with jax.numpy_dtype_promotion("standard"):
+        y = y * (1 if scale is None else scale) + (0 if offset is None else offset)
+    return y[..., 0] if x is not inputs and y.ndim > inputs.ndim else y
+
+
+def _ema_entries(state: Mapping[str, Any]) -> list[str]:
+  """The names of the moving averages' entries of a Haiku state."""
+  return [name for name in state if name.rsplit("/~/", 1)[-1] in _EMA_NAMES]
+
+
+def recompute_batch_stats(
+    apply_fn: Callable[..., Any],
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    unbiased: bool = True,
+    rng: jax.Array | None = None,
+) -> dict[str, Any]:
+  """Every ``BatchNorm``'s moving averages replaced by Algorithm 2's statistics.
+
+  Runs ``apply_fn(params, state, rng, batch)`` (a ``hk.transform_with_state``
+  ``apply`` of the model in training mode, ``is_training=True``) for each batch,
+  with every ``bnjax.haiku.BatchNorm`` recording its batch's statistics (over its
+  ``cross_replica_axis`` too) instead of moving its averages. Each layer's new
+  ``average`` is the mean of the batch means and of the ``m / (m - 1)``-corrected
+  batch variances (``unbiased=False``: the biased ones); ``hidden`` is set to match
+  (``average * (1 - decay**counter)``, ``counter`` at least 1), so that training
+  afterwards keeps moving these statistics. ``apply_fn`` is traced once, under
+  ``jax.jit`` (a jitted ``apply_fn`` is unwrapped first).
+
+  Args:
+    apply_fn: ``(params, state, rng, batch) -> (anything, state)``.
+    params: the model's parameters.
+    state: the model's state.
+    batches: an iterable of inputs for ``apply_fn`` (K >= 1 of them).
+    unbiased: the paper's ``m / (m - 1)`` correction of the variance.
+    rng: passed to ``apply_fn``.
+
+  Returns:
+    The new state; entries other than the layers' moving averages are ``state``'s.
+
+  Raises:
+    ValueError: no ``BatchNorm`` ran in training mode, or ``batches`` is empty.
+
+  >>> import haiku as hk
+  >>> model = hk.transform_with_state(lambda x: BatchNorm(False, False, 0.9)(x, True))
+  >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]  # means 1, 5
+  >>> params, state = model.init(None, batches[0])
+  >>> state = recompute_batch_stats(model.apply, params, state, batches)
+  >>> [state[f"batch_norm/~/{n}"]["average"].tolist() for n in ("mean_ema", "var_ema")]
+  [[[3.0]], [[2.0]]]
+  """
+  while isinstance(apply_fn, jax.stages.Wrapped):  # a jitted apply_fn would hide the layers
+    apply_fn = apply_fn.__wrapped__
+  entries = _ema_entries(state)
+
+  @jax.jit
+  def batch_statistics(batch):
+    with _record("unbiased" if unbiased else "biased"):
+      _, new_state = apply_fn(params, state, rng, batch)
+    return {name: new_state[name] for name in entries}
+
+  totals = _wrappers.sum_over_batches(lambda batch: (batch_statistics(batch), 1), batches)
+  if totals is None:
+    raise ValueError("recompute_batch_stats needs at least one batch")
+  if not entries:
+    raise ValueError("recompute_batch_stats found no bnjax.haiku.BatchNorm state: give it the "
+                     "state of a model with one, run in training mode")
+  sums, num_batches = totals
+  new_state = dict(state)
+  for name, entry in sums.items():  # hidden and average are linear in the statistics
+    counter = entry["counter"] // num_batches  # the same in every batch
+    new_state[name] = {**state[name], "counter": counter.astype(state[name]["counter"].dtype),
+                       **{k: (entry[k] / num_batches).astype(state[name][k].dtype)
+                          for k in ("hidden", "average")}}
+  return new_state
+
+
+@contextlib.contextmanager
+def _record(kind: str):
+  _recording.append(kind)
+  try:
+    yield
+  finally:
+    _recording.pop()
+
+
+def sync_state(state: Mapping[str, Any], axis_name: Hashable) -> dict[str, Any]:
+  """The mean across the devices of ``axis_name`` of every moving average.
+
+  Inside ``pmap``/``shard_map``: ``hidden`` and ``average`` of each ``mean_ema``
+  and ``var_ema`` are averaged (``bnjax.sync_state``); counters and every other
+  entry stay as they are.
+
+  Args:
+    state: a Haiku state holding ``BatchNorm`` moving averages.
+    axis_name: the named axis to average over.
+
+  Returns:
+    The state, with the same structure, shapes and dtypes.
+  """
+  new_state = dict(state)
+  for name in _ema_entries(state):
+    entry = state[name]
+    synced = _sync_state({k: entry[k] for k in ("hidden", "average")}, axis_name)
+    new_state[name] = {**entry, **synced}
+  return new_state
