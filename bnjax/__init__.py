@@ -2,10 +2,11 @@
 
 The core is ``init`` and ``batch_norm``: parameters and running statistics are
 explicit ``NamedTuple`` pytrees, threaded in and out of every call. ``bnjax.linen``
-and ``bnjax.nnx`` are drop-in replacements for Flax's ``BatchNorm`` modules, thin
-shells over the same core; they import Flax, so they load on first use
+and ``bnjax.nnx`` are drop-in replacements for Flax's ``BatchNorm`` modules,
+``bnjax.equinox`` for Equinox's and ``bnjax.haiku`` for Haiku's, thin shells over
+the same core; they import their framework, so they load on first use
 (``bnjax.linen.BatchNorm`` after ``import bnjax`` works, and the core alone never
-imports Flax).
+imports Flax, Equinox or Haiku).
 """
 
 import importlib as _importlib
@@ -27,7 +28,8 @@ from bnjax.sync import sync_state as sync_state
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("linen", "nnx")  # Flax drop-ins, imported on first access
+# The drop-ins (Flax, Equinox, Haiku), imported on first access.
+_LAZY_SUBMODULES = ("linen", "nnx", "equinox", "haiku")
 
 
 def __getattr__(name: str):
