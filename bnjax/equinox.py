@@ -9,7 +9,8 @@ an ``axis_name``, ``eqx.nn.inference_mode``)::
 ``BatchNorm`` has Equinox's constructor, call, fields and state
 (``batch_counter``/``batch_state_index``, or ``ema_first_time_index``/
 ``ema_state_index``); the math is ``bnjax.batch_norm``. ``recompute_batch_stats``
-replaces every layer's running statistics by the paper's Algorithm 2 statistics.
+replaces every layer's running statistics by the paper's Algorithm 2 statistics,
+``sync_state`` averages them across devices.
 The layer is a thin shell: it reads its state, hands it to the pure function, and
 writes the returned state back.
 """
@@ -30,6 +31,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
       f"bnjax.equinox needs Equinox: pip install 'bnjax[equinox]' ({error})") from error
 
 from bnjax import _wrappers
+from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 
 _LEGACY_WARNING = (
@@ -171,7 +173,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if mode not in {"ema", "batch"}:
       raise ValueError(f"Invalid mode {mode!r}, must be 'ema' or 'batch'.")
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)  # float32 or x64's
-    stats_dtype = jnp.promote_types(dtype, jnp.float32)
+    stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
     self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
     self.bias = jnp.zeros((input_size,), dtype) if channelwise_affine else None
     neutral = (jnp.zeros((input_size,), stats_dtype), jnp.ones((input_size,), stats_dtype))
@@ -250,7 +252,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       _, running = normalize(
           running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum)))
       y, _ = normalize(running)  # with the moved statistics, as Equinox
-      state = state.set(self.ema_first_time_index, jnp.array(False))
+      # False, typed as the old flag (under pmap or shard_map, as varying as it).
+      state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))
     return y, state.set(self._statistics_index, tuple(running))
 
 
@@ -325,6 +328,26 @@ def recompute_batch_stats(
       state = state.set(layer.batch_counter, jnp.maximum(state.get(layer.batch_counter), 1))
     else:
       state = state.set(layer.ema_first_time_index, jnp.array(False))
+  return state
+
+
+def sync_state(model, state: eqx.nn.State, axis_name: Hashable) -> eqx.nn.State:
+  """The mean across the devices of ``axis_name`` of every ``BatchNorm``'s statistics.
+
+  Inside ``pmap``/``shard_map`` (``bnjax.sync_state``), for set-ups where each
+  device keeps its own running statistics; counters and flags stay as they are.
+
+  Args:
+    model: a pytree holding ``bnjax.equinox.BatchNorm`` layers.
+    state: this device's ``eqx.nn.State``.
+    axis_name: the named axis to average over.
+
+  Returns:
+    The new state, of the same structure, shapes and dtypes.
+  """
+  for layer in _layers(model):
+    index = layer._statistics_index
+    state = state.set(index, _sync_state(state.get(index), axis_name))
   return state
 
 
