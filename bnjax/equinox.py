@@ -344,6 +344,17 @@ def sync_state(model, state: eqx.nn.State, axis_name: Hashable) -> eqx.nn.State:
 
   Returns:
     The new state, of the same structure, shapes and dtypes.
+
+  Raises:
+    NameError: ``axis_name`` is not bound (outside ``pmap``/``shard_map``).
+
+  >>> import equinox as eqx
+  >>> layer, state = eqx.nn.make_with_state(BatchNorm)(1, "batch", mode="batch")
+  >>> one_device = jax.tree.map(lambda a: a[None], state)  # [devices, ...]
+  >>> synced = jax.pmap(lambda s: sync_state(layer, s, "i"), axis_name="i",
+  ...                   devices=jax.devices()[:1])(one_device)
+  >>> [s.tolist() for s in synced.get(layer.batch_state_index)]
+  [[[0.0]], [[1.0]]]
   """
   for layer in _layers(model):
     index = layer._statistics_index

@@ -107,6 +107,19 @@ class BatchNorm(hk.Module):
   >>> y, state = forward.apply(params, state, None, x)
   >>> y.round(3).tolist(), state["batch_norm/~/mean_ema"]["average"].tolist()
   ([[-1.0], [1.0]], [[2.0]])
+
+  Args:
+    create_scale: whether to learn a ``scale`` (gamma).
+    create_offset: whether to learn an ``offset`` (beta).
+    decay_rate: the moving averages' decay, the weight of the old value.
+    eps: added to the variance before the square root.
+    scale_init: initializer of ``scale`` (default ones); only with ``create_scale``.
+    offset_init: initializer of ``offset`` (default zeros); only with ``create_offset``.
+    axis: the axes to reduce over; default all but the channel axis.
+    cross_replica_axis: named axis (or axes) to take the statistics over.
+    cross_replica_axis_index_groups: groups of replica indices (``pmap`` only).
+    data_format: ``channels_last`` (``N...C``) or ``channels_first`` (``NC...``).
+    name: the module's name.
   """
 
   def __init__(
@@ -123,20 +136,7 @@ class BatchNorm(hk.Module):
       data_format: str = "channels_last",
       name: str | None = None,
   ):
-    """Haiku's arguments and checks.
-
-    Args:
-      create_scale: whether to learn a ``scale`` (gamma).
-      create_offset: whether to learn an ``offset`` (beta).
-      decay_rate: the moving averages' decay, the weight of the old value.
-      eps: added to the variance before the square root.
-      scale_init: initializer of ``scale`` (default ones); only with ``create_scale``.
-      offset_init: initializer of ``offset`` (default zeros); only with ``create_offset``.
-      axis: the axes to reduce over; default all but the channel axis.
-      cross_replica_axis: named axis (or axes) to take the statistics over.
-      cross_replica_axis_index_groups: groups of replica indices (``pmap`` only).
-      data_format: ``channels_last`` (``N...C``) or ``channels_first`` (``NC...``).
-      name: the module's name.
+    """Haiku's arguments and checks (see the class).
 
     Raises:
       ValueError: an initializer without its parameter, or index groups without
@@ -189,7 +189,8 @@ class BatchNorm(hk.Module):
       scale: a scale broadcastable to ``inputs``, only without ``create_scale``.
       offset: an offset broadcastable to ``inputs``, only without ``create_offset``.
       mask: optional boolean broadcastable to ``inputs``, True for the values that
-        enter the statistics (see ``bnjax.batch_norm``).
+        enter the statistics (see ``bnjax.batch_norm``). A feature with no valid
+        value keeps its ``hidden``; the counter still counts the step.
 
     Returns:
       The normalized input, of ``inputs``' shape, in the dtype promoted from the
@@ -358,6 +359,17 @@ def sync_state(state: Mapping[str, Any], axis_name: Hashable) -> dict[str, Any]:
 
   Returns:
     The state, with the same structure, shapes and dtypes.
+
+  Raises:
+    NameError: ``axis_name`` is not bound (outside ``pmap``/``shard_map``).
+
+  >>> entry = {"counter": jnp.array([2]), "hidden": jnp.array([[0.5]]),
+  ...          "average": jnp.array([[1.0]])}  # [devices, ...]
+  >>> state = {"batch_norm/~/mean_ema": entry, "linear": {"w": jnp.array([[3]])}}
+  >>> synced = jax.pmap(lambda s: sync_state(s, "i"), axis_name="i",
+  ...                   devices=jax.devices()[:1])(state)
+  >>> synced["batch_norm/~/mean_ema"]["average"].tolist(), synced["linear"]["w"].tolist()
+  ([[1.0]], [[3]])
   """
   new_state = dict(state)
   for name in _ema_entries(state):
