@@ -283,12 +283,14 @@ def test_sync_state_averages_the_moving_averages_across_devices():
     np.testing.assert_array_equal(synced[name]["counter"], states[name]["counter"])
 
 
-def test_without_haiku_the_import_names_the_extra(monkeypatch):
-  monkeypatch.setitem(sys.modules, "haiku", None)  # as if not installed
-  monkeypatch.delitem(sys.modules, "bnjax.haiku")
-  monkeypatch.delattr(bnjax, "haiku", raising=False)
-  with pytest.raises(ImportError, match=r"pip install 'bnjax\[haiku\]'"):
-    importlib.import_module("bnjax.haiku")
+@pytest.mark.parametrize("framework", ["haiku", "equinox"])
+def test_without_the_framework_the_import_names_the_extra(monkeypatch, framework):
+  importlib.import_module(f"bnjax.{framework}")
+  monkeypatch.setitem(sys.modules, framework, None)  # as if not installed
+  monkeypatch.delitem(sys.modules, f"bnjax.{framework}")
+  monkeypatch.delattr(bnjax, framework, raising=False)
+  with pytest.raises(ImportError, match=rf"pip install 'bnjax\[{framework}\]'"):
+    importlib.import_module(f"bnjax.{framework}")
 
 
 @pytest.mark.slow
