@@ -272,3 +272,23 @@ def test_a_model_and_state_saved_with_equinox_load_into_bnjax_and_back(trained, 
     if trained["mode"] == "ema":
       np.testing.assert_allclose(evaluate(model, state), evaluate(*trained[source][:2]), rtol=1e-5,
                                  atol=1e-5)
+
+
+def test_gradients_are_the_papers_chain_rule():
+  """d(sum(y * dy)) by x, weight and bias, against the float64 Section 3 chain rule,
+  per channel over the batch and the spatial axis."""
+  x, dy = normal(10, (6, 3, 4), loc=4.0), normal(11, (6, 3, 4))
+  layer, state = make_layer(3)
+  layer = eqx.tree_at(lambda m: m.weight, layer, jnp.array([0.5, 2.0, -1.0]))
+
+  @eqx.filter_jit
+  def grads(layer, x):
+    loss = lambda layer, x: jnp.sum(batched(layer)(x, state)[0] * dy)  # noqa: E731
+    return eqx.filter_grad(loss)(layer, x), jax.grad(loss, argnums=1)(layer, x)
+
+  dlayer, dx = grads(layer, x)
+  gamma = np.asarray(layer.weight)[None, :, None]
+  expected_dx, dgamma, dbeta = reference.backward(x, gamma, dy, 1e-5, (0, 2))
+  np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dlayer.weight, dgamma.ravel(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dlayer.bias, dbeta.ravel(), rtol=1e-5, atol=1e-5)

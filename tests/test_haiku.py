@@ -302,3 +302,24 @@ def test_import_bnjax_imports_neither_haiku_nor_equinox():
                           cwd=pathlib.Path(__file__).resolve().parent.parent,
                           env={**os.environ, "XLA_FLAGS": ""})
   assert result.stdout == "bnjax.haiku bnjax.equinox\n", result.stderr
+
+
+def test_gradients_are_the_papers_chain_rule():
+  """d(sum(y * dy)) by x, scale and offset, against the float64 Section 3 chain rule."""
+  x, dy = normal(10, (12, 3), loc=4.0), normal(11, (12, 3))
+  gamma = np.array([0.5, 2.0, -1.0], np.float32)
+  model = hk.transform_with_state(
+      lambda x: bnjax.haiku.BatchNorm(True, True, DECAY, scale_init=hk.initializers.Constant(gamma),
+                                      name="bn")(x, True))
+
+  @jax.jit
+  def grads(x):
+    params, state = model.init(None, x)
+    loss = lambda x, params: jnp.sum(model.apply(params, state, None, x)[0] * dy)  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1))(x, params)
+
+  dx, dparams = grads(x)
+  expected_dx, dgamma, dbeta = reference.backward(x, gamma, dy, 1e-5, (0,))
+  np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams["bn"]["scale"].ravel(), dgamma, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dparams["bn"]["offset"].ravel(), dbeta, rtol=1e-5, atol=1e-5)
