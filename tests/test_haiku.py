@@ -264,7 +264,7 @@ def test_recompute_batch_stats_is_algorithm_2():
   batches = [normal(8 + k, (6, 3), loc=k) for k in range(3)]
   model = hk.transform_with_state(
       lambda x: bnjax.haiku.BatchNorm(False, False, DECAY, name="bn")(x * 2.0, True))
-  params, state = model.init(None, batches[0])
+  params, state = jax.jit(model.init)(None, batches[0])
   state = bnjax.haiku.recompute_batch_stats(model.apply, params, state, batches)
   mean, var = reference.population_statistics([2.0 * b for b in batches], (0,))
   np.testing.assert_allclose(state["bn/~/mean_ema"]["average"], mean, rtol=1e-5)
