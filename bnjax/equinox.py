@@ -277,8 +277,11 @@ def recompute_batch_stats(
   ``BatchNorm`` recording its batch's statistics instead of moving its running
   ones. Each layer's new statistics are the mean of the batch means and of the
   ``m / (m - 1)``-corrected batch variances (``unbiased=False``: of the biased
-  ones), as ``bnjax.population_state`` computes them, exactly. ``apply_fn`` is
-  traced once, under ``eqx.filter_jit``. The layers' counters are left as they
+  ones), exactly, each batch weighing the same (a feature that a batch leaves
+  without a valid value, every entry masked out, counts that batch with the
+  layer's current statistic). ``apply_fn`` is traced once, under
+  ``eqx.filter_jit``; the statistics are those ``apply_fn`` gives the layers
+  (over their ``axis_name``, as in training). The layers' counters are left as they
   are (at least 1 in ``"batch"`` mode, ``"ema"`` mode's first-time flag cleared),
   so that training afterwards keeps moving these statistics.
 

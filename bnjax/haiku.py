@@ -287,7 +287,10 @@ def recompute_batch_stats(
   batch variances (``unbiased=False``: the biased ones); ``hidden`` is set to match
   (``average * (1 - decay**counter)``, ``counter`` at least 1), so that training
   afterwards keeps moving these statistics. ``apply_fn`` is traced once, under
-  ``jax.jit`` (a jitted ``apply_fn`` is unwrapped first).
+  ``jax.jit`` (a jitted ``apply_fn`` is unwrapped first; a ``pmap``-ed one would
+  reuse its earlier trace, so pass the plain ``apply``). Every batch norm of the
+  model must be ``bnjax.haiku.BatchNorm``: the state's other ``mean_ema`` and
+  ``var_ema`` entries would be averaged as they come out.
 
   Args:
     apply_fn: ``(params, state, rng, batch) -> (anything, state)``.
