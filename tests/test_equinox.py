@@ -292,3 +292,13 @@ def test_gradients_are_the_papers_chain_rule():
   np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dlayer.weight, dgamma.ravel(), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dlayer.bias, dbeta.ravel(), rtol=1e-5, atol=1e-5)
+
+
+def test_axis_name_is_static_and_hashable():
+  """A static field (Equinox's is a string leaf of the pytree, equinox#1074): a list
+  of names becomes a tuple, and no name is a leaf."""
+  layer = bnjax.equinox.BatchNorm(2, ["device", "batch"], mode="batch")
+  assert layer.axis_name == ("device", "batch")
+  assert not [leaf for leaf in jax.tree.leaves(layer) if isinstance(leaf, str)]
+  assert [leaf for leaf in jax.tree.leaves(eqx.nn.BatchNorm(2, "batch", mode="batch"))
+          if isinstance(leaf, str)] == ["batch"]
