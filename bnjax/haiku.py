@@ -86,8 +86,8 @@ class BatchNorm(hk.Module):
   moving averages are Haiku's ``ExponentialMovingAverage`` (zero-debiased, with
   ``decay_rate`` the weight of the old value). A model's params and state load
   into either class. With ``cross_replica_axis`` the statistics are those of every
-  replica along the named axes (``pmap``, ``shard_map`` and, unlike Haiku's
-  documentation says of its own, ``vmap``), exchanged in one collective.
+  replica along the named axes (``pmap``, ``shard_map`` or ``vmap``), exchanged in
+  one collective; under ``jit`` with a sharded batch, those of the global batch.
 
   Where this differs from Haiku 0.0.17, on purpose:
 

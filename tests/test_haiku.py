@@ -235,8 +235,7 @@ def test_data_format_and_axis_options_match_haiku():
 
 
 def test_synchronized_statistics_equal_the_full_batch():
-  """cross_replica_axis under vmap (which Haiku's docstring says it does not
-  support), pmap and shard_map; and under jit with the batch sharded over 8 devices
+  """cross_replica_axis under vmap, pmap and shard_map; and under jit with the batch sharded over 8 devices
   (no axis name): each gives the full batch's output and averages."""
   x = normal(7, (8, 4, 3), loc=5.0)
   full_y, full_state = jax.jit(lambda x: apply_layer(x.reshape(32, 3)))(x)
