@@ -1,6 +1,7 @@
 """The repository: the README's commands are the ones CI and users run, the
 library passes the linter, and the wheel holds the library only."""
 
+import os
 import pathlib
 import re
 import shutil
@@ -36,9 +37,9 @@ def test_the_library_passes_ruff():
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_the_library_only(tmp_path):
-  """experiments/ and benchmarks/ run from the repository root; installed as
-  top-level packages they would clash with other projects' names."""
+def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
+  """experiments/ and benchmarks/ run from a clone; installed as top-level
+  packages they would clash with other projects' names."""
   pytest.importorskip("setuptools")
   source = tmp_path / "source"
   source.mkdir()
@@ -52,4 +53,14 @@ def test_the_wheel_holds_the_library_only(tmp_path):
   (wheel,) = (tmp_path / "wheel").glob("bnjax-*.whl")
   with zipfile.ZipFile(wheel) as archive:
     top_level = {name.split("/")[0] for name in archive.namelist()}
+    metadata = archive.read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
   assert {name for name in top_level if not name.endswith(".dist-info")} == {"bnjax"}
+  assert "Requires-Python: >=3.11" in metadata.splitlines()  # what jax 0.10 needs
+  # Installed alone (its dependencies from this environment), the wheel imports and runs.
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                  str(tmp_path / "installed"), str(wheel)], check=True, capture_output=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, "-c", "import bnjax, bnjax.linen; print(bnjax.__file__, bnjax.init(3)[0].bias)"],
+      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
+      capture_output=True, text=True, timeout=300)
+  assert result.stdout == f"{tmp_path / 'installed' / 'bnjax' / '__init__.py'} [0. 0. 0.]\n", result.stderr
