@@ -61,7 +61,7 @@ def python_blocks(text: str, where: str = "page") -> list[Block]:
   """The ```python blocks of a Markdown text, with the markers just before them.
 
   >>> python_blocks("<!-- raises: KeyError -->\\n```python\\n{}[1]\\n```\\n```bash\\nls\\n```\\n")
-  [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None)]
+  [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None, output=None)]
   """
   lines = text.splitlines()
   blocks, markers, i = [], {}, 0
@@ -205,6 +205,11 @@ def test_each_block_runs_alone_and_prints_what_the_page_shows(page, tmp_path):
   assert not failures, "\n\n".join(failures)
 
 
+def test_the_sites_quickstart_is_the_readmes():
+  readme, landing = (python_blocks(page.read_text()) for page in STANDALONE)
+  assert (landing[0].code, landing[0].output) == (readme[0].code, readme[0].output)
+
+
 def test_a_block_that_leans_on_another_fails_alone(tmp_path):
   """What the README had: a block using a name an earlier block defined."""
   page = ("```python\nimport math\nprint(math.pi)\n```\n\n```text\n3.14\n```\n\n"
@@ -236,15 +241,4 @@ def test_markers_are_checked():
   ) == ["page:10 needs no_such_module_here"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_missing("sphinx") or _missing("myst_parser"),
-                    reason='the docs extra is not installed (pip install -e ".[docs]")')
-def test_site_builds_without_warnings(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
-       str(tmp_path / "html")],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert (tmp_path / "html" / "api.html").exists()
-
+# The site's build (warnings as errors) and its rendered pages: tests/test_api_docs.py.
