@@ -23,7 +23,7 @@ try:
   from flax import nnx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
-      f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.7', or pip install -e '.[flax]' "
+      f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
       "in a clone of bnjax") from error
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers

@@ -1,12 +1,14 @@
 """The repository: the README's commands are the ones CI and users run, the
 library passes the linter, and the wheel holds the library only."""
 
+import importlib.util
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 
 import pytest
@@ -64,3 +66,44 @@ def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
       capture_output=True, text=True, timeout=300)
   assert result.stdout == f"{tmp_path / 'installed' / 'bnjax' / '__init__.py'} [0. 0. 0.]\n", result.stderr
+
+
+def _oldest_constraints():
+  spec = importlib.util.spec_from_file_location("oldest_constraints", ROOT / ".ci" / "oldest_constraints.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_ci_tests_the_oldest_declared_versions():
+  """Each dependency's lower bound is pinned, markers kept, and CI installs the pins and
+  runs the fast tests with them."""
+  oldest = _oldest_constraints()
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  pins = oldest.oldest_pins(pyproject)
+  assert "jax==0.10.2" in pins and "flax==0.12.8" in pins
+  assert any(pin.startswith("tensorflow-cpu==") and "; sys_platform != 'darwin'" in pin for pin in pins)
+  project = pyproject["project"]
+  requirements = [r for extra in project["optional-dependencies"].values() for r in extra
+                  if not r.startswith("bnjax[")] + project["dependencies"]
+  assert {re.split(r"[>=;]", r)[0].strip() for r in requirements} == {
+      re.split(r"[=;]", pin)[0] for pin in pins}
+  with pytest.raises(ValueError, match="one lower bound"):
+    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy"],
+                                    "optional-dependencies": {}}})
+  with pytest.raises(ValueError, match="one lower bound"):
+    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy>=2,<3"],
+                                    "optional-dependencies": {}}})
+  run = (ROOT / ".ci" / "run").read_text().splitlines()
+  assert 'python3 .ci/oldest_constraints.py > "$constraints"' in run
+  assert 'python3 -m venv .venv-oldest && .venv-oldest/bin/pip install -e ".[test]" -c "$constraints"' in run
+  assert '.venv-oldest/bin/python -m pytest -m "not slow" -n 2' in run
+
+
+def test_python_floor_is_the_one_jax_needs():
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert pyproject["project"]["requires-python"] == ">=3.11"  # jax/jaxlib 0.10's Requires-Python
+  assert pyproject["tool"]["ruff"]["target-version"] == "py311"
+  pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("experiments/**/*.md")]
+  stale = [str(p.relative_to(ROOT)) for p in pages if re.search(r"Python 3\.10", p.read_text())]
+  assert not stale, f"these still say Python 3.10: {stale}"
