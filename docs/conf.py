@@ -87,13 +87,41 @@ def _class_defaults(cls) -> dict[str, str]:
   return defaults
 
 
+def _init_signature(init) -> str:
+  """``init``'s parameters (without ``self``), each default as written in its source."""
+  source = textwrap.dedent(inspect.getsource(init))
+  arguments = ast.parse(source).body[0].args
+  positional = arguments.posonlyargs + arguments.args
+  defaults = list(zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults,
+                      strict=True))
+  defaults += [(a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True) if d]
+  written = {argument.arg: ast.get_source_segment(source, default) for argument, default in defaults}
+  parameters, star_done = [], False
+  for parameter in list(inspect.signature(init).parameters.values())[1:]:  # without self
+    if parameter.kind is parameter.KEYWORD_ONLY and not star_done:
+      parameters.append("*")
+      star_done = True
+    if parameter.kind is parameter.VAR_POSITIONAL:
+      star_done = True
+      parameters.append(f"*{parameter.name}")
+    elif parameter.kind is parameter.VAR_KEYWORD:
+      parameters.append(f"**{parameter.name}")
+    elif parameter.default is parameter.empty:
+      parameters.append(parameter.name)
+    else:
+      parameters.append(f"{parameter.name}={written[parameter.name]}")
+  return "(" + ", ".join(parameters) + ")"
+
+
 def _constructor_signature(cls) -> str | None:
   """What a user calls: a linen Module's fields without Flax's ``parent`` and
-  ``name``; an nnx Module's ``__init__`` (not the metaclass's ``*args, **kwargs``);
-  each parameter with its default as written, without its type (listed below)."""
-  from flax import linen, nnx
-
-  if isinstance(cls, type) and issubclass(cls, linen.Module) and dataclasses.is_dataclass(cls):
+  ``name``; for other framework modules (nnx, Haiku, Equinox) the ``__init__`` a bnjax
+  class defines, not a metaclass's ``(*args, **kwargs)``; each parameter with its
+  default as written, without its type (the parameter list below gives it)."""
+  if not isinstance(cls, type):
+    return None
+  if dataclasses.is_dataclass(cls) and any(
+      base.__module__.startswith("flax.linen") for base in cls.__mro__):
     written = _class_defaults(cls)
     parameters = []
     for field in dataclasses.fields(cls):
@@ -104,39 +132,16 @@ def _constructor_signature(cls) -> str | None:
       parameters.append(f"{field.name}={written.get(field.name, '...')}" if has_default
                         else field.name)
     return "(" + ", ".join(parameters) + ")"
-  if isinstance(cls, type) and issubclass(cls, nnx.Module):
-    signature = inspect.signature(cls.__init__)
-    source = textwrap.dedent(inspect.getsource(cls.__init__))
-    arguments = ast.parse(source).body[0].args
-    written = {}
-    positional = arguments.posonlyargs + arguments.args
-    for argument, default in zip(positional[len(positional) - len(arguments.defaults):],
-                                 arguments.defaults, strict=True):
-      written[argument.arg] = ast.get_source_segment(source, default)
-    for argument, default in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True):
-      if default is not None:
-        written[argument.arg] = ast.get_source_segment(source, default)
-    parameters, star_done = [], False
-    for parameter in list(signature.parameters.values())[1:]:  # without self
-      if parameter.kind is parameter.KEYWORD_ONLY and not star_done:
-        parameters.append("*")
-        star_done = True
-      if parameter.kind is parameter.VAR_POSITIONAL:
-        star_done = True
-        parameters.append(f"*{parameter.name}")
-      elif parameter.kind is parameter.VAR_KEYWORD:
-        parameters.append(f"**{parameter.name}")
-      elif parameter.default is parameter.empty:
-        parameters.append(parameter.name)
-      else:
-        parameters.append(f"{parameter.name}={written.get(parameter.name, repr(parameter.default))}")
-    return "(" + ", ".join(parameters) + ")"
-  return None
+  init = next((vars(base)["__init__"] for base in cls.__mro__
+               if base.__module__.startswith("bnjax") and "__init__" in vars(base)), None)
+  if init is None or issubclass(cls, tuple):  # NamedTuples: Sphinx shows their fields
+    return None
+  return _init_signature(init)
 
 
 def _process_signature(app, what, name, obj, options, signature, return_annotation):
   del app, options
-  if what == "class" and name.startswith(("bnjax.linen.", "bnjax.nnx.")):
+  if what == "class" and name.startswith("bnjax."):
     constructor = _constructor_signature(obj)
     if constructor is not None:
       return constructor, None

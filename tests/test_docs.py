@@ -17,8 +17,8 @@ before a block, change how a block runs:
 
 A figure a page saves (``*.png`` in the working directory) must be committed beside
 the page under the same name; ``BNJAX_UPDATE_DOC_FIGURES=1`` copies the new ones
-there. The pages and the Sphinx build of the site (guide and API reference, warnings
-as errors) are slow tests: end to end, seconds each.
+there. The pages are slow tests: end to end, seconds each. The Sphinx build of the
+site (warnings as errors) and its rendered pages are tested in tests/test_api_docs.py.
 """
 
 from __future__ import annotations

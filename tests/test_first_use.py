@@ -164,6 +164,7 @@ def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments
   """A clone is a folder named bnjax: from its parent, `import bnjax` must find the
   package, not the clone as an empty namespace package; and the experiments run from
   any folder, not only from the clone's root."""
+  pytest.importorskip("setuptools")  # the build backend, without build isolation (offline)
   clone = _copy_project(tmp_path / "parent" / "bnjax", "bnjax", "experiments")
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
