@@ -28,7 +28,8 @@ try:
   import equinox as eqx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Equinox
   raise ModuleNotFoundError(
-      f"bnjax.equinox needs Equinox: pip install 'bnjax[equinox]' ({error})") from error
+      f"bnjax.equinox needs Equinox ({error}): pip install 'equinox>=0.13.8', "
+      "or pip install -e '.[equinox]' in a clone of bnjax") from error
 
 from bnjax import _wrappers
 from bnjax import sync_state as _sync_state

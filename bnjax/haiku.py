@@ -28,7 +28,8 @@ try:
   import haiku as hk
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Haiku
   raise ModuleNotFoundError(
-      f"bnjax.haiku needs Haiku: pip install 'bnjax[haiku]' ({error})") from error
+      f"bnjax.haiku needs Haiku ({error}): pip install 'dm-haiku>=0.0.17', "
+      "or pip install -e '.[haiku]' in a clone of bnjax") from error
 
 from bnjax import _wrappers
 from bnjax import sync_state as _sync_state

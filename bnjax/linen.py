@@ -28,7 +28,8 @@ try:
   from flax import linen as nn
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
-      f"bnjax.linen needs Flax: pip install 'bnjax[flax]' ({error})") from error
+      f"bnjax.linen needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
+      "in a clone of bnjax") from error
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 

@@ -23,7 +23,8 @@ try:
   from flax import nnx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
-      f"bnjax.nnx needs Flax: pip install 'bnjax[flax]' ({error})") from error
+      f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
+      "in a clone of bnjax") from error
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn

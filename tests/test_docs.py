@@ -1,7 +1,10 @@
 """Every ```python block of the guide (docs/**/*.md) and of README.md runs.
 
-Each page's blocks run in order in one namespace, as a reader pasting them into
-one Python session would: with JAX's default promotion rules (not the suite's
+Each block of README.md (and of the site's landing page, docs/index.md) runs alone
+in a fresh interpreter, as a reader pastes it, and must print something; where a
+```text block follows it, that is its output, and the block must print exactly
+that (up to spacing). Each guide page's blocks run in order in one namespace, as a
+reader pasting them into one Python session would: with JAX's default promotion rules (not the suite's
 strict ones), eight CPU devices (tests/conftest.py), in a fresh temporary working
 directory (the figures a page saves land there). Two markers, an HTML comment on the last non-blank line
 before a block, change how a block runs:
@@ -14,8 +17,8 @@ before a block, change how a block runs:
 
 A figure a page saves (``*.png`` in the working directory) must be committed beside
 the page under the same name; ``BNJAX_UPDATE_DOC_FIGURES=1`` copies the new ones
-there. The pages and the Sphinx build of the site (guide and API reference, warnings
-as errors) are slow tests: end to end, seconds each.
+there. The pages are slow tests: end to end, seconds each. The Sphinx build of the
+site (warnings as errors) and its rendered pages are tested in tests/test_api_docs.py.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-# The guide's pages and the README must have code to run; other pages, if they have any.
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts and (
-    p.parent.name == "guide" or "```python" in p.read_text())) + [ROOT / "README.md"]
+# Pages whose blocks each stand alone (a reader pastes one of them), and must print.
+STANDALONE = [ROOT / "README.md", DOCS / "index.md"]
+# The guide's pages must have code to run; other pages, if they have any.
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts and p not in STANDALONE and (
+    p.parent.name == "guide" or "```python" in p.read_text()))
 
 _FENCE = re.compile(r"^(`{3,})\s*(\S*)")
 _MARKER = re.compile(r"^<!--\s*(raises|requires):\s*([\w.]+)\s*-->$")
@@ -49,16 +54,18 @@ class Block:
   code: str
   raises: str | None
   requires: str | None
+  output: str | None = None  # the ```text block right after it: what it prints
 
 
 def python_blocks(text: str, where: str = "page") -> list[Block]:
   """The ```python blocks of a Markdown text, with the markers just before them.
 
   >>> python_blocks("<!-- raises: KeyError -->\\n```python\\n{}[1]\\n```\\n```bash\\nls\\n```\\n")
-  [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None)]
+  [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None, output=None)]
   """
   lines = text.splitlines()
   blocks, markers, i = [], {}, 0
+  previous_end, previous_python = -1, False
   while i < len(lines):
     stripped = lines[i].strip()
     marker = _MARKER.match(stripped)
@@ -76,8 +83,12 @@ def python_blocks(text: str, where: str = "page") -> list[Block]:
       if language == "python":
         blocks.append(Block(line=i + 2, code="\n".join(lines[i + 1:end]) + "\n",
                             raises=markers.get("raises"), requires=markers.get("requires")))
+      elif language == "text" and blocks and not markers and not any(
+          line.strip() for line in lines[previous_end + 1:i]) and previous_python:
+        blocks[-1] = dataclasses.replace(blocks[-1], output="\n".join(lines[i + 1:end]) + "\n")
       elif markers:
         raise ValueError(f"{where}:{i + 1}: a marker before a '{language}' block, not a python one")
+      previous_end, previous_python = end, language == "python"
       markers, i = {}, end + 1
     else:
       if stripped and markers:
@@ -156,6 +167,62 @@ def test_page_runs(page, tmp_path, monkeypatch):
     pytest.skip("; ".join(skipped) + ' (pip install -e ".[docs]")')
 
 
+def _run_alone(blocks: list[Block], where: str, cwd: pathlib.Path) -> list[str]:
+  """Runs each block in its own fresh interpreter, all at once; returns the failures.
+
+  A reader's interpreter: one CPU device (no XLA_FLAGS), JAX's default promotion
+  rules, the working directory a fresh folder; the checkout first on the path."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+  env.pop("XLA_FLAGS", None)
+  running = [(block, subprocess.Popen(
+      [sys.executable, "-c", "\n" * (block.line - 1) + block.code], cwd=cwd, env=env, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for block in blocks]
+  failures = []
+  for block, process in running:
+    try:
+      stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      stdout, stderr = process.communicate()
+    if process.returncode != 0:
+      failures.append(f"{where}:{block.line}: run alone, the block failed:\n{stderr[-3000:]}")
+    elif not stdout.strip():
+      failures.append(f"{where}:{block.line}: the block prints nothing that shows it worked")
+    elif block.output is not None and stdout.split() != block.output.split():
+      failures.append(f"{where}:{block.line}: the block printed\n{stdout}but the page shows\n"
+                      f"{block.output}")
+  return failures
+
+
+@pytest.mark.slow  # fresh interpreters, one per block, all at once: 10 to 20 s a page
+@pytest.mark.parametrize("page", STANDALONE, ids=[str(p.relative_to(ROOT)) for p in STANDALONE])
+def test_each_block_runs_alone_and_prints_what_the_page_shows(page, tmp_path):
+  relative = str(page.relative_to(ROOT))
+  blocks = python_blocks(page.read_text(), relative)
+  assert blocks, f"{relative} has no ```python block: nothing to run"
+  assert not [b for b in blocks if b.raises or b.requires], f"{relative}: no markers on this page"
+  failures = _run_alone(blocks, relative, tmp_path)
+  assert not failures, "\n\n".join(failures)
+
+
+def test_the_sites_quickstart_is_the_readmes():
+  readme, landing = (python_blocks(page.read_text()) for page in STANDALONE)
+  assert (landing[0].code, landing[0].output) == (readme[0].code, readme[0].output)
+
+
+def test_a_block_that_leans_on_another_fails_alone(tmp_path):
+  """What the README had: a block using a name an earlier block defined."""
+  page = ("```python\nimport math\nprint(math.pi)\n```\n\n```text\n3.14\n```\n\n"
+          "```python\nprint(math.e)\n```\n\n```python\nx = 1\n```\n")
+  blocks = python_blocks(page)
+  assert [b.output for b in blocks] == ["3.14\n", None, None]
+  failures = _run_alone(blocks, "page", tmp_path)
+  assert len(failures) == 3
+  assert "printed\n3.141592653589793\nbut the page shows\n3.14" in failures[0]
+  assert "NameError: name 'math' is not defined" in failures[1]
+  assert "prints nothing" in failures[2]
+
+
 def test_markers_are_checked():
   blocks = python_blocks("<!-- requires: haiku -->\n```python\nimport haiku\n```\n\n```python\nx = 1\n```\n")
   assert [(b.line, b.requires) for b in blocks] == [(3, "haiku"), (7, None)]
@@ -174,15 +241,4 @@ def test_markers_are_checked():
   ) == ["page:10 needs no_such_module_here"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_missing("sphinx") or _missing("myst_parser"),
-                    reason='the docs extra is not installed (pip install -e ".[docs]")')
-def test_site_builds_without_warnings(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
-       str(tmp_path / "html")],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert (tmp_path / "html" / "api.html").exists()
-
+# The site's build (warnings as errors) and its rendered pages: tests/test_api_docs.py.

@@ -3,8 +3,11 @@ the quick benchmark, an install without TensorFlow."""
 
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 import pytest
@@ -139,3 +142,71 @@ def test_a_quick_benchmark_never_overwrites_the_committed_results(tmp_path, caps
   assert exited.value.code == 2  # argparse's usage error, before anything is measured
   assert (f"error: --quick would overwrite the full run's results in {ROOT / 'benchmarks'}; give another "
           "--output-dir") in capsys.readouterr().err
+
+
+def _site_packages() -> str:
+  """This interpreter's site-packages, for a fresh venv to find the dependencies in."""
+  paths = sysconfig.get_paths()
+  return os.pathsep.join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
+def _copy_project(destination: pathlib.Path, *names: str) -> pathlib.Path:
+  destination.mkdir(parents=True)
+  for name in ("pyproject.toml", "README.md", *names):
+    copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+    kwargs = {"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}
+    copy(ROOT / name, destination / name, **kwargs)
+  return destination
+
+
+@pytest.mark.slow  # a venv and an editable install: about 10 s
+def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments_anywhere(tmp_path):
+  """A clone is a folder named bnjax: from its parent, `import bnjax` must find the
+  package, not the clone as an empty namespace package; and the experiments run from
+  any folder, not only from the clone's root."""
+  pytest.importorskip("setuptools")  # the build backend, without build isolation (offline)
+  clone = _copy_project(tmp_path / "parent" / "bnjax", "bnjax", "experiments")
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                  "--prefix", str(venv), "-e", str(clone)], check=True, capture_output=True, timeout=300)
+  env = {**os.environ, "PYTHONPATH": _site_packages(), "XLA_FLAGS": ""}  # the dependencies only
+  python = str(venv / "bin" / "python")
+  result = subprocess.run([python, "-c", "import bnjax; print(bnjax.__file__, bnjax.init(2)[1].var)"],
+                          cwd=tmp_path / "parent", env=env, capture_output=True, text=True, timeout=300)
+  assert result.stdout == f"{clone / 'bnjax' / '__init__.py'} [1. 1.]\n", result.stderr
+  result = subprocess.run([python, "-m", "experiments.mnist", "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert "--config.FIELD=VALUE" in result.stdout, result.stderr  # (absl exits 1 after --help)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["bnjax.linen", "bnjax.nnx"])
+def test_without_flax_the_drop_ins_say_what_to_install(module):
+  """No index has bnjax, so `pip install "bnjax[flax]"` cannot work: the error
+  names the installs that do."""
+  without_flax = (
+      "import sys\n"
+      "class WithoutFlax:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.split('.')[0] == 'flax':\n"
+      "      raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+      "sys.meta_path.insert(0, WithoutFlax())\n"
+      f"import {module}\n"
+  )
+  result = _python(without_flax)
+  flax = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]["flax"] if r.startswith("flax"))
+  assert result.stderr.splitlines()[-1] == (
+      f"ModuleNotFoundError: {module} needs Flax (No module named 'flax'): pip install '{flax}', "
+      "or pip install -e '.[flax]' in a clone of bnjax")
+
+
+def test_no_install_line_names_bnjax_on_an_index():
+  """`pip install "bnjax[...]"` (or 'bnjax[...]') needs bnjax on an index, which it is not."""
+  pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("experiments/**/*.md"),
+           *ROOT.glob("bnjax/*.py"), *ROOT.glob("experiments/**/*.py")]
+  pattern = re.compile(r"""pip install [^`\n]*?["']?bnjax\[[\w,]+\]["']?(?! @)""")
+  found = [f"{page.relative_to(ROOT)}: {match.group()}" for page in pages
+           for match in pattern.finditer(page.read_text())]
+  assert not found, found

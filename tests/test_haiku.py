@@ -288,7 +288,7 @@ def test_without_the_framework_the_import_names_the_extra(monkeypatch, framework
   monkeypatch.setitem(sys.modules, framework, None)  # as if not installed
   monkeypatch.delitem(sys.modules, f"bnjax.{framework}")
   monkeypatch.delattr(bnjax, framework, raising=False)
-  with pytest.raises(ImportError, match=rf"pip install 'bnjax\[{framework}\]'"):
+  with pytest.raises(ImportError, match=rf"pip install -e '\.\[{framework}\]' in a clone"):
     importlib.import_module(f"bnjax.{framework}")
 
 

@@ -1,11 +1,14 @@
 """The repository: the README's commands are the ones CI and users run, the
 library passes the linter, and the wheel holds the library only."""
 
+import importlib.util
+import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 
 import pytest
@@ -36,9 +39,9 @@ def test_the_library_passes_ruff():
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_the_library_only(tmp_path):
-  """experiments/ and benchmarks/ run from the repository root; installed as
-  top-level packages they would clash with other projects' names."""
+def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
+  """experiments/ and benchmarks/ run from a clone; installed as top-level
+  packages they would clash with other projects' names."""
   pytest.importorskip("setuptools")
   source = tmp_path / "source"
   source.mkdir()
@@ -52,4 +55,55 @@ def test_the_wheel_holds_the_library_only(tmp_path):
   (wheel,) = (tmp_path / "wheel").glob("bnjax-*.whl")
   with zipfile.ZipFile(wheel) as archive:
     top_level = {name.split("/")[0] for name in archive.namelist()}
+    metadata = archive.read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
   assert {name for name in top_level if not name.endswith(".dist-info")} == {"bnjax"}
+  assert "Requires-Python: >=3.11" in metadata.splitlines()  # what jax 0.10 needs
+  # Installed alone (its dependencies from this environment), the wheel imports and runs.
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                  str(tmp_path / "installed"), str(wheel)], check=True, capture_output=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, "-c", "import bnjax, bnjax.linen; print(bnjax.__file__, bnjax.init(3)[0].bias)"],
+      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
+      capture_output=True, text=True, timeout=300)
+  assert result.stdout == f"{tmp_path / 'installed' / 'bnjax' / '__init__.py'} [0. 0. 0.]\n", result.stderr
+
+
+def _oldest_constraints():
+  spec = importlib.util.spec_from_file_location("oldest_constraints", ROOT / ".ci" / "oldest_constraints.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_ci_tests_the_oldest_declared_versions():
+  """Each dependency's lower bound is pinned, markers kept, and CI installs the pins and
+  runs the fast tests with them."""
+  oldest = _oldest_constraints()
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  pins = oldest.oldest_pins(pyproject)
+  assert "jax==0.10.2" in pins and "flax==0.12.8" in pins
+  assert any(pin.startswith("tensorflow-cpu==") and "; sys_platform != 'darwin'" in pin for pin in pins)
+  project = pyproject["project"]
+  requirements = [r for extra in project["optional-dependencies"].values() for r in extra
+                  if not r.startswith("bnjax[")] + project["dependencies"]
+  assert {re.split(r"[>=;]", r)[0].strip() for r in requirements} == {
+      re.split(r"[=;]", pin)[0] for pin in pins}
+  with pytest.raises(ValueError, match="one lower bound"):
+    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy"],
+                                    "optional-dependencies": {}}})
+  with pytest.raises(ValueError, match="one lower bound"):
+    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy>=2,<3"],
+                                    "optional-dependencies": {}}})
+  run = (ROOT / ".ci" / "run").read_text().splitlines()
+  assert 'python3 .ci/oldest_constraints.py > "$constraints"' in run
+  assert 'python3 -m venv .venv-oldest && .venv-oldest/bin/pip install -e ".[test]" -c "$constraints"' in run
+  assert '.venv-oldest/bin/python -m pytest -m "not slow" -n 2' in run
+
+
+def test_python_floor_is_the_one_jax_needs():
+  pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert pyproject["project"]["requires-python"] == ">=3.11"  # jax/jaxlib 0.10's Requires-Python
+  assert pyproject["tool"]["ruff"]["target-version"] == "py311"
+  pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("experiments/**/*.md")]
+  stale = [str(p.relative_to(ROOT)) for p in pages if re.search(r"Python 3\.10", p.read_text())]
+  assert not stale, f"these still say Python 3.10: {stale}"
