@@ -127,7 +127,8 @@ class BatchNorm(_Normalization):
 
   The first 14 attributes are ``flax.linen.BatchNorm``'s, with its defaults and
   variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, all ``[C]``
-  (float32 statistics). The math is ``bnjax.batch_norm``.
+  (float32 statistics, or Flax's dtypes with ``force_float32_reductions=False``).
+  The math is ``bnjax.batch_norm``.
 
   >>> import jax
   >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
