@@ -35,12 +35,6 @@ _LAZY_SUBMODULES = ("linen", "nnx", "equinox", "haiku")
 def __getattr__(name: str):
   if name in _LAZY_SUBMODULES:
     return _importlib.import_module(f"bnjax.{name}")  # also sets the attribute
-  if name == "fold_variables":  # moved beside the Flax layer whose variables it reads
-    import warnings
-
-    warnings.warn("bnjax.fold_variables moved to bnjax.linen.fold_variables",
-                  DeprecationWarning, stacklevel=2)
-    return _importlib.import_module("bnjax.linen").fold_variables
   raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from bnjax import _fusion, moving_average, stats, validation
+from bnjax import _fusion, collectives, moving_average, stats, validation
 from bnjax.stats import Moments, expand_to_input
 
 
@@ -39,10 +39,10 @@ class Inputs(NamedTuple):
   out_dtype: jnp.dtype
 
 
-def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype,
-            axis_name=None) -> Inputs:
-  """Checks every argument (errors name the problem) and canonicalizes them."""
-  del axis_name  # checked where it is used
+def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype) -> Inputs:
+  """Checks every argument (errors name the problem) and canonicalizes them;
+  ``axis_name`` and ``axis_index_groups`` are checked where they are used, inside
+  the mapped function (``training_config``, ``bnjax.collectives.psum``)."""
   validation.check_training(training)
   validation.check_floating("x", x)
   validation.check_momentum(momentum)
@@ -99,13 +99,37 @@ def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> Tr
   )
 
 
+class RenormCorrection(NamedTuple):
+  """What batch renormalization needs besides the batch (Ioffe, 2017): the
+  ``correction`` of ``normalize_training`` (``bnjax.batch_renorm`` builds it)."""
+
+  running_mean: jax.Array  # [*F]
+  running_var: jax.Array  # [*F]
+  r_max: jax.Array  # [], >= 1
+  d_max: jax.Array  # [], >= 0
+
+
+def renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
+  """``(r, d)`` for the batch's ``mean: [*F]`` and ``inv_std: [*F]``:
+  ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
+  -d_max, d_max)``, held constant in the derivative (stop_gradient)."""
+  dtype = inv_std.dtype
+  running_inv_std = lax.rsqrt(correction.running_var.astype(dtype) + epsilon)
+  r_max = jnp.asarray(correction.r_max).astype(dtype)
+  d_max = jnp.asarray(correction.d_max).astype(dtype)
+  r = jnp.clip(running_inv_std / inv_std, 1 / r_max, r_max)
+  running_mean = correction.running_mean.astype(dtype)
+  d = jnp.clip((mean.astype(dtype) - running_mean) * running_inv_std, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
 def normalize_training(config: TrainingConfig, inputs: Inputs,
-                       correction: Any = None) -> tuple[jax.Array, Moments]:
+                       correction: RenormCorrection | None = None
+                       ) -> tuple[jax.Array, Moments]:
   """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
 
-  ``correction``, for batch renormalization, is a ``bnjax.renorm.RenormCorrection``
-  (a pytree with a ``factors(mean, inv_std, epsilon) -> (r, d)`` method): the output
-  becomes ``(x_hat * r + d) * scale + bias``.
+  With a ``correction`` (batch renormalization) the output becomes ``(x_hat * r +
+  d) * scale + bias``, ``(r, d) = renorm_factors(correction, ...)``.
   """
   args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
   if not jnp.iscomplexobj(inputs.x):
@@ -194,11 +218,12 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction):
     combined = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
   moments = combined.moments
   mean_offset = (combined.shift - local.shift) + combined.offset
-  inv_std = lax.rsqrt(moments.normalizing_variance + config.epsilon)
+  # var is 0, not NaN, where no value is valid: normalization yields no NaN there.
+  inv_std = lax.rsqrt(moments.var + config.epsilon)
   renorm = None
   if correction is not None:
     # (x_hat * r + d) * scale + bias == x_hat * (scale * r) + (bias + scale * d)
-    r, d = renorm = correction.factors(moments.mean, inv_std, config.epsilon)
+    r, d = renorm = renorm_factors(correction, moments.mean, inv_std, config.epsilon)
     scale_value = jnp.ones_like(r) if scale is None else scale.astype(r.dtype)
     bias = scale_value * d if bias is None else bias.astype(d.dtype) + scale_value * d
     scale = scale_value * r
@@ -316,7 +341,7 @@ def _train_tangent(config: TrainingConfig, res: _Residuals, x_dot, scale_dot, bi
     sum_centered_x_dot = jnp.sum(centered * valid_x_dot, axes) - res.mean_offset * sum_x_dot
     if config.axis_name is not None:  # both sums in one collective
       sums = jnp.stack([sum_x_dot, sum_centered_x_dot])
-      sums = stats.psum(sums, config.axis_name, config.axis_index_groups)
+      sums = collectives.psum(sums, config.axis_name, config.axis_index_groups)
       sum_x_dot, sum_centered_x_dot = sums[0], sums[1]
     safe_count = jnp.maximum(res.count, 1)  # no valid value: no derivative either
     mean_dot = sum_x_dot / safe_count

@@ -22,8 +22,6 @@ in ``bnjax.ghost``, batch renormalization in ``bnjax.renorm``.
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -214,19 +212,3 @@ def batch_norm(
       state, moments.mean, batch_var, momentum, has_mean=moments.count > 0,
       has_var=_engine.has_variance(moments.count, unbiased_variance))
 
-
-# The engine's names lived here before bnjax 0.1.1; they are private now.
-_MOVED = {
-    "Inputs": "bnjax._engine", "prepare": "bnjax._engine",
-    "normalize_inference": "bnjax._engine", "training_config": "bnjax._engine",
-    "normalize_training": "bnjax._engine", "updated_state": "bnjax._engine",
-    "RenormCorrection": "bnjax.renorm",
-}
-
-
-def __getattr__(name: str):
-  if name in _MOVED:
-    warnings.warn(f"bnjax.batch_norm.{name} is internal and moved to {_MOVED[name]}; "
-                  "use bnjax.batch_norm and bnjax.batch_renorm", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(_MOVED[name]), name)
-  raise AttributeError(f"module 'bnjax.batch_norm' has no attribute {name!r}")

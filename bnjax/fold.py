@@ -10,9 +10,6 @@ compose into one layer: ``kernel * a`` and ``(layer_bias - mean) * a + bias``.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -83,10 +80,3 @@ def fold(
   new_kernel = kernel.astype(jnp.float32) * multiplier.reshape((1,) * (kernel.ndim - 1) + features)
   return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
 
-
-def __getattr__(name: str):
-  if name == "fold_variables":  # it reads Flax's variable layout: it lives with the linen layer
-    warnings.warn("bnjax.fold.fold_variables moved to bnjax.linen.fold_variables",
-                  DeprecationWarning, stacklevel=2)
-    return importlib.import_module("bnjax.linen").fold_variables
-  raise AttributeError(f"module 'bnjax.fold' has no attribute {name!r}")

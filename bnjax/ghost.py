@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from bnjax import _engine, stats
+from bnjax import _engine, collectives, stats
 
 
 def _ghost_batch_norm(inputs: _engine.Inputs, state, virtual_batch_size, *, momentum, epsilon,
@@ -68,7 +68,7 @@ def _ghost_batch_norm(inputs: _engine.Inputs, state, virtual_batch_size, *, mome
       jnp.sum(has_var, axis=0, dtype=jnp.float32),
   )
   if axis_name is not None:
-    sums = stats.psum(sums, axis_name, axis_index_groups)
+    sums = collectives.psum(sums, axis_name, axis_index_groups)
   mean_sum, mean_groups, var_sum, var_groups = sums
   mean = mean_sum / jnp.maximum(mean_groups, 1).astype(mean_sum.dtype)
   var = var_sum / jnp.maximum(var_groups, 1)
@@ -91,7 +91,7 @@ def _reshape_batch(x, shape):
   if merging:
     merged = P(spec[0] or spec[1], *spec[2:])
     return lax.reshape(x, shape, out_sharding=sharding.update(spec=merged))
-  blocks = stats.shards_along(x, 0)
+  blocks = collectives.shards_along(x, 0)
   rest = spec[1:]
   if shape[0] % blocks == 0:
     out = P(spec[0], None, *rest)

@@ -58,11 +58,24 @@ def _output_dtype(x, params: BatchNormParams, dtype):
     return dtypes.canonicalize_dtype(x, params.scale, params.bias, dtype=dtype)
 
 
+def _updated_stats_dtype(stored_dtype, compute_dtype):
+  """The dtype of ``batch_stats`` after a training step, as Flax's: its update
+  ``momentum * old + (1 - momentum) * batch`` promotes the stored dtype with that of
+  the batch statistics (``compute_dtype``, real part: a complex mean is
+  ``bnjax.update_moving_average``'s to promote). float32 statistics computed
+  from float32 inputs thus widen ``force_float32_reductions=False``'s
+  half-precision ``batch_stats`` to float32 at the first step, and half-precision
+  ones stay as they are."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.promote_types(stored_dtype, jnp.finfo(compute_dtype).dtype)
+
+
 def _apply(module: nn.Module, normalize, x, use_running_average, mask, *,
-           stats_dtype=jnp.float32, **options) -> jax.Array:
+           stats_dtype=jnp.float32, compute_dtype=None, **options) -> jax.Array:
   """The call both layers share: declares (or reads) the variables, runs
   ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
-  and, in training mode, writes the returned state back to ``batch_stats``. A
+  and, in training mode, writes the returned state back to ``batch_stats``,
+  widened to ``_updated_stats_dtype(..., compute_dtype)`` where that is given. A
   function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
   may declare variables."""
   use_running_average = nn.merge_param(
@@ -71,8 +84,12 @@ def _apply(module: nn.Module, normalize, x, use_running_average, mask, *,
   training = not use_running_average
   params, mean, var = _variables(module, x, stats_dtype)
   initializing = module.is_initializing()
+  state = BatchNormState(mean=mean.value, var=var.value)
+  if training and compute_dtype is not None:  # widening is exact: the math is unchanged
+    state = BatchNormState(*(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype))
+                             for v in state))
   y, new_state = normalize(
-      x, params, BatchNormState(mean=mean.value, var=var.value),
+      x, params, state,
       training=training,
       axis=module.axis,
       momentum=module.momentum,
@@ -111,7 +128,8 @@ class BatchNorm(_Normalization):
 
   The first 14 attributes are ``flax.linen.BatchNorm``'s, with its defaults and
   variables: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``, all ``[C]``
-  (float32 statistics). The math is ``bnjax.batch_norm``.
+  (float32 statistics, or Flax's dtypes with ``force_float32_reductions=False``).
+  The math is ``bnjax.batch_norm``.
 
   >>> import jax
   >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
@@ -140,7 +158,10 @@ class BatchNorm(_Normalization):
     use_fast_variance: accepted for compatibility and ignored: bnjax's variance
       is always exact, at the speed of Flax's fast (inexact) one.
     force_float32_reductions: statistics are always reduced in at least float32
-      in bnjax; if False, ``batch_stats`` are stored in ``param_dtype`` (as Flax).
+      in bnjax; if False, ``batch_stats`` start in ``param_dtype`` and a training
+      step promotes them with the dtype Flax computes the batch statistics in
+      (``dtype``, else the input's): as Flax, they stay in half precision for
+      half-precision inputs and become float32 at the first step for float32 ones.
     unbiased_variance: update the running variance with the unbiased batch
       variance (the paper's inference statistics); see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
@@ -177,7 +198,11 @@ class BatchNorm(_Normalization):
       TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    compute_dtype = self.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
+    if self.force_float32_reductions:
+      compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
     return _apply(self, batch_norm, x, use_running_average, mask, stats_dtype=stats_dtype,
+                  compute_dtype=compute_dtype,
                   unbiased_variance=self.unbiased_variance,
                   virtual_batch_size=self.virtual_batch_size)
 

@@ -12,6 +12,8 @@ runs the pure function and writes the returned state back.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import typing as tp
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from types import MappingProxyType
@@ -25,7 +27,6 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins ne
   raise ModuleNotFoundError(
       f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
       "in a clone of bnjax") from error
-from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
@@ -115,7 +116,6 @@ class BatchNorm(nnx.Module):
         nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
         if use_bias else nnx.data(None)
     )
-    self.record_batch_moments = False  # set by recompute_batch_stats only
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -164,12 +164,7 @@ class BatchNorm(nnx.Module):
     """The call both layers share: promotes as Flax does, runs ``normalize``
     (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, in
     training mode, writes the returned state back."""
-    training = not first_from(
-        use_running_average,
-        self.use_running_average,
-        error_msg="No `use_running_average` argument was provided to BatchNorm: "
-        "pass it to the constructor or the call, or use .train() / .eval().",
-    )
+    training = _training(self, use_running_average)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
@@ -195,10 +190,6 @@ class BatchNorm(nnx.Module):
       # the write happens inside the differentiated function, which otherwise fails.
       self.mean[...] = jax.lax.stop_gradient(new_state.mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
-      if self.record_batch_moments:
-        empty = population.init_population(self.num_features)
-        self.sow(nnx.Intermediate, "batch_moments",
-                 population.update_population(empty, x, axis=self.axis, mask=mask))
     return y
 
   def set_view(self, use_running_average: bool | None = None):
@@ -213,6 +204,17 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _training(layer: BatchNorm, use_running_average: bool | None) -> bool:
+  """The layer's mode for this call: the call's ``use_running_average``, else the
+  layer's; neither given is an error."""
+  if use_running_average is None:
+    use_running_average = layer.use_running_average
+  if use_running_average is None:
+    raise ValueError("No `use_running_average` argument was provided to BatchNorm: "
+                     "pass it to the constructor or the call, or use .train() / .eval().")
+  return not use_running_average
 
 
 class BatchRenorm(BatchNorm):
@@ -277,6 +279,47 @@ class BatchRenorm(BatchNorm):
                        d_max=self.d_max if d_max is None else d_max)
 
 
+def _recording(call, recording_layers: set[int]):
+  """``call`` (a BN layer's ``__call__``) that first sows, in training mode, the
+  ``PopulationStatistics`` of its input as ``nnx.Intermediate`` ``batch_moments``;
+  once per layer call (a subclass's ``__call__`` calling its parent's records once)."""
+
+  @functools.wraps(call)
+  def recording_call(layer, x, use_running_average=None, *, mask=None, **kwargs):
+    if id(layer) in recording_layers:  # the outer call of this layer records
+      return call(layer, x, use_running_average, mask=mask, **kwargs)
+    if _training(layer, use_running_average):
+      empty = population.init_population(layer.num_features)
+      layer.sow(nnx.Intermediate, "batch_moments",
+                population.update_population(empty, x, axis=layer.axis, mask=mask))
+    recording_layers.add(id(layer))
+    try:
+      return call(layer, x, use_running_average, mask=mask, **kwargs)
+    finally:
+      recording_layers.discard(id(layer))
+
+  return recording_call
+
+
+@contextlib.contextmanager
+def _recording_batch_moments(layer_types):
+  """Within the block, BN layers of ``layer_types`` record their inputs' batch
+  moments (``_recording`` replaces each ``__call__`` they run, and the block's end
+  restores it): the interception ``nn.intercept_methods`` gives
+  ``bnjax.linen.recompute_batch_stats``, so the layers carry no flag for it."""
+  classes = {cls for layer_type in layer_types for cls in layer_type.__mro__
+             if issubclass(cls, BatchNorm) and "__call__" in vars(cls)}
+  originals = {cls: vars(cls)["__call__"] for cls in classes}
+  recording_layers: set[int] = set()
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = _recording(original, recording_layers)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
 def recompute_batch_stats(
     model: nnx.Module,
     batches: Iterable[tp.Any],
@@ -329,7 +372,7 @@ def recompute_batch_stats(
   saved_state = nnx.clone(nnx.state(model))
   saved_modes = [module.use_running_average for _, module in layers]
   for _, module in layers:
-    module.use_running_average, module.record_batch_moments = False, True
+    module.use_running_average = False
 
   @nnx.jit
   def batch_moments(model, batch):
@@ -340,11 +383,12 @@ def recompute_batch_stats(
     return nnx.pop(model, nnx.Intermediate)
 
   try:
-    totals = _wrappers.sum_over_batches(lambda batch: batch_moments(model, batch), batches)
+    with _recording_batch_moments({type(module) for _, module in layers}):
+      totals = _wrappers.sum_over_batches(lambda batch: batch_moments(model, batch), batches)
   finally:
     nnx.update(model, saved_state)
     for (_, module), mode in zip(layers, saved_modes, strict=True):
-      module.use_running_average, module.record_batch_moments = mode, False
+      module.use_running_average = mode
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")
   for path, module in layers:

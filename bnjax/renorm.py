@@ -22,41 +22,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bnjax import _engine
 from bnjax.batch_norm import BatchNormParams, BatchNormState
-
-
-class RenormCorrection(NamedTuple):
-  """What batch renormalization needs besides the batch (Ioffe, 2017): the
-  engine's ``correction`` (``bnjax._engine.normalize_training``)."""
-
-  running_mean: jax.Array  # [*F]
-  running_var: jax.Array  # [*F]
-  r_max: jax.Array  # [], >= 1
-  d_max: jax.Array  # [], >= 0
-
-  def factors(self, mean, inv_std, epsilon):
-    """``(r, d)`` for the batch's ``mean: [*F]`` and ``inv_std: [*F]``."""
-    return _renorm_factors(self, mean, inv_std, epsilon)
-
-
-def _renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
-  """``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma,
-  -d_max, d_max)``, held constant in the derivative (stop_gradient)."""
-  dtype = inv_std.dtype
-  running_inv_std = lax.rsqrt(correction.running_var.astype(dtype) + epsilon)
-  r_max = jnp.asarray(correction.r_max).astype(dtype)
-  d_max = jnp.asarray(correction.d_max).astype(dtype)
-  r = jnp.clip(running_inv_std / inv_std, 1 / r_max, r_max)
-  running_mean = correction.running_mean.astype(dtype)
-  d = jnp.clip((mean.astype(dtype) - running_mean) * running_inv_std, -d_max, d_max)
-  return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 def _check_limit(name: str, value, lowest: float) -> None:
@@ -122,8 +94,8 @@ def batch_renorm(
                            epsilon=epsilon, mask=mask, dtype=dtype)
   if not training:
     return _engine.normalize_inference(inputs, state, epsilon), state
-  correction = RenormCorrection(running_mean=state.mean, running_var=state.var, r_max=r_max,
-                                d_max=d_max)
+  correction = _engine.RenormCorrection(running_mean=state.mean, running_var=state.var,
+                                        r_max=r_max, d_max=d_max)
   config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
   y, moments = _engine.normalize_training(config, inputs, correction)
   return y, _engine.updated_state(state, moments.mean, moments.variance, momentum,

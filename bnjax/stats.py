@@ -15,20 +15,8 @@ a batch (Algorithm 1 of Ioffe & Szegedy, 2015). This module computes them
   device are weighted correctly; this is not a mean of means. The exchange is one
   ``psum`` of a ``[D, 4, *F]`` array (D devices in the group): tiny next to the
   activations, but it grows with D, so very large axes are best synchronized in
-  groups, as large-scale training does anyway.
-
-Where each way of synchronizing works:
-
-* ``pmap``: ``axis_name``, and ``axis_index_groups`` (groups may differ in size;
-  together they must hold every index along the axis exactly once).
-* ``shard_map``: ``axis_name`` (one mesh axis or a tuple of them). JAX does not
-  support ``axis_index_groups`` there: give the mesh two axes, e.g.
-  ``("group", "device")``, and synchronize over ``"device"`` only.
-* ``jit`` with the batch sharded over devices (``NamedSharding``): no
-  ``axis_name``; the statistics are those of the global batch. For groups of
-  ``k`` devices, each holding ``b`` contiguous examples, use
-  ``virtual_batch_size=k * b`` (ghost batch norm over the global batch): each
-  virtual batch is then one group's examples.
+  groups, as large-scale training does anyway. ``bnjax.collectives`` holds the
+  exchange and the group checks, and says where each way of synchronizing works.
 
 One pass or two. For values ``x_1..x_n`` and any shift ``K``, with ``s1 = sum(x -
 K)`` and ``s2 = sum((x - K)^2)``, the sum of squared deviations is ``m2 = s2 - s1^2
@@ -67,10 +55,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from bnjax import _fusion
+from bnjax import _fusion, collectives
 
 
 class Moments(NamedTuple):
@@ -110,15 +97,6 @@ class Moments(NamedTuple):
     NaN where count < 2."""
     correction = self.count / jnp.maximum(self.count - 1, 1)
     return jnp.where(self.count > 1, self.var * correction, jnp.nan)
-
-  @property
-  def normalizing_variance(self) -> jax.Array:
-    """The biased variance, ``[*F]``, and 0 where there is no value (count 0).
-
-    What normalization divides by: finite, so that an empty set (a padded virtual
-    batch, a device or batch whose values are all masked out) yields no NaN.
-    """
-    return self.var
 
 
 class ShiftedMoments(NamedTuple):
@@ -275,17 +253,6 @@ def shifted_moments(
   )
 
 
-def shards_along(x: jax.Array, axis: int) -> int:
-  """How many devices ``axis`` of ``x`` is split over in its type (explicit
-  sharding under ``jit``); 1 when unsharded or when the type does not say."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-  if spec is None or mesh is None or axis >= len(spec) or spec[axis] is None:
-    return 1
-  names = spec[axis] if isinstance(spec[axis], tuple) else (spec[axis],)
-  return math.prod(mesh.shape[name] for name in names)
-
-
 # The one pass around zero is kept where every feature has mean^2 <= this many
 # variances (|mean| <= 2 std): it is then exact to 5 * eps relative (see the module
 # docstring), close to what a pass around the mean itself gives.
@@ -369,17 +336,12 @@ def all_gather_moments(
 ) -> ShiftedMoments:
   """Moments of the union of every device's values along ``axis_name``.
 
-  One collective: each device writes its ``(count, shift, offset, var)``, stacked
-  as one ``[P, *F]`` real array, into its own row of a zero ``[G, P, *F]`` array
-  (``G`` the size of the largest group), and a ``psum`` of that gathers every row
-  on every device. A ``psum`` rather than an ``all_gather`` because its result is
-  replicated in type (``shard_map`` checks that), and it takes
-  ``axis_index_groups`` of unequal sizes (rows a smaller group leaves empty count
-  no values). Every device then combines the same gathered rows exactly, so all
-  get identical statistics. With ``axis_index_groups``, within each group only.
-
-  ``axis_index_groups`` work under ``pmap`` (and ``vmap``); ``shard_map`` does not
-  support them: there, give the mesh a second axis and synchronize over one.
+  One collective (``bnjax.collectives.gather_rows``) gathers every device's
+  ``(count, shift, offset, var)``, stacked as one ``[P, *F]`` real array, on every
+  device (rows a smaller group leaves empty count no values). Every device then
+  combines the same gathered rows exactly, so all get identical statistics. With
+  ``axis_index_groups``, within each group only (``pmap`` only; see
+  ``bnjax.collectives``).
 
   Returns:
     The combined moments; their shift is that of the device with the most values.
@@ -389,79 +351,13 @@ def all_gather_moments(
   if is_complex:
     parts = [moments.count, moments.shift.real, moments.shift.imag,
              moments.offset.real, moments.offset.imag, moments.var]
-  stacked = jnp.stack(parts)
-  position, size = _position_in_group(axis_name, axis_index_groups)
-  rows = jnp.arange(size).reshape((size,) + (1,) * stacked.ndim) == position
-  scattered = jnp.where(rows, stacked, jnp.zeros((), stacked.dtype))
-  gathered = psum(scattered, axis_name, axis_index_groups)
+  gathered = collectives.gather_rows(jnp.stack(parts), axis_name, axis_index_groups)
   if is_complex:
     shift = lax.complex(gathered[:, 1], gathered[:, 2])
     offset = lax.complex(gathered[:, 3], gathered[:, 4])
   else:
     shift, offset = gathered[:, 1], gathered[:, 2]
   return combine_shifted_moments(ShiftedMoments(gathered[:, 0], shift, offset, gathered[:, -1]))
-
-
-def check_axis_index_groups(axis_index_groups, axis_size: int) -> None:
-  """Groups must hold each index along the axis exactly once.
-
-  >>> check_axis_index_groups([[0, 1], [2]], 3)
-  >>> check_axis_index_groups([[0, 1], [1]], 3)
-  Traceback (most recent call last):
-  ...
-  ValueError: axis_index_groups [[0, 1], [1]] must hold each index 0..2 of the named axis
-  (size 3) exactly once; in more than one group: [1]; in no group: [2]
-  """
-  if axis_index_groups is None:
-    return
-  flat = [i for group in axis_index_groups for i in group]
-  problems = []
-  if any(len(group) == 0 for group in axis_index_groups):
-    problems.append("a group is empty")
-  for what, indices in [
-      ("out of range", {i for i in flat if not 0 <= i < axis_size}),
-      ("in more than one group", {i for i in flat if flat.count(i) > 1}),
-      ("in no group", set(range(axis_size)) - set(flat)),
-  ]:
-    if indices:
-      problems.append(f"{what}: {sorted(indices)}")
-  if problems:
-    groups = [list(g) for g in axis_index_groups]
-    raise ValueError(
-        f"axis_index_groups {groups} must hold each index 0..{axis_size - 1} of the named axis "
-        f"(size {axis_size}) exactly once; {'; '.join(problems)}"
-    )
-
-
-def psum(x, axis_name: Hashable, axis_index_groups=None):
-  """``lax.psum`` over ``axis_name``, within each group of ``axis_index_groups``;
-  the groups are checked (``check_axis_index_groups``), with a clear error where
-  JAX does not support them."""
-  if axis_index_groups is not None:
-    check_axis_index_groups(axis_index_groups, lax.axis_size(axis_name))
-  try:
-    return lax.psum(x, axis_name, axis_index_groups=axis_index_groups)
-  except NotImplementedError as error:
-    if axis_index_groups is None:
-      raise
-    raise NotImplementedError(
-        f"axis_index_groups {[list(g) for g in axis_index_groups]} are not supported by JAX here "
-        "(shard_map does not implement them; pmap does). Under shard_map, give the mesh a second "
-        "axis, e.g. jax.make_mesh((groups, devices_per_group), ('group', 'device')), and "
-        "synchronize over axis_name='device'."
-    ) from error
-
-
-def _position_in_group(axis_name, axis_index_groups):
-  """This device's index within its group along ``axis_name``, and the size of
-  the largest group."""
-  index = lax.axis_index(axis_name)
-  if axis_index_groups is None:
-    return index, lax.axis_size(axis_name)
-  positions = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
-  for group in axis_index_groups:
-    positions[list(group)] = np.arange(len(group))
-  return jnp.asarray(positions)[index], max(len(g) for g in axis_index_groups)
 
 
 def batch_moments(

@@ -230,7 +230,7 @@ def canonical_axis_index_groups(groups):
   """Groups as a hashable tuple of tuples (they parameterize compiled code).
 
   Whether they cover the named axis is checked where its size is known, under the
-  mapped function (``bnjax.stats.check_axis_index_groups``).
+  mapped function (``bnjax.collectives.check_axis_index_groups``).
   """
   if groups is None:
     return None

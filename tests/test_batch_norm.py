@@ -10,7 +10,6 @@ guard's ``lax.cond``) both ways.
 """
 
 import functools
-import importlib
 
 import chex
 import jax
@@ -519,15 +518,3 @@ def test_zero_size_batch_in_inference_is_empty():
   _, params, state = random_inputs((8, 4), -1)
   y, _ = bnjax.batch_norm(jnp.ones((0, 4)), params, state, training=False)
   assert y.shape == (0, 4)
-
-
-def test_engine_names_moved_out_of_the_module_still_resolve_with_a_warning():
-  module = importlib.import_module("bnjax.batch_norm")  # bnjax.batch_norm is the function
-  engine = importlib.import_module("bnjax._engine")
-  renorm = importlib.import_module("bnjax.renorm")
-  for name, home in [("prepare", engine), ("normalize_training", engine),
-                     ("updated_state", engine), ("RenormCorrection", renorm)]:
-    with pytest.warns(DeprecationWarning, match=f"bnjax.batch_norm.{name} is internal"):
-      assert getattr(module, name) is getattr(home, name)
-  with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-    module.no_such_name  # noqa: B018

@@ -1,6 +1,5 @@
 """bnjax.fold: an eval-mode Conv + BN equals the folded Conv, on a small CNN."""
 
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -108,12 +107,6 @@ def test_feature_mismatch_is_named():
     bnjax.fold(jnp.ones((3, 5)), None, params, state)
   with pytest.raises(KeyError, match="no 'Conv_9'"):
     bnjax.linen.fold_variables({"params": {}, "batch_stats": {}}, [("Conv_9", "BatchNorm_0")])
-
-
-def test_old_homes_of_fold_variables_still_work_with_a_deprecation_warning():
-  for module in (bnjax, importlib.import_module("bnjax.fold")):  # bnjax.fold is the function
-    with pytest.warns(DeprecationWarning, match="moved to bnjax.linen.fold_variables"):
-      assert module.fold_variables is bnjax.linen.fold_variables
 
 
 def test_integer_kernel_is_refused():

@@ -312,3 +312,56 @@ def test_half_precision_batch_stats_updated_with_the_exact_momentum():
     assert stats[name].dtype == jnp.bfloat16
     np.testing.assert_array_equal(stats[name].astype(jnp.float32),
                                   want[name].astype(jnp.bfloat16).astype(np.float32))
+
+
+def _stats_dtypes_after_two_steps(module_class, x, **kwargs):
+  module = module_class(use_running_average=False, momentum=0.9, **kwargs)
+  variables = module.init(jax.random.key(0), x)
+
+  @jax.jit
+  def step(variables):
+    _, updates = module.apply(variables, x, mutable=["batch_stats"])
+    return {**variables, **updates}
+
+  once = step(variables)
+  twice = step(once)
+  return [{name: stats[name].dtype for name in ("mean", "var")}
+          for stats in (variables["batch_stats"], once["batch_stats"], twice["batch_stats"])]
+
+
+@pytest.mark.parametrize("force_float32_reductions", [True, False])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_batch_stats_dtypes_are_flaxs_in_every_precision(param_dtype, force_float32_reductions):
+  """Issue 18 item 9: ``batch_stats`` have Flax's dtypes after init and after each
+  step, for every input dtype, ``dtype``, ``param_dtype`` and
+  ``force_float32_reductions`` (Flax's half-precision ``batch_stats`` become float32
+  at the first step when its batch statistics are float32), so checkpoints match."""
+  x = jax.random.normal(jax.random.key(1), (8, 3)) * 2 + 5
+  for x_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    for dtype in (None, jnp.float32, jnp.bfloat16):
+      kwargs = dict(dtype=dtype, param_dtype=param_dtype,
+                    force_float32_reductions=force_float32_reductions)
+      ours = _stats_dtypes_after_two_steps(bnjax.linen.BatchNorm, x.astype(x_dtype), **kwargs)
+      theirs = _stats_dtypes_after_two_steps(nn.BatchNorm, x.astype(x_dtype), **kwargs)
+      assert ours == theirs, (x_dtype, kwargs)
+
+
+def test_half_precision_param_dtype_running_average_is_float32_exact():
+  """Issue 18 item 9: float32 inputs with ``param_dtype=bfloat16`` and
+  ``force_float32_reductions=False``: the running mean and variance after one step
+  are float32 (as Flax's) and within float32 rounding of the float64 average, not
+  rounded to bfloat16 (2e-3 relative off)."""
+  x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
+  module = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9,
+                                 param_dtype=jnp.bfloat16, force_float32_reductions=False)
+  variables = module.init(jax.random.key(0), x)
+  _, updates = jax.jit(lambda v: module.apply(v, x, mutable=["batch_stats"]))(variables)
+  x64 = np.asarray(x, np.float64)
+  want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
+  _, flax_updates = nn.BatchNorm(
+      use_running_average=False, momentum=0.9, param_dtype=jnp.bfloat16,
+      force_float32_reductions=False).apply(variables, x, mutable=["batch_stats"])
+  for name in ("mean", "var"):
+    got = updates["batch_stats"][name]
+    assert got.dtype == flax_updates["batch_stats"][name].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), want[name], rtol=2e-6)

@@ -234,3 +234,22 @@ def test_recompute_batch_stats_with_hijax_variables():
   mean, var = reference.population_statistics(hidden, (0,))
   chex.assert_trees_all_close((model.norm.mean[...], model.norm.var[...]),
                               (mean.ravel(), var.ravel()), rtol=1e-6, atol=1e-6)
+
+
+def test_half_precision_param_dtype_keeps_float32_statistics_as_flax():
+  """Issue 18 item 9: with a half-precision ``param_dtype`` (and ``dtype``), the
+  ``mean`` and ``var`` stay float32 and equal to the float64 running average, as
+  ``flax.nnx.BatchNorm``'s (which has no ``force_float32_reductions``)."""
+  x = jnp.asarray(normal(3, (16, 3)) * 2 + 5, jnp.float32)
+  for x_dtype, dtype, param_dtype in [(jnp.float32, None, jnp.bfloat16),
+                                      (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+                                      (jnp.float32, jnp.float16, jnp.float16)]:
+    ours, theirs = pair(dtype=dtype, param_dtype=param_dtype, momentum=0.9)
+    nnx.jit(lambda ours, theirs, x: (ours(x), theirs(x)))(ours, theirs, x.astype(x_dtype))
+    promoted = x.astype(x_dtype).astype(dtype or x_dtype)  # Flax's promote_dtype
+    x64 = np.asarray(promoted.astype(jnp.float32), np.float64)
+    want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
+    for name in ("mean", "var"):
+      got = getattr(ours, name)[...]
+      assert got.dtype == getattr(theirs, name)[...].dtype == jnp.float32
+      np.testing.assert_allclose(np.asarray(got, np.float64), want[name], rtol=2e-6)

@@ -133,6 +133,37 @@ def test_nnx_recompute_batch_stats():
     np.testing.assert_allclose(layer.var[...], var.ravel(), rtol=RTOL)
 
 
+class ScaledBatchNorm(bnjax.nnx.BatchNorm):
+  """A user's subclass whose ``__call__`` calls the parent's."""
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    return 2.0 * super().__call__(x, use_running_average, mask=mask)
+
+
+def test_nnx_recompute_intercepts_the_call_and_leaves_the_layer_as_it_was():
+  """Issue 19 item 4: the layers carry no recording flag; recompute_batch_stats
+  intercepts their ``__call__`` for its own duration only (restored also when the
+  model fails), a subclass's that calls its parent's included."""
+  layer = ScaledBatchNorm(3, rngs=nnx.Rngs(0))
+  assert set(vars(layer)) == set(vars(bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))))
+  assert not any("record" in name for name in vars(layer))
+  calls = (ScaledBatchNorm.__call__, bnjax.nnx.BatchNorm.__call__, bnjax.nnx.BatchRenorm.__call__)
+  bnjax.nnx.recompute_batch_stats(layer, BATCHES)
+  x64 = [np.asarray(b, np.float64) for b in BATCHES]
+  mean, var = reference.population_statistics(x64, (0, 1))
+  np.testing.assert_allclose(layer.mean[...], mean.ravel(), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(layer.var[...], var.ravel(), rtol=RTOL)
+
+  def failing(model, batch):
+    raise RuntimeError("the model failed")
+
+  with pytest.raises(RuntimeError, match="the model failed"):
+    bnjax.nnx.recompute_batch_stats(layer, BATCHES, apply_fn=failing)
+  assert (ScaledBatchNorm.__call__, bnjax.nnx.BatchNorm.__call__,
+          bnjax.nnx.BatchRenorm.__call__) == calls
+  assert "first_from" not in vars(bnjax.nnx)
+
+
 def test_nnx_recompute_without_bn_layers():
   with pytest.raises(ValueError, match="found no bnjax.nnx"):
     bnjax.nnx.recompute_batch_stats(

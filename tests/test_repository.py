@@ -1,6 +1,7 @@
 """The repository: the README's commands are the ones CI and users run, the
 library passes the linter, and the wheel holds the library only."""
 
+import ast
 import importlib.util
 import os
 import pathlib
@@ -107,3 +108,94 @@ def test_python_floor_is_the_one_jax_needs():
   pages = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("experiments/**/*.md")]
   stale = [str(p.relative_to(ROOT)) for p in pages if re.search(r"Python 3\.10", p.read_text())]
   assert not stale, f"these still say Python 3.10: {stale}"
+
+
+def _module_names(root: pathlib.Path, package: str) -> dict[str, pathlib.Path]:
+  """``{dotted module name: file}`` for every module of the package ``root/package``."""
+  modules = {}
+  for path in sorted((root / package).rglob("*.py")):
+    parts = path.relative_to(root).with_suffix("").parts
+    modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  return modules
+
+
+def _imported_modules(name: str, path: pathlib.Path, modules) -> set[str]:
+  """The package's modules that ``name`` imports anywhere in its file (function
+  bodies included): ``from a import b`` counts as ``a.b`` where that is a module,
+  and ``importlib.import_module("a.b")`` with a literal name as ``a.b``."""
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  imported = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Import):
+      imported.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:  # relative: from .x import y, from .. import z
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+      imported.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                      for alias in node.names)
+    elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+          and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
+      imported.add(node.args[0].value)
+  return {module for module in imported if module in modules and module != name}
+
+
+def _import_cycles(package: str, root: pathlib.Path = ROOT) -> list[list[str]]:
+  """The import cycles among a package's modules: each strongly connected
+  component of the import graph with more than one module (Tarjan's algorithm)."""
+  modules = _module_names(root, package)
+  graph = {name: sorted(_imported_modules(name, path, modules)) for name, path in modules.items()}
+  index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+  def visit(node):
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for successor in graph[node]:
+      if successor not in index:
+        visit(successor)
+        low[node] = min(low[node], low[successor])
+      elif successor in on_stack:
+        low[node] = min(low[node], index[successor])
+    if low[node] == index[node]:
+      component = []
+      while not component or component[-1] != node:
+        component.append(stack.pop())
+        on_stack.discard(component[-1])
+      if len(component) > 1:
+        cycles.append(sorted(component))
+
+  for node in graph:
+    if node not in index:
+      visit(node)
+  return cycles
+
+
+def test_import_cycles_are_found(tmp_path):
+  """The checker on a known graph: ``a`` and ``b`` import each other (``b`` inside
+  a function body), ``e`` and ``f`` too (``e`` through ``importlib``, as
+  bnjax.fold did bnjax.linen), ``c`` and ``d`` import ``a`` only."""
+  (tmp_path / "pkg").mkdir()
+  for name, text in {"__init__.py": "", "a.py": "import pkg.b\n",
+                     "b.py": "def f():\n  from pkg import a\n", "c.py": "from . import a\n",
+                     "d.py": "from .a import x\nimport os\n",
+                     "e.py": "import importlib\nimportlib.import_module('pkg.f')\n",
+                     "f.py": "from pkg import e\n"}.items():
+    (tmp_path / "pkg" / name).write_text(text)
+  assert _import_cycles("pkg", tmp_path) == [["pkg.a", "pkg.b"], ["pkg.e", "pkg.f"]]
+  (tmp_path / "pkg" / "a.py").write_text("import os\n")
+  (tmp_path / "pkg" / "f.py").write_text("")
+  assert _import_cycles("pkg", tmp_path) == []
+
+
+@pytest.mark.parametrize("package", [
+    "bnjax",
+    pytest.param("experiments", marks=pytest.mark.xfail(
+        strict=True, reason="issue 19 item 1, being fixed in another branch")),
+    "benchmarks",
+])
+def test_no_import_cycle(package):
+  """Issue 19: no module of the package imports, directly or through others, a
+  module that imports it back (function-level imports included)."""
+  assert _import_cycles(package) == []
