@@ -44,6 +44,7 @@ def main():
     def save_then_wait(self, step, state):
       save(self, step, state)
       if step == int(stop_after):
+        self.wait_until_finished()  # asynchronous saves: the step and its SHA256SUMS written
         print(f"saved {step}", flush=True)
         time.sleep(3600)
 

@@ -56,6 +56,7 @@ What each guards against:
 """
 
 from experiments.common import cli as cli
+from experiments.common import storage as storage
 from experiments.common.checkpoints import Checkpoints as Checkpoints
 from experiments.common.errors import CheckpointError as CheckpointError
 from experiments.common.errors import ConfigError as ConfigError
@@ -68,6 +69,11 @@ from experiments.common.files import MetricsLog as MetricsLog
 from experiments.common.files import write_bytes_atomic as write_bytes_atomic
 from experiments.common.files import write_json_atomic as write_json_atomic
 from experiments.common.files import write_text_atomic as write_text_atomic
+from experiments.common.preemption import PREEMPTED_EXIT_STATUS as PREEMPTED_EXIT_STATUS
+from experiments.common.preemption import Preempted as Preempted
+from experiments.common.preemption import Preemption as Preemption
+from experiments.common.storage import as_path as workdir_path
+from experiments.common.summaries import summary_writer as summary_writer
 from experiments.common.workdir import WorkdirLock as WorkdirLock
 from experiments.common.workdir import check_config as check_config
 from experiments.common.workdir import read_config as read_config
