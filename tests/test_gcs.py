@@ -293,7 +293,7 @@ def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(workd
   assert cut and max(r["step"] for r in cut) < 6000, "the run finished before it was killed"
   resumed = subprocess.run(_cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed gs://" in resumed.stderr
+  assert "Resumed gs://" in resumed.stdout
   assert _object(workdir, "metrics.jsonl") == mnist_reference  # every row once, the same numbers
   names = gcs_emulator.objects(gcs_bucket)
   assert "runs/a/config.json" in names and "runs/a/.lock" not in names
@@ -322,5 +322,5 @@ def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(workdir, mnis
   assert max(r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()) == step
   resumed = subprocess.run(_cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"from its checkpoint of step {step}" in resumed.stderr
+  assert f"from its checkpoint of step {step}" in resumed.stdout
   assert _object(workdir, "metrics.jsonl") == mnist_reference
