@@ -324,3 +324,106 @@ def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(workdir, mnis
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"from its checkpoint of step {step}" in resumed.stdout
   assert _object(workdir, "metrics.jsonl") == mnist_reference
+
+
+# ---- several hosts (ImageNet, two jax.distributed processes, gloo) -------------------------
+
+TINY_FLAGS = ["--config=experiments/imagenet/configs/tiny.py", "--config.batch_size=8", "--config.eval_batch_size=8",
+              "--config.log_every=1", "--config.lr_schedule=constant", "--config.warmup_epochs=0",
+              "--config.base_learning_rate=0.5"]
+
+
+def _imagenet(workdir, flags, devices, *extra, env):
+  env = {**env, "IMAGENET_RUNNER_DEVICES": str(devices), "IMAGENET_RUNNER_MICRO": "1"}
+  return subprocess.Popen([sys.executable, "-m", "tests.imagenet_runner", f"--workdir={workdir}", *flags, *extra],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _two_processes(workdir, flags, env):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [_imagenet(workdir, flags, 2, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", env=env) for i in range(2)]
+
+
+def _finish(process, status=0):
+  try:
+    out, err = process.communicate(timeout=300)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    pytest.fail(f"{process.args} did not finish within 300 s")
+  assert process.returncode == status, err[-3000:]
+  return out, err
+
+
+def _losses(workdir):
+  from experiments.imagenet import train
+
+  rows = train.read_metrics(workdir)
+  steps = [r["step"] for r in rows]
+  assert len(steps) == len(set(steps)), steps  # each step once
+  return {r["step"]: r["train_loss"] for r in rows}
+
+
+LONG_FLAGS = [*TINY_FLAGS, "--config.num_train_steps=60", "--config.eval_every=60", "--config.checkpoint_every=60"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(gcs_emulator, tmp_path_factory):
+  """An uninterrupted run of two processes on a gs:// workdir, and one process
+  with 4 devices on local disk: (gs workdir, bucket, local workdir)."""
+  bucket = gcs_emulator.make_bucket()
+  workdir, local = f"gs://{bucket}/runs/a", tmp_path_factory.mktemp("gcs_imagenet") / "one"
+  env = _env(local)
+  single = _imagenet(local, LONG_FLAGS, 4, env=env)
+  workers = _two_processes(workdir, LONG_FLAGS, env)
+  try:
+    outputs = [_finish(w) for w in workers]
+    _finish(single)
+  finally:
+    for p in [single, *workers]:
+      p.kill()
+  assert "4 devices on 2 host(s)" in outputs[0][0]
+  return workdir, bucket, local
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_gs_workdir_train_as_one_local_process(two_process_run, gcs_emulator):
+  """And TensorBoard events, config.json and metrics.jsonl (process 0's) in the bucket."""
+  workdir, bucket, local = two_process_run
+  one, two = _losses(local), _losses(workdir)
+  assert sorted(one) == sorted(two) == list(range(1, 61)) and len(set(one.values())) > 50
+  for step in one:  # gloo's and one process's sums differ in rounding, which 60 steps of SGD grow
+    assert two[step] == pytest.approx(one[step], rel=1e-4), step
+  names = gcs_emulator.objects(bucket)
+  assert {"runs/a/config.json", "runs/a/metrics.jsonl", "runs/a/checkpoints/60/SHA256SUMS"} <= set(names)
+  assert "runs/a/.lock" not in names
+  events = [n for n in names if n.startswith("runs/a/events.out.tfevents.")]
+  assert len(events) == 1, names  # process 0's only
+  assert not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run, workdir, tmp_path):
+  """JAX's preemption service: both processes save the same step and exit 75; the
+  resume gives exactly the losses of the uninterrupted two-process run."""
+  env = _env(tmp_path)
+  workers = _two_processes(workdir, LONG_FLAGS, env)
+  try:
+    _wait_for(lambda: len(_object(workdir, "metrics.jsonl") or b"") > 0, workers[0], "metrics row")
+    workers[1].send_signal(signal.SIGTERM)
+    results = [_finish(w, status=75) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  lines = [err.strip().splitlines()[-1] for _, err in results]
+  match = re.fullmatch(r"preempted at step (\d+); checkpoint saved; run the same command to continue", lines[0])
+  assert match and lines[1] == lines[0], lines
+  step = int(match.group(1))
+  assert 0 < step < 60 and _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
+  assert max(_losses(workdir)) == step
+  resumed = _two_processes(workdir, LONG_FLAGS, env)
+  out = [_finish(w) for w in resumed][0][0]
+  assert f"from its checkpoint of step {step}" in out
+  assert _losses(workdir) == _losses(two_process_run[0])

@@ -60,6 +60,18 @@ def check_command_line(argv: list[str], workdir: str | None) -> None:
   logging.set_verbosity(logging.WARNING)
 
 
+def _leave_distributed() -> None:
+  """``jax.distributed.shutdown()`` if this process joined one (else a process
+  ending with ``os._exit`` makes the others' shutdown barrier abort)."""
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  from jax._src import distributed
+
+  if distributed.global_state.client is not None:
+    jax.distributed.shutdown()
+
+
 def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir,
   checkpoint, non-finite loss) or an ``OSError`` ends the program with its one-line
@@ -70,6 +82,7 @@ def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   try:
     return fn(*args, **kwargs)
   except Preempted as e:
+    _leave_distributed()  # every process stops here together: leave jax.distributed in order
     fail(str(e), PREEMPTED_EXIT_STATUS, prefix="")
   except RunError as e:
     fail(str(e))
