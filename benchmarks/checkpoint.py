@@ -38,8 +38,10 @@ def _state(megabytes: float):
   width = 1024
   layers = max(1, int(megabytes * 2**20 / 4 / width / width))
   keys = jax.random.split(jax.random.key(0), layers)
-  return {"w": [jax.random.normal(k, (width, width), jnp.float32) / width**0.5 for k in keys],
-          "step": jnp.zeros((), jnp.int32)}
+  return {
+    "w": [jax.random.normal(k, (width, width), jnp.float32) / width**0.5 for k in keys],
+    "step": jnp.zeros((), jnp.int32),
+  }
 
 
 def _train_step():
@@ -54,12 +56,15 @@ def _train_step():
       return jnp.mean(h**2)
 
     grads = jax.grad(loss)(state["w"])
-    return {"w": [w - 0.01 * g for w, g in zip(state["w"], grads)], "step": state["step"] + 1}
+    new_weights = [w - 0.01 * g for w, g in zip(state["w"], grads, strict=True)]
+    return {"w": new_weights, "step": state["step"] + 1}
 
   return jax.jit(step, donate_argnums=0)
 
 
-def measure(directory: str, *, asynchronous: bool, megabytes: float, steps: int, save_every: int) -> dict:
+def measure(
+  directory: str, *, asynchronous: bool, megabytes: float, steps: int, save_every: int
+) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -81,9 +86,15 @@ def measure(directory: str, *, asynchronous: bool, megabytes: float, steps: int,
       else:
         plain.append(time.perf_counter() - t)
   total = time.perf_counter() - started  # close() waited for the last write and its record
-  return {"storage": "gcs-emulator" if directory.startswith("gs://") else "local", "asynchronous": asynchronous,
-          "step_ms": 1e3 * statistics.median(plain), "step_with_save_ms": 1e3 * statistics.median(with_save),
-          "saves": len(with_save), "steps": steps, "total_s": total}
+  return {
+    "storage": "gcs-emulator" if directory.startswith("gs://") else "local",
+    "asynchronous": asynchronous,
+    "step_ms": 1e3 * statistics.median(plain),
+    "step_with_save_ms": 1e3 * statistics.median(with_save),
+    "saves": len(with_save),
+    "steps": steps,
+    "total_s": total,
+  }
 
 
 def main(argv=None) -> dict:
@@ -91,7 +102,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--megabytes", type=float, default=64, help="size of the saved state")
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--save_every", type=int, default=10)
-  parser.add_argument("--repeats", type=int, default=2, help="each storage x mode measured this many times")
+  parser.add_argument(
+    "--repeats", type=int, default=2, help="each storage x mode measured this many times"
+  )
   parser.add_argument("--output_dir", default=str(HERE))
   args = parser.parse_args(argv)
   sys.path.insert(0, str(HERE.parent))
@@ -109,38 +122,49 @@ def main(argv=None) -> dict:
         for asynchronous in (False, True):  # interleaved: the machine's load falls on all alike
           run += 1
           directory = f"gs://{bucket}/run{run}" if storage != "local" else str(root / f"local{run}")
-          results.append(measure(directory, asynchronous=asynchronous, megabytes=args.megabytes,
-                                 steps=args.steps, save_every=args.save_every))
+          results.append(
+            measure(
+              directory,
+              asynchronous=asynchronous,
+              megabytes=args.megabytes,
+              steps=args.steps,
+              save_every=args.save_every,
+            )
+          )
           print(json.dumps(results[-1]), flush=True)
   finally:
     server.kill()
     server.wait()
   summary = {
-      "settings": {**vars(args), "machine": platform.machine(), "cpus": os.cpu_count()},
-      "runs": results,
+    "settings": {**vars(args), "machine": platform.machine(), "cpus": os.cpu_count()},
+    "runs": results,
   }
   out = pathlib.Path(args.output_dir)
   (out / "checkpoint_results.json").write_text(json.dumps(summary, indent=2) + "\n")
   lines = [
-      "# Training-step time around a checkpoint save",
-      "",
-      f"`python -m benchmarks.checkpoint --megabytes={args.megabytes:g} --steps={args.steps} "
-      f"--save_every={args.save_every} --repeats={args.repeats}` ({os.cpu_count()} CPUs). Milliseconds; "
-      "the median over the runs of each kind (min-max in brackets).",
-      "",
-      "| storage | save | step (no save) | step + save call | whole loop (s) |",
-      "|---|---|---|---|---|",
+    "# Training-step time around a checkpoint save",
+    "",
+    f"`python -m benchmarks.checkpoint --megabytes={args.megabytes:g} --steps={args.steps} "
+    f"--save_every={args.save_every} --repeats={args.repeats}` ({os.cpu_count()} CPUs). "
+    "Milliseconds; "
+    "the median over the runs of each kind (min-max in brackets).",
+    "",
+    "| storage | save | step (no save) | step + save call | whole loop (s) |",
+    "|---|---|---|---|---|",
   ]
   for storage in ("local", "gcs-emulator"):
     for asynchronous in (False, True):
       rows = [r for r in results if r["storage"] == storage and r["asynchronous"] == asynchronous]
 
       def fmt(key, scale=1.0, digits=0):
-        values = [r[key] * scale for r in rows]
-        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+        values = [r[key] * scale for r in rows]  # noqa: B023 - used at once, in this iteration
+        low, mid, high = min(values), statistics.median(values), max(values)
+        return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
-      lines.append(f"| {storage} | {'async' if asynchronous else 'sync'} | {fmt('step_ms')} | "
-                   f"{fmt('step_with_save_ms')} | {fmt('total_s', digits=2)} |")
+      lines.append(
+        f"| {storage} | {'async' if asynchronous else 'sync'} | {fmt('step_ms')} | "
+        f"{fmt('step_with_save_ms')} | {fmt('total_s', digits=2)} |"
+      )
   (out / "checkpoint_results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
   return summary

@@ -28,8 +28,12 @@ class Emulator(NamedTuple):
 
   def make_bucket(self, name: str | None = None) -> str:
     name = name or f"b-{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(f"{self.url}/storage/v1/b", data=json.dumps({"name": name}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+      f"{self.url}/storage/v1/b",
+      data=json.dumps({"name": name}).encode(),
+      headers={"Content-Type": "application/json"},
+      method="POST",
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
       assert response.status == 200
     return name
@@ -39,7 +43,9 @@ class Emulator(NamedTuple):
     names, token = [], ""
     while True:
       query = f"?pageToken={token}" if token else ""
-      with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o{query}", timeout=30) as response:
+      with urllib.request.urlopen(
+        f"{self.url}/storage/v1/b/{bucket}/o{query}", timeout=30
+      ) as response:
         page = json.loads(response.read())
       names += [item["name"] for item in page.get("items", [])]
       token = page.get("nextPageToken")
@@ -64,9 +70,27 @@ def start(root: pathlib.Path) -> tuple[subprocess.Popen, Emulator]:
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   log = (root / "server.log").open("w")  # a file: a full pipe would stall the server
-  process = subprocess.Popen([str(_binary()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
-                              str(root / "data"), "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-                              "-log-level", "error"], stdout=log, stderr=subprocess.STDOUT)
+  process = subprocess.Popen(
+    [
+      str(_binary()),
+      "-scheme",
+      "http",
+      "-backend",
+      "filesystem",
+      "-filesystem-root",
+      str(root / "data"),
+      "-host",
+      "127.0.0.1",
+      "-port",
+      str(port),
+      "-external-url",
+      url,
+      "-log-level",
+      "error",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   deadline = time.monotonic() + 30
   while True:
     try:
@@ -75,7 +99,9 @@ def start(root: pathlib.Path) -> tuple[subprocess.Popen, Emulator]:
     except OSError:
       if process.poll() is not None or time.monotonic() > deadline:
         process.kill()
-        raise RuntimeError(f"fake-gcs-server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        raise RuntimeError(
+          f"fake-gcs-server did not start: {(root / 'server.log').read_text()[-2000:]}"
+        ) from None
       time.sleep(0.1)
 
 

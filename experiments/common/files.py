@@ -5,6 +5,8 @@ A file is replaced by writing a temporary file beside it, ``fsync``-ing it, and
 a run killed at any instant, sees the old content or the new, never a mix.
 ``metrics.jsonl`` grows by appending one line per evaluation; a kill in the middle
 of an append can only truncate the last line, which ``MetricsLog`` drops on reading.
+On ``gs://`` (``experiments.common.storage``) a replacement is one upload, atomic
+by itself, and an append re-uploads the whole file.
 """
 
 from __future__ import annotations

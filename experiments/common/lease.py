@@ -57,8 +57,14 @@ class GcsLease:
     refresh_seconds, stale_after_seconds: the times above (tests shorten them).
   """
 
-  def __init__(self, path: storage.GcsPath, workdir, *, refresh_seconds: float = REFRESH_SECONDS,
-               stale_after_seconds: float = STALE_AFTER_SECONDS):
+  def __init__(
+    self,
+    path: storage.GcsPath,
+    workdir,
+    *,
+    refresh_seconds: float = REFRESH_SECONDS,
+    stale_after_seconds: float = STALE_AFTER_SECONDS,
+  ):
     self.path, self.workdir = path, workdir
     self.refresh_seconds, self.stale_after_seconds = refresh_seconds, stale_after_seconds
     self.holder = f"{os.getpid()} {socket.gethostname()}"
@@ -70,7 +76,9 @@ class GcsLease:
     self._lock = threading.Lock()
 
   def _record(self) -> bytes:
-    return json.dumps({"holder": self.holder, "token": self.token, "refreshed": time.time()}).encode()
+    return json.dumps(
+      {"holder": self.holder, "token": self.token, "refreshed": time.time()}
+    ).encode()
 
   def acquire(self) -> None:
     """Takes the lease, or raises ``WorkdirError`` naming its live holder."""
@@ -104,15 +112,18 @@ class GcsLease:
     dead_here = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
     if age <= self.stale_after_seconds and not dead_here:
       raise WorkdirError(
-          f"the workdir {self.workdir} is in use by another run (pid {holder.replace(' ', ' on ', 1)}, lease "
-          f"refreshed {max(age, 0):.0f} s ago); wait for it to end, or give another --workdir "
-          f"(a lease not refreshed for {self.stale_after_seconds:.0f} s is taken over)")
+        f"the workdir {self.workdir} is in use by another run "
+        f"(pid {holder.replace(' ', ' on ', 1)}, lease refreshed {max(age, 0):.0f} s ago); "
+        "wait for it to end, or give another --workdir "
+        f"(a lease not refreshed for {self.stale_after_seconds:.0f} s is taken over)"
+      )
     try:
       self._generation = self.path.write_bytes(self._record(), if_generation_match=blob.generation)
     except WorkdirError as e:
       if isinstance(e.__cause__, api.PreconditionFailed):
-        raise WorkdirError(f"the workdir {self.workdir} was just taken by another run; give another "
-                           "--workdir") from None
+        raise WorkdirError(
+          f"the workdir {self.workdir} was just taken by another run; give another --workdir"
+        ) from None
       raise
     warn(f"took over the stale lease {self.path} of pid {holder} (last refreshed {age:.0f} s ago)")
 
@@ -122,14 +133,18 @@ class GcsLease:
         if self._stop.is_set():
           return
         try:
-          self._generation = self.path.write_bytes(self._record(), if_generation_match=self._generation)
+          self._generation = self.path.write_bytes(
+            self._record(), if_generation_match=self._generation
+          )
         except WorkdirError as e:
           from google.api_core import exceptions as api
 
           if isinstance(e.__cause__, api.PreconditionFailed):
             self.lost = True
-            warn(f"the lease {self.path} was taken over by another run; this run no longer owns "
-                 f"{self.workdir}")
+            warn(
+              f"the lease {self.path} was taken over by another run; this run no longer owns "
+              f"{self.workdir}"
+            )
             return
           warn(f"could not refresh the lease {self.path} ({e}); retrying")
         except Exception as e:  # noqa: BLE001 - a network error: try again next time

@@ -42,7 +42,9 @@ class Preempted(RunError):
   """The run stopped at ``step`` after a preemption notice; its checkpoint is saved."""
 
   def __init__(self, step: int):
-    super().__init__(f"preempted at step {step}; checkpoint saved; run the same command to continue")
+    super().__init__(
+      f"preempted at step {step}; checkpoint saved; run the same command to continue"
+    )
     self.step = step
 
 
@@ -87,8 +89,14 @@ class Preemption:
       return multihost_utils.reached_preemption_sync_point(step) or self.requested
     return self.requested
 
-  def check(self, step: int, checkpoints, state: Callable[[], Any], *,
-            save: Callable[[int, Any], None] | None = None) -> None:
+  def check(
+    self,
+    step: int,
+    checkpoints,
+    state: Callable[[], Any],
+    *,
+    save: Callable[[int, Any], None] | None = None,
+  ) -> None:
     """At the agreed step: save ``state()`` as ``step`` (unless ``checkpoints``
     already holds it), wait for the write, raise ``Preempted(step)``.
 

@@ -34,7 +34,7 @@ import pathlib
 import posixpath
 import shutil
 import tempfile
-from typing import Any, Union
+from typing import Any
 
 from experiments.common.errors import WorkdirError
 
@@ -52,13 +52,15 @@ def _point_tensorstore_at_the_emulator() -> None:
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _client(emulator: str | None):
   """One ``google.cloud.storage.Client`` per emulator setting (None: real GCS)."""
   try:
     from google.cloud import storage
   except ImportError:
-    raise WorkdirError("a gs:// workdir needs google-cloud-storage and gcsfs: pip install -e '.[gcs]'") from None
+    raise WorkdirError(
+      "a gs:// workdir needs google-cloud-storage and gcsfs: pip install -e '.[gcs]'"
+    ) from None
   if emulator:
     from google.auth.credentials import AnonymousCredentials
 
@@ -86,11 +88,15 @@ def gcs_error(path: Any, e: Exception, doing: str) -> WorkdirError:
 
   bucket = str(path).split("/")[2] if str(path).startswith(GCS_SCHEME) else "?"
   if isinstance(e, api.NotFound):
-    return WorkdirError(f"cannot {doing} {path}: the bucket gs://{bucket} does not exist (create it with "
-                        f"`gcloud storage buckets create gs://{bucket}`, or fix the path)")
+    return WorkdirError(
+      f"cannot {doing} {path}: the bucket gs://{bucket} does not exist (create it with "
+      f"`gcloud storage buckets create gs://{bucket}`, or fix the path)"
+    )
   if isinstance(e, (api.Forbidden, api.Unauthorized)):
-    return WorkdirError(f"cannot {doing} {path}: access denied ({e.code}); {LOGIN_HINT}, with an account "
-                        f"that may write to gs://{bucket}")
+    return WorkdirError(
+      f"cannot {doing} {path}: access denied ({e.code}); {LOGIN_HINT}, with an account "
+      f"that may write to gs://{bucket}"
+    )
   import google.auth.exceptions
 
   if isinstance(e, google.auth.exceptions.GoogleAuthError):
@@ -128,7 +134,9 @@ class GcsPath:
     return (self.bucket, self.key) < (other.bucket, other.key)
 
   def __truediv__(self, name: str | os.PathLike) -> GcsPath:
-    return GcsPath(self.bucket, posixpath.join(self.key, os.fspath(name)) if self.key else os.fspath(name))
+    return GcsPath(
+      self.bucket, posixpath.join(self.key, os.fspath(name)) if self.key else os.fspath(name)
+    )
 
   @property
   def name(self) -> str:
@@ -155,8 +163,8 @@ class GcsPath:
     return self._bucket().blob(self.key)
 
   def _call(self, doing: str, fn, *args, **kwargs):
-    from google.api_core import exceptions as api
     import google.auth.exceptions
+    from google.api_core import exceptions as api
 
     try:
       return fn(*args, **kwargs)
@@ -236,7 +244,7 @@ class GcsPath:
     del parents, exist_ok, mode  # a folder is its objects' common prefix
 
 
-AnyPath = Union[pathlib.Path, GcsPath]
+AnyPath = pathlib.Path | GcsPath
 
 
 def as_path(path: str | os.PathLike | GcsPath) -> AnyPath:
@@ -251,15 +259,16 @@ def as_path(path: str | os.PathLike | GcsPath) -> AnyPath:
     return path
   text = os.fspath(path)
   if text.startswith(GCS_SCHEME):
-    bucket, _, key = text[len(GCS_SCHEME):].partition("/")
+    bucket, _, key = text[len(GCS_SCHEME) :].partition("/")
     if not bucket:
       raise WorkdirError(f"{text!r} names no bucket: write gs://BUCKET/PATH")
     _point_tensorstore_at_the_emulator()
     return GcsPath(bucket, key)
   scheme, separator, _ = text.partition("://")
   if separator and scheme.isidentifier():
-    raise WorkdirError(f"{text!r}: the scheme {scheme}:// is not supported; use a local folder or "
-                       "gs://BUCKET/PATH")
+    raise WorkdirError(
+      f"{text!r}: the scheme {scheme}:// is not supported; use a local folder or gs://BUCKET/PATH"
+    )
   return pathlib.Path(text)
 
 

@@ -39,7 +39,12 @@ def _masked_crc32c(data: bytes) -> int:
 def tfrecord(data: bytes) -> bytes:
   """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C."""
   length = struct.pack("<Q", len(data))
-  return length + struct.pack("<I", _masked_crc32c(length)) + data + struct.pack("<I", _masked_crc32c(data))
+  return (
+    length
+    + struct.pack("<I", _masked_crc32c(length))
+    + data
+    + struct.pack("<I", _masked_crc32c(data))
+  )
 
 
 class EventFileWriter:
@@ -50,9 +55,14 @@ class EventFileWriter:
     from tensorboard.compat.proto import event_pb2
 
     self._event_pb2 = event_pb2
-    self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.bnjax"
-    self._records = [tfrecord(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
-                              .SerializeToString())]
+    self.path = (
+      logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.bnjax"
+    )
+    self._records = [
+      tfrecord(
+        event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+      )
+    ]
     self._dirty = True
 
   def _add(self, step: int, summary) -> None:
@@ -63,8 +73,12 @@ class EventFileWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     from tensorboard.compat.proto import summary_pb2
 
-    self._add(step, summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                                               for k, v in scalars.items()]))
+    self._add(
+      step,
+      summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+      ),
+    )
     self.flush()
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
