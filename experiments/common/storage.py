@@ -20,7 +20,8 @@ Which client does what on ``gs://``:
 * orbax's arrays: tensorstore. When ``STORAGE_EMULATOR_HOST`` is set (Google's
   clients' variable for an emulator such as fake-gcs-server), tensorstore is
   pointed at it too (``TENSORSTORE_GCS_HTTP_URL``, ``GOOGLE_AUTH_TOKEN_FOR_TESTING``),
-  so every access of a run goes there and none needs credentials.
+  so every access of a run goes there and none needs credentials; gcsfs's
+  bucket-layout lookup, which would go to Google's control API, is turned off.
 
 Against real Cloud Storage the credentials are Application Default Credentials:
 a TPU VM's service account, or ``gcloud auth application-default login``.
@@ -44,12 +45,15 @@ GCS_SCHEME = "gs://"
 LOGIN_HINT = "run `gcloud auth application-default login` (a TPU VM uses its service account)"
 
 
-def _point_tensorstore_at_the_emulator() -> None:
+def _point_clients_at_the_emulator() -> None:
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
     url = emulator if "://" in emulator else f"http://{emulator}"
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    # gcsfs would ask Google's storage-control API (not the emulator) for each
+    # bucket's layout, fail without credentials, and ask again at every call.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @functools.cache
@@ -262,7 +266,7 @@ def as_path(path: str | os.PathLike | GcsPath) -> AnyPath:
     bucket, _, key = text[len(GCS_SCHEME) :].partition("/")
     if not bucket:
       raise WorkdirError(f"{text!r} names no bucket: write gs://BUCKET/PATH")
-    _point_tensorstore_at_the_emulator()
+    _point_clients_at_the_emulator()
     return GcsPath(bucket, key)
   scheme, separator, _ = text.partition("://")
   if separator and scheme.isidentifier():
