@@ -509,7 +509,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoints,
            preemption: common.Preemption) -> TrainState:
-
   config, schedule, layout = exp.config, exp.schedule, exp.layout
   primary = jax.process_index() == 0
   if config.fake_data:
