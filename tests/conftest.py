@@ -12,7 +12,8 @@ import jax
 import pytest
 
 # A script for subprocesses, not a test module (its import would run it).
-collect_ignore = ["multihost_worker.py", "imagenet_runner.py"]
+collect_ignore = ["multihost_worker.py", "imagenet_runner.py", "gcs_emulator.py"]
+pytest_plugins = ["tests.gcs_emulator"]  # the Cloud Storage emulator fixtures (test_gcs.py)
 
 jax.config.update("jax_platforms", "cpu")
 # Read when jax initializes its backends (the first array or device query), so it

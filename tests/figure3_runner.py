@@ -35,6 +35,7 @@ def main():
     def save_then_wait(self, step, state):
       save(self, step, state)
       if self.directory.parent.name == name and step == int(step_text):
+        self.wait_until_finished()  # asynchronous saves: the step and its SHA256SUMS written
         print(f"stopped at {name} {step}", flush=True)
         time.sleep(3600)
 

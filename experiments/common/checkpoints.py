@@ -10,30 +10,43 @@ aside to ``<step>.corrupt`` with a warning naming it, and the newest intact step
 the one restored. Orbax then never sees the damaged ones, so its ``max_to_keep``
 never deletes the last intact checkpoint to make room.
 
-Saving is synchronous (``enable_async_checkpointing=False``): a checkpoint is
-verified-complete when ``save`` returns, and no orbax thread outlives an error.
+Saving is asynchronous by default (orbax's async save): ``save`` returns once the
+arrays are copied off the devices, and the files are written while training goes
+on. A background thread waits for orbax to finish the step and then writes its
+``SHA256SUMS``; until that record is complete the step counts as damaged (a run
+killed meanwhile resumes from the step before). The next ``save``,
+``wait_until_finished`` and ``close`` wait for the pending record, and report a
+failed write as a ``CheckpointError``. ``asynchronous=False`` saves as before:
+``save`` returns when the step and its record are written.
+
+The folder may be local or ``gs://`` (``experiments.common.storage``): orbax writes
+there through etils/gcsfs and tensorstore, and the checksums are read back from
+the bucket.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 import re
 import tempfile
+import threading
+import uuid
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from experiments.common.errors import CheckpointError, warn
+from experiments.common import storage
+from experiments.common.errors import CheckpointError, RunError, warn
 from experiments.common.files import write_text_atomic
+from experiments.common.storage import AnyPath
 
 CHECKSUMS_FILE = "SHA256SUMS"
 _STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")  # orbax's default step folder names
 
 
-def sha256_of_file(path: pathlib.Path) -> str:
+def sha256_of_file(path: AnyPath) -> str:
   digest = hashlib.sha256()
   with path.open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +54,7 @@ def sha256_of_file(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-def write_checksums(step_dir: pathlib.Path) -> None:
+def write_checksums(step_dir: AnyPath) -> None:
   """Writes ``step_dir/SHA256SUMS``: the sha256 of every file below it, in
   ``sha256sum`` format, paths relative to ``step_dir``."""
   files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
@@ -49,7 +62,7 @@ def write_checksums(step_dir: pathlib.Path) -> None:
                     "".join(f"{sha256_of_file(p)}  {p.relative_to(step_dir).as_posix()}\n" for p in files))
 
 
-def verify_checksums(step_dir: pathlib.Path) -> str | None:
+def verify_checksums(step_dir: AnyPath) -> str | None:
   """Why ``step_dir`` cannot be trusted (one phrase), or None if it is intact."""
   if not step_dir.is_dir():
     return "not a folder"
@@ -77,7 +90,15 @@ def verify_checksums(step_dir: pathlib.Path) -> str | None:
   return None
 
 
-def _check_writable(directory: pathlib.Path) -> None:
+def _check_writable(directory: AnyPath) -> None:
+  if storage.is_gcs(directory):
+    probe = directory / f".write-test-{uuid.uuid4().hex}"
+    try:
+      probe.write_bytes(b"")
+      probe.unlink(missing_ok=True)
+    except RunError as e:
+      raise CheckpointError(str(e)) from None
+    return
   try:
     directory.mkdir(parents=True, exist_ok=True)
   except FileExistsError:
@@ -113,17 +134,21 @@ class Checkpoints:
   writes ``SHA256SUMS`` and moves damaged steps aside.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: str | os.PathLike | storage.GcsPath, *, max_to_keep: int = 2,
+               asynchronous: bool = True):
+    self.directory = storage.as_path(directory).absolute()
+    self.asynchronous = asynchronous
     _check_writable(self.directory)
     self.latest_step = self._newest_intact_step()
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        str(self.directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=False,
+            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=asynchronous,
             cleanup_tmp_directories=True,
         ),
     )
+    self._sealing: threading.Thread | None = None  # waits for orbax, then writes SHA256SUMS
+    self._sealing_error: BaseException | None = None
 
   def _newest_intact_step(self) -> int | None:
     steps = sorted((int(p.name) for p in self.directory.iterdir() if _STEP_NAME.match(p.name)), reverse=True)
@@ -138,13 +163,13 @@ class Checkpoints:
            + (f"trying the older step {older}" if older is not None else "no older checkpoint"))
     return None
 
-  def _set_aside(self, path: pathlib.Path) -> pathlib.Path:
+  def _set_aside(self, path: AnyPath) -> AnyPath:
     aside, n = path.with_name(f"{path.name}.corrupt"), 1
-    while os.path.lexists(aside):
+    while storage.lexists(aside):
       aside, n = path.with_name(f"{path.name}.corrupt-{n}"), n + 1
     if jax.process_index() == 0:
       try:
-        os.replace(path, aside)
+        storage.rename_tree(path, aside)
       except OSError as e:
         raise CheckpointError(f"checkpoint {path} is not intact and cannot be moved aside: {e.strerror or e}") from e
     return aside
@@ -161,23 +186,61 @@ class Checkpoints:
                             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from e
 
   def save(self, step: int, state: Any) -> None:
-    """Writes ``state`` as ``step`` and its checksums; returns when both are on disk."""
+    """Writes ``state`` as ``step``, then its checksums. Synchronous: returns when
+    both are written. Asynchronous: returns once the arrays are off the devices;
+    the step becomes intact when its ``SHA256SUMS`` is written in the background
+    (after the previous step's record: ``save`` first waits for that)."""
+    self.wait_until_finished()
     path = self.directory / str(step)
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    except Exception as e:
+      raise _save_error(path, e) from e
+    self.latest_step = step
+    if self.asynchronous:
+      self._sealing = threading.Thread(target=self._seal, args=(step,), name=f"bnjax-seal-{step}", daemon=True)
+      self._sealing.start()
+    else:
+      self._seal(step)
+      self.wait_until_finished()
+
+  def _seal(self, step: int) -> None:
+    """Waits for orbax to finish ``step``, then writes its ``SHA256SUMS`` (process 0)."""
+    try:
       self._manager.wait_until_finished()
       if jax.process_index() == 0:
-        write_checksums(path)
-    except Exception as e:
-      raise CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
-    self.latest_step = step
+        write_checksums(self.directory / str(step))
+    except BaseException as e:  # noqa: BLE001 - reported by the next wait_until_finished
+      self._sealing_error = _save_error(self.directory / str(step), e)
+
+  def wait_until_finished(self) -> None:
+    """Returns when the last saved step and its ``SHA256SUMS`` are written.
+
+    Raises:
+      CheckpointError: if that save failed.
+    """
+    if self._sealing is not None:
+      self._sealing.join()
+      self._sealing = None
+    error, self._sealing_error = self._sealing_error, None
+    if error is not None:
+      raise error
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpoints:
     return self
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _save_error(path: AnyPath, e: BaseException) -> BaseException:
+  if isinstance(e, CheckpointError) or not isinstance(e, Exception):
+    return e
+  return CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})")

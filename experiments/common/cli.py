@@ -25,13 +25,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.common.errors import RunError
+from experiments.common.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 flags.disclaim_key_flags()  # flags defined here belong to the caller: --help lists them
 _CONFIG_FLAGS: dict[str, str] = {}  # flag name -> default config file
 
 
-def fail(message: str, status: int = 1) -> NoReturn:
+def fail(message: str, status: int = 1, *, prefix: str = "error: ") -> NoReturn:
   """Prints ``error: message`` on stderr and exits with ``status``.
 
   If a library thread that is not a daemon is still alive (orbax runs some), it
@@ -40,7 +41,7 @@ def fail(message: str, status: int = 1) -> NoReturn:
   """
   sys.stdout.flush()
   message = " ".join(message.split())  # one line, whatever a library put in it
-  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.write(f"{prefix}{message}\n")
   sys.stderr.flush()
   if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
     os._exit(status)
@@ -59,12 +60,30 @@ def check_command_line(argv: list[str], workdir: str | None) -> None:
   logging.set_verbosity(logging.WARNING)
 
 
+def _leave_distributed() -> None:
+  """``jax.distributed.shutdown()`` if this process joined one (else a process
+  ending with ``os._exit`` makes the others' shutdown barrier abort)."""
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  from jax._src import distributed
+
+  if distributed.global_state.client is not None:
+    jax.distributed.shutdown()
+
+
 def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir,
   checkpoint, non-finite loss) or an ``OSError`` ends the program with its one-line
-  message and status 1; Ctrl-C with status 130 and how to resume."""
+  message and status 1; Ctrl-C with status 130 and how to resume (a second Ctrl-C,
+  when the run handles the first as a preemption). A ``Preempted`` run prints
+  ``preempted at step N; checkpoint saved; run the same command to continue`` and
+  exits with ``PREEMPTED_EXIT_STATUS`` (75)."""
   try:
     return fn(*args, **kwargs)
+  except Preempted as e:
+    _leave_distributed()  # every process stops here together: leave jax.distributed in order
+    fail(str(e), PREEMPTED_EXIT_STATUS, prefix="")
   except RunError as e:
     fail(str(e))
   except OSError as e:

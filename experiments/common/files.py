@@ -5,6 +5,8 @@ A file is replaced by writing a temporary file beside it, ``fsync``-ing it, and
 a run killed at any instant, sees the old content or the new, never a mix.
 ``metrics.jsonl`` grows by appending one line per evaluation; a kill in the middle
 of an append can only truncate the last line, which ``MetricsLog`` drops on reading.
+On ``gs://`` (``experiments.common.storage``) a replacement is one upload, atomic
+by itself, and an append re-uploads the whole file.
 """
 
 from __future__ import annotations
@@ -12,30 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from experiments.common import storage
 from experiments.common.errors import NonFiniteError, WorkdirError, warn
 
 
-def _fsync_folder(folder: pathlib.Path) -> None:
-  """Makes a rename inside ``folder`` durable (no-op where folders cannot be opened)."""
-  try:
-    fd = os.open(folder, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Replaces ``path``'s content by ``text``, atomically and durably.
+def write_text_atomic(path: str | os.PathLike | storage.GcsPath, text: str) -> None:
+  """Replaces ``path``'s content by ``text``, atomically and durably (local or ``gs://``).
 
   Raises:
     WorkdirError: if the folder cannot be written (naming the path and why).
@@ -43,25 +30,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike | storage.GcsPath, data: bytes) -> None:
   """Replaces ``path``'s content by ``data``, atomically and durably (as ``write_text_atomic``)."""
-  path = pathlib.Path(path)
-  try:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  except OSError as e:
-    raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException as e:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    if isinstance(e, OSError):
-      raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
-    raise
-  _fsync_folder(path.parent)
+  storage.write_bytes(storage.as_path(path), data)
 
 
 def to_json(value: Any, **kwargs) -> str:
@@ -83,7 +54,9 @@ class MetricsLog:
   """A JSON-lines file of evaluations, each a flat object with an integer ``"step"``.
 
   Appending writes one line and ``fsync``s it; other lines are never rewritten in
-  place. ``keep_up_to`` (for a resumed run) replaces the file atomically.
+  place. ``keep_up_to`` (for a resumed run) replaces the file atomically. On
+  ``gs://`` (objects cannot grow) each ``append`` uploads the whole file again, so
+  the bucket holds every row as soon as it is appended.
 
   Example::
 
@@ -93,17 +66,21 @@ class MetricsLog:
     rows = log.read()
   """
 
-  def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path)
+  def __init__(self, path: str | os.PathLike | storage.GcsPath):
+    self.path = storage.as_path(path)
+    self._text: str | None = None  # gs://: the object's content, as last read or written
 
   def _lines(self) -> tuple[list[dict], bool]:
     """The rows, and whether a truncated last line was dropped."""
     try:
       text = self.path.read_text(encoding="utf-8")
     except FileNotFoundError:
-      return [], False
+      text = ""
     except (OSError, UnicodeDecodeError) as e:
       raise WorkdirError(f"cannot read {self.path}: {e}") from e
+    self._text = text
+    if not text:
+      return [], False
     lines = text.split("\n")
     # A complete file ends with "\n", so its last piece is "". Anything else is a
     # last line cut short by a kill during an append: it carries no evaluation.
@@ -137,7 +114,8 @@ class MetricsLog:
     if dropped:
       warn(f"{self.path}: dropped a truncated last line (a run was killed while writing it)")
     if dropped or len(kept) < len(rows):
-      write_text_atomic(self.path, "".join(to_json(row) + "\n" for row in kept))
+      self._text = "".join(to_json(row) + "\n" for row in kept)
+      write_text_atomic(self.path, self._text)
 
   def append(self, row: Mapping[str, Any]) -> None:
     """Appends one evaluation and makes it durable.
@@ -153,10 +131,8 @@ class MetricsLog:
           + " is not finite; not written to " + str(self.path)
       )
     line = to_json(dict(row)) + "\n"
-    try:
-      with self.path.open("a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    except OSError as e:
-      raise WorkdirError(f"cannot append to {self.path}: {e.strerror or e}") from e
+    if storage.is_gcs(self.path) and self._text is None:
+      self._lines()
+    whole = None if self._text is None else self._text + line
+    storage.append_text(self.path, line, whole=whole)
+    self._text = whole

@@ -13,8 +13,10 @@ from typing import Any
 
 import jax
 
+from experiments.common import storage
 from experiments.common.errors import ConfigError, WorkdirError
 from experiments.common.files import write_json_atomic
+from experiments.common.lease import GcsLease
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -31,18 +33,27 @@ class WorkdirLock:
   error leaves no empty workdir behind. POSIX only (Linux, macOS); a local file
   system or one with working ``flock`` (not every NFS).
 
+  On ``gs://BUCKET/PATH`` the lock is a lease object (``experiments.common.lease``:
+  created with ``ifGenerationMatch=0``, refreshed every 15 s, taken over when not
+  refreshed for 60 s); it is deleted when the ``with`` block ends.
+
   Example::
 
     with WorkdirLock(workdir):
       ...  # read, train, write
   """
 
-  def __init__(self, workdir: str | os.PathLike):
-    self.workdir = pathlib.Path(workdir)
+  def __init__(self, workdir: str | os.PathLike | storage.GcsPath):
+    self.workdir = storage.as_path(workdir)
     self._fd: int | None = None
     self._created: list[pathlib.Path] = []
+    self._lease: GcsLease | None = None
 
   def __enter__(self) -> WorkdirLock:
+    if storage.is_gcs(self.workdir):
+      self._lease = GcsLease(self.workdir / LOCK_FILE, self.workdir)
+      self._lease.acquire()
+      return self
     missing, folder = [], self.workdir.absolute()
     while not os.path.lexists(folder):
       missing.append(folder)
@@ -73,6 +84,10 @@ class WorkdirLock:
     return self
 
   def __exit__(self, exc_type, exc, traceback) -> None:
+    if self._lease is not None:
+      self._lease.release()  # a bucket keeps no empty folder: nothing else to remove
+      self._lease = None
+      return
     if exc_type is not None:
       self._remove_if_unused()
     if self._fd is not None:
@@ -118,7 +133,7 @@ def read_config(workdir: str | os.PathLike) -> dict:
   Raises:
     WorkdirError: if it is missing, empty or not such an object (saying which).
   """
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = storage.as_path(workdir) / CONFIG_FILE
   try:
     text = path.read_text(encoding="utf-8")
   except FileNotFoundError:
@@ -173,5 +188,5 @@ def check_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, may
 
 def write_config(workdir: str | os.PathLike, config: Any, *, runtime: Mapping | None = None) -> None:
   """Writes ``workdir/config.json`` atomically: the config and the runtime settings."""
-  write_json_atomic(pathlib.Path(workdir) / CONFIG_FILE,
+  write_json_atomic(storage.as_path(workdir) / CONFIG_FILE,
                     {"config": as_dict(config), "runtime": dict(runtime or runtime_settings())})

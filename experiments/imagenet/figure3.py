@@ -148,7 +148,7 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
   """Trains (or resumes, or skips when finished) each variant, then draws the figure."""
   from experiments.imagenet import train
 
-  workdir = pathlib.Path(workdir)
+  workdir = common.workdir_path(workdir)
   configs = {name: variant_config(name, miniature) for name in VARIANTS}
   with common.WorkdirLock(workdir):
     for name, config in configs.items():
@@ -188,7 +188,7 @@ def define_flags() -> None:
 def main(argv):
   cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure3, FLAGS.config, FLAGS.workdir)
-  print((pathlib.Path(FLAGS.workdir) / "figure3.md").read_text(), file=sys.stderr)
+  print((common.workdir_path(FLAGS.workdir) / "figure3.md").read_text(), file=sys.stderr)
   print(f"Figure written to {path}", file=sys.stderr)
 
 

@@ -434,7 +434,7 @@ RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_
 
 def read_metrics(workdir) -> list[dict]:
   """The rows of ``workdir/metrics.jsonl``, oldest first."""
-  return common.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl").read()
+  return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
 
 
 def _say(message: str) -> None:
@@ -492,10 +492,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     NonFiniteError: at the first logged NaN or infinite training loss.
   """
   exp = prepare(config, create_model=create_model)
-  workdir = pathlib.Path(workdir)
+  workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
   primary = jax.process_index() == 0
   with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
-    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints:
+    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
+         common.Preemption() as preemption:  # SIGTERM (all hosts agree on a step), Ctrl-C: save, exit 75
       latest = checkpoints.latest_step
       common.check_config(workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE)
       if latest is not None and latest > exp.schedule.num_train_steps:
@@ -503,12 +504,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir")
       if primary:
         common.write_config(workdir, config)
-      return _train(exp, workdir, checkpoints)
+      return _train(exp, workdir, checkpoints, preemption)
 
 
-def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoints) -> TrainState:
-  from clu import metric_writers  # TensorBoard, as the Flax examples (imports TensorFlow)
-
+def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoints,
+           preemption: common.Preemption) -> TrainState:
   config, schedule, layout = exp.config, exp.schedule, exp.layout
   primary = jax.process_index() == 0
   if config.fake_data:
@@ -525,7 +525,7 @@ def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoin
   metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
   if primary:
     metrics_log.keep_up_to(start)
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary)
+  writer = common.summary_writer(workdir, primary=primary)  # TensorBoard (clu locally; gs:// too)
   if start == 0:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json_best_effort()).items()
                           if isinstance(v, (int, float, str, bool))})
@@ -588,6 +588,7 @@ def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoin
       writer.write_scalars(step, {k: v for k, v in row.items() if isinstance(v, float)})
     if step % schedule.checkpoint_every == 0 or step == schedule.num_train_steps:
       checkpoints.save(step, canonical())
+    preemption.check(step, checkpoints, canonical)  # every step, on every host
     timer.exclude(time.perf_counter() - pause)  # evaluation and saving are not training
   writer.flush()
   writer.close()

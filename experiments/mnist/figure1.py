@@ -11,7 +11,7 @@ layer over the test set, against steps, without (b) and with (c) BN.
 
 from __future__ import annotations
 
-import os
+import io
 import pathlib
 import sys
 
@@ -64,19 +64,17 @@ def make_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], *, title:
 def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, title: str) -> None:
   """Writes the figure to ``path`` (a PNG) atomically: a kill leaves the old one."""
   fig = make_figure1(bn_metrics, baseline_metrics, title=title)
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+  png = io.BytesIO()
   try:
-    fig.savefig(temporary, dpi=120)
-    os.replace(temporary, path)
+    fig.savefig(png, format="png", dpi=120)
   finally:
-    temporary.unlink(missing_ok=True)
     plt.close(fig)
+  common.write_bytes_atomic(path, png.getvalue())  # a local folder or gs://
 
 
 def run_figure1(config, workdir) -> pathlib.Path:
   """Trains (or resumes) both networks and draws the figure; returns its path."""
-  workdir = pathlib.Path(workdir)
+  workdir = common.workdir_path(workdir)
   train.validate_config(config)
   with common.WorkdirLock(workdir):
     for name, batch_norm in RUNS.items():
@@ -98,7 +96,7 @@ def main(argv):
   cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
-    final = train.read_metrics(pathlib.Path(FLAGS.workdir) / name)[-1]
+    final = train.read_metrics(common.workdir_path(FLAGS.workdir) / name)[-1]
     print(f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps", file=sys.stderr)
   print(f"Figure written to {path}", file=sys.stderr)
 

@@ -186,7 +186,7 @@ RESTART_MAY_CHANGE = ("num_steps", "checkpoint_every")
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   """The evaluations of the run in ``workdir``, oldest first."""
-  return common.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl").read()
+  return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
 
 
 def _next_stop(step: int, config) -> int:
@@ -230,20 +230,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       checkpoints written before it are kept.
   """
   validate_config(config)
-  workdir = pathlib.Path(workdir)
+  workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
   with common.WorkdirLock(workdir):
     dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
-    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints:
+    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
+         common.Preemption() as preemption:  # SIGTERM, Ctrl-C: save, exit 75
       restored_step = checkpoints.latest_step
       common.check_config(workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE)
       if restored_step is not None and restored_step > config.num_steps:
         raise ConfigError(f"the workdir holds a run already at step {restored_step}, past config.num_steps="
                           f"{config.num_steps}; give a new --workdir")
       common.write_config(workdir, config)
-      return _train(config, workdir, dataset, checkpoints)
+      return _train(config, workdir, dataset, checkpoints, preemption)
 
 
-def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoints) -> TrainState:
+def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoints,
+           preemption: common.Preemption) -> TrainState:
   data = DeviceData(*(jax.device_put(a) for a in dataset))
   model, optimizer = make_model(config), make_optimizer(config)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
@@ -283,4 +285,5 @@ def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoin
       if step % config.checkpoint_every == 0 or step == config.num_steps:
         checkpoints.save(step, state)
       progress.update(stop - progress.n)
+      preemption.check(step, checkpoints, lambda: state)
   return state

@@ -1,0 +1,552 @@
+"""gs:// workdirs against a real Cloud Storage emulator (fake-gcs-server, see
+tests/gcs_emulator.py): the bookkeeping's units, the lease, checkpoints and their
+integrity, TensorBoard events, bad input; then whole MNIST runs on gs:// (killed
+with SIGKILL, preempted with SIGTERM, launched twice) and two jax.distributed
+ImageNet processes on one gs:// workdir. Nothing about storage is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments.common import lease as lease_lib
+from experiments.common import storage
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workdir(gcs_bucket):
+  return f"gs://{gcs_bucket}/runs/a"
+
+
+# ---- the bookkeeping's units ---------------------------------------------------------
+
+
+def test_config_and_metrics_in_a_bucket(workdir, gcs_emulator, gcs_bucket):
+  config = {"learning_rate": 0.01, "num_steps": 100}
+  common.write_config(workdir, config)
+  assert common.read_config(workdir)["config"] == config
+  common.check_config(
+    workdir, {**config, "num_steps": 200}, resuming=True, may_change=("num_steps",)
+  )
+  with pytest.raises(common.ConfigError, match=r"learning_rate: 0.01 -> 0.5"):
+    common.check_config(workdir, {**config, "learning_rate": 0.5}, resuming=True)
+  log = common.MetricsLog(f"{workdir}/metrics.jsonl")
+  for step in (100, 200, 300):
+    log.append({"step": step, "loss": step / 1000})
+    # In the bucket at once, as another machine reads it:
+    assert [r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()][-1] == step
+  resumed = common.MetricsLog(f"{workdir}/metrics.jsonl")
+  resumed.keep_up_to(200)
+  resumed.append({"step": 300, "loss": 0.25})
+  assert common.MetricsLog(f"{workdir}/metrics.jsonl").read() == [
+    {"step": 100, "loss": 0.1},
+    {"step": 200, "loss": 0.2},
+    {"step": 300, "loss": 0.25},
+  ]
+  assert gcs_emulator.objects(gcs_bucket) == ["runs/a/config.json", "runs/a/metrics.jsonl"]
+
+
+def test_the_lease_refuses_a_second_run_and_is_released(workdir, gcs_emulator, gcs_bucket):
+  with common.WorkdirLock(workdir):
+    holder = json.loads(storage.as_path(f"{workdir}/.lock").read_bytes())
+    assert holder["holder"] == f"{os.getpid()} {socket.gethostname()}"
+    with pytest.raises(
+      common.WorkdirError,
+      match=rf"the workdir {workdir} is in use by another run \(pid "
+      rf"{os.getpid()} on {socket.gethostname()}, lease refreshed",
+    ):
+      with common.WorkdirLock(workdir):
+        pass
+    assert gcs_emulator.objects(gcs_bucket) == ["runs/a/.lock"]  # the refused one removed nothing
+  assert gcs_emulator.objects(gcs_bucket) == []
+
+
+def _lease(workdir, **kwargs):
+  path = storage.as_path(workdir) / ".lock"
+  return lease_lib.GcsLease(path, workdir, **kwargs)
+
+
+def test_the_lease_is_refreshed_and_a_stale_one_taken_over(workdir, capsys):
+  path = storage.as_path(workdir) / ".lock"
+  other = _lease(workdir, refresh_seconds=0.2)
+  other.holder = "12345 another-host"  # a process this machine cannot check
+  other.acquire()
+
+  def generation():
+    blob = path.blob()
+    blob.reload()
+    return blob.generation
+
+  first_generation = generation()
+  time.sleep(1.0)
+  assert generation() != first_generation  # refreshed meanwhile
+  with pytest.raises(common.WorkdirError, match="in use by another run"):
+    _lease(workdir, stale_after_seconds=60).acquire()
+  other._stop.set()  # the other run hangs: no more refreshes
+  other._thread.join()
+  time.sleep(1.5)
+  mine = _lease(workdir, stale_after_seconds=1)
+  mine.acquire()
+  assert "took over the stale lease" in capsys.readouterr().err
+  assert json.loads(path.read_bytes())["token"] == mine.token
+  mine.release()
+  assert not path.is_file()
+
+
+def test_a_lease_of_a_dead_process_on_this_machine_is_taken_at_once(workdir):
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+  )
+  stale = _lease(workdir)
+  stale.holder = f"{dead.stdout.strip()} {socket.gethostname()}"
+  stale.acquire()
+  stale._stop.set()  # as if killed with -9: the lease object stays
+  with common.WorkdirLock(workdir):
+    pass
+
+
+def _state(value):
+  return {"w": jnp.full((64, 64), value, jnp.float32), "step": jnp.int32(value)}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_checkpoints_in_a_bucket_and_a_damaged_one_set_aside(
+  workdir, gcs_emulator, gcs_bucket, capsys, asynchronous
+):
+  directory = f"{workdir}/checkpoints"
+  with common.Checkpoints(directory, max_to_keep=3, asynchronous=asynchronous) as checkpoints:
+    for step in (1, 2):
+      checkpoints.save(step, _state(step))
+  names = gcs_emulator.objects(gcs_bucket)
+  assert {"runs/a/checkpoints/1/SHA256SUMS", "runs/a/checkpoints/2/SHA256SUMS"} <= set(names)
+  # Flip a bit in step 2's largest file.
+  step2 = storage.as_path(directory) / "2"
+  blobs = [
+    storage.as_path(f"gs://{gcs_bucket}/{n}")
+    for n in names
+    if n.startswith("runs/a/checkpoints/2/")
+  ]
+  largest = max(blobs, key=lambda p: len(p.read_bytes()))
+  raw = bytearray(largest.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  largest.write_bytes(bytes(raw))
+  with common.Checkpoints(directory) as checkpoints:
+    assert checkpoints.latest_step == 1
+    np.testing.assert_array_equal(
+      checkpoints.restore(_state(0))["w"], np.full((64, 64), 1, np.float32)
+    )
+  err = capsys.readouterr().err
+  assert (
+    f"warning: checkpoint {step2} is not intact" in err and "does not match its checksum" in err
+  )
+  assert any(
+    n.startswith("runs/a/checkpoints/2.corrupt/") for n in gcs_emulator.objects(gcs_bucket)
+  )
+  assert not any(n.startswith("runs/a/checkpoints/2/") for n in gcs_emulator.objects(gcs_bucket))
+
+
+def test_an_async_save_counts_only_once_its_record_is_written(tmp_path):
+  """A step whose SHA256SUMS is not written yet is not intact: a run killed then
+  resumes from the step before."""
+  with common.Checkpoints(tmp_path, max_to_keep=3) as checkpoints:
+    checkpoints.save(1, _state(1))
+    checkpoints.wait_until_finished()
+    assert (tmp_path / "1" / "SHA256SUMS").is_file()
+    checkpoints.save(2, _state(2))
+  (tmp_path / "2" / "SHA256SUMS").unlink()  # as if killed before the record
+  with common.Checkpoints(tmp_path) as checkpoints:
+    assert checkpoints.latest_step == 1
+
+
+def test_tensorboard_events_in_a_bucket(workdir, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  writer = common.summary_writer(workdir, primary=True)
+  writer.write_hparams({"learning_rate": 0.5, "model": "tiny"})
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {"train_loss": 1.0 / step})
+  writer.close()
+  (events,) = [
+    p for p in storage.as_path(workdir).iterdir() if p.name.startswith("events.out.tfevents.")
+  ]
+  local = tmp_path / events.name
+  local.write_bytes(events.read_bytes())  # TensorBoard's own reader, on a copy
+  accumulator = event_accumulator.EventAccumulator(str(local))
+  accumulator.Reload()
+  assert [(e.step, e.value) for e in accumulator.Scalars("train_loss")] == [
+    (1, 1.0),
+    (2, pytest.approx(0.5)),
+    (3, pytest.approx(1 / 3)),
+  ]
+
+
+def test_config_json_is_readable_by_others(tmp_path):
+  common.write_config(tmp_path, {"seed": 0})
+  assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# ---- bad input: one line, nothing left behind -------------------------------------------
+
+
+def test_gs_without_a_bucket_and_other_schemes_are_refused(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(common.WorkdirError, match=r"'gs://' names no bucket: write gs://BUCKET/PATH"):
+    common.WorkdirLock("gs://")
+  with pytest.raises(
+    common.WorkdirError, match=r"the scheme s3:// is not supported; use a local folder or gs://"
+  ):
+    common.WorkdirLock("s3://bucket/run")
+  assert list(tmp_path.iterdir()) == []  # no folder named gs: or s3:
+
+
+def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(
+    common.WorkdirError,
+    match=r"the bucket gs://no-such-bucket-x does not exist \(create it "
+    r"with `gcloud storage buckets create gs://no-such-bucket-x`",
+  ):
+    with common.WorkdirLock("gs://no-such-bucket-x/run"):
+      pass
+  assert list(tmp_path.iterdir()) == []
+
+
+def _cli(workdir, *flags, module="experiments.mnist"):
+  return [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
+
+
+@pytest.mark.slow
+def test_no_credentials_against_real_cloud_storage(tmp_path):
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "XLA_FLAGS")
+  }
+  env.update(
+    HOME=str(tmp_path),
+    CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+    NO_GCE_CHECK="True",
+    JAX_PLATFORMS="cpu",
+  )
+  result = subprocess.run(
+    _cli("gs://some-bucket/run", "--config.num_steps=10"),
+    cwd=tmp_path,
+    env={**env, "PYTHONPATH": str(ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+    "error: no Google Cloud credentials for gs:// paths; "
+    "run `gcloud auth application-default login` (a TPU VM uses its service account)"
+  )
+  assert "Traceback" not in result.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == []  # no gs: folder, nothing else
+
+
+# ---- whole runs on gs:// (MNIST, in subprocesses) ---------------------------------------
+
+MNIST_FLAGS = [
+  "--config.dataset=fashion_mnist",
+  "--config.num_steps=20000",  # long enough to be alive when the second launch is refused
+  "--config.eval_every=1000",
+  "--config.checkpoint_every=2000",
+]
+
+
+@pytest.fixture(scope="module")
+def mnist_data(tmp_path_factory):
+  from tests.test_mnist import make_idx_folder
+
+  return make_idx_folder(tmp_path_factory.mktemp("gcs_mnist") / "data", num_train=2000)
+
+
+@pytest.fixture(scope="module")
+def mnist_reference(mnist_data, tmp_path_factory):
+  """The uninterrupted run, on local disk: its metrics.jsonl bytes."""
+  from experiments.mnist import configs, train  # noqa: F401
+  from experiments.mnist.configs import default
+
+  config = default.get_config()
+  config.dataset, config.data_dir = "fashion_mnist", str(mnist_data)
+  config.num_steps, config.eval_every, config.checkpoint_every = 20000, 1000, 2000
+  workdir = tmp_path_factory.mktemp("gcs_reference") / "run"
+  train.train_and_evaluate(config, workdir)
+  return (workdir / "metrics.jsonl").read_bytes()
+
+
+def _env(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax-gcs-tests"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  return env
+
+
+def _object(workdir, name):
+  try:
+    return (storage.as_path(workdir) / name).read_bytes()
+  except FileNotFoundError:
+    return None
+
+
+def _wait_for(condition, process, what, timeout=180):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert process.poll() is None, f"the run ended before {what}"
+    assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
+  workdir, mnist_data, mnist_reference, tmp_path, gcs_emulator, gcs_bucket
+):
+  flags = [*MNIST_FLAGS, f"--config.data_dir={mnist_data}"]
+  env = _env(tmp_path)
+  run = subprocess.Popen(
+    _cli(workdir, *flags), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  try:
+    _wait_for(
+      lambda: _object(workdir, "checkpoints/2000/SHA256SUMS") is not None, run, "checkpoint"
+    )
+    second = subprocess.run(
+      _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.poll() is None, "the run finished before the second launch"
+    assert second.returncode == 1
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+      f"error: the workdir {workdir} is in use by another run (pid {run.pid} on "
+      f"{socket.gethostname()}, lease refreshed"
+    ), last
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+  finally:
+    run.kill()
+    run.wait()
+  cut = common.MetricsLog(f"{workdir}/metrics.jsonl").read()
+  assert cut and max(r["step"] for r in cut) < 20000, "the run finished before it was killed"
+  resumed = subprocess.run(
+    _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed gs://" in resumed.stdout
+  assert _object(workdir, "metrics.jsonl") == mnist_reference  # every row once, the same numbers
+  names = gcs_emulator.objects(gcs_bucket)
+  assert "runs/a/config.json" in names and "runs/a/.lock" not in names
+  assert not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(
+  workdir, mnist_data, mnist_reference, tmp_path
+):
+  flags = [*MNIST_FLAGS, f"--config.data_dir={mnist_data}"]
+  env = _env(tmp_path)
+  run = subprocess.Popen(
+    _cli(workdir, *flags),
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    _wait_for(lambda: _object(workdir, "metrics.jsonl"), run, "metrics row")
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+  finally:
+    run.kill()
+  assert run.returncode == common.PREEMPTED_EXIT_STATUS == 75, err[-3000:]
+  match = re.fullmatch(
+    r"preempted at step (\d+); checkpoint saved; run the same command to continue",
+    err.strip().splitlines()[-1],
+  )
+  assert match, err[-2000:]
+  step = int(match.group(1))
+  assert 1000 <= step < 20000
+  assert _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
+  assert max(r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()) == step
+  resumed = subprocess.run(
+    _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+  )
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"from its checkpoint of step {step}" in resumed.stdout
+  assert _object(workdir, "metrics.jsonl") == mnist_reference
+
+
+# ---- several hosts (ImageNet, two jax.distributed processes, gloo) -------------------------
+
+TINY_FLAGS = [
+  "--config=experiments/imagenet/configs/tiny.py",
+  "--config.batch_size=8",
+  "--config.eval_batch_size=8",
+  "--config.log_every=1",
+  "--config.lr_schedule=constant",
+  "--config.warmup_epochs=0",
+  "--config.base_learning_rate=0.5",
+]
+
+
+def _imagenet(workdir, flags, devices, *extra, env):
+  env = {**env, "IMAGENET_RUNNER_DEVICES": str(devices), "IMAGENET_RUNNER_MICRO": "1"}
+  return subprocess.Popen(
+    [sys.executable, "-m", "tests.imagenet_runner", f"--workdir={workdir}", *flags, *extra],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _two_processes(workdir, flags, env):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [
+    _imagenet(
+      workdir,
+      flags,
+      2,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      env=env,
+    )
+    for i in range(2)
+  ]
+
+
+def _finish(process, status=0):
+  try:
+    out, err = process.communicate(timeout=300)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    pytest.fail(f"{process.args} did not finish within 300 s")
+  assert process.returncode == status, err[-3000:]
+  return out, err
+
+
+def _losses(workdir):
+  from experiments.imagenet import train
+
+  rows = train.read_metrics(workdir)
+  steps = [r["step"] for r in rows]
+  assert len(steps) == len(set(steps)), steps  # each step once
+  return {r["step"]: r["train_loss"] for r in rows}
+
+
+LONG_FLAGS = [
+  *TINY_FLAGS,
+  "--config.num_train_steps=60",
+  "--config.eval_every=60",
+  "--config.checkpoint_every=60",
+]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(gcs_emulator, tmp_path_factory):
+  """An uninterrupted run of two processes on a gs:// workdir, and one process
+  with 4 devices on local disk: (gs workdir, bucket, local workdir)."""
+  bucket = gcs_emulator.make_bucket()
+  workdir, local = f"gs://{bucket}/runs/a", tmp_path_factory.mktemp("gcs_imagenet") / "one"
+  env = _env(local)
+  single = _imagenet(local, LONG_FLAGS, 4, env=env)
+  workers = _two_processes(workdir, LONG_FLAGS, env)
+  try:
+    outputs = [_finish(w) for w in workers]
+    _finish(single)
+  finally:
+    for p in [single, *workers]:
+      p.kill()
+  assert "4 devices on 2 host(s)" in outputs[0][0]
+  return workdir, bucket, local
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_gs_workdir_train_as_one_local_process(two_process_run, gcs_emulator):
+  """And TensorBoard events, config.json and metrics.jsonl (process 0's) in the bucket."""
+  workdir, bucket, local = two_process_run
+  one, two = _losses(local), _losses(workdir)
+  assert sorted(one) == sorted(two) == list(range(1, 61)) and len(set(one.values())) > 50
+  for step in one:  # gloo's and one process's sums differ in rounding, which 60 steps of SGD grow
+    assert two[step] == pytest.approx(one[step], rel=1e-4), step
+  names = gcs_emulator.objects(bucket)
+  assert {"runs/a/config.json", "runs/a/metrics.jsonl", "runs/a/checkpoints/60/SHA256SUMS"} <= set(
+    names
+  )
+  assert "runs/a/.lock" not in names
+  events = [n for n in names if n.startswith("runs/a/events.out.tfevents.")]
+  assert len(events) == 1, names  # process 0's only
+  assert not (ROOT / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run, workdir, tmp_path):
+  """JAX's preemption service: both processes save the same step and exit 75; the
+  resume gives exactly the losses of the uninterrupted two-process run."""
+  env = _env(tmp_path)
+  workers = _two_processes(workdir, LONG_FLAGS, env)
+  try:
+    _wait_for(lambda: len(_object(workdir, "metrics.jsonl") or b"") > 0, workers[0], "metrics row")
+    workers[1].send_signal(signal.SIGTERM)
+    results = [_finish(w, status=75) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  lines = [err.strip().splitlines()[-1] for _, err in results]
+  match = re.fullmatch(
+    r"preempted at step (\d+); checkpoint saved; run the same command to continue", lines[0]
+  )
+  assert match and lines[1] == lines[0], lines
+  step = int(match.group(1))
+  assert 0 < step < 60 and _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
+  assert max(_losses(workdir)) == step
+  resumed = _two_processes(workdir, LONG_FLAGS, env)
+  out = [_finish(w) for w in resumed][0][0]
+  assert f"from its checkpoint of step {step}" in out
+  assert _losses(workdir) == _losses(two_process_run[0])
+
+
+@pytest.mark.slow
+def test_figure1_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket):
+  from experiments.mnist import figure1
+  from tests.test_mnist import make_idx_folder, small_config
+
+  config = small_config(
+    make_idx_folder(tmp_path / "data"), num_steps=200, eval_every=100, checkpoint_every=200
+  )
+  path = figure1.run_figure1(config, workdir)
+  assert str(path) == f"{workdir}/figure1.png"
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  names = gcs_emulator.objects(gcs_bucket)
+  assert {"runs/a/bn/metrics.jsonl", "runs/a/baseline/metrics.jsonl", "runs/a/figure1.png"} <= set(
+    names
+  )
+  assert not any(n.endswith(".lock") for n in names)
