@@ -48,7 +48,7 @@ from flax import linen as nn  # noqa: E402
 from benchmarks.timing import ratio_summary, repeated  # noqa: E402
 from bnjax import linen as bn  # noqa: E402
 from experiments.common.files import write_text_atomic  # noqa: E402
-from experiments.imagenet import input_pipeline, models, parallel, train  # noqa: E402
+from experiments.imagenet import models, parallel, train  # noqa: E402
 from experiments.imagenet.configs import bn_x5, resnet50  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -73,9 +73,7 @@ def step_candidate(config, norm_class, *, create_model=models.create_model):
   state = train.make_initial_state(exp)
   if layout.parallelism == "pmap":
     state = parallel.to_pmap_replicated(layout, parallel.host_copy(state))
-  batch = parallel.to_device_batch(layout, input_pipeline.fake_train_batches(
-      global_batch_size=config.batch_size, image_size=config.image_size, seed=0, process_index=jax.process_index(),
-      process_count=jax.process_count())[0])
+  batch = parallel.to_device_batch(layout, next(train.host_train_batches(exp, 0, seed=0)))
   step = train.make_train_step(exp)
   carried = [state]
 
