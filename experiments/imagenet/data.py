@@ -33,11 +33,11 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from experiments import common
+from experiments.imagenet.configs.default import IMAGENET_TRAIN_IMAGES  # what a fake run pretends to have
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-IMAGENET_TRAIN_IMAGES = 1_281_167  # the training split a fake run pretends to have
 FAKE_NUM_CLASSES = 1000
 FAKE_BATCHES = 2  # distinct synthetic training batches, cycled
 TFDS_INSTALL = 'pip install -e ".[imagenet]"'

@@ -16,8 +16,8 @@ it evaluates or saves. Since the data source's batches are a function of the
 seed and the step (``data.py``), a run restarted from a checkpoint continues
 exactly as it would have without the interruption.
 
-The file reads top to bottom as the Flax example's: the schedule and optimizer,
-the steps, ``prepare`` (the run's parts, from the config, checked by
+The file reads top to bottom as the Flax example's (the schedule and the optimizer
+are in ``schedule.py``): the steps, ``prepare`` (the run's parts, from the config, checked by
 ``checks.validate_config``), evaluation, the run's bookkeeping (``open_run``:
 every use of ``experiments.common``), and the loop.
 """
@@ -42,13 +42,12 @@ import optax
 import bnjax
 from bnjax import linen as bn
 from experiments import common
-from experiments.imagenet import checks, data, models, parallel, progress
-from experiments.imagenet.checks import ConfigError, validate_config  # noqa: F401 (re-exported)
+from experiments.imagenet import data, models, parallel, progress
+from experiments.imagenet.checks import ConfigError, validate_config
+from experiments.imagenet.schedule import Schedule, make_learning_rate_fn, make_optimizer, make_schedule
 
-IMAGENET_TRAIN_IMAGES = data.IMAGENET_TRAIN_IMAGES
 FAKE_DATA_WARNING = ("FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
                      "images; losses and accuracies say nothing about the network")
-OPTIMIZERS, SCHEDULES = checks.OPTIMIZERS, checks.SCHEDULES
 
 
 class TrainState(NamedTuple):
@@ -62,54 +61,6 @@ class TrainState(NamedTuple):
 
 def variables_of(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-# ---- the schedule and the optimizer --------------------------------------------------------
-
-
-class Schedule(NamedTuple):
-  """The run's length and rhythm, in steps."""
-
-  steps_per_epoch: int
-  num_train_steps: int
-  log_every: int
-  eval_every: int
-  checkpoint_every: int
-
-
-def make_schedule(config, steps_per_epoch: int) -> Schedule:
-  """``-1`` fields resolved: steps from ``num_epochs``; evaluate and save once per epoch."""
-  total = config.num_train_steps if config.num_train_steps > 0 else max(
-      1, math.ceil(config.num_epochs * steps_per_epoch))
-  every = lambda value: value if value > 0 else steps_per_epoch  # noqa: E731
-  return Schedule(steps_per_epoch, total, config.log_every, every(config.eval_every), every(config.checkpoint_every))
-
-
-def make_learning_rate_fn(config, schedule: Schedule) -> optax.Schedule:
-  """Linear warm-up over ``warmup_epochs``, then the config's decay.
-
-  ``exponential``: ``lr * lr_decay_rate ** (steps / (lr_decay_epochs * steps_per_epoch))``
-  (staircase if ``lr_staircase``); ``cosine``: to 0 at the last step.
-  """
-  lr = config.learning_rate
-  warmup = int(config.warmup_epochs * schedule.steps_per_epoch)
-  if config.lr_schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif config.lr_schedule == "exponential":
-    decay = optax.exponential_decay(lr, transition_steps=max(1, int(config.lr_decay_epochs * schedule.steps_per_epoch)),
-                                    decay_rate=config.lr_decay_rate, staircase=config.lr_staircase)
-  else:
-    decay = optax.cosine_decay_schedule(lr, decay_steps=max(1, schedule.num_train_steps - warmup))
-  if warmup <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-
-
-def make_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum, or plain SGD; weight decay is in the loss."""
-  if config.optimizer == "momentum":
-    return optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
-  return optax.sgd(learning_rate_fn)
 
 
 # ---- the steps ---------------------------------------------------------------------------
@@ -484,10 +435,10 @@ def _fake_tag(config) -> str:
   return "  [FAKE DATA]" if config.fake_data else ""
 
 
-def _training_row(exp: Experiment, run: Run, step: int, pending: list[dict], images_per_sec) -> dict:
-  """The row of the ``log_every`` steps ending at ``step``; stops at a non-finite loss."""
+def _training_row(exp: Experiment, run: Run, step: int, fetched: list[dict], images_per_sec) -> dict:
+  """The row of the ``log_every`` steps ending at ``step`` (their metrics, ``fetched``);
+  stops at a non-finite loss."""
   config, schedule = exp.config, exp.schedule
-  fetched = jax.device_get(pending)
   train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
   if not math.isfinite(train_loss):
     last = run.checkpoints.latest_step
@@ -557,7 +508,8 @@ def _train(exp: Experiment, run: Run) -> TrainState:
       timer.steps += 1
     row = {}
     if _every(step, schedule.log_every, schedule.num_train_steps):
-      row.update(_training_row(exp, run, step, pending, timer.rate()))
+      fetched = jax.device_get(pending)  # waits for the steps: then the rate is the steps' own
+      row.update(_training_row(exp, run, step, fetched, timer.rate()))
       pending = []
       timer.restart()
     pause = time.perf_counter()
