@@ -20,7 +20,9 @@ Writes ``benchmarks/imagenet_results.json`` and ``benchmarks/imagenet_results.md
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import pathlib
 import platform
 import statistics
