@@ -13,43 +13,28 @@ the whole measurement repeated), so their ratio is what to read; absolute figure
 move with the machine's load.
 
 Writes ``benchmarks/imagenet_results.json`` and ``benchmarks/imagenet_results.md``
-(or into ``--output_dir``).
+(or into ``--output-dir``). ``--cpu_devices=N``: N simulated CPU devices, set as
+``benchmarks.run`` sets its 8 (``jax_num_cpu_devices``, before JAX starts its backends).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
-import sys
+import pathlib
+import platform
+import statistics
 
+import jax
+from flax import linen as nn
 
-def _set_cpu_devices(argv) -> None:
-  """``--cpu_devices N``: N simulated CPU devices (XLA reads this before jax starts)."""
-  for i, arg in enumerate(argv):
-    value = arg.split("=", 1)[1] if arg.startswith("--cpu_devices=") else (
-        argv[i + 1] if arg == "--cpu_devices" and i + 1 < len(argv) else None)
-    if value:
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                 + f" --xla_force_host_platform_device_count={int(value)}").strip()
-
-
-if __name__ == "__main__":
-  _set_cpu_devices(sys.argv[1:])
-
-import datetime  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-
-import jax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from benchmarks.timing import ratio_summary, repeated  # noqa: E402
-from bnjax import linen as bn  # noqa: E402
-from experiments.common.files import write_text_atomic  # noqa: E402
-from experiments.imagenet import input_pipeline, models, parallel, train  # noqa: E402
-from experiments.imagenet.configs import bn_x5, resnet50  # noqa: E402
+from benchmarks.timing import ratio_summary, repeated
+from bnjax import linen as bn
+from experiments.common.files import write_text_atomic
+from experiments.imagenet import models, parallel, train
+from experiments.imagenet.configs import bn_x5, resnet50
 
 HERE = pathlib.Path(__file__).resolve().parent
 NETWORKS = {"inception_bn": bn_x5.get_config, "resnet50": resnet50.get_config}
@@ -73,9 +58,7 @@ def step_candidate(config, norm_class, *, create_model=models.create_model):
   state = train.make_initial_state(exp)
   if layout.parallelism == "pmap":
     state = parallel.to_pmap_replicated(layout, parallel.host_copy(state))
-  batch = parallel.to_device_batch(layout, input_pipeline.fake_train_batches(
-      global_batch_size=config.batch_size, image_size=config.image_size, seed=0, process_index=jax.process_index(),
-      process_count=jax.process_count())[0])
+  batch = parallel.to_device_batch(layout, next(train.host_train_batches(exp, 0, seed=0)))
   step = train.make_train_step(exp)
   carried = [state]
 
@@ -149,8 +132,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--cpu_devices", type=int, default=None, help="simulated CPU devices (CPU runs only)")
-  parser.add_argument("--output_dir", default=str(HERE))
+  # --output-dir as benchmarks.run spells it; --output_dir, the spelling before, still works.
+  parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=str(HERE))
   args = parser.parse_args(argv)
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   networks, parallelisms = args.networks.split(","), args.parallelisms.split(",")
   unknown = [n for n in networks if n not in NETWORKS] + [p for p in parallelisms if p not in parallel.PARALLELISMS]
   if unknown:

@@ -234,7 +234,7 @@ def bench_mnist_loop(quick: bool, rounds: int, repeats: int) -> dict:
       "on_device_vs_plain_jax": ratio_summary(times["on_device_loop"], times["plain_jax_on_device_loop"]),
   }
   if not quick:
-    result["network_50k_training_loop_s"] = time_call(lambda: on_device_loop(config.num_steps))
+    result["network_50k_training_loop_s"] = time_call(lambda: on_device_loop(config.num_train_steps))
     if fashion.is_dir():
       import contextlib
       import io

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.imagenet import figure3, idx_data, input_pipeline, train
+from experiments.imagenet import data, figure3, idx_data, train
 from experiments.imagenet import figure3_config
 from tests.imagenet_testing import micro_net
 from tests.test_mnist import FASHION_MNIST, fashion_mnist_dir  # noqa: F401 (the fixture)
@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def fashion_mnist(fashion_mnist_dir):
   """Debian's dataset-fashion-mnist, loaded as the ImageNet experiment's source."""
-  return input_pipeline.builder_for("fashion_mnist", None, idx_dir=str(fashion_mnist_dir))
+  return idx_data.open_idx_source("fashion_mnist", str(fashion_mnist_dir))
 
 
 def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnist):
@@ -35,9 +35,9 @@ def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnis
   for process_count in (1, 3):
     images, labels = [], []
     for p in range(process_count):
-      plan, batches = input_pipeline.eval_batches(fashion_mnist, global_batch_size=3 * 1024, image_size=32,
-                                                  process_index=p, process_count=process_count)
-      host = list(batches.as_numpy_iterator())
+      plan, batches = fashion_mnist.eval_batches(global_batch_size=3 * 1024, image_size=32,
+                                                 process_index=p, process_count=process_count)
+      host = list(batches)
       assert len(host) == plan.num_batches  # the same number of batches on every host
       for b in host:
         assert not b["image"][~b["mask"]].any()  # padding is zeros, masked out
@@ -75,24 +75,24 @@ def test_geometry_padding_normalization_and_flips(fashion_mnist):
 
 def test_training_order_resumes_exactly(fashion_mnist):
   common = dict(global_batch_size=32, image_size=32, seed=3, process_index=1, process_count=2)
-  from_start = input_pipeline.train_batches(fashion_mnist, **common)
+  from_start = fashion_mnist.train_batches(**common)
   batches = [next(from_start) for _ in range(5)]
-  resumed = next(input_pipeline.train_batches(fashion_mnist, start_step=3, **common))
+  resumed = next(fashion_mnist.train_batches(start_step=3, **common))
   np.testing.assert_array_equal(resumed["image"], batches[3]["image"])
   np.testing.assert_array_equal(resumed["label"], batches[3]["label"])
   assert not np.array_equal(batches[0]["label"], batches[1]["label"])
-  plan = input_pipeline.split_plan(fashion_mnist, "train", global_batch_size=32, process_count=2, train=True)
+  plan = fashion_mnist.split_plan("train", global_batch_size=32, process_count=2, train=True)
   assert plan.examples_per_host == (30_000, 30_000) and plan.num_batches == 30_000 // 16
 
 
 def test_missing_files_name_the_folder_and_the_package(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist") as e:
-    input_pipeline.builder_for("fashion_mnist", None, idx_dir=str(tmp_path))
+  with pytest.raises(data.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist") as e:
+    idx_data.open_idx_source("fashion_mnist", str(tmp_path))
   assert "\n" not in str(e.value)
-  with pytest.raises(input_pipeline.DataError, match="set --config.data_dir"):
-    input_pipeline.builder_for("fashion_mnist", None)
-  with pytest.raises(input_pipeline.DataError, match="got config.dataset='imagenet2012'"):
-    input_pipeline.builder_for("imagenet2012", None, idx_dir=str(tmp_path))
+  with pytest.raises(data.DataError, match="set --config.data_dir"):
+    idx_data.open_idx_source("fashion_mnist", None)
+  with pytest.raises(data.DataError, match="got config.dataset='imagenet2012'"):
+    idx_data.open_idx_source("imagenet2012", str(tmp_path))
 
 
 def _micro_config(data_dir, **overrides):

@@ -19,9 +19,9 @@ from tests.test_mnist import make_idx_folder
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _python(code, *args, **kwargs):
+def _python(code, *args, env=None, **kwargs):
   return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, "XLA_FLAGS": ""}, **kwargs)
+                        timeout=300, env=env or {**os.environ, "XLA_FLAGS": ""}, **kwargs)
 
 
 @pytest.mark.slow
@@ -51,7 +51,7 @@ def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module
   assert result.stderr.splitlines() == [
       f"error: --config.lr: no such config field; the fields of experiments/mnist/configs/"
       f"{'quick' if config_file else 'default'}.py are: batch_norm, batch_size, bn_momentum, checkpoint_every, "
-      "data_dir, dataset, eval_every, hidden_sizes, init_stddev, learning_rate, num_steps, seed, tfds_data_dir, "
+      "data_dir, dataset, eval_every, hidden_sizes, init_stddev, learning_rate, num_train_steps, seed, tfds_data_dir, "
       "tracked_unit"
   ]
   assert not (tmp_path / "run").exists()
@@ -60,7 +60,7 @@ def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module
 @pytest.mark.slow
 def test_flag_errors_are_one_line(tmp_path):
   for flag, expected in [("--config=missing.py", "error: --config=missing.py: no such file"),
-                         ("--config.num_steps=abc", "error: flag --config.num_steps=abc: invalid literal for int() "
+                         ("--config.num_train_steps=abc", "error: flag --config.num_train_steps=abc: invalid literal for int() "
                                                      "with base 10: 'abc' (--help lists the flags)")]:
     result = _mnist(f"--workdir={tmp_path / 'run'}", flag)
     assert (result.returncode, result.stderr.splitlines()) == (1, [expected])
@@ -78,8 +78,8 @@ def test_help_says_where_the_config_fields_are():
 @pytest.mark.slow
 def test_config_and_data_errors_leave_no_workdir_behind(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data")
-  result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.num_steps=-5")
-  assert result.stderr.splitlines() == ["error: config.num_steps must be a positive integer, got -5"]
+  result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.num_train_steps=-5")
+  assert result.stderr.splitlines() == ["error: config.num_train_steps must be a positive integer, got -5"]
   result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.dataset=fashion_mnist",
                   f"--config.data_dir={data_dir / 'missing'}")
   # One line, no traceback (the MNIST command's data errors are checked here, once).
@@ -92,11 +92,10 @@ def test_config_and_data_errors_leave_no_workdir_behind(tmp_path):
   assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.slow
-def test_the_idx_path_runs_without_tensorflow(tmp_path):
-  """The README's command needs no TensorFlow; TFDS data says what to install."""
-  data_dir = make_idx_folder(tmp_path / "data")
-  no_tensorflow = (
+def _without_tensorflow(module: str) -> str:
+  """Code for ``python -c`` that runs ``python -m module`` as if TensorFlow and TFDS
+  were not installed: their imports fail and ``find_spec`` says None."""
+  return (
       "import sys, runpy\n"
       "class WithoutTensorFlow:  # as if not installed: imports fail, find_spec says None\n"
       "  def __init__(self, finders):\n"
@@ -107,18 +106,89 @@ def test_the_idx_path_runs_without_tensorflow(tmp_path):
       "    specs = (f.find_spec(name, path, target) for f in self.finders if hasattr(f, 'find_spec'))\n"
       "    return next((s for s in specs if s is not None), None)\n"
       "sys.meta_path[:] = [WithoutTensorFlow(list(sys.meta_path))]\n"
-      "sys.argv = ['experiments.mnist', *sys.argv[1:]]\n"
-      "runpy.run_module('experiments.mnist', run_name='__main__', alter_sys=True)\n"
+      f"sys.argv = ['{module}', *sys.argv[1:]]\n"
+      f"runpy.run_module('{module}', run_name='__main__', alter_sys=True)\n"
   )
+
+
+@pytest.mark.slow
+def test_the_idx_path_runs_without_tensorflow(tmp_path):
+  """The README's command needs no TensorFlow; TFDS data says what to install."""
+  data_dir = make_idx_folder(tmp_path / "data")
+  no_tensorflow = _without_tensorflow("experiments.mnist")
   result = _python(no_tensorflow, f"--workdir={tmp_path / 'idx'}", "--config.dataset=fashion_mnist",
-                   f"--config.data_dir={data_dir}", "--config.num_steps=200", "--config.eval_every=100")
+                   f"--config.data_dir={data_dir}", "--config.num_train_steps=200", "--config.eval_every=100")
   assert result.returncode == 0, result.stderr
   assert (tmp_path / "idx" / "metrics.jsonl").read_text().count("\n") == 2
-  result = _python(no_tensorflow, f"--workdir={tmp_path / 'tfds'}", "--config.num_steps=200")
+  result = _python(no_tensorflow, f"--workdir={tmp_path / 'tfds'}", "--config.num_train_steps=200")
   assert result.returncode == 1
   assert result.stderr.startswith("error: reading 'mnist' through TFDS needs TensorFlow Datasets "
                                    "(No module named 'tensorflow_datasets'): pip install -e \".[tfds]\""), result.stderr
   assert not (tmp_path / "tfds").exists()
+
+
+IMAGENET_TINY = ["--config=experiments/imagenet/configs/tiny.py", "--config.num_train_steps=2",
+                 "--config.eval_every=2", "--config.checkpoint_every=2", "--config.batch_size=8",
+                 "--config.eval_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_the_imagenet_smoke_run_and_idx_data_need_no_tensorflow(tmp_path):
+  """Fake data and IDX files train without TensorFlow (MicroNet in place of the tiny
+  Inception, which compiles for a minute); TFDS data says in one line what to install."""
+  no_tensorflow = _without_tensorflow("tests.imagenet_runner")
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "IMAGENET_RUNNER_MICRO": "1",
+         "IMAGENET_RUNNER_DEVICES": "1"}
+  fake = _python(no_tensorflow, f"--workdir={tmp_path / 'fake'}", *IMAGENET_TINY, env=env)
+  assert fake.returncode == 0, fake.stderr[-3000:]
+  assert "no TensorBoard summaries" in fake.stdout and 'pip install -e ".[imagenet]"' in fake.stdout
+  assert [r["step"] for r in _metrics(tmp_path / "fake")] == [1, 2]
+  data_dir = make_idx_folder(tmp_path / "data")
+  idx = _python(no_tensorflow, f"--workdir={tmp_path / 'idx'}", *IMAGENET_TINY, "--config.fake_data=False",
+                "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_classes=10",
+                env=env)
+  assert idx.returncode == 0, idx.stderr[-3000:]
+  assert _metrics(tmp_path / "idx")[-1]["eval_examples"] == 200
+  tfds = _python(no_tensorflow, f"--workdir={tmp_path / 'tfds'}", *IMAGENET_TINY, "--config.fake_data=False",
+                 env=env)
+  assert tfds.returncode == 1
+  assert tfds.stderr.splitlines() == [
+      "error: config.dataset='imagenet2012' is read through TFDS, which needs TensorFlow (No module named "
+      "'tensorflow'): pip install -e \".[imagenet]\"; or --config.fake_data=True for synthetic data"], tfds.stderr
+  assert not (tmp_path / "tfds").exists()
+
+
+def _metrics(workdir):
+  import json
+
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_renamed_config_field_keeps_its_old_spelling_with_a_warning(tmp_path):
+  data_dir = make_idx_folder(tmp_path / "data")
+  result = _mnist(f"--workdir={tmp_path / 'run'}", "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}",
+                  "--config.num_steps=200", "--config.eval_every=100", "--config.checkpoint_every=100")
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.splitlines()[0] == (
+      "warning: --config.num_steps is now --config.num_train_steps; the old name still works for now")
+  assert [r["step"] for r in _metrics(tmp_path / "run")] == [100, 200]
+  # The MNIST command speaks: the compile's time, one speed (tqdm's), a closing line.
+  assert "Compiled in " in result.stdout and "steps/s" not in result.stderr + result.stdout
+  assert result.stdout.strip().splitlines()[-1] == (
+      f"done: step 200/200; wrote config.json, metrics.jsonl and checkpoints/ (newest: step 200) in "
+      f"{tmp_path / 'run'}")
+
+
+def test_renamed_fields_rewrites_only_the_old_spelling(capsys):
+  from experiments.common import cli
+
+  argv = ["prog", "--config.num_steps=5", "--config.num_steps_x=1", "--confignum_steps=2", "--noconfig.num_steps",
+          "--other.num_steps=3"]
+  assert cli.renamed_fields(argv, {"num_steps": "num_train_steps"}) == [
+      "prog", "--config.num_train_steps=5", "--config.num_steps_x=1", "--confignum_steps=2",
+      "--noconfig.num_train_steps", "--other.num_steps=3"]
+  assert capsys.readouterr().err.count("warning: --config.num_steps is now --config.num_train_steps") == 2
 
 
 def test_extras_keep_tensorflow_out_of_the_experiments():

@@ -103,7 +103,7 @@ def test_two_processes_train_as_one(tmp_path, compilation_cache):
   finally:
     for p in [single, *workers]:
       p.kill()
-  assert "4 devices on 2 host(s)" in outputs[0][0]
+  assert "4 devices on 2 hosts" in outputs[0][0]
   one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(one) == sorted(two) == [1, 2, 3]
   for step in one:
@@ -161,6 +161,28 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path, compilation_cache):
   for got, want in zip(_checkpoint_arrays(tmp_path / "killed", 7), _checkpoint_arrays(tmp_path / "straight", 7),
                        strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_run_says_what_it_does_without_noise(tmp_path, compilation_cache):
+  """Fake data, 1 device, TensorFlow installed (TensorBoard summaries): the output a
+  new user reads, line by line."""
+  workdir = tmp_path / "run"
+  out, err = _finish(_start([f"--workdir={workdir}", f"--config={TINY}", "--config.num_train_steps=4",
+                             "--config.eval_every=2", "--config.log_every=1", "--config.batch_size=8",
+                             "--config.eval_batch_size=8"], _env(1, compilation_cache, IMAGENET_RUNNER_MICRO="1")))
+  lines = out.strip().splitlines()
+  assert "oneDNN" not in err and "InitializeLog" not in err, err  # no TensorFlow noise
+  assert (out + err).count("FAKE DATA: config.fake_data=True") == 1 and lines[0].startswith("WARNING: FAKE DATA")
+  assert "1 device on 1 host, jit; 4 steps of 8 images (160145 steps per epoch)" in lines[1]
+  rows = [line for line in lines if line.startswith("step ")]
+  assert len(rows) == 4 + 2 and all(row.endswith("[FAKE DATA]") for row in rows)
+  assert lines[2].startswith("compiling the training step") and lines[3].startswith("compiled and ran step 1 in ")
+  assert lines.index(rows[0]) == 4  # the compile is said before the first row
+  first_eval = next(i for i, line in enumerate(lines) if line.startswith("step 2: top-1"))
+  assert lines[first_eval - 1].startswith("evaluating (the first evaluation compiles")
+  assert all(row.count("images/s") <= 1 for row in rows) and "images/s" in rows[-2]  # one speed
+  assert lines[-1] == (f"done: step 4/4; wrote config.json, metrics.jsonl, TensorBoard summaries and "
+                       f"checkpoints/ (newest: step 4) in {workdir}")
 
 
 @pytest.mark.parametrize("flags, words", [

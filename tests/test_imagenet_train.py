@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from flax import linen as nn
 
 from experiments import common
-from experiments.imagenet import input_pipeline, parallel, train
+from experiments.imagenet import data, input_pipeline, parallel, train
 from tests.imagenet_testing import micro_net, prepare_tiny_imagenet, tiny_config, write_mock_metadata
 
 BATCH = 16  # 2 examples on each of the 8 devices
@@ -55,8 +55,14 @@ def _with(config, **fields):
 
 
 def _fake_batch(seed: int = 0) -> dict:
-  return input_pipeline.fake_train_batches(global_batch_size=BATCH, image_size=32, seed=seed, process_index=0,
-                                           process_count=1)[0]
+  return _fake_batches(seed)[0]
+
+
+def _fake_batches(seed: int) -> list[dict]:
+  """The fake source's distinct training batches (it cycles them)."""
+  batches = data.FakeSource(num_eval_examples=0).train_batches(global_batch_size=BATCH, image_size=32, seed=seed,
+                                                               process_index=0, process_count=1)
+  return [next(batches) for _ in range(data.FAKE_BATCHES)]
 
 
 # Groups of 2 devices: slow (compiling both steps takes seconds); their forward
@@ -185,8 +191,7 @@ def test_recomputed_statistics_are_algorithm_2_over_training_batches(micro_state
   # seed + 2, cycled), Algorithm 2 in float64: the mean of the batch means and
   # m / (m - 1) times the mean of the batch variances, m values per feature and batch.
   host = micro_state
-  fake = input_pipeline.fake_train_batches(global_batch_size=BATCH, image_size=32, seed=config.seed + 2,
-                                           process_index=0, process_count=1)
+  fake = _fake_batches(config.seed + 2)
   bn1_input_output_and_state = jax.jit(functools.partial(_bn1_input_output_and_state, exp.eval_model))
   means, variances = [], []
   for k in range(num_batches):
@@ -211,14 +216,14 @@ def _average_pool_is_differentiable() -> bool:
 
 
 def test_training_batches_resume_at_any_step(tiny_imagenet):
-  builder = input_pipeline.builder_for("imagenet2012", str(tiny_imagenet))
-  common = dict(global_batch_size=4, image_size=32, seed=5, process_index=0, process_count=1, shuffle_buffer_size=8,
-                photometric_distortion=0.5)
+  source = input_pipeline.TfdsSource.open("imagenet2012", str(tiny_imagenet), shuffle_buffer_size=8,
+                                          photometric_distortion=0.5)
+  common = dict(global_batch_size=4, image_size=32, seed=5, process_index=0, process_count=1)
   steps_per_epoch = 24 // 4
-  fresh = input_pipeline.train_batches(builder, **common)
+  fresh = source.train_batches(**common)
   first = [next(fresh) for _ in range(steps_per_epoch + 3)]
   for start in (4, steps_per_epoch + 1):  # within the first epoch; within the second
-    resumed = input_pipeline.train_batches(builder, start_step=start, **common)
+    resumed = source.train_batches(start_step=start, **common)
     for step in range(start, len(first)):
       got = next(resumed)
       np.testing.assert_array_equal(got["image"], first[step]["image"])
@@ -243,9 +248,10 @@ def test_evaluation_batches_hold_every_example_once(tiny_imagenet, process_count
   assert len(want) == 13
   got, num_batches = [], set()
   for process_index in range(process_count):
-    plan, dataset = input_pipeline.eval_batches(builder, global_batch_size=2 * process_count, image_size=32,
-                                                process_index=process_index, process_count=process_count)
-    batches = list(dataset.as_numpy_iterator())
+    plan, host_batches = input_pipeline.TfdsSource(builder).eval_batches(
+        global_batch_size=2 * process_count, image_size=32, process_index=process_index,
+        process_count=process_count)
+    batches = list(host_batches)
     num_batches.add(len(batches))
     assert len(batches) == plan.num_batches
     for batch in batches:
@@ -305,7 +311,7 @@ def compile_counter():
     ({"model": "resnet_huge"}, train.ConfigError, ["resnet_huge"]),
     ({"parallelism": "pjit"}, train.ConfigError, ["parallelism"]),
     ({"bn_group_size": 3}, train.ConfigError, ["bn_group_size=3"]),
-    ({"fake_data": False}, input_pipeline.DataError, ["ILSVRC2012_img_train.tar", "download_and_prepare"]),
+    ({"fake_data": False}, data.DataError, ["ILSVRC2012_img_train.tar", "download_and_prepare"]),
 ], ids=["batch", "eval_batch", "image_size", "model", "parallelism", "group", "missing_data"])
 def test_bad_input_fails_before_any_compile_and_writes_nothing(tmp_path, compile_counter, fields, error, words):
   config = tiny_config(**{"batch_size": BATCH, "tfds_data_dir": str(tmp_path / "no_data"), **fields})

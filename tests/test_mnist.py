@@ -74,7 +74,7 @@ def make_idx_folder(folder, num_train=600, num_test=200, seed=0, names=None):
 def small_config(data_dir, **overrides):
   config = default.get_config()
   config.dataset, config.data_dir = "fashion_mnist", str(data_dir)
-  config.num_steps, config.eval_every, config.checkpoint_every = 300, 100, 150
+  config.num_train_steps, config.eval_every, config.checkpoint_every = 300, 100, 150
   config.update(overrides)
   return config
 
@@ -283,7 +283,7 @@ def test_batch_norm_trains_faster_on_real_fashion_mnist(fashion_mnist_dir, tmp_p
   # accuracy, baseline 0.11-0.15 (margin >= 0.58). Asserted: half that margin.
   accuracy = {}
   for batch_norm in (True, False):
-    config = small_config(fashion_mnist_dir, batch_norm=batch_norm, num_steps=1000, eval_every=1000,
+    config = small_config(fashion_mnist_dir, batch_norm=batch_norm, num_train_steps=1000, eval_every=1000,
                           checkpoint_every=1000)
     train.train_and_evaluate(config, tmp_path / str(batch_norm))
     accuracy[batch_norm] = train.read_metrics(tmp_path / str(batch_norm))[-1]["test_accuracy"]
@@ -301,7 +301,7 @@ def test_metrics_and_config_are_written(trained_run):
                       "sigmoid_input_p50", "sigmoid_input_p85"}
     assert m["sigmoid_input_p15"] <= m["sigmoid_input_p50"] <= m["sigmoid_input_p85"]
   assert metrics[-1]["test_accuracy"] > 0.5  # the stripes are easy to read
-  assert json.loads((workdir / "config.json").read_text())["config"]["num_steps"] == 300
+  assert json.loads((workdir / "config.json").read_text())["config"]["num_train_steps"] == 300
   # The last evaluation, recomputed in float64 NumPy from the final state (running statistics).
   assert int(state.step) == 300
   data = input_pipeline.load_idx_folder(data_dir)
@@ -320,7 +320,7 @@ def test_metrics_and_config_are_written(trained_run):
 
 @pytest.mark.parametrize("field, value, match", [
     ("dataset", "cifar10", "config.dataset must be one of"),
-    ("num_steps", -5, "config.num_steps must be a positive integer, got -5"),
+    ("num_train_steps", -5, "config.num_train_steps must be a positive integer, got -5"),
     ("batch_size", 0, "config.batch_size must be a positive integer"),
     ("learning_rate", 0.0, "config.learning_rate must be a positive finite number"),
     ("tracked_unit", 100, "config.tracked_unit must index the last hidden layer"),
@@ -335,7 +335,7 @@ def test_bad_config_values(tmp_path, field, value, match):
 def _run_cli(workdir, data_dir, *extra):
   return [sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}",
           "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}",
-          "--config.num_steps=20000", "--config.eval_every=1000", "--config.checkpoint_every=2000", *extra]
+          "--config.num_train_steps=20000", "--config.eval_every=1000", "--config.checkpoint_every=2000", *extra]
 
 
 def _final_state(workdir):
@@ -405,7 +405,7 @@ def test_figure1_draws_a_png_from_both_runs(tmp_path):
 
 def test_default_config_is_the_paper_setup():
   config = default.get_config()
-  assert (config.num_steps, config.batch_size, tuple(config.hidden_sizes)) == (50_000, 60, (100, 100, 100))
+  assert (config.num_train_steps, config.batch_size, tuple(config.hidden_sizes)) == (50_000, 60, (100, 100, 100))
   assert pathlib.Path(configs.DEFAULT).name == "default.py"
 
 
@@ -417,10 +417,10 @@ def test_restart_with_another_config_is_refused(trained_run, tmp_path):
     train.train_and_evaluate(small_config(data_dir, learning_rate=0.5), workdir)
   with pytest.raises(train.ConfigError, match=r"another config or settings \(batch_norm: True -> False\)"):
     train.train_and_evaluate(small_config(data_dir, batch_norm=False), workdir)
-  with pytest.raises(train.ConfigError, match="already at step 300, past config.num_steps=200"):
-    train.train_and_evaluate(small_config(data_dir, num_steps=200), workdir)
+  with pytest.raises(train.ConfigError, match="already at step 300, past config.num_train_steps=200"):
+    train.train_and_evaluate(small_config(data_dir, num_train_steps=200), workdir)
   assert (workdir / "config.json").read_text() == saved  # untouched by the refusals
-  train.train_and_evaluate(small_config(data_dir, num_steps=400), workdir)  # extending is fine
+  train.train_and_evaluate(small_config(data_dir, num_train_steps=400), workdir)  # extending is fine
   assert [m["step"] for m in train.read_metrics(workdir)] == [100, 200, 300, 400]
 
 
@@ -473,7 +473,7 @@ def test_a_full_disk_during_a_resume_loses_no_history(trained_run, tmp_path):
   )
   result = subprocess.run(
       [sys.executable, "-c", limit_file_size, "-m", "experiments.mnist", f"--workdir={workdir}",
-       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300",
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_train_steps=300",
        "--config.eval_every=100", "--config.checkpoint_every=150"],
       cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=300,
   )
@@ -518,7 +518,7 @@ def _check_unwritable_checkpoint_folder(base, obstacle):
   started = time.monotonic()
   result = subprocess.run(
       [*as_user, sys.executable, "-m", "experiments.mnist", f"--workdir={workdir}",
-       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_steps=300"],
+       "--config.dataset=fashion_mnist", f"--config.data_dir={data_dir}", "--config.num_train_steps=300"],
       cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True, timeout=240,
   )
   assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (1, expected), result.stderr
@@ -536,12 +536,12 @@ def _flip_a_bit_in_the_largest_file(folder):
 @pytest.mark.slow
 def test_a_damaged_checkpoint_is_not_restored(trained_run, tmp_path, capsys):
   data_dir, _ = copy_run(trained_run, tmp_path / "run")
-  whole = train.train_and_evaluate(small_config(data_dir, num_steps=450), tmp_path / "whole")
+  whole = train.train_and_evaluate(small_config(data_dir, num_train_steps=450), tmp_path / "whole")
   capsys.readouterr()
   _flip_a_bit_in_the_largest_file(tmp_path / "run" / "checkpoints" / "300")
   with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
     f.write('{"step": 400, "test_acc')  # and a last line cut short by a kill
-  resumed = train.train_and_evaluate(small_config(data_dir, num_steps=450), tmp_path / "run")
+  resumed = train.train_and_evaluate(small_config(data_dir, num_train_steps=450), tmp_path / "run")
   err = capsys.readouterr().err
   assert f"checkpoint {tmp_path / 'run' / 'checkpoints' / '300'} is not intact" in err
   assert "does not match its checksum" in err and "trying the older step 150" in err
@@ -585,7 +585,7 @@ def test_a_resume_without_config_json_is_refused(trained_run, tmp_path):
   data_dir, _ = copy_run(trained_run, tmp_path / "run")
   (tmp_path / "run" / "config.json").unlink()
   with pytest.raises(common.ConfigError, match=r"holds checkpoints but .*config.json is missing"):
-    train.train_and_evaluate(small_config(data_dir, learning_rate=0.5, num_steps=400), tmp_path / "run")
+    train.train_and_evaluate(small_config(data_dir, learning_rate=0.5, num_train_steps=400), tmp_path / "run")
   assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -593,7 +593,7 @@ def test_a_resume_without_config_json_is_refused(trained_run, tmp_path):
 def test_a_float32_run_is_not_resumed_under_x64(trained_run, tmp_path, x64):
   data_dir, _ = copy_run(trained_run, tmp_path / "run")  # trained without x64
   with pytest.raises(common.ConfigError, match=r"runtime jax_enable_x64: False -> True"):
-    train.train_and_evaluate(small_config(data_dir, num_steps=400), tmp_path / "run")
+    train.train_and_evaluate(small_config(data_dir, num_train_steps=400), tmp_path / "run")
 
 
 def test_evaluation_data_are_arguments_not_constants():

@@ -39,6 +39,15 @@ def test_the_library_passes_ruff():
   assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_no_function_of_the_experiments_is_too_complex():
+  """Cyclomatic complexity at most 10 (ruff's C901) in experiments/ and benchmarks/:
+  functions a reader can follow; the train loops are split into named steps."""
+  result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--select", "C901",
+                           "--config", "lint.mccabe.max-complexity=10", "experiments", "benchmarks"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
   """experiments/ and benchmarks/ run from a clone; installed as top-level

@@ -30,6 +30,7 @@ from experiments.common.preemption import PREEMPTED_EXIT_STATUS, Preempted
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 flags.disclaim_key_flags()  # flags defined here belong to the caller: --help lists them
 _CONFIG_FLAGS: dict[str, str] = {}  # flag name -> default config file
+_ALIASES: dict[str, dict[str, str]] = {}  # flag name -> {old field name: new field name}
 
 
 def fail(message: str, status: int = 1, *, prefix: str = "error: ") -> NoReturn:
@@ -147,11 +148,40 @@ def _config_error(name: str, default_file: str, argv: list[str], error: Exceptio
   fail(f"--{name}: {str(error).strip() or type(error).__name__}")
 
 
-def define_config_flag(default_file: str, help: str, *, name: str = "config") -> None:
+def renamed_fields(argv: list[str], aliases: dict[str, str], *, name: str = "config") -> list[str]:
+  """``argv`` with each ``--NAME.OLD=...`` of a renamed field spelled ``--NAME.NEW=...``,
+  and one warning line on stderr per old spelling used: command lines written before
+  a field was renamed go on working.
+
+  >>> renamed_fields(["prog", "--config.num_steps=5"], {"num_steps": "num_train_steps"})[1]
+  '--config.num_train_steps=5'
+  """
+  out = []
+  for arg in argv:
+    match = re.match(rf"^(--?(?:no)?{name}\.)([^=]+)(.*)$", arg, re.DOTALL)
+    new = aliases.get(match.group(2)) if match else None
+    if new is None:
+      out.append(arg)
+      continue
+    sys.stderr.write(f"warning: --{name}.{match.group(2)} is now --{name}.{new}; the old name "
+                     "still works for now\n")
+    out.append(f"{match.group(1)}{new}{match.group(3)}")
+  return out
+
+
+def define_config_flag(default_file: str, help: str, *, name: str = "config",
+                       aliases: dict[str, str] | None = None) -> None:
   """``config_flags.DEFINE_config_file`` (locked: no new fields) with ``--help``
   naming the config file and its fields, and a one-line error for an unknown field
   (ml_collections raises it while defining the flag, so it cannot wait for
-  ``parse_flags``)."""
+  ``parse_flags``).
+
+  ``aliases``: ``{old field name: new field name}`` of renamed fields; an old
+  spelling on the command line sets the new field, with a warning (``renamed_fields``).
+  """
+  if aliases:
+    _ALIASES[name] = dict(aliases)
+    sys.argv[:] = renamed_fields(sys.argv, aliases, name=name)  # DEFINE parses sys.argv's overrides
   fields = ", ".join(config_fields(load_config_file(default_file)))
   help = (f"{help} A file defining get_config(); the default, {_display_path(default_file)}, documents "
           f"each field. Override a field with --{name}.FIELD=VALUE; the fields are: {fields}.")
@@ -164,6 +194,8 @@ def define_config_flag(default_file: str, help: str, *, name: str = "config") ->
 
 def parse_flags(argv: list[str]) -> list[str]:
   """``app.run``'s ``flags_parser``: absl's parsing, with one-line errors."""
+  for name, aliases in _ALIASES.items():  # (sys.argv itself was renamed by define_config_flag)
+    argv = renamed_fields(argv, aliases, name=name)
   for name in _CONFIG_FLAGS:
     for path in _config_files_given(name, argv):
       if not pathlib.Path(path.split(":", 1)[0]).is_file():

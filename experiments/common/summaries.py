@@ -98,11 +98,9 @@ class EventFileWriter:
 
 def summary_writer(workdir, *, primary: bool):
   """The run's summary writer (see the module docstring)."""
+  path = storage.as_path(workdir)
+  if primary and storage.is_gcs(path):
+    return EventFileWriter(path)
   from clu import metric_writers  # imports TensorFlow, as the Flax examples do
 
-  path = storage.as_path(workdir)
-  if not primary:
-    return metric_writers.create_default_writer(str(path), just_logging=True)
-  if storage.is_gcs(path):
-    return EventFileWriter(path)
-  return metric_writers.create_default_writer(str(path))
+  return metric_writers.create_default_writer(str(path), just_logging=not primary)

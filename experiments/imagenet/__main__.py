@@ -13,7 +13,7 @@ the same command on every host with ``--multihost``; elsewhere, on each process,
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments.common import cli
 
@@ -45,12 +45,8 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.check_command_line(argv, FLAGS.workdir)
   initialize_distributed()
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from experiments.imagenet import train
 
   cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)

@@ -10,8 +10,8 @@
 folder of the four IDX files (read by ``experiments.common.idx``, the reader the
 MNIST experiment uses). The 60,000 training and 10,000 test images (28x28 gray
 bytes) stay in memory; batches have the ImageNet pipeline's form and guarantees
-(``input_pipeline.py`` chooses this source when ``builder_for`` is given a
-``data_dir``):
+(``data.open_source`` chooses this source when the config has a ``data_dir``;
+NumPy only, no TensorFlow):
 
 * Geometry: the 28x28 image, resized by ``image_size / 32`` (bilinear, only when
   ``image_size`` > 32), is centred on a black ``image_size`` square (at 32: padded
@@ -36,7 +36,6 @@ bytes) stay in memory; batches have the ImageNet pipeline's form and guarantees
 
 from __future__ import annotations
 
-import math
 import pathlib
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments.common import idx
-from experiments.imagenet import input_pipeline
+from experiments.imagenet import data
 
 DATASETS = idx.DATASETS  # ("mnist", "fashion_mnist")
 FLIPPED = {"fashion_mnist": True, "mnist": False}  # left-right flips in training
@@ -53,7 +52,7 @@ BASE_SIZE = 32  # image_size at which the 28x28 image is padded, not resized
 
 
 class IdxSource(NamedTuple):
-  """The dataset of an IDX folder, in memory: what ``builder_for`` returns for it."""
+  """The dataset of an IDX folder, in memory: a ``data.Source``."""
 
   name: str  # config.dataset: "fashion_mnist" or "mnist"
   data_dir: pathlib.Path
@@ -65,48 +64,75 @@ class IdxSource(NamedTuple):
   std: float
   num_classes: int = idx.NUM_CLASSES
 
+  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
+                 train: bool) -> data.Split:
+    """As ``data.Source``'s, for ``split`` "train" or "validation" (the test split)."""
+    images = self.train_images if split == data.TRAIN_SPLIT else self.test_images
+    return data.split_plan(data.contiguous_counts(len(images), process_count),
+                           global_batch_size=global_batch_size, train=train,
+                           what=f"the training split of {self.data_dir}")
 
-def load(dataset: str, data_dir: str | pathlib.Path) -> IdxSource:
-  """The four IDX files of ``data_dir``, checked, as an ``IdxSource``.
+  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
+                    seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+    """This host's training batches from ``start_step`` on, without end.
+
+    Yields:
+      ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
+    """
+    plan = self.split_plan(data.TRAIN_SPLIT, global_batch_size=global_batch_size,
+                           process_count=process_count, train=True)
+    local = plan.local_batch_size
+    first = data.host_bounds(len(self.train_images), process_count)[process_index]
+    e, k = divmod(start_step, plan.num_batches)
+    while True:
+      rng = np.random.default_rng([seed, e, process_index])
+      order = first + rng.permutation(plan.examples_per_host[process_index])
+      for k in range(k, plan.num_batches):
+        rows = order[k * local:(k + 1) * local]
+        rng = np.random.default_rng([seed, e, process_index, k, 1])
+        yield {"image": augmented(self, self.train_images[rows], image_size, rng),
+               "label": self.train_labels[rows]}
+      e, k = e + 1, 0
+
+  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
+                   process_count: int) -> tuple[data.Split, Iterator[dict]]:
+    """Every test image once, centred (no crop); the padding is masked-out zeros."""
+    plan = self.split_plan(data.EVAL_SPLIT, global_batch_size=global_batch_size,
+                           process_count=process_count, train=False)
+    bounds = data.host_bounds(len(self.test_images), process_count)
+
+    def batches():
+      for rows, mask in data.padded_rows(bounds[process_index], bounds[process_index + 1], plan):
+        image = centred(self, self.test_images[rows], image_size)
+        image[~mask] = 0.0
+        label = np.where(mask, self.test_labels[rows], 0).astype(np.int32)
+        yield {"image": image, "label": label, "mask": mask}
+
+    return plan, batches()
+
+
+def open_idx_source(dataset: str, data_dir: str | None) -> IdxSource:
+  """The four IDX files of ``data_dir`` (``config.data_dir``), checked, as an ``IdxSource``.
 
   Raises:
-    DataError: an unknown ``dataset`` or missing or damaged files (one line naming
-      the folder and how to install Debian's Fashion-MNIST).
+    DataError: no ``data_dir``, an unknown ``dataset`` or missing or damaged files
+      (one line naming the folder and how to install Debian's Fashion-MNIST).
   """
+  if not data_dir:
+    raise data.DataError(f"config.dataset={dataset!r} is read from a folder of IDX files: set "
+                         "--config.data_dir (`apt-get install dataset-fashion-mnist` puts "
+                         "Fashion-MNIST's in /usr/share/datasets/fashion-mnist)")
   if dataset not in DATASETS:
-    raise input_pipeline.DataError(f"config.data_dir is a folder of IDX files, read for config.dataset in "
-                                   f"{DATASETS}; got config.dataset={dataset!r}")
+    raise data.DataError(f"config.data_dir is a folder of IDX files, read for config.dataset in "
+                         f"{DATASETS}; got config.dataset={dataset!r}")
   try:
-    data = idx.load_idx_folder(data_dir)
+    files = idx.load_idx_folder(data_dir)
   except idx.DataError as e:
-    raise input_pipeline.DataError(f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}") from None
-  pixels = data.train_images.astype(np.float64)
-  return IdxSource(name=dataset, data_dir=pathlib.Path(data_dir), train_images=data.train_images,
-                   train_labels=data.train_labels, test_images=data.test_images, test_labels=data.test_labels,
-                   mean=float(pixels.mean()), std=float(pixels.std()))
-
-
-def _bounds(num_examples: int, process_count: int) -> list[int]:
-  """Where each host's contiguous part of a split begins (and the last one ends)."""
-  return [num_examples * i // process_count for i in range(process_count + 1)]
-
-
-def split_plan(source: IdxSource, split: str, *, global_batch_size: int, process_count: int,
-               train: bool) -> input_pipeline.Split:
-  """As ``input_pipeline.split_plan``, for ``split`` "train" or "validation" (the test split)."""
-  images = source.train_images if split == input_pipeline.TRAIN_SPLIT else source.test_images
-  bounds = _bounds(len(images), process_count)
-  counts = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-  local = global_batch_size // process_count
-  if train:
-    num_batches = min(counts) // local
-    if num_batches == 0:
-      raise input_pipeline.DataError(
-          f"the training split of {source.data_dir} has {min(counts)} images on a host, fewer than the batch of "
-          f"{local} per host (config.batch_size={global_batch_size}, {process_count} hosts)")
-  else:
-    num_batches = max(1, math.ceil(max(counts) / local))
-  return input_pipeline.Split(examples_per_host=counts, local_batch_size=local, num_batches=num_batches)
+    raise data.DataError(f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}") from None
+  pixels = files.train_images.astype(np.float64)
+  return IdxSource(name=dataset, data_dir=pathlib.Path(data_dir), train_images=files.train_images,
+                   train_labels=files.train_labels, test_images=files.test_images,
+                   test_labels=files.test_labels, mean=float(pixels.mean()), std=float(pixels.std()))
 
 
 def _geometry(image_size: int) -> tuple[int, int]:
@@ -116,14 +142,14 @@ def _geometry(image_size: int) -> tuple[int, int]:
 
 
 def _resized(images: np.ndarray, inner: int) -> np.ndarray:
-  """uint8 ``[B, 28, 28]`` -> float32 ``[B, inner, inner]`` in [0, 255]."""
+  """uint8 ``[B, 28, 28]`` -> float32 ``[B, inner, inner]`` in [0, 255] (bilinear, antialiased)."""
   if inner == SOURCE_SIZE:
     return images.astype(np.float32)
-  import tensorflow as tf
+  import jax
 
-  resized = tf.image.resize(images[..., None].astype(np.float32), [inner, inner], method="bilinear",
-                            antialias=True)
-  return np.clip(resized.numpy()[..., 0], 0.0, 255.0)
+  resized = jax.image.resize(images.astype(np.float32), (len(images), inner, inner), "linear",
+                             antialias=True)
+  return np.clip(np.asarray(resized), 0.0, 255.0)
 
 
 def _finish(source: IdxSource, squares: np.ndarray) -> np.ndarray:
@@ -156,56 +182,3 @@ def augmented(source: IdxSource, images: np.ndarray, image_size: int, rng: np.ra
     flip = rng.random(len(images)) < 0.5
     squares = np.where(flip[:, None, None], squares[:, :, ::-1], squares)
   return _finish(source, squares)
-
-
-def train_batches(source: IdxSource, *, global_batch_size: int, image_size: int, seed: int, process_index: int,
-                  process_count: int, start_step: int = 0, **unused) -> Iterator[dict]:
-  """As ``input_pipeline.train_batches`` (``shuffle_buffer_size`` and
-  ``photometric_distortion`` are not used: see the module's docstring).
-
-  Yields:
-    ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
-  """
-  del unused
-  plan = split_plan(source, input_pipeline.TRAIN_SPLIT, global_batch_size=global_batch_size,
-                    process_count=process_count, train=True)
-  local = plan.local_batch_size
-  first = _bounds(len(source.train_images), process_count)[process_index]
-  e, k = divmod(start_step, plan.num_batches)
-  while True:
-    order = first + np.random.default_rng([seed, e, process_index]).permutation(plan.examples_per_host[process_index])
-    for k in range(k, plan.num_batches):
-      rows = order[k * local:(k + 1) * local]
-      rng = np.random.default_rng([seed, e, process_index, k, 1])
-      yield {"image": augmented(source, source.train_images[rows], image_size, rng),
-             "label": source.train_labels[rows]}
-    e, k = e + 1, 0
-
-
-class EvalBatches:
-  """The padded evaluation batches of one host, made on demand (``as_numpy_iterator``,
-  as a ``tf.data.Dataset``'s)."""
-
-  def __init__(self, source: IdxSource, plan: input_pipeline.Split, first: int, stop: int, image_size: int):
-    self.source, self.plan, self.first, self.stop, self.image_size = source, plan, first, stop, image_size
-
-  def as_numpy_iterator(self) -> Iterator[dict]:
-    local, stop = self.plan.local_batch_size, self.stop
-    for b in range(self.plan.num_batches):
-      rows = np.arange(self.first + b * local, self.first + (b + 1) * local)
-      mask = rows < stop
-      rows = np.where(mask, rows, self.first)  # the padding: any image, masked out, zeroed below
-      image = centred(self.source, self.source.test_images[rows], self.image_size)
-      image[~mask] = 0.0
-      yield {"image": image, "label": np.where(mask, self.source.test_labels[rows], 0).astype(np.int32),
-             "mask": mask}
-
-
-def eval_batches(source: IdxSource, *, global_batch_size: int, image_size: int, process_index: int,
-                 process_count: int, **unused) -> tuple[input_pipeline.Split, EvalBatches]:
-  """As ``input_pipeline.eval_batches``: every test image once, centred (no crop)."""
-  del unused
-  plan = split_plan(source, input_pipeline.EVAL_SPLIT, global_batch_size=global_batch_size,
-                    process_count=process_count, train=False)
-  bounds = _bounds(len(source.test_images), process_count)
-  return plan, EvalBatches(source, plan, bounds[process_index], bounds[process_index + 1], image_size)

@@ -1,4 +1,5 @@
-"""ImageNet input pipeline: TFDS ``imagenet2012`` through tf.data, or synthetic data.
+"""The TFDS source (``data.Source``): ``imagenet2012`` through tf.data; the only module
+of the experiment that imports TensorFlow.
 
 Training examples get the Inception-style augmentation: a random crop of 8% to 100%
 of the image's area and aspect ratio 3/4 to 4/3 (Szegedy et al., 2015), decoded
@@ -22,48 +23,32 @@ Evaluation scores every example of the split exactly once, whatever the batch si
 and the number of hosts: each host pads its part to the same number of batches,
 and a ``mask`` marks the padding, which the metrics leave out.
 
-Batches are host-local NumPy dicts: ``image`` float32 ``[B, S, S, 3]``, ``label``
-int32 ``[B]``, and for evaluation ``mask`` bool ``[B]``, with ``B`` the batch of this
-host (the global batch divided by the number of hosts).
+Batches have the form ``data.py`` describes.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import pathlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from experiments import common
+from experiments.imagenet import data
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+data.quiet_tensorflow()
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from experiments.imagenet.data import (  # noqa: E402
+    EVAL_SPLIT, MEAN_RGB, STDDEV_RGB, TRAIN_SPLIT, DataError, Split)
+
 EVAL_CROP_FRACTION = 224 / 256  # default: the central crop's side over the shorter side
 AREA_RANGE = (0.08, 1.0)  # of the random training crop, as a fraction of the image
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10  # then the central crop
 FILES_INTERLEAVED = 16
-TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
-FAKE_NUM_CLASSES = 1000
-FAKE_BATCHES = 2  # distinct synthetic training batches, cycled
-
-
-class DataError(common.DataError):
-  """The data is missing or cannot feed this run; the message says what to do."""
-
-
-class Split(NamedTuple):
-  """How a split is divided among hosts and batches."""
-
-  examples_per_host: tuple[int, ...]  # [process_count]: examples each host reads
-  local_batch_size: int  # examples per batch on each host
-  num_batches: int  # batches per host: per epoch (training) or per pass (evaluation)
-
 
 def _shuffle_seeds(seed: int, epoch: int, process_index: int) -> np.ndarray:
   """Three independent int32 seeds for one host's epoch: files, buffer, crops."""
@@ -73,23 +58,13 @@ def _shuffle_seeds(seed: int, epoch: int, process_index: int) -> np.ndarray:
 # ---- the data on disk --------------------------------------------------------------
 
 
-def builder_for(dataset: str, data_dir: str | None, idx_dir: str | None = None):
-  """The TFDS builder of ``dataset``, with both splits prepared in ``data_dir``; or,
-  for ``mnist``/``fashion_mnist`` with ``idx_dir`` (``config.data_dir``), the IDX
-  files of that folder (``idx_data.IdxSource``, which the functions below also take).
+def builder_for(dataset: str, data_dir: str | None):
+  """The TFDS builder of ``dataset``, with both splits prepared in ``data_dir``.
 
   Raises:
     DataError: an unknown dataset, or one not prepared there (the message says
       where to put ImageNet's files and how TFDS prepares them).
   """
-  from experiments.imagenet import idx_data  # the source chosen here (it imports this module)
-
-  if idx_dir or dataset in idx_data.DATASETS:
-    if not idx_dir:
-      raise DataError(f"config.dataset={dataset!r} is read from a folder of IDX files: set --config.data_dir "
-                      "(`apt-get install dataset-fashion-mnist` puts Fashion-MNIST's in "
-                      "/usr/share/datasets/fashion-mnist)")
-    return idx_data.load(dataset, idx_dir)
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -116,47 +91,6 @@ def missing_data_message(builder: tfds.core.DatasetBuilder, missing: list[str]) 
     how = f"prepare it with tfds.builder('{builder.name}', data_dir='{root}').download_and_prepare()"
   return (f"{where}: {how}; or set --config.tfds_data_dir to a folder (or gs:// bucket) where it is prepared, "
           "or --config.fake_data=True for synthetic data")
-
-
-def num_classes(builder) -> int:
-  """The number of classes of ``builder_for``'s dataset."""
-  return builder.num_classes if _is_idx(builder) else builder.info.features["label"].num_classes
-
-
-def _is_idx(builder) -> bool:
-  from experiments.imagenet import idx_data
-
-  return isinstance(builder, idx_data.IdxSource)
-
-
-def split_plan(builder, split: str, *, global_batch_size: int, process_count: int, train: bool) -> Split:
-  """Examples per host and batches per host for ``split``.
-
-  Training drops each host's last partial batch of every epoch, and every host
-  takes as many batches as the smallest part allows (hosts must step together).
-  Evaluation takes as many batches as the largest part needs; the other hosts pad.
-
-  Raises:
-    DataError: a training split with fewer examples per host than a batch.
-  """
-  if _is_idx(builder):
-    from experiments.imagenet import idx_data
-
-    return idx_data.split_plan(builder, split, global_batch_size=global_batch_size, process_count=process_count,
-                               train=train)
-  counts = tuple(
-      builder.info.splits[tfds.split_for_jax_process(split, process_index=i, process_count=process_count)].num_examples
-      for i in range(process_count)
-  )
-  local = global_batch_size // process_count
-  if train:
-    num_batches = min(counts) // local
-    if num_batches == 0:
-      raise DataError(f"the {split} split has {min(counts)} examples on a host, fewer than the batch of "
-                      f"{local} per host (config.batch_size={global_batch_size}, {process_count} hosts)")
-  else:
-    num_batches = max(1, math.ceil(max(counts) / local))
-  return Split(examples_per_host=counts, local_batch_size=local, num_batches=num_batches)
 
 
 # ---- preprocessing -----------------------------------------------------------------
@@ -247,88 +181,6 @@ def _options() -> tf.data.Options:
   return options
 
 
-def train_batches(
-    builder, *, global_batch_size: int, image_size: int, seed: int, process_index: int, process_count: int,
-    start_step: int = 0, shuffle_buffer_size: int = 0, photometric_distortion: float = 0.0,
-) -> Iterator[dict]:
-  """This host's training batches from step ``start_step`` on, without end.
-
-  Epoch ``e`` reads the host's part of the split in an order drawn from
-  ``(seed, e, process_index)``; the batches of steps ``s, s+1, ...`` are the same
-  whatever ``start_step`` the iteration began at.
-
-  Args:
-    builder: from ``builder_for``.
-    global_batch_size: examples per step over all hosts.
-    image_size: side of the square crops.
-    seed: the run's seed.
-    process_index, process_count: this host and the number of hosts.
-    start_step: the first step to yield.
-    shuffle_buffer_size: examples in this host's shuffle buffer; 0: none (the
-      shards' order and interleaving only).
-    photometric_distortion: strength of ``distort_color``; 0: none.
-
-  Yields:
-    ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
-  """
-  if _is_idx(builder):
-    from experiments.imagenet import idx_data
-
-    yield from idx_data.train_batches(builder, global_batch_size=global_batch_size, image_size=image_size,
-                                      seed=seed, process_index=process_index, process_count=process_count,
-                                      start_step=start_step)
-    return
-  plan = split_plan(builder, TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count,
-                    train=True)
-  local = plan.local_batch_size
-  split = tfds.split_for_jax_process(TRAIN_SPLIT, process_index=process_index, process_count=process_count)
-
-  def epoch(e: int, skip_batches: int) -> tf.data.Dataset:
-    files_seed, buffer_seed, crop_seed = (int(s) for s in _shuffle_seeds(seed, e, process_index))
-    read_config = tfds.ReadConfig(shuffle_seed=files_seed, interleave_cycle_length=FILES_INTERLEAVED,
-                                  options=_options())
-    ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    if shuffle_buffer_size > 0:
-      ds = ds.shuffle(shuffle_buffer_size, seed=buffer_seed)
-    ds = ds.take(plan.num_batches * local).enumerate()
-    ds = ds.skip(skip_batches * local)  # read, not decoded
-    ds = ds.map(functools.partial(preprocess_train, crop_seed=crop_seed, image_size=image_size,
-                                  photometric_distortion=photometric_distortion),
-                num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(local, drop_remainder=True)
-
-  e, skip = divmod(start_step, plan.num_batches)
-  while True:  # one tf.data pipeline per epoch (its shuffle buffer refills at the start)
-    for batch in epoch(e, skip).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-      yield batch
-    e, skip = e + 1, 0
-
-
-def eval_batches(builder, *, global_batch_size: int, image_size: int, process_index: int,
-                 process_count: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tuple[Split, tf.data.Dataset]:
-  """This host's evaluation batches of the validation split: every example once.
-
-  Returns:
-    ``(plan, dataset)``; the dataset yields ``plan.num_batches`` batches
-    ``{"image": float32 [B, S, S, 3], "label": int32 [B], "mask": bool [B]}``, the
-    same number on every host, ``mask`` False on the padding that fills them.
-  """
-  if _is_idx(builder):
-    from experiments.imagenet import idx_data
-
-    return idx_data.eval_batches(builder, global_batch_size=global_batch_size, image_size=image_size,
-                                 process_index=process_index, process_count=process_count)
-  plan = split_plan(builder, EVAL_SPLIT, global_batch_size=global_batch_size, process_count=process_count,
-                    train=False)
-  split = tfds.split_for_jax_process(EVAL_SPLIT, process_index=process_index, process_count=process_count)
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(options=_options()))
-  ds = ds.map(functools.partial(preprocess_eval, image_size=image_size, crop_fraction=crop_fraction),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  return plan, _padded(ds, plan, image_size)
-
-
 def _padded(ds: tf.data.Dataset, plan: Split, image_size: int) -> tf.data.Dataset:
   """``ds`` followed by masked-out zeros, cut to exactly ``plan.num_batches`` batches."""
   padding = tf.data.Dataset.from_tensors({
@@ -340,47 +192,91 @@ def _padded(ds: tf.data.Dataset, plan: Split, image_size: int) -> tf.data.Datase
   return ds.batch(plan.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-# ---- synthetic data ----------------------------------------------------------------
+class TfdsSource(NamedTuple):
+  """A TFDS dataset with ``train`` and ``validation`` splits: a ``data.Source``.
 
+  ``shuffle_buffer_size``: examples in each host's shuffle buffer (0: the shards'
+  order and interleaving only); ``photometric_distortion``: strength of
+  ``distort_color`` (0: none); ``crop_fraction``: of the evaluation's central crop.
+  """
 
-def _fake_example(index: tf.Tensor, *, seed: int, image_size: int, num_classes: int) -> dict:
-  """The ``index``-th synthetic example: uniform noise pixels, a uniform label."""
-  key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64), index)
-  keys = tf.random.experimental.stateless_split(key, 2)
-  image = tf.random.stateless_uniform([image_size, image_size, 3], keys[0], maxval=255.0)
-  label = tf.random.stateless_uniform([], keys[1], maxval=num_classes, dtype=tf.int32)
-  return {"image": normalize(image), "label": label, "mask": tf.constant(True)}
+  builder: tfds.core.DatasetBuilder
+  shuffle_buffer_size: int = 0
+  photometric_distortion: float = 0.0
+  crop_fraction: float = EVAL_CROP_FRACTION
 
+  @classmethod
+  def open(cls, dataset: str, data_dir: str | None, **options) -> TfdsSource:
+    """``builder_for(dataset, data_dir)`` with the pipeline's ``options`` (the fields)."""
+    return cls(builder_for(dataset, data_dir), **options)
 
-def _fake_rows(start: int, stop: int, *, seed: int, image_size: int, num_classes: int) -> tf.data.Dataset:
-  make = functools.partial(_fake_example, seed=seed, image_size=image_size, num_classes=num_classes)
-  return tf.data.Dataset.range(start, stop).map(make)
+  @property
+  def num_classes(self) -> int:
+    return self.builder.info.features["label"].num_classes
 
+  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
+                 train: bool) -> Split:
+    """``data.split_plan`` of the parts ``tfds.split_for_jax_process`` gives each host."""
+    counts = tuple(
+        self.builder.info.splits[tfds.split_for_jax_process(split, process_index=i,
+                                                            process_count=process_count)].num_examples
+        for i in range(process_count))
+    return data.split_plan(counts, global_batch_size=global_batch_size, train=train,
+                           what=f"the {split} split")
 
-def fake_train_batches(*, global_batch_size: int, image_size: int, seed: int, process_index: int,
-                       process_count: int, num_classes: int = FAKE_NUM_CLASSES) -> list[dict]:
-  """``FAKE_BATCHES`` synthetic training batches of this host, to be cycled (step
-  ``s`` uses batch ``s % FAKE_BATCHES``). The global batch is the same whatever
-  the number of hosts: each host makes its rows of it."""
-  local = global_batch_size // process_count
-  batches = []
-  for b in range(FAKE_BATCHES):
-    start = b * global_batch_size + process_index * local
-    ds = _fake_rows(start, start + local, seed=seed, image_size=image_size, num_classes=num_classes)
-    batch = next(ds.batch(local).as_numpy_iterator())
-    batches.append({"image": batch["image"], "label": batch["label"]})
-  return batches
+  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
+                    seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+    """This host's training batches from step ``start_step`` on, without end.
 
+    Epoch ``e`` reads the host's part of the split in an order drawn from
+    ``(seed, e, process_index)``; the batches of steps ``s, s+1, ...`` are the same
+    whatever ``start_step`` the iteration began at.
 
-def fake_eval_batches(*, num_examples: int, global_batch_size: int, image_size: int, seed: int,
-                      process_index: int, process_count: int,
-                      num_classes: int = FAKE_NUM_CLASSES) -> tuple[Split, tf.data.Dataset]:
-  """A synthetic validation split of ``num_examples`` examples, divided among hosts
-  and padded as ``eval_batches`` divides a real one."""
-  bounds = [num_examples * i // process_count for i in range(process_count + 1)]
-  counts = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-  local = global_batch_size // process_count
-  plan = Split(examples_per_host=counts, local_batch_size=local, num_batches=max(1, math.ceil(max(counts) / local)))
-  ds = _fake_rows(bounds[process_index] + 10**9, bounds[process_index + 1] + 10**9, seed=seed,
-                  image_size=image_size, num_classes=num_classes)
-  return plan, _padded(ds, plan, image_size)
+    Yields:
+      ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
+    """
+    plan = self.split_plan(TRAIN_SPLIT, global_batch_size=global_batch_size,
+                           process_count=process_count, train=True)
+    local = plan.local_batch_size
+    split = tfds.split_for_jax_process(TRAIN_SPLIT, process_index=process_index,
+                                       process_count=process_count)
+    preprocess = functools.partial(preprocess_train, image_size=image_size,
+                                   photometric_distortion=self.photometric_distortion)
+
+    def epoch(e: int, skip_batches: int) -> tf.data.Dataset:
+      files_seed, buffer_seed, crop_seed = (int(s) for s in _shuffle_seeds(seed, e, process_index))
+      read_config = tfds.ReadConfig(shuffle_seed=files_seed, interleave_cycle_length=FILES_INTERLEAVED,
+                                    options=_options())
+      ds = self.builder.as_dataset(split=split, shuffle_files=True, read_config=read_config,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
+      if self.shuffle_buffer_size > 0:
+        ds = ds.shuffle(self.shuffle_buffer_size, seed=buffer_seed)
+      ds = ds.take(plan.num_batches * local).enumerate()
+      ds = ds.skip(skip_batches * local)  # read, not decoded
+      ds = ds.map(functools.partial(preprocess, crop_seed=crop_seed), num_parallel_calls=tf.data.AUTOTUNE)
+      return ds.batch(local, drop_remainder=True)
+
+    e, skip = divmod(start_step, plan.num_batches)
+    while True:  # one tf.data pipeline per epoch (its shuffle buffer refills at the start)
+      yield from epoch(e, skip).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+      e, skip = e + 1, 0
+
+  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
+                   process_count: int) -> tuple[Split, Iterator[dict]]:
+    """This host's evaluation batches of the validation split: every example once.
+
+    Returns:
+      ``(plan, batches)``: ``plan.num_batches`` batches ``{"image": float32 [B, S, S, 3],
+      "label": int32 [B], "mask": bool [B]}``, the same number on every host, ``mask``
+      False on the padding that fills them.
+    """
+    plan = self.split_plan(EVAL_SPLIT, global_batch_size=global_batch_size,
+                           process_count=process_count, train=False)
+    split = tfds.split_for_jax_process(EVAL_SPLIT, process_index=process_index,
+                                       process_count=process_count)
+    ds = self.builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()},
+                                 read_config=tfds.ReadConfig(options=_options()))
+    ds = ds.map(functools.partial(preprocess_eval, image_size=image_size, crop_fraction=self.crop_fraction),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return plan, _padded(ds, plan, image_size).as_numpy_iterator()

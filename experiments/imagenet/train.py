@@ -5,15 +5,21 @@ pytree: the step, the parameters, the BN running statistics and the optimizer
 state. ``train_step`` maps a state and a batch to the next state (and the step's
 loss and learning rate) and touches nothing else; ``eval_step`` reads the
 variables and returns sums of correct predictions over a batch's unmasked
-examples. Both run under ``jax.jit`` over a mesh of all devices, or under
-``jax.pmap`` (``parallel.py`` places data and state for either).
+examples. Training runs under ``jax.jit`` over a mesh of all devices, or under
+``jax.pmap`` (``parallel.py`` places data and state for either); evaluation and
+recomputed statistics always run under ``jax.jit``, on a layout of their own.
 
 Between steps the state is "canonical": global arrays replicated over the mesh.
 That is what checkpoints hold, evaluation reads and ``train_and_evaluate``
 returns; under ``pmap`` the loop keeps a per-device copy and converts back when
-it evaluates or saves. Since the input pipeline's batches are a function of the
-seed and the step, a run restarted from a checkpoint continues exactly as it
-would have without the interruption.
+it evaluates or saves. Since the data source's batches are a function of the
+seed and the step (``data.py``), a run restarted from a checkpoint continues
+exactly as it would have without the interruption.
+
+The file reads top to bottom as the Flax example's (the schedule and the optimizer
+are in ``schedule.py``): the steps, ``prepare`` (the run's parts, from the config, checked by
+``checks.validate_config``), evaluation, the run's bookkeeping (``open_run``:
+every use of ``experiments.common``), and the loop.
 """
 
 from __future__ import annotations
@@ -22,10 +28,9 @@ import contextlib
 import functools
 import json
 import math
-import numbers
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -33,22 +38,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 import bnjax
 from bnjax import linen as bn
 from experiments import common
-from experiments.imagenet import input_pipeline, models, parallel
-from experiments.imagenet.configs import default as default_config
+from experiments.imagenet import data, models, parallel, progress
+from experiments.imagenet.checks import ConfigError, validate_config
+from experiments.imagenet.schedule import Schedule, make_learning_rate_fn, make_optimizer, make_schedule
 
-IMAGENET_TRAIN_IMAGES = default_config.IMAGENET_TRAIN_IMAGES
-FAKE_DATA_WARNING = ("FAKE DATA: config.fake_data=True trains and evaluates on synthetic random images; "
-                     "losses and accuracies say nothing about the network")
-OPTIMIZERS = ("momentum", "sgd")
-SCHEDULES = ("constant", "exponential", "cosine")
-
-
-ConfigError = common.ConfigError  # a config field the experiment cannot run with (one line)
+FAKE_DATA_WARNING = ("FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
+                     "images; losses and accuracies say nothing about the network")
 
 
 class TrainState(NamedTuple):
@@ -62,111 +61,6 @@ class TrainState(NamedTuple):
 
 def variables_of(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-# ---- the config ------------------------------------------------------------------------
-
-
-def _positive_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
-  """Every field this module reads, checked before any work; errors name the field."""
-  if config.parallelism not in parallel.PARALLELISMS:
-    raise ConfigError(f"config.parallelism must be one of {parallel.PARALLELISMS}, got {config.parallelism!r}")
-  for field in ("batch_size", "eval_batch_size"):
-    value = config[field]
-    if not _positive_int(value) or value % num_devices:
-      raise ConfigError(f"config.{field}={value!r} must be a positive multiple of the {num_devices} devices "
-                        f"(of {process_count} host(s)): each device takes an equal share of the global batch")
-  try:
-    models.check_image_size(config.image_size)
-  except ValueError as e:
-    raise ConfigError(f"config.{e}") from None
-  for field in ("log_every",):
-    if not _positive_int(config[field]):
-      raise ConfigError(f"config.{field} must be a positive integer, got {config[field]!r}")
-  for field in ("num_train_steps", "eval_every", "checkpoint_every"):
-    value = config[field]
-    if not (value == -1 or _positive_int(value)):
-      raise ConfigError(f"config.{field} must be -1 or a positive integer, got {value!r}")
-  if config.num_train_steps == -1 and not (isinstance(config.num_epochs, numbers.Real) and config.num_epochs > 0):
-    raise ConfigError(f"config.num_epochs must be positive when num_train_steps=-1, got {config.num_epochs!r}")
-  if not (isinstance(config.learning_rate, numbers.Real) and math.isfinite(config.learning_rate)
-          and config.learning_rate > 0):
-    raise ConfigError(f"config.learning_rate must be a positive finite number, got {config.learning_rate!r}")
-  if config.optimizer not in OPTIMIZERS:
-    raise ConfigError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
-  if config.lr_schedule not in SCHEDULES:
-    raise ConfigError(f"config.lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}")
-  for field in ("bn_group_size", "bn_virtual_batch_size", "recompute_bn_batches", "shuffle_buffer"):
-    value = config[field]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-      raise ConfigError(f"config.{field} must be a non-negative integer, got {value!r}")
-  _validate_statistics_groups(config, num_devices)
-  if config.recompute_bn_batches and not config.get("batch_norm", True):
-    raise ConfigError("config.recompute_bn_batches > 0 needs a network with batch norm (batch_norm=True)")
-  if not 0 < config.eval_crop_fraction <= 1:
-    raise ConfigError(f"config.eval_crop_fraction must be in (0, 1], got {config.eval_crop_fraction!r}")
-
-
-def _validate_statistics_groups(config, num_devices: int) -> None:
-  per_device = config.batch_size // num_devices
-  group, virtual = config.bn_group_size, config.bn_virtual_batch_size
-  if group and num_devices % group:
-    raise ConfigError(f"config.bn_group_size={group} must divide the {num_devices} devices")
-  if virtual:
-    group_batch = (group or num_devices) * per_device
-    if group_batch % virtual or not (per_device % virtual == 0 or virtual % per_device == 0):
-      raise ConfigError(
-          f"config.bn_virtual_batch_size={virtual} must divide the batch of each statistics group "
-          f"({group_batch} examples) and divide, or be a multiple of, the {per_device} examples per device")
-
-
-class Schedule(NamedTuple):
-  """The run's length and rhythm, in steps."""
-
-  steps_per_epoch: int
-  num_train_steps: int
-  log_every: int
-  eval_every: int
-  checkpoint_every: int
-
-
-def make_schedule(config, steps_per_epoch: int) -> Schedule:
-  """``-1`` fields resolved: steps from ``num_epochs``; evaluate and save once per epoch."""
-  total = config.num_train_steps if config.num_train_steps > 0 else max(
-      1, math.ceil(config.num_epochs * steps_per_epoch))
-  every = lambda value: value if value > 0 else steps_per_epoch  # noqa: E731
-  return Schedule(steps_per_epoch, total, config.log_every, every(config.eval_every), every(config.checkpoint_every))
-
-
-def make_learning_rate_fn(config, schedule: Schedule) -> optax.Schedule:
-  """Linear warm-up over ``warmup_epochs``, then the config's decay.
-
-  ``exponential``: ``lr * lr_decay_rate ** (steps / (lr_decay_epochs * steps_per_epoch))``
-  (staircase if ``lr_staircase``); ``cosine``: to 0 at the last step.
-  """
-  lr = config.learning_rate
-  warmup = int(config.warmup_epochs * schedule.steps_per_epoch)
-  if config.lr_schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif config.lr_schedule == "exponential":
-    decay = optax.exponential_decay(lr, transition_steps=max(1, int(config.lr_decay_epochs * schedule.steps_per_epoch)),
-                                    decay_rate=config.lr_decay_rate, staircase=config.lr_staircase)
-  else:
-    decay = optax.cosine_decay_schedule(lr, decay_steps=max(1, schedule.num_train_steps - warmup))
-  if warmup <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-
-
-def make_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum, or plain SGD; weight decay is in the loss."""
-  if config.optimizer == "momentum":
-    return optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov)
-  return optax.sgd(learning_rate_fn)
 
 
 # ---- the steps ---------------------------------------------------------------------------
@@ -267,17 +161,30 @@ class Experiment(NamedTuple):
   """What a run is made of, built from a config with no side effect."""
 
   config: ml_collections.ConfigDict
-  layout: parallel.Layout
+  layout: parallel.Layout  # training: config.parallelism
+  eval_layout: parallel.Layout  # evaluation and recomputed statistics: always jit
   model: Any  # flax.linen.Module for training (BN options bound for the layout)
   eval_model: Any  # the same network, for evaluation and recomputed statistics under jit
   bn_setup: parallel.BatchNormSetup
-  builder: Any  # the TFDS builder; None with fake data
+  source: data.Source  # fake data, IDX files or TFDS (data.open_source)
   num_classes: int
   schedule: Schedule
   learning_rate_fn: optax.Schedule
   optimizer: optax.GradientTransformation
   eval_step: Callable[..., dict]  # jitted eval_step: (params, batch_stats, batch) -> sums
   num_params: int
+
+
+def create_models(config, layout: parallel.Layout, eval_layout: parallel.Layout, *,
+                  create_model, norm_class):
+  """``(bn_setup, model, eval_model)``: the network with BN bound for training's
+  layout, and for evaluation's."""
+  bn_setup = parallel.batch_norm_setup(config, layout, norm_class=norm_class)
+  eval_norm = parallel.batch_norm_setup(config, eval_layout, norm_class=norm_class).norm
+  try:
+    return bn_setup, create_model(config, norm=bn_setup.norm), create_model(config, norm=eval_norm)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_model,
@@ -291,37 +198,26 @@ def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_mod
 
   Raises:
     ConfigError: a bad field (its name in the message).
-    input_pipeline.DataError: missing data.
+    data.DataError: missing data.
   """
-  layout_devices, process_count = jax.device_count(), jax.process_count()
-  validate_config(config, num_devices=layout_devices, process_count=process_count)
-  layout = parallel.make_layout(config.parallelism)
-  bn_setup = parallel.batch_norm_setup(config, layout, norm_class=norm_class)
-  try:
-    model = create_model(config, norm=bn_setup.norm)
-    eval_model = create_model(config, norm=parallel.batch_norm_setup(
-        config, layout._replace(parallelism="jit"), norm_class=norm_class).norm)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if config.fake_data:
-    builder, num_classes = None, input_pipeline.FAKE_NUM_CLASSES
-    steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
-  else:
-    builder = input_pipeline.builder_for(config.dataset, config.tfds_data_dir, idx_dir=config.get("data_dir"))
-    num_classes = input_pipeline.num_classes(builder)
-    steps_per_epoch = input_pipeline.split_plan(
-        builder, input_pipeline.TRAIN_SPLIT, global_batch_size=config.batch_size, process_count=process_count,
-        train=True).num_batches
-  if config.num_classes != num_classes:
-    raise ConfigError(f"config.num_classes={config.num_classes} but the data has {num_classes} classes")
+  validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  layout, eval_layout = parallel.make_layout(config.parallelism), parallel.make_layout("jit")
+  bn_setup, model, eval_model = create_models(config, layout, eval_layout, create_model=create_model,
+                                              norm_class=norm_class)
+  source = data.open_source(config)
+  if config.num_classes != source.num_classes:
+    raise ConfigError(f"config.num_classes={config.num_classes} but the data has "
+                      f"{source.num_classes} classes")
+  steps_per_epoch = source.split_plan(data.TRAIN_SPLIT, global_batch_size=config.batch_size,
+                                      process_count=jax.process_count(), train=True).num_batches
   schedule = make_schedule(config, steps_per_epoch)
   learning_rate_fn = make_learning_rate_fn(config, schedule)
   return Experiment(
-      config=config, layout=layout, model=model, eval_model=eval_model, bn_setup=bn_setup, builder=builder,
-      num_classes=num_classes, schedule=schedule, learning_rate_fn=learning_rate_fn,
-      optimizer=make_optimizer(config, learning_rate_fn),
-      eval_step=jax.jit(functools.partial(eval_step, model=eval_model, num_classes=num_classes),
-                        out_shardings=parallel.replicated(layout)),
+      config=config, layout=layout, eval_layout=eval_layout, model=model, eval_model=eval_model,
+      bn_setup=bn_setup, source=source, num_classes=source.num_classes, schedule=schedule,
+      learning_rate_fn=learning_rate_fn, optimizer=make_optimizer(config, learning_rate_fn),
+      eval_step=jax.jit(functools.partial(eval_step, model=eval_model, num_classes=source.num_classes),
+                        out_shardings=parallel.replicated(eval_layout)),
       num_params=models.count_params(eval_model, config.image_size),
   )
 
@@ -356,48 +252,38 @@ def make_initial_state(exp: Experiment) -> TrainState:
   return jax.jit(init, out_shardings=parallel.replicated(exp.layout))(key)
 
 
-def train_batches(exp: Experiment, start_step: int):
+def host_train_batches(exp: Experiment, start_step: int, seed: int) -> Iterator[dict]:
+  """This host's training batches of ``exp.source`` from ``start_step`` on."""
+  config = exp.config
+  return exp.source.train_batches(start_step, global_batch_size=config.batch_size,
+                                  image_size=config.image_size, seed=seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_batches(exp: Experiment, start_step: int) -> Iterator[dict]:
   """Device batches from step ``start_step`` on, prefetched."""
-  config, layout = exp.config, exp.layout
-  common = dict(global_batch_size=config.batch_size, image_size=config.image_size, seed=config.seed,
-                process_index=jax.process_index(), process_count=jax.process_count())
-  if config.fake_data:
-    fixed = [parallel.to_device_batch(layout, b) for b in input_pipeline.fake_train_batches(**common)]
-    return (fixed[s % len(fixed)] for s in _count_from(start_step))
-  host_batches = input_pipeline.train_batches(
-      exp.builder, start_step=start_step, shuffle_buffer_size=config.shuffle_buffer,
-      photometric_distortion=float(config.photometric_distortion), **common)
-  return parallel.prefetch(parallel.to_device_batch(layout, b) for b in host_batches)
+  host = host_train_batches(exp, start_step, exp.config.seed)
+  return parallel.prefetch(parallel.to_device_batch(exp.layout, b) for b in host)
 
 
-def _count_from(start: int):
-  while True:
-    yield start
-    start += 1
+# ---- evaluation ----------------------------------------------------------------------------
 
 
 def evaluate(exp: Experiment, params, batch_stats) -> dict:
   """Top-1, top-5 and loss over every validation example exactly once (canonical
   variables, under ``jit`` in both modes). Returns Python numbers."""
-  config, layout = exp.config, exp.layout
-  common = dict(global_batch_size=config.eval_batch_size, image_size=config.image_size,
-                process_index=jax.process_index(), process_count=jax.process_count())
-  if config.fake_data:
-    # 2.5 batches of synthetic "validation images": the last batch padded, as a real split's.
-    num_examples = config.eval_batch_size * 5 // 2
-    plan, dataset = input_pipeline.fake_eval_batches(num_examples=num_examples, seed=config.seed, **common)
-  else:
-    plan, dataset = input_pipeline.eval_batches(exp.builder, crop_fraction=config.eval_crop_fraction, **common)
-  step = exp.eval_step
+  config = exp.config
+  plan, host_batches = exp.source.eval_batches(
+      global_batch_size=config.eval_batch_size, image_size=config.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
   sums = {"top1": 0, "top5": 0, "loss": 0.0, "count": 0}
-  jit_layout = layout._replace(parallelism="jit")
-  for batch in parallel.prefetch(parallel.to_device_batch(jit_layout, b) for b in dataset.as_numpy_iterator()):
-    out = jax.device_get(step(params, batch_stats, batch))
+  for batch in parallel.prefetch(parallel.to_device_batch(exp.eval_layout, b) for b in host_batches):
+    out = jax.device_get(exp.eval_step(params, batch_stats, batch))
     for k in sums:
       sums[k] += out[k].item()
   expected = sum(plan.examples_per_host)
   if sums["count"] != expected:
-    raise input_pipeline.DataError(f"evaluation scored {sums['count']} examples but the split has {expected}")
+    raise data.DataError(f"evaluation scored {sums['count']} examples but the split has {expected}")
   count = max(sums["count"], 1)
   return {"top1": sums["top1"] / count, "top5": sums["top5"] / count, "eval_loss": sums["loss"] / count,
           "eval_examples": sums["count"]}
@@ -408,28 +294,30 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
   training batches (a stream of its own, seed + 2; the global batch's statistics
   per batch), via ``bnjax.linen.recompute_batch_stats`` under ``jit``."""
   config = exp.config
-  common = dict(global_batch_size=config.batch_size, image_size=config.image_size, seed=config.seed + 2,
-                process_index=jax.process_index(), process_count=jax.process_count())
-  if config.fake_data:
-    fake = input_pipeline.fake_train_batches(**common)
-    host_batches = (fake[k % len(fake)] for k in range(config.recompute_bn_batches))
-  else:
-    source = input_pipeline.train_batches(exp.builder, shuffle_buffer_size=config.shuffle_buffer,
-                                          photometric_distortion=float(config.photometric_distortion), **common)
-    host_batches = (next(source) for _ in range(config.recompute_bn_batches))
-  jit_layout = exp.layout._replace(parallelism="jit")
-  images = (parallel.to_device_batch(jit_layout, b)["image"] for b in host_batches)
+  host = host_train_batches(exp, 0, config.seed + 2)
+  images = (parallel.to_device_batch(exp.eval_layout, next(host))["image"]
+            for _ in range(config.recompute_bn_batches))
   apply = lambda v, x: exp.eval_model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
   return bn.recompute_batch_stats(apply, variables_of(params, batch_stats), images)["batch_stats"]
 
 
-# ---- bookkeeping (experiments.common; process 0 writes, every process saves checkpoints) ------
+def evaluation_row(exp: Experiment, state: TrainState) -> dict:
+  """The metrics of one evaluation of the canonical ``state`` (statistics recomputed
+  first if the config says so)."""
+  batch_stats = state.batch_stats
+  if exp.config.recompute_bn_batches:
+    batch_stats = recompute_statistics(exp, state.params, batch_stats)
+  return {**evaluate(exp, state.params, batch_stats),
+          "bn_statistics": "recomputed" if exp.config.recompute_bn_batches else "running"}
+
+
+# ---- the run's bookkeeping (experiments.common; process 0 writes, every process saves) ----------
 
 
 # Fields a resumed run may change: how often to log, evaluate and save, where the
 # data lives, and how evaluation batches and statistics are made.
-RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_dir", "data_dir", "eval_batch_size",
-                      "recompute_bn_batches")
+RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_dir", "data_dir",
+                      "eval_batch_size", "recompute_bn_batches")
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -437,33 +325,68 @@ def read_metrics(workdir) -> list[dict]:
   return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
 
 
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+class Run(NamedTuple):
+  """The open workdir of a run: where its checkpoints, rows and summaries go."""
+
+  workdir: pathlib.Path
+  primary: bool  # process 0: writes config.json, metrics.jsonl and summaries
+  checkpoints: common.Checkpoints
+  preemption: common.Preemption  # SIGTERM (all hosts agree on a step), Ctrl-C: save, exit 75
+  metrics_log: common.MetricsLog
+  writer: Any  # clu's metric writer, or None without clu/TensorFlow
+
+  def write_row(self, row: dict) -> None:
+    if self.primary:
+      self.metrics_log.append(row)
+    if self.writer is not None:
+      self.writer.write_scalars(row["step"], {k: v for k, v in row.items() if isinstance(v, float)})
+
+  def written(self) -> str:
+    """What this run wrote, for the closing line."""
+    summaries = ", TensorBoard summaries" if self.writer is not None else ""
+    return (f"config.json, metrics.jsonl{summaries} and checkpoints/ (newest: step "
+            f"{self.checkpoints.latest_step})")
 
 
-class _Throughput:
-  """Images per second over the steps since the last ``restart``."""
+@contextlib.contextmanager
+def open_run(exp: Experiment, workdir: str | pathlib.Path) -> Iterator[Run]:
+  """The workdir locked (process 0), its checkpoints open, its config checked
+  against a resumed run's and written; closed (summaries flushed) on the way out."""
+  config, workdir = exp.config, common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
+  primary = jax.process_index() == 0
+  with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
+    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
+         common.Preemption() as preemption:
+      latest = checkpoints.latest_step
+      common.check_config(workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE)
+      if latest is not None and latest > exp.schedule.num_train_steps:
+        raise ConfigError(f"the workdir holds a run already at step {latest}, past the "
+                          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir")
+      if primary:
+        common.write_config(workdir, config)
+      writer = progress.tensorboard_writer(workdir, primary=primary)
+      try:
+        yield Run(workdir, primary, checkpoints, preemption,
+                  common.MetricsLog(workdir / "metrics.jsonl"), writer)
+      finally:
+        if writer is not None:
+          writer.flush()
+          writer.close()
 
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
-    self.restart()
 
-  def restart(self) -> None:
-    self.start, self.steps = time.perf_counter(), 0
-
-  def exclude(self, seconds: float) -> None:
-    self.start += seconds
-
-  def rate(self) -> float | None:
-    """None before any timed step (the first step after a start compiles)."""
-    elapsed = time.perf_counter() - self.start
-    return self.steps * self.batch_size / elapsed if self.steps and elapsed > 0 else None
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def create_train_state(exp: Experiment, run: Run) -> TrainState:
+  """The canonical state to start from: the initial one, or the run's newest checkpoint."""
+  state = make_initial_state(exp)
+  if run.checkpoints.latest_step is not None:
+    state = run.checkpoints.restore(state)
+    progress.say(f"Resumed {run.workdir} from its checkpoint of step {run.checkpoints.latest_step}.")
+  start = int(parallel.host_copy(state.step))
+  if run.primary:
+    run.metrics_log.keep_up_to(start)
+  if start == 0 and run.writer is not None:
+    run.writer.write_hparams({k: v for k, v in json.loads(exp.config.to_json_best_effort()).items()
+                              if isinstance(v, (int, float, str, bool))})
+  return state
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -476,12 +399,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Writes (process 0) ``workdir/config.json``, ``workdir/metrics.jsonl`` (rows with
   ``step``, ``train_loss``, ``learning_rate``, ``images_per_sec`` every
   ``log_every`` steps, ``top1``, ``top5``, ``eval_loss`` at each evaluation, and
-  ``fake_data`` in every row) and TensorBoard summaries; every process writes its
-  part of the checksummed orbax checkpoints in ``workdir/checkpoints`` (see
-  ``experiments.common``; on several hosts the workdir must be a folder they all
-  see). Everything is checked (``prepare``) before the first write. A resumed run
-  must have the config it started with, up to ``RESTART_MAY_CHANGE``.
-  ``create_model``: as ``prepare``'s.
+  ``fake_data`` in every row) and TensorBoard summaries (with clu and TensorFlow
+  installed); every process writes its part of the checksummed orbax checkpoints in
+  ``workdir/checkpoints`` (see ``experiments.common``; on several hosts the workdir
+  must be a folder they all see). Everything is checked (``prepare``) before the
+  first write. A resumed run must have the config it started with, up to
+  ``RESTART_MAY_CHANGE``. ``create_model``: as ``prepare``'s.
 
   Returns:
     The final canonical state.
@@ -492,104 +415,115 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     NonFiniteError: at the first logged NaN or infinite training loss.
   """
   exp = prepare(config, create_model=create_model)
-  workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
-  primary = jax.process_index() == 0
-  with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
-    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
-         common.Preemption() as preemption:  # SIGTERM (all hosts agree on a step), Ctrl-C: save, exit 75
-      latest = checkpoints.latest_step
-      common.check_config(workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE)
-      if latest is not None and latest > exp.schedule.num_train_steps:
-        raise ConfigError(f"the workdir holds a run already at step {latest}, past the "
-                          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir")
-      if primary:
-        common.write_config(workdir, config)
-      return _train(exp, workdir, checkpoints, preemption)
+  with open_run(exp, workdir) as run:
+    state = _train(exp, run)
+    run.checkpoints.wait_until_finished()  # the newest checkpoint sealed before it is named
+    progress.say(f"done: step {int(parallel.host_copy(state.step))}/{exp.schedule.num_train_steps}; "
+                 f"wrote {run.written()} in {run.workdir}")
+    return state
 
 
-def _train(exp: Experiment, workdir: pathlib.Path, checkpoints: common.Checkpoints,
-           preemption: common.Preemption) -> TrainState:
-  config, schedule, layout = exp.config, exp.schedule, exp.layout
-  primary = jax.process_index() == 0
+def _announce(exp: Experiment) -> None:
+  config, schedule = exp.config, exp.schedule
   if config.fake_data:
-    logging.warning(FAKE_DATA_WARNING)
-    _say(f"WARNING: {FAKE_DATA_WARNING}")
-  _say(f"{config.model}: {exp.num_params:,} parameters; {layout.num_devices} devices on {jax.process_count()} "
-       f"host(s), {layout.parallelism}; {schedule.num_train_steps} steps of {config.batch_size} images "
-       f"({schedule.steps_per_epoch} per epoch)")
-  state = make_initial_state(exp)
-  if checkpoints.latest_step is not None:
-    state = checkpoints.restore(state)
-    _say(f"Resumed {workdir} from its checkpoint of step {checkpoints.latest_step}.")
-  start = int(parallel.host_copy(state.step))
-  metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
-  if primary:
-    metrics_log.keep_up_to(start)
-  writer = common.summary_writer(workdir, primary=primary)  # TensorBoard (clu locally; gs:// too)
-  if start == 0:
-    writer.write_hparams({k: v for k, v in json.loads(config.to_json_best_effort()).items()
-                          if isinstance(v, (int, float, str, bool))})
+    progress.say(f"WARNING: {FAKE_DATA_WARNING}")
+  progress.say(
+      f"{config.model}: {exp.num_params:,} parameters; "
+      f"{progress.plural(exp.layout.num_devices, 'device')} on "
+      f"{progress.plural(jax.process_count(), 'host')}, {exp.layout.parallelism}; "
+      f"{schedule.num_train_steps} steps of {config.batch_size} images "
+      f"({schedule.steps_per_epoch} steps per epoch)")
 
-  run_step = make_train_step(exp)
-  pmap = layout.parallelism == "pmap"
-  device_state = parallel.to_pmap_replicated(layout, parallel.host_copy(state)) if pmap else state
-  del state
 
-  def canonical():
-    return parallel.from_pmap_replicated(layout, device_state) if pmap else device_state
+def _fake_tag(config) -> str:
+  return "  [FAKE DATA]" if config.fake_data else ""
 
-  batches = train_batches(exp, start)
-  pending: list[dict] = []
-  timer = _Throughput(config.batch_size)
-  step = start
-  while step < schedule.num_train_steps:
-    device_state, step_metrics = run_step(device_state, next(batches))
-    pending.append(step_metrics)
-    step += 1
+
+def _training_row(exp: Experiment, run: Run, step: int, fetched: list[dict], images_per_sec) -> dict:
+  """The row of the ``log_every`` steps ending at ``step`` (their metrics, ``fetched``);
+  stops at a non-finite loss."""
+  config, schedule = exp.config, exp.schedule
+  train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
+  if not math.isfinite(train_loss):
+    last = run.checkpoints.latest_step
+    raise common.NonFiniteError(
+        f"the training loss is {train_loss} at step {step}; stopped there. "
+        + (f"The last checkpoint, of step {last}, is kept" if last is not None
+           else "No checkpoint was written")
+        + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) "
+        "in a new --workdir")
+  learning_rate = float(np.mean(fetched[-1]["learning_rate"]))
+  speed = progress.speed_and_eta(images_per_sec, schedule.num_train_steps - step, config.batch_size)
+  progress.say(f"step {step}/{schedule.num_train_steps}  loss {train_loss:.4f}  lr {learning_rate:.4g}"
+               f"{speed}{_fake_tag(config)}")
+  return {"train_loss": train_loss, "learning_rate": learning_rate, "images_per_sec": images_per_sec}
+
+
+def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) -> dict:
+  if first:
+    progress.say("evaluating (the first evaluation compiles the evaluation step)...")
+  started = time.perf_counter()
+  row = evaluation_row(exp, state)
+  progress.say(f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  "
+               f"({row['eval_examples']} images, {time.perf_counter() - started:.1f} s)"
+               f"{_fake_tag(exp.config)}")
+  return row
+
+
+class _DeviceState:
+  """The state as the training step takes it (per device under pmap), and its canonical form."""
+
+  def __init__(self, layout: parallel.Layout, state: TrainState):
+    self.layout, self.pmap = layout, layout.parallelism == "pmap"
+    self.value = parallel.to_pmap_replicated(layout, parallel.host_copy(state)) if self.pmap else state
+
+  def canonical(self) -> TrainState:
+    return parallel.from_pmap_replicated(self.layout, self.value) if self.pmap else self.value
+
+
+def _every(step: int, every: int, last: int) -> bool:
+  return step % every == 0 or step == last
+
+
+def _first_step(run_step, device: _DeviceState, batch: dict, start: int) -> dict:
+  """Step ``start + 1``, which compiles, with a line before and after."""
+  progress.say("compiling the training step (about a minute on a CPU for the small configs)...")
+  started = time.perf_counter()
+  device.value, metrics = run_step(device.value, batch)
+  jax.block_until_ready(metrics)
+  progress.say(f"compiled and ran step {start + 1} in {time.perf_counter() - started:.1f} s")
+  return metrics
+
+
+def _train(exp: Experiment, run: Run) -> TrainState:
+  config, schedule = exp.config, exp.schedule
+  _announce(exp)
+  device = _DeviceState(exp.layout, create_train_state(exp, run))
+  start = int(parallel.host_copy(device.canonical().step))
+  run_step, batches = make_train_step(exp), train_batches(exp, start)
+  pending, timer, evaluated = [], progress.Throughput(config.batch_size), False
+  for step in range(start + 1, schedule.num_train_steps + 1):
     if step == start + 1:  # the first step compiles: time from its end
-      jax.block_until_ready(step_metrics)
+      pending.append(_first_step(run_step, device, next(batches), start))
       timer.restart()
     else:
+      device.value, step_metrics = run_step(device.value, next(batches))
+      pending.append(step_metrics)
       timer.steps += 1
     row = {}
-    if step % schedule.log_every == 0 or step == schedule.num_train_steps:
-      fetched = jax.device_get(pending)
-      train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
-      if not math.isfinite(train_loss):
-        last = checkpoints.latest_step
-        raise common.NonFiniteError(
-            f"the training loss is {train_loss} at step {step}; stopped there. "
-            + (f"The last checkpoint, of step {last}, is kept" if last is not None else "No checkpoint was written")
-            + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) in a new --workdir")
-      images_per_sec = timer.rate()
-      row.update(train_loss=train_loss, learning_rate=float(np.mean(fetched[-1]["learning_rate"])),
-                 images_per_sec=images_per_sec)
-      eta = ("" if images_per_sec is None else
-             f"  {images_per_sec:,.0f} images/s  ETA "
-             f"{_format_duration((schedule.num_train_steps - step) * config.batch_size / images_per_sec)}")
-      _say(f"step {step}/{schedule.num_train_steps}  loss {train_loss:.4f}  lr {row['learning_rate']:.4g}{eta}"
-           + ("  [FAKE DATA]" if config.fake_data else ""))
+    if _every(step, schedule.log_every, schedule.num_train_steps):
+      fetched = jax.device_get(pending)  # waits for the steps: then the rate is the steps' own
+      row.update(_training_row(exp, run, step, fetched, timer.rate()))
       pending = []
       timer.restart()
     pause = time.perf_counter()
-    if step % schedule.eval_every == 0 or step == schedule.num_train_steps:
-      current = canonical()
-      batch_stats = current.batch_stats
-      if config.recompute_bn_batches:
-        batch_stats = recompute_statistics(exp, current.params, batch_stats)
-      row.update(evaluate(exp, current.params, batch_stats))
-      row["bn_statistics"] = "recomputed" if config.recompute_bn_batches else "running"
-      _say(f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  ({row['eval_examples']} images)"
-           + ("  [FAKE DATA]" if config.fake_data else ""))
+    if _every(step, schedule.eval_every, schedule.num_train_steps):
+      row.update(_evaluation_row(exp, device.canonical(), step, first=not evaluated))
+      evaluated = True
     if row:
-      row = {"step": step, **row, "fake_data": bool(config.fake_data)}
-      if primary:
-        metrics_log.append(row)
-      writer.write_scalars(step, {k: v for k, v in row.items() if isinstance(v, float)})
-    if step % schedule.checkpoint_every == 0 or step == schedule.num_train_steps:
-      checkpoints.save(step, canonical())
-    preemption.check(step, checkpoints, canonical)  # every step, on every host
+      run.write_row({"step": step, **row, "fake_data": bool(config.fake_data)})
+    if _every(step, schedule.checkpoint_every, schedule.num_train_steps):
+      run.checkpoints.save(step, device.canonical())
+    run.preemption.check(step, run.checkpoints, device.canonical)  # every step, on every host
     timer.exclude(time.perf_counter() - pause)  # evaluation and saving are not training
-  writer.flush()
-  writer.close()
-  return canonical()
+  return device.canonical()

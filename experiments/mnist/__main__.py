@@ -14,7 +14,7 @@ from experiments.mnist import configs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl, config.json and checkpoints.")
-cli.define_config_flag(configs.DEFAULT, "Training configuration.")
+cli.define_config_flag(configs.DEFAULT, "Training configuration.", aliases=configs.RENAMED)
 
 
 def main(argv):

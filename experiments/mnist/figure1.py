@@ -27,7 +27,8 @@ from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
-cli.define_config_flag(configs.DEFAULT, "Configuration of both networks (config.batch_norm is set for each).")
+cli.define_config_flag(configs.DEFAULT, "Configuration of both networks (config.batch_norm is set for each).",
+                       aliases=configs.RENAMED)
 
 RUNS = {"bn": True, "baseline": False}  # subfolder -> config.batch_norm
 DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}

@@ -160,7 +160,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Bad values fail before any work, with the field's name."""
   if config.dataset not in input_pipeline.DATASETS:
     raise ConfigError(f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}")
-  for field in ("num_steps", "batch_size", "eval_every", "checkpoint_every"):
+  for field in ("num_train_steps", "batch_size", "eval_every", "checkpoint_every"):
     value = config[field]
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
       raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
@@ -181,7 +181,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields a restarted run may change: how far to go, and how often to checkpoint.
-RESTART_MAY_CHANGE = ("num_steps", "checkpoint_every")
+RESTART_MAY_CHANGE = ("num_train_steps", "checkpoint_every")
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
@@ -191,7 +191,7 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
 
 def _next_stop(step: int, config) -> int:
   """The next step at which to evaluate or checkpoint."""
-  stops = [config.num_steps]
+  stops = [config.num_train_steps]
   for every in (config.eval_every, config.checkpoint_every):
     stops.append((step // every + 1) * every)
   return min(stops)
@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   checksummed orbax checkpoints in ``workdir/checkpoints`` (see
   ``experiments.common``). Returns the final state. A workdir with checkpoints
   resumes from the newest intact one, with the same config and settings only
-  (``num_steps`` may grow, ``checkpoint_every`` change); an extended run keeps the
+  (``num_train_steps`` may grow, ``checkpoint_every`` change); an extended run keeps the
   evaluation it made at its old last step.
 
   Raises:
@@ -232,14 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   validate_config(config)
   workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
   with common.WorkdirLock(workdir):
-    dataset = input_pipeline.load_dataset(config.dataset, config.data_dir or None, config.tfds_data_dir or None)
+    dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.tfds_data_dir)
     with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
          common.Preemption() as preemption:  # SIGTERM, Ctrl-C: save, exit 75
       restored_step = checkpoints.latest_step
       common.check_config(workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE)
-      if restored_step is not None and restored_step > config.num_steps:
-        raise ConfigError(f"the workdir holds a run already at step {restored_step}, past config.num_steps="
-                          f"{config.num_steps}; give a new --workdir")
+      if restored_step is not None and restored_step > config.num_train_steps:
+        raise ConfigError(f"the workdir holds a run already at step {restored_step}, past config.num_train_steps="
+                          f"{config.num_train_steps}; give a new --workdir")
       common.write_config(workdir, config)
       return _train(config, workdir, dataset, checkpoints, preemption)
 
@@ -256,17 +256,18 @@ def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoin
   metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
   metrics_log.keep_up_to(int(state.step))
   step = int(state.step)
-  if step == config.num_steps:
+  if step == config.num_train_steps:
     return state
 
   tqdm.write("Compiling the training loop and the evaluation (10-30 s on a CPU)...")
+  started = time.perf_counter()
   run_steps, run_evaluation = compile_steps(state, data, data_key, model=model, optimizer=optimizer, config=config)
+  tqdm.write(f"Compiled in {time.perf_counter() - started:.1f} s.")
   label = "BN" if config.batch_norm else "baseline"
-  with tqdm(total=config.num_steps, initial=step, unit="step", desc=f"{config.dataset} {label}",
+  with tqdm(total=config.num_train_steps, initial=step, unit="step", desc=f"{config.dataset} {label}",
             dynamic_ncols=True, mininterval=0.5) as progress:
-    while step < config.num_steps:
+    while step < config.num_train_steps:
       stop = _next_stop(step, config)
-      started = time.perf_counter()
       state = run_steps(state, data, data_key, jnp.int32(stop - step))
       if not math.isfinite(float(state.loss_sum)):
         last = checkpoints.latest_step
@@ -275,15 +276,17 @@ def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoin
             + (f"The last checkpoint, of step {last}, is kept" if last is not None else "No checkpoint was written")
             + f". Try a smaller config.learning_rate (now {config.learning_rate}) in a new --workdir"
         )
-      rate = (stop - step) / (time.perf_counter() - started)
       step = stop
-      if step % config.eval_every == 0 or step == config.num_steps:
+      if step % config.eval_every == 0 or step == config.num_train_steps:
         metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state, data).items()}}
         metrics_log.append(metrics)
         state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count))
-        progress.set_postfix({"steps/s": f"{rate:.0f}", "test_acc": f"{metrics['test_accuracy']:.4f}"})
-      if step % config.checkpoint_every == 0 or step == config.num_steps:
+        progress.set_postfix({"test_acc": f"{metrics['test_accuracy']:.4f}"})  # tqdm shows the speed
+      if step % config.checkpoint_every == 0 or step == config.num_train_steps:
         checkpoints.save(step, state)
       progress.update(stop - progress.n)
       preemption.check(step, checkpoints, lambda: state)
+  checkpoints.wait_until_finished()  # the newest checkpoint sealed (SHA256SUMS) before we name it
+  tqdm.write(f"done: step {step}/{config.num_train_steps}; wrote config.json, metrics.jsonl and "
+             f"checkpoints/ (newest: step {checkpoints.latest_step}) in {workdir}")
   return state

@@ -1,7 +1,7 @@
 """Experiment configs (``get_config()`` files, as the Flax examples), one per network.
 
-``default.py`` holds every field with the paper's Inception (Section 4.2); the
-other files change what their network changes, each on top of the one it builds on:
+``default.py`` holds every field with the paper's Inception (Section 4.2); each
+other file is ``default.get_config()`` and the few fields its variant changes:
 
   inception.py          the paper's Inception, no BN (= default.py)
   inception_sigmoid.py  ... with sigmoid instead of ReLU (stays at chance, 4.2.2)

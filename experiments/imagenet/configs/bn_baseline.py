@@ -8,11 +8,11 @@ the same training as the Inception (initial rate 0.0015, dropout, LRN, ...).
 
 import ml_collections
 
-from experiments.imagenet.configs import inception
+from experiments.imagenet.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = inception.get_config()
+  config = default.get_config()
   config.batch_norm = True  # Section 4.2.2
   # Our choice: 13.3M steps of 32 (Figure 3, reaching 72.2%) = 332 epochs, and a
   # little more for its maximum of 72.7%.

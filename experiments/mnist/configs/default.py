@@ -42,8 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data: TFDS by default; a folder of the four IDX .gz files if data_dir is set.
   config.dataset = "mnist"  # or "fashion_mnist"
-  config.data_dir = ""  # e.g. /usr/share/datasets/fashion-mnist (Debian); files of config.dataset
-  config.tfds_data_dir = ""  # TFDS's data_dir; "" means TFDS's default
+  # e.g. /usr/share/datasets/fashion-mnist (Debian): the IDX files of config.dataset; None = TFDS
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS's default
   # Model.
   config.batch_norm = True
   config.hidden_sizes = (100, 100, 100)
@@ -51,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn_momentum = 0.99
   config.tracked_unit = 0  # the last-layer sigmoid whose input Figure 1(b, c) follows
   # Training.
-  config.num_steps = 50_000
+  config.num_train_steps = 50_000  # (before: num_steps, still accepted)
   config.batch_size = 60
   config.learning_rate = 0.01
   config.seed = 0

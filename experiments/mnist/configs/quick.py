@@ -9,7 +9,7 @@ from experiments.mnist.configs import default
 
 def get_config():
   config = default.get_config()
-  config.num_steps = 600
+  config.num_train_steps = 600
   config.eval_every = 200
   config.checkpoint_every = 300
   return config

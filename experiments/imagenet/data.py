@@ -1,0 +1,215 @@
+"""The ImageNet experiment's data contract: one ``Source`` protocol, three sources.
+
+    source = data.open_source(config)       # picks the source, once
+    source.num_classes
+    source.split_plan("train", global_batch_size=256, process_count=1, train=True)
+    source.train_batches(start_step, global_batch_size=..., image_size=..., seed=...,
+                         process_index=..., process_count=...)      # without end
+    plan, batches = source.eval_batches(global_batch_size=..., image_size=...,
+                                        process_index=..., process_count=...)
+
+The sources:
+
+* ``FakeSource`` (``config.fake_data``): synthetic random images, NumPy only.
+* ``idx_data.IdxSource`` (``config.data_dir``, MNIST/Fashion-MNIST IDX files), NumPy only.
+* ``input_pipeline.TfdsSource`` (the default: TFDS ``imagenet2012`` through tf.data), the
+  only one that imports TensorFlow.
+
+Batches are host-local NumPy dicts: ``image`` float32 ``[B, S, S, 3]``, ``label``
+int32 ``[B]``, and for evaluation ``mask`` bool ``[B]`` (False on the padding that
+gives every host the same number of batches), with ``B`` the batch of this host
+(the global batch divided by the number of hosts). Training batches are a function
+of the seed and the step, so a run restarted at step ``s`` sees the batches an
+uninterrupted run sees from step ``s``; evaluation scores every example once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from experiments import common
+from experiments.imagenet.configs.default import IMAGENET_TRAIN_IMAGES  # what a fake run pretends to have
+
+TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+FAKE_NUM_CLASSES = 1000
+FAKE_BATCHES = 2  # distinct synthetic training batches, cycled
+TFDS_INSTALL = 'pip install -e ".[imagenet]"'
+
+
+class DataError(common.DataError):
+  """The data is missing or cannot feed this run; the message says what to do."""
+
+
+class Split(NamedTuple):
+  """How a split is divided among hosts and batches."""
+
+  examples_per_host: tuple[int, ...]  # [process_count]: examples each host reads
+  local_batch_size: int  # examples per batch on each host
+  num_batches: int  # batches per host: per epoch (training) or per pass (evaluation)
+
+
+class Source(Protocol):
+  """What the training loop reads from a dataset (module docstring)."""
+
+  num_classes: int
+
+  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
+                 train: bool) -> Split: ...
+
+  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
+                    seed: int, process_index: int, process_count: int) -> Iterator[dict]: ...
+
+  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
+                   process_count: int) -> tuple[Split, Iterator[dict]]: ...
+
+
+def quiet_tensorflow() -> None:
+  """Before TensorFlow loads: no oneDNN banner and C++ INFO lines before a command's
+  output (oneDNN's custom ops speed up TensorFlow's convolutions and matmuls; the
+  input pipeline and the summaries have none)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def host_bounds(num_examples: int, process_count: int) -> list[int]:
+  """Where each host's contiguous part of a split begins (and the last one ends)."""
+  return [num_examples * i // process_count for i in range(process_count + 1)]
+
+
+def contiguous_counts(num_examples: int, process_count: int) -> tuple[int, ...]:
+  """Examples of each host when the split is cut into ``process_count`` contiguous parts."""
+  bounds = host_bounds(num_examples, process_count)
+  return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def split_plan(counts: tuple[int, ...], *, global_batch_size: int, train: bool,
+               what: str = "the train split") -> Split:
+  """Batches per host for a split of ``counts`` examples per host.
+
+  Training drops each host's last partial batch of every epoch, and every host
+  takes as many batches as the smallest part allows (hosts must step together).
+  Evaluation takes as many batches as the largest part needs; the other hosts pad.
+
+  Raises:
+    DataError: a training split with fewer examples per host than a batch
+      (``what`` names the split in the message).
+  """
+  process_count = len(counts)
+  local = global_batch_size // process_count
+  if train:
+    num_batches = min(counts) // local
+    if num_batches == 0:
+      raise DataError(f"{what} has {min(counts)} examples on a host, fewer than the batch of "
+                      f"{local} per host (config.batch_size={global_batch_size}, "
+                      f"{process_count} hosts)")
+  else:
+    num_batches = max(1, math.ceil(max(counts) / local))
+  return Split(examples_per_host=tuple(counts), local_batch_size=local, num_batches=num_batches)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+  """float pixels ``[..., 3]`` in [0, 255] to float32, zero mean and unit variance per channel."""
+  mean, std = np.asarray(MEAN_RGB, np.float32), np.asarray(STDDEV_RGB, np.float32)
+  return ((np.asarray(pixels, np.float32) - mean) / std).astype(np.float32)
+
+
+def padded_rows(first: int, stop: int, plan: Split) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(rows, mask)`` of each of ``plan.num_batches`` evaluation batches of the host
+  whose part is ``[first, stop)``; the padding rows repeat ``first`` and are masked out."""
+  local = plan.local_batch_size
+  for b in range(plan.num_batches):
+    rows = np.arange(first + b * local, first + (b + 1) * local)
+    mask = rows < stop
+    yield np.where(mask, rows, first), mask
+
+
+# ---- synthetic data ------------------------------------------------------------------------
+
+
+class FakeSource(NamedTuple):
+  """Synthetic random images (uniform pixels, uniform labels), for smoke runs and
+  throughput: ``FAKE_BATCHES`` training batches cycled (step ``s`` uses batch
+  ``s % FAKE_BATCHES``) and a validation split of ``num_eval_examples``. Example
+  ``i`` is a function of ``(seed, i)`` alone, so the global batch is the same
+  whatever the number of hosts: each host makes its rows of it."""
+
+  num_eval_examples: int
+  seed: int = 0  # of the validation images (training batches take the seed they are given)
+  num_classes: int = FAKE_NUM_CLASSES
+  num_train_examples: int = IMAGENET_TRAIN_IMAGES
+
+  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
+                 train: bool) -> Split:
+    total = self.num_train_examples if split == TRAIN_SPLIT else self.num_eval_examples
+    return split_plan(contiguous_counts(total, process_count), global_batch_size=global_batch_size,
+                      train=train, what=f"the fake {split} split")
+
+  def examples(self, rows: np.ndarray, *, seed: int, image_size: int) -> dict:
+    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label`` int32 ``[B]``."""
+    images, labels = [], []
+    for row in rows:
+      rng = np.random.default_rng([seed, 1, int(row)])
+      images.append(rng.uniform(0.0, 255.0, (image_size, image_size, 3)).astype(np.float32))
+      labels.append(rng.integers(0, self.num_classes))
+    return {"image": normalize(np.stack(images)), "label": np.asarray(labels, np.int32)}
+
+  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
+                    seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+    local = global_batch_size // process_count
+    fixed = [self.examples(np.arange(local) + b * global_batch_size + process_index * local,
+                           seed=seed, image_size=image_size) for b in range(FAKE_BATCHES)]
+    step = start_step
+    while True:
+      yield fixed[step % FAKE_BATCHES]
+      step += 1
+
+  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
+                   process_count: int) -> tuple[Split, Iterator[dict]]:
+    plan = self.split_plan(EVAL_SPLIT, global_batch_size=global_batch_size,
+                           process_count=process_count, train=False)
+    bounds = host_bounds(self.num_eval_examples, process_count)
+
+    def batches():
+      offset = 10**9  # validation rows: a stream apart from the training rows
+      for rows, mask in padded_rows(bounds[process_index], bounds[process_index + 1], plan):
+        batch = self.examples(rows + offset, seed=self.seed, image_size=image_size)
+        batch["image"][~mask] = 0.0
+        batch["label"][~mask] = 0
+        yield {**batch, "mask": mask}
+
+    return plan, batches()
+
+
+# ---- choosing the source, once ---------------------------------------------------------------
+
+
+def open_source(config) -> Source:
+  """The source ``config`` asks for: fake data, a folder of IDX files, or TFDS.
+
+  Raises:
+    DataError: missing data, or TFDS asked for without TensorFlow installed (one
+      line naming the extra to install).
+  """
+  if config.fake_data:
+    # 2.5 batches of synthetic "validation images": the last batch padded, as a real split's.
+    return FakeSource(num_eval_examples=config.eval_batch_size * 5 // 2, seed=config.seed)
+  from experiments.imagenet import idx_data
+
+  if config.get("data_dir") or config.dataset in idx_data.DATASETS:
+    return idx_data.open_idx_source(config.dataset, config.get("data_dir"))
+  try:
+    from experiments.imagenet import input_pipeline
+  except ImportError as e:
+    raise DataError(f"config.dataset={config.dataset!r} is read through TFDS, which needs TensorFlow "
+                    f"({e}): {TFDS_INSTALL}; or --config.fake_data=True for synthetic data") from None
+  return input_pipeline.TfdsSource.open(
+      config.dataset, config.tfds_data_dir, shuffle_buffer_size=config.shuffle_buffer,
+      photometric_distortion=float(config.photometric_distortion),
+      crop_fraction=float(config.eval_crop_fraction))

@@ -1,0 +1,71 @@
+"""What a training run says while it runs: one line per event, on process 0.
+
+The lines, in order: the FAKE DATA warning (fake data only; every row after it also
+ends with ``[FAKE DATA]``), what is trained on what, a line before the first
+step's compilation and one with the time it took, a row every ``log_every`` steps
+(loss, rate, one speed, ETA), a row per evaluation (with its time: the first one
+compiles the evaluation step), and a closing line naming what was written where.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+
+def say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def plural(count: int, noun: str) -> str:
+  """``1 device``, ``4 devices``."""
+  return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Throughput:
+  """Images per second over the steps since the last ``restart``."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def exclude(self, seconds: float) -> None:
+    self.start += seconds
+
+  def rate(self) -> float | None:
+    """None before any timed step (the first step after a start compiles)."""
+    elapsed = time.perf_counter() - self.start
+    return self.steps * self.batch_size / elapsed if self.steps and elapsed > 0 else None
+
+
+def speed_and_eta(images_per_sec: float | None, steps_left: int, batch_size: int) -> str:
+  if images_per_sec is None:
+    return ""
+  eta = format_duration(steps_left * batch_size / images_per_sec)
+  return f"  {images_per_sec:,.0f} images/s  ETA {eta}"
+
+
+def tensorboard_writer(workdir, *, primary: bool):
+  """The run's writer of TensorBoard summaries in ``workdir`` (local or gs://, see
+  ``experiments.common.summary_writer``), or None, with one line saying why, when
+  clu or TensorFlow is not installed."""
+  from experiments import common
+  from experiments.imagenet import data
+
+  data.quiet_tensorflow()
+  try:
+    return common.summary_writer(workdir, primary=primary)
+  except ImportError as e:
+    say(f"no TensorBoard summaries ({e}): they need {data.TFDS_INSTALL}; "
+        "metrics.jsonl has every row")
+    return None
