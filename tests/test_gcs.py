@@ -249,7 +249,7 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
     JAX_PLATFORMS="cpu",
   )
   result = subprocess.run(
-    _cli("gs://some-bucket/run", "--config.num_steps=10"),
+    _cli("gs://some-bucket/run", "--config.num_train_steps=10"),
     cwd=tmp_path,
     env={**env, "PYTHONPATH": str(ROOT)},
     capture_output=True,
@@ -269,7 +269,7 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
 
 MNIST_FLAGS = [
   "--config.dataset=fashion_mnist",
-  "--config.num_steps=20000",  # long enough to be alive when the second launch is refused
+  "--config.num_train_steps=20000",  # long enough to be alive when the second launch is refused
   "--config.eval_every=1000",
   "--config.checkpoint_every=2000",
 ]
@@ -290,7 +290,7 @@ def mnist_reference(mnist_data, tmp_path_factory):
 
   config = default.get_config()
   config.dataset, config.data_dir = "fashion_mnist", str(mnist_data)
-  config.num_steps, config.eval_every, config.checkpoint_every = 20000, 1000, 2000
+  config.num_train_steps, config.eval_every, config.checkpoint_every = 20000, 1000, 2000
   workdir = tmp_path_factory.mktemp("gcs_reference") / "run"
   train.train_and_evaluate(config, workdir)
   return (workdir / "metrics.jsonl").read_bytes()
@@ -485,7 +485,7 @@ def two_process_run(gcs_emulator, tmp_path_factory):
   finally:
     for p in [single, *workers]:
       p.kill()
-  assert "4 devices on 2 host(s)" in outputs[0][0]
+  assert "4 devices on 2 hosts" in outputs[0][0]
   return workdir, bucket, local
 
 
@@ -540,7 +540,7 @@ def test_figure1_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket):
   from tests.test_mnist import make_idx_folder, small_config
 
   config = small_config(
-    make_idx_folder(tmp_path / "data"), num_steps=200, eval_every=100, checkpoint_every=200
+    make_idx_folder(tmp_path / "data"), num_train_steps=200, eval_every=100, checkpoint_every=200
   )
   path = figure1.run_figure1(config, workdir)
   assert str(path) == f"{workdir}/figure1.png"

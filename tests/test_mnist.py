@@ -646,3 +646,10 @@ def test_figure1_legends_hide_no_curve():
         assert not inside.any(), (line.get_label(), ax.get_title())
   import matplotlib.pyplot as plt
   plt.close(fig)
+
+
+def test_a_renamed_field_set_in_python_is_refused_not_ignored(tmp_path):
+  config = small_config(tmp_path, num_steps=5)  # the old name: it would train num_train_steps
+  with pytest.raises(common.ConfigError, match=r"config.num_steps is now config.num_train_steps"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from experiments import common
 from experiments.common import ConfigError as ConfigError
-from experiments.mnist import input_pipeline
+from experiments.mnist import configs, input_pipeline
 from experiments.mnist.model import MLP
 
 PERCENTILES = (15, 50, 85)
@@ -158,6 +158,9 @@ def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: i
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Bad values fail before any work, with the field's name."""
+  for old, new in configs.RENAMED.items():  # set in Python, the old name would be ignored
+    if old in config:
+      raise ConfigError(f"config.{old} is now config.{new}; set config.{new}")
   if config.dataset not in input_pipeline.DATASETS:
     raise ConfigError(f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}")
   for field in ("num_train_steps", "batch_size", "eval_every", "checkpoint_every"):
