@@ -210,58 +210,72 @@ class BatchNorm(hk.Module):
       inputs = inputs.astype(jnp.result_type(float))
     reduced = self._reduced_axes(inputs.ndim)
     w_shape = tuple(1 if i in reduced else n for i, n in enumerate(inputs.shape))
-    features = tuple(i for i in range(inputs.ndim) if i not in reduced)
-    x, mask_ = inputs, mask
-    if not features:  # one statistic for everything: a unit feature axis
-      x, features = inputs[..., None], (inputs.ndim,)
-      mask_ = None if mask is None else jnp.asarray(mask)[..., None]
+    x, features, mask_ = _with_feature_axes(inputs, mask, reduced)
     feature_shape = tuple(x.shape[i] for i in features)
-
-    def as_feature(value):
-      return None if value is None else jnp.reshape(value, feature_shape)
-
     if self.create_scale:
       scale = hk.get_parameter("scale", w_shape, inputs.dtype, init=self.scale_init)
     if self.create_offset:
       offset = hk.get_parameter("offset", w_shape, inputs.dtype, init=self.offset_init)
     with jax.numpy_dtype_promotion("standard"):  # Haiku's output dtype
       dtype = jnp.result_type(*(v for v in (inputs, scale, offset) if v is not None))
-    per_feature = all(v is None or np.broadcast_shapes(jnp.shape(v), w_shape) == w_shape
-                      for v in (scale, offset))
-    params = None
-    if per_feature:
-      params = BatchNormParams(
-          as_feature(None if scale is None else jnp.broadcast_to(scale, w_shape)),
-          as_feature(None if offset is None else jnp.broadcast_to(offset, w_shape)))
+    params = _per_feature_params(scale, offset, w_shape, feature_shape)
     options = dict(axis=features, epsilon=self.eps, mask=mask_, dtype=dtype)
 
     if is_training:
-      (counter, mean), (_, var) = (ema.hidden(w_shape) for ema in (self.mean_ema, self.var_ema))
-      record = _recording[-1] if _recording else None
-      y, hidden = batch_norm(
-          x, params, BatchNormState(as_feature(mean), as_feature(var)), training=True,
-          momentum=0.0 if record else self.decay_rate,
-          axis_name=_axis_name(self.cross_replica_axis),
-          axis_index_groups=self.cross_replica_axis_index_groups,
-          unbiased_variance=record == "unbiased", **options)
-      for ema, value in zip((self.mean_ema, self.var_ema), hidden, strict=True):
-        if record:  # recompute_batch_stats: this batch's statistics as the average
-          ema.set_average(jnp.maximum(counter, 1), jnp.reshape(value, w_shape))
-        else:
-          ema.set(counter + 1, jnp.reshape(value, w_shape))
+      y = self._train(x, params, w_shape, feature_shape, options)
     elif test_local_stats:
       neutral = BatchNormState(jnp.zeros(feature_shape), jnp.ones(feature_shape))
       y, _ = batch_norm(x, params, neutral, training=True,
                         axis_name=_axis_name(self.cross_replica_axis),
                         axis_index_groups=self.cross_replica_axis_index_groups, **options)
     else:
-      averages = BatchNormState(as_feature(self.mean_ema.average()),
-                                as_feature(self.var_ema.average()))
+      averages = BatchNormState(jnp.reshape(self.mean_ema.average(), feature_shape),
+                                jnp.reshape(self.var_ema.average(), feature_shape))
       y, _ = batch_norm(x, params, averages, training=False, **options)
-    if not per_feature:  # a scale or offset per example (conditional normalization)
+    if params is None:  # a scale or offset per example (conditional normalization)
       with jax.numpy_dtype_promotion("standard"):
         y = y * (1 if scale is None else scale) + (0 if offset is None else offset)
     return y[..., 0] if x is not inputs and y.ndim > inputs.ndim else y
+
+  def _train(self, x, params, w_shape, feature_shape, options) -> jax.Array:
+    """Training mode: the batch's statistics normalize ``x`` and move the averages
+    (or, inside ``recompute_batch_stats``, become them)."""
+    (counter, mean), (_, var) = (ema.hidden(w_shape) for ema in (self.mean_ema, self.var_ema))
+    record = _recording[-1] if _recording else None
+    moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
+    y, hidden = batch_norm(
+        x, params, moving, training=True, momentum=0.0 if record else self.decay_rate,
+        axis_name=_axis_name(self.cross_replica_axis),
+        axis_index_groups=self.cross_replica_axis_index_groups,
+        unbiased_variance=record == "unbiased", **options)
+    for ema, value in zip((self.mean_ema, self.var_ema), hidden, strict=True):
+      if record:  # recompute_batch_stats: this batch's statistics as the average
+        ema.set_average(jnp.maximum(counter, 1), jnp.reshape(value, w_shape))
+      else:
+        ema.set(counter + 1, jnp.reshape(value, w_shape))
+    return y
+
+
+def _with_feature_axes(inputs: jax.Array, mask, reduced: tuple[int, ...]):
+  """``(x, feature axes, mask)`` for the core: with no feature axis left (one
+  statistic for everything), a unit feature axis is appended to ``inputs`` and ``mask``."""
+  features = tuple(i for i in range(inputs.ndim) if i not in reduced)
+  if features:
+    return inputs, features, mask
+  return inputs[..., None], (inputs.ndim,), None if mask is None else jnp.asarray(mask)[..., None]
+
+
+def _per_feature_params(scale, offset, w_shape, feature_shape) -> BatchNormParams | None:
+  """The core's parameters where ``scale`` and ``offset`` are per feature (or
+  absent); None where either varies per example, which is applied after the core."""
+  if not all(v is None or np.broadcast_shapes(jnp.shape(v), w_shape) == w_shape
+             for v in (scale, offset)):
+    return None
+
+  def as_feature(value):
+    return None if value is None else jnp.reshape(jnp.broadcast_to(value, w_shape), feature_shape)
+
+  return BatchNormParams(as_feature(scale), as_feature(offset))
 
 
 def _ema_entries(state: Mapping[str, Any]) -> list[str]:
