@@ -550,3 +550,27 @@ def test_figure1_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket):
     names
   )
   assert not any(n.endswith(".lock") for n in names)
+
+
+@pytest.mark.slow
+def test_orbax_reaches_the_bucket_through_gcsfs_even_after_tfds_chose_tensorflow():
+  """etils caches its file-system choice at its first gs:// path (TFDS makes one on
+  import): a gs:// workdir must still send orbax through gcsfs, which honours
+  STORAGE_EMULATOR_HOST, not through TensorFlow's file system, which does not (the
+  in-process figure1 run on gs:// failed this way once TFDS was imported first)."""
+  code = (
+    "import tensorflow_datasets\n"
+    "from etils import epath\n"
+    "from etils.epath import gpath\n"
+    "epath.Path('gs://x/y')._backend\n"
+    "assert gpath._is_tf_installed(), 'the premise: etils chose TensorFlow'\n"
+    "from experiments.common import storage\n"
+    "storage.as_path('gs://bucket/run')\n"
+    "print(type(epath.Path('gs://bucket/run')._backend).__name__)\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "_FileSystemSpecBackend", result.stdout

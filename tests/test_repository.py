@@ -200,8 +200,7 @@ def test_import_cycles_are_found(tmp_path):
 
 @pytest.mark.parametrize("package", [
     "bnjax",
-    pytest.param("experiments", marks=pytest.mark.xfail(
-        strict=True, reason="issue 19 item 1, being fixed in another branch")),
+    "experiments",
     "benchmarks",
 ])
 def test_no_import_cycle(package):

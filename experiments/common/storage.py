@@ -34,6 +34,7 @@ import os
 import pathlib
 import posixpath
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -43,6 +44,17 @@ os.environ.setdefault("EPATH_USE_TF", "0")  # gs:// through gcsfs in orbax, what
 
 GCS_SCHEME = "gs://"
 LOGIN_HINT = "run `gcloud auth application-default login` (a TPU VM uses its service account)"
+
+
+def _etils_without_tensorflow() -> None:
+  """etils caches, at its first gs:// path, whether to go through TensorFlow's file
+  system (which ignores ``STORAGE_EMULATOR_HOST``); TFDS makes such a path when it
+  is imported, possibly before ``EPATH_USE_TF=0`` above was set. Forget that choice,
+  so orbax's gs:// files go through gcsfs whatever was imported first."""
+  gpath = sys.modules.get("etils.epath.gpath")
+  cache_clear = getattr(getattr(gpath, "_is_tf_installed", None), "cache_clear", None)
+  if cache_clear is not None and os.environ["EPATH_USE_TF"] == "0":
+    cache_clear()
 
 
 def _point_clients_at_the_emulator() -> None:
@@ -267,6 +279,7 @@ def as_path(path: str | os.PathLike | GcsPath) -> AnyPath:
     if not bucket:
       raise WorkdirError(f"{text!r} names no bucket: write gs://BUCKET/PATH")
     _point_clients_at_the_emulator()
+    _etils_without_tensorflow()
     return GcsPath(bucket, key)
   scheme, separator, _ = text.partition("://")
   if separator and scheme.isidentifier():

@@ -1,6 +1,6 @@
 """The ImageNet experiment's data contract: one ``Source`` protocol, three sources.
 
-    source = data.open_source(config)       # picks the source, once
+    source = sources.open_source(config)    # picks the source, once (sources.py)
     source.num_classes
     source.split_plan("train", global_batch_size=256, process_count=1, train=True)
     source.train_batches(start_step, global_batch_size=..., image_size=..., seed=...,
@@ -185,31 +185,3 @@ class FakeSource(NamedTuple):
         yield {**batch, "mask": mask}
 
     return plan, batches()
-
-
-# ---- choosing the source, once ---------------------------------------------------------------
-
-
-def open_source(config) -> Source:
-  """The source ``config`` asks for: fake data, a folder of IDX files, or TFDS.
-
-  Raises:
-    DataError: missing data, or TFDS asked for without TensorFlow installed (one
-      line naming the extra to install).
-  """
-  if config.fake_data:
-    # 2.5 batches of synthetic "validation images": the last batch padded, as a real split's.
-    return FakeSource(num_eval_examples=config.eval_batch_size * 5 // 2, seed=config.seed)
-  from experiments.imagenet import idx_data
-
-  if config.get("data_dir") or config.dataset in idx_data.DATASETS:
-    return idx_data.open_idx_source(config.dataset, config.get("data_dir"))
-  try:
-    from experiments.imagenet import input_pipeline
-  except ImportError as e:
-    raise DataError(f"config.dataset={config.dataset!r} is read through TFDS, which needs TensorFlow "
-                    f"({e}): {TFDS_INSTALL}; or --config.fake_data=True for synthetic data") from None
-  return input_pipeline.TfdsSource.open(
-      config.dataset, config.tfds_data_dir, shuffle_buffer_size=config.shuffle_buffer,
-      photometric_distortion=float(config.photometric_distortion),
-      crop_fraction=float(config.eval_crop_fraction))

@@ -10,7 +10,7 @@
 folder of the four IDX files (read by ``experiments.common.idx``, the reader the
 MNIST experiment uses). The 60,000 training and 10,000 test images (28x28 gray
 bytes) stay in memory; batches have the ImageNet pipeline's form and guarantees
-(``data.open_source`` chooses this source when the config has a ``data_dir``;
+(``sources.open_source`` chooses this source when the config has a ``data_dir``;
 NumPy only, no TensorFlow):
 
 * Geometry: the 28x28 image, resized by ``image_size / 32`` (bilinear, only when

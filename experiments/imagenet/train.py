@@ -42,7 +42,7 @@ import optax
 import bnjax
 from bnjax import linen as bn
 from experiments import common
-from experiments.imagenet import data, models, parallel, progress
+from experiments.imagenet import data, models, parallel, progress, sources
 from experiments.imagenet.checks import ConfigError, validate_config
 from experiments.imagenet.schedule import Schedule, make_learning_rate_fn, make_optimizer, make_schedule
 
@@ -166,7 +166,7 @@ class Experiment(NamedTuple):
   model: Any  # flax.linen.Module for training (BN options bound for the layout)
   eval_model: Any  # the same network, for evaluation and recomputed statistics under jit
   bn_setup: parallel.BatchNormSetup
-  source: data.Source  # fake data, IDX files or TFDS (data.open_source)
+  source: data.Source  # fake data, IDX files or TFDS (sources.open_source)
   num_classes: int
   schedule: Schedule
   learning_rate_fn: optax.Schedule
@@ -204,7 +204,7 @@ def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_mod
   layout, eval_layout = parallel.make_layout(config.parallelism), parallel.make_layout("jit")
   bn_setup, model, eval_model = create_models(config, layout, eval_layout, create_model=create_model,
                                               norm_class=norm_class)
-  source = data.open_source(config)
+  source = sources.open_source(config)
   if config.num_classes != source.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but the data has "
                       f"{source.num_classes} classes")

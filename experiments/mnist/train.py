@@ -156,11 +156,17 @@ def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: i
   return metrics
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Bad values fail before any work, with the field's name."""
-  for old, new in configs.RENAMED.items():  # set in Python, the old name would be ignored
+def _refuse_renamed_fields(config: ml_collections.ConfigDict) -> None:
+  """An old field name set in Python (not through the command line, which renames
+  it) would be a new field that nothing reads: refuse it."""
+  for old, new in configs.RENAMED.items():
     if old in config:
       raise ConfigError(f"config.{old} is now config.{new}; set config.{new}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Bad values fail before any work, with the field's name."""
+  _refuse_renamed_fields(config)
   if config.dataset not in input_pipeline.DATASETS:
     raise ConfigError(f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}")
   for field in ("num_train_steps", "batch_size", "eval_every", "checkpoint_every"):
