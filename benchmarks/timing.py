@@ -23,7 +23,9 @@ def time_call(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_medians(candidates: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+  candidates: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 2
+) -> dict[str, float]:
   """Median seconds per call of each candidate over ``rounds`` interleaved rounds."""
   names = list(candidates)
   for _ in range(warmup):
@@ -31,7 +33,7 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], *, round
       time_call(candidates[name])
   samples = {name: [] for name in names}
   for r in range(rounds):
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       samples[name].append(time_call(candidates[name]))
   return {name: statistics.median(times) for name, times in samples.items()}

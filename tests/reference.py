@@ -19,7 +19,9 @@ def _valid_values(x, axes, mask):
 
 def batch_mean_var(x, axes, mask=None):
   """Mini-batch mean and biased variance of Algorithm 1, per feature (keepdims)."""
-  xm = _valid_values(np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64), axes, mask)
+  xm = _valid_values(
+    np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64), axes, mask
+  )
   mu = xm.mean(axis=axes, keepdims=True)
   var = (np.abs(xm - mu) ** 2).mean(axis=axes, keepdims=True)
   return np.ma.getdata(mu), np.ma.getdata(var)
@@ -82,7 +84,7 @@ def ghost_forward(x, gamma, beta, eps, virtual_batch_size, axes):
   x = np.asarray(x, np.float64)
   outputs, means, variances = [], [], []
   for start in range(0, len(x), virtual_batch_size):
-    y, mu, var = forward(x[start:start + virtual_batch_size], gamma, beta, eps, axes)
+    y, mu, var = forward(x[start : start + virtual_batch_size], gamma, beta, eps, axes)
     outputs.append(y)
     means.append(mu)
     variances.append(var)

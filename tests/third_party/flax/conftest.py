@@ -77,9 +77,11 @@ def pytest_collection_modifyitems(config, items):
     if str(item.fspath).startswith(here) and item.fspath.basename not in FAST:
       item.add_marker(pytest.mark.slow)
   deselected = [
-      item for item in items
-      if str(item.fspath).startswith(here) and "batch_norm" not in item.name
-      and item.fspath.basename == "linen_test.py"
+    item
+    for item in items
+    if str(item.fspath).startswith(here)
+    and "batch_norm" not in item.name
+    and item.fspath.basename == "linen_test.py"
   ]
   if deselected:
     config.hook.pytest_deselected(items=deselected)
