@@ -1,6 +1,6 @@
 """Training throughput of the ImageNet networks: bnjax's BatchNorm against Flax's.
 
-    python -m benchmarks.imagenet_throughput                       # small size, ~15 min on 2 CPU cores
+    python -m benchmarks.imagenet_throughput    # small size, ~15 min on 2 CPU cores
     python -m benchmarks.imagenet_throughput --image_size=224 --batch_size=256 --width_multiplier=1
 
 Images per second of the experiment's own training step (``train.make_train_step``:
@@ -147,8 +147,10 @@ def markdown(results: dict) -> str:
     f"{results['machine']['device_kind']} device(s) ({results['machine']['backend']}, "
     f"{results['machine']['cpu_count']} CPU cores), {results['machine']['date']}. "
     f"Images {s['image_size']}x{s['image_size']}, global batch {s['batch_size']}, width multiplier "
-    f"{s['width_multiplier']}, synthetic data; {s['rounds']} interleaved rounds x {s['repeats']} repeats.\n",
-    "| network | parallelism | parameters | bnjax images/s | Flax images/s | bnjax / Flax (median, min-max) |",
+    f"{s['width_multiplier']}, synthetic data; {s['rounds']} interleaved rounds x "
+    f"{s['repeats']} repeats.\n",
+    "| network | parallelism | parameters | bnjax images/s | Flax images/s "
+    "| bnjax / Flax (median, min-max) |",
     "|---|---|---|---|---|---|",
   ]
   for r in results["throughput"]:

@@ -338,7 +338,9 @@ def plain_jax_mnist_params(config):
   keys = jax.random.split(jax.random.key(0), 4)
   sizes = [(784, 100), (100, 100), (100, 100)]
   return {
-    "kernels": [config.init_stddev * jax.random.normal(k, s) for k, s in zip(keys, sizes)],
+    "kernels": [
+      config.init_stddev * jax.random.normal(k, s) for k, s in zip(keys[:3], sizes, strict=True)
+    ],
     "scales": [jnp.ones(100)] * 3,
     "biases": [jnp.zeros(100)] * 3,
     "head": config.init_stddev * jax.random.normal(keys[3], (100, 10)),
@@ -354,7 +356,9 @@ def plain_jax_mnist_steps(config):
 
   def loss(params, images, labels):
     h = images.reshape(images.shape[0], -1)
-    for kernel, scale, bias in zip(params["kernels"], params["scales"], params["biases"]):
+    for kernel, scale, bias in zip(
+      params["kernels"], params["scales"], params["biases"], strict=True
+    ):
       h = h @ kernel
       mean = jnp.mean(h, 0, keepdims=True)
       var = jnp.mean(jnp.square(h - mean), 0, keepdims=True)
@@ -383,7 +387,7 @@ def plain_jax_mnist_steps(config):
 def machine() -> dict:
   device = jax.devices()[0]
   return {
-    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     "platform": platform.platform(),
     "python": platform.python_version(),
     "cpu_count": os.cpu_count(),
@@ -403,8 +407,10 @@ def markdown(results: dict) -> str:
   lines = [
     f"## {m['device']} ({m['backend']}), {m['date']}",
     "",
-    f"jax {m['jax']}, bnjax {m['bnjax']}, Python {m['python']}, {m['cpu_count']} CPUs, {m['platform']}.",
-    f"Medians of {results['settings']['rounds']} interleaved rounds, repeated {results['settings']['repeats']} times;"
+    f"jax {m['jax']}, bnjax {m['bnjax']}, Python {m['python']}, {m['cpu_count']} CPUs, "
+    f"{m['platform']}.",
+    f"Medians of {results['settings']['rounds']} interleaved rounds, repeated "
+    f"{results['settings']['repeats']} times;"
     " ratios are medians over the repeats, (min-max) across them. Lower is faster.",
     "",
   ]
@@ -441,7 +447,8 @@ def markdown(results: dict) -> str:
       [case["forward_backward_s"]["bnjax"]], [case["forward_backward_s"]["naive_two_pass"]]
     )
     lines.append(
-      f"| {case['case']} | {_ratio(r['forward_vs_flax_fast'])} | {_ratio(r['forward_backward_vs_flax_fast'])} | "
+      f"| {case['case']} | {_ratio(r['forward_vs_flax_fast'])} | "
+      f"{_ratio(r['forward_backward_vs_flax_fast'])} | "
       f"{_ratio(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
       f"{_ratio(r['forward_backward_vs_streaming_floor'])} | "
       f"{_ratio(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |"
@@ -453,7 +460,8 @@ def markdown(results: dict) -> str:
     "Those that run on every call; in brackets, all in the program where branches of a"
     " `lax.cond` (bnjax's second pass, for large offsets or overflow) hold more.",
     "",
-    "| implementation | pmap forward | pmap forward + backward | shard_map forward + backward | jit, sharded batch, forward + backward |",
+    "| implementation | pmap forward | pmap forward + backward | shard_map forward + backward "
+    "| jit, sharded batch, forward + backward |",
     "|---|---|---|---|---|",
   ]
   programs = (
@@ -496,8 +504,9 @@ def markdown(results: dict) -> str:
     "",
     "### 6. MNIST training loop (784-100-100-100-10 with BN, batch 60)",
     "",
-    f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, per-step "
-    f"Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of {mn['steps_per_chunk']} steps): "
+    f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, "
+    f"per-step Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of "
+    f"{mn['steps_per_chunk']} steps): "
     f"the Python loop takes {_ratio(mn['python_loop_time_vs_on_device'])} times as long. The same "
     f"network in plain JAX (hand-written two-pass BN, no Flax) runs at "
     f"{mn['steps_per_s']['plain_jax_on_device_loop']:.0f} steps/s: bnjax + Flax take "
@@ -507,7 +516,8 @@ def markdown(results: dict) -> str:
     lines.append(
       f"One 50,000-step network: {mn['network_50k_training_loop_s']:.1f} s of training loop"
       + (
-        f"; {mn['network_50k_with_100_evaluations_s']:.1f} s for the whole run with 100 evaluations "
+        f"; {mn['network_50k_with_100_evaluations_s']:.1f} s for the whole run with 100 "
+        "evaluations "
         "of the 10,000 test images and checkpoints"
         if "network_50k_with_100_evaluations_s" in mn
         else ""
@@ -544,7 +554,8 @@ def main(argv=None) -> dict:
   json_path, markdown_path = output_paths(quick=args.quick, output_dir=args.output_dir)
   if args.quick and {json_path.resolve(), markdown_path.resolve()} & set(COMMITTED_RESULTS):
     parser.error(
-      f"--quick would overwrite the full run's results in {args.output_dir}; give another --output-dir"
+      f"--quick would overwrite the full run's results in {args.output_dir}; "
+      "give another --output-dir"
     )
   rounds = args.rounds or (2 if args.quick else 30)
   repeats = args.repeats or (1 if args.quick else 3)
@@ -559,7 +570,10 @@ def main(argv=None) -> dict:
   json_path.parent.mkdir(parents=True, exist_ok=True)
   markdown_path.parent.mkdir(parents=True, exist_ok=True)
   write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
-  header = "# Benchmarks\n\nWritten by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
+  header = (
+    "# Benchmarks\n\n"
+    "Written by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
+  )
   write_text_atomic(markdown_path, header + markdown(results))
   print(f"Wrote {json_path} and {markdown_path}")
   return results

@@ -51,5 +51,5 @@ def repeated(candidates, *, rounds: int, repeats: int, warmup: int = 2) -> dict[
 
 def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[str, float]:
   """Median, min and max over repeats of the per-repeat ratio."""
-  ratios = [a / b for a, b in zip(numerators, denominators)]
+  ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
   return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}

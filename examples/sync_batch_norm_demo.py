@@ -113,7 +113,9 @@ def main(steps: int = 5, per_device_batch: int = 16) -> list[tuple[bool, float]]
     same_everywhere = bool(jnp.all(var == var[0]))
     error = max(
       float(jnp.max(jnp.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(want["batch_stats"]))
+      for a, b in zip(
+        jax.tree.leaves(batch_stats), jax.tree.leaves(want["batch_stats"]), strict=True
+      )
     )
     print(
       f"step {step}: loss {float(loss[0]):.4f}  BatchNorm_0 running var[:3] "

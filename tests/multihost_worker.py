@@ -54,9 +54,10 @@ def main():
   rows = slice(
     process_id * LOCAL_DEVICES * per_device, (process_id + 1) * LOCAL_DEVICES * per_device
   )
-  to_global = lambda a: jax.make_array_from_process_local_data(
-    NamedSharding(mesh, P("batch")), a[rows]
-  )  # noqa: E731
+
+  def to_global(a):
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("batch")), a[rows])
+
   step = jax.jit(
     jax.shard_map(
       jax.grad(functools.partial(loss, axis_name="batch"), has_aux=True),

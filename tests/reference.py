@@ -59,7 +59,10 @@ def backward(x, gamma, dy, eps, axes, mask=None):
   dx_hat = dy * gamma
   with np.errstate(invalid="ignore"):
     centered = np.where(dy != 0, x - mu, 0.0)  # every output's x - mu
-  total = lambda a: a.sum(axis=axes, keepdims=True)
+
+  def total(a):
+    return a.sum(axis=axes, keepdims=True)
+
   dvar = total(dx_hat * centered * -0.5 * inv**3)
   dmu = total(dx_hat * -inv) + dvar * total(np.where(valid, -2.0 * (xv - mu), 0.0)) / m
   dx = dx_hat * inv + np.where(valid, dvar * 2.0 * (xv - mu) / m + dmu / m, 0.0)

@@ -22,9 +22,9 @@ import textwrap
 import pytest
 
 import bnjax
-import bnjax.linen
 import bnjax.equinox
 import bnjax.haiku
+import bnjax.linen
 import bnjax.nnx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -101,7 +101,8 @@ def documented_names(section: str) -> set[str]:
   """The names an ``Args:``/``Attributes:`` section documents: its entries are
   ``name: ...``, ``name (type): ...`` or ``a, b, c: ...`` at the left margin.
 
-  >>> sorted(documented_names("x: input.\\n  more.\\nmomentum, epsilon: as batch_norm.\\nrngs (Rngs): keys."))
+  >>> section = "x: input.\\n  more.\\nmomentum, epsilon: as batch_norm.\\nrngs (Rngs): keys."
+  >>> sorted(documented_names(section))
   ['epsilon', 'momentum', 'rngs', 'x']
   """
   names = set()

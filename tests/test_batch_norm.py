@@ -128,7 +128,7 @@ def test_no_affine_and_partial_affine():
   )
   outputs = jax.jit(lambda x: [bnjax.batch_norm(x, p, state, training=True)[0] for p in cases])(x)
   for y, want_y in zip(
-    outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias))
+    outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias)), strict=True
   ):
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
 

@@ -43,7 +43,8 @@ def reference_step(x, w, params, state, momentum=0.8):
   y, mu, var = reference.forward(x, gamma, beta, 1e-5, AXES)
   dx, dgamma, dbeta = reference.backward(x, gamma, w, 1e-5, AXES)
   new_state = tuple(
-    momentum * np.asarray(s) + (1 - momentum) * b.ravel() for s, b in zip(state, (mu, var))
+    momentum * np.asarray(s) + (1 - momentum) * b.ravel()
+    for s, b in zip(state, (mu, var), strict=True)
   )
   return (dx, (dgamma, dbeta)), (y, new_state)
 
@@ -380,7 +381,8 @@ x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
 params, state = bnjax.init(4)
 f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)
 y, s = jax.pmap(f, axis_name="i")(x.reshape(2, 64, 4))
-print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(), np.asarray(s.mean).tobytes().hex())
+print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(),
+      np.asarray(s.mean).tobytes().hex())
 """
 
 

@@ -4,10 +4,11 @@ Each block of README.md (and of the site's landing page, docs/index.md) runs alo
 in a fresh interpreter, as a reader pastes it, and must print something; where a
 ```text block follows it, that is its output, and the block must print exactly
 that (up to spacing). Each guide page's blocks run in order in one namespace, as a
-reader pasting them into one Python session would: with JAX's default promotion rules (not the suite's
-strict ones), eight CPU devices (tests/conftest.py), in a fresh temporary working
-directory (the figures a page saves land there). Two markers, an HTML comment on the last non-blank line
-before a block, change how a block runs:
+reader pasting them into one Python session would: with JAX's default promotion
+rules (not the suite's strict ones), eight CPU devices (tests/conftest.py), in a
+fresh temporary working directory (the figures a page saves land there). Two
+markers, an HTML comment on the last non-blank line before a block, change how a
+block runs:
 
 * ``<!-- raises: ValueError -->``: the block must raise that exception (a builtin
   name, or a dotted name the page has imported, e.g. ``flax.errors.ScopeCollectionNotFound``).
@@ -145,7 +146,7 @@ def run_blocks(blocks: list[Block], where: str) -> list[str]:
       continue
     try:
       exec(code, namespace)
-    except BaseException as error:  # noqa: BLE001: compared with the marker below
+    except BaseException as error:  # any exception: its type is compared with the marker below
       if not isinstance(error, _exception_type(block.raises, namespace)):
         raise AssertionError(
           f"{where}:{block.line}: the block is marked to raise {block.raises} but raised "

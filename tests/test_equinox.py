@@ -270,7 +270,8 @@ def test_sync_state_averages_the_statistics_across_devices():
 
 def test_a_model_and_state_saved_with_equinox_load_into_bnjax_and_back(trained, tmp_path):
   """``eqx.tree_serialise_leaves`` files move both ways (the same array leaves, shapes
-  and dtypes; Equinox's ``axis_name`` is a string leaf, bnjax's a static field). In "ema" mode the state means the same in both, so the loaded model
+  and dtypes; Equinox's ``axis_name`` is a string leaf, bnjax's a static field). In
+  "ema" mode the state means the same in both, so the loaded model
   evaluates as the saved one; in "batch" mode Equinox stores its biased hidden
   averages where bnjax stores the debiased ones (the same after many steps)."""
   x = trained["batches"][0]

@@ -16,12 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.imagenet import data, figure3, idx_data, train
-from experiments.imagenet import figure3_config
+from experiments.imagenet import data, figure3, figure3_config, idx_data, train
+from tests import test_mnist
 from tests.imagenet_testing import micro_net
-from tests.test_mnist import FASHION_MNIST, fashion_mnist_dir  # noqa: F401 (the fixture)
+from tests.test_mnist import FASHION_MNIST
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+fashion_mnist_dir = test_mnist.fashion_mnist_dir  # the fixture, for this module's tests
 
 
 @pytest.fixture(scope="module")

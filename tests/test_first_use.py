@@ -71,9 +71,9 @@ def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module
   assert result.returncode == 1
   assert result.stderr.splitlines() == [
     f"error: --config.lr: no such config field; the fields of experiments/mnist/configs/"
-    f"{'quick' if config_file else 'default'}.py are: batch_norm, batch_size, bn_momentum, checkpoint_every, "
-    "data_dir, dataset, eval_every, hidden_sizes, init_stddev, learning_rate, num_train_steps, seed, tfds_data_dir, "
-    "tracked_unit"
+    f"{'quick' if config_file else 'default'}.py are: batch_norm, batch_size, bn_momentum, "
+    "checkpoint_every, data_dir, dataset, eval_every, hidden_sizes, init_stddev, learning_rate, "
+    "num_train_steps, seed, tfds_data_dir, tracked_unit"
   ]
   assert not (tmp_path / "run").exists()
 
@@ -144,7 +144,8 @@ def _without_tensorflow(module: str) -> str:
     "  def find_spec(self, name, path=None, target=None):\n"
     "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
     "      return None\n"
-    "    specs = (f.find_spec(name, path, target) for f in self.finders if hasattr(f, 'find_spec'))\n"
+    "    specs = (f.find_spec(name, path, target) for f in self.finders\n"
+    "             if hasattr(f, 'find_spec'))\n"
     "    return next((s for s in specs if s is not None), None)\n"
     "sys.meta_path[:] = [WithoutTensorFlow(list(sys.meta_path))]\n"
     f"sys.argv = ['{module}', *sys.argv[1:]]\n"
@@ -224,8 +225,9 @@ def test_the_imagenet_smoke_run_and_idx_data_need_no_tensorflow(tmp_path):
   )
   assert tfds.returncode == 1
   assert tfds.stderr.splitlines() == [
-    "error: config.dataset='imagenet2012' is read through TFDS, which needs TensorFlow (No module named "
-    "'tensorflow'): pip install -e \".[imagenet]\"; or --config.fake_data=True for synthetic data"
+    "error: config.dataset='imagenet2012' is read through TFDS, which needs TensorFlow "
+    "(No module named 'tensorflow'): pip install -e \".[imagenet]\"; "
+    "or --config.fake_data=True for synthetic data"
   ], tfds.stderr
   assert not (tmp_path / "tfds").exists()
 

@@ -12,7 +12,6 @@ import bnjax.linen
 import bnjax.nnx
 from tests import reference
 
-
 STATIC = ("training", "axis", "unbiased_variance", "virtual_batch_size", "axis_name")
 batch_norm = jax.jit(bnjax.batch_norm, static_argnames=STATIC)  # compiled whole, not op by op
 
@@ -61,7 +60,7 @@ def test_gradients_match_a_loop_over_groups():
   groups = [
     reference.backward(x[i : i + 8], gamma, w[i : i + 8], 1e-5, (0, 1)) for i in range(0, 24, 8)
   ]
-  want_dx, want_dscale, want_dbias = zip(*groups)
+  want_dx, want_dscale, want_dbias = zip(*groups, strict=True)
   np.testing.assert_allclose(dx, np.concatenate(want_dx), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(dparams.scale, np.sum(want_dscale, 0), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dparams.bias, np.sum(want_dbias, 0), rtol=1e-4, atol=1e-4)
@@ -80,15 +79,12 @@ def test_whole_batch_is_plain_batch_norm():
 
 def test_running_statistics_averaged_across_devices():
   x, params, state = problem()
-  f = lambda x: bnjax.batch_norm(
-    x,
-    params,
-    state,
-    training=True,
-    virtual_batch_size=3,  # noqa: E731
-    axis_name="i",
-    momentum=0.0,
-  )
+
+  def f(x):
+    return bnjax.batch_norm(
+      x, params, state, training=True, virtual_batch_size=3, axis_name="i", momentum=0.0
+    )
+
   y, new_state = jax.pmap(f, axis_name="i")(x.reshape((8, 3) + x.shape[1:]))
   want_y, mu, var = reference.ghost_forward(
     x, np.asarray(params.scale), np.asarray(params.bias), 1e-5, 3, (0, 1)

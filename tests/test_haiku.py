@@ -115,7 +115,9 @@ def test_training_matches_haiku(trained):
   average) after several steps, to float32 rounding."""
   for key, tolerance in (("ys", 1e-5), ("grads", 1e-4)):
     jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance),
+      lambda a, b, tolerance=tolerance: np.testing.assert_allclose(
+        a, b, rtol=tolerance, atol=tolerance
+      ),
       trained["bnjax"][3 if key == "grads" else 2],
       trained["haiku"][3 if key == "grads" else 2],
     )
@@ -165,15 +167,16 @@ def test_moving_averages_are_the_debiased_average_of_the_batch_statistics():
 
   y, state = run(batches)
   hidden_mean = hidden_var = 0.0
-  for k, x in enumerate(batches[1:], start=1):
+  updates = len(batches) - 1  # the batches after the one init saw
+  for x in batches[1:]:
     mu, var = reference.batch_mean_var(x, (0,))
     hidden_mean = DECAY * hidden_mean + (1 - DECAY) * mu
     hidden_var = DECAY * hidden_var + (1 - DECAY) * var
   np.testing.assert_allclose(
-    state["batch_norm/~/mean_ema"]["average"], hidden_mean / (1 - DECAY**k), rtol=1e-6
+    state["batch_norm/~/mean_ema"]["average"], hidden_mean / (1 - DECAY**updates), rtol=1e-6
   )
   np.testing.assert_allclose(
-    state["batch_norm/~/var_ema"]["average"], hidden_var / (1 - DECAY**k), rtol=1e-6
+    state["batch_norm/~/var_ema"]["average"], hidden_var / (1 - DECAY**updates), rtol=1e-6
   )
   expected, _, _ = reference.forward(batches[-1], 1.0, 0.0, 1e-5, (0,))
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -257,8 +260,8 @@ def test_data_format_and_axis_options_match_haiku():
 
 
 def test_synchronized_statistics_equal_the_full_batch():
-  """cross_replica_axis under vmap, pmap and shard_map; and under jit with the batch sharded over 8 devices
-  (no axis name): each gives the full batch's output and averages."""
+  """cross_replica_axis under vmap, pmap and shard_map; and under jit with the batch sharded
+  over 8 devices (no axis name): each gives the full batch's output and averages."""
   x = normal(7, (8, 4, 3), loc=5.0)
   full_y, full_state = jax.jit(lambda x: apply_layer(x.reshape(32, 3)))(x)
 

@@ -95,7 +95,8 @@ SHAPE_CASES = (
 
 @pytest.mark.parametrize("name, image_size, num_classes", SHAPE_CASES)
 def test_every_model_gives_logits_at_every_multiple_of_32(name, image_size, num_classes):
-  # The variables do not depend on the image size (test_count_params_does_not_depend_on_the_image_size).
+  # The variables do not depend on the image size
+  # (test_count_params_does_not_depend_on_the_image_size).
   model, variables, _ = traced(name, 64 if image_size == 64 else 32, num_classes)
   images = jax.ShapeDtypeStruct((3, image_size, image_size, 3), jnp.float32)
   logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, images)
@@ -538,10 +539,11 @@ def load_config(name):
 
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
-REQUIRED_FIELDS = """model fake_data dataset tfds_data_dir data_dir num_train_steps num_epochs batch_size image_size
-learning_rate parallelism bn_group_size half_precision eval_every checkpoint_every log_every recompute_bn_batches
-bn_momentum bn_epsilon dropout_rate width_multiplier num_classes seed eval_batch_size shuffle_buffer momentum
-weight_decay lr_schedule warmup_epochs label_smoothing""".split()
+REQUIRED_FIELDS = """model fake_data dataset tfds_data_dir data_dir num_train_steps num_epochs
+batch_size image_size learning_rate parallelism bn_group_size half_precision eval_every
+checkpoint_every log_every recompute_bn_batches bn_momentum bn_epsilon dropout_rate
+width_multiplier num_classes seed eval_batch_size shuffle_buffer momentum weight_decay
+lr_schedule warmup_epochs label_smoothing""".split()
 
 
 def test_all_configs_exist():

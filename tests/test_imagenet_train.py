@@ -94,12 +94,14 @@ def test_pmap_and_jit_take_the_same_step(micro_state, group_size):
       jax.tree.leaves((pmap_state.params, pmap_state.batch_stats)[tree]),
     )
     assert len(want) == len(got) > 0
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
       np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg=name)
   # The step moved the parameters and statistics (the comparison is not vacuous).
   moved = [
     np.abs(a - b).max()
-    for a, b in zip(jax.tree.leaves(jit_state.params), jax.tree.leaves(host_state.params))
+    for a, b in zip(
+      jax.tree.leaves(jit_state.params), jax.tree.leaves(host_state.params), strict=True
+    )
   ]
   assert min(moved) > 1e-5
   assert np.abs(jit_state.batch_stats["bn1"]["mean"]).max() > 1e-3
@@ -323,7 +325,11 @@ def test_evaluation_batches_hold_every_example_once(tiny_imagenet, process_count
     assert len(batches) == plan.num_batches
     for batch in batches:
       assert batch["image"].shape == (2, 32, 32, 3)
-      got += [_image_key(image) for image, valid in zip(batch["image"], batch["mask"]) if valid]
+      got += [
+        _image_key(image)
+        for image, valid in zip(batch["image"], batch["mask"], strict=True)
+        if valid
+      ]
       assert not batch["image"][~batch["mask"]].any()  # padding is zeros
   assert len(num_batches) == 1  # every host runs the same number of evaluation steps
   assert sorted(got) == want

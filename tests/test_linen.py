@@ -314,9 +314,9 @@ def test_under_jax_vmap_and_nn_vmap():
   want = np.stack([reference.forward(member, 1.0, 0.0, 1e-5, (0,))[0] for member in x])
   np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)  # each member its own batch
   for i in range(3):
-    yi, si = apply(jax.tree.map(lambda a: a[i], members), x[i])
+    yi, si = apply(jax.tree.map(lambda a, i=i: a[i], members), x[i])
     chex.assert_trees_all_close(y[i], yi, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], state), si, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], state), si, rtol=1e-6, atol=1e-7)
 
   lifted = nn.vmap(
     bnjax.linen.BatchNorm,

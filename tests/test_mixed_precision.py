@@ -50,8 +50,8 @@ def reference_step(variant, x, gamma, beta, dy, state):
       )
       for i in range(0, len(x), VIRTUAL_BATCH)
     ]
-    y, states, grads, _ = zip(*steps)
-    (means, variances), (dx, dgamma, dbeta) = zip(*states), zip(*grads)
+    y, states, grads, _ = zip(*steps, strict=True)
+    (means, variances), (dx, dgamma, dbeta) = zip(*states, strict=True), zip(*grads, strict=True)
     return (
       np.concatenate(y),
       (np.mean(means, 0), np.mean(variances, 0)),
@@ -126,7 +126,7 @@ def test_statistics_in_float32_output_in_input_dtype(dtype, variant):
   np.testing.assert_allclose(as_float64(dx), want_grads[0], rtol=u_x, atol=1e-5)
   # Parameter gradients: one rounding to bfloat16 (ghost batch norm's G groups too:
   # their parts add up in float32), <= u * sum_g |group's| (magnitudes).
-  for got, want, magnitude in zip(dparams, want_grads[1:], magnitudes):
+  for got, want, magnitude in zip(dparams, want_grads[1:], magnitudes, strict=True):
     error = np.abs(as_float64(got) - want)
     assert (error <= u_params * magnitude + 1e-4).all(), (error, magnitude)
 

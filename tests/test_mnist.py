@@ -116,7 +116,7 @@ def test_idx_folder_round_trip_in_both_spellings(tmp_path):
   want = (*written["train"], *written["test"])  # train images, labels, test images, labels
   for got in (a, b):
     assert len(got) == len(want) == 4
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=True):
       np.testing.assert_array_equal(x, y)
       assert x.shape == y.shape
 
@@ -310,7 +310,9 @@ def test_data_order_depends_only_on_seed_and_step():
   # Each example is one training image scaled to [0, 1], with its own label.
   for batch_images, batch_labels in (a, c):
     assert batch_images.shape == (6, 28, 28) and batch_images.dtype == jnp.float32
-    for image, label in zip(np.asarray(batch_images, np.float64), np.asarray(batch_labels)):
+    for image, label in zip(
+      np.asarray(batch_images, np.float64), np.asarray(batch_labels), strict=True
+    ):
       index = np.flatnonzero((np.abs(images / 255.0 - image) < 1e-6).all(axis=(1, 2)))
       assert len(index) == 1 and labels[index[0]] == label
 
@@ -479,7 +481,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
   ).read_bytes()
   whole, cut = _final_state(tmp_path / "whole"), _final_state(tmp_path / "cut")
   assert jax.tree.structure(whole) == jax.tree.structure(cut)
-  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(cut)):
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(cut), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -576,7 +578,7 @@ def test_corrupt_gzip_and_empty_files_are_data_errors(tmp_path):
 
 def _assert_same_states(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -585,14 +587,15 @@ def test_a_full_disk_during_a_resume_loses_no_history(trained_run, tmp_path):
   """config.json and metrics.jsonl are replaced atomically: a write that fails half
   way (here: the file-size limit, as a full disk) leaves them whole."""
   data_dir, workdir = copy_run(trained_run, tmp_path / "run")
-  shutil.rmtree(
-    workdir / "checkpoints" / "300"
-  )  # killed after evaluating 300, before its checkpoint
+  # Killed after evaluating 300, before its checkpoint.
+  shutil.rmtree(workdir / "checkpoints" / "300")
   before = {name: (workdir / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
 
-  limit_file_size = (  # then run the command; a write past the limit fails (EFBIG), as on a full disk
+  # Then run the command; a write past the limit fails (EFBIG), as on a full disk.
+  limit_file_size = (
     "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
   )
   result = subprocess.run(
     [
@@ -828,7 +831,7 @@ def test_figure1_legends_hide_no_curve():
         "test_accuracy": last_accuracy - (last_accuracy - first_accuracy) * np.exp(-s / 8000),
         **{
           f"sigmoid_input_p{p}": level + n
-          for p, level, n in zip(train.PERCENTILES, levels, noise[i])
+          for p, level, n in zip(train.PERCENTILES, levels, noise[i], strict=True)
         },
       }
       for i, s in enumerate(steps)

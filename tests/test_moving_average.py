@@ -61,24 +61,23 @@ def test_half_precision_running_statistics_are_rounded_once(variant):
   params, state = bnjax.init(2)
   state = jax.tree.map(lambda s: s.astype(jnp.bfloat16), state)
   if variant == "renorm":
-    step = lambda x, state: bnjax.batch_renorm(
-      x,
-      params,
-      state,
-      training=True,
-      r_max=1.0,
-      d_max=0.0,  # noqa: E731
-      momentum=0.99,
-    )
+
+    def step(x, state):
+      return bnjax.batch_renorm(
+        x, params, state, training=True, r_max=1.0, d_max=0.0, momentum=0.99
+      )
   else:
-    step = lambda x, state: bnjax.batch_norm(
-      x,
-      params,
-      state,
-      training=True,
-      momentum=0.99,  # noqa: E731
-      virtual_batch_size=4 if variant == "ghost" else None,
-    )
+
+    def step(x, state):
+      return bnjax.batch_norm(
+        x,
+        params,
+        state,
+        training=True,
+        momentum=0.99,
+        virtual_batch_size=4 if variant == "ghost" else None,
+      )
+
   _, new = jax.jit(step)(x, state)
   want_mean = np.asarray([0.99 * 0 + 0.01 * 100, 0.0], np.float64)
   want_var = np.asarray([0.99 * 1 + 0.01 * 100, 0.99 * 1 + 0.01 * 400], np.float64)

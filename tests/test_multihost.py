@@ -3,10 +3,10 @@ machine, two CPU devices each, gloo collectives (what a Cloud TPU pod does with
 its hosts)."""
 
 import json
+import pathlib
 import socket
 import subprocess
 import sys
-import pathlib
 
 import pytest
 

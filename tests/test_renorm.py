@@ -133,9 +133,10 @@ def test_traced_limits_follow_a_schedule_without_recompiling():
 def test_synchronized_under_pmap_matches_full_batch():
   x, params, state = problem()
   x = jnp.asarray(np.concatenate([x] * 2))  # 24 examples, 3 per device
-  f = lambda x: bnjax.batch_renorm(
-    x, params, state, training=True, r_max=2.0, d_max=1.0, axis_name="i"
-  )  # noqa: E731
+
+  def f(x):
+    return bnjax.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0, axis_name="i")
+
   y, new_state = jax.pmap(f, axis_name="i")(x.reshape((8, 3) + x.shape[1:]))
   want_y, want_state = batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0)
   np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)

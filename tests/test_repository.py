@@ -33,15 +33,19 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_library_passes_ruff():
   """pyproject.toml's ``[tool.ruff]`` rules (line length 100, 2-space indent,
-  E/F/W/I/B/UP) hold for what it checks (``bnjax/``)."""
-  result = subprocess.run(
-    [sys.executable, "-m", "ruff", "check", "--no-cache"],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stdout + result.stderr
+  E/F/W/I/B/UP) and its formatting hold for the whole repository (the library,
+  tests, experiments, benchmarks, examples, docs/conf.py), the vendored copies of
+  other projects' tests excepted: ``ruff check`` and ``ruff format --check``, each
+  failing with the files it names."""
+  for command in (["check"], ["format", "--check"]):
+    result = subprocess.run(
+      [sys.executable, "-m", "ruff", *command, "--no-cache"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout}{result.stderr}"
 
 
 def test_no_function_of_the_experiments_is_too_complex():

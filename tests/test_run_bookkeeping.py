@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments.common import checkpoints as checkpoints_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,8 @@ import pathlib
 import re
 import sys
 import threading
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import flags
 from ml_collections import config_flags

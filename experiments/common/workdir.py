@@ -76,7 +76,8 @@ class WorkdirLock:
       os.close(fd)
       raise WorkdirError(
         f"the workdir {self.workdir} is in use by another run (pid "
-        f"{' on '.join(holder) if holder else 'unknown'}); wait for it to end, or give another --workdir"
+        f"{' on '.join(holder) if holder else 'unknown'}); wait for it to end, "
+        "or give another --workdir"
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)

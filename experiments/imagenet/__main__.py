@@ -1,6 +1,7 @@
-"""Trains one ImageNet network (Section 4.2 of the paper).
+r"""Trains one ImageNet network (Section 4.2 of the paper).
 
-    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/NAME.py [--config.FIELD=VALUE ...]
+    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/NAME.py \
+        [--config.FIELD=VALUE ...]
 
 The configs and what each field means: experiments/imagenet/configs/ (``--help``
 lists the fields). Killed and restarted with the same command, a run continues

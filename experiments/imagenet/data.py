@@ -98,7 +98,7 @@ def host_bounds(num_examples: int, process_count: int) -> list[int]:
 def contiguous_counts(num_examples: int, process_count: int) -> tuple[int, ...]:
   """Examples of each host when the split is cut into ``process_count`` contiguous parts."""
   bounds = host_bounds(num_examples, process_count)
-  return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+  return tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 def split_plan(
@@ -172,7 +172,8 @@ class FakeSource(NamedTuple):
     )
 
   def examples(self, rows: np.ndarray, *, seed: int, image_size: int) -> dict:
-    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label`` int32 ``[B]``."""
+    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label`` int32
+    ``[B]``."""
     images, labels = [], []
     for row in rows:
       rng = np.random.default_rng([seed, 1, int(row)])

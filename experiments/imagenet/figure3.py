@@ -215,7 +215,8 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
       rows,
       path,
       title=(
-        f"Figure 3 in miniature: {miniature.model} at {miniature.image_size}x{miniature.image_size}, "
+        f"Figure 3 in miniature: {miniature.model} at "
+        f"{miniature.image_size}x{miniature.image_size}, "
         f"{miniature.dataset}, {miniature.num_train_steps} steps of {miniature.batch_size}, "
         f"Inception rate {miniature.base_learning_rate:g}"
       ),

@@ -96,18 +96,18 @@ class IdxSource(NamedTuple):
     )
     local = plan.local_batch_size
     first = data.host_bounds(len(self.train_images), process_count)[process_index]
-    e, k = divmod(start_step, plan.num_batches)
+    e, first_k = divmod(start_step, plan.num_batches)
     while True:
       rng = np.random.default_rng([seed, e, process_index])
       order = first + rng.permutation(plan.examples_per_host[process_index])
-      for k in range(k, plan.num_batches):
+      for k in range(first_k, plan.num_batches):
         rows = order[k * local : (k + 1) * local]
         rng = np.random.default_rng([seed, e, process_index, k, 1])
         yield {
           "image": augmented(self, self.train_images[rows], image_size, rng),
           "label": self.train_labels[rows],
         }
-      e, k = e + 1, 0
+      e, first_k = e + 1, 0
 
   def eval_batches(
     self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int

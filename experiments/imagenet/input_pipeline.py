@@ -14,8 +14,9 @@ Each host reads its own part of each split (``tfds.split_for_jax_process``). The
 training order is shuffled at up to three levels: the shard files' order, the
 interleaving of 16 shards and, when ``shuffle_buffer_size`` > 0, a shuffle buffer
 of examples, so that the examples stored together in a shard do not always meet in
-a batch (the paper's within-shard shuffling, Section 4.2.1). Everything random is a function of the seed, the
-epoch, the host and the example's position, so a restarted run at step ``s`` sees
+a batch (the paper's within-shard shuffling, Section 4.2.1). Everything random is a
+function of the seed, the epoch, the host and the example's position, so a restarted
+run at step ``s`` sees
 exactly the batches an uninterrupted run sees from step ``s``; to get there it reads
 (without decoding) the examples of the current epoch that it skips.
 
@@ -93,8 +94,10 @@ def missing_data_message(builder: tfds.core.DatasetBuilder, missing: list[str]) 
   where = f"TFDS {builder.name} has no prepared {'/'.join(missing)} split in {builder.data_dir}"
   if builder.name == "imagenet2012":
     how = (
-      f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from https://image-net.org/download-images) "
-      f'in {manual}, then prepare them once (about 150 GB, hours): python -c "import tensorflow_datasets as tfds; '
+      "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+      "(from https://image-net.org/download-images) "
+      f"in {manual}, then prepare them once (about 150 GB, hours): "
+      'python -c "import tensorflow_datasets as tfds; '
       f"tfds.builder('imagenet2012', data_dir='{root}').download_and_prepare(download_config="
       f"tfds.download.DownloadConfig(manual_dir='{manual}'))\""
     )
@@ -103,7 +106,8 @@ def missing_data_message(builder: tfds.core.DatasetBuilder, missing: list[str]) 
       f"prepare it with tfds.builder('{builder.name}', data_dir='{root}').download_and_prepare()"
     )
   return (
-    f"{where}: {how}; or set --config.tfds_data_dir to a folder (or gs:// bucket) where it is prepared, "
+    f"{where}: {how}; or set --config.tfds_data_dir to a folder (or gs:// bucket) where it is "
+    "prepared, "
     "or --config.fake_data=True for synthetic data"
   )
 

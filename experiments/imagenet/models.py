@@ -73,7 +73,8 @@ def check_image_size(image_size: int) -> None:
     or image_size % 32
   ):
     raise ValueError(
-      f"image_size must be a multiple of 32, at least 32 (the networks' total stride), got {image_size!r}; "
+      "image_size must be a multiple of 32, at least 32 (the networks' total stride), "
+      f"got {image_size!r}; "
       "e.g. 224 as the paper, or 32 / 64 for a quick CPU run"
     )
 

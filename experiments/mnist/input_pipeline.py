@@ -65,7 +65,7 @@ def load_tfds(name: str, tfds_data_dir: str | None = None) -> Dataset:
   arrays = {}
   for split in SPLITS:
     batches = tfds.as_numpy(builder.as_dataset(split=split, as_supervised=True).batch(10_000))
-    images, labels = zip(*batches)
+    images, labels = zip(*batches, strict=True)
     arrays[split] = (
       np.concatenate(images).astype(np.uint8).reshape(-1, 28, 28),
       np.concatenate(labels).astype(np.int32),

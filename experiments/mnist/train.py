@@ -160,7 +160,7 @@ def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: i
     "test_loss": cross_entropy(logits, data.test_labels),
     "train_loss": state.loss_sum / jnp.maximum(state.loss_count, 1).astype(jnp.float32),
   }
-  for p, value in zip(PERCENTILES, percentiles):
+  for p, value in zip(PERCENTILES, percentiles, strict=True):
     metrics[f"sigmoid_input_p{p}"] = value
   return metrics
 
@@ -345,7 +345,7 @@ def _train(
       if step % config.checkpoint_every == 0 or step == config.num_train_steps:
         checkpoints.save(step, state)
       progress.update(stop - progress.n)
-      preemption.check(step, checkpoints, lambda: state)
+      preemption.check(step, checkpoints, lambda state=state: state)
   checkpoints.wait_until_finished()  # the newest checkpoint sealed (SHA256SUMS) before we name it
   tqdm.write(
     f"done: step {step}/{config.num_train_steps}; wrote config.json, metrics.jsonl and "

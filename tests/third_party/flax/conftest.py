@@ -14,11 +14,11 @@ the reason in the header of their excerpt. Where Flax compares nnx with linen bi
 bnjax's here, and they agree bit for bit (no test needed a tolerance).
 """
 
-import jax
 import flax.linen
 import flax.linen.normalization
 import flax.nnx
 import flax.nnx.nn.normalization
+import jax
 import pytest
 
 import bnjax.linen
