@@ -35,8 +35,10 @@ def oldest_pins(pyproject: dict) -> list[str]:
       continue
     match = _LOWER_BOUND.match(requirement)
     if not match:
-      raise ValueError(f"{requirement!r}: give each dependency one lower bound, name>=X "
-                       "(the oldest version the tests were run against)")
+      raise ValueError(
+        f"{requirement!r}: give each dependency one lower bound, name>=X "
+        "(the oldest version the tests were run against)"
+      )
     name, version, marker = match.groups()
     pin = f"{name}=={version}" + (f"; {marker[1:].strip()}" if marker else "")
     if pin not in pins:

@@ -8,7 +8,9 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 _INSTRUCTION = re.compile(r"=\s*\S.*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
 
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|true_computation=(%[\w.\-]+), false_computation=(%[\w.\-]+)")
+_BRANCHES = re.compile(
+  r"branch_computations=\{([^}]*)\}|true_computation=(%[\w.\-]+), false_computation=(%[\w.\-]+)"
+)
 
 
 def count_collectives(compiled_text: str, *, outside_branches: bool = False) -> dict[str, int]:

@@ -21,17 +21,28 @@ def bnjax_batch_norm(x, scale, bias, *, axis_name=None):
   features = x.shape[-1]
   state = bnjax.BatchNormState(jnp.zeros(features), jnp.ones(features))
   return bnjax.batch_norm(
-      x, bnjax.BatchNormParams(scale, bias), state, training=True, epsilon=EPSILON, axis_name=axis_name
+    x,
+    bnjax.BatchNormParams(scale, bias),
+    state,
+    training=True,
+    epsilon=EPSILON,
+    axis_name=axis_name,
   )
 
 
 def flax_batch_norm(x, scale, bias, *, fast, axis_name=None):
   features = x.shape[-1]
   module = nn.BatchNorm(
-      use_running_average=False, use_fast_variance=fast, epsilon=EPSILON, dtype=x.dtype, axis_name=axis_name
+    use_running_average=False,
+    use_fast_variance=fast,
+    epsilon=EPSILON,
+    dtype=x.dtype,
+    axis_name=axis_name,
   )
-  variables = {"params": {"scale": scale, "bias": bias},
-               "batch_stats": {"mean": jnp.zeros(features), "var": jnp.ones(features)}}
+  variables = {
+    "params": {"scale": scale, "bias": bias},
+    "batch_stats": {"mean": jnp.zeros(features), "var": jnp.ones(features)},
+  }
   return module.apply(variables, x, mutable=["batch_stats"])
 
 
@@ -42,15 +53,17 @@ def naive_two_pass(x, scale, bias, *, axis_name=None):
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=axes, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + EPSILON) * scale.reshape(var.shape) + bias.reshape(var.shape)
+  y = (x32 - mean) * jax.lax.rsqrt(var + EPSILON) * scale.reshape(var.shape) + bias.reshape(
+    var.shape
+  )
   return y.astype(x.dtype), (mean.ravel(), var.ravel())
 
 
 IMPLEMENTATIONS = {
-    "bnjax": bnjax_batch_norm,
-    "flax_fast": functools.partial(flax_batch_norm, fast=True),
-    "flax_exact": functools.partial(flax_batch_norm, fast=False),
-    "naive_two_pass": naive_two_pass,
+  "bnjax": bnjax_batch_norm,
+  "flax_fast": functools.partial(flax_batch_norm, fast=True),
+  "flax_exact": functools.partial(flax_batch_norm, fast=False),
+  "naive_two_pass": naive_two_pass,
 }
 
 

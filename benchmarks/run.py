@@ -59,12 +59,16 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def batch_norm_cases(quick: bool):
   if quick:
-    return [("(4, 8, 8, 16) float32", (4, 8, 8, 16), jnp.float32),
-            ("(16, 32) float32", (16, 32), jnp.float32),
-            ("(4, 8, 8, 16) bfloat16", (4, 8, 8, 16), jnp.bfloat16)]
-  return [("(32, 56, 56, 64) float32", (32, 56, 56, 64), jnp.float32),
-          ("(256, 4096) float32", (256, 4096), jnp.float32),
-          ("(32, 56, 56, 64) bfloat16", (32, 56, 56, 64), jnp.bfloat16)]
+    return [
+      ("(4, 8, 8, 16) float32", (4, 8, 8, 16), jnp.float32),
+      ("(16, 32) float32", (16, 32), jnp.float32),
+      ("(4, 8, 8, 16) bfloat16", (4, 8, 8, 16), jnp.bfloat16),
+    ]
+  return [
+    ("(32, 56, 56, 64) float32", (32, 56, 56, 64), jnp.float32),
+    ("(256, 4096) float32", (256, 4096), jnp.float32),
+    ("(32, 56, 56, 64) bfloat16", (32, 56, 56, 64), jnp.bfloat16),
+  ]
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -82,28 +86,48 @@ def bench_batch_norm(quick: bool, rounds: int, repeats: int) -> list[dict]:
     forwards = {name: impls.forward(f) for name, f in impls.IMPLEMENTATIONS.items()}
     backwards = {name: impls.forward_backward(f) for name, f in impls.IMPLEMENTATIONS.items()}
     forward_times = repeated(
-        {name: functools.partial(f, x, scale, bias) for name, f in forwards.items()},
-        rounds=rounds, repeats=repeats)
-    backward_candidates = {name: functools.partial(f, x, scale, bias, dy) for name, f in backwards.items()}
+      {name: functools.partial(f, x, scale, bias) for name, f in forwards.items()},
+      rounds=rounds,
+      repeats=repeats,
+    )
+    backward_candidates = {
+      name: functools.partial(f, x, scale, bias, dy) for name, f in backwards.items()
+    }
     backward_candidates["streaming_floor"] = functools.partial(impls.streaming_floor, x, dy)
     backward_times = repeated(backward_candidates, rounds=rounds, repeats=repeats)
     floor = backward_times.pop("streaming_floor")
-    case = {"case": label, "bytes": int(x.nbytes), "forward_s": {}, "forward_backward_s": {},
-            "streaming_floor_s": statistics.median(floor), "temp_bytes_forward_backward": {}, "ratios": {}}
+    case = {
+      "case": label,
+      "bytes": int(x.nbytes),
+      "forward_s": {},
+      "forward_backward_s": {},
+      "streaming_floor_s": statistics.median(floor),
+      "temp_bytes_forward_backward": {},
+      "ratios": {},
+    }
     for name in impls.IMPLEMENTATIONS:
       case["forward_s"][name] = statistics.median(forward_times[name])
       case["forward_backward_s"][name] = statistics.median(backward_times[name])
       case["temp_bytes_forward_backward"][name] = temp_bytes(backwards[name], x, scale, bias, dy)
       case["ratios"][name] = {
-          "forward_backward_vs_flax_fast": ratio_summary(backward_times[name], backward_times["flax_fast"]),
-          "forward_backward_vs_flax_exact": ratio_summary(backward_times[name], backward_times["flax_exact"]),
-          "forward_vs_flax_fast": ratio_summary(forward_times[name], forward_times["flax_fast"]),
-          "forward_backward_vs_streaming_floor": ratio_summary(backward_times[name], floor),
+        "forward_backward_vs_flax_fast": ratio_summary(
+          backward_times[name], backward_times["flax_fast"]
+        ),
+        "forward_backward_vs_flax_exact": ratio_summary(
+          backward_times[name], backward_times["flax_exact"]
+        ),
+        "forward_vs_flax_fast": ratio_summary(forward_times[name], forward_times["flax_fast"]),
+        "forward_backward_vs_streaming_floor": ratio_summary(backward_times[name], floor),
       }
     results.append(case)
-    print(f"batch norm {label}: " + ", ".join(
-        f"{n} {1e3 * case['forward_backward_s'][n]:.2f} ms" for n in impls.IMPLEMENTATIONS)
-        + f", floor {1e3 * case['streaming_floor_s']:.2f} ms", flush=True)
+    print(
+      f"batch norm {label}: "
+      + ", ".join(
+        f"{n} {1e3 * case['forward_backward_s'][n]:.2f} ms" for n in impls.IMPLEMENTATIONS
+      )
+      + f", floor {1e3 * case['streaming_floor_s']:.2f} ms",
+      flush=True,
+    )
   return results
 
 
@@ -128,25 +152,35 @@ def bench_collectives(quick: bool) -> dict:
 
     pmap_forward = jax.pmap(f, axis_name="batch", in_axes=(0, None, None), devices=devices)
     pmap_step = jax.pmap(step, axis_name="batch", in_axes=(0, None, None, 0), devices=devices)
-    shard_map_step = jax.jit(jax.shard_map(
-        step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
-        out_specs=((P("batch"), P(), P()), P())))
+    shard_map_step = jax.jit(
+      jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P("batch"), P(), P(), P("batch")),
+        out_specs=((P("batch"), P(), P()), P()),
+      )
+    )
     flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731
     batch_sharding, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-    sm_args = (jax.device_put(flat(x), batch_sharding), jax.device_put(scale, replicated),
-               jax.device_put(bias, replicated), jax.device_put(flat(dy), batch_sharding))
+    sm_args = (
+      jax.device_put(flat(x), batch_sharding),
+      jax.device_put(scale, replicated),
+      jax.device_put(bias, replicated),
+      jax.device_put(flat(dy), batch_sharding),
+    )
     # jit with the batch sharded (no axis name): XLA's SPMD partitioner decides.
     jit_step = jax.jit(functools.partial(step, f=impls.IMPLEMENTATIONS[name]))
     programs = {
-        "pmap_forward": pmap_forward.lower(x, scale, bias),
-        "pmap_forward_backward": pmap_step.lower(x, scale, bias, dy),
-        "shard_map_forward_backward": shard_map_step.lower(*sm_args),
-        "jit_sharded_forward_backward": jit_step.lower(*sm_args),
+      "pmap_forward": pmap_forward.lower(x, scale, bias),
+      "pmap_forward_backward": pmap_step.lower(x, scale, bias, dy),
+      "shard_map_forward_backward": shard_map_step.lower(*sm_args),
+      "jit_sharded_forward_backward": jit_step.lower(*sm_args),
     }
     texts = {key: lowered.compile().as_text() for key, lowered in programs.items()}
     results[name] = {key: count_collectives(text) for key, text in texts.items()}
     results[name]["run_on_every_call"] = {
-        key: count_collectives(text, outside_branches=True) for key, text in texts.items()}
+      key: count_collectives(text, outside_branches=True) for key, text in texts.items()
+    }
   print("collectives:", json.dumps(results), flush=True)
   return results
 
@@ -174,18 +208,29 @@ def bench_resnet(quick: bool, rounds: int, repeats: int) -> dict:
       params, batch_stats, opt_state = state
 
       def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                      train=True, mutable=["batch_stats"])
+        logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats},
+          images,
+          train=True,
+          mutable=["batch_stats"],
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
       (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       param_updates, opt_state = optimizer.update(grads, opt_state, params)
       return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state
 
     steps[name], states[name] = jax.jit(train_step), state
-  times = repeated({name: functools.partial(steps[name], states[name], images, labels) for name in steps},
-                   rounds=rounds, repeats=repeats)
-  result = {"model": label, "step_s": {n: statistics.median(t) for n, t in times.items()},
-            "bnjax_vs_flax": ratio_summary(times["bnjax"], times["flax"])}
+  times = repeated(
+    {name: functools.partial(steps[name], states[name], images, labels) for name in steps},
+    rounds=rounds,
+    repeats=repeats,
+  )
+  result = {
+    "model": label,
+    "step_s": {n: statistics.median(t) for n, t in times.items()},
+    "bnjax_vs_flax": ratio_summary(times["bnjax"], times["flax"]),
+  }
   print(f"resnet: {json.dumps(result)}", flush=True)
   return result
 
@@ -203,8 +248,12 @@ def bench_mnist_loop(quick: bool, rounds: int, repeats: int) -> dict:
     dataset, source = input_pipeline.load_idx_folder(fashion), "Fashion-MNIST (Debian)"
   else:  # Throughput only: the pixels do not matter to the speed.
     rng = np.random.default_rng(0)
-    dataset = input_pipeline.Dataset(rng.integers(0, 256, (60000, 28, 28), np.uint8), rng.integers(0, 10, 60000, np.int32),
-                                     rng.integers(0, 256, (10000, 28, 28), np.uint8), rng.integers(0, 10, 10000, np.int32))
+    dataset = input_pipeline.Dataset(
+      rng.integers(0, 256, (60000, 28, 28), np.uint8),
+      rng.integers(0, 10, 60000, np.int32),
+      rng.integers(0, 256, (10000, 28, 28), np.uint8),
+      rng.integers(0, 10, 10000, np.int32),
+    )
     source = "SYNTHETIC random pixels (throughput only)"
   data = train.DeviceData(*(jax.device_put(a) for a in dataset))
   model, optimizer = train.make_model(config), train.make_optimizer(config)
@@ -223,22 +272,36 @@ def bench_mnist_loop(quick: bool, rounds: int, repeats: int) -> dict:
     return current
 
   plain_params, plain_steps = plain_jax_mnist_params(config), plain_jax_mnist_steps(config)
-  times = repeated({"on_device_loop": on_device_loop, "python_loop": python_loop,
-                    "plain_jax_on_device_loop": lambda: plain_steps(plain_params, data.train_images, data.train_labels,
-                                                                    jnp.int32(chunk))},
-                   rounds=max(2, rounds // 10), repeats=repeats, warmup=1)
+  times = repeated(
+    {
+      "on_device_loop": on_device_loop,
+      "python_loop": python_loop,
+      "plain_jax_on_device_loop": lambda: plain_steps(
+        plain_params, data.train_images, data.train_labels, jnp.int32(chunk)
+      ),
+    },
+    rounds=max(2, rounds // 10),
+    repeats=repeats,
+    warmup=1,
+  )
   result = {
-      "data": source, "steps_per_chunk": chunk,
-      "steps_per_s": {n: chunk / statistics.median(t) for n, t in times.items()},
-      "python_loop_time_vs_on_device": ratio_summary(times["python_loop"], times["on_device_loop"]),
-      "on_device_vs_plain_jax": ratio_summary(times["on_device_loop"], times["plain_jax_on_device_loop"]),
+    "data": source,
+    "steps_per_chunk": chunk,
+    "steps_per_s": {n: chunk / statistics.median(t) for n, t in times.items()},
+    "python_loop_time_vs_on_device": ratio_summary(times["python_loop"], times["on_device_loop"]),
+    "on_device_vs_plain_jax": ratio_summary(
+      times["on_device_loop"], times["plain_jax_on_device_loop"]
+    ),
   }
   if not quick:
-    result["network_50k_training_loop_s"] = time_call(lambda: on_device_loop(config.num_train_steps))
+    result["network_50k_training_loop_s"] = time_call(
+      lambda: on_device_loop(config.num_train_steps)
+    )
     if fashion.is_dir():
       import contextlib
       import io
       import tempfile
+
       with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stderr(io.StringIO()):
         config.dataset, config.data_dir = "fashion_mnist", str(fashion)
         start = time.perf_counter()
@@ -262,7 +325,9 @@ def mnist_loops(config, model, optimizer):
   experiment's). The state is donated, as the experiment's loop does."""
   from experiments.mnist import train
 
-  loop = functools.partial(train.train_steps, model=model, optimizer=optimizer, batch_size=config.batch_size)
+  loop = functools.partial(
+    train.train_steps, model=model, optimizer=optimizer, batch_size=config.batch_size
+  )
   on_device = jax.jit(loop, donate_argnums=0)
   one_step = jax.jit(lambda state, data, data_key: loop(state, data, data_key, 1), donate_argnums=0)
   return on_device, one_step
@@ -272,9 +337,15 @@ def plain_jax_mnist_params(config):
   """Initial parameters of the same network in plain JAX (see ``plain_jax_mnist_steps``)."""
   keys = jax.random.split(jax.random.key(0), 4)
   sizes = [(784, 100), (100, 100), (100, 100)]
-  return {"kernels": [config.init_stddev * jax.random.normal(k, s) for k, s in zip(keys, sizes)],
-          "scales": [jnp.ones(100)] * 3, "biases": [jnp.zeros(100)] * 3,
-          "head": config.init_stddev * jax.random.normal(keys[3], (100, 10)), "head_bias": jnp.zeros(10)}
+  return {
+    "kernels": [
+      config.init_stddev * jax.random.normal(k, s) for k, s in zip(keys[:3], sizes, strict=True)
+    ],
+    "scales": [jnp.ones(100)] * 3,
+    "biases": [jnp.zeros(100)] * 3,
+    "head": config.init_stddev * jax.random.normal(keys[3], (100, 10)),
+    "head_bias": jnp.zeros(10),
+  }
 
 
 def plain_jax_mnist_steps(config):
@@ -285,7 +356,9 @@ def plain_jax_mnist_steps(config):
 
   def loss(params, images, labels):
     h = images.reshape(images.shape[0], -1)
-    for kernel, scale, bias in zip(params["kernels"], params["scales"], params["biases"]):
+    for kernel, scale, bias in zip(
+      params["kernels"], params["scales"], params["biases"], strict=True
+    ):
       h = h @ kernel
       mean = jnp.mean(h, 0, keepdims=True)
       var = jnp.mean(jnp.square(h - mean), 0, keepdims=True)
@@ -296,11 +369,13 @@ def plain_jax_mnist_steps(config):
   @jax.jit
   def steps(params, train_images, train_labels, n):
     def body(step, params):
-      indices = jax.random.randint(jax.random.fold_in(jax.random.key(1), step), (config.batch_size,), 0,
-                                   train_labels.shape[0])
+      indices = jax.random.randint(
+        jax.random.fold_in(jax.random.key(1), step), (config.batch_size,), 0, train_labels.shape[0]
+      )
       images = train_images[indices].astype(jnp.float32) / 255.0
       grads = jax.grad(loss)(params, images, train_labels[indices])
       return jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads)
+
     return jax.lax.fori_loop(0, n, body, params)
 
   return steps
@@ -312,10 +387,14 @@ def plain_jax_mnist_steps(config):
 def machine() -> dict:
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "platform": platform.platform(), "python": platform.python_version(),
-      "cpu_count": os.cpu_count(), "jax": jax.__version__, "bnjax": bnjax.__version__,
-      "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "bnjax": bnjax.__version__,
+    "backend": jax.default_backend(),
+    "device": getattr(device, "device_kind", str(device)),
   }
 
 
@@ -325,36 +404,72 @@ def _ratio(r: dict) -> str:
 
 def markdown(results: dict) -> str:
   m = results["machine"]
-  lines = [f"## {m['device']} ({m['backend']}), {m['date']}", "",
-           f"jax {m['jax']}, bnjax {m['bnjax']}, Python {m['python']}, {m['cpu_count']} CPUs, {m['platform']}.",
-           f"Medians of {results['settings']['rounds']} interleaved rounds, repeated {results['settings']['repeats']} times;"
-           " ratios are medians over the repeats, (min-max) across them. Lower is faster.", ""]
-  lines += ["### 1, 2. Batch norm alone (training mode), milliseconds", "",
-            "| case | | bnjax | Flax fast | Flax exact | naive two-pass | streaming floor |",
-            "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## {m['device']} ({m['backend']}), {m['date']}",
+    "",
+    f"jax {m['jax']}, bnjax {m['bnjax']}, Python {m['python']}, {m['cpu_count']} CPUs, "
+    f"{m['platform']}.",
+    f"Medians of {results['settings']['rounds']} interleaved rounds, repeated "
+    f"{results['settings']['repeats']} times;"
+    " ratios are medians over the repeats, (min-max) across them. Lower is faster.",
+    "",
+  ]
+  lines += [
+    "### 1, 2. Batch norm alone (training mode), milliseconds",
+    "",
+    "| case | | bnjax | Flax fast | Flax exact | naive two-pass | streaming floor |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for case in results["batch_norm"]:
     fwd, fb = case["forward_s"], case["forward_backward_s"]
-    lines.append(f"| {case['case']} | forward | " + " | ".join(f"{1e3 * fwd[n]:.2f}" for n in impls.IMPLEMENTATIONS) + " | |")
-    lines.append("| | forward + backward | " + " | ".join(f"{1e3 * fb[n]:.2f}" for n in impls.IMPLEMENTATIONS)
-                 + f" | {1e3 * case['streaming_floor_s']:.2f} |")
-  lines += ["", "Time ratios (bnjax / other; below 1 means bnjax is faster), training forward alone and"
-            " forward + backward:", "",
-            "| case | forward vs Flax fast | forward + backward vs Flax fast | vs Flax exact | vs naive |"
-            " bnjax / streaming floor | Flax fast / floor |",
-            "|---|---|---|---|---|---|---|"]
+    lines.append(
+      f"| {case['case']} | forward | "
+      + " | ".join(f"{1e3 * fwd[n]:.2f}" for n in impls.IMPLEMENTATIONS)
+      + " | |"
+    )
+    lines.append(
+      "| | forward + backward | "
+      + " | ".join(f"{1e3 * fb[n]:.2f}" for n in impls.IMPLEMENTATIONS)
+      + f" | {1e3 * case['streaming_floor_s']:.2f} |"
+    )
+  lines += [
+    "",
+    "Time ratios (bnjax / other; below 1 means bnjax is faster), training forward alone and"
+    " forward + backward:",
+    "",
+    "| case | forward vs Flax fast | forward + backward vs Flax fast | vs Flax exact | vs naive |"
+    " bnjax / streaming floor | Flax fast / floor |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for case in results["batch_norm"]:
     r = case["ratios"]["bnjax"]
-    naive = ratio_summary([case["forward_backward_s"]["bnjax"]], [case["forward_backward_s"]["naive_two_pass"]])
-    lines.append(f"| {case['case']} | {_ratio(r['forward_vs_flax_fast'])} | {_ratio(r['forward_backward_vs_flax_fast'])} | "
-                 f"{_ratio(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
-                 f"{_ratio(r['forward_backward_vs_streaming_floor'])} | "
-                 f"{_ratio(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |")
-  lines += ["", "### 3. Collectives per synchronized layer (compiled HLO, 8 CPU devices)", "",
-            "Those that run on every call; in brackets, all in the program where branches of a"
-            " `lax.cond` (bnjax's second pass, for large offsets or overflow) hold more.", "",
-            "| implementation | pmap forward | pmap forward + backward | shard_map forward + backward | jit, sharded batch, forward + backward |",
-            "|---|---|---|---|---|"]
-  programs = ("pmap_forward", "pmap_forward_backward", "shard_map_forward_backward", "jit_sharded_forward_backward")
+    naive = ratio_summary(
+      [case["forward_backward_s"]["bnjax"]], [case["forward_backward_s"]["naive_two_pass"]]
+    )
+    lines.append(
+      f"| {case['case']} | {_ratio(r['forward_vs_flax_fast'])} | "
+      f"{_ratio(r['forward_backward_vs_flax_fast'])} | "
+      f"{_ratio(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
+      f"{_ratio(r['forward_backward_vs_streaming_floor'])} | "
+      f"{_ratio(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |"
+    )
+  lines += [
+    "",
+    "### 3. Collectives per synchronized layer (compiled HLO, 8 CPU devices)",
+    "",
+    "Those that run on every call; in brackets, all in the program where branches of a"
+    " `lax.cond` (bnjax's second pass, for large offsets or overflow) hold more.",
+    "",
+    "| implementation | pmap forward | pmap forward + backward | shard_map forward + backward "
+    "| jit, sharded batch, forward + backward |",
+    "|---|---|---|---|---|",
+  ]
+  programs = (
+    "pmap_forward",
+    "pmap_forward_backward",
+    "shard_map_forward_backward",
+    "jit_sharded_forward_backward",
+  )
   for name, c in results["collectives"].items():
     fmt = lambda d: ", ".join(f"{v} {k}" for k, v in sorted(d.items())) or "0"  # noqa: E731
 
@@ -363,31 +478,59 @@ def markdown(results: dict) -> str:
       return fmt(run) + ("" if run == c[key] else f" ({fmt(c[key])} in the program)")
 
     lines.append(f"| {name} | " + " | ".join(cell(key) for key in programs) + " |")
-  lines += ["", "### 4. Temporary memory of forward + backward (XLA memory analysis), bytes", "",
-            "| case | " + " | ".join(impls.IMPLEMENTATIONS) + " |", "|---|" + "---|" * len(impls.IMPLEMENTATIONS)]
+  lines += [
+    "",
+    "### 4. Temporary memory of forward + backward (XLA memory analysis), bytes",
+    "",
+    "| case | " + " | ".join(impls.IMPLEMENTATIONS) + " |",
+    "|---|" + "---|" * len(impls.IMPLEMENTATIONS),
+  ]
   for case in results["batch_norm"]:
-    lines.append(f"| {case['case']} | " + " | ".join(str(case["temp_bytes_forward_backward"][n]) for n in impls.IMPLEMENTATIONS) + " |")
+    lines.append(
+      f"| {case['case']} | "
+      + " | ".join(str(case["temp_bytes_forward_backward"][n]) for n in impls.IMPLEMENTATIONS)
+      + " |"
+    )
   r = results["resnet"]
-  lines += ["", f"### 5. Training step of {r['model']}", "",
-            f"bnjax.linen.BatchNorm {1e3 * r['step_s']['bnjax']:.1f} ms, flax.linen.BatchNorm "
-            f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {_ratio(r['bnjax_vs_flax'])}."]
+  lines += [
+    "",
+    f"### 5. Training step of {r['model']}",
+    "",
+    f"bnjax.linen.BatchNorm {1e3 * r['step_s']['bnjax']:.1f} ms, flax.linen.BatchNorm "
+    f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {_ratio(r['bnjax_vs_flax'])}.",
+  ]
   mn = results["mnist_loop"]
-  lines += ["", "### 6. MNIST training loop (784-100-100-100-10 with BN, batch 60)", "",
-            f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, per-step "
-            f"Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of {mn['steps_per_chunk']} steps): "
-            f"the Python loop takes {_ratio(mn['python_loop_time_vs_on_device'])} times as long. The same "
-            f"network in plain JAX (hand-written two-pass BN, no Flax) runs at "
-            f"{mn['steps_per_s']['plain_jax_on_device_loop']:.0f} steps/s: bnjax + Flax take "
-            f"{_ratio(mn['on_device_vs_plain_jax'])} times its time."]
+  lines += [
+    "",
+    "### 6. MNIST training loop (784-100-100-100-10 with BN, batch 60)",
+    "",
+    f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, "
+    f"per-step Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of "
+    f"{mn['steps_per_chunk']} steps): "
+    f"the Python loop takes {_ratio(mn['python_loop_time_vs_on_device'])} times as long. The same "
+    f"network in plain JAX (hand-written two-pass BN, no Flax) runs at "
+    f"{mn['steps_per_s']['plain_jax_on_device_loop']:.0f} steps/s: bnjax + Flax take "
+    f"{_ratio(mn['on_device_vs_plain_jax'])} times its time.",
+  ]
   if "network_50k_training_loop_s" in mn:
-    lines.append(f"One 50,000-step network: {mn['network_50k_training_loop_s']:.1f} s of training loop"
-                 + (f"; {mn['network_50k_with_100_evaluations_s']:.1f} s for the whole run with 100 evaluations "
-                    "of the 10,000 test images and checkpoints" if "network_50k_with_100_evaluations_s" in mn else "")
-                 + ".")
+    lines.append(
+      f"One 50,000-step network: {mn['network_50k_training_loop_s']:.1f} s of training loop"
+      + (
+        f"; {mn['network_50k_with_100_evaluations_s']:.1f} s for the whole run with 100 "
+        "evaluations "
+        "of the 10,000 test images and checkpoints"
+        if "network_50k_with_100_evaluations_s" in mn
+        else ""
+      )
+      + "."
+    )
   return "\n".join(lines) + "\n"
 
 
-COMMITTED_RESULTS = (HERE / "results.json", HERE.parent / "BENCHMARKS.md")  # a full run's, in the repository
+COMMITTED_RESULTS = (
+  HERE / "results.json",
+  HERE.parent / "BENCHMARKS.md",
+)  # a full run's, in the repository
 
 
 def output_paths(*, quick: bool, output_dir: str | None) -> tuple[pathlib.Path, pathlib.Path]:
@@ -410,10 +553,16 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   json_path, markdown_path = output_paths(quick=args.quick, output_dir=args.output_dir)
   if args.quick and {json_path.resolve(), markdown_path.resolve()} & set(COMMITTED_RESULTS):
-    parser.error(f"--quick would overwrite the full run's results in {args.output_dir}; give another --output-dir")
+    parser.error(
+      f"--quick would overwrite the full run's results in {args.output_dir}; "
+      "give another --output-dir"
+    )
   rounds = args.rounds or (2 if args.quick else 30)
   repeats = args.repeats or (1 if args.quick else 3)
-  results = {"machine": machine(), "settings": {"quick": args.quick, "rounds": rounds, "repeats": repeats}}
+  results = {
+    "machine": machine(),
+    "settings": {"quick": args.quick, "rounds": rounds, "repeats": repeats},
+  }
   results["batch_norm"] = bench_batch_norm(args.quick, rounds, repeats)
   results["collectives"] = bench_collectives(args.quick)
   results["resnet"] = bench_resnet(args.quick, max(2, rounds // 3), repeats)
@@ -421,7 +570,10 @@ def main(argv=None) -> dict:
   json_path.parent.mkdir(parents=True, exist_ok=True)
   markdown_path.parent.mkdir(parents=True, exist_ok=True)
   write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
-  header = "# Benchmarks\n\nWritten by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
+  header = (
+    "# Benchmarks\n\n"
+    "Written by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
+  )
   write_text_atomic(markdown_path, header + markdown(results))
   print(f"Wrote {json_path} and {markdown_path}")
   return results

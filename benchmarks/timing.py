@@ -23,7 +23,9 @@ def time_call(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_medians(candidates: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+  candidates: Mapping[str, Callable[[], object]], *, rounds: int, warmup: int = 2
+) -> dict[str, float]:
   """Median seconds per call of each candidate over ``rounds`` interleaved rounds."""
   names = list(candidates)
   for _ in range(warmup):
@@ -31,7 +33,7 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], *, round
       time_call(candidates[name])
   samples = {name: [] for name in names}
   for r in range(rounds):
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
       samples[name].append(time_call(candidates[name]))
   return {name: statistics.median(times) for name, times in samples.items()}
@@ -49,5 +51,5 @@ def repeated(candidates, *, rounds: int, repeats: int, warmup: int = 2) -> dict[
 
 def ratio_summary(numerators: list[float], denominators: list[float]) -> dict[str, float]:
   """Median, min and max over repeats of the per-repeat ratio."""
-  ratios = [a / b for a, b in zip(numerators, denominators)]
+  ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
   return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}

@@ -55,18 +55,20 @@ def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype)
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])
   validation.check_floating_fields("state", [("mean", state.mean), ("var", state.var)])
   for name, value in [
-      ("params.scale", scale),
-      ("params.bias", bias),
-      ("state.mean", state.mean),
-      ("state.var", state.var),
+    ("params.scale", scale),
+    ("params.bias", bias),
+    ("state.mean", state.mean),
+    ("state.var", state.var),
   ]:
     validation.check_feature_shape(name, value, axes.feature_shape, x.shape, axis)
   return Inputs(
-      x=x, scale=scale, bias=bias,
-      mask=validation.canonical_mask(mask, x.shape, axes.features),
-      features=axes.features,
-      reduction_axes=axes.reduction,
-      out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
+    x=x,
+    scale=scale,
+    bias=bias,
+    mask=validation.canonical_mask(mask, x.shape, axes.features),
+    features=axes.features,
+    reduction_axes=axes.reduction,
+    out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
   )
 
 
@@ -75,8 +77,16 @@ def normalize_inference(inputs: Inputs, state, epsilon: float) -> jax.Array:
   also when they are stored in half precision)."""
   var = state.var.astype(stats.statistics_dtype(state.var.dtype))
   inv_std = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-  return _normalize(inputs.x, state.mean, None, inv_std, inputs.scale, inputs.bias,
-                    inputs.reduction_axes, inputs.out_dtype)
+  return _normalize(
+    inputs.x,
+    state.mean,
+    None,
+    inv_std,
+    inputs.scale,
+    inputs.bias,
+    inputs.reduction_axes,
+    inputs.out_dtype,
+  )
 
 
 class TrainingConfig(NamedTuple):
@@ -91,11 +101,11 @@ class TrainingConfig(NamedTuple):
 
 def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> TrainingConfig:
   return TrainingConfig(
-      reduction_axes=inputs.reduction_axes,
-      epsilon=float(epsilon),
-      axis_name=axis_name,
-      axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
-      out_dtype=inputs.out_dtype,
+    reduction_axes=inputs.reduction_axes,
+    epsilon=float(epsilon),
+    axis_name=axis_name,
+    axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
+    out_dtype=inputs.out_dtype,
   )
 
 
@@ -123,9 +133,9 @@ def renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def normalize_training(config: TrainingConfig, inputs: Inputs,
-                       correction: RenormCorrection | None = None
-                       ) -> tuple[jax.Array, Moments]:
+def normalize_training(
+  config: TrainingConfig, inputs: Inputs, correction: RenormCorrection | None = None
+) -> tuple[jax.Array, Moments]:
   """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
 
   With a ``correction`` (batch renormalization) the output becomes ``(x_hat * r +
@@ -146,8 +156,16 @@ def normalize_training(config: TrainingConfig, inputs: Inputs,
   keep = inputs.mask | jnp.isfinite(inputs.x)
   safe_x = jnp.where(keep, inputs.x, jnp.zeros((), inputs.x.dtype))
   y, moments, inv_std, shift, mean_offset, _ = _train_forward(config, safe_x, *args[1:])
-  unsafe_y = _normalize(inputs.x, shift, mean_offset, inv_std, inputs.scale, inputs.bias,
-                        config.reduction_axes, config.out_dtype)  # only where y is not finite
+  unsafe_y = _normalize(
+    inputs.x,
+    shift,
+    mean_offset,
+    inv_std,
+    inputs.scale,
+    inputs.bias,
+    config.reduction_axes,
+    config.out_dtype,
+  )  # only where y is not finite
   return jnp.where(keep, y, lax.stop_gradient(unsafe_y)), moments
 
 
@@ -159,11 +177,13 @@ def updated_state(state, batch_mean, batch_var, momentum, *, has_mean, has_var):
 
   def update(old, new, defined):
     moved = moving_average.update_moving_average(
-        old, jnp.where(defined, new, jnp.zeros((), new.dtype)), momentum=momentum)
+      old, jnp.where(defined, new, jnp.zeros((), new.dtype)), momentum=momentum
+    )
     return jnp.where(defined, moved, old.astype(moved.dtype))
 
-  return state._replace(mean=update(state.mean, batch_mean, has_mean),
-                        var=update(state.var, batch_var, has_var))
+  return state._replace(
+    mean=update(state.mean, batch_mean, has_mean), var=update(state.var, batch_var, has_var)
+  )
 
 
 def batch_variance(moments: Moments, unbiased: bool) -> jax.Array:
@@ -195,8 +215,7 @@ def _normalize(x, shift, offset, inv_std, scale, bias, reduction_axes, out_dtype
     gain = gain * scale.astype(dtype)
   shifted_bias = None if offset is None else -offset.astype(dtype) * gain
   if bias is not None:
-    shifted_bias = (bias.astype(dtype) if shifted_bias is None
-                    else shifted_bias + bias.astype(dtype))
+    shifted_bias = bias.astype(dtype) if shifted_bias is None else shifted_bias + bias.astype(dtype)
   y = x.astype(dtype) - expand_to_input(shift.astype(dtype), reduction_axes)
   y = y * expand_to_input(gain, reduction_axes)
   if shifted_bias is not None:
@@ -233,8 +252,9 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction):
   # as it fuses two-pass batch norm (sharing x - shift measured 10-20% slower).
   rounded_mean = moments.mean
   rounding = (local.shift - rounded_mean) + mean_offset
-  y = _normalize(x, rounded_mean, rounding, inv_std, scale, bias, config.reduction_axes,
-                 config.out_dtype)
+  y = _normalize(
+    x, rounded_mean, rounding, inv_std, scale, bias, config.reduction_axes, config.out_dtype
+  )
   return y, moments, inv_std, local.shift, mean_offset, renorm
 
 
@@ -284,7 +304,8 @@ def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
   x, scale, bias, mask, correction = primals
   x_dot, scale_dot, bias_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
   y, moments, inv_std, shift, mean_offset, renorm = _train_forward(
-      config, x, scale, bias, mask, correction)
+    config, x, scale, bias, mask, correction
+  )
   dtype = _compute_dtype(x, scale)
   real_dtype = jnp.finfo(dtype).dtype
   gamma = jnp.ones((), real_dtype) if scale is None else scale.astype(real_dtype)
@@ -292,9 +313,17 @@ def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
   if renorm is not None:
     gamma = gamma * r_renorm
   residuals = _Residuals(
-      x=x, shift=shift, mean_offset=mean_offset.astype(dtype), inv_std=inv_std,
-      count=moments.count, mask=mask, gamma=gamma, gamma_per_scale=r_renorm,
-      beta_per_scale=d, dtype=dtype)
+    x=x,
+    shift=shift,
+    mean_offset=mean_offset.astype(dtype),
+    inv_std=inv_std,
+    count=moments.count,
+    mask=mask,
+    gamma=gamma,
+    gamma_per_scale=r_renorm,
+    beta_per_scale=d,
+    dtype=dtype,
+  )
   y_dot, mean_dot, m2_dot = _train_tangent(config, residuals, x_dot, scale_dot, bias_dot)
   var_dot = m2_dot / jnp.maximum(moments.count, 1)
   moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, var=var_dot)

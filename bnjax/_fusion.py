@@ -32,7 +32,7 @@ def unshared_on_cpu(operands: _Operands, copies: int = 1) -> tuple[_Operands, ..
   are those of CPU's.
   """
   return lax.platform_dependent(
-      operands,
-      cpu=lambda operands: lax.optimization_barrier((operands,) * copies),
-      default=lambda operands: (lax.optimization_barrier(operands),) * copies,
+    operands,
+    cpu=lambda operands: lax.optimization_barrier((operands,) * copies),
+    default=lambda operands: (lax.optimization_barrier(operands),) * copies,
   )

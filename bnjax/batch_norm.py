@@ -73,7 +73,7 @@ class BatchNormState(NamedTuple):
 
 
 def init(
-    num_features: int | Sequence[int], *, dtype=jnp.float32
+  num_features: int | Sequence[int], *, dtype=jnp.float32
 ) -> tuple[BatchNormParams, BatchNormState]:
   """Identity parameters and neutral state: scale 1, bias 0, mean 0, var 1.
 
@@ -95,27 +95,25 @@ def init(
   """
   shape = validation.feature_shape("num_features", num_features)
   params = BatchNormParams(scale=jnp.ones(shape, dtype), bias=jnp.zeros(shape, dtype))
-  state = BatchNormState(
-      mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32)
-  )
+  state = BatchNormState(mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32))
   return params, state
 
 
 def batch_norm(
-    x: jax.Array,
-    params: BatchNormParams | None,
-    state: BatchNormState,
-    *,
-    training: bool,
-    axis: int | Sequence[int] = -1,
-    momentum: float | jax.Array = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask: jax.Array | None = None,
-    unbiased_variance: bool = False,
-    virtual_batch_size: int | None = None,
-    dtype: Any = None,
+  x: jax.Array,
+  params: BatchNormParams | None,
+  state: BatchNormState,
+  *,
+  training: bool,
+  axis: int | Sequence[int] = -1,
+  momentum: float | jax.Array = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  mask: jax.Array | None = None,
+  unbiased_variance: bool = False,
+  virtual_batch_size: int | None = None,
+  dtype: Any = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch normalization: ``y = scale * (x - mean) / sqrt(var + epsilon) + bias``.
 
@@ -196,19 +194,38 @@ def batch_norm(
   [0.2, 2.0]
   """
   validation.check_bool("unbiased_variance", unbiased_variance)
-  inputs = _engine.prepare(x, params, state, training=training, axis=axis, momentum=momentum,
-                           epsilon=epsilon, mask=mask, dtype=dtype)
+  inputs = _engine.prepare(
+    x,
+    params,
+    state,
+    training=training,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    mask=mask,
+    dtype=dtype,
+  )
   if not training:
     return _engine.normalize_inference(inputs, state, epsilon), state
   if virtual_batch_size is not None:
     return ghost._ghost_batch_norm(
-        inputs, state, virtual_batch_size, momentum=momentum, epsilon=epsilon,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
-        unbiased_variance=unbiased_variance)
+      inputs,
+      state,
+      virtual_batch_size,
+      momentum=momentum,
+      epsilon=epsilon,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      unbiased_variance=unbiased_variance,
+    )
   config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
   y, moments = _engine.normalize_training(config, inputs)
   batch_var = _engine.batch_variance(moments, unbiased_variance)
   return y, _engine.updated_state(
-      state, moments.mean, batch_var, momentum, has_mean=moments.count > 0,
-      has_var=_engine.has_variance(moments.count, unbiased_variance))
-
+    state,
+    moments.mean,
+    batch_var,
+    momentum,
+    has_mean=moments.count > 0,
+    has_var=_engine.has_variance(moments.count, unbiased_variance),
+  )

@@ -57,17 +57,17 @@ def check_axis_index_groups(axis_index_groups, axis_size: int) -> None:
   if any(len(group) == 0 for group in axis_index_groups):
     problems.append("a group is empty")
   for what, indices in [
-      ("out of range", {i for i in flat if not 0 <= i < axis_size}),
-      ("in more than one group", {i for i in flat if flat.count(i) > 1}),
-      ("in no group", set(range(axis_size)) - set(flat)),
+    ("out of range", {i for i in flat if not 0 <= i < axis_size}),
+    ("in more than one group", {i for i in flat if flat.count(i) > 1}),
+    ("in no group", set(range(axis_size)) - set(flat)),
   ]:
     if indices:
       problems.append(f"{what}: {sorted(indices)}")
   if problems:
     groups = [list(g) for g in axis_index_groups]
     raise ValueError(
-        f"axis_index_groups {groups} must hold each index 0..{axis_size - 1} of the named axis "
-        f"(size {axis_size}) exactly once; {'; '.join(problems)}"
+      f"axis_index_groups {groups} must hold each index 0..{axis_size - 1} of the named axis "
+      f"(size {axis_size}) exactly once; {'; '.join(problems)}"
     )
 
 
@@ -83,10 +83,10 @@ def psum(x, axis_name: Hashable, axis_index_groups=None):
     if axis_index_groups is None:
       raise
     raise NotImplementedError(
-        f"axis_index_groups {[list(g) for g in axis_index_groups]} are not supported by JAX here "
-        "(shard_map does not implement them; pmap does). Under shard_map, give the mesh a second "
-        "axis, e.g. jax.make_mesh((groups, devices_per_group), ('group', 'device')), and "
-        "synchronize over axis_name='device'."
+      f"axis_index_groups {[list(g) for g in axis_index_groups]} are not supported by JAX here "
+      "(shard_map does not implement them; pmap does). Under shard_map, give the mesh a second "
+      "axis, e.g. jax.make_mesh((groups, devices_per_group), ('group', 'device')), and "
+      "synchronize over axis_name='device'."
     ) from error
 
 

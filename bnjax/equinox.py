@@ -28,17 +28,18 @@ try:
   import equinox as eqx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Equinox
   raise ModuleNotFoundError(
-      f"bnjax.equinox needs Equinox ({error}): pip install 'equinox>=0.13.8', "
-      "or pip install -e '.[equinox]' in a clone of bnjax") from error
+    f"bnjax.equinox needs Equinox ({error}): pip install 'equinox>=0.13.8', "
+    "or pip install -e '.[equinox]' in a clone of bnjax"
+  ) from error
 
 from bnjax import _wrappers
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 
 _LEGACY_WARNING = (
-    "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for backward "
-    "compatibility (as in Equinox; so does bnjax.equinox.BatchNorm). For new code pass "
-    "mode='batch'. See `https://github.com/patrick-kidger/equinox/issues/659`."
+  "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for backward "
+  "compatibility (as in Equinox; so does bnjax.equinox.BatchNorm). For new code pass "
+  "mode='batch'. See `https://github.com/patrick-kidger/equinox/issues/659`."
 )
 
 
@@ -140,15 +141,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
   record: Literal["unbiased", "biased"] | None  # None: no leaf (a string only while recording)
 
   def __init__(
-      self,
-      input_size: int,
-      axis_name: Hashable | Sequence[Hashable],
-      eps: float = 1e-5,
-      channelwise_affine: bool = True,
-      momentum: float = 0.99,
-      inference: bool = False,
-      dtype=None,
-      mode: Literal["ema", "batch", "legacy"] = "legacy",
+    self,
+    input_size: int,
+    axis_name: Hashable | Sequence[Hashable],
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: float = 0.99,
+    inference: bool = False,
+    dtype=None,
+    mode: Literal["ema", "batch", "legacy"] = "legacy",
   ):
     """Equinox's arguments and defaults.
 
@@ -197,13 +198,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
   @jax.named_scope("bnjax.equinox.BatchNorm")
   def __call__(
-      self,
-      x: jax.Array,
-      state: eqx.nn.State,
-      *,
-      key: Any = None,
-      inference: bool | None = None,
-      mask: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    state: eqx.nn.State,
+    *,
+    key: Any = None,
+    inference: bool | None = None,
+    mask: jax.Array | None = None,
   ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates the state.
 
@@ -234,10 +235,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     def normalize(statistics, **training):
       if not training:
-        return batch_norm(x, params, statistics, training=False, axis=0, epsilon=self.eps,
-                          dtype=dtype)
-      return batch_norm(x, params, statistics, training=True, axis=0, epsilon=self.eps,
-                        axis_name=self.axis_name, mask=mask, dtype=dtype, **training)
+        return batch_norm(
+          x, params, statistics, training=False, axis=0, epsilon=self.eps, dtype=dtype
+        )
+      return batch_norm(
+        x,
+        params,
+        statistics,
+        training=True,
+        axis=0,
+        epsilon=self.eps,
+        axis_name=self.axis_name,
+        mask=mask,
+        dtype=dtype,
+        **training,
+      )
 
     if inference:
       return normalize(running)[0], state
@@ -251,7 +263,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     else:
       first_time = state.get(self.ema_first_time_index)
       _, running = normalize(
-          running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum)))
+        running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum))
+      )
       y, _ = normalize(running)  # with the moved statistics, as Equinox
       # False, typed as the old flag (under pmap or shard_map, as varying as it).
       state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))
@@ -264,12 +277,12 @@ def _layers(model) -> list[BatchNorm]:
 
 
 def recompute_batch_stats(
-    model,
-    state: eqx.nn.State,
-    batches: Iterable[Any],
-    *,
-    apply_fn: Callable[[Any, eqx.nn.State, Any], tuple[Any, eqx.nn.State]],
-    unbiased: bool = True,
+  model,
+  state: eqx.nn.State,
+  batches: Iterable[Any],
+  *,
+  apply_fn: Callable[[Any, eqx.nn.State, Any], tuple[Any, eqx.nn.State]],
+  unbiased: bool = True,
 ) -> eqx.nn.State:
   """Every ``BatchNorm``'s running statistics replaced by Algorithm 2's.
 
@@ -312,8 +325,12 @@ def recompute_batch_stats(
   if not layers:
     raise ValueError("recompute_batch_stats found no bnjax.equinox.BatchNorm in the model")
   record = "unbiased" if unbiased else "biased"
-  recording = eqx.tree_at(lambda m: [layer.record for layer in _layers(m)], model,
-                          [record] * len(layers), is_leaf=lambda node: node is None)
+  recording = eqx.tree_at(
+    lambda m: [layer.record for layer in _layers(m)],
+    model,
+    [record] * len(layers),
+    is_leaf=lambda node: node is None,
+  )
 
   @eqx.filter_jit
   def batch_statistics(state, batch):
@@ -322,7 +339,8 @@ def recompute_batch_stats(
 
   # Each batch starts from the same state (an Equinox State is used up once set).
   totals = _wrappers.sum_over_batches(
-      lambda batch: (batch_statistics(_copy(state), batch), 1), batches)
+    lambda batch: (batch_statistics(_copy(state), batch), 1), batches
+  )
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")
   statistics, num_batches = totals

@@ -19,12 +19,12 @@ from bnjax.batch_norm import BatchNormParams, BatchNormState
 
 
 def fold(
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    params: BatchNormParams | None,
-    state: BatchNormState,
-    *,
-    epsilon: float = 1e-5,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  params: BatchNormParams | None,
+  state: BatchNormState,
+  *,
+  epsilon: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
   """The kernel and bias of a layer followed by inference-mode BN, as one layer.
 
@@ -57,13 +57,17 @@ def fold(
   if params is not None:
     validation.check_floating_fields("params", [("scale", params.scale), ("bias", params.bias)])
   features = jnp.shape(kernel)[-1:]
-  for name, value in [("state.mean", state.mean), ("state.var", state.var),
-                      ("params.scale", None if params is None else params.scale),
-                      ("params.bias", None if params is None else params.bias), ("bias", bias)]:
+  for name, value in [
+    ("state.mean", state.mean),
+    ("state.var", state.var),
+    ("params.scale", None if params is None else params.scale),
+    ("params.bias", None if params is None else params.bias),
+    ("bias", bias),
+  ]:
     if value is not None and jnp.shape(value) != features:
       raise ValueError(
-          f"{name} has shape {jnp.shape(value)} but the kernel of shape {jnp.shape(kernel)} has "
-          f"{features[0]} output features (its last axis)"
+        f"{name} has shape {jnp.shape(value)} but the kernel of shape {jnp.shape(kernel)} has "
+        f"{features[0]} output features (its last axis)"
       )
   multiplier = lax.rsqrt(state.var.astype(jnp.float32) + epsilon)
   if params is not None and params.scale is not None:
@@ -79,4 +83,3 @@ def fold(
       bias_dtype = jnp.promote_types(kernel.dtype, bias.dtype)
   new_kernel = kernel.astype(jnp.float32) * multiplier.reshape((1,) * (kernel.ndim - 1) + features)
   return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)
-

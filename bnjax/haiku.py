@@ -28,8 +28,9 @@ try:
   import haiku as hk
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in needs Haiku
   raise ModuleNotFoundError(
-      f"bnjax.haiku needs Haiku ({error}): pip install 'dm-haiku>=0.0.17', "
-      "or pip install -e '.[haiku]' in a clone of bnjax") from error
+    f"bnjax.haiku needs Haiku ({error}): pip install 'dm-haiku>=0.0.17', "
+    "or pip install -e '.[haiku]' in a clone of bnjax"
+  ) from error
 
 from bnjax import _wrappers
 from bnjax import sync_state as _sync_state
@@ -124,18 +125,18 @@ class BatchNorm(hk.Module):
   """
 
   def __init__(
-      self,
-      create_scale: bool,
-      create_offset: bool,
-      decay_rate: float,
-      eps: float = 1e-5,
-      scale_init: hk.initializers.Initializer | None = None,
-      offset_init: hk.initializers.Initializer | None = None,
-      axis: Sequence[int] | None = None,
-      cross_replica_axis: str | Sequence[str] | None = None,
-      cross_replica_axis_index_groups: Sequence[Sequence[int]] | None = None,
-      data_format: str = "channels_last",
-      name: str | None = None,
+    self,
+    create_scale: bool,
+    create_offset: bool,
+    decay_rate: float,
+    eps: float = 1e-5,
+    scale_init: hk.initializers.Initializer | None = None,
+    offset_init: hk.initializers.Initializer | None = None,
+    axis: Sequence[int] | None = None,
+    cross_replica_axis: str | Sequence[str] | None = None,
+    cross_replica_axis_index_groups: Sequence[Sequence[int]] | None = None,
+    data_format: str = "channels_last",
+    name: str | None = None,
   ):
     """Haiku's arguments and checks (see the class).
 
@@ -149,8 +150,9 @@ class BatchNorm(hk.Module):
     if not create_offset and offset_init is not None:
       raise ValueError("Cannot set `offset_init` if `create_offset=False`")
     if cross_replica_axis is None and cross_replica_axis_index_groups is not None:
-      raise ValueError("`cross_replica_axis` name must be specified "
-                       "if `cross_replica_axis_index_groups` are used.")
+      raise ValueError(
+        "`cross_replica_axis` name must be specified if `cross_replica_axis_index_groups` are used."
+      )
     self.create_scale = create_scale
     self.create_offset = create_offset
     self.eps = eps
@@ -171,14 +173,14 @@ class BatchNorm(hk.Module):
     return tuple(i for i in range(ndim) if i != channel)
 
   def __call__(
-      self,
-      inputs: jax.Array,
-      is_training: bool,
-      test_local_stats: bool = False,
-      scale: jax.Array | None = None,
-      offset: jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    inputs: jax.Array,
+    is_training: bool,
+    test_local_stats: bool = False,
+    scale: jax.Array | None = None,
+    offset: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
   ) -> jax.Array:
     """Normalizes ``inputs``; in training also updates the moving averages.
 
@@ -225,12 +227,20 @@ class BatchNorm(hk.Module):
       y = self._train(x, params, w_shape, feature_shape, options)
     elif test_local_stats:
       neutral = BatchNormState(jnp.zeros(feature_shape), jnp.ones(feature_shape))
-      y, _ = batch_norm(x, params, neutral, training=True,
-                        axis_name=_axis_name(self.cross_replica_axis),
-                        axis_index_groups=self.cross_replica_axis_index_groups, **options)
+      y, _ = batch_norm(
+        x,
+        params,
+        neutral,
+        training=True,
+        axis_name=_axis_name(self.cross_replica_axis),
+        axis_index_groups=self.cross_replica_axis_index_groups,
+        **options,
+      )
     else:
-      averages = BatchNormState(jnp.reshape(self.mean_ema.average(), feature_shape),
-                                jnp.reshape(self.var_ema.average(), feature_shape))
+      averages = BatchNormState(
+        jnp.reshape(self.mean_ema.average(), feature_shape),
+        jnp.reshape(self.var_ema.average(), feature_shape),
+      )
       y, _ = batch_norm(x, params, averages, training=False, **options)
     if params is None:  # a scale or offset per example (conditional normalization)
       with jax.numpy_dtype_promotion("standard"):
@@ -244,10 +254,16 @@ class BatchNorm(hk.Module):
     record = _recording[-1] if _recording else None
     moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
     y, hidden = batch_norm(
-        x, params, moving, training=True, momentum=0.0 if record else self.decay_rate,
-        axis_name=_axis_name(self.cross_replica_axis),
-        axis_index_groups=self.cross_replica_axis_index_groups,
-        unbiased_variance=record == "unbiased", **options)
+      x,
+      params,
+      moving,
+      training=True,
+      momentum=0.0 if record else self.decay_rate,
+      axis_name=_axis_name(self.cross_replica_axis),
+      axis_index_groups=self.cross_replica_axis_index_groups,
+      unbiased_variance=record == "unbiased",
+      **options,
+    )
     for ema, value in zip((self.mean_ema, self.var_ema), hidden, strict=True):
       if record:  # recompute_batch_stats: this batch's statistics as the average
         ema.set_average(jnp.maximum(counter, 1), jnp.reshape(value, w_shape))
@@ -268,8 +284,9 @@ def _with_feature_axes(inputs: jax.Array, mask, reduced: tuple[int, ...]):
 def _per_feature_params(scale, offset, w_shape, feature_shape) -> BatchNormParams | None:
   """The core's parameters where ``scale`` and ``offset`` are per feature (or
   absent); None where either varies per example, which is applied after the core."""
-  if not all(v is None or np.broadcast_shapes(jnp.shape(v), w_shape) == w_shape
-             for v in (scale, offset)):
+  if not all(
+    v is None or np.broadcast_shapes(jnp.shape(v), w_shape) == w_shape for v in (scale, offset)
+  ):
     return None
 
   def as_feature(value):
@@ -284,13 +301,13 @@ def _ema_entries(state: Mapping[str, Any]) -> list[str]:
 
 
 def recompute_batch_stats(
-    apply_fn: Callable[..., Any],
-    params: Mapping[str, Any],
-    state: Mapping[str, Any],
-    batches: Iterable[Any],
-    *,
-    unbiased: bool = True,
-    rng: jax.Array | None = None,
+  apply_fn: Callable[..., Any],
+  params: Mapping[str, Any],
+  state: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  unbiased: bool = True,
+  rng: jax.Array | None = None,
 ) -> dict[str, Any]:
   """Every ``BatchNorm``'s moving averages replaced by Algorithm 2's statistics.
 
@@ -343,15 +360,19 @@ def recompute_batch_stats(
   if totals is None:
     raise ValueError("recompute_batch_stats needs at least one batch")
   if not entries:
-    raise ValueError("recompute_batch_stats found no bnjax.haiku.BatchNorm state: give it the "
-                     "state of a model with one, run in training mode")
+    raise ValueError(
+      "recompute_batch_stats found no bnjax.haiku.BatchNorm state: give it the "
+      "state of a model with one, run in training mode"
+    )
   sums, num_batches = totals
   new_state = dict(state)
   for name, entry in sums.items():  # hidden and average are linear in the statistics
     counter = entry["counter"] // num_batches  # the same in every batch
-    new_state[name] = {**state[name], "counter": counter.astype(state[name]["counter"].dtype),
-                       **{k: (entry[k] / num_batches).astype(state[name][k].dtype)
-                          for k in ("hidden", "average")}}
+    new_state[name] = {
+      **state[name],
+      "counter": counter.astype(state[name]["counter"].dtype),
+      **{k: (entry[k] / num_batches).astype(state[name][k].dtype) for k in ("hidden", "average")},
+    }
   return new_state
 
 

@@ -28,8 +28,9 @@ try:
   from flax import linen as nn
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
-      f"bnjax.linen needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
-      "in a clone of bnjax") from error
+    f"bnjax.linen needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
+    "in a clone of bnjax"
+  ) from error
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
@@ -70,8 +71,17 @@ def _updated_stats_dtype(stored_dtype, compute_dtype):
     return jnp.promote_types(stored_dtype, jnp.finfo(compute_dtype).dtype)
 
 
-def _apply(module: nn.Module, normalize, x, use_running_average, mask, *,
-           stats_dtype=jnp.float32, compute_dtype=None, **options) -> jax.Array:
+def _apply(
+  module: nn.Module,
+  normalize,
+  x,
+  use_running_average,
+  mask,
+  *,
+  stats_dtype=jnp.float32,
+  compute_dtype=None,
+  **options,
+) -> jax.Array:
   """The call both layers share: declares (or reads) the variables, runs
   ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
   and, in training mode, writes the returned state back to ``batch_stats``,
@@ -79,27 +89,30 @@ def _apply(module: nn.Module, normalize, x, use_running_average, mask, *,
   function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
   may declare variables."""
   use_running_average = nn.merge_param(
-      "use_running_average", module.use_running_average, use_running_average
+    "use_running_average", module.use_running_average, use_running_average
   )
   training = not use_running_average
   params, mean, var = _variables(module, x, stats_dtype)
   initializing = module.is_initializing()
   state = BatchNormState(mean=mean.value, var=var.value)
   if training and compute_dtype is not None:  # widening is exact: the math is unchanged
-    state = BatchNormState(*(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype))
-                             for v in state))
+    state = BatchNormState(
+      *(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype)) for v in state)
+    )
   y, new_state = normalize(
-      x, params, state,
-      training=training,
-      axis=module.axis,
-      momentum=module.momentum,
-      epsilon=module.epsilon,
-      # During init the named axis may not exist yet (as Flax).
-      axis_name=None if initializing else module.axis_name,
-      axis_index_groups=None if initializing else module.axis_index_groups,
-      mask=mask,
-      dtype=_output_dtype(x, params, module.dtype),
-      **options,
+    x,
+    params,
+    state,
+    training=training,
+    axis=module.axis,
+    momentum=module.momentum,
+    epsilon=module.epsilon,
+    # During init the named axis may not exist yet (as Flax).
+    axis_name=None if initializing else module.axis_name,
+    axis_index_groups=None if initializing else module.axis_index_groups,
+    mask=mask,
+    dtype=_output_dtype(x, params, module.dtype),
+    **options,
   )
   if training and not initializing:  # during init the statistics stay (as Flax)
     mean.value, var.value = new_state.mean, new_state.var
@@ -174,11 +187,11 @@ class BatchNorm(_Normalization):
 
   @nn.compact
   def __call__(
-      self,
-      x: jax.Array,
-      use_running_average: bool | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -201,10 +214,17 @@ class BatchNorm(_Normalization):
     compute_dtype = self.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
     if self.force_float32_reductions:
       compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
-    return _apply(self, batch_norm, x, use_running_average, mask, stats_dtype=stats_dtype,
-                  compute_dtype=compute_dtype,
-                  unbiased_variance=self.unbiased_variance,
-                  virtual_batch_size=self.virtual_batch_size)
+    return _apply(
+      self,
+      batch_norm,
+      x,
+      use_running_average,
+      mask,
+      stats_dtype=stats_dtype,
+      compute_dtype=compute_dtype,
+      unbiased_variance=self.unbiased_variance,
+      virtual_batch_size=self.virtual_batch_size,
+    )
 
 
 class BatchRenorm(_Normalization):
@@ -234,8 +254,9 @@ class BatchRenorm(_Normalization):
   d_max: float = 5.0
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None,
-               d_max=None):
+  def __call__(
+    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+  ):
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
     Args:
@@ -256,9 +277,15 @@ class BatchRenorm(_Normalization):
       ValueError: ``r_max < 1`` or ``d_max < 0``, or as ``bnjax.batch_renorm``.
       TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
     """
-    return _apply(self, batch_renorm, x, use_running_average, mask,
-                  r_max=self.r_max if r_max is None else r_max,
-                  d_max=self.d_max if d_max is None else d_max)
+    return _apply(
+      self,
+      batch_renorm,
+      x,
+      use_running_average,
+      mask,
+      r_max=self.r_max if r_max is None else r_max,
+      d_max=self.d_max if d_max is None else d_max,
+    )
 
 
 _NORMALIZATIONS = (BatchNorm, BatchRenorm, nn.BatchNorm)
@@ -277,12 +304,13 @@ def _batch_moments_of_apply(apply_fn, variables, batch) -> dict[tuple[str, ...],
       if not nn.merge_param("use_running_average", module.use_running_average, call_mode):
         if module.path in moments:
           raise NotImplementedError(
-              f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, "
-              "or a shared module): its statistics cannot be recomputed per call"
+            f"the BN layer {'/'.join(module.path)} ran more than once in one apply (nn.scan, "
+            "or a shared module): its statistics cannot be recomputed per call"
           )
         shape = validation.input_axes(jnp.shape(x), module.axis).feature_shape
         moments[module.path] = population.update_population(
-            population.init_population(shape), x, axis=module.axis, mask=kwargs.get("mask"))
+          population.init_population(shape), x, axis=module.axis, mask=kwargs.get("mask")
+        )
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -291,11 +319,11 @@ def _batch_moments_of_apply(apply_fn, variables, batch) -> dict[tuple[str, ...],
 
 
 def recompute_batch_stats(
-    apply_fn: Callable[[Any, Any], Any],
-    variables: dict,
-    batches: Iterable[Any],
-    *,
-    unbiased: bool = True,
+  apply_fn: Callable[[Any, Any], Any],
+  variables: dict,
+  batches: Iterable[Any],
+  *,
+  unbiased: bool = True,
 ) -> dict:
   """Every BN layer's ``batch_stats`` replaced by Algorithm 2's statistics.
 
@@ -342,26 +370,31 @@ def recompute_batch_stats(
   totals = _wrappers.sum_over_batches(lambda batch: run(variables, batch), batches)
   if not totals:
     raise ValueError(
-        "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
-        "the model with use_running_average=False (e.g. train=True), and at least one batch"
+      "recompute_batch_stats saw no BN layer in training mode: give it an apply_fn that runs "
+      "the model with use_running_average=False (e.g. train=True), and at least one batch"
     )
   batch_stats = variables.get("batch_stats", {})
 
   def recomputed(old, summed):
     # Statistics that no batch defined (every value masked out) keep their old value.
     state = population.population_state(
-        summed, unbiased=unbiased, fallback=BatchNormState(mean=old["mean"], var=old["var"]))
-    return {**old, "mean": state.mean.astype(old["mean"].dtype),
-            "var": state.var.astype(old["var"].dtype)}
+      summed, unbiased=unbiased, fallback=BatchNormState(mean=old["mean"], var=old["var"])
+    )
+    return {
+      **old,
+      "mean": state.mean.astype(old["mean"].dtype),
+      "var": state.var.astype(old["var"].dtype),
+    }
 
   for path, summed in totals.items():
-    batch_stats = _wrappers.replace_at(batch_stats, path,
-                                       functools.partial(recomputed, summed=summed))
+    batch_stats = _wrappers.replace_at(
+      batch_stats, path, functools.partial(recomputed, summed=summed)
+    )
   return {**variables, "batch_stats": batch_stats}
 
 
 def fold_variables(
-    variables: Mapping[str, Any], pairs: Iterable[tuple[str, str]], *, epsilon: float = 1e-5
+  variables: Mapping[str, Any], pairs: Iterable[tuple[str, str]], *, epsilon: float = 1e-5
 ) -> dict[str, Any]:
   """Folds every ``(layer, batch_norm)`` pair of a Flax variable dict (``bnjax.fold``).
 
@@ -405,9 +438,11 @@ def fold_variables(
     bn_params = _wrappers.get_path(params, bn_path)
     bn_stats = _wrappers.get_path(batch_stats, bn_path)
     kernel, bias = fold(
-        layer["kernel"], layer.get("bias"),
-        BatchNormParams(bn_params.get("scale"), bn_params.get("bias")),
-        BatchNormState(bn_stats["mean"], bn_stats["var"]), epsilon=epsilon,
+      layer["kernel"],
+      layer.get("bias"),
+      BatchNormParams(bn_params.get("scale"), bn_params.get("bias")),
+      BatchNormState(bn_stats["mean"], bn_stats["var"]),
+      epsilon=epsilon,
     )
     folded_layer = {**layer, "kernel": kernel, "bias": bias}
     params = _wrappers.replace_at(params, layer_path, lambda _, new=folded_layer: new)

@@ -25,8 +25,9 @@ try:
   from flax import nnx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
-      f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
-      "in a clone of bnjax") from error
+    f"bnjax.nnx needs Flax ({error}): pip install 'flax>=0.12.8', or pip install -e '.[flax]' "
+    "in a clone of bnjax"
+  ) from error
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
@@ -82,39 +83,41 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int,
-      *,
-      use_running_average: bool | None = False,
-      axis: int = -1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
-      axis_name: Hashable | None = None,
-      axis_index_groups: tp.Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
-      unbiased_variance: bool = False,
-      virtual_batch_size: int | None = None,
+    self,
+    num_features: int,
+    *,
+    use_running_average: bool | None = False,
+    axis: int = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = initializers.zeros_init(),
+    scale_init: Initializer = initializers.ones_init(),
+    axis_name: Hashable | None = None,
+    axis_index_groups: tp.Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
+    unbiased_variance: bool = False,
+    virtual_batch_size: int | None = None,
   ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.scale: nnx.Param[jax.Array] | None = (
-        nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-        if use_scale else nnx.data(None)
+      nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+      if use_scale
+      else nnx.data(None)
     )
     self.bias: nnx.Param[jax.Array] | None = (
-        nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-        if use_bias else nnx.data(None)
+      nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+      if use_bias
+      else nnx.data(None)
     )
     self.num_features = num_features
     self.use_running_average = use_running_average
@@ -133,11 +136,11 @@ class BatchNorm(nnx.Module):
     self.virtual_batch_size = virtual_batch_size
 
   def __call__(
-      self,
-      x: jax.Array,
-      use_running_average: bool | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
@@ -156,9 +159,14 @@ class BatchNorm(nnx.Module):
         and the call), or as ``bnjax.batch_norm``.
       TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
-    return self._apply(batch_norm, x, use_running_average, mask,
-                       unbiased_variance=self.unbiased_variance,
-                       virtual_batch_size=self.virtual_batch_size)
+    return self._apply(
+      batch_norm,
+      x,
+      use_running_average,
+      mask,
+      unbiased_variance=self.unbiased_variance,
+      virtual_batch_size=self.virtual_batch_size,
+    )
 
   def _apply(self, normalize, x, use_running_average, mask, **options) -> jax.Array:
     """The call both layers share: promotes as Flax does, runs ``normalize``
@@ -169,21 +177,22 @@ class BatchNorm(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
       x, _, _, scale, bias = self.promote_dtype(
-          (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
       )
       out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
     y, new_state = normalize(
-        x, BatchNormParams(scale=scale, bias=bias),
-        BatchNormState(mean=self.mean[...], var=self.var[...]),
-        training=training,
-        axis=self.axis,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=mask,
-        dtype=out_dtype,
-        **options,
+      x,
+      BatchNormParams(scale=scale, bias=bias),
+      BatchNormState(mean=self.mean[...], var=self.var[...]),
+      training=training,
+      axis=self.axis,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      dtype=out_dtype,
+      **options,
     )
     if training:
       # The running statistics carry no gradient (as Flax): with hijax variables
@@ -212,8 +221,10 @@ def _training(layer: BatchNorm, use_running_average: bool | None) -> bool:
   if use_running_average is None:
     use_running_average = layer.use_running_average
   if use_running_average is None:
-    raise ValueError("No `use_running_average` argument was provided to BatchNorm: "
-                     "pass it to the constructor or the call, or use .train() / .eval().")
+    raise ValueError(
+      "No `use_running_average` argument was provided to BatchNorm: "
+      "pass it to the constructor or the call, or use .train() / .eval()."
+    )
   return not use_running_average
 
 
@@ -246,14 +257,17 @@ class BatchRenorm(BatchNorm):
   def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
     for name in ("unbiased_variance", "virtual_batch_size"):
       if name in kwargs:
-        raise TypeError(f"BatchRenorm takes no {name}: batch renormalization updates the "
-                        "running statistics with the biased variance of the whole batch")
+        raise TypeError(
+          f"BatchRenorm takes no {name}: batch renormalization updates the "
+          "running statistics with the biased variance of the whole batch"
+        )
     super().__init__(num_features, **kwargs)
     self.r_max = r_max
     self.d_max = d_max
 
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None, r_max=None,
-               d_max=None):
+  def __call__(
+    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+  ):
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
     Args:
@@ -274,9 +288,14 @@ class BatchRenorm(BatchNorm):
         ``bnjax.batch_renorm``.
       TypeError: as ``bnjax.batch_renorm`` (e.g. a complex or integer ``x``).
     """
-    return self._apply(batch_renorm, x, use_running_average, mask,
-                       r_max=self.r_max if r_max is None else r_max,
-                       d_max=self.d_max if d_max is None else d_max)
+    return self._apply(
+      batch_renorm,
+      x,
+      use_running_average,
+      mask,
+      r_max=self.r_max if r_max is None else r_max,
+      d_max=self.d_max if d_max is None else d_max,
+    )
 
 
 def _recording(call, recording_layers: set[int]):
@@ -290,8 +309,11 @@ def _recording(call, recording_layers: set[int]):
       return call(layer, x, use_running_average, mask=mask, **kwargs)
     if _training(layer, use_running_average):
       empty = population.init_population(layer.num_features)
-      layer.sow(nnx.Intermediate, "batch_moments",
-                population.update_population(empty, x, axis=layer.axis, mask=mask))
+      layer.sow(
+        nnx.Intermediate,
+        "batch_moments",
+        population.update_population(empty, x, axis=layer.axis, mask=mask),
+      )
     recording_layers.add(id(layer))
     try:
       return call(layer, x, use_running_average, mask=mask, **kwargs)
@@ -307,8 +329,12 @@ def _recording_batch_moments(layer_types):
   moments (``_recording`` replaces each ``__call__`` they run, and the block's end
   restores it): the interception ``nn.intercept_methods`` gives
   ``bnjax.linen.recompute_batch_stats``, so the layers carry no flag for it."""
-  classes = {cls for layer_type in layer_types for cls in layer_type.__mro__
-             if issubclass(cls, BatchNorm) and "__call__" in vars(cls)}
+  classes = {
+    cls
+    for layer_type in layer_types
+    for cls in layer_type.__mro__
+    if issubclass(cls, BatchNorm) and "__call__" in vars(cls)
+  }
   originals = {cls: vars(cls)["__call__"] for cls in classes}
   recording_layers: set[int] = set()
   try:
@@ -321,11 +347,11 @@ def _recording_batch_moments(layer_types):
 
 
 def recompute_batch_stats(
-    model: nnx.Module,
-    batches: Iterable[tp.Any],
-    *,
-    unbiased: bool = True,
-    apply_fn: Callable[[nnx.Module, tp.Any], tp.Any] | None = None,
+  model: nnx.Module,
+  batches: Iterable[tp.Any],
+  *,
+  unbiased: bool = True,
+  apply_fn: Callable[[nnx.Module, tp.Any], tp.Any] | None = None,
 ) -> nnx.Module:
   """Sets every bnjax BN layer's ``mean`` and ``var`` to Algorithm 2's statistics.
 
@@ -356,11 +382,13 @@ def recompute_batch_stats(
   ([3.0], [2.0])
   """
   apply_fn = apply_fn or (lambda model, batch: model(batch))
-  layers = [(path, module) for path, module in nnx.iter_graph(model)
-            if isinstance(module, BatchNorm)]  # BatchRenorm too
+  layers = [
+    (path, module) for path, module in nnx.iter_graph(model) if isinstance(module, BatchNorm)
+  ]  # BatchRenorm too
   if not layers:
     raise ValueError(
-        "recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model")
+      "recompute_batch_stats found no bnjax.nnx BatchNorm/BatchRenorm layer in the model"
+    )
   variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda leaf: isinstance(leaf, nnx.Variable))
   if any(getattr(variable, "hijax", False) for variable in variables):
     # nnx.jit refuses hijax variables (nnx.var_defaults(hijax=True)): recompute on a

@@ -82,8 +82,9 @@ def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
   return PopulationStatistics(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros, zeros)
 
 
-def accumulate_moments(population: PopulationStatistics,
-                       moments: stats.Moments) -> PopulationStatistics:
+def accumulate_moments(
+  population: PopulationStatistics, moments: stats.Moments
+) -> PopulationStatistics:
   """Adds one batch, given its moments; statistics it does not define stay."""
   mean_sum = population.mean_sum
   if jnp.iscomplexobj(moments.mean) and not jnp.iscomplexobj(mean_sum):
@@ -94,25 +95,27 @@ def accumulate_moments(population: PopulationStatistics,
 
   has_mean, has_unbiased = moments.count > 0, moments.count > 1
   return PopulationStatistics(
-      num_batches=population.num_batches + 1,
-      mean_sum=add(mean_sum, moments.mean, has_mean),
-      variance_sum=add(population.variance_sum, moments.var, has_mean),
-      unbiased_variance_sum=add(population.unbiased_variance_sum, moments.unbiased_variance,
-                                has_unbiased),
-      mean_batches=population.mean_batches + has_mean.astype(jnp.float32),
-      unbiased_variance_batches=(population.unbiased_variance_batches
-                                 + has_unbiased.astype(jnp.float32)),
+    num_batches=population.num_batches + 1,
+    mean_sum=add(mean_sum, moments.mean, has_mean),
+    variance_sum=add(population.variance_sum, moments.var, has_mean),
+    unbiased_variance_sum=add(
+      population.unbiased_variance_sum, moments.unbiased_variance, has_unbiased
+    ),
+    mean_batches=population.mean_batches + has_mean.astype(jnp.float32),
+    unbiased_variance_batches=(
+      population.unbiased_variance_batches + has_unbiased.astype(jnp.float32)
+    ),
   )
 
 
 def update_population(
-    population: PopulationStatistics,
-    x: jax.Array,
-    *,
-    axis: int | Sequence[int] = -1,
-    mask: jax.Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+  population: PopulationStatistics,
+  x: jax.Array,
+  *,
+  axis: int | Sequence[int] = -1,
+  mask: jax.Array | None = None,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> PopulationStatistics:
   """Adds the batch ``x`` (the BN layer's input), its statistics computed exactly
   as ``bnjax.batch_norm`` computes them in training mode.
@@ -154,23 +157,24 @@ def update_population(
   validation.check_floating("x", x)
   axes = validation.input_axes(jnp.shape(x), axis)
   validation.check_reduction(jnp.shape(x), axes.features)
-  validation.check_feature_shape("population.mean_sum", population.mean_sum, axes.feature_shape,
-                                 jnp.shape(x), axis)
+  validation.check_feature_shape(
+    "population.mean_sum", population.mean_sum, axes.feature_shape, jnp.shape(x), axis
+  )
   moments = stats.batch_moments(
-      x,
-      reduction_axes=axes.reduction,
-      mask=validation.canonical_mask(mask, jnp.shape(x), axes.features),
-      axis_name=axis_name,
-      axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
+    x,
+    reduction_axes=axes.reduction,
+    mask=validation.canonical_mask(mask, jnp.shape(x), axes.features),
+    axis_name=axis_name,
+    axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
   )
   return accumulate_moments(population, moments)
 
 
 def population_state(
-    population: PopulationStatistics,
-    *,
-    unbiased: bool = True,
-    fallback: BatchNormState | None = None,
+  population: PopulationStatistics,
+  *,
+  unbiased: bool = True,
+  fallback: BatchNormState | None = None,
 ) -> BatchNormState:
   """Algorithm 2's statistics as a ``BatchNormState``.
 
@@ -211,7 +215,8 @@ def population_state(
     return jnp.where(batches > 0, value, missing)
 
   return BatchNormState(
-      mean=average(population.mean_sum, population.mean_batches,
-                   None if fallback is None else fallback.mean),
-      var=average(variance_sum, variance_batches, None if fallback is None else fallback.var),
+    mean=average(
+      population.mean_sum, population.mean_batches, None if fallback is None else fallback.mean
+    ),
+    var=average(variance_sum, variance_batches, None if fallback is None else fallback.var),
   )

@@ -33,8 +33,9 @@ from bnjax.batch_norm import BatchNormParams, BatchNormState
 
 def _check_limit(name: str, value, lowest: float) -> None:
   if isinstance(value, numbers.Real) or (
-      isinstance(value, (jax.Array, jnp.ndarray)) and not isinstance(value, jax.core.Tracer)
-      and jnp.ndim(value) == 0
+    isinstance(value, (jax.Array, jnp.ndarray))
+    and not isinstance(value, jax.core.Tracer)
+    and jnp.ndim(value) == 0
   ):
     if not float(value) >= lowest:
       raise ValueError(f"{name} must be >= {lowest}, got {float(value)}")
@@ -43,20 +44,20 @@ def _check_limit(name: str, value, lowest: float) -> None:
 
 
 def batch_renorm(
-    x: jax.Array,
-    params: BatchNormParams | None,
-    state: BatchNormState,
-    *,
-    training: bool,
-    r_max,
-    d_max,
-    momentum: float | jax.Array = 0.99,
-    epsilon: float = 1e-5,
-    axis: int | Sequence[int] = -1,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask: jax.Array | None = None,
-    dtype: Any = None,
+  x: jax.Array,
+  params: BatchNormParams | None,
+  state: BatchNormState,
+  *,
+  training: bool,
+  r_max,
+  d_max,
+  momentum: float | jax.Array = 0.99,
+  epsilon: float = 1e-5,
+  axis: int | Sequence[int] = -1,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  mask: jax.Array | None = None,
+  dtype: Any = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch renormalization; arguments and returns as ``bnjax.batch_norm``.
 
@@ -90,13 +91,29 @@ def batch_renorm(
   """
   _check_limit("r_max", r_max, 1.0)
   _check_limit("d_max", d_max, 0.0)
-  inputs = _engine.prepare(x, params, state, training=training, axis=axis, momentum=momentum,
-                           epsilon=epsilon, mask=mask, dtype=dtype)
+  inputs = _engine.prepare(
+    x,
+    params,
+    state,
+    training=training,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    mask=mask,
+    dtype=dtype,
+  )
   if not training:
     return _engine.normalize_inference(inputs, state, epsilon), state
-  correction = _engine.RenormCorrection(running_mean=state.mean, running_var=state.var,
-                                        r_max=r_max, d_max=d_max)
+  correction = _engine.RenormCorrection(
+    running_mean=state.mean, running_var=state.var, r_max=r_max, d_max=d_max
+  )
   config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
   y, moments = _engine.normalize_training(config, inputs, correction)
-  return y, _engine.updated_state(state, moments.mean, moments.variance, momentum,
-                                  has_mean=moments.count > 0, has_var=moments.count > 0)
+  return y, _engine.updated_state(
+    state,
+    moments.mean,
+    moments.variance,
+    momentum,
+    has_mean=moments.count > 0,
+    has_var=moments.count > 0,
+  )

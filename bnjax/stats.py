@@ -181,10 +181,13 @@ def _sums(x, shift, scale, *, dtype, reduction_axes, mask):
       d = d - expand_to_input(shift, reduction_axes)
     return d if scale is None else d * scale
 
-  values, squares = (deviations(*copy) for copy in
-                     _fusion.unshared_on_cpu((x, shift, scale), copies=2))
-  return (_masked_sum(values, mask, reduction_axes),
-          _masked_sum(abs_squared(squares), mask, reduction_axes))
+  values, squares = (
+    deviations(*copy) for copy in _fusion.unshared_on_cpu((x, shift, scale), copies=2)
+  )
+  return (
+    _masked_sum(values, mask, reduction_axes),
+    _masked_sum(abs_squared(squares), mask, reduction_axes),
+  )
 
 
 def _mean_and_variance(s1, s2, count):
@@ -202,11 +205,11 @@ def _power_of_two_scale(num_values: int) -> float:
 
 
 def shifted_moments(
-    x: jax.Array,
-    shift: jax.Array,
-    *,
-    reduction_axes: Sequence[int],
-    mask: jax.Array | None = None,
+  x: jax.Array,
+  shift: jax.Array,
+  *,
+  reduction_axes: Sequence[int],
+  mask: jax.Array | None = None,
 ) -> ShiftedMoments:
   """Moments of ``x`` over ``reduction_axes`` in one pass around ``shift``.
 
@@ -240,16 +243,16 @@ def shifted_moments(
   scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes))
   s1, s2 = sums(None)
   s1, s2, scale = lax.cond(
-      jnp.any(jnp.isinf(s2)),
-      lambda: (*sums(jnp.asarray(scale, dtype)), jnp.asarray(scale, real_dtype)),
-      lambda: (s1, s2, jnp.ones((), real_dtype)),
+    jnp.any(jnp.isinf(s2)),
+    lambda: (*sums(jnp.asarray(scale, dtype)), jnp.asarray(scale, real_dtype)),
+    lambda: (s1, s2, jnp.ones((), real_dtype)),
   )
   scaled_offset, scaled_var = _mean_and_variance(s1, s2, count)
   return ShiftedMoments(
-      count=count,
-      shift=shift,
-      offset=scaled_offset / scale.astype(dtype),
-      var=scaled_var / (scale * scale),
+    count=count,
+    shift=shift,
+    offset=scaled_offset / scale.astype(dtype),
+    var=scaled_var / (scale * scale),
   )
 
 
@@ -260,10 +263,10 @@ ONE_PASS_MEAN_SQUARED_PER_VARIANCE = 4.0
 
 
 def local_moments(
-    x: jax.Array,
-    *,
-    reduction_axes: Sequence[int],
-    mask: jax.Array | None = None,
+  x: jax.Array,
+  *,
+  reduction_axes: Sequence[int],
+  mask: jax.Array | None = None,
 ) -> ShiftedMoments:
   """Exact moments of the values of ``x`` on this device (no communication).
 
@@ -281,8 +284,9 @@ def local_moments(
   real_dtype = jnp.finfo(dtype).dtype
   count = _count(x.shape, reduction_axes, mask, real_dtype)
   if not reduction_axes:  # one value per feature: its own mean
-    return ShiftedMoments(count, x.astype(dtype), jnp.zeros(x.shape, dtype),
-                          jnp.zeros(x.shape, real_dtype))
+    return ShiftedMoments(
+      count, x.astype(dtype), jnp.zeros(x.shape, dtype), jnp.zeros(x.shape, real_dtype)
+    )
   s1, s2 = _sums(x, None, None, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
   mean, var = _mean_and_variance(s1, s2, count)
   one_pass = ShiftedMoments(count=count, shift=mean, offset=jnp.zeros_like(mean), var=var)
@@ -290,8 +294,10 @@ def local_moments(
   exact = jnp.all(jnp.isfinite(s2) & near_zero)
 
   return lax.cond(
-      exact, lambda: one_pass,
-      lambda: shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask))
+    exact,
+    lambda: one_pass,
+    lambda: shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask),
+  )
 
 
 def combine_shifted_moments(moments: ShiftedMoments) -> ShiftedMoments:
@@ -330,9 +336,9 @@ def combine_moments(moments: Moments) -> Moments:
 
 
 def all_gather_moments(
-    moments: ShiftedMoments,
-    axis_name: Hashable,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+  moments: ShiftedMoments,
+  axis_name: Hashable,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> ShiftedMoments:
   """Moments of the union of every device's values along ``axis_name``.
 
@@ -349,8 +355,14 @@ def all_gather_moments(
   is_complex = jnp.iscomplexobj(moments.shift)
   parts = [moments.count, moments.shift, moments.offset, moments.var]
   if is_complex:
-    parts = [moments.count, moments.shift.real, moments.shift.imag,
-             moments.offset.real, moments.offset.imag, moments.var]
+    parts = [
+      moments.count,
+      moments.shift.real,
+      moments.shift.imag,
+      moments.offset.real,
+      moments.offset.imag,
+      moments.var,
+    ]
   gathered = collectives.gather_rows(jnp.stack(parts), axis_name, axis_index_groups)
   if is_complex:
     shift = lax.complex(gathered[:, 1], gathered[:, 2])
@@ -361,12 +373,12 @@ def all_gather_moments(
 
 
 def batch_moments(
-    x: jax.Array,
-    *,
-    reduction_axes: Sequence[int],
-    mask: jax.Array | None = None,
-    axis_name: Hashable | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+  x: jax.Array,
+  *,
+  reduction_axes: Sequence[int],
+  mask: jax.Array | None = None,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> Moments:
   """Exact per-feature moments over ``reduction_axes`` of ``x`` and, with
   ``axis_name``, of the ``x`` of every device along that named axis.

@@ -21,9 +21,9 @@ def check_training(training) -> None:
   """``training`` selects Python control flow, so it must be a concrete bool."""
   if not isinstance(training, (bool, np.bool_)):
     raise TypeError(
-        f"training must be a Python bool, got {type(training).__name__} "
-        f"({training!r}). It selects the code path at trace time; to switch it "
-        "under jit, mark it static (jax.jit(..., static_argnames='training'))."
+      f"training must be a Python bool, got {type(training).__name__} "
+      f"({training!r}). It selects the code path at trace time; to switch it "
+      "under jit, mark it static (jax.jit(..., static_argnames='training'))."
     )
 
 
@@ -32,8 +32,8 @@ def check_floating(name: str, x) -> None:
   dtype = jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
-        f"{name} must have a floating or complex dtype, got {dtype}; "
-        f"cast it first, e.g. {name}.astype(jnp.float32)."
+      f"{name} must have a floating or complex dtype, got {dtype}; "
+      f"cast it first, e.g. {name}.astype(jnp.float32)."
     )
 
 
@@ -59,7 +59,8 @@ def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
     axes = tuple(axis)
   else:
     raise TypeError(
-        f"axis must be an int or a sequence of ints, got {axis!r} ({type(axis).__name__}).")
+      f"axis must be an int or a sequence of ints, got {axis!r} ({type(axis).__name__})."
+    )
   if not axes:
     raise ValueError("axis must name at least one feature axis, got ().")
   for a in axes:
@@ -67,8 +68,7 @@ def feature_axes(ndim: int, axis: int | Sequence[int]) -> tuple[int, ...]:
       raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"axis {a} is out of range for an input of rank {ndim} "
-          f"(valid: {-ndim} to {ndim - 1})."
+        f"axis {a} is out of range for an input of rank {ndim} (valid: {-ndim} to {ndim - 1})."
       )
   canonical = sorted(int(a) % ndim for a in axes)
   if len(set(canonical)) != len(canonical):
@@ -91,8 +91,11 @@ def input_axes(x_shape: Sequence[int], axis: int | Sequence[int]) -> InputAxes:
   InputAxes(features=(2,), feature_shape=(3,), reduction=(0, 1))
   """
   features = feature_axes(len(x_shape), axis)
-  return InputAxes(features=features, feature_shape=tuple(x_shape[a] for a in features),
-                   reduction=tuple(a for a in range(len(x_shape)) if a not in features))
+  return InputAxes(
+    features=features,
+    feature_shape=tuple(x_shape[a] for a in features),
+    reduction=tuple(a for a in range(len(x_shape)) if a not in features),
+  )
 
 
 def feature_shape(name: str, num_features) -> tuple[int, ...]:
@@ -107,8 +110,11 @@ def feature_shape(name: str, num_features) -> tuple[int, ...]:
   """
   if isinstance(num_features, numbers.Integral) and not isinstance(num_features, bool):
     shape = (int(num_features),)
-  elif isinstance(num_features, Sequence) and not isinstance(num_features, str) and all(
-      isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in num_features):
+  elif (
+    isinstance(num_features, Sequence)
+    and not isinstance(num_features, str)
+    and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in num_features)
+  ):
     shape = tuple(int(d) for d in num_features)
   else:
     raise TypeError(f"{name} must be a positive int or a sequence of them, got {num_features!r}.")
@@ -123,8 +129,8 @@ def check_reduction(x_shape, features: tuple[int, ...]) -> None:
   empty = [a for a in range(len(x_shape)) if a not in features and x_shape[a] == 0]
   if empty:
     raise ValueError(
-        f"x of shape {tuple(x_shape)} has no values to compute batch statistics over "
-        f"(axis {empty[0]} has size 0)."
+      f"x of shape {tuple(x_shape)} has no values to compute batch statistics over "
+      f"(axis {empty[0]} has size 0)."
     )
 
 
@@ -135,16 +141,17 @@ def check_feature_shape(name: str, array, expected: tuple[int, ...], x_shape, ax
   shape = tuple(np.shape(array))
   if shape != expected:
     raise ValueError(
-        f"{name} has shape {shape} but x of shape {tuple(x_shape)} has "
-        f"feature shape {expected} along axis {axis!r}."
+      f"{name} has shape {shape} but x of shape {tuple(x_shape)} has "
+      f"feature shape {expected} along axis {axis!r}."
     )
 
 
 def check_momentum(momentum) -> None:
   """``momentum`` a real scalar in [0, 1]; a traced scalar is accepted unchecked."""
   if isinstance(momentum, (bool, np.bool_)) or (
-      hasattr(momentum, "dtype") and not jnp.issubdtype(momentum.dtype, jnp.floating)
-      and not jnp.issubdtype(momentum.dtype, jnp.integer)
+    hasattr(momentum, "dtype")
+    and not jnp.issubdtype(momentum.dtype, jnp.floating)
+    and not jnp.issubdtype(momentum.dtype, jnp.integer)
   ):
     raise TypeError(f"momentum must be a real number in [0, 1], got {momentum!r}.")
   if isinstance(momentum, numbers.Real):
@@ -156,7 +163,7 @@ def check_momentum(momentum) -> None:
   if np.ndim(momentum) != 0:
     raise ValueError(f"momentum must be a scalar, got shape {np.shape(momentum)}.")
   if isinstance(momentum, (jax.Array, np.ndarray, np.generic)) and not isinstance(
-      momentum, jax.core.Tracer
+    momentum, jax.core.Tracer
   ):
     check_momentum(float(momentum))
 
@@ -206,8 +213,7 @@ def canonical_mask(mask, x_shape: tuple[int, ...], features: tuple[int, ...]):
   mask = jnp.asarray(mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(
-        f"mask must be boolean (True = valid entry), got dtype {mask.dtype}; "
-        "use mask.astype(bool)."
+      f"mask must be boolean (True = valid entry), got dtype {mask.dtype}; use mask.astype(bool)."
     )
   given_shape, ndim = tuple(mask.shape), len(x_shape)
   aligned = (1,) * (ndim - mask.ndim) + given_shape
@@ -217,11 +223,13 @@ def canonical_mask(mask, x_shape: tuple[int, ...], features: tuple[int, ...]):
     if given_shape == without and mask.ndim < ndim:
       expanded = tuple(1 if a in features else d for a, d in enumerate(x_shape))
       suffix = "[..., None]" if features == (ndim - 1,) else f" expanded at axes {features}"
-      hint = (f"; to mask whole positions of x's shape without the feature axes, add size-1 "
-              f"feature axes: mask{suffix} has shape {expanded}")
+      hint = (
+        f"; to mask whole positions of x's shape without the feature axes, add size-1 "
+        f"feature axes: mask{suffix} has shape {expanded}"
+      )
     raise ValueError(
-        f"mask of shape {given_shape} does not broadcast to x of shape {tuple(x_shape)} "
-        f"(NumPy rules, trailing axes aligned){hint}."
+      f"mask of shape {given_shape} does not broadcast to x of shape {tuple(x_shape)} "
+      f"(NumPy rules, trailing axes aligned){hint}."
     )
   return mask.reshape(aligned)
 
@@ -238,7 +246,7 @@ def canonical_axis_index_groups(groups):
     canonical = tuple(tuple(operator.index(i) for i in group) for group in groups)
   except TypeError:
     raise TypeError(
-        f"axis_index_groups must be a sequence of sequences of ints, got {groups!r}."
+      f"axis_index_groups must be a sequence of sequences of ints, got {groups!r}."
     ) from None
   if not canonical:
     raise ValueError("axis_index_groups must hold at least one group, got [].")

@@ -27,13 +27,13 @@ copyright = "the bnjax authors"  # noqa: A001
 release = bnjax.__version__
 
 extensions = [
-    "myst_parser",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
-    "sphinx_copybutton",
+  "myst_parser",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  "sphinx_copybutton",
 ]
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build"]
@@ -51,9 +51,16 @@ autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 python_use_unqualified_type_names = True
 autodoc_type_aliases = {
-    "Dtype": "Dtype", "Initializer": "Initializer", "PromoteDtypeFn": "PromoteDtypeFn",
-    "DTypeLike": "DTypeLike", "ArrayLike": "ArrayLike",
-    "Hashable": "Hashable", "Sequence": "Sequence", "Iterable": "Iterable", "Callable": "Callable"}
+  "Dtype": "Dtype",
+  "Initializer": "Initializer",
+  "PromoteDtypeFn": "PromoteDtypeFn",
+  "DTypeLike": "DTypeLike",
+  "ArrayLike": "ArrayLike",
+  "Hashable": "Hashable",
+  "Sequence": "Sequence",
+  "Iterable": "Iterable",
+  "Callable": "Callable",
+}
 autodoc_default_options = {"exclude-members": "__init__, __new__"}
 autosummary_generate = False  # the pages in docs/api/ are written by hand
 napoleon_google_docstring = True
@@ -93,10 +100,15 @@ def _init_signature(init) -> str:
   source = textwrap.dedent(inspect.getsource(init))
   arguments = ast.parse(source).body[0].args
   positional = arguments.posonlyargs + arguments.args
-  defaults = list(zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults,
-                      strict=True))
-  defaults += [(a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True) if d]
-  written = {argument.arg: ast.get_source_segment(source, default) for argument, default in defaults}
+  defaults = list(
+    zip(positional[len(positional) - len(arguments.defaults) :], arguments.defaults, strict=True)
+  )
+  defaults += [
+    (a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True) if d
+  ]
+  written = {
+    argument.arg: ast.get_source_segment(source, default) for argument, default in defaults
+  }
   parameters, star_done = [], False
   for parameter in list(inspect.signature(init).parameters.values())[1:]:  # without self
     if parameter.kind is parameter.KEYWORD_ONLY and not star_done:
@@ -122,19 +134,28 @@ def _constructor_signature(cls) -> str | None:
   if not isinstance(cls, type):
     return None
   if dataclasses.is_dataclass(cls) and any(
-      base.__module__.startswith("flax.linen") for base in cls.__mro__):
+    base.__module__.startswith("flax.linen") for base in cls.__mro__
+  ):
     written = _class_defaults(cls)
     parameters = []
     for field in dataclasses.fields(cls):
       if not field.init or field.name in _LINEN_INTERNAL_FIELDS:
         continue
-      has_default = (field.default is not dataclasses.MISSING
-                     or field.default_factory is not dataclasses.MISSING)
-      parameters.append(f"{field.name}={written.get(field.name, '...')}" if has_default
-                        else field.name)
+      has_default = (
+        field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+      )
+      parameters.append(
+        f"{field.name}={written.get(field.name, '...')}" if has_default else field.name
+      )
     return "(" + ", ".join(parameters) + ")"
-  init = next((vars(base)["__init__"] for base in cls.__mro__
-               if base.__module__.startswith("bnjax") and "__init__" in vars(base)), None)
+  init = next(
+    (
+      vars(base)["__init__"]
+      for base in cls.__mro__
+      if base.__module__.startswith("bnjax") and "__init__" in vars(base)
+    ),
+    None,
+  )
   if init is None or issubclass(cls, tuple):  # NamedTuples: Sphinx shows their fields
     return None
   return _init_signature(init)

@@ -16,7 +16,7 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   # Only affects the CPU backend; set before jax initializes.
   os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 
 import functools  # noqa: E402
@@ -50,7 +50,9 @@ def main(steps: int = 5, per_device_batch: int = 16) -> list[tuple[bool, float]]
   devices = jax.local_device_count()
   print("=" * 72)
   print("SYNTHETIC DATA: random inputs and targets, to show how the state flows.")
-  print(f"{devices} devices x {per_device_batch} examples = global batch {devices * per_device_batch}")
+  print(
+    f"{devices} devices x {per_device_batch} examples = global batch {devices * per_device_batch}"
+  )
   print("=" * 72)
 
   model = MLP()
@@ -69,15 +71,22 @@ def main(steps: int = 5, per_device_batch: int = 16) -> list[tuple[bool, float]]
 
     def loss_fn(params):
       prediction, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, x, train=True,
-          mutable=["batch_stats"],
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
       )
       return jnp.mean((prediction - y) ** 2), updates["batch_stats"]
 
     (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = jax.lax.pmean(grads, "batch")  # parameters stay replicated
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_batch_stats, opt_state, jax.lax.pmean(loss, "batch")
+    return (
+      optax.apply_updates(params, updates),
+      new_batch_stats,
+      opt_state,
+      jax.lax.pmean(loss, "batch"),
+    )
 
   def replicate(tree):  # one copy per device, stacked on a leading axis for pmap
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape), tree)
@@ -90,19 +99,29 @@ def main(steps: int = 5, per_device_batch: int = 16) -> list[tuple[bool, float]]
     # same parameters and state, before the step:
     global_batch = inputs[step].reshape(devices * per_device_batch, -1)
     _, want = single_device.apply(
-        {"params": params, "batch_stats": batch_stats}, global_batch, train=True,
-        mutable=["batch_stats"],
+      {"params": params, "batch_stats": batch_stats},
+      global_batch,
+      train=True,
+      mutable=["batch_stats"],
     )
-    params_r, stats_r, opt_r, loss = train_step(params_r, stats_r, opt_r, inputs[step], targets[step])
+    params_r, stats_r, opt_r, loss = train_step(
+      params_r, stats_r, opt_r, inputs[step], targets[step]
+    )
     params, batch_stats = jax.tree.map(lambda a: a[0], (params_r, stats_r))
 
     var = stats_r["BatchNorm_0"]["var"]
     same_everywhere = bool(jnp.all(var == var[0]))
-    error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(batch_stats), jax.tree.leaves(want["batch_stats"])))
-    print(f"step {step}: loss {float(loss[0]):.4f}  BatchNorm_0 running var[:3] "
-          f"{np.round(np.asarray(var[0][:3]), 4)}  identical on all {devices} devices: "
-          f"{same_everywhere}  max |sync - full batch| = {error:.1e}")
+    error = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(
+        jax.tree.leaves(batch_stats), jax.tree.leaves(want["batch_stats"]), strict=True
+      )
+    )
+    print(
+      f"step {step}: loss {float(loss[0]):.4f}  BatchNorm_0 running var[:3] "
+      f"{np.round(np.asarray(var[0][:3]), 4)}  identical on all {devices} devices: "
+      f"{same_everywhere}  max |sync - full batch| = {error:.1e}"
+    )
     checks.append((same_everywhere, error))
   print(f"bnjax {bnjax.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
   return checks

@@ -35,18 +35,22 @@ if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
   # then never read an entry another is still writing.
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update(
+    "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
+  )
+  jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+  )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, (
-      f"tests need 8 CPU devices and see {jax.device_count()}: tests/conftest.py sets "
-      "jax.config.update('jax_num_cpu_devices', 8), which must run before jax initializes "
-      "its backends; something used jax before pytest imported tests/conftest.py"
-      + (f" ({_DEVICES_PROBLEM})" if _DEVICES_PROBLEM else "")
+    f"tests need 8 CPU devices and see {jax.device_count()}: tests/conftest.py sets "
+    "jax.config.update('jax_num_cpu_devices', 8), which must run before jax initializes "
+    "its backends; something used jax before pytest imported tests/conftest.py"
+    + (f" ({_DEVICES_PROBLEM})" if _DEVICES_PROBLEM else "")
   )
 
 

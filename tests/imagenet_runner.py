@@ -56,7 +56,9 @@ def main():
     # tfds.testing.mock_data redirects file reads into a folder of its own, which
     # orbax's background writer does not see (it then misses its own files): save
     # synchronously inside the mock. Real data have no such redirection.
-    common.Checkpoints.__init__ = functools.partialmethod(common.Checkpoints.__init__, asynchronous=False)
+    common.Checkpoints.__init__ = functools.partialmethod(
+      common.Checkpoints.__init__, asynchronous=False
+    )
     import tensorflow_datasets as tfds
 
     num_examples, data_dir = mock.split(":", 1)

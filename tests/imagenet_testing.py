@@ -37,7 +37,9 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
   archive.addfile(info, io.BytesIO(data))
 
 
-def write_imagenet_archives(manual_dir: pathlib.Path, *, train_per_class: int, num_val: int, seed: int = 0) -> None:
+def write_imagenet_archives(
+  manual_dir: pathlib.Path, *, train_per_class: int, num_val: int, seed: int = 0
+) -> None:
   """ILSVRC2012_img_train.tar (one tar per synset inside) and ILSVRC2012_img_val.tar,
   with random JPEGs of varying sizes."""
   rng = np.random.default_rng(seed)
@@ -47,21 +49,32 @@ def write_imagenet_archives(manual_dir: pathlib.Path, *, train_per_class: int, n
       inner_bytes = io.BytesIO()
       with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
         for k in range(train_per_class):
-          _add(inner, f"{synset}_{k}.JPEG", _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))))
+          _add(
+            inner,
+            f"{synset}_{k}.JPEG",
+            _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))),
+          )
       _add(outer, f"{synset}.tar", inner_bytes.getvalue())
   with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as archive:
     for k in range(1, num_val + 1):
-      _add(archive, f"ILSVRC2012_val_{k:08d}.JPEG", _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))))
+      _add(
+        archive,
+        f"ILSVRC2012_val_{k:08d}.JPEG",
+        _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))),
+      )
 
 
-def prepare_tiny_imagenet(data_dir: pathlib.Path, *, train_per_class: int = 8, num_val: int = 13) -> pathlib.Path:
+def prepare_tiny_imagenet(
+  data_dir: pathlib.Path, *, train_per_class: int = 8, num_val: int = 13
+) -> pathlib.Path:
   """``data_dir`` with imagenet2012 prepared by TFDS from tiny archives."""
   import tensorflow_datasets as tfds
 
   manual = data_dir / "downloads" / "manual"
   write_imagenet_archives(manual, train_per_class=train_per_class, num_val=num_val)
   tfds.builder("imagenet2012", data_dir=str(data_dir)).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+  )
   return data_dir
 
 
@@ -71,9 +84,14 @@ def write_mock_metadata(data_dir: pathlib.Path, num_examples: int) -> pathlib.Pa
   import tensorflow_datasets as tfds
 
   builder = tfds.builder("imagenet2012", data_dir=str(data_dir))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[num_examples], num_bytes=0) for name in ("train", "validation")
-  ]))
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(name=name, shard_lengths=[num_examples], num_bytes=0)
+        for name in ("train", "validation")
+      ]
+    )
+  )
   version_dir = pathlib.Path(data_dir) / "imagenet2012" / str(builder.version)
   version_dir.mkdir(parents=True, exist_ok=True)
   builder.info.write_to_directory(str(version_dir))

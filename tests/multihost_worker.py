@@ -31,7 +31,9 @@ import bnjax  # noqa: E402
 
 
 def loss(x, w, params, state, axis_name=None):
-  y, new_state = bnjax.batch_norm(x, params, state, training=True, momentum=0.0, axis_name=axis_name)
+  y, new_state = bnjax.batch_norm(
+    x, params, state, training=True, momentum=0.0, axis_name=axis_name
+  )
   return jnp.sum(w * y), new_state
 
 
@@ -44,24 +46,44 @@ def main():
   params, state = bnjax.init(5)
 
   # Reference: the whole global batch on this process's first device, no collectives.
-  (want_dx, want_state) = jax.jit(jax.grad(loss, has_aux=True), device=jax.local_devices()[0])(x, w, params, state)
+  (want_dx, want_state) = jax.jit(jax.grad(loss, has_aux=True), device=jax.local_devices()[0])(
+    x, w, params, state
+  )
 
   mesh = jax.make_mesh((devices,), ("batch",))
-  rows = slice(process_id * LOCAL_DEVICES * per_device, (process_id + 1) * LOCAL_DEVICES * per_device)
-  to_global = lambda a: jax.make_array_from_process_local_data(NamedSharding(mesh, P("batch")), a[rows])  # noqa: E731
-  step = jax.jit(jax.shard_map(
+  rows = slice(
+    process_id * LOCAL_DEVICES * per_device, (process_id + 1) * LOCAL_DEVICES * per_device
+  )
+
+  def to_global(a):
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("batch")), a[rows])
+
+  step = jax.jit(
+    jax.shard_map(
       jax.grad(functools.partial(loss, axis_name="batch"), has_aux=True),
-      mesh=mesh, in_specs=(P("batch"), P("batch"), P(), P()), out_specs=(P("batch"), P()),
-  ))
+      mesh=mesh,
+      in_specs=(P("batch"), P("batch"), P(), P()),
+      out_specs=(P("batch"), P()),
+    )
+  )
   dx, new_state = step(to_global(x), to_global(w), params, state)
-  local_dx = np.concatenate([np.asarray(s.data) for s in sorted(dx.addressable_shards, key=lambda s: s.index[0].start)])
-  print(json.dumps({
-      "process": process_id,
-      "devices": devices,
-      "dx_error": float(np.abs(local_dx - np.asarray(want_dx)[rows]).max()),
-      "var_relative_error": float(np.abs(np.asarray(new_state.var) / np.asarray(want_state.var) - 1).max()),
-      "mean_error": float(np.abs(np.asarray(new_state.mean) - np.asarray(want_state.mean)).max()),
-  }), flush=True)
+  local_dx = np.concatenate(
+    [np.asarray(s.data) for s in sorted(dx.addressable_shards, key=lambda s: s.index[0].start)]
+  )
+  print(
+    json.dumps(
+      {
+        "process": process_id,
+        "devices": devices,
+        "dx_error": float(np.abs(local_dx - np.asarray(want_dx)[rows]).max()),
+        "var_relative_error": float(
+          np.abs(np.asarray(new_state.var) / np.asarray(want_state.var) - 1).max()
+        ),
+        "mean_error": float(np.abs(np.asarray(new_state.mean) - np.asarray(want_state.mean)).max()),
+      }
+    ),
+    flush=True,
+  )
   jax.distributed.shutdown()
 
 

@@ -19,7 +19,9 @@ def _valid_values(x, axes, mask):
 
 def batch_mean_var(x, axes, mask=None):
   """Mini-batch mean and biased variance of Algorithm 1, per feature (keepdims)."""
-  xm = _valid_values(np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64), axes, mask)
+  xm = _valid_values(
+    np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64), axes, mask
+  )
   mu = xm.mean(axis=axes, keepdims=True)
   var = (np.abs(xm - mu) ** 2).mean(axis=axes, keepdims=True)
   return np.ma.getdata(mu), np.ma.getdata(var)
@@ -57,7 +59,10 @@ def backward(x, gamma, dy, eps, axes, mask=None):
   dx_hat = dy * gamma
   with np.errstate(invalid="ignore"):
     centered = np.where(dy != 0, x - mu, 0.0)  # every output's x - mu
-  total = lambda a: a.sum(axis=axes, keepdims=True)
+
+  def total(a):
+    return a.sum(axis=axes, keepdims=True)
+
   dvar = total(dx_hat * centered * -0.5 * inv**3)
   dmu = total(dx_hat * -inv) + dvar * total(np.where(valid, -2.0 * (xv - mu), 0.0)) / m
   dx = dx_hat * inv + np.where(valid, dvar * 2.0 * (xv - mu) / m + dmu / m, 0.0)
@@ -82,7 +87,7 @@ def ghost_forward(x, gamma, beta, eps, virtual_batch_size, axes):
   x = np.asarray(x, np.float64)
   outputs, means, variances = [], [], []
   for start in range(0, len(x), virtual_batch_size):
-    y, mu, var = forward(x[start:start + virtual_batch_size], gamma, beta, eps, axes)
+    y, mu, var = forward(x[start : start + virtual_batch_size], gamma, beta, eps, axes)
     outputs.append(y)
     means.append(mu)
     variances.append(var)

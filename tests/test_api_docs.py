@@ -22,9 +22,9 @@ import textwrap
 import pytest
 
 import bnjax
-import bnjax.linen
 import bnjax.equinox
 import bnjax.haiku
+import bnjax.linen
 import bnjax.nnx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,15 +36,21 @@ _LINEN_FIELDS = {"parent", "name"}
 def public_names(module) -> list[str]:
   """The names ``module`` exports: for ``bnjax``, what it imports from its own
   modules; for a submodule, the public classes and functions it defines."""
-  names = [name for name, value in vars(module).items()
-           if not name.startswith("_") and getattr(value, "__module__", "").startswith("bnjax")]
+  names = [
+    name
+    for name, value in vars(module).items()
+    if not name.startswith("_") and getattr(value, "__module__", "").startswith("bnjax")
+  ]
   if module is not bnjax:  # the submodules' own definitions, not what they import
     names = [name for name in names if vars(module)[name].__module__ == module.__name__]
   return names
 
 
-PUBLIC = [(f"{module.__name__}.{name}", getattr(module, name)) for module in MODULES
-          for name in public_names(module)]
+PUBLIC = [
+  (f"{module.__name__}.{name}", getattr(module, name))
+  for module in MODULES
+  for name in public_names(module)
+]
 FUNCTIONS = [(name, value) for name, value in PUBLIC if inspect.isfunction(value)]
 CLASSES = [(name, value) for name, value in PUBLIC if inspect.isclass(value)]
 
@@ -58,7 +64,8 @@ def _methods(cls) -> list[tuple[str, object]]:
       continue
     for name, value in vars(base).items():
       if (name == "__call__" or not name.startswith("_")) and (
-          inspect.isfunction(value) or isinstance(value, property)):
+        inspect.isfunction(value) or isinstance(value, property)
+      ):
         found[name] = value
   return sorted(found.items())
 
@@ -94,7 +101,8 @@ def documented_names(section: str) -> set[str]:
   """The names an ``Args:``/``Attributes:`` section documents: its entries are
   ``name: ...``, ``name (type): ...`` or ``a, b, c: ...`` at the left margin.
 
-  >>> sorted(documented_names("x: input.\\n  more.\\nmomentum, epsilon: as batch_norm.\\nrngs (Rngs): keys."))
+  >>> section = "x: input.\\n  more.\\nmomentum, epsilon: as batch_norm.\\nrngs (Rngs): keys."
+  >>> sorted(documented_names(section))
   ['epsilon', 'momentum', 'rngs', 'x']
   """
   names = set()
@@ -173,7 +181,8 @@ def test_public_function_is_documented(name, function):
 def test_public_class_is_documented(name, cls):
   doc = inspect.getdoc(cls)
   assert doc and cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), (
-      f"{name} has no docstring of its own")
+    f"{name} has no docstring of its own"
+  )
   found = sections(doc)
   assert found[""], f"{name}: no summary before the first section"
   assert ">>>" in doc, f"{name}: no doctest"
@@ -236,7 +245,8 @@ def test_the_checks_catch_what_they_should():
 
   assert _check_function("f", undocumented, needs_doctest=True) == ["f has no docstring"]
   assert _check_function("f", documented, needs_doctest=True) == [
-      "f: the Args section does not document ['axis']"]
+    "f: the Args section does not document ['axis']"
+  ]
   assert _check_function("f", returns_nothing, needs_doctest=True) == []
   assert not returns_a_value(returns_nothing) and returns_a_value(documented)
 
@@ -264,7 +274,8 @@ def test_each_module_has_a_page_with_a_summary_table_and_an_entry_per_name(modul
   assert _listed(text, "autosummary") == names, f"{page.name}: the summary table lists other names"
   assert _listed(text, "auto") == names, f"{page.name}: the entries document other names"
   assert f"api/{page.stem}\n" in (ROOT / "docs" / "api.md").read_text(), (
-      f"docs/api.md's toctree does not list {page.stem}")
+    f"docs/api.md's toctree does not list {page.stem}"
+  )
 
 
 def test_the_listings_are_read_as_written():
@@ -275,8 +286,18 @@ def test_the_listings_are_read_as_written():
 
 # What the rendered reference must not show (found in the site before it had these
 # settings): private paths, reprs of defaults, Flax's internals, nnx's metaclass.
-UNREADABLE = ["~collections", "collections.abc.", "jax._src", "&lt;class", "&lt;function",
-              "_Sentinel", "&lt;flax", " object at 0x", "*args: Any", "Alias for field number"]
+UNREADABLE = [
+  "~collections",
+  "collections.abc.",
+  "jax._src",
+  "&lt;class",
+  "&lt;function",
+  "_Sentinel",
+  "&lt;flax",
+  " object at 0x",
+  "*args: Any",
+  "Alias for field number",
+]
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +306,23 @@ def site(tmp_path_factory):
   pytest.importorskip("myst_parser")
   out = tmp_path_factory.mktemp("site")
   result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(ROOT / "docs"),
-       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-q",
+      "-b",
+      "html",
+      str(ROOT / "docs"),
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   return result, out
 
 
@@ -308,20 +344,33 @@ def test_signatures_read_as_a_user_writes_them(site):
   assert set(pages) == {_api_page(m).stem + ".html" for m in MODULES}
   found = [(name, bad) for name, html in pages.items() for bad in UNREADABLE if bad in html]
   assert not found, found
-  signatures = {name: [_text(s) for s in re.findall(r'<dt class="sig sig-object py"[^>]*>(.*?)</dt>',
-                                                    html, re.S)] for name, html in pages.items()}
+  signatures = {
+    name: [
+      _text(s) for s in re.findall(r'<dt class="sig sig-object py"[^>]*>(.*?)</dt>', html, re.S)
+    ]
+    for name, html in pages.items()
+  }
   expected = {
-      "bnjax.html": ["bnjax.init(num_features, *, dtype=jnp.float32)"],
-      "linen.html": ["class bnjax.linen.BatchNorm(use_running_average=None, axis=-1, momentum=0.99,",
-                     "bias_init=nn.initializers.zeros, scale_init=nn.initializers.ones,"],
-      "nnx.html": ["class bnjax.nnx.BatchNorm(num_features, *, use_running_average=False,",
-                   "rngs, bias_metadata=MappingProxyType({})"],
+    "bnjax.html": ["bnjax.init(num_features, *, dtype=jnp.float32)"],
+    "linen.html": [
+      "class bnjax.linen.BatchNorm(use_running_average=None, axis=-1, momentum=0.99,",
+      "bias_init=nn.initializers.zeros, scale_init=nn.initializers.ones,",
+    ],
+    "nnx.html": [
+      "class bnjax.nnx.BatchNorm(num_features, *, use_running_average=False,",
+      "rngs, bias_metadata=MappingProxyType({})",
+    ],
   }
   for name, parts in expected.items():
     for part in parts:
-      assert any(part in signature for signature in signatures[name]), (name, part, signatures[name])
-  assert all("parent=" not in s and "name=" not in s.replace("_name=", "")
-             for s in signatures["linen.html"]), "linen signatures show Flax's parent/name fields"
+      assert any(part in signature for signature in signatures[name]), (
+        name,
+        part,
+        signatures[name],
+      )
+  assert all(
+    "parent=" not in s and "name=" not in s.replace("_name=", "") for s in signatures["linen.html"]
+  ), "linen signatures show Flax's parent/name fields"
 
 
 @pytest.mark.slow
@@ -334,7 +383,11 @@ def test_pages_have_summary_tables_math_copy_buttons_and_the_landing_page(site):
   assert "**t" not in _text(guide) and "E[x²]" not in _text(guide), "a formula left as code"
   assert "copybutton.js" in (out / "index.html").read_text()
   landing = (out / "index.html").read_text()
-  for part in ('src="_images/figure1.png"', 'src="_images/figure3.png"', 'href="experiments/imagenet.html"'):
+  for part in (
+    'src="_images/figure1.png"',
+    'src="_images/figure3.png"',
+    'href="experiments/imagenet.html"',
+  ):
     assert part in landing, part
   for part in ('pip install -e ".[flax]"', "0.0 1.0 [0.051 0.058]"):  # the install; the output
     assert part in _text(landing).replace("&quot;", '"'), part
@@ -342,6 +395,9 @@ def test_pages_have_summary_tables_math_copy_buttons_and_the_landing_page(site):
 
 def test_api_reference_lists_every_public_name():
   reference = "".join(_api_page(module).read_text() for module in MODULES)
-  missing = [name.rpartition(".")[2] for name, _ in PUBLIC
-             if f":: {name.rpartition('.')[2]}\n" not in reference]
+  missing = [
+    name.rpartition(".")[2]
+    for name, _ in PUBLIC
+    if f":: {name.rpartition('.')[2]}\n" not in reference
+  ]
   assert not missing, f"docs/api/ does not document {missing}"

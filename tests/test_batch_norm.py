@@ -25,12 +25,20 @@ from tests import reference
 
 # (shape, axis, reduction axes)
 LAYOUTS = [
-    ((32, 5), -1, (0,)),  # fully connected: over the batch
-    ((4, 6, 5, 3), -1, (0, 1, 2)),  # NHWC convolution: batch and positions
-    ((4, 3, 6, 5), 1, (0, 2, 3)),  # NCHW
-    ((4, 3, 6, 2), (1, -1), (0, 2)),  # two feature axes
+  ((32, 5), -1, (0,)),  # fully connected: over the batch
+  ((4, 6, 5, 3), -1, (0, 1, 2)),  # NHWC convolution: batch and positions
+  ((4, 3, 6, 5), 1, (0, 2, 3)),  # NCHW
+  ((4, 3, 6, 2), (1, -1), (0, 2)),  # two feature axes
 ]
-STATIC = ("training", "axis", "epsilon", "axis_name", "unbiased_variance", "virtual_batch_size", "dtype")
+STATIC = (
+  "training",
+  "axis",
+  "epsilon",
+  "axis_name",
+  "unbiased_variance",
+  "virtual_batch_size",
+  "dtype",
+)
 batch_norm = jax.jit(bnjax.batch_norm, static_argnames=STATIC)
 
 
@@ -42,9 +50,11 @@ def weighted_sum(w, y):
 @functools.partial(jax.jit, static_argnames=STATIC)
 def training_step(x, params, state, w, **kwargs):
   """Gradients of ``weighted_sum(w, y)`` w.r.t. x and params, with y and the new state."""
+
   def loss(x, params):
     y, new_state = bnjax.batch_norm(x, params, state, training=True, **kwargs)
     return weighted_sum(w, y), (y, new_state)
+
   return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
 
 
@@ -59,11 +69,11 @@ def random_inputs(shape, axis, seed=0, offset=0.0):
   fshape = tuple(shape[a] for a in features)
   x = float32(2.0 * rng.standard_normal(shape) + offset)
   params = bnjax.BatchNormParams(
-      scale=float32(1.0 + 0.3 * rng.standard_normal(fshape)),
-      bias=float32(0.5 * rng.standard_normal(fshape)),
+    scale=float32(1.0 + 0.3 * rng.standard_normal(fshape)),
+    bias=float32(0.5 * rng.standard_normal(fshape)),
   )
   state = bnjax.BatchNormState(
-      mean=float32(0.1 * rng.standard_normal(fshape)), var=float32(np.full(fshape, 2.0))
+    mean=float32(0.1 * rng.standard_normal(fshape)), var=float32(np.full(fshape, 2.0))
   )
   return x, params, state
 
@@ -86,10 +96,10 @@ def test_training_is_algorithm_1_and_its_gradients_the_papers_chain_rule(shape, 
   want_y, mu, var = reference.forward(x, gamma, expand(params.bias, axes), 1e-5, axes)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
-      new_state.mean, 0.9 * np.asarray(state.mean) + 0.1 * mu.squeeze(axes), rtol=1e-6, atol=1e-6
+    new_state.mean, 0.9 * np.asarray(state.mean) + 0.1 * mu.squeeze(axes), rtol=1e-6, atol=1e-6
   )
   np.testing.assert_allclose(
-      new_state.var, 0.9 * np.asarray(state.var) + 0.1 * var.squeeze(axes), rtol=1e-6
+    new_state.var, 0.9 * np.asarray(state.var) + 0.1 * var.squeeze(axes), rtol=1e-6
   )
   assert new_state.mean.dtype == jnp.float32 and y.dtype == x.dtype
   want_dx, want_dgamma, want_dbeta = reference.backward(x, gamma, w, 1e-5, axes)
@@ -111,10 +121,15 @@ def test_inference_uses_state_and_returns_it_unchanged(shape, axis, axes):
 def test_no_affine_and_partial_affine():
   x, params, state = random_inputs((16, 4), -1)
   want, _, _ = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
-  cases = (None, bnjax.BatchNormParams(scale=params.scale, bias=None),
-           bnjax.BatchNormParams(scale=None, bias=params.bias))
+  cases = (
+    None,
+    bnjax.BatchNormParams(scale=params.scale, bias=None),
+    bnjax.BatchNormParams(scale=None, bias=params.bias),
+  )
   outputs = jax.jit(lambda x: [bnjax.batch_norm(x, p, state, training=True)[0] for p in cases])(x)
-  for y, want_y in zip(outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias))):
+  for y, want_y in zip(
+    outputs, (want, want * np.asarray(params.scale), want + np.asarray(params.bias)), strict=True
+  ):
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
 
 
@@ -143,13 +158,15 @@ def test_gradients_match_finite_differences_in_float64(x64):
     for m in (None, mask):
       # Output and the new state both depend on x: checks their cotangents too.
       y, new_state = bnjax.batch_norm(
-          x, bnjax.BatchNormParams(scale, bias), state, training=True, momentum=0.5, mask=m
+        x, bnjax.BatchNormParams(scale, bias), state, training=True, momentum=0.5, mask=m
       )
       outputs += [y, new_state.mean, new_state.var]
     return outputs
 
   check_grads(f, (x, params.scale, params.bias), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
-  check_grads(f, (x, params.scale, params.bias), order=2, modes=["fwd", "rev"], atol=1e-4, rtol=1e-4)
+  check_grads(
+    f, (x, params.scale, params.bias), order=2, modes=["fwd", "rev"], atol=1e-4, rtol=1e-4
+  )
 
 
 def test_inference_gradients_match_finite_differences(x64):
@@ -230,8 +247,13 @@ def test_output_dtype_argument():
   x = x.astype(jnp.bfloat16)
   y, _ = batch_norm(x, params, state, training=True, dtype=jnp.float32)
   assert y.dtype == jnp.float32
-  want, _, _ = reference.forward(np.asarray(x.astype(jnp.float32)), expand(params.scale, (0,)),
-                                 expand(params.bias, (0,)), 1e-5, (0,))
+  want, _, _ = reference.forward(
+    np.asarray(x.astype(jnp.float32)),
+    expand(params.scale, (0,)),
+    expand(params.bias, (0,)),
+    1e-5,
+    (0,),
+  )
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)  # float32, not bfloat16's 4e-3
 
 
@@ -240,7 +262,7 @@ def test_complex_input():
   xc = jnp.asarray(np.asarray(x) + 1j * (np.flip(np.asarray(x), 0) + 1.0), jnp.complex64)
   y, new_state = batch_norm(xc, params, state, training=True, momentum=0.0)
   want_y, mu, var = reference.forward(
-      xc, expand(params.scale, (0,)), expand(params.bias, (0,)), 1e-5, (0,)
+    xc, expand(params.scale, (0,)), expand(params.bias, (0,)), 1e-5, (0,)
   )
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-6)
@@ -264,19 +286,22 @@ class JitAndEagerTest(chex.TestCase):
 
     def step(x, params):
       def loss(x, params):
-        y, new_state = bnjax.batch_norm(x, params, state, training=True, mask=jnp.asarray(mask), momentum=0.0)
+        y, new_state = bnjax.batch_norm(
+          x, params, state, training=True, mask=jnp.asarray(mask), momentum=0.0
+        )
         return weighted_sum(w, y), (y, new_state)
+
       return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, params)
 
     (dx, dparams), (y, new_state) = self.variant(step)(x, params)
     want_y, mu, var = reference.forward(
-        x, expand(params.scale, (0, 1)), expand(params.bias, (0, 1)), 1e-5, (0, 1), mask=valid
+      x, expand(params.scale, (0, 1)), expand(params.bias, (0, 1)), 1e-5, (0, 1), mask=valid
     )
     np.testing.assert_allclose(np.asarray(y)[valid], want_y[valid], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new_state.mean, mu.squeeze(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new_state.var, var.squeeze(), rtol=1e-5)
     want_dx, want_dgamma, want_dbeta = reference.backward(
-        x, expand(params.scale, (0, 1)), w, 1e-5, (0, 1), mask=valid
+      x, expand(params.scale, (0, 1)), w, 1e-5, (0, 1), mask=valid
     )
     chex.assert_tree_all_finite((dx, dparams))
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
@@ -291,7 +316,8 @@ class JitAndEagerTest(chex.TestCase):
     x = (1e19 + std * np.random.default_rng(5).standard_normal((32, 4))).astype(np.float32)
     params, state = bnjax.init(4)
     y, new_state = self.variant(
-        lambda x: bnjax.batch_norm(x, params, state, training=True, momentum=0.0))(jnp.asarray(x))
+      lambda x: bnjax.batch_norm(x, params, state, training=True, momentum=0.0)
+    )(jnp.asarray(x))
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(new_state.var, np.var(x64, 0), rtol=1e-5)
     np.testing.assert_allclose(y, (x64 - x64.mean(0)) / np.sqrt(x64.var(0)), atol=1e-5)
@@ -316,18 +342,26 @@ def test_jit_and_traced_momentum():
   mu, var = reference.batch_mean_var(x, (0,))
   for momentum in (0.25, 0.5):  # a new value, no recompilation needed
     _, new_state = step(x, state, jnp.float32(momentum))
-    np.testing.assert_allclose(new_state.mean, momentum * np.asarray(state.mean) + (1 - momentum) * mu.squeeze(),
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(new_state.var, momentum * np.asarray(state.var) + (1 - momentum) * var.squeeze(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      new_state.mean,
+      momentum * np.asarray(state.mean) + (1 - momentum) * mu.squeeze(),
+      rtol=1e-6,
+      atol=1e-7,
+    )
+    np.testing.assert_allclose(
+      new_state.var, momentum * np.asarray(state.var) + (1 - momentum) * var.squeeze(), rtol=1e-6
+    )
   assert step._cache_size() == 1
 
 
 def test_unbiased_variance_updates_running_var_with_m_over_m_minus_1():
   x, params, state = random_inputs((10, 3), -1)
-  (y_biased, biased), (y, unbiased) = jax.jit(lambda x: [
+  (y_biased, biased), (y, unbiased) = jax.jit(
+    lambda x: [
       bnjax.batch_norm(x, params, state, training=True, momentum=0.0, unbiased_variance=unbiased)
-      for unbiased in (False, True)])(x)
+      for unbiased in (False, True)
+    ]
+  )(x)
   np.testing.assert_allclose(unbiased.var, biased.var * 10 / 9, rtol=1e-6)
   np.testing.assert_array_equal(y, y_biased)  # the batch is normalized with the biased one
 
@@ -343,24 +377,32 @@ def _call(**overrides):
 
 
 @pytest.mark.parametrize(
-    "overrides, error, match",
-    [
-        (dict(training=1), TypeError, "training must be a Python bool"),
-        (dict(training=jnp.array(True)), TypeError, "training must be a Python bool"),
-        (dict(x=jnp.ones((8, 4), jnp.int32)), TypeError, "x must have a floating"),
-        (dict(axis=2), ValueError, "axis 2 is out of range for an input of rank 2"),
-        (dict(axis=(1, -1)), ValueError, "names the same axis twice"),
-        (dict(params=bnjax.init(5)[0]), ValueError, r"params.scale has shape \(5,\) but x of shape \(8, 4\) has feature shape \(4,\)"),
-        (dict(state=bnjax.init(3)[1]), ValueError, r"state.mean has shape \(3,\)"),
-        (dict(mask=jnp.ones((8, 4, 1), bool)), ValueError, r"mask of shape \(8, 4, 1\) does not broadcast"),
-        (dict(mask=jnp.ones((3,), bool)), ValueError, r"mask of shape \(3,\) does not broadcast"),
-        (dict(mask=jnp.ones((8,), jnp.int32)), TypeError, "mask must be boolean"),
-        (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\], got 1.5"),
-        (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\]"),
-        (dict(momentum=jnp.ones(2)), ValueError, "momentum must be a scalar"),
-        (dict(epsilon=0.0), ValueError, "epsilon must be positive"),
-        (dict(epsilon=-1e-5), ValueError, "epsilon must be positive"),
-    ],
+  "overrides, error, match",
+  [
+    (dict(training=1), TypeError, "training must be a Python bool"),
+    (dict(training=jnp.array(True)), TypeError, "training must be a Python bool"),
+    (dict(x=jnp.ones((8, 4), jnp.int32)), TypeError, "x must have a floating"),
+    (dict(axis=2), ValueError, "axis 2 is out of range for an input of rank 2"),
+    (dict(axis=(1, -1)), ValueError, "names the same axis twice"),
+    (
+      dict(params=bnjax.init(5)[0]),
+      ValueError,
+      r"params.scale has shape \(5,\) but x of shape \(8, 4\) has feature shape \(4,\)",
+    ),
+    (dict(state=bnjax.init(3)[1]), ValueError, r"state.mean has shape \(3,\)"),
+    (
+      dict(mask=jnp.ones((8, 4, 1), bool)),
+      ValueError,
+      r"mask of shape \(8, 4, 1\) does not broadcast",
+    ),
+    (dict(mask=jnp.ones((3,), bool)), ValueError, r"mask of shape \(3,\) does not broadcast"),
+    (dict(mask=jnp.ones((8,), jnp.int32)), TypeError, "mask must be boolean"),
+    (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\], got 1.5"),
+    (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\]"),
+    (dict(momentum=jnp.ones(2)), ValueError, "momentum must be a scalar"),
+    (dict(epsilon=0.0), ValueError, "epsilon must be positive"),
+    (dict(epsilon=-1e-5), ValueError, "epsilon must be positive"),
+  ],
 )
 def test_bad_input_raises_a_clear_error(overrides, error, match):
   with pytest.raises(error, match=match):
@@ -376,15 +418,19 @@ def test_complex_masked_nan_entries_do_not_reach_gradients():
   @jax.jit
   def step(x, scale):
     def loss(x, scale):
-      y, _ = bnjax.batch_norm(x, bnjax.BatchNormParams(scale, params.bias), state, training=True,
-                              mask=jnp.asarray(mask))
+      y, _ = bnjax.batch_norm(
+        x, bnjax.BatchNormParams(scale, params.bias), state, training=True, mask=jnp.asarray(mask)
+      )
       return jnp.real(weighted_sum(w, y)), y
+
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, scale)
 
   clean, _ = step(jnp.asarray(xc, jnp.complex64), params.scale)
   poisoned, y = step(jnp.asarray(np.where(mask, xc, np.nan), jnp.complex64), params.scale)
   np.testing.assert_allclose(poisoned[1], clean[1], rtol=1e-5)
-  np.testing.assert_allclose(np.where(mask, poisoned[0], 0), np.where(mask, clean[0], 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.where(mask, poisoned[0], 0), np.where(mask, clean[0], 0), rtol=1e-5, atol=1e-6
+  )
   assert np.isnan(np.asarray(y)[~np.broadcast_to(mask, y.shape)]).all()  # still NaN out
 
 
@@ -406,27 +452,36 @@ def test_nothing_valid_leaves_the_state_and_gives_finite_gradients():
 # axis; the output as exact as the statistics; argument types.
 
 
-@pytest.mark.parametrize("x_shape, mask", [
+@pytest.mark.parametrize(
+  "x_shape, mask",
+  [
     ((4, 4, 3), np.array([[True], [True], [False], [True]])),  # [4, 1] is [1, 4, 1]
     ((10, 5), np.arange(5) % 2 == 0),  # [5] is [1, 5]: per feature
     ((6, 4, 3), np.arange(12).reshape(4, 3) % 5 != 0),  # [4, 3] is [1, 4, 3]
-])
+  ],
+)
 def test_mask_is_broadcast_as_flax_broadcasts_it(x_shape, mask):
   x = float32(np.random.default_rng(3).standard_normal(x_shape) + 2.0)
   params, state = bnjax.init(x_shape[-1])
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=False)
   variables = {"params": params._asdict(), "batch_stats": state._asdict()}  # Flax's init, unchanged
-  want_y, want = jax.jit(lambda x: flax_bn.apply(variables, x, mask=mask, mutable=["batch_stats"]))(x)
+  want_y, want = jax.jit(lambda x: flax_bn.apply(variables, x, mask=mask, mutable=["batch_stats"]))(
+    x
+  )
   y, new_state = batch_norm(x, params, state, training=True, momentum=0.0, mask=jnp.asarray(mask))
   valid = np.broadcast_to(mask, x_shape)
   defined = valid.reshape(-1, x_shape[-1]).any(0)  # Flax's statistics are NaN elsewhere
   assert not defined.all() or mask.ndim > 1
-  np.testing.assert_allclose(new_state.mean[defined], want["batch_stats"]["mean"][defined], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    new_state.mean[defined], want["batch_stats"]["mean"][defined], rtol=1e-6, atol=1e-6
+  )
   np.testing.assert_allclose(new_state.var[defined], want["batch_stats"]["var"][defined], rtol=1e-5)
   # A feature with no valid value leaves the state as it was (bnjax's documented rule).
   np.testing.assert_array_equal(new_state.mean[~defined], state.mean[~defined])
   np.testing.assert_array_equal(new_state.var[~defined], state.var[~defined])
-  np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, want_y, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.where(valid, y, 0), np.where(valid, want_y, 0), rtol=1e-5, atol=1e-5
+  )
   _, ref_var = reference.batch_mean_var(x, tuple(range(len(x_shape) - 1)), mask=valid)
   np.testing.assert_allclose(new_state.var[defined], ref_var.ravel()[defined], rtol=1e-5)
 
@@ -445,16 +500,23 @@ def test_one_example_without_batch_axis_in_inference():
   want = np.asarray(params.scale) * (np.asarray(x, np.float64) - np.asarray(state.mean))
   want = want / np.sqrt(np.asarray(state.var, np.float64) + 1e-5) + np.asarray(params.bias)
   np.testing.assert_allclose(y_one, want[1], rtol=1e-6)
-  per_example = jax.jit(jax.vmap(lambda e: bnjax.batch_norm(e, params, state, training=False)[0]))(x)
+  per_example = jax.jit(jax.vmap(lambda e: bnjax.batch_norm(e, params, state, training=False)[0]))(
+    x
+  )
   np.testing.assert_allclose(per_example, want, rtol=1e-6)
 
 
 def test_one_example_per_vmap_lane_trains_over_the_named_axis():
   x, params, state = random_inputs((8, 3), -1, offset=3.0)
-  want_y, mu, var = reference.forward(x, np.asarray(params.scale), np.asarray(params.bias), 1e-5, (0,))
-  y, new_state = jax.jit(jax.vmap(
+  want_y, mu, var = reference.forward(
+    x, np.asarray(params.scale), np.asarray(params.bias), 1e-5, (0,)
+  )
+  y, new_state = jax.jit(
+    jax.vmap(
       lambda e: bnjax.batch_norm(e, params, state, training=True, axis_name="lanes", momentum=0.0),
-      axis_name="lanes"))(x)
+      axis_name="lanes",
+    )
+  )(x)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   for lane in range(8):  # every lane holds the state of the whole batch
     np.testing.assert_allclose(new_state.mean[lane], mu.squeeze(), rtol=1e-5, atol=1e-7)
@@ -470,7 +532,9 @@ def test_training_without_batch_axis_is_a_batch_of_one():
   chex.assert_trees_all_equal(new_state, want_state)
   np.testing.assert_allclose(y, params.bias, atol=1e-6)
   # variance 0 and mean x: the state moves halfway to them
-  np.testing.assert_allclose(new_state.mean, 0.5 * np.asarray(state.mean) + 0.5 * np.asarray(x[0]), rtol=1e-6)
+  np.testing.assert_allclose(
+    new_state.mean, 0.5 * np.asarray(state.mean) + 0.5 * np.asarray(x[0]), rtol=1e-6
+  )
   np.testing.assert_allclose(new_state.var, 0.5 * np.asarray(state.var), rtol=1e-6)
 
 
@@ -487,28 +551,36 @@ def test_output_as_exact_as_the_statistics_at_large_offsets(offset):
 
 
 @pytest.mark.parametrize(
-    "overrides, error, match",
-    [
-        (dict(state=bnjax.BatchNormState(jnp.zeros(4, jnp.int32), jnp.ones(4))), TypeError,
-         "state.mean must have a floating"),
-        (dict(params=bnjax.BatchNormParams(jnp.ones(4, jnp.int32), None)), TypeError,
-         "params.scale must have a floating"),
-        (dict(momentum=True), TypeError, "momentum must be a real number"),
-        (dict(momentum="0.9"), TypeError, "momentum must be a real number"),
-        (dict(unbiased_variance="no"), TypeError, "unbiased_variance must be a Python bool"),
-        (dict(axis=None), TypeError, "axis must be an int or a sequence of ints, got None"),
-        (dict(axis=1.0), TypeError, "axis must be an int or a sequence of ints, got 1.0"),
-        (dict(x=jnp.ones((0, 4))), ValueError, r"has no values .* \(axis 0 has size 0\)"),
-        (dict(axis_index_groups=[[0, "a"]], axis_name="i"), TypeError, "axis_index_groups must be"),
-    ],
+  "overrides, error, match",
+  [
+    (
+      dict(state=bnjax.BatchNormState(jnp.zeros(4, jnp.int32), jnp.ones(4))),
+      TypeError,
+      "state.mean must have a floating",
+    ),
+    (
+      dict(params=bnjax.BatchNormParams(jnp.ones(4, jnp.int32), None)),
+      TypeError,
+      "params.scale must have a floating",
+    ),
+    (dict(momentum=True), TypeError, "momentum must be a real number"),
+    (dict(momentum="0.9"), TypeError, "momentum must be a real number"),
+    (dict(unbiased_variance="no"), TypeError, "unbiased_variance must be a Python bool"),
+    (dict(axis=None), TypeError, "axis must be an int or a sequence of ints, got None"),
+    (dict(axis=1.0), TypeError, "axis must be an int or a sequence of ints, got 1.0"),
+    (dict(x=jnp.ones((0, 4))), ValueError, r"has no values .* \(axis 0 has size 0\)"),
+    (dict(axis_index_groups=[[0, "a"]], axis_name="i"), TypeError, "axis_index_groups must be"),
+  ],
 )
 def test_bad_argument_types_raise_a_clear_error(overrides, error, match):
   with pytest.raises(error, match=match):
     _call(**overrides)
 
 
-@pytest.mark.parametrize("num_features, error", [
-    (0, ValueError), (-3, ValueError), ((4, 0), ValueError), (2.5, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+  "num_features, error",
+  [(0, ValueError), (-3, ValueError), ((4, 0), ValueError), (2.5, TypeError), (True, TypeError)],
+)
 def test_init_refuses_an_empty_or_non_integer_layer(num_features, error):
   with pytest.raises(error, match="num_features must be a positive int"):
     bnjax.init(num_features)

@@ -46,21 +46,32 @@ def test_mnist_loop_benchmark_takes_the_data_as_arguments():
 
   config = default.get_config()
   model, optimizer = train.make_model(config), train.make_optimizer(config)
-  data = train.DeviceData(jax.ShapeDtypeStruct((500, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((500,), jnp.int32),
-                          jax.ShapeDtypeStruct((300, 28, 28), jnp.uint8), jax.ShapeDtypeStruct((300,), jnp.int32))
-  state = jax.eval_shape(functools.partial(train.initial_state, model, optimizer), jax.random.key(0))
+  data = train.DeviceData(
+    jax.ShapeDtypeStruct((500, 28, 28), jnp.uint8),
+    jax.ShapeDtypeStruct((500,), jnp.int32),
+    jax.ShapeDtypeStruct((300, 28, 28), jnp.uint8),
+    jax.ShapeDtypeStruct((300,), jnp.int32),
+  )
+  state = jax.eval_shape(
+    functools.partial(train.initial_state, model, optimizer), jax.random.key(0)
+  )
   data_key = jax.eval_shape(lambda: jax.random.key(1))
   on_device, one_step = run.mnist_loops(config, model, optimizer)
   plain_params = jax.eval_shape(functools.partial(run.plain_jax_mnist_params, config))
   plain_steps = run.plain_jax_mnist_steps(config)
   programs = {
-      "on_device": on_device.lower(state, data, data_key, jnp.int32(1)),
-      "one_step": one_step.lower(state, data, data_key),
-      "plain_jax": plain_steps.lower(plain_params, data.train_images, data.train_labels, jnp.int32(1)),
+    "on_device": on_device.lower(state, data, data_key, jnp.int32(1)),
+    "one_step": one_step.lower(state, data, data_key),
+    "plain_jax": plain_steps.lower(
+      plain_params, data.train_images, data.train_labels, jnp.int32(1)
+    ),
   }
   for name, lowered in programs.items():
     sizes = _constant_sizes(lowered.as_text())
-    assert sizes and max(sizes) < 1000, (name, sorted(sizes)[-3:])  # the images: 500 x 784 = 392,000
+    assert sizes and max(sizes) < 1000, (
+      name,
+      sorted(sizes)[-3:],
+    )  # the images: 500 x 784 = 392,000
     donated = [arg for arg in jax.tree.leaves(lowered.args_info) if arg.donated]
     assert len(donated) == (0 if name == "plain_jax" else len(jax.tree.leaves(state))), name
   # The check sees images that are closed over.

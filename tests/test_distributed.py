@@ -29,7 +29,9 @@ def make_problem(offset=1.0, seed=0):
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   x = f32(1.5 * rng.standard_normal(SHAPE) + offset)
   w = f32(rng.standard_normal(SHAPE))
-  params = bnjax.BatchNormParams(scale=f32(1.0 + 0.2 * rng.standard_normal(3)), bias=f32(0.1 * rng.standard_normal(3)))
+  params = bnjax.BatchNormParams(
+    scale=f32(1.0 + 0.2 * rng.standard_normal(3)), bias=f32(0.1 * rng.standard_normal(3))
+  )
   _, state = bnjax.init(3)
   return x, w, params, state
 
@@ -40,13 +42,16 @@ def reference_step(x, w, params, state, momentum=0.8):
   gamma, beta = (np.asarray(p, np.float64)[None, None] for p in params)
   y, mu, var = reference.forward(x, gamma, beta, 1e-5, AXES)
   dx, dgamma, dbeta = reference.backward(x, gamma, w, 1e-5, AXES)
-  new_state = tuple(momentum * np.asarray(s) + (1 - momentum) * b.ravel() for s, b in zip(state, (mu, var)))
+  new_state = tuple(
+    momentum * np.asarray(s) + (1 - momentum) * b.ravel()
+    for s, b in zip(state, (mu, var), strict=True)
+  )
   return (dx, (dgamma, dbeta)), (y, new_state)
 
 
 def loss_and_state(x, w, params, state, mask=None, momentum=0.8, **kwargs):
   y, new_state = bnjax.batch_norm(
-      x, params, state, training=True, momentum=momentum, mask=mask, **kwargs
+    x, params, state, training=True, momentum=momentum, mask=mask, **kwargs
   )
   return jnp.sum(w * y), (y, new_state)
 
@@ -80,19 +85,21 @@ synchronized_step = pmapped_step(axis_name="batch")
 def test_pmap_matches_full_batch():
   x, w, params, state = make_problem()
   (dx, dparams), (y, new_state) = synchronized_step(
-      per_device(x), per_device(w), params, state, None
+    per_device(x), per_device(w), params, state, None
   )
   # pmap gives each device the gradient of its own loss w.r.t. the parameters.
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
   for d in range(1, DEVICES):  # every device holds the same new state
     chex.assert_trees_all_equal(tuple(s[d] for s in new_state), tuple(s[0] for s in new_state))
-  assert_matches_full_batch(x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state))
+  assert_matches_full_batch(
+    x, w, params, state, dx, dparams, y, jax.tree.map(lambda s: s[0], new_state)
+  )
 
 
 def test_statistics_exact_across_devices_with_large_offset():
   x, w, params, state = make_problem(offset=1e4)
   _, (_, new_state) = pmapped_step(axis_name="batch", momentum=0.0)(
-      per_device(x), per_device(w), params, state, None
+    per_device(x), per_device(w), params, state, None
   )
   _, var = reference.batch_mean_var(x, AXES)
   rel = np.abs(np.asarray(new_state.var[0], np.float64) / var.squeeze() - 1)
@@ -108,7 +115,7 @@ def test_uneven_valid_counts_per_device_with_nan():
   w = jnp.asarray(np.where(mask, w, 0.0), jnp.float32)
   mask = jnp.asarray(mask)
   (dx, dparams), (y, new_state) = synchronized_step(
-      per_device(x), per_device(w), params, state, per_device(mask)
+    per_device(x), per_device(w), params, state, per_device(mask)
   )
   dparams = jax.tree.map(lambda g: g.sum(0), dparams)
   chex.assert_tree_all_finite((dx, dparams))
@@ -119,7 +126,9 @@ def test_uneven_valid_counts_per_device_with_nan():
     np.testing.assert_allclose(new_state.mean[device], 0.2 * mu.squeeze(), rtol=1e-5)
     np.testing.assert_allclose(new_state.var[device], 0.8 + 0.2 * var.squeeze(), rtol=1e-5)
   want_dx, want_dgamma, want_dbeta = reference.backward(x, gamma, w, 1e-5, AXES, mask=valid)
-  np.testing.assert_allclose(np.asarray(y).reshape(SHAPE)[valid], want_y[valid], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(SHAPE)[valid], want_y[valid], rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(dx.reshape(SHAPE), want_dx, rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_close(tuple(dparams), (want_dgamma, want_dbeta), rtol=1e-4, atol=1e-4)
 
@@ -128,7 +137,7 @@ def test_uneven_valid_counts_per_device_with_nan():
 def test_axis_index_groups_synchronize_within_each_group(groups):
   x, w, params, state = make_problem()
   (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
-      per_device(x), per_device(w), params, state, None
+    per_device(x), per_device(w), params, state, None
   )
   assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, y, new_state)
 
@@ -142,10 +151,13 @@ def assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, 
     members = np.array(group)
     group_x = xs[members].reshape((-1,) + SHAPE[1:])
     (want_dx, want_dparams), (want_y, want_state) = reference_step(
-        group_x, ws[members].reshape((-1,) + SHAPE[1:]), params, state)
+      group_x, ws[members].reshape((-1,) + SHAPE[1:]), params, state
+    )
     np.testing.assert_allclose(y[members].reshape(group_x.shape), want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx[members].reshape(group_x.shape), want_dx, rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(tuple(a[members].sum(0) for a in dparams), want_dparams, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(
+      tuple(a[members].sum(0) for a in dparams), want_dparams, rtol=1e-4, atol=1e-4
+    )
     for d in group:
       np.testing.assert_allclose(new_state.mean[d], want_state[0], rtol=1e-5, atol=1e-7)
       np.testing.assert_allclose(new_state.var[d], want_state[1], rtol=1e-5)
@@ -160,22 +172,30 @@ def sharded_problem():
   mesh = _mesh()
   batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
   return (
-      (x, w, params, state),
-      (jax.device_put(x, batch), jax.device_put(w, batch),
-       jax.device_put(params, replicated), jax.device_put(state, replicated)),
-      mesh,
+    (x, w, params, state),
+    (
+      jax.device_put(x, batch),
+      jax.device_put(w, batch),
+      jax.device_put(params, replicated),
+      jax.device_put(state, replicated),
+    ),
+    mesh,
   )
 
 
 @functools.cache  # one compilation for the tests that run it and the one that reads it
 def shard_map_step(mesh):
-  grad = jax.grad(functools.partial(loss_and_state, axis_name="batch"), argnums=(0, 2), has_aux=True)
-  return jax.jit(jax.shard_map(
+  grad = jax.grad(
+    functools.partial(loss_and_state, axis_name="batch"), argnums=(0, 2), has_aux=True
+  )
+  return jax.jit(
+    jax.shard_map(
       lambda x, w, p, s: grad(x, w, p, s),
       mesh=mesh,
       in_specs=(P("batch"), P("batch"), P(), P()),
       out_specs=((P("batch"), P()), (P("batch"), P())),
-  ))
+    )
+  )
 
 
 def test_shard_map_matches_full_batch():
@@ -232,31 +252,40 @@ def test_shard_map_over_two_mesh_axes():
   mesh = jax.make_mesh((2, 4), ("hosts", "chips"))
   batch, replicated = NamedSharding(mesh, P(("hosts", "chips"))), NamedSharding(mesh, P())
   grad = jax.grad(
-      functools.partial(loss_and_state, axis_name=("hosts", "chips")), argnums=(0, 2), has_aux=True
+    functools.partial(loss_and_state, axis_name=("hosts", "chips")), argnums=(0, 2), has_aux=True
   )
-  step = jax.jit(jax.shard_map(
+  step = jax.jit(
+    jax.shard_map(
       lambda x, w, p, s: grad(x, w, p, s),
       mesh=mesh,
       in_specs=(P(("hosts", "chips")), P(("hosts", "chips")), P(), P()),
       out_specs=((P(("hosts", "chips")), P()), (P(("hosts", "chips")), P())),
-  ))
+    )
+  )
   (dx, dparams), (y, new_state) = step(
-      jax.device_put(x, batch), jax.device_put(w, batch),
-      jax.device_put(params, replicated), jax.device_put(state, replicated),
+    jax.device_put(x, batch),
+    jax.device_put(w, batch),
+    jax.device_put(params, replicated),
+    jax.device_put(state, replicated),
   )
   assert_matches_full_batch(x, w, params, state, dx, dparams, y, new_state)
 
 
 # The new state of a masked batch synchronized over the devices (one compile for all cases).
 masked_state_across_devices = jax.pmap(
-    lambda x, mask: bnjax.batch_norm(x, None, bnjax.init(1)[1], training=True, mask=mask, axis_name="i",
-                                     momentum=0.0)[1], axis_name="i")
+  lambda x, mask: bnjax.batch_norm(
+    x, None, bnjax.init(1)[1], training=True, mask=mask, axis_name="i", momentum=0.0
+  )[1],
+  axis_name="i",
+)
 
 
 @pytest.mark.parametrize("empty_device", [0, 3])
 def test_empty_device_keeps_large_offset_statistics_exact(empty_device):
   """The exchange's reference is the fullest device, not device 0."""
-  x = np.random.default_rng(7).standard_normal((DEVICES * 64, 1)).astype(np.float32) + np.float32(1e4)
+  x = np.random.default_rng(7).standard_normal((DEVICES * 64, 1)).astype(np.float32) + np.float32(
+    1e4
+  )
   keep = np.arange(DEVICES * 64) // 64 != empty_device
   new_state = masked_state_across_devices(x.reshape(DEVICES, 64, 1), keep.reshape(DEVICES, 64, 1))
   want = x.astype(np.float64)[keep].var()
@@ -267,36 +296,56 @@ def test_empty_device_keeps_large_offset_statistics_exact(empty_device):
 
 # Issue 8: groups of unequal sizes are exact; bad groups are refused clearly.
 
-UNEQUAL_GROUPS = [[[0, 1, 2], [3, 4, 5, 6, 7]], [[5], [0, 1, 2, 3, 4, 6, 7]], [[0, 3], [1, 4, 6], [2, 5, 7]]]
+UNEQUAL_GROUPS = [
+  [[0, 1, 2], [3, 4, 5, 6, 7]],
+  [[5], [0, 1, 2, 3, 4, 6, 7]],
+  [[0, 3], [1, 4, 6], [2, 5, 7]],
+]
 
 
 @pytest.mark.parametrize("groups", UNEQUAL_GROUPS)
 def test_unequal_axis_index_groups_are_exact(groups):
   x, w, params, state = make_problem(offset=30.0)
   (dx, dparams), (y, new_state) = pmapped_step(axis_name="batch", axis_index_groups=groups)(
-      per_device(x), per_device(w), params, state, None
+    per_device(x), per_device(w), params, state, None
   )
   assert_groups_match_their_batches(groups, x, w, params, state, dx, dparams, y, new_state)
 
 
-@pytest.mark.parametrize("groups, match", [
+@pytest.mark.parametrize(
+  "groups, match",
+  [
     ([[0, 1], [2, 3]], r"in no group: \[4, 5, 6, 7\]"),
     ([[0, 1, 2, 3], [4, 5, 6, 7, 8]], r"out of range: \[8\]"),
     ([[0, 1, 2, 3], [3, 4, 5, 6, 7]], r"in more than one group: \[3\]"),
     ([[0, 1, 2, 3, 4, 5, 6, 7], []], "a group is empty"),
-])
+  ],
+)
 def test_bad_axis_index_groups_are_refused(groups, match):
   x, w, params, state = make_problem()
   with pytest.raises(ValueError, match=match):
-    pmapped_step(axis_name="batch", axis_index_groups=groups)(per_device(x), per_device(w), params, state, None)
+    pmapped_step(axis_name="batch", axis_index_groups=groups)(
+      per_device(x), per_device(w), params, state, None
+    )
 
 
 def test_axis_index_groups_under_shard_map_name_the_alternative():
   (_, _, _, state), (x, *_), mesh = sharded_problem()
-  f = jax.jit(jax.shard_map(
-      lambda x: bnjax.batch_norm(x, None, state, training=True, axis_name="batch",
-                                 axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])[0],
-      mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+  f = jax.jit(
+    jax.shard_map(
+      lambda x: bnjax.batch_norm(
+        x,
+        None,
+        state,
+        training=True,
+        axis_name="batch",
+        axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]],
+      )[0],
+      mesh=mesh,
+      in_specs=P("batch"),
+      out_specs=P("batch"),
+    )
+  )
   with pytest.raises(NotImplementedError, match="give the mesh a second axis"):
     f(x)
 
@@ -306,8 +355,13 @@ def test_groups_under_jit_are_virtual_batches_of_their_devices():
   devices' examples, as bnjax.stats documents."""
   (x, w, params, state), (sx, sw, sparams, sstate), _ = sharded_problem()
   per_device_examples = SHAPE[0] // DEVICES
-  step = jax.jit(jax.grad(functools.partial(loss_and_state, virtual_batch_size=2 * per_device_examples),
-                          argnums=(0, 2), has_aux=True))
+  step = jax.jit(
+    jax.grad(
+      functools.partial(loss_and_state, virtual_batch_size=2 * per_device_examples),
+      argnums=(0, 2),
+      has_aux=True,
+    )
+  )
   (dx, _), (y, _) = step(sx, sw, sparams, sstate)
   dx, y = np.asarray(dx), np.asarray(y)
   for first in range(0, DEVICES, 2):
@@ -327,7 +381,8 @@ x = jax.random.normal(jax.random.key(0), (128, 4)) * 3.0 + 1e3
 params, state = bnjax.init(4)
 f = lambda x: bnjax.batch_norm(x, params, state, training=True, axis_name="i", momentum=0.0)
 y, s = jax.pmap(f, axis_name="i")(x.reshape(2, 64, 4))
-print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(), np.asarray(s.mean).tobytes().hex())
+print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(),
+      np.asarray(s.mean).tobytes().hex())
 """
 
 
@@ -335,9 +390,15 @@ print(np.asarray(y).tobytes().hex(), np.asarray(s.var).tobytes().hex(), np.asarr
 def test_results_do_not_depend_on_the_process_device_count():
   import subprocess
   import sys
+
   outputs = [
-      subprocess.run([sys.executable, "-c", _DEVICE_COUNT_SCRIPT, str(n)], capture_output=True, text=True,
-                     check=True, timeout=300).stdout
-      for n in (2, 8)
+    subprocess.run(
+      [sys.executable, "-c", _DEVICE_COUNT_SCRIPT, str(n)],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+    ).stdout
+    for n in (2, 8)
   ]
   assert outputs[0] == outputs[1] and outputs[0].strip()

@@ -4,10 +4,11 @@ Each block of README.md (and of the site's landing page, docs/index.md) runs alo
 in a fresh interpreter, as a reader pastes it, and must print something; where a
 ```text block follows it, that is its output, and the block must print exactly
 that (up to spacing). Each guide page's blocks run in order in one namespace, as a
-reader pasting them into one Python session would: with JAX's default promotion rules (not the suite's
-strict ones), eight CPU devices (tests/conftest.py), in a fresh temporary working
-directory (the figures a page saves land there). Two markers, an HTML comment on the last non-blank line
-before a block, change how a block runs:
+reader pasting them into one Python session would: with JAX's default promotion
+rules (not the suite's strict ones), eight CPU devices (tests/conftest.py), in a
+fresh temporary working directory (the figures a page saves land there). Two
+markers, an HTML comment on the last non-blank line before a block, change how a
+block runs:
 
 * ``<!-- raises: ValueError -->``: the block must raise that exception (a builtin
   name, or a dotted name the page has imported, e.g. ``flax.errors.ScopeCollectionNotFound``).
@@ -41,8 +42,13 @@ DOCS = ROOT / "docs"
 # Pages whose blocks each stand alone (a reader pastes one of them), and must print.
 STANDALONE = [ROOT / "README.md", DOCS / "index.md"]
 # The guide's pages must have code to run; other pages, if they have any.
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts and p not in STANDALONE and (
-    p.parent.name == "guide" or "```python" in p.read_text()))
+PAGES = sorted(
+  p
+  for p in DOCS.rglob("*.md")
+  if "_build" not in p.parts
+  and p not in STANDALONE
+  and (p.parent.name == "guide" or "```python" in p.read_text())
+)
 
 _FENCE = re.compile(r"^(`{3,})\s*(\S*)")
 _MARKER = re.compile(r"^<!--\s*(raises|requires):\s*([\w.]+)\s*-->$")
@@ -81,11 +87,22 @@ def python_blocks(text: str, where: str = "page") -> list[Block]:
       if end is None:
         raise ValueError(f"{where}:{i + 1}: unclosed code fence")
       if language == "python":
-        blocks.append(Block(line=i + 2, code="\n".join(lines[i + 1:end]) + "\n",
-                            raises=markers.get("raises"), requires=markers.get("requires")))
-      elif language == "text" and blocks and not markers and not any(
-          line.strip() for line in lines[previous_end + 1:i]) and previous_python:
-        blocks[-1] = dataclasses.replace(blocks[-1], output="\n".join(lines[i + 1:end]) + "\n")
+        blocks.append(
+          Block(
+            line=i + 2,
+            code="\n".join(lines[i + 1 : end]) + "\n",
+            raises=markers.get("raises"),
+            requires=markers.get("requires"),
+          )
+        )
+      elif (
+        language == "text"
+        and blocks
+        and not markers
+        and not any(line.strip() for line in lines[previous_end + 1 : i])
+        and previous_python
+      ):
+        blocks[-1] = dataclasses.replace(blocks[-1], output="\n".join(lines[i + 1 : end]) + "\n")
       elif markers:
         raise ValueError(f"{where}:{i + 1}: a marker before a '{language}' block, not a python one")
       previous_end, previous_python = end, language == "python"
@@ -129,14 +146,17 @@ def run_blocks(blocks: list[Block], where: str) -> list[str]:
       continue
     try:
       exec(code, namespace)
-    except BaseException as error:  # noqa: BLE001: compared with the marker below
+    except BaseException as error:  # any exception: its type is compared with the marker below
       if not isinstance(error, _exception_type(block.raises, namespace)):
         raise AssertionError(
-            f"{where}:{block.line}: the block is marked to raise {block.raises} but raised "
-            f"{type(error).__name__}: {error}") from error
+          f"{where}:{block.line}: the block is marked to raise {block.raises} but raised "
+          f"{type(error).__name__}: {error}"
+        ) from error
     else:
-      raise AssertionError(f"{where}:{block.line}: the block is marked to raise {block.raises} "
-                           "but ran without an error")
+      raise AssertionError(
+        f"{where}:{block.line}: the block is marked to raise {block.raises} "
+        "but ran without an error"
+      )
   return skipped
 
 
@@ -160,9 +180,12 @@ def test_page_runs(page, tmp_path, monkeypatch):
     if os.environ.get("BNJAX_UPDATE_DOC_FIGURES") == "1":
       shutil.copyfile(figure, committed)
     assert committed.exists(), (
-        f"{relative} saves {figure.name}, which is not committed beside it: "
-        "run with BNJAX_UPDATE_DOC_FIGURES=1 to copy it there")
-    assert f"]({figure.name})" in page.read_text(), f"{page.name} saves {figure.name} but does not show it"
+      f"{relative} saves {figure.name}, which is not committed beside it: "
+      "run with BNJAX_UPDATE_DOC_FIGURES=1 to copy it there"
+    )
+    assert f"]({figure.name})" in page.read_text(), (
+      f"{page.name} saves {figure.name} but does not show it"
+    )
   if skipped:
     pytest.skip("; ".join(skipped) + ' (pip install -e ".[docs]")')
 
@@ -174,9 +197,20 @@ def _run_alone(blocks: list[Block], where: str, cwd: pathlib.Path) -> list[str]:
   rules, the working directory a fresh folder; the checkout first on the path."""
   env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
   env.pop("XLA_FLAGS", None)
-  running = [(block, subprocess.Popen(
-      [sys.executable, "-c", "\n" * (block.line - 1) + block.code], cwd=cwd, env=env, text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for block in blocks]
+  running = [
+    (
+      block,
+      subprocess.Popen(
+        [sys.executable, "-c", "\n" * (block.line - 1) + block.code],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+      ),
+    )
+    for block in blocks
+  ]
   failures = []
   for block, process in running:
     try:
@@ -189,8 +223,9 @@ def _run_alone(blocks: list[Block], where: str, cwd: pathlib.Path) -> list[str]:
     elif not stdout.strip():
       failures.append(f"{where}:{block.line}: the block prints nothing that shows it worked")
     elif block.output is not None and stdout.split() != block.output.split():
-      failures.append(f"{where}:{block.line}: the block printed\n{stdout}but the page shows\n"
-                      f"{block.output}")
+      failures.append(
+        f"{where}:{block.line}: the block printed\n{stdout}but the page shows\n{block.output}"
+      )
   return failures
 
 
@@ -212,8 +247,10 @@ def test_the_sites_quickstart_is_the_readmes():
 
 def test_a_block_that_leans_on_another_fails_alone(tmp_path):
   """What the README had: a block using a name an earlier block defined."""
-  page = ("```python\nimport math\nprint(math.pi)\n```\n\n```text\n3.14\n```\n\n"
-          "```python\nprint(math.e)\n```\n\n```python\nx = 1\n```\n")
+  page = (
+    "```python\nimport math\nprint(math.pi)\n```\n\n```text\n3.14\n```\n\n"
+    "```python\nprint(math.e)\n```\n\n```python\nx = 1\n```\n"
+  )
   blocks = python_blocks(page)
   assert [b.output for b in blocks] == ["3.14\n", None, None]
   failures = _run_alone(blocks, "page", tmp_path)
@@ -224,7 +261,9 @@ def test_a_block_that_leans_on_another_fails_alone(tmp_path):
 
 
 def test_markers_are_checked():
-  blocks = python_blocks("<!-- requires: haiku -->\n```python\nimport haiku\n```\n\n```python\nx = 1\n```\n")
+  blocks = python_blocks(
+    "<!-- requires: haiku -->\n```python\nimport haiku\n```\n\n```python\nx = 1\n```\n"
+  )
   assert [(b.line, b.requires) for b in blocks] == [(3, "haiku"), (7, None)]
   with pytest.raises(ValueError, match="followed by its python block"):
     python_blocks("<!-- raises: KeyError -->\nsome prose\n```python\npass\n```\n")
@@ -235,9 +274,12 @@ def test_markers_are_checked():
   with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
     run_blocks(python_blocks("<!-- raises: KeyError -->\n```python\n1 / 0\n```\n"), "page")
   # A marked block that raises what it says passes, and the namespace carries on.
-  assert run_blocks(python_blocks(
+  assert run_blocks(
+    python_blocks(
       "```python\nd = {}\n```\n<!-- raises: KeyError -->\n```python\nd[1]\n```\n"
-      "<!-- requires: no_such_module_here -->\n```python\nimport no_such_module_here\n```\n"), "page"
+      "<!-- requires: no_such_module_here -->\n```python\nimport no_such_module_here\n```\n"
+    ),
+    "page",
   ) == ["page:10 needs no_such_module_here"]
 
 

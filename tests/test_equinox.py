@@ -80,13 +80,14 @@ def trained(request):
 
 def test_training_outputs_and_gradients_match_equinox(trained):
   for i in (2, 3):  # outputs, gradients (the same fields in the same order)
-    for a, b in zip(jax.tree.leaves(trained["bnjax"][i]), jax.tree.leaves(trained["equinox"][i]),
-                    strict=True):
+    for a, b in zip(
+      jax.tree.leaves(trained["bnjax"][i]), jax.tree.leaves(trained["equinox"][i]), strict=True
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_running_statistics_after_training(trained):
-  """"ema": Equinox's running statistics, which its first step fills with the batch's.
+  """ "ema": Equinox's running statistics, which its first step fills with the batch's.
   "batch": the mean is Equinox's inference mean (its hidden mean debiased); Equinox's
   inference variance is off (its hidden variance starts at 1, and is debiased as if
   it started at 0), so bnjax's is checked against the reference: the debiased moving
@@ -134,10 +135,13 @@ def test_an_untrained_layer_is_the_identity_in_inference(mode):
     layer, state = eqx.nn.make_with_state(cls)(3, "batch", mode=mode, inference=True)
     return batched(layer)(x, state)[0]
 
-  np.testing.assert_allclose(jax.jit(lambda: infer(bnjax.equinox.BatchNorm))(), x / np.sqrt(1 + 1e-5),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(lambda: infer(bnjax.equinox.BatchNorm))(), x / np.sqrt(1 + 1e-5), rtol=1e-6
+  )
   if mode == "ema":
-    np.testing.assert_allclose(jax.jit(lambda: infer(eqx.nn.BatchNorm))(), x / np.sqrt(1e-5), rtol=1e-4)
+    np.testing.assert_allclose(
+      jax.jit(lambda: infer(eqx.nn.BatchNorm))(), x / np.sqrt(1e-5), rtol=1e-4
+    )
 
 
 def apply_layer(x, axis_name="batch", mask=None, mode="batch", dtype=None):
@@ -148,15 +152,17 @@ def apply_layer(x, axis_name="batch", mask=None, mode="batch", dtype=None):
 
 def make_layer(channels, axis_name="batch", mode="batch", dtype=None):
   return eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
-      channels, axis_name, mode=mode, momentum=0.0, dtype=dtype)
+    channels, axis_name, mode=mode, momentum=0.0, dtype=dtype
+  )
 
 
 def apply_made(layer, state, x, mask=None):
   if mask is None:
     y, state = batched(layer)(x, state)
     return y, state_values(layer, state)
-  y, state = jax.vmap(lambda x, m, s: layer(x, s, mask=m), axis_name="batch",
-                      in_axes=(0, 0, None), out_axes=(0, None))(x, mask, state)
+  y, state = jax.vmap(
+    lambda x, m, s: layer(x, s, mask=m), axis_name="batch", in_axes=(0, 0, None), out_axes=(0, None)
+  )(x, mask, state)
   return y, state_values(layer, state)
 
 
@@ -181,12 +187,14 @@ def test_masked_statistics_are_those_of_the_valid_values():
   as much as a long one."""
   x = normal(3, (5, 2, 4))
   lengths = np.array([4, 1, 3, 2, 4])
-  mask = (np.arange(4)[None, None, :] < lengths[:, None, None])  # [N, 1, L]
+  mask = np.arange(4)[None, None, :] < lengths[:, None, None]  # [N, 1, L]
   x = np.where(mask, x, np.nan).astype(np.float32)
   y, (mean, var) = jax.jit(lambda x, m: apply_layer(x, mask=m))(x, mask)
   expected, mu, expected_var = reference.forward(x, 1.0, 0.0, 1e-5, (0, 2), mask=mask)
   valid = np.broadcast_to(mask, x.shape)
-  np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, expected, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.where(valid, y, 0), np.where(valid, expected, 0), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(mean, mu.ravel(), rtol=1e-5)
   np.testing.assert_allclose(var, expected_var.ravel(), rtol=1e-5)
   mean_of_means = np.nanmean(np.nanmean(x, axis=2), axis=0)
@@ -218,10 +226,15 @@ def test_synchronized_statistics_equal_the_full_batch(mode):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("device",))  # XLA places the collectives
   # check_vma=False: JAX's check of shard_map's varying values refuses a psum over
   # a shard_map axis and a vmap axis together.
-  sharded_map = jax.jit(jax.shard_map(lambda x, state: two_names(x[0], state), mesh=mesh,
-                                      in_specs=(P("device"), P()), out_specs=(P("device"), P()),
-                                      check_vma=False))(
-      jax.device_put(x, NamedSharding(mesh, P("device"))), state)
+  sharded_map = jax.jit(
+    jax.shard_map(
+      lambda x, state: two_names(x[0], state),
+      mesh=mesh,
+      in_specs=(P("device"), P()),
+      out_specs=(P("device"), P()),
+      check_vma=False,
+    )
+  )(jax.device_put(x, NamedSharding(mesh, P("device"))), state)
   sharded = jax.device_put(x.reshape(32, 3), NamedSharding(mesh, P("device")))
   jitted = jax.jit(lambda x: apply_layer(x, mode=mode))(sharded)
   for y, statistics in (pmapped, sharded_map, jitted):
@@ -232,8 +245,9 @@ def test_synchronized_statistics_equal_the_full_batch(mode):
 def test_recompute_batch_stats_is_algorithm_2():
   batches = [normal(6 + k, (6, 3, 2), loc=k) for k in range(3)]
   layer, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(3, "batch", mode="batch")
-  state = bnjax.equinox.recompute_batch_stats(layer, state, batches,
-                                              apply_fn=lambda m, s, b: batched(m)(b, s))
+  state = bnjax.equinox.recompute_batch_stats(
+    layer, state, batches, apply_fn=lambda m, s, b: batched(m)(b, s)
+  )
   mean, var = reference.population_statistics(batches, (0, 2))
   got_mean, got_var = state.get(layer.batch_state_index)
   np.testing.assert_allclose(got_mean, mean.ravel(), rtol=1e-5)
@@ -247,16 +261,17 @@ def test_sync_state_averages_the_statistics_across_devices():
 
   states = jax.pmap(lambda x, s: batched(layer)(x, s)[1], in_axes=(0, None))(x, state)
   synced = jax.pmap(lambda s: bnjax.equinox.sync_state(layer, s, "i"), axis_name="i")(states)
-  for got, own in zip(synced.get(layer.batch_state_index), states.get(layer.batch_state_index),
-                      strict=True):
+  for got, own in zip(
+    synced.get(layer.batch_state_index), states.get(layer.batch_state_index), strict=True
+  ):
     np.testing.assert_allclose(got[5], np.mean(own, axis=0), rtol=1e-6)
   np.testing.assert_array_equal(synced.get(layer.batch_counter), 1)
 
 
-
 def test_a_model_and_state_saved_with_equinox_load_into_bnjax_and_back(trained, tmp_path):
   """``eqx.tree_serialise_leaves`` files move both ways (the same array leaves, shapes
-  and dtypes; Equinox's ``axis_name`` is a string leaf, bnjax's a static field). In "ema" mode the state means the same in both, so the loaded model
+  and dtypes; Equinox's ``axis_name`` is a string leaf, bnjax's a static field). In
+  "ema" mode the state means the same in both, so the loaded model
   evaluates as the saved one; in "batch" mode Equinox stores its biased hidden
   averages where bnjax stores the debiased ones (the same after many steps)."""
   x = trained["batches"][0]
@@ -270,8 +285,9 @@ def test_a_model_and_state_saved_with_equinox_load_into_bnjax_and_back(trained, 
     for loaded, saved in zip(arrays((model, state)), arrays(trained[source][:2]), strict=True):
       np.testing.assert_array_equal(loaded, saved)
     if trained["mode"] == "ema":
-      np.testing.assert_allclose(evaluate(model, state), evaluate(*trained[source][:2]), rtol=1e-5,
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+        evaluate(model, state), evaluate(*trained[source][:2]), rtol=1e-5, atol=1e-5
+      )
 
 
 def test_gradients_are_the_papers_chain_rule():
@@ -300,5 +316,8 @@ def test_axis_name_is_static_and_hashable():
   layer = bnjax.equinox.BatchNorm(2, ["device", "batch"], mode="batch")
   assert layer.axis_name == ("device", "batch")
   assert not [leaf for leaf in jax.tree.leaves(layer) if isinstance(leaf, str)]
-  assert [leaf for leaf in jax.tree.leaves(eqx.nn.BatchNorm(2, "batch", mode="batch"))
-          if isinstance(leaf, str)] == ["batch"]
+  assert [
+    leaf
+    for leaf in jax.tree.leaves(eqx.nn.BatchNorm(2, "batch", mode="batch"))
+    if isinstance(leaf, str)
+  ] == ["batch"]

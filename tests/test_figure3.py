@@ -16,12 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.imagenet import data, figure3, idx_data, train
-from experiments.imagenet import figure3_config
+from experiments.imagenet import data, figure3, figure3_config, idx_data, train
+from tests import test_mnist
 from tests.imagenet_testing import micro_net
-from tests.test_mnist import FASHION_MNIST, fashion_mnist_dir  # noqa: F401 (the fixture)
+from tests.test_mnist import FASHION_MNIST
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+fashion_mnist_dir = test_mnist.fashion_mnist_dir  # the fixture, for this module's tests
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,9 @@ def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnis
   for process_count in (1, 3):
     images, labels = [], []
     for p in range(process_count):
-      plan, batches = fashion_mnist.eval_batches(global_batch_size=3 * 1024, image_size=32,
-                                                 process_index=p, process_count=process_count)
+      plan, batches = fashion_mnist.eval_batches(
+        global_batch_size=3 * 1024, image_size=32, process_index=p, process_count=process_count
+      )
       host = list(batches)
       assert len(host) == plan.num_batches  # the same number of batches on every host
       for b in host:
@@ -53,7 +55,9 @@ def test_geometry_padding_normalization_and_flips(fashion_mnist):
   np.testing.assert_array_equal(image[..., 0], image[..., 2])  # gray in all channels
   background = -fashion_mnist.mean / fashion_mnist.std
   np.testing.assert_allclose(image[:, :2], background, rtol=1e-6)  # the 2-pixel black border
-  inner = (fashion_mnist.test_images[:2].astype(np.float64) - fashion_mnist.mean) / fashion_mnist.std
+  inner = (
+    fashion_mnist.test_images[:2].astype(np.float64) - fashion_mnist.mean
+  ) / fashion_mnist.std
   np.testing.assert_allclose(image[:, 2:30, 2:30, 1], inner, rtol=1e-5, atol=1e-5)
   assert idx_data.centred(fashion_mnist, fashion_mnist.test_images[:2], 64).shape == (2, 64, 64, 3)
   # Training views are shifted windows of the padded item, mirrored or not:
@@ -86,7 +90,9 @@ def test_training_order_resumes_exactly(fashion_mnist):
 
 
 def test_missing_files_name_the_folder_and_the_package(tmp_path):
-  with pytest.raises(data.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist") as e:
+  with pytest.raises(
+    data.DataError, match=f"{tmp_path}.*apt-get install dataset-fashion-mnist"
+  ) as e:
     idx_data.open_idx_source("fashion_mnist", str(tmp_path))
   assert "\n" not in str(e.value)
   with pytest.raises(data.DataError, match="set --config.data_dir"):
@@ -97,8 +103,16 @@ def test_missing_files_name_the_folder_and_the_package(tmp_path):
 
 def _micro_config(data_dir, **overrides):
   miniature = figure3_config.get_config()
-  miniature.update(data_dir=str(data_dir), batch_size=16, eval_batch_size=1024, num_train_steps=4,
-                   eval_every=2, checkpoint_every=2, log_every=1, **overrides)
+  miniature.update(
+    data_dir=str(data_dir),
+    batch_size=16,
+    eval_batch_size=1024,
+    num_train_steps=4,
+    eval_every=2,
+    checkpoint_every=2,
+    log_every=1,
+    **overrides,
+  )
   return miniature
 
 
@@ -117,8 +131,16 @@ def test_variant_configs_keep_the_papers_rate_ratios():
   miniature = figure3_config.get_config()
   rates = {n: figure3.variant_config(n, miniature).learning_rate for n in figure3.VARIANTS}
   base = miniature.base_learning_rate
-  assert rates == pytest.approx({"inception": base, "bn_baseline": base, "bn_x5": 5 * base, "bn_x30": 30 * base,
-                                 "bn_x5_sigmoid": 5 * base, "inception_sigmoid": base})
+  assert rates == pytest.approx(
+    {
+      "inception": base,
+      "bn_baseline": base,
+      "bn_x5": 5 * base,
+      "bn_x30": 30 * base,
+      "bn_x5_sigmoid": 5 * base,
+      "inception_sigmoid": base,
+    }
+  )
   for name in figure3.VARIANTS:
     config = figure3.variant_config(name, miniature)
     assert (config.model, config.image_size, config.num_train_steps) == ("inception_tiny", 32, 300)
@@ -130,27 +152,51 @@ def test_table_counts_steps_to_the_inceptions_best():
   curves = {name: [(10, 0.5), (20, 0.6)] for name in figure3.VARIANTS}
   curves["bn_x5"] = [(10, 0.61), (20, 0.7)]
   curves["inception_sigmoid"] = [(10, 0.1), (20, 0.1)]
-  rows = {r["name"]: r for r in figure3.table(curves, dict.fromkeys(figure3.VARIANTS, 1.0),
-                                                dict.fromkeys(figure3.VARIANTS, False))}
+  rows = {
+    r["name"]: r
+    for r in figure3.table(
+      curves, dict.fromkeys(figure3.VARIANTS, 1.0), dict.fromkeys(figure3.VARIANTS, False)
+    )
+  }
   assert rows["inception"]["steps_to_target"] == 20 and rows["bn_x5"]["steps_to_target"] == 10
   assert rows["inception_sigmoid"]["steps_to_target"] is None
   assert (rows["bn_x5"]["best_top1"], rows["bn_x5"]["best_step"]) == (0.7, 20)
 
 
 def _figure_command(workdir, *flags):
-  return [sys.executable, "-m", "tests.figure3_runner", f"--workdir={workdir}",
-          f"--config.data_dir={FASHION_MNIST}", "--config.batch_size=16", "--config.eval_batch_size=1024",
-          "--config.num_train_steps=2", "--config.eval_every=2", "--config.checkpoint_every=1", *flags]
+  return [
+    sys.executable,
+    "-m",
+    "tests.figure3_runner",
+    f"--workdir={workdir}",
+    f"--config.data_dir={FASHION_MNIST}",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=1024",
+    "--config.num_train_steps=2",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=1",
+    *flags,
+  ]
 
 
 @pytest.mark.slow
-def test_figure_command_draws_the_table_and_resumes_after_a_kill(fashion_mnist, tmp_path_factory, tmp_path):
+def test_figure_command_draws_the_table_and_resumes_after_a_kill(
+  fashion_mnist, tmp_path_factory, tmp_path
+):
   # Both commands share a compilation cache: the variants' MicroNet programs repeat.
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the runner sets its devices
-  killed = subprocess.Popen(_figure_command(tmp_path), cwd=ROOT, env={**env, "FIGURE3_RUNNER_STOP_AT": "bn_x5:1"},
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+  env = {
+    **os.environ,
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }  # the runner sets its devices
+  killed = subprocess.Popen(
+    _figure_command(tmp_path),
+    cwd=ROOT,
+    env={**env, "FIGURE3_RUNNER_STOP_AT": "bn_x5:1"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     for line in killed.stdout:  # until bn_x5 saved its step-1 checkpoint
       if line.startswith("stopped at bn_x5 1"):
@@ -162,8 +208,12 @@ def test_figure_command_draws_the_table_and_resumes_after_a_kill(fashion_mnist, 
     killed.kill()
     killed.wait()
   assert not (tmp_path / "figure3.png").exists()
-  finished = {n: (tmp_path / n / "metrics.jsonl").stat().st_mtime_ns for n in ("inception", "bn_baseline")}
-  done = subprocess.run(_figure_command(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  finished = {
+    n: (tmp_path / n / "metrics.jsonl").stat().st_mtime_ns for n in ("inception", "bn_baseline")
+  }
+  done = subprocess.run(
+    _figure_command(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   for name, mtime in finished.items():  # finished runs are not trained again
     assert f"{name}: finished, not trained again" in done.stderr

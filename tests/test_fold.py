@@ -1,6 +1,5 @@
 """bnjax.fold: an eval-mode Conv + BN equals the folded Conv, on a small CNN."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +18,16 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    norm = (lambda name: (lambda x: x)) if self.folded else (
-        lambda name: bnjax.linen.BatchNorm(use_running_average=True, name=name))
+    norm = (
+      (lambda name: lambda x: x)
+      if self.folded
+      else (lambda name: bnjax.linen.BatchNorm(use_running_average=True, name=name))
+    )
     x = nn.relu(norm("BatchNorm_0")(nn.Conv(8, (3, 3), use_bias=self.folded, name="Conv_0")(x)))
     x = nn.relu(norm("BatchNorm_1")(nn.Conv(4, (3, 3), strides=2, use_bias=True, name="Conv_1")(x)))
-    return norm("BatchNorm_2")(nn.Dense(3, use_bias=self.folded, name="Dense_0")(x.reshape(x.shape[0], -1)))
+    return norm("BatchNorm_2")(
+      nn.Dense(3, use_bias=self.folded, name="Dense_0")(x.reshape(x.shape[0], -1))
+    )
 
 
 def trained_looking_variables(x):
@@ -31,11 +35,13 @@ def trained_looking_variables(x):
   kernels, biases, scales and means around 0 or 1, variances in [0.2, 3]."""
   shapes = jax.eval_shape(CNN().init, jax.random.key(0), x)
   rng = np.random.default_rng(1)
+
   def fill(path, a):
     name = path[-1].key
     if name == "var":
       return jnp.asarray(rng.uniform(0.2, 3.0, a.shape), a.dtype)
     return jnp.asarray((name == "scale") + 0.5 * rng.standard_normal(a.shape), a.dtype)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -65,7 +71,9 @@ def test_fold_of_one_dense_layer_with_and_without_bias():
   f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
   for layer_bias in (bias, None):
     z = x @ f64(kernel) + (0.0 if layer_bias is None else f64(layer_bias))
-    want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(params.bias)
+    want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(
+      params.bias
+    )
     k, b = bnjax.fold(kernel, layer_bias, params, state)
     np.testing.assert_allclose(x @ f64(k) + f64(b), want, rtol=1e-5, atol=1e-5)
 
@@ -77,25 +85,44 @@ def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
   the rounding of the folded kernel and bias to their dtypes."""
   rng = np.random.default_rng(5)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.bfloat16)
-  layer_bias = None if layer_bias_dtype is None else jnp.asarray(0.3 * rng.standard_normal(4), layer_bias_dtype)
-  params = bnjax.BatchNormParams(jnp.asarray(1.0 + 0.5 * rng.standard_normal(4), jnp.float32),
-                                 jnp.asarray(0.5 * rng.standard_normal(4), jnp.float32))
-  state = bnjax.BatchNormState(jnp.asarray(rng.standard_normal(4), jnp.float32),
-                               jnp.asarray(rng.uniform(0.2, 3.0, 4), jnp.float32))
+  layer_bias = (
+    None
+    if layer_bias_dtype is None
+    else jnp.asarray(0.3 * rng.standard_normal(4), layer_bias_dtype)
+  )
+  params = bnjax.BatchNormParams(
+    jnp.asarray(1.0 + 0.5 * rng.standard_normal(4), jnp.float32),
+    jnp.asarray(0.5 * rng.standard_normal(4), jnp.float32),
+  )
+  state = bnjax.BatchNormState(
+    jnp.asarray(rng.standard_normal(4), jnp.float32),
+    jnp.asarray(rng.uniform(0.2, 3.0, 4), jnp.float32),
+  )
   k, b = bnjax.fold(kernel, layer_bias, params, state)
-  bias_dtype = jnp.bfloat16 if layer_bias_dtype is None else np.promote_types(jnp.bfloat16, layer_bias_dtype)
-  assert k.dtype == jnp.bfloat16 and k.shape == kernel.shape and b.dtype == bias_dtype and b.shape == (4,)
+  bias_dtype = (
+    jnp.bfloat16 if layer_bias_dtype is None else np.promote_types(jnp.bfloat16, layer_bias_dtype)
+  )
+  assert (
+    k.dtype == jnp.bfloat16
+    and k.shape == kernel.shape
+    and b.dtype == bias_dtype
+    and b.shape == (4,)
+  )
 
   f64 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
   patches = rng.standard_normal((32, 3, 3, 2))  # the input patches of a convolution at 32 positions
   z = np.tensordot(patches, f64(kernel), axes=3) + (0.0 if layer_bias is None else f64(layer_bias))
-  want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(params.bias)
+  want = f64(params.scale) * (z - f64(state.mean)) / np.sqrt(f64(state.var) + 1e-5) + f64(
+    params.bias
+  )
   got = np.tensordot(patches, f64(k), axes=3) + f64(b)
   # Each folded value is its exact value rounded once to its dtype (relative error
   # <= u): the error is at most u_kernel * sum|patch * k| + u_bias * |b|.
   exact_k = f64(kernel) * (f64(params.scale) / np.sqrt(f64(state.var) + 1e-5))
-  u_kernel, u_bias = 2.0 ** -8, 2.0 ** -(jnp.finfo(bias_dtype).nmant + 1)
-  bound = u_kernel * np.tensordot(np.abs(patches), np.abs(exact_k), axes=3) + u_bias * np.abs(f64(b))
+  u_kernel, u_bias = 2.0**-8, 2.0 ** -(jnp.finfo(bias_dtype).nmant + 1)
+  bound = u_kernel * np.tensordot(np.abs(patches), np.abs(exact_k), axes=3) + u_bias * np.abs(
+    f64(b)
+  )
   assert (np.abs(got - want) <= bound + 1e-5).all(), np.abs(got - want) / bound
   # and not more exact than that: the kernel is not widened behind the caller's back
   assert np.abs(f64(k) - exact_k).max() > 1e-4
@@ -103,7 +130,9 @@ def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
 
 def test_feature_mismatch_is_named():
   params, state = bnjax.init(4)
-  with pytest.raises(ValueError, match=r"state.mean has shape \(4,\) but the kernel of shape \(3, 5\) has 5 output"):
+  with pytest.raises(
+    ValueError, match=r"state.mean has shape \(4,\) but the kernel of shape \(3, 5\) has 5 output"
+  ):
     bnjax.fold(jnp.ones((3, 5)), None, params, state)
   with pytest.raises(KeyError, match="no 'Conv_9'"):
     bnjax.linen.fold_variables({"params": {}, "batch_stats": {}}, [("Conv_9", "BatchNorm_0")])
@@ -114,4 +143,6 @@ def test_integer_kernel_is_refused():
   with pytest.raises(TypeError, match="kernel must have a floating or complex dtype, got int32"):
     bnjax.fold(jnp.ones((3, 4), jnp.int32), None, params, state)
   with pytest.raises(TypeError, match="state.var must have a floating or complex dtype, got int32"):
-    bnjax.fold(jnp.ones((3, 4)), None, params, bnjax.BatchNormState(state.mean, jnp.ones(4, jnp.int32)))
+    bnjax.fold(
+      jnp.ones((3, 4)), None, params, bnjax.BatchNormState(state.mean, jnp.ones(4, jnp.int32))
+    )

@@ -78,10 +78,19 @@ def trained():
   with jax.numpy_dtype_promotion("standard"):
     params, state = haiku_model.init(jax.random.key(0), batches[0], True)
     bnjax_params, bnjax_state = bnjax_model.init(jax.random.key(0), batches[0], True)
-    runs = {name: jax.jit(lambda p, s, model=model: train(model, p, s, batches))(params, state)
-            for name, model in (("haiku", haiku_model), ("bnjax", bnjax_model))}
-  return dict(batches=batches, params=params, state=state, bnjax_params=bnjax_params,
-              bnjax_state=bnjax_state, models=(haiku_model, bnjax_model), **runs)
+    runs = {
+      name: jax.jit(lambda p, s, model=model: train(model, p, s, batches))(params, state)
+      for name, model in (("haiku", haiku_model), ("bnjax", bnjax_model))
+    }
+  return dict(
+    batches=batches,
+    params=params,
+    state=state,
+    bnjax_params=bnjax_params,
+    bnjax_state=bnjax_state,
+    models=(haiku_model, bnjax_model),
+    **runs,
+  )
 
 
 def test_params_and_state_trees_are_haikus(trained):
@@ -90,7 +99,9 @@ def test_params_and_state_trees_are_haikus(trained):
   assert shapes(trained["bnjax_state"]) == shapes(trained["state"])
   assert set(trained["state"]) == {"bn/~/mean_ema", "bn/~/var_ema"}
   assert set(trained["state"]["bn/~/mean_ema"]) == {"counter", "hidden", "average"}
-  np.testing.assert_array_equal(trained["bnjax_params"]["bn"]["scale"], trained["params"]["bn"]["scale"])
+  np.testing.assert_array_equal(
+    trained["bnjax_params"]["bn"]["scale"], trained["params"]["bn"]["scale"]
+  )
   # Haiku's init (in training mode) keeps counter and hidden at their initial 0 but
   # stores the average it set (the batch's statistics); so does bnjax.
   for name, entry in trained["state"].items():
@@ -103,8 +114,13 @@ def test_training_matches_haiku(trained):
   """Outputs, gradients, params and the moving averages (counter, hidden, debiased
   average) after several steps, to float32 rounding."""
   for key, tolerance in (("ys", 1e-5), ("grads", 1e-4)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance),
-                 trained["bnjax"][3 if key == "grads" else 2], trained["haiku"][3 if key == "grads" else 2])
+    jax.tree.map(
+      lambda a, b, tolerance=tolerance: np.testing.assert_allclose(
+        a, b, rtol=tolerance, atol=tolerance
+      ),
+      trained["bnjax"][3 if key == "grads" else 2],
+      trained["haiku"][3 if key == "grads" else 2],
+    )
   _, haiku_state, *_ = trained["haiku"]
   _, bnjax_state, *_ = trained["bnjax"]
   for name, entry in haiku_state.items():
@@ -120,7 +136,9 @@ def test_params_and_state_load_both_ways(trained):
   x = trained["batches"][0]
   for source in ("haiku", "bnjax"):
     params, state, *_ = trained[source]
-    run = jax.jit(lambda p, s: [m.apply(p, s, None, x, False)[0] for m in (haiku_model, bnjax_model)])
+    run = jax.jit(
+      lambda p, s: [m.apply(p, s, None, x, False)[0] for m in (haiku_model, bnjax_model)]
+    )
     haiku_y, bnjax_y = run(params, state)
     np.testing.assert_allclose(bnjax_y, haiku_y, rtol=1e-5, atol=1e-5)
 
@@ -128,7 +146,8 @@ def test_params_and_state_load_both_ways(trained):
 def apply_layer(x, is_training=True, state=None, mask=None, **options):
   """One bnjax.haiku.BatchNorm: its output and state after one call."""
   layer = hk.transform_with_state(
-      lambda x: bnjax.haiku.BatchNorm(False, False, DECAY, **options)(x, is_training, mask=mask))
+    lambda x: bnjax.haiku.BatchNorm(False, False, DECAY, **options)(x, is_training, mask=mask)
+  )
   params, initial = layer.init(None, x)
   return layer.apply(params, initial if state is None else state, None, x)
 
@@ -148,14 +167,17 @@ def test_moving_averages_are_the_debiased_average_of_the_batch_statistics():
 
   y, state = run(batches)
   hidden_mean = hidden_var = 0.0
-  for k, x in enumerate(batches[1:], start=1):
+  updates = len(batches) - 1  # the batches after the one init saw
+  for x in batches[1:]:
     mu, var = reference.batch_mean_var(x, (0,))
     hidden_mean = DECAY * hidden_mean + (1 - DECAY) * mu
     hidden_var = DECAY * hidden_var + (1 - DECAY) * var
-  np.testing.assert_allclose(state["batch_norm/~/mean_ema"]["average"], hidden_mean / (1 - DECAY**k),
-                             rtol=1e-6)
-  np.testing.assert_allclose(state["batch_norm/~/var_ema"]["average"], hidden_var / (1 - DECAY**k),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    state["batch_norm/~/mean_ema"]["average"], hidden_mean / (1 - DECAY**updates), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    state["batch_norm/~/var_ema"]["average"], hidden_var / (1 - DECAY**updates), rtol=1e-6
+  )
   expected, _, _ = reference.forward(batches[-1], 1.0, 0.0, 1e-5, (0,))
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -203,7 +225,9 @@ def test_masked_statistics_are_those_of_the_valid_values():
   y, state = jax.jit(lambda x, mask: apply_layer(x, mask=mask))(x, mask)
   expected, mu, _ = reference.forward(x, 1.0, 0.0, 1e-5, (0, 1), mask=mask)
   valid = np.broadcast_to(mask, x.shape)
-  np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, expected, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.where(valid, y, 0), np.where(valid, expected, 0), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(state["batch_norm/~/mean_ema"]["average"], mu, rtol=1e-5)
 
 
@@ -222,21 +246,22 @@ def test_data_format_and_axis_options_match_haiku():
     return outputs
 
   cases = [
-      (lambda cls: cls(True, True, DECAY, data_format="channels_first"), lambda m, x: m(x, True)),
-      (lambda cls: cls(False, True, DECAY, axis=[0, 2]), lambda m, x: m(x, True)),
-      (lambda cls: cls(False, False, DECAY), lambda m, x: m(x, True, scale=scale)),
-      (lambda cls: cls(True, True, DECAY), lambda m, x: m(x, False, test_local_stats=True)),
+    (lambda cls: cls(True, True, DECAY, data_format="channels_first"), lambda m, x: m(x, True)),
+    (lambda cls: cls(False, True, DECAY, axis=[0, 2]), lambda m, x: m(x, True)),
+    (lambda cls: cls(False, False, DECAY), lambda m, x: m(x, True, scale=scale)),
+    (lambda cls: cls(True, True, DECAY), lambda m, x: m(x, False, test_local_stats=True)),
   ]
   results = jax.jit(lambda x: [both(make, call) for make, call in cases])(x)
   for (haiku_y, haiku_state), (bnjax_y, bnjax_state) in results:
     np.testing.assert_allclose(bnjax_y, haiku_y, rtol=1e-4, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 bnjax_state, haiku_state)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), bnjax_state, haiku_state
+    )
 
 
 def test_synchronized_statistics_equal_the_full_batch():
-  """cross_replica_axis under vmap, pmap and shard_map; and under jit with the batch sharded over 8 devices
-  (no axis name): each gives the full batch's output and averages."""
+  """cross_replica_axis under vmap, pmap and shard_map; and under jit with the batch sharded
+  over 8 devices (no axis name): each gives the full batch's output and averages."""
   x = normal(7, (8, 4, 3), loc=5.0)
   full_y, full_state = jax.jit(lambda x: apply_layer(x.reshape(32, 3)))(x)
 
@@ -246,9 +271,9 @@ def test_synchronized_statistics_equal_the_full_batch():
   vmapped = jax.jit(jax.vmap(synced, axis_name="i", out_axes=(0, None)))(x)
   pmapped = jax.pmap(synced, axis_name="i")(x)
   mesh = jax.make_mesh((8,), ("i",))
-  sharded_map = jax.jit(jax.shard_map(lambda x: synced(x[0]), mesh=mesh, in_specs=P("i"),
-                                      out_specs=(P("i"), P())))(
-      jax.device_put(x, NamedSharding(mesh, P("i"))))
+  sharded_map = jax.jit(
+    jax.shard_map(lambda x: synced(x[0]), mesh=mesh, in_specs=P("i"), out_specs=(P("i"), P()))
+  )(jax.device_put(x, NamedSharding(mesh, P("i"))))
   sharded = jax.device_put(x.reshape(32, 3), NamedSharding(mesh, P("i")))
   jitted = jax.jit(apply_layer)(sharded)
   pmapped = (pmapped[0], jax.tree.map(lambda a: a[0], pmapped[1]))  # every device's is the same
@@ -262,14 +287,17 @@ def test_recompute_batch_stats_is_algorithm_2():
   training keeps moving them as Haiku would (hidden matches the average)."""
   batches = [normal(8 + k, (6, 3), loc=k) for k in range(3)]
   model = hk.transform_with_state(
-      lambda x: bnjax.haiku.BatchNorm(False, False, DECAY, name="bn")(x * 2.0, True))
+    lambda x: bnjax.haiku.BatchNorm(False, False, DECAY, name="bn")(x * 2.0, True)
+  )
   params, state = jax.jit(model.init)(None, batches[0])
   state = bnjax.haiku.recompute_batch_stats(model.apply, params, state, batches)
   mean, var = reference.population_statistics([2.0 * b for b in batches], (0,))
   np.testing.assert_allclose(state["bn/~/mean_ema"]["average"], mean, rtol=1e-5)
   np.testing.assert_allclose(state["bn/~/var_ema"]["average"], var, rtol=1e-5)
   entry = state["bn/~/var_ema"]
-  np.testing.assert_allclose(entry["hidden"] / (1 - DECAY ** entry["counter"]), entry["average"], rtol=1e-6)
+  np.testing.assert_allclose(
+    entry["hidden"] / (1 - DECAY ** entry["counter"]), entry["average"], rtol=1e-6
+  )
 
 
 def test_sync_state_averages_the_moving_averages_across_devices():
@@ -278,7 +306,9 @@ def test_sync_state_averages_the_moving_averages_across_devices():
   synced = jax.pmap(lambda s: bnjax.haiku.sync_state(s, "i"), axis_name="i")(states)
   for name in ("batch_norm/~/mean_ema", "batch_norm/~/var_ema"):
     for field in ("hidden", "average"):
-      np.testing.assert_allclose(synced[name][field][3], np.mean(states[name][field], axis=0), rtol=1e-6)
+      np.testing.assert_allclose(
+        synced[name][field][3], np.mean(states[name][field], axis=0), rtol=1e-6
+      )
     np.testing.assert_array_equal(synced[name]["counter"], states[name]["counter"])
 
 
@@ -294,12 +324,19 @@ def test_without_the_framework_the_import_names_the_extra(monkeypatch, framework
 
 @pytest.mark.slow
 def test_import_bnjax_imports_neither_haiku_nor_equinox():
-  code = ("import sys, bnjax\n"
-          "assert not {'haiku', 'equinox'} & set(sys.modules), 'the core imported a framework'\n"
-          "print(bnjax.haiku.BatchNorm.__module__, bnjax.equinox.BatchNorm.__module__)\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=pathlib.Path(__file__).resolve().parent.parent,
-                          env={**os.environ, "XLA_FLAGS": ""})
+  code = (
+    "import sys, bnjax\n"
+    "assert not {'haiku', 'equinox'} & set(sys.modules), 'the core imported a framework'\n"
+    "print(bnjax.haiku.BatchNorm.__module__, bnjax.equinox.BatchNorm.__module__)\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=pathlib.Path(__file__).resolve().parent.parent,
+    env={**os.environ, "XLA_FLAGS": ""},
+  )
   assert result.stdout == "bnjax.haiku bnjax.equinox\n", result.stderr
 
 
@@ -308,8 +345,10 @@ def test_gradients_are_the_papers_chain_rule():
   x, dy = normal(10, (12, 3), loc=4.0), normal(11, (12, 3))
   gamma = np.array([0.5, 2.0, -1.0], np.float32)
   model = hk.transform_with_state(
-      lambda x: bnjax.haiku.BatchNorm(True, True, DECAY, scale_init=hk.initializers.Constant(gamma),
-                                      name="bn")(x, True))
+    lambda x: bnjax.haiku.BatchNorm(
+      True, True, DECAY, scale_init=hk.initializers.Constant(gamma), name="bn"
+    )(x, True)
+  )
 
   @jax.jit
   def grads(x):

@@ -54,8 +54,14 @@ def _env(devices: int, cache: pathlib.Path | None = None, *, runner: bool = True
 
 
 def _start(args: list[str], env: dict, module: str = "tests.imagenet_runner") -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -86,16 +92,34 @@ def _final_eval(workdir: pathlib.Path) -> dict:
 def test_two_processes_train_as_one(tmp_path, compilation_cache):
   """2 processes x 2 CPU devices (gloo) and 1 process x 4 devices, the same global
   batches of fake data: the same losses step by step, the same evaluation."""
-  flags = [f"--config={TINY}", "--config.batch_size=8", "--config.eval_batch_size=8",
-           "--config.num_train_steps=3", "--config.log_every=1", "--config.eval_every=3",
-           "--config.checkpoint_every=3", "--config.lr_schedule=constant", "--config.warmup_epochs=0",
-           "--config.base_learning_rate=0.5"]
-  single = _start([f"--workdir={tmp_path / 'one'}", *flags], _env(4, compilation_cache, IMAGENET_RUNNER_MICRO="1"))
+  flags = [
+    f"--config={TINY}",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.num_train_steps=3",
+    "--config.log_every=1",
+    "--config.eval_every=3",
+    "--config.checkpoint_every=3",
+    "--config.lr_schedule=constant",
+    "--config.warmup_epochs=0",
+    "--config.base_learning_rate=0.5",
+  ]
+  single = _start(
+    [f"--workdir={tmp_path / 'one'}", *flags], _env(4, compilation_cache, IMAGENET_RUNNER_MICRO="1")
+  )
   port = _free_port()
   workers = [
-      _start([f"--workdir={tmp_path / 'two'}", *flags, f"--coordinator_address=127.0.0.1:{port}",
-              "--num_processes=2", f"--process_id={i}"], _env(2, IMAGENET_RUNNER_MICRO="1"))
-      for i in range(2)
+    _start(
+      [
+        f"--workdir={tmp_path / 'two'}",
+        *flags,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      _env(2, IMAGENET_RUNNER_MICRO="1"),
+    )
+    for i in range(2)
   ]
   try:
     outputs = [_finish(w) for w in workers]
@@ -121,7 +145,9 @@ def _checkpoint_arrays(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
 
   with warnings.catch_warnings():  # "Sharding info not provided": restored as saved, on this host
     warnings.simplefilter("ignore", UserWarning)
-    restored = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "default"))
+    restored = ocp.PyTreeCheckpointer().restore(
+      str(workdir / "checkpoints" / str(step) / "default")
+    )
   return [np.asarray(leaf) for leaf in jax.tree.leaves(restored)]
 
 
@@ -130,18 +156,35 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path, compilation_cache):
   killed with SIGKILL after its checkpoint of step 3, resumed by the same command."""
   num_examples = 40
   data_dir = write_mock_metadata(tmp_path / "data", num_examples)
-  flags = [f"--config={TINY}", "--config.fake_data=False",
-           f"--config.tfds_data_dir={data_dir}", "--config.batch_size=8", "--config.eval_batch_size=16",
-           "--config.num_train_steps=7", "--config.log_every=1", "--config.eval_every=7",
-           "--config.checkpoint_every=3", "--config.shuffle_buffer=16"]
-  env = _env(2, compilation_cache, IMAGENET_RUNNER_MOCK=f"{num_examples}:{data_dir}", IMAGENET_RUNNER_MICRO="1")
+  flags = [
+    f"--config={TINY}",
+    "--config.fake_data=False",
+    f"--config.tfds_data_dir={data_dir}",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=16",
+    "--config.num_train_steps=7",
+    "--config.log_every=1",
+    "--config.eval_every=7",
+    "--config.checkpoint_every=3",
+    "--config.shuffle_buffer=16",
+  ]
+  env = _env(
+    2,
+    compilation_cache,
+    IMAGENET_RUNNER_MOCK=f"{num_examples}:{data_dir}",
+    IMAGENET_RUNNER_MICRO="1",
+  )
   _finish(_start([f"--workdir={tmp_path / 'straight'}", *flags], env))
 
-  interrupted = _start([f"--workdir={tmp_path / 'killed'}", *flags], {**env, "IMAGENET_RUNNER_STOP_AFTER": "3"})
+  interrupted = _start(
+    [f"--workdir={tmp_path / 'killed'}", *flags], {**env, "IMAGENET_RUNNER_STOP_AFTER": "3"}
+  )
   try:
     deadline = time.monotonic() + TIMEOUT
     line = ""
-    while not line.startswith("saved 3") and time.monotonic() < deadline and interrupted.poll() is None:
+    while (
+      not line.startswith("saved 3") and time.monotonic() < deadline and interrupted.poll() is None
+    ):
       line = interrupted.stdout.readline()
     assert line.startswith("saved 3"), interrupted.stderr.read()[-3000:]
     interrupted.send_signal(signal.SIGKILL)
@@ -158,8 +201,11 @@ def test_killed_run_resumes_as_if_uninterrupted(tmp_path, compilation_cache):
   for step in straight:
     assert resumed[step] == straight[step], step
   assert _final_eval(tmp_path / "killed") == _final_eval(tmp_path / "straight")
-  for got, want in zip(_checkpoint_arrays(tmp_path / "killed", 7), _checkpoint_arrays(tmp_path / "straight", 7),
-                       strict=True):
+  for got, want in zip(
+    _checkpoint_arrays(tmp_path / "killed", 7),
+    _checkpoint_arrays(tmp_path / "straight", 7),
+    strict=True,
+  ):
     np.testing.assert_array_equal(got, want)
 
 
@@ -167,33 +213,57 @@ def test_a_run_says_what_it_does_without_noise(tmp_path, compilation_cache):
   """Fake data, 1 device, TensorFlow installed (TensorBoard summaries): the output a
   new user reads, line by line."""
   workdir = tmp_path / "run"
-  out, err = _finish(_start([f"--workdir={workdir}", f"--config={TINY}", "--config.num_train_steps=4",
-                             "--config.eval_every=2", "--config.log_every=1", "--config.batch_size=8",
-                             "--config.eval_batch_size=8"], _env(1, compilation_cache, IMAGENET_RUNNER_MICRO="1")))
+  out, err = _finish(
+    _start(
+      [
+        f"--workdir={workdir}",
+        f"--config={TINY}",
+        "--config.num_train_steps=4",
+        "--config.eval_every=2",
+        "--config.log_every=1",
+        "--config.batch_size=8",
+        "--config.eval_batch_size=8",
+      ],
+      _env(1, compilation_cache, IMAGENET_RUNNER_MICRO="1"),
+    )
+  )
   lines = out.strip().splitlines()
   assert "oneDNN" not in err and "InitializeLog" not in err, err  # no TensorFlow noise
-  assert (out + err).count("FAKE DATA: config.fake_data=True") == 1 and lines[0].startswith("WARNING: FAKE DATA")
+  assert (out + err).count("FAKE DATA: config.fake_data=True") == 1 and lines[0].startswith(
+    "WARNING: FAKE DATA"
+  )
   assert "1 device on 1 host, jit; 4 steps of 8 images (160145 steps per epoch)" in lines[1]
   rows = [line for line in lines if line.startswith("step ")]
   assert len(rows) == 4 + 2 and all(row.endswith("[FAKE DATA]") for row in rows)
-  assert lines[2].startswith("compiling the training step") and lines[3].startswith("compiled and ran step 1 in ")
+  assert lines[2].startswith("compiling the training step") and lines[3].startswith(
+    "compiled and ran step 1 in "
+  )
   assert lines.index(rows[0]) == 4  # the compile is said before the first row
   first_eval = next(i for i, line in enumerate(lines) if line.startswith("step 2: top-1"))
   assert lines[first_eval - 1].startswith("evaluating (the first evaluation compiles")
   assert all(row.count("images/s") <= 1 for row in rows) and "images/s" in rows[-2]  # one speed
-  assert lines[-1] == (f"done: step 4/4; wrote config.json, metrics.jsonl, TensorBoard summaries and "
-                       f"checkpoints/ (newest: step 4) in {workdir}")
+  assert lines[-1] == (
+    f"done: step 4/4; wrote config.json, metrics.jsonl, TensorBoard summaries and "
+    f"checkpoints/ (newest: step 4) in {workdir}"
+  )
 
 
-@pytest.mark.parametrize("flags, words", [
+@pytest.mark.parametrize(
+  "flags, words",
+  [
     (["--config.no_such_field=1"], ["--config.no_such_field: no such config field", "batch_size"]),
     (["--config.batch_size=6"], ["config.batch_size=6", "multiple of the 4 devices"]),
     (["--config.image_size=100"], ["image_size", "multiple of 32"]),
-], ids=["unknown_field", "batch", "image_size"])
+  ],
+  ids=["unknown_field", "batch", "image_size"],
+)
 def test_bad_input_is_one_line_and_no_workdir(tmp_path, flags, words):
   workdir = tmp_path / "run"
-  process = _start([f"--workdir={workdir}", f"--config={TINY}", *flags], _env(4, runner=False),
-                   module="experiments.imagenet")
+  process = _start(
+    [f"--workdir={workdir}", f"--config={TINY}", *flags],
+    _env(4, runner=False),
+    module="experiments.imagenet",
+  )
   out, err = process.communicate(timeout=TIMEOUT)
   assert process.returncode == 1, err[-2000:]
   last = err.strip().splitlines()[-1]

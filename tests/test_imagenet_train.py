@@ -18,14 +18,21 @@ from flax import linen as nn
 
 from experiments import common
 from experiments.imagenet import data, input_pipeline, parallel, train
-from tests.imagenet_testing import micro_net, prepare_tiny_imagenet, tiny_config, write_mock_metadata
+from tests.imagenet_testing import (
+  micro_net,
+  prepare_tiny_imagenet,
+  tiny_config,
+  write_mock_metadata,
+)
 
 BATCH = 16  # 2 examples on each of the 8 devices
 
 
 @pytest.fixture(scope="module")
 def tiny_imagenet(tmp_path_factory):
-  return prepare_tiny_imagenet(tmp_path_factory.mktemp("tiny_imagenet"), train_per_class=8, num_val=13)
+  return prepare_tiny_imagenet(
+    tmp_path_factory.mktemp("tiny_imagenet"), train_per_class=8, num_val=13
+  )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,11 @@ def micro_state():
 def _one_step(parallelism: str, config, host_state, batch):
   exp = train.prepare(_with(config, parallelism=parallelism), create_model=micro_net)
   layout = exp.layout
-  state = (parallel.to_pmap_replicated(layout, host_state) if parallelism == "pmap"
-           else parallel.to_global_replicated(layout, host_state))
+  state = (
+    parallel.to_pmap_replicated(layout, host_state)
+    if parallelism == "pmap"
+    else parallel.to_global_replicated(layout, host_state)
+  )
   new_state, metrics = train.make_train_step(exp)(state, parallel.to_device_batch(layout, batch))
   if parallelism == "pmap":
     new_state = parallel.from_pmap_replicated(layout, new_state)
@@ -60,8 +70,9 @@ def _fake_batch(seed: int = 0) -> dict:
 
 def _fake_batches(seed: int) -> list[dict]:
   """The fake source's distinct training batches (it cycles them)."""
-  batches = data.FakeSource(num_eval_examples=0).train_batches(global_batch_size=BATCH, image_size=32, seed=seed,
-                                                               process_index=0, process_count=1)
+  batches = data.FakeSource(num_eval_examples=0).train_batches(
+    global_batch_size=BATCH, image_size=32, seed=seed, process_index=0, process_count=1
+  )
   return [next(batches) for _ in range(data.FAKE_BATCHES)]
 
 
@@ -78,13 +89,20 @@ def test_pmap_and_jit_take_the_same_step(micro_state, group_size):
   np.testing.assert_allclose(pmap_metrics["loss"], np.full(8, jit_metrics["loss"]), rtol=1e-5)
   assert int(jit_state.step) == int(pmap_state.step) == 1
   for name, tree in (("params", 0), ("batch_stats", 1)):
-    want, got = jax.tree.leaves((jit_state.params, jit_state.batch_stats)[tree]), jax.tree.leaves(
-        (pmap_state.params, pmap_state.batch_stats)[tree])
+    want, got = (
+      jax.tree.leaves((jit_state.params, jit_state.batch_stats)[tree]),
+      jax.tree.leaves((pmap_state.params, pmap_state.batch_stats)[tree]),
+    )
     assert len(want) == len(got) > 0
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
       np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-6, err_msg=name)
   # The step moved the parameters and statistics (the comparison is not vacuous).
-  moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(jit_state.params), jax.tree.leaves(host_state.params))]
+  moved = [
+    np.abs(a - b).max()
+    for a, b in zip(
+      jax.tree.leaves(jit_state.params), jax.tree.leaves(host_state.params), strict=True
+    )
+  ]
   assert min(moved) > 1e-5
   assert np.abs(jit_state.batch_stats["bn1"]["mean"]).max() > 1e-3
 
@@ -105,24 +123,36 @@ def _bn1_input_output_and_state(model, variables, images):
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "pmap"])
-@pytest.mark.parametrize("group_size, virtual_batch_size, num_groups", [
-    (0, 0, 1), (1, 0, 8), (4, 0, 2), (0, 2, 8), (0, 4, 4), (4, 1, 16)],
-    ids=["all", "per_device", "groups_of_4", "virtual_2", "virtual_4", "groups_of_4_virtual_1"])
-def test_batch_norm_statistics_are_those_of_the_global_batch(micro_state, parallelism, group_size,
-                                                             virtual_batch_size, num_groups):
+@pytest.mark.parametrize(
+  "group_size, virtual_batch_size, num_groups",
+  [(0, 0, 1), (1, 0, 8), (4, 0, 2), (0, 2, 8), (0, 4, 4), (4, 1, 16)],
+  ids=["all", "per_device", "groups_of_4", "virtual_2", "virtual_4", "groups_of_4_virtual_1"],
+)
+def test_batch_norm_statistics_are_those_of_the_global_batch(
+  micro_state, parallelism, group_size, virtual_batch_size, num_groups
+):
   momentum = 0.5
-  config = tiny_config(batch_size=BATCH, bn_group_size=group_size, bn_virtual_batch_size=virtual_batch_size,
-                       bn_momentum=momentum, parallelism=parallelism)
+  config = tiny_config(
+    batch_size=BATCH,
+    bn_group_size=group_size,
+    bn_virtual_batch_size=virtual_batch_size,
+    bn_momentum=momentum,
+    parallelism=parallelism,
+  )
   exp = train.prepare(config, create_model=micro_net)
   variables = {"params": micro_state.params, "batch_stats": micro_state.batch_stats}
   batch = _fake_batch(seed=3)
   run = functools.partial(_bn1_input_output_and_state, exp.model)
   if parallelism == "jit":
-    x, y, stats = jax.jit(run)(parallel.to_global_replicated(exp.layout, variables),
-                               parallel.to_device_batch(exp.layout, batch)["image"])
+    x, y, stats = jax.jit(run)(
+      parallel.to_global_replicated(exp.layout, variables),
+      parallel.to_device_batch(exp.layout, batch)["image"],
+    )
   else:
-    x, y, stats = jax.pmap(run, axis_name=parallel.AXIS)(parallel.to_pmap_replicated(exp.layout, variables),
-                                                         parallel.to_device_batch(exp.layout, batch)["image"])
+    x, y, stats = jax.pmap(run, axis_name=parallel.AXIS)(
+      parallel.to_pmap_replicated(exp.layout, variables),
+      parallel.to_device_batch(exp.layout, batch)["image"],
+    )
   x, y, stats = jax.device_get((x, y, stats))
   x, y = (np.asarray(a, np.float64).reshape((BATCH,) + a.shape[-3:]) for a in (x, y))
 
@@ -133,38 +163,62 @@ def test_batch_norm_statistics_are_those_of_the_global_batch(micro_state, parall
   var = groups.var(axis=(1, 2, 3), keepdims=True)
   want_y = ((groups - mean) / np.sqrt(var + config.bn_epsilon)).reshape(y.shape)
   np.testing.assert_allclose(y, want_y, atol=2e-5)
-  assert np.abs(var.squeeze() - var.squeeze().mean(0)).max() > 1e-4 or num_groups == 1  # the groups differ
+  assert (
+    np.abs(var.squeeze() - var.squeeze().mean(0)).max() > 1e-4 or num_groups == 1
+  )  # the groups differ
 
   group_means, group_vars = mean.reshape(num_groups, -1), var.reshape(num_groups, -1)
   if parallelism == "jit":  # the running statistics move by the mean of the groups'
     np.testing.assert_allclose(stats["mean"], (1 - momentum) * group_means.mean(0), atol=1e-5)
-    np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars.mean(0), atol=1e-5)
+    np.testing.assert_allclose(
+      stats["var"], momentum + (1 - momentum) * group_vars.mean(0), atol=1e-5
+    )
   elif num_groups <= 8 and exp.bn_setup.average_statistics:
     # Groups of devices: each device moves by its group's (train_step then averages
     # them across devices).
     device_group = np.arange(8) // (8 // num_groups)
     np.testing.assert_allclose(stats["mean"], (1 - momentum) * group_means[device_group], atol=1e-5)
-    np.testing.assert_allclose(stats["var"], momentum + (1 - momentum) * group_vars[device_group], atol=1e-5)
+    np.testing.assert_allclose(
+      stats["var"], momentum + (1 - momentum) * group_vars[device_group], atol=1e-5
+    )
   else:  # groups within devices, or one group: the mean over all groups, on every device
-    np.testing.assert_allclose(stats["mean"], np.broadcast_to((1 - momentum) * group_means.mean(0),
-                                                              stats["mean"].shape), atol=1e-5)
-    np.testing.assert_allclose(stats["var"], np.broadcast_to(momentum + (1 - momentum) * group_vars.mean(0),
-                                                             stats["var"].shape), atol=1e-5)
+    np.testing.assert_allclose(
+      stats["mean"],
+      np.broadcast_to((1 - momentum) * group_means.mean(0), stats["mean"].shape),
+      atol=1e-5,
+    )
+    np.testing.assert_allclose(
+      stats["var"],
+      np.broadcast_to(momentum + (1 - momentum) * group_vars.mean(0), stats["var"].shape),
+      atol=1e-5,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, parallelism", [("inception_tiny", "jit"), ("resnet_tiny", "pmap")])
 def test_each_model_family_trains_on_mock_imagenet(tmp_path, model, parallelism):
   if model.startswith("inception") and not _average_pool_is_differentiable():
-    pytest.xfail("models.average_pool cannot be differentiated under jit (its reduce_window init value "
-                 "jnp.zeros((), dtype) is a tracer there, so lax picks the generic, non-differentiable "
-                 "reduce_window; np.zeros((), dtype) fixes it): a bug in models.py, reported")
+    pytest.xfail(
+      "models.average_pool cannot be differentiated under jit (its reduce_window init value "
+      "jnp.zeros((), dtype) is a tracer there, so lax picks the generic, non-differentiable "
+      "reduce_window; np.zeros((), dtype) fixes it): a bug in models.py, reported"
+    )
   num_examples = 40  # validation: 2.5 batches of 16
   data_dir = write_mock_metadata(tmp_path / "data", num_examples)
-  config = tiny_config(model=model, parallelism=parallelism, fake_data=False, tfds_data_dir=str(data_dir),
-                       batch_size=BATCH, eval_batch_size=BATCH, num_train_steps=2, log_every=1, eval_every=2,
-                       checkpoint_every=2, shuffle_buffer=8,
-                       photometric_distortion=0.5)
+  config = tiny_config(
+    model=model,
+    parallelism=parallelism,
+    fake_data=False,
+    tfds_data_dir=str(data_dir),
+    batch_size=BATCH,
+    eval_batch_size=BATCH,
+    num_train_steps=2,
+    log_every=1,
+    eval_every=2,
+    checkpoint_every=2,
+    shuffle_buffer=8,
+    photometric_distortion=0.5,
+  )
   workdir = tmp_path / "run"
   with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
     state = train.train_and_evaluate(config, str(workdir))
@@ -192,11 +246,14 @@ def test_recomputed_statistics_are_algorithm_2_over_training_batches(micro_state
   # m / (m - 1) times the mean of the batch variances, m values per feature and batch.
   host = micro_state
   fake = _fake_batches(config.seed + 2)
-  bn1_input_output_and_state = jax.jit(functools.partial(_bn1_input_output_and_state, exp.eval_model))
+  bn1_input_output_and_state = jax.jit(
+    functools.partial(_bn1_input_output_and_state, exp.eval_model)
+  )
   means, variances = [], []
   for k in range(num_batches):
-    x, _, _ = bn1_input_output_and_state({"params": host.params, "batch_stats": host.batch_stats},
-                                         fake[k % len(fake)]["image"])
+    x, _, _ = bn1_input_output_and_state(
+      {"params": host.params, "batch_stats": host.batch_stats}, fake[k % len(fake)]["image"]
+    )
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     means.append(x.mean(0))
     variances.append(x.var(0) * x.shape[0] / (x.shape[0] - 1))
@@ -209,15 +266,18 @@ def _average_pool_is_differentiable() -> bool:
   from experiments.imagenet import models
 
   try:
-    jax.jit(jax.grad(lambda x: jnp.sum(models.average_pool(x, (3, 3), (1, 1)))))(jnp.ones((1, 4, 4, 2)))
+    jax.jit(jax.grad(lambda x: jnp.sum(models.average_pool(x, (3, 3), (1, 1)))))(
+      jnp.ones((1, 4, 4, 2))
+    )
   except ValueError:
     return False
   return True
 
 
 def test_training_batches_resume_at_any_step(tiny_imagenet):
-  source = input_pipeline.TfdsSource.open("imagenet2012", str(tiny_imagenet), shuffle_buffer_size=8,
-                                          photometric_distortion=0.5)
+  source = input_pipeline.TfdsSource.open(
+    "imagenet2012", str(tiny_imagenet), shuffle_buffer_size=8, photometric_distortion=0.5
+  )
   common = dict(global_batch_size=4, image_size=32, seed=5, process_index=0, process_count=1)
   steps_per_epoch = 24 // 4
   fresh = source.train_batches(**common)
@@ -229,8 +289,10 @@ def test_training_batches_resume_at_any_step(tiny_imagenet):
       np.testing.assert_array_equal(got["image"], first[step]["image"])
       np.testing.assert_array_equal(got["label"], first[step]["label"])
   # Each epoch shows every example once, in a new order, with new crops.
-  epoch_labels = [np.concatenate([b["label"] for b in first[e * steps_per_epoch:(e + 1) * steps_per_epoch]])
-                  for e in range(1)]
+  epoch_labels = [
+    np.concatenate([b["label"] for b in first[e * steps_per_epoch : (e + 1) * steps_per_epoch]])
+    for e in range(1)
+  ]
   assert sorted(epoch_labels[0].tolist()) == [0] * 8 + [1] * 8 + [2] * 8
   assert not np.array_equal(first[0]["image"], first[steps_per_epoch]["image"])
 
@@ -243,27 +305,42 @@ def _image_key(image: np.ndarray) -> bytes:
 def test_evaluation_batches_hold_every_example_once(tiny_imagenet, process_count):
   builder = input_pipeline.builder_for("imagenet2012", str(tiny_imagenet))
   reference = builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
-  want = sorted(_image_key(e["image"]) for e in reference.map(
-      functools.partial(input_pipeline.preprocess_eval, image_size=32)).as_numpy_iterator())
+  want = sorted(
+    _image_key(e["image"])
+    for e in reference.map(
+      functools.partial(input_pipeline.preprocess_eval, image_size=32)
+    ).as_numpy_iterator()
+  )
   assert len(want) == 13
   got, num_batches = [], set()
   for process_index in range(process_count):
     plan, host_batches = input_pipeline.TfdsSource(builder).eval_batches(
-        global_batch_size=2 * process_count, image_size=32, process_index=process_index,
-        process_count=process_count)
+      global_batch_size=2 * process_count,
+      image_size=32,
+      process_index=process_index,
+      process_count=process_count,
+    )
     batches = list(host_batches)
     num_batches.add(len(batches))
     assert len(batches) == plan.num_batches
     for batch in batches:
       assert batch["image"].shape == (2, 32, 32, 3)
-      got += [_image_key(image) for image, valid in zip(batch["image"], batch["mask"]) if valid]
+      got += [
+        _image_key(image)
+        for image, valid in zip(batch["image"], batch["mask"], strict=True)
+        if valid
+      ]
       assert not batch["image"][~batch["mask"]].any()  # padding is zeros
   assert len(num_batches) == 1  # every host runs the same number of evaluation steps
   assert sorted(got) == want
 
 
-def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(tiny_imagenet, micro_state):
-  config = tiny_config(fake_data=False, tfds_data_dir=str(tiny_imagenet), batch_size=BATCH, eval_batch_size=8)
+def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(
+  tiny_imagenet, micro_state
+):
+  config = tiny_config(
+    fake_data=False, tfds_data_dir=str(tiny_imagenet), batch_size=BATCH, eval_batch_size=8
+  )
   exp = train.prepare(config, create_model=micro_net)
   state = parallel.to_global_replicated(exp.layout, micro_state)
   metrics = train.evaluate(exp, state.params, state.batch_stats)
@@ -271,16 +348,26 @@ def test_evaluate_counts_every_example_once_with_a_batch_that_does_not_divide(ti
 
   # Reference: all 13 images in one batch on one device, no padding.
   builder = input_pipeline.builder_for("imagenet2012", str(tiny_imagenet))
-  examples = list(builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()}).map(
-      functools.partial(input_pipeline.preprocess_eval, image_size=32)).as_numpy_iterator())
+  examples = list(
+    builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+    .map(functools.partial(input_pipeline.preprocess_eval, image_size=32))
+    .as_numpy_iterator()
+  )
   images = np.stack([e["image"] for e in examples])
   labels = np.array([e["label"] for e in examples])
   host = micro_state
-  logits = np.asarray(jax.jit(functools.partial(exp.eval_model.apply, train=False))(
-      {"params": host.params, "batch_stats": host.batch_stats}, images), np.float64)
+  logits = np.asarray(
+    jax.jit(functools.partial(exp.eval_model.apply, train=False))(
+      {"params": host.params, "batch_stats": host.batch_stats}, images
+    ),
+    np.float64,
+  )
   top5 = np.argsort(-logits, axis=1)[:, :5]
-  log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
-      1, keepdims=True)
+  log_probs = (
+    logits
+    - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    - logits.max(1, keepdims=True)
+  )
   assert metrics["top1"] == pytest.approx(np.mean(top5[:, 0] == labels))
   assert metrics["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(1)))
   assert metrics["eval_loss"] == pytest.approx(-np.mean(log_probs[np.arange(13), labels]), rel=1e-5)
@@ -304,7 +391,9 @@ def compile_counter():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-@pytest.mark.parametrize("fields, error, words", [
+@pytest.mark.parametrize(
+  "fields, error, words",
+  [
     ({"batch_size": 12}, train.ConfigError, ["batch_size=12", "8 devices"]),
     ({"eval_batch_size": 20}, train.ConfigError, ["eval_batch_size=20"]),
     ({"image_size": 48}, train.ConfigError, ["image_size", "multiple of 32"]),
@@ -312,9 +401,15 @@ def compile_counter():
     ({"parallelism": "pjit"}, train.ConfigError, ["parallelism"]),
     ({"bn_group_size": 3}, train.ConfigError, ["bn_group_size=3"]),
     ({"fake_data": False}, data.DataError, ["ILSVRC2012_img_train.tar", "download_and_prepare"]),
-], ids=["batch", "eval_batch", "image_size", "model", "parallelism", "group", "missing_data"])
-def test_bad_input_fails_before_any_compile_and_writes_nothing(tmp_path, compile_counter, fields, error, words):
-  config = tiny_config(**{"batch_size": BATCH, "tfds_data_dir": str(tmp_path / "no_data"), **fields})
+  ],
+  ids=["batch", "eval_batch", "image_size", "model", "parallelism", "group", "missing_data"],
+)
+def test_bad_input_fails_before_any_compile_and_writes_nothing(
+  tmp_path, compile_counter, fields, error, words
+):
+  config = tiny_config(
+    **{"batch_size": BATCH, "tfds_data_dir": str(tmp_path / "no_data"), **fields}
+  )
   workdir = tmp_path / "run"
   with pytest.raises(error) as raised:
     train.train_and_evaluate(config, str(workdir))
@@ -327,8 +422,16 @@ def test_bad_input_fails_before_any_compile_and_writes_nothing(tmp_path, compile
 def test_resume_refuses_another_config(tmp_path):
   common.write_config(tmp_path, tiny_config(batch_size=BATCH))
   with pytest.raises(common.ConfigError, match="model: 'resnet_tiny' -> 'inception_tiny'"):
-    common.check_config(tmp_path, tiny_config(batch_size=BATCH, model="inception_tiny"), resuming=True,
-                        may_change=train.RESTART_MAY_CHANGE)
+    common.check_config(
+      tmp_path,
+      tiny_config(batch_size=BATCH, model="inception_tiny"),
+      resuming=True,
+      may_change=train.RESTART_MAY_CHANGE,
+    )
   # How often to log, evaluate and save may change.
-  common.check_config(tmp_path, tiny_config(batch_size=BATCH, log_every=7, eval_every=3), resuming=True,
-                      may_change=train.RESTART_MAY_CHANGE)
+  common.check_config(
+    tmp_path,
+    tiny_config(batch_size=BATCH, log_every=7, eval_every=3),
+    resuming=True,
+    may_change=train.RESTART_MAY_CHANGE,
+  )

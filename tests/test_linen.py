@@ -20,14 +20,14 @@ import bnjax.linen
 from tests import reference
 
 CONFIGS = [
-    dict(),
-    dict(momentum=0.9, epsilon=1e-3),
-    dict(use_bias=False),
-    dict(use_scale=False, use_bias=False),
-    dict(axis=1),
-    dict(axis=(1, 3)),
-    dict(scale_init=nn.initializers.constant(2.0), bias_init=nn.initializers.constant(0.5)),
-    dict(param_dtype=jnp.bfloat16),
+  dict(),
+  dict(momentum=0.9, epsilon=1e-3),
+  dict(use_bias=False),
+  dict(use_scale=False, use_bias=False),
+  dict(axis=1),
+  dict(axis=(1, 3)),
+  dict(scale_init=nn.initializers.constant(2.0), bias_init=nn.initializers.constant(0.5)),
+  dict(param_dtype=jnp.bfloat16),
 ]
 
 
@@ -56,15 +56,19 @@ def test_mixed_precision_under_strict_promotion():
   promoted with the parameters) holds in strict mode, and the values are Algorithm 1's."""
   x = normal(0, (16, 3)).astype(jnp.bfloat16)
   module = bnjax.linen.BatchNorm(use_running_average=False)
-  y, state = jax.jit(lambda x: module.apply(module.init(jax.random.key(1), x), x,
-                                            mutable=["batch_stats"]))(x)
+  y, state = jax.jit(
+    lambda x: module.apply(module.init(jax.random.key(1), x), x, mutable=["batch_stats"])
+  )(x)
   assert y.dtype == jnp.float32
   want, mean, var = reference.forward(np.asarray(x, np.float64), 1.0, 0.0, 1e-5, (0,))
   # float32 arithmetic on inputs float32 holds exactly: a few float32 ulps (1.2e-7 at 1).
   np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(
-      state["batch_stats"], {"mean": 0.01 * mean.ravel(), "var": 0.99 + 0.01 * var.ravel()},
-      rtol=1e-6, atol=1e-7)
+    state["batch_stats"],
+    {"mean": 0.01 * mean.ravel(), "var": 0.99 + 0.01 * var.ravel()},
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 def test_fields_and_defaults_are_flaxs():
@@ -73,7 +77,7 @@ def test_fields_and_defaults_are_flaxs():
 
   ours, theirs = fields(bnjax.linen.BatchNorm), fields(nn.BatchNorm)
   assert {name: ours[name] for name in theirs} == theirs
-  assert list(ours)[:len(theirs)] == list(theirs)  # positional order kept too
+  assert list(ours)[: len(theirs)] == list(theirs)  # positional order kept too
   assert set(ours) - set(theirs) == {"unbiased_variance", "virtual_batch_size"}
   assert ours["unbiased_variance"] is False and ours["virtual_batch_size"] is None
 
@@ -89,8 +93,12 @@ def test_matches_flax_in_training_and_inference(config):
     in training and in inference mode."""
     variables = theirs.init(jax.random.key(1), x, use_running_average=False)
     applied = [
-        tuple(module.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
-              for module in (ours, theirs)) for train in (True, False)]
+      tuple(
+        module.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
+        for module in (ours, theirs)
+      )
+      for train in (True, False)
+    ]
     return ours.init(jax.random.key(1), x, use_running_average=False), variables, applied
 
   our_variables, variables, applied = run(x)
@@ -108,18 +116,22 @@ def test_matches_flax_in_training_and_inference(config):
 def test_gradients_match_flax():
   x = normal(0, (8, 4, 4, 3)) + 0.5
   w = normal(2, x.shape)
-  variables = jax.jit(lambda x: flax_exact().init(jax.random.key(1), x,
-                                                  use_running_average=False))(x)
+  variables = jax.jit(lambda x: flax_exact().init(jax.random.key(1), x, use_running_average=False))(
+    x
+  )
 
   def loss(module, params, x):
-    y, _ = module.apply({**variables, "params": params}, x, use_running_average=False,
-                        mutable=["batch_stats"])
+    y, _ = module.apply(
+      {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+    )
     return jnp.sum(w * y)
 
   @jax.jit
   def gradients(params, x):
-    return [jax.grad(functools.partial(loss, module), argnums=(0, 1))(params, x)
-            for module in (bnjax.linen.BatchNorm(), flax_exact())]
+    return [
+      jax.grad(functools.partial(loss, module), argnums=(0, 1))(params, x)
+      for module in (bnjax.linen.BatchNorm(), flax_exact())
+    ]
 
   ours, theirs = gradients(variables["params"], x)
   # Sums of 128 float32 terms of order 1 (the scale's and bias's gradients: up to ~20).
@@ -135,9 +147,12 @@ def test_half_precision_input_matches_flax_dtypes():
     for dtype in (None, jnp.bfloat16):
       ours, theirs = bnjax.linen.BatchNorm(dtype=dtype), flax_exact(dtype=dtype)
       variables = theirs.init(jax.random.key(1), x, use_running_average=False)
-      results.append(tuple(
+      results.append(
+        tuple(
           module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-          for module in (ours, theirs)))
+          for module in (ours, theirs)
+        )
+      )
     return results
 
   for (y, state), (want_y, want_state) in run(x):
@@ -156,9 +171,10 @@ def test_mask_matches_flax():
   @jax.jit
   def run(x, mask):
     variables = flax_exact().init(jax.random.key(1), x, use_running_average=False)
-    return [module.apply(variables, x, use_running_average=False, mask=mask,
-                         mutable=["batch_stats"])
-            for module in (bnjax.linen.BatchNorm(), flax_exact())]
+    return [
+      module.apply(variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+      for module in (bnjax.linen.BatchNorm(), flax_exact())
+    ]
 
   (y, state), (want_y, want_state) = run(x, mask)
   chex.assert_trees_all_close(y, want_y, rtol=2e-6, atol=2e-6)
@@ -167,9 +183,12 @@ def test_mask_matches_flax():
   want, mean, var = reference.forward(x, 1.0, 0.0, 1e-5, (0, 1), mask=mask)
   valid = np.broadcast_to(mask, x.shape)
   np.testing.assert_allclose(np.asarray(y)[valid], want[valid], rtol=2e-6, atol=2e-6)
-  chex.assert_trees_all_close(state["batch_stats"], {"mean": 0.01 * mean.ravel(),
-                                                     "var": 0.99 + 0.01 * var.ravel()},
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    state["batch_stats"],
+    {"mean": 0.01 * mean.ravel(), "var": 0.99 + 0.01 * var.ravel()},
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 def test_no_statistics_update_during_init_and_when_immutable():
@@ -207,11 +226,14 @@ def test_flax_checkpoint_loads_and_trains_the_same():
 
   def train_and_evaluate(model, variables, x):
     """Three SGD steps from ``variables``; the trained variables and their inference output."""
+
     def step(_, variables):
       def loss(params):
-        logits, updates = model.apply({**variables, "params": params}, x, train=True,
-                                      mutable=["batch_stats"])
+        logits, updates = model.apply(
+          {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.mean(logits**2), updates
+
       grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
       params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads)
       return {"params": params, **updates}
@@ -219,8 +241,10 @@ def test_flax_checkpoint_loads_and_trains_the_same():
     variables = jax.lax.fori_loop(0, 3, step, variables)
     return variables, model.apply(variables, x, train=False)
 
-  ours, theirs = (jax.jit(functools.partial(train_and_evaluate, MLP(norm)))(variables, x)
-                  for norm in (bnjax.linen.BatchNorm, nn.BatchNorm))
+  ours, theirs = (
+    jax.jit(functools.partial(train_and_evaluate, MLP(norm)))(variables, x)
+    for norm in (bnjax.linen.BatchNorm, nn.BatchNorm)
+  )
   chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -233,16 +257,20 @@ def test_pmap_synchronized_matches_flax():
     return f(x)
 
   (y, state), (want_y, want_state) = (
-      run(norm(use_running_average=False, axis_name="batch"))
-      for norm in (bnjax.linen.BatchNorm, flax_exact))
+    run(norm(use_running_average=False, axis_name="batch"))
+    for norm in (bnjax.linen.BatchNorm, flax_exact)
+  )
   chex.assert_trees_all_close(y, want_y, rtol=2e-6, atol=2e-6)
   chex.assert_trees_all_close(state, want_state, rtol=1e-6, atol=1e-7)
   # Both are Algorithm 1 over the whole batch of 32, as on one device.
   want, mean, var = reference.forward(x, 1.0, 0.0, 1e-5, (0, 1))
   np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a[5], state["batch_stats"]),
-                              {"mean": 0.01 * mean.ravel(), "var": 0.99 + 0.01 * var.ravel()},
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a[5], state["batch_stats"]),
+    {"mean": 0.01 * mean.ravel(), "var": 0.99 + 0.01 * var.ravel()},
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 class ScannedLayer(nn.Module):
@@ -260,8 +288,10 @@ def test_inside_nn_scan_over_layers():
   @functools.partial(jax.jit, static_argnums=0)
   def run(norm, x):
     stack = nn.scan(
-        ScannedLayer, variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True}, length=3,
+      ScannedLayer,
+      variable_axes={"params": 0, "batch_stats": 0},
+      split_rngs={"params": True},
+      length=3,
     )(norm)
     variables = stack.init(jax.random.key(1), x, None)
     return variables, stack.apply(variables, x, None, mutable=["batch_stats"])
@@ -284,16 +314,19 @@ def test_under_jax_vmap_and_nn_vmap():
   want = np.stack([reference.forward(member, 1.0, 0.0, 1e-5, (0,))[0] for member in x])
   np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)  # each member its own batch
   for i in range(3):
-    yi, si = apply(jax.tree.map(lambda a: a[i], members), x[i])
+    yi, si = apply(jax.tree.map(lambda a, i=i: a[i], members), x[i])
     chex.assert_trees_all_close(y[i], yi, rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], state), si, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], state), si, rtol=1e-6, atol=1e-7)
 
   lifted = nn.vmap(
-      bnjax.linen.BatchNorm, variable_axes={"params": 0, "batch_stats": 0},
-      split_rngs={"params": True}, in_axes=0,
+    bnjax.linen.BatchNorm,
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True},
+    in_axes=0,
   )(use_running_average=False)
-  y_lifted, _ = jax.jit(lambda x: lifted.apply(lifted.init(jax.random.key(0), x), x,
-                                               mutable=["batch_stats"]))(x)
+  y_lifted, _ = jax.jit(
+    lambda x: lifted.apply(lifted.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  )(x)
   chex.assert_trees_all_close(y_lifted, y, rtol=1e-6, atol=1e-6)
 
 
@@ -302,16 +335,19 @@ def test_half_precision_batch_stats_updated_with_the_exact_momentum():
   are updated in float32 and rounded once; Flax rounds ``momentum`` to bfloat16
   (0.99 -> 0.98828) and gives the batch 17% too much weight."""
   x = jnp.tile(jnp.array([[90.0, -20.0], [110.0, 20.0]]), (4, 1)).astype(jnp.bfloat16)
-  module = bnjax.linen.BatchNorm(use_running_average=False, param_dtype=jnp.bfloat16,
-                                 force_float32_reductions=False)
-  _, updated = jax.jit(lambda x: module.apply(module.init(jax.random.key(0), x), x,
-                                              mutable=["batch_stats"]))(x)
+  module = bnjax.linen.BatchNorm(
+    use_running_average=False, param_dtype=jnp.bfloat16, force_float32_reductions=False
+  )
+  _, updated = jax.jit(
+    lambda x: module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+  )(x)
   stats = updated["batch_stats"]
   want = {"mean": 0.01 * np.array([100.0, 0.0]), "var": 0.99 + 0.01 * np.array([100.0, 400.0])}
   for name in ("mean", "var"):
     assert stats[name].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(stats[name].astype(jnp.float32),
-                                  want[name].astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+      stats[name].astype(jnp.float32), want[name].astype(jnp.bfloat16).astype(np.float32)
+    )
 
 
 def _stats_dtypes_after_two_steps(module_class, x, **kwargs):
@@ -325,8 +361,10 @@ def _stats_dtypes_after_two_steps(module_class, x, **kwargs):
 
   once = step(variables)
   twice = step(once)
-  return [{name: stats[name].dtype for name in ("mean", "var")}
-          for stats in (variables["batch_stats"], once["batch_stats"], twice["batch_stats"])]
+  return [
+    {name: stats[name].dtype for name in ("mean", "var")}
+    for stats in (variables["batch_stats"], once["batch_stats"], twice["batch_stats"])
+  ]
 
 
 @pytest.mark.parametrize("force_float32_reductions", [True, False])
@@ -339,8 +377,9 @@ def test_batch_stats_dtypes_are_flaxs_in_every_precision(param_dtype, force_floa
   x = jax.random.normal(jax.random.key(1), (8, 3)) * 2 + 5
   for x_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     for dtype in (None, jnp.float32, jnp.bfloat16):
-      kwargs = dict(dtype=dtype, param_dtype=param_dtype,
-                    force_float32_reductions=force_float32_reductions)
+      kwargs = dict(
+        dtype=dtype, param_dtype=param_dtype, force_float32_reductions=force_float32_reductions
+      )
       ours = _stats_dtypes_after_two_steps(bnjax.linen.BatchNorm, x.astype(x_dtype), **kwargs)
       theirs = _stats_dtypes_after_two_steps(nn.BatchNorm, x.astype(x_dtype), **kwargs)
       assert ours == theirs, (x_dtype, kwargs)
@@ -352,15 +391,22 @@ def test_half_precision_param_dtype_running_average_is_float32_exact():
   are float32 (as Flax's) and within float32 rounding of the float64 average, not
   rounded to bfloat16 (2e-3 relative off)."""
   x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
-  module = bnjax.linen.BatchNorm(use_running_average=False, momentum=0.9,
-                                 param_dtype=jnp.bfloat16, force_float32_reductions=False)
+  module = bnjax.linen.BatchNorm(
+    use_running_average=False,
+    momentum=0.9,
+    param_dtype=jnp.bfloat16,
+    force_float32_reductions=False,
+  )
   variables = module.init(jax.random.key(0), x)
   _, updates = jax.jit(lambda v: module.apply(v, x, mutable=["batch_stats"]))(variables)
   x64 = np.asarray(x, np.float64)
   want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
   _, flax_updates = nn.BatchNorm(
-      use_running_average=False, momentum=0.9, param_dtype=jnp.bfloat16,
-      force_float32_reductions=False).apply(variables, x, mutable=["batch_stats"])
+    use_running_average=False,
+    momentum=0.9,
+    param_dtype=jnp.bfloat16,
+    force_float32_reductions=False,
+  ).apply(variables, x, mutable=["batch_stats"])
   for name in ("mean", "var"):
     got = updates["batch_stats"][name]
     assert got.dtype == flax_updates["batch_stats"][name].dtype == jnp.float32

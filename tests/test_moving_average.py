@@ -22,14 +22,19 @@ def test_cumulative_average_from_a_traced_schedule():
       k, value = kv
       momentum = k / (k + 1.0)  # weight k/(k+1) on the old average: the plain mean
       return bnjax.update_moving_average(average, value, momentum=momentum), None
+
     average, _ = jax.lax.scan(step, jnp.zeros(3), (jnp.arange(10.0), values))
     return average
 
-  np.testing.assert_allclose(run(values), np.mean(np.asarray(values, np.float64), axis=0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    run(values), np.mean(np.asarray(values, np.float64), axis=0), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_keeps_the_average_dtype():
-  new = bnjax.update_moving_average(jnp.zeros(2), jnp.array([1.0, -3.0], jnp.bfloat16), momentum=0.25)
+  new = bnjax.update_moving_average(
+    jnp.zeros(2), jnp.array([1.0, -3.0], jnp.bfloat16), momentum=0.25
+  )
   assert new.dtype == jnp.float32
   np.testing.assert_array_equal(new, [0.75, -2.25])  # exact in float32
 
@@ -41,8 +46,12 @@ def test_half_precision_average_uses_the_exact_momentum(dtype):
   new = bnjax.update_moving_average(jnp.zeros(1, dtype), jnp.full(1, 100.0, dtype), momentum=0.99)
   assert new.dtype == dtype
   np.testing.assert_array_equal(new.astype(jnp.float32), [1.0])
-  traced = jax.jit(bnjax.update_moving_average)(jnp.full(1, 2.0, dtype), jnp.full(1, 3.0, dtype), momentum=0.999)
-  np.testing.assert_array_equal(traced.astype(jnp.float32), np.asarray(np.float64(2.001), dtype).astype(np.float32))
+  traced = jax.jit(bnjax.update_moving_average)(
+    jnp.full(1, 2.0, dtype), jnp.full(1, 3.0, dtype), momentum=0.999
+  )
+  np.testing.assert_array_equal(
+    traced.astype(jnp.float32), np.asarray(np.float64(2.001), dtype).astype(np.float32)
+  )
 
 
 @pytest.mark.parametrize("variant", ["plain", "ghost", "renorm"])
@@ -52,14 +61,28 @@ def test_half_precision_running_statistics_are_rounded_once(variant):
   params, state = bnjax.init(2)
   state = jax.tree.map(lambda s: s.astype(jnp.bfloat16), state)
   if variant == "renorm":
-    step = lambda x, state: bnjax.batch_renorm(x, params, state, training=True, r_max=1.0, d_max=0.0,  # noqa: E731
-                                               momentum=0.99)
+
+    def step(x, state):
+      return bnjax.batch_renorm(
+        x, params, state, training=True, r_max=1.0, d_max=0.0, momentum=0.99
+      )
   else:
-    step = lambda x, state: bnjax.batch_norm(x, params, state, training=True, momentum=0.99,  # noqa: E731
-                                             virtual_batch_size=4 if variant == "ghost" else None)
+
+    def step(x, state):
+      return bnjax.batch_norm(
+        x,
+        params,
+        state,
+        training=True,
+        momentum=0.99,
+        virtual_batch_size=4 if variant == "ghost" else None,
+      )
+
   _, new = jax.jit(step)(x, state)
   want_mean = np.asarray([0.99 * 0 + 0.01 * 100, 0.0], np.float64)
   want_var = np.asarray([0.99 * 1 + 0.01 * 100, 0.99 * 1 + 0.01 * 400], np.float64)
   for got, want in ((new.mean, want_mean), (new.var, want_var)):
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+      got.astype(jnp.float32), want.astype(jnp.bfloat16).astype(np.float32)
+    )

@@ -3,10 +3,10 @@ machine, two CPU devices each, gloo collectives (what a Cloud TPU pod does with
 its hosts)."""
 
 import json
+import pathlib
 import socket
 import subprocess
 import sys
-import pathlib
 
 import pytest
 
@@ -24,11 +24,14 @@ def free_port() -> int:
 def test_statistics_synchronized_across_processes():
   port = free_port()
   workers = [
-      subprocess.Popen(
-          [sys.executable, "-m", "tests.multihost_worker", str(i), str(NUM_PROCESSES), str(port)],
-          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      )
-      for i in range(NUM_PROCESSES)
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_worker", str(i), str(NUM_PROCESSES), str(port)],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(NUM_PROCESSES)
   ]
   results = []
   try:
@@ -43,5 +46,7 @@ def test_statistics_synchronized_across_processes():
       worker.kill()
   for result in results:
     assert result["devices"] == 4  # both processes' devices form one axis
-    assert result["var_relative_error"] < 1e-5 and result["mean_error"] < 2e-4, result  # mean 1e3: ~3 ulp
+    assert result["var_relative_error"] < 1e-5 and result["mean_error"] < 2e-4, (
+      result
+    )  # mean 1e3: ~3 ulp
     assert result["dx_error"] < 1e-4, result

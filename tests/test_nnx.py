@@ -36,15 +36,17 @@ def exact_flax(num_features, **kwargs):
 
 
 def pair(num_features=3, **kwargs):
-  return (bnjax.nnx.BatchNorm(num_features, rngs=nnx.Rngs(0), **kwargs),
-          exact_flax(num_features, rngs=nnx.Rngs(0), **kwargs))
+  return (
+    bnjax.nnx.BatchNorm(num_features, rngs=nnx.Rngs(0), **kwargs),
+    exact_flax(num_features, rngs=nnx.Rngs(0), **kwargs),
+  )
 
 
 def test_constructor_signature_is_flaxs():
   ours = inspect.signature(bnjax.nnx.BatchNorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
-  assert list(ours)[:len(theirs)] == list(theirs)
-  assert list(ours)[len(theirs):] == ["unbiased_variance", "virtual_batch_size"]
+  assert list(ours)[: len(theirs)] == list(theirs)
+  assert list(ours)[len(theirs) :] == ["unbiased_variance", "virtual_batch_size"]
   for name in theirs:
     if name not in ("self", "rngs", "bias_init", "scale_init", "promote_dtype"):
       assert ours[name].default == theirs[name].default, name
@@ -64,9 +66,16 @@ def train_then_evaluate(ours, theirs, x):
   return training, trained, inference, after_inference, by_argument
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9),
-                                    dict(use_bias=False, use_scale=False), dict(axis=1),
-                                    dict(param_dtype=jnp.bfloat16)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(momentum=0.9),
+    dict(use_bias=False, use_scale=False),
+    dict(axis=1),
+    dict(param_dtype=jnp.bfloat16),
+  ],
+)
 def test_matches_flax_state_and_outputs(kwargs):
   x = 2.0 * normal(0, (8, 3, 5)) + 1.0
   if kwargs.get("axis") != 1:
@@ -88,8 +97,9 @@ def test_matches_flax_state_and_outputs(kwargs):
   chex.assert_trees_all_close(*trained, rtol=1e-6, atol=1e-7)
   close_outputs([inference, by_argument])
   chex.assert_trees_all_equal(after_inference, trained[0])  # inference leaves them alone
-  chex.assert_trees_all_close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat),
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat), rtol=1e-6, atol=1e-7
+  )
 
 
 def test_view_and_call_override():
@@ -106,9 +116,12 @@ def test_view_and_call_override():
   y = call(ours, x)
   want, mean, var = reference.forward(x, 1.0, 0.0, 1e-5, (0,))
   np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
-  chex.assert_trees_all_close((ours.mean[...], ours.var[...]),
-                              (0.01 * mean.ravel(), 0.99 + 0.01 * var.ravel()),
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    (ours.mean[...], ours.var[...]),
+    (0.01 * mean.ravel(), 0.99 + 0.01 * var.ravel()),
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 def numpy_normal_init(key, shape, dtype):
@@ -165,8 +178,9 @@ def test_synchronized_under_pmap():
   full = bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
   want = nnx.jit(lambda module, x: module(x))(full, x.reshape(32, 3))
   chex.assert_trees_all_close(y.reshape(32, 3), want, rtol=2e-6, atol=2e-6)
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a[5], new_state), nnx.state(full),
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a[5], new_state), nnx.state(full), rtol=1e-6, atol=1e-7
+  )
 
 
 @pytest.mark.parametrize("norm", [bnjax.nnx.BatchNorm, bnjax.nnx.BatchRenorm])
@@ -197,8 +211,9 @@ def test_gradient_with_hijax_variables_as_flax(norm):
   assert not np.allclose(stats["norm"]["mean"], 0.0)  # the write happened
   chex.assert_trees_all_close((grads, stats), gradients(norm, hijax=False), rtol=1e-5, atol=1e-6)
   if norm is bnjax.nnx.BatchNorm:
-    chex.assert_trees_all_close((grads, stats), gradients(exact_flax, hijax=True), rtol=1e-5,
-                                atol=1e-6)
+    chex.assert_trees_all_close(
+      (grads, stats), gradients(exact_flax, hijax=True), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_view_info_is_flaxs():
@@ -226,14 +241,16 @@ def test_recompute_batch_stats_with_hijax_variables():
   bnjax.nnx.recompute_batch_stats(hijax_model, batches)
   bnjax.nnx.recompute_batch_stats(model, batches)
   assert hijax_model.norm.mean.hijax
-  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(hijax_model)),
-                              nnx.to_pure_dict(nnx.state(model)))
+  chex.assert_trees_all_equal(
+    nnx.to_pure_dict(nnx.state(hijax_model)), nnx.to_pure_dict(nnx.state(model))
+  )
   # Algorithm 2 over the BN layer's inputs, in float64 (float32 rounding: 1e-6).
   kernel = np.asarray(model.linear.kernel[...], np.float64)
   hidden = [b.astype(np.float64) @ kernel for b in batches]
   mean, var = reference.population_statistics(hidden, (0,))
-  chex.assert_trees_all_close((model.norm.mean[...], model.norm.var[...]),
-                              (mean.ravel(), var.ravel()), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(
+    (model.norm.mean[...], model.norm.var[...]), (mean.ravel(), var.ravel()), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_half_precision_param_dtype_keeps_float32_statistics_as_flax():
@@ -241,9 +258,11 @@ def test_half_precision_param_dtype_keeps_float32_statistics_as_flax():
   ``mean`` and ``var`` stay float32 and equal to the float64 running average, as
   ``flax.nnx.BatchNorm``'s (which has no ``force_float32_reductions``)."""
   x = jnp.asarray(normal(3, (16, 3)) * 2 + 5, jnp.float32)
-  for x_dtype, dtype, param_dtype in [(jnp.float32, None, jnp.bfloat16),
-                                      (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
-                                      (jnp.float32, jnp.float16, jnp.float16)]:
+  for x_dtype, dtype, param_dtype in [
+    (jnp.float32, None, jnp.bfloat16),
+    (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, jnp.float16, jnp.float16),
+  ]:
     ours, theirs = pair(dtype=dtype, param_dtype=param_dtype, momentum=0.9)
     nnx.jit(lambda ours, theirs, x: (ours(x), theirs(x)))(ours, theirs, x.astype(x_dtype))
     promoted = x.astype(x_dtype).astype(dtype or x_dtype)  # Flax's promote_dtype

@@ -20,8 +20,9 @@ import bnjax.nnx
 from tests import reference
 
 # NumPy inputs: jax.random would compile a kernel for the shape (about a second on CPU).
-BATCHES = [2.0 * np.random.default_rng(i).standard_normal((16, 4, 3), np.float32) + i
-           for i in range(5)]
+BATCHES = [
+  2.0 * np.random.default_rng(i).standard_normal((16, 4, 3), np.float32) + i for i in range(5)
+]
 RTOL, ATOL = 1e-6, 1e-6  # float32 rounding, see above
 
 
@@ -42,8 +43,11 @@ def test_pure_accumulator_is_algorithm_2(unbiased):
 def test_cumulative_momentum_in_batch_norm_gives_the_same():
   """The running average with momentum k/(k+1), traced, is Algorithm 2 too."""
   state = bnjax.BatchNormState(np.zeros(3, np.float32), np.zeros(3, np.float32))
-  step = jax.jit(lambda x, state, k: bnjax.batch_norm(
-      x, None, state, training=True, momentum=k / (k + 1), unbiased_variance=True)[1])
+  step = jax.jit(
+    lambda x, state, k: bnjax.batch_norm(
+      x, None, state, training=True, momentum=k / (k + 1), unbiased_variance=True
+    )[1]
+  )
   for k, batch in enumerate(BATCHES):
     state = step(batch, state, np.float32(k))
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
@@ -83,7 +87,8 @@ def test_linen_recompute_batch_stats(net_variables):
   model, variables = Net(), net_variables
   with jax.numpy_dtype_promotion("standard"):  # Flax's BatchNorm promotes implicitly
     new = bnjax.linen.recompute_batch_stats(
-        lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, BATCHES)
+      lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, BATCHES
+    )
   inputs = [layer_inputs(variables, b) for b in BATCHES]
   want = {}
   for name in ("BatchNorm_0", "flax_bn", "renorm"):
@@ -96,8 +101,9 @@ def test_linen_recompute_batch_stats(net_variables):
 def test_linen_recompute_needs_training_mode(net_variables):
   model, variables = Net(), net_variables
   with pytest.raises(ValueError, match="saw no BN layer in training mode"):
-    bnjax.linen.recompute_batch_stats(lambda v, b: model.apply(v, b, train=False), variables,
-                                      BATCHES)
+    bnjax.linen.recompute_batch_stats(
+      lambda v, b: model.apply(v, b, train=False), variables, BATCHES
+    )
 
 
 def numpy_normal_init(key, shape, dtype):
@@ -159,25 +165,31 @@ def test_nnx_recompute_intercepts_the_call_and_leaves_the_layer_as_it_was():
 
   with pytest.raises(RuntimeError, match="the model failed"):
     bnjax.nnx.recompute_batch_stats(layer, BATCHES, apply_fn=failing)
-  assert (ScaledBatchNorm.__call__, bnjax.nnx.BatchNorm.__call__,
-          bnjax.nnx.BatchRenorm.__call__) == calls
+  assert (
+    ScaledBatchNorm.__call__,
+    bnjax.nnx.BatchNorm.__call__,
+    bnjax.nnx.BatchRenorm.__call__,
+  ) == calls
   assert "first_from" not in vars(bnjax.nnx)
 
 
 def test_nnx_recompute_without_bn_layers():
   with pytest.raises(ValueError, match="found no bnjax.nnx"):
     bnjax.nnx.recompute_batch_stats(
-        nnx.Linear(2, 2, kernel_init=numpy_normal_init, rngs=nnx.Rngs(0)), BATCHES)
+      nnx.Linear(2, 2, kernel_init=numpy_normal_init, rngs=nnx.Rngs(0)), BATCHES
+    )
 
 
 def test_linen_recompute_when_the_batch_norm_is_the_root_module():
   module = bnjax.linen.BatchNorm(use_running_average=False)
   variables = jax.jit(lambda x: module.init(jax.random.key(0), x))(BATCHES[0])
   new = bnjax.linen.recompute_batch_stats(
-      lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES)
+    lambda v, b: module.apply(v, b, mutable=["batch_stats"]), variables, BATCHES
+  )
   mean, var = reference.population_statistics([np.asarray(b) for b in BATCHES], (0, 1))
-  chex.assert_trees_all_close(new["batch_stats"], {"mean": mean.ravel(), "var": var.ravel()},
-                              rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(
+    new["batch_stats"], {"mean": mean.ravel(), "var": var.ravel()}, rtol=RTOL, atol=ATOL
+  )
   chex.assert_trees_all_equal(new["params"], variables["params"])
 
 
@@ -193,7 +205,8 @@ def test_a_batch_that_defines_no_statistic_changes_none():
   mean, var = reference.population_statistics(batches, (0, 1))
   for unbiased, want_var in [(True, var), (False, var * 63 / 64)]:
     state = jax.jit(bnjax.population_state, static_argnames="unbiased")(
-        one_example, unbiased=unbiased)
+      one_example, unbiased=unbiased
+    )
     if unbiased:  # the single example adds a mean but no unbiased variance
       want_mean = (mean.ravel() * 3 + BATCHES[4][0, 0]) / 4
     else:  # ... and a biased variance of 0
@@ -208,8 +221,9 @@ def test_statistics_no_batch_defines_keep_the_fallback():
     population = bnjax.update_population(bnjax.init_population(2), x, mask=mask)
     return bnjax.population_state(population, fallback=fallback), bnjax.population_state(population)
 
-  fallback = bnjax.BatchNormState(mean=np.array([7.0, 8.0], np.float32),
-                                  var=np.array([2.0, 3.0], np.float32))
+  fallback = bnjax.BatchNormState(
+    mean=np.array([7.0, 8.0], np.float32), var=np.array([2.0, 3.0], np.float32)
+  )
   state, without_fallback = states(np.ones((4, 2), np.float32), np.array([True, False]), fallback)
   np.testing.assert_array_equal(state.mean, [1.0, 8.0])
   np.testing.assert_array_equal(state.var, [0.0, 3.0])
@@ -220,8 +234,13 @@ def test_statistics_no_batch_defines_keep_the_fallback():
 def test_linen_recompute_accepts_a_jitted_apply_fn_and_keeps_undefined_statistics():
   model = bnjax.linen.BatchNorm(use_running_average=False)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(np.zeros((2, 2), np.float32))
-  variables = {**variables, "batch_stats": {"mean": np.array([5.0, 6.0], np.float32),
-                                            "var": np.array([2.0, 3.0], np.float32)}}
+  variables = {
+    **variables,
+    "batch_stats": {
+      "mean": np.array([5.0, 6.0], np.float32),
+      "var": np.array([2.0, 3.0], np.float32),
+    },
+  }
   mask = np.array([[True, False]] * 4)  # the second feature never has a valid value
   apply_fn = jax.jit(lambda v, b: model.apply(v, b, mask=mask, mutable=["batch_stats"]))
   batches = [np.arange(8.0, dtype=np.float32).reshape(4, 2) + shift for shift in (0.0, 2.0)]
@@ -235,7 +254,8 @@ def test_nnx_recompute_keeps_statistics_no_batch_defines():
   layer = bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
   layer.mean[...] = np.array([5.0, 6.0], np.float32)
   mask = np.array([[True, False]] * 4)
-  bnjax.nnx.recompute_batch_stats(layer, [np.arange(8.0, dtype=np.float32).reshape(4, 2)],
-                                  apply_fn=lambda m, b: m(b, mask=mask))
+  bnjax.nnx.recompute_batch_stats(
+    layer, [np.arange(8.0, dtype=np.float32).reshape(4, 2)], apply_fn=lambda m, b: m(b, mask=mask)
+  )
   np.testing.assert_allclose(layer.mean[...], [3.0, 6.0])
   np.testing.assert_allclose(layer.var[...], [20.0 / 3.0, 1.0], rtol=1e-6)

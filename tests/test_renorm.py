@@ -25,23 +25,33 @@ def problem(seed=0, dtype=jnp.float32):
   """NumPy draws (jax.random compiles a program per shape)."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(1.7 * rng.standard_normal((12, 3, 4)) + 0.8, dtype)
-  params = bnjax.BatchNormParams(jnp.asarray(1 + 0.2 * rng.standard_normal(4), jnp.float32),
-                                 jnp.asarray(0.3 * rng.standard_normal(4), jnp.float32))
+  params = bnjax.BatchNormParams(
+    jnp.asarray(1 + 0.2 * rng.standard_normal(4), jnp.float32),
+    jnp.asarray(0.3 * rng.standard_normal(4), jnp.float32),
+  )
   # Running statistics off from the batch's, so that r and d hit their clips for some features.
-  state = bnjax.BatchNormState(mean=jnp.array([0.0, 0.8, 3.0, -2.0]), var=jnp.array([1.0, 2.9, 0.3, 9.0]))
+  state = bnjax.BatchNormState(
+    mean=jnp.array([0.0, 0.8, 3.0, -2.0]), var=jnp.array([1.0, 2.9, 0.3, 9.0])
+  )
   return x, params, state
 
 
 @pytest.mark.parametrize("r_max, d_max", [(1.0, 0.0), (1.5, 0.5), (3.0, 5.0)])
 def test_forward_is_the_paper(r_max, d_max):
   x, params, state = problem()
-  y, new_state = batch_renorm(x, params, state, training=True, r_max=r_max, d_max=d_max, momentum=0.9)
+  y, new_state = batch_renorm(
+    x, params, state, training=True, r_max=r_max, d_max=d_max, momentum=0.9
+  )
   expand = lambda a: np.asarray(a, np.float64)[None, None]  # noqa: E731
-  r, d = reference.renorm_corrections(x, expand(state.mean), expand(state.var), 1e-5, r_max, d_max, AXES)
+  r, d = reference.renorm_corrections(
+    x, expand(state.mean), expand(state.var), 1e-5, r_max, d_max, AXES
+  )
   want = reference.renorm_forward(x, expand(params.scale), expand(params.bias), 1e-5, r, d, AXES)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   _, mu, var = reference.forward(x, 1.0, 0.0, 1e-5, AXES)
-  np.testing.assert_allclose(new_state.mean, 0.9 * state.mean + 0.1 * mu.ravel(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    new_state.mean, 0.9 * state.mean + 0.1 * mu.ravel(), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(new_state.var, 0.9 * state.var + 0.1 * var.ravel(), rtol=1e-5)
 
 
@@ -57,7 +67,9 @@ def test_inference_is_batch_norm():
   x, params, state = problem()
   y, same = bnjax.batch_renorm(x, params, state, training=False, r_max=3.0, d_max=5.0)  # eager
   assert same is state
-  np.testing.assert_allclose(y, batch_norm(x, params, state, training=False)[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    y, batch_norm(x, params, state, training=False)[0], rtol=1e-6, atol=1e-6
+  )
 
 
 def test_gradients_treat_r_and_d_as_constants(x64):
@@ -67,7 +79,9 @@ def test_gradients_treat_r_and_d_as_constants(x64):
   w = np.random.default_rng(5).standard_normal(x.shape)
   r_max, d_max = 1.5, 0.5
   expand = lambda a: np.asarray(a, np.float64)[None, None]  # noqa: E731
-  r, d = reference.renorm_corrections(x, expand(state.mean), expand(state.var), 1e-5, r_max, d_max, AXES)
+  r, d = reference.renorm_corrections(
+    x, expand(state.mean), expand(state.var), 1e-5, r_max, d_max, AXES
+  )
 
   def transcription(x, gamma, beta):
     """sum(w * y) with r and d fixed at their values (the stop_gradient), for
@@ -85,7 +99,9 @@ def test_gradients_treat_r_and_d_as_constants(x64):
     return ((transcription(*plus) - transcription(*minus)) / (2 * h)).reshape(base.shape)
 
   def loss(x, scale, bias):
-    y, _ = bnjax.batch_renorm(x, bnjax.BatchNormParams(scale, bias), state, training=True, r_max=r_max, d_max=d_max)
+    y, _ = bnjax.batch_renorm(
+      x, bnjax.BatchNormParams(scale, bias), state, training=True, r_max=r_max, d_max=d_max
+    )
     return jnp.sum(w * y)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, params.scale, params.bias)
@@ -96,13 +112,20 @@ def test_gradients_treat_r_and_d_as_constants(x64):
 
 def test_traced_limits_follow_a_schedule_without_recompiling():
   x, params, state = problem()
-  step = jax.jit(lambda r_max, d_max: bnjax.batch_renorm(
-      x, params, state, training=True, r_max=r_max, d_max=d_max)[0])
+  step = jax.jit(
+    lambda r_max, d_max: bnjax.batch_renorm(
+      x, params, state, training=True, r_max=r_max, d_max=d_max
+    )[0]
+  )
   a, b = step(jnp.float32(1.0), jnp.float32(0.0)), step(jnp.float32(3.0), jnp.float32(5.0))
   assert step._cache_size() == 1
-  np.testing.assert_allclose(a, batch_norm(x, params, state, training=True)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    a, batch_norm(x, params, state, training=True)[0], rtol=1e-5, atol=1e-5
+  )
   expand = lambda a: np.asarray(a, np.float64)[None, None]  # noqa: E731
-  r, d = reference.renorm_corrections(x, expand(state.mean), expand(state.var), 1e-5, 3.0, 5.0, AXES)
+  r, d = reference.renorm_corrections(
+    x, expand(state.mean), expand(state.var), 1e-5, 3.0, 5.0, AXES
+  )
   want = reference.renorm_forward(x, expand(params.scale), expand(params.bias), 1e-5, r, d, AXES)
   np.testing.assert_allclose(b, want, rtol=1e-5, atol=1e-5)
 
@@ -110,7 +133,10 @@ def test_traced_limits_follow_a_schedule_without_recompiling():
 def test_synchronized_under_pmap_matches_full_batch():
   x, params, state = problem()
   x = jnp.asarray(np.concatenate([x] * 2))  # 24 examples, 3 per device
-  f = lambda x: bnjax.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0, axis_name="i")  # noqa: E731
+
+  def f(x):
+    return bnjax.batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0, axis_name="i")
+
   y, new_state = jax.pmap(f, axis_name="i")(x.reshape((8, 3) + x.shape[1:]))
   want_y, want_state = batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0)
   np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-5, atol=1e-5)
@@ -123,14 +149,22 @@ def test_bfloat16_input():
   x, params, state = problem(dtype=jnp.bfloat16)
   y, new_state = batch_renorm(x, params, state, training=True, r_max=2.0, d_max=1.0)
   assert y.dtype == jnp.bfloat16 and new_state.var.dtype == jnp.float32
-  want, want_state = batch_renorm(x.astype(jnp.float32), params, state, training=True, r_max=2.0, d_max=1.0)
+  want, want_state = batch_renorm(
+    x.astype(jnp.float32), params, state, training=True, r_max=2.0, d_max=1.0
+  )
   # The float32 computation on the same values, rounded once to bfloat16 (u = 2^-8).
   np.testing.assert_allclose(y.astype(jnp.float32), want, rtol=2.0**-8, atol=1e-6)
   chex.assert_trees_all_close(new_state, want_state, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("r_max, d_max, match", [(0.5, 1.0, "r_max must be >= 1"), (2.0, -1.0, "d_max must be >= 0"),
-                                                 (jnp.ones(2), 1.0, "r_max must be a scalar")])
+@pytest.mark.parametrize(
+  "r_max, d_max, match",
+  [
+    (0.5, 1.0, "r_max must be >= 1"),
+    (2.0, -1.0, "d_max must be >= 0"),
+    (jnp.ones(2), 1.0, "r_max must be a scalar"),
+  ],
+)
 def test_bad_limits(r_max, d_max, match):
   x, params, state = problem()
   with pytest.raises(ValueError, match=match):
@@ -142,19 +176,24 @@ def test_linen_and_nnx_modules_match_the_function():
   module = bnjax.linen.BatchRenorm(use_running_average=False, r_max=2.0, d_max=1.0)
   variables = jax.jit(module.init)(jax.random.key(0), x)
   variables = {**variables, "batch_stats": {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 2.0)}}
-  apply = jax.jit(lambda variables, x, **limits: module.apply(variables, x, mutable=["batch_stats"], **limits))
+  apply = jax.jit(
+    lambda variables, x, **limits: module.apply(variables, x, mutable=["batch_stats"], **limits)
+  )
   y, updated = apply(variables, x)
   state = bnjax.BatchNormState(jnp.full(4, 0.5), jnp.full(4, 2.0))
   want, want_state = batch_renorm(x, bnjax.init(4)[0], state, training=True, r_max=2.0, d_max=1.0)
   np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(updated["batch_stats"], want_state._asdict(), rtol=1e-6)
   y_traced, _ = apply(variables, x, r_max=jnp.float32(1.0), d_max=jnp.float32(0.0))
-  np.testing.assert_allclose(y_traced, batch_norm(x, bnjax.init(4)[0], state, training=True)[0],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    y_traced, batch_norm(x, bnjax.init(4)[0], state, training=True)[0], rtol=1e-5, atol=1e-5
+  )
 
   layer = bnjax.nnx.BatchRenorm(4, r_max=2.0, d_max=1.0, rngs=nnx.Rngs(0))
   layer.mean[...], layer.var[...] = jnp.full(4, 0.5), jnp.full(4, 2.0)
-  np.testing.assert_allclose(nnx.jit(lambda layer, x: layer(x))(layer, x), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    nnx.jit(lambda layer, x: layer(x))(layer, x), want, rtol=1e-6, atol=1e-6
+  )
   chex.assert_trees_all_close((layer.mean[...], layer.var[...]), tuple(want_state), rtol=1e-6)
 
 

@@ -33,18 +33,44 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_library_passes_ruff():
   """pyproject.toml's ``[tool.ruff]`` rules (line length 100, 2-space indent,
-  E/F/W/I/B/UP) hold for what it checks (``bnjax/``)."""
-  result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stdout + result.stderr
+  E/F/W/I/B/UP) and its formatting hold for the whole repository (the library,
+  tests, experiments, benchmarks, examples, docs/conf.py), the vendored copies of
+  other projects' tests excepted: ``ruff check`` and ``ruff format --check``, each
+  failing with the files it names."""
+  for command in (["check"], ["format", "--check"]):
+    result = subprocess.run(
+      [sys.executable, "-m", "ruff", *command, "--no-cache"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout}{result.stderr}"
 
 
 def test_no_function_of_the_experiments_is_too_complex():
   """Cyclomatic complexity at most 10 (ruff's C901) in experiments/ and benchmarks/:
   functions a reader can follow; the train loops are split into named steps."""
-  result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated", "--select", "C901",
-                           "--config", "lint.mccabe.max-complexity=10", "experiments", "benchmarks"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ruff",
+      "check",
+      "--no-cache",
+      "--isolated",
+      "--select",
+      "C901",
+      "--config",
+      "lint.mccabe.max-complexity=10",
+      "experiments",
+      "benchmarks",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -59,9 +85,22 @@ def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
     shutil.copy(ROOT / name, source / name)
   for name in ("bnjax", "experiments", "benchmarks"):
     shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "--wheel-dir", str(tmp_path / "wheel"), str(source)],
-                 check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "--wheel-dir",
+      str(tmp_path / "wheel"),
+      str(source),
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   (wheel,) = (tmp_path / "wheel").glob("bnjax-*.whl")
   with zipfile.ZipFile(wheel) as archive:
     top_level = {name.split("/")[0] for name in archive.namelist()}
@@ -69,17 +108,43 @@ def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
   assert {name for name in top_level if not name.endswith(".dist-info")} == {"bnjax"}
   assert "Requires-Python: >=3.11" in metadata.splitlines()  # what jax 0.10 needs
   # Installed alone (its dependencies from this environment), the wheel imports and runs.
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                  str(tmp_path / "installed"), str(wheel)], check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "install",
+      "-q",
+      "--no-deps",
+      "--target",
+      str(tmp_path / "installed"),
+      str(wheel),
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   result = subprocess.run(
-      [sys.executable, "-c", "import bnjax, bnjax.linen; print(bnjax.__file__, bnjax.init(3)[0].bias)"],
-      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
-      capture_output=True, text=True, timeout=300)
-  assert result.stdout == f"{tmp_path / 'installed' / 'bnjax' / '__init__.py'} [0. 0. 0.]\n", result.stderr
+    [
+      sys.executable,
+      "-c",
+      "import bnjax, bnjax.linen; print(bnjax.__file__, bnjax.init(3)[0].bias)",
+    ],
+    cwd=tmp_path,
+    env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.stdout == f"{tmp_path / 'installed' / 'bnjax' / '__init__.py'} [0. 0. 0.]\n", (
+    result.stderr
+  )
 
 
 def _oldest_constraints():
-  spec = importlib.util.spec_from_file_location("oldest_constraints", ROOT / ".ci" / "oldest_constraints.py")
+  spec = importlib.util.spec_from_file_location(
+    "oldest_constraints", ROOT / ".ci" / "oldest_constraints.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -92,21 +157,33 @@ def test_ci_tests_the_oldest_declared_versions():
   pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
   pins = oldest.oldest_pins(pyproject)
   assert "jax==0.10.2" in pins and "flax==0.12.8" in pins
-  assert any(pin.startswith("tensorflow-cpu==") and "; sys_platform != 'darwin'" in pin for pin in pins)
+  assert any(
+    pin.startswith("tensorflow-cpu==") and "; sys_platform != 'darwin'" in pin for pin in pins
+  )
   project = pyproject["project"]
-  requirements = [r for extra in project["optional-dependencies"].values() for r in extra
-                  if not r.startswith("bnjax[")] + project["dependencies"]
+  requirements = [
+    r
+    for extra in project["optional-dependencies"].values()
+    for r in extra
+    if not r.startswith("bnjax[")
+  ] + project["dependencies"]
   assert {re.split(r"[>=;]", r)[0].strip() for r in requirements} == {
-      re.split(r"[=;]", pin)[0] for pin in pins}
+    re.split(r"[=;]", pin)[0] for pin in pins
+  }
   with pytest.raises(ValueError, match="one lower bound"):
-    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy"],
-                                    "optional-dependencies": {}}})
+    oldest.oldest_pins(
+      {"project": {"name": "bnjax", "dependencies": ["numpy"], "optional-dependencies": {}}}
+    )
   with pytest.raises(ValueError, match="one lower bound"):
-    oldest.oldest_pins({"project": {"name": "bnjax", "dependencies": ["numpy>=2,<3"],
-                                    "optional-dependencies": {}}})
+    oldest.oldest_pins(
+      {"project": {"name": "bnjax", "dependencies": ["numpy>=2,<3"], "optional-dependencies": {}}}
+    )
   run = (ROOT / ".ci" / "run").read_text().splitlines()
   assert 'python3 .ci/oldest_constraints.py > "$constraints"' in run
-  assert 'python3 -m venv .venv-oldest && .venv-oldest/bin/pip install -e ".[test]" -c "$constraints"' in run
+  assert (
+    'python3 -m venv .venv-oldest && .venv-oldest/bin/pip install -e ".[test]" -c "$constraints"'
+    in run
+  )
   assert '.venv-oldest/bin/python -m pytest -m "not slow" -n 2' in run
 
 
@@ -142,10 +219,16 @@ def _imported_modules(name: str, path: pathlib.Path, modules) -> set[str]:
       if node.level:  # relative: from .x import y, from .. import z
         anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
         base = ".".join(anchor + ([base] if base else []))
-      imported.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                      for alias in node.names)
-    elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-          and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
+      imported.update(
+        f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+        for alias in node.names
+      )
+    elif (
+      isinstance(node, ast.Call)
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+      and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+    ):
       imported.add(node.args[0].value)
   return {module for module in imported if module in modules and module != name}
 
@@ -186,11 +269,15 @@ def test_import_cycles_are_found(tmp_path):
   a function body), ``e`` and ``f`` too (``e`` through ``importlib``, as
   bnjax.fold did bnjax.linen), ``c`` and ``d`` import ``a`` only."""
   (tmp_path / "pkg").mkdir()
-  for name, text in {"__init__.py": "", "a.py": "import pkg.b\n",
-                     "b.py": "def f():\n  from pkg import a\n", "c.py": "from . import a\n",
-                     "d.py": "from .a import x\nimport os\n",
-                     "e.py": "import importlib\nimportlib.import_module('pkg.f')\n",
-                     "f.py": "from pkg import e\n"}.items():
+  for name, text in {
+    "__init__.py": "",
+    "a.py": "import pkg.b\n",
+    "b.py": "def f():\n  from pkg import a\n",
+    "c.py": "from . import a\n",
+    "d.py": "from .a import x\nimport os\n",
+    "e.py": "import importlib\nimportlib.import_module('pkg.f')\n",
+    "f.py": "from pkg import e\n",
+  }.items():
     (tmp_path / "pkg" / name).write_text(text)
   assert _import_cycles("pkg", tmp_path) == [["pkg.a", "pkg.b"], ["pkg.e", "pkg.f"]]
   (tmp_path / "pkg" / "a.py").write_text("import os\n")
@@ -198,11 +285,14 @@ def test_import_cycles_are_found(tmp_path):
   assert _import_cycles("pkg", tmp_path) == []
 
 
-@pytest.mark.parametrize("package", [
+@pytest.mark.parametrize(
+  "package",
+  [
     "bnjax",
     "experiments",
     "benchmarks",
-])
+  ],
+)
 def test_no_import_cycle(package):
   """Issue 19: no module of the package imports, directly or through others, a
   module that imports it back (function-level imports included)."""

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments.common import checkpoints as checkpoints_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,7 +31,9 @@ def test_atomic_write_keeps_the_old_content_when_the_write_fails(tmp_path, monke
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(os, "fsync", no_space)
-  with pytest.raises(common.WorkdirError, match=r"cannot write .*config.json: No space left on device"):
+  with pytest.raises(
+    common.WorkdirError, match=r"cannot write .*config.json: No space left on device"
+  ):
     common.write_json_atomic(path, {"a": 2})
   assert json.loads(path.read_text()) == {"a": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
@@ -99,11 +100,14 @@ with WorkdirLock(sys.argv[1]):
 @pytest.mark.slow
 def test_a_second_process_is_refused_and_a_killed_one_releases_the_lock(tmp_path):
   workdir = tmp_path / "run"
-  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline() == "locked\n"
-    with pytest.raises(common.WorkdirError, match=rf"{workdir} is in use by another run \(pid {holder.pid} "):
+    with pytest.raises(
+      common.WorkdirError, match=rf"{workdir} is in use by another run \(pid {holder.pid} "
+    ):
       with common.WorkdirLock(workdir):
         pass
   finally:
@@ -139,9 +143,14 @@ def test_an_error_leaves_no_empty_workdir_behind(tmp_path):
 def test_check_config_names_the_fields_that_differ(tmp_path):
   config = {"learning_rate": 0.01, "num_steps": 100, "seed": 0}
   common.write_config(tmp_path, config)
-  common.check_config(tmp_path, {**config, "num_steps": 200}, resuming=True, may_change=("num_steps",))
-  with pytest.raises(common.ConfigError, match=r"another config or settings \(learning_rate: 0.01 -> 0.5; "
-                                               r"seed: 0 -> 1\)"):
+  common.check_config(
+    tmp_path, {**config, "num_steps": 200}, resuming=True, may_change=("num_steps",)
+  )
+  with pytest.raises(
+    common.ConfigError,
+    match=r"another config or settings \(learning_rate: 0.01 -> 0.5; "
+    r"seed: 0 -> 1\)",
+  ):
     common.check_config(tmp_path, {**config, "learning_rate": 0.5, "seed": 1}, resuming=True)
   common.check_config(tmp_path, {"other": 1}, resuming=False)  # a fresh run checks nothing
 
@@ -154,12 +163,21 @@ def test_check_config_refuses_other_runtime_settings(tmp_path, x64):
     common.check_config(tmp_path, {"seed": 0}, resuming=True)
 
 
-@pytest.mark.parametrize("content, why", [(None, "is missing"), ("", "is empty"), ("{not json", "is not a config"),
-                                          ('{"seed": 0}', "is not a config")])
+@pytest.mark.parametrize(
+  "content, why",
+  [
+    (None, "is missing"),
+    ("", "is empty"),
+    ("{not json", "is not a config"),
+    ('{"seed": 0}', "is not a config"),
+  ],
+)
 def test_checkpoints_without_a_readable_config_are_refused(tmp_path, content, why):
   if content is not None:
     (tmp_path / "config.json").write_text(content)
-  with pytest.raises(common.ConfigError, match=rf"holds checkpoints but .*config.json {why}.*unknown"):
+  with pytest.raises(
+    common.ConfigError, match=rf"holds checkpoints but .*config.json {why}.*unknown"
+  ):
     common.check_config(tmp_path, {"seed": 0}, resuming=True)
 
 
@@ -188,10 +206,12 @@ def _flip_bit(path, offset=None):
 
 
 DAMAGES = {
-    "flipped bit": lambda step_dir: _flip_bit(_largest_file(step_dir)),
-    "truncated": lambda step_dir: (lambda p: p.write_bytes(p.read_bytes()[:-7]))(_largest_file(step_dir)),
-    "missing file": lambda step_dir: _largest_file(step_dir).unlink(),
-    "no checksums (killed while saving)": lambda step_dir: (step_dir / "SHA256SUMS").unlink(),
+  "flipped bit": lambda step_dir: _flip_bit(_largest_file(step_dir)),
+  "truncated": lambda step_dir: (lambda p: p.write_bytes(p.read_bytes()[:-7]))(
+    _largest_file(step_dir)
+  ),
+  "missing file": lambda step_dir: _largest_file(step_dir).unlink(),
+  "no checksums (killed while saving)": lambda step_dir: (step_dir / "SHA256SUMS").unlink(),
 }
 
 
@@ -206,11 +226,16 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_pat
     checkpoints.save(2, _state(2))  # the run redoes step 2
   np.testing.assert_array_equal(restored["w"], np.full((64, 64), 1, np.float32))
   err = capsys.readouterr().err
-  assert f"warning: checkpoint {directory / '2'} is not intact" in err and "trying the older step 1" in err
+  assert (
+    f"warning: checkpoint {directory / '2'} is not intact" in err
+    and "trying the older step 1" in err
+  )
   assert (directory / "2.corrupt").is_dir()
   with common.Checkpoints(directory) as checkpoints:
     assert checkpoints.latest_step == 2
-    np.testing.assert_array_equal(checkpoints.restore(_state(0))["w"], np.full((64, 64), 2, np.float32))
+    np.testing.assert_array_equal(
+      checkpoints.restore(_state(0))["w"], np.full((64, 64), 2, np.float32)
+    )
 
 
 def test_stray_step_folders_and_files_are_set_aside(tmp_path, capsys):
@@ -239,14 +264,18 @@ def test_unwritable_checkpoint_folder_is_a_prompt_error(tmp_path):
     common.Checkpoints(tmp_path / "checkpoints")
   if os.geteuid() != 0:  # root writes anywhere
     (tmp_path / "ro").mkdir(mode=0o555)
-    with pytest.raises(common.CheckpointError, match="cannot write to the checkpoints folder .*Permission denied"):
+    with pytest.raises(
+      common.CheckpointError, match="cannot write to the checkpoints folder .*Permission denied"
+    ):
       common.Checkpoints(tmp_path / "ro")
 
 
 def test_restore_into_another_structure_is_a_checkpoint_error(tmp_path):
   _save_steps(tmp_path, [1])
   with common.Checkpoints(tmp_path) as checkpoints:
-    with pytest.raises(common.CheckpointError, match=r"checkpoint .*1 cannot be restored into this run's state"):
+    with pytest.raises(
+      common.CheckpointError, match=r"checkpoint .*1 cannot be restored into this run's state"
+    ):
       checkpoints.restore({"other": jnp.zeros(3)})
 
 
@@ -265,7 +294,12 @@ cli.exit_on_error(run)
 @pytest.mark.slow
 def test_an_error_exits_at_once_even_with_a_thread_left():
   started = time.monotonic()
-  result = subprocess.run([sys.executable, "-c", _FAIL_WITH_A_THREAD], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", _FAIL_WITH_A_THREAD],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert (result.returncode, result.stderr) == (1, "error: cannot write checkpoint 5\n")
   assert time.monotonic() - started < 100

@@ -18,7 +18,9 @@ def normal(seed, shape, offset=0.0):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e4, -3e4])
-@pytest.mark.parametrize("shape, axes", [((4096,), (0,)), ((16, 7, 9, 3), (0, 1, 2)), ((5, 40, 2), (0, 1))])
+@pytest.mark.parametrize(
+  "shape, axes", [((4096,), (0,)), ((16, 7, 9, 3), (0, 1, 2)), ((5, 40, 2), (0, 1))]
+)
 def test_batch_moments_exact(shape, axes, offset):
   x = normal(0, shape, offset)
   m = batch_moments(x, reduction_axes=axes)
@@ -46,9 +48,11 @@ def test_sorted_and_single_outlier_batches_are_exact():
   # outlier first, all of the mass at the start.
   outlier_first = np.zeros((1600, 1))
   outlier_first[0] = 1e6
-  for x in (np.sort(np.asarray(normal(1, (4096, 1))), axis=0) + 1e3,
-            outlier_first,
-            np.where(np.arange(1600)[:, None] < 100, 1.0, 0.0) + 1e4):
+  for x in (
+    np.sort(np.asarray(normal(1, (4096, 1))), axis=0) + 1e3,
+    outlier_first,
+    np.where(np.arange(1600)[:, None] < 100, 1.0, 0.0) + 1e4,
+  ):
     x = jnp.asarray(x, jnp.float32)
     m = batch_moments(x, reduction_axes=(0,))
     mu, var = reference.batch_mean_var(x, (0,))
@@ -86,17 +90,23 @@ def test_combine_moments_equals_moments_of_the_union():
 
   @jax.jit
   def combined(padded, valid):
-    parts = jax.vmap(lambda x, v: stats.batch_moments(x, reduction_axes=(0,), mask=v))(padded, valid)
+    parts = jax.vmap(lambda x, v: stats.batch_moments(x, reduction_axes=(0,), mask=v))(
+      padded, valid
+    )
     return parts, stats.combine_moments(parts)
 
   parts_moments, m = combined(jnp.asarray(padded), jnp.asarray(valid))
   np.testing.assert_array_equal(parts_moments.count[:, 0], sizes)
-  np.testing.assert_allclose(parts_moments.mean, [p.astype(np.float64).mean(0) for p in parts], rtol=1e-7)
+  np.testing.assert_allclose(
+    parts_moments.mean, [p.astype(np.float64).mean(0) for p in parts], rtol=1e-7
+  )
   union = np.concatenate(parts)
   mu, var = reference.batch_mean_var(union, (0,))
   np.testing.assert_allclose(m.mean, mu.ravel(), rtol=1e-7)
   np.testing.assert_allclose(m.variance, var.ravel(), rtol=1e-4)
-  np.testing.assert_allclose(m.unbiased_variance, var.ravel() * len(union) / (len(union) - 1), rtol=1e-4)
+  np.testing.assert_allclose(
+    m.unbiased_variance, var.ravel() * len(union) / (len(union) - 1), rtol=1e-4
+  )
 
 
 def test_half_precision_reduced_in_float32():

@@ -4,7 +4,8 @@ A training run owns one workdir, a local folder or ``gs://BUCKET/PATH``
 (``storage.py``: one path abstraction, so no call site tests which)::
 
     workdir/.lock            local: held (fcntl.flock) while a process uses the workdir;
-                             gs://: a lease object (lease.py: refreshed every 15 s, stale after 60 s)
+                             gs://: a lease object (lease.py: refreshed every 15 s,
+                             stale after 60 s)
     workdir/config.json      {"config": {...}, "runtime": {...}}, replaced atomically
     workdir/metrics.jsonl    one JSON object per evaluation, appended and fsync'ed
                              (gs://: the object uploaded again at each row)
@@ -30,7 +31,7 @@ The pieces, in the order a ``train_and_evaluate`` uses them::
         ...                                          # train; raise NonFiniteError on a NaN loss
         metrics.append({"step": step, ...})         # NonFiniteError rather than NaN in JSON
         checkpoints.save(step, state)               # async; CheckpointError if it cannot be written
-        preemption.check(step, checkpoints, lambda: state)  # at the agreed step: save, raise Preempted
+        preemption.check(step, checkpoints, lambda: state)  # agreed step: save, raise Preempted
 
     # __main__.py: one line per error, exit status 1, never a hang
     common.cli.define_config_flag(configs.DEFAULT, "Training configuration.")
@@ -91,10 +92,11 @@ from experiments.common.files import write_text_atomic as write_text_atomic
 from experiments.common.preemption import PREEMPTED_EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from experiments.common.preemption import Preempted as Preempted
 from experiments.common.preemption import Preemption as Preemption
-from experiments.common.storage import as_path as workdir_path
 from experiments.common.summaries import summary_writer as summary_writer
 from experiments.common.workdir import WorkdirLock as WorkdirLock
 from experiments.common.workdir import check_config as check_config
 from experiments.common.workdir import read_config as read_config
 from experiments.common.workdir import runtime_settings as runtime_settings
 from experiments.common.workdir import write_config as write_config
+
+workdir_path = storage.as_path  # pathlib.Path, or GcsPath for gs://

@@ -58,8 +58,10 @@ def write_checksums(step_dir: AnyPath) -> None:
   """Writes ``step_dir/SHA256SUMS``: the sha256 of every file below it, in
   ``sha256sum`` format, paths relative to ``step_dir``."""
   files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
-  write_text_atomic(step_dir / CHECKSUMS_FILE,
-                    "".join(f"{sha256_of_file(p)}  {p.relative_to(step_dir).as_posix()}\n" for p in files))
+  write_text_atomic(
+    step_dir / CHECKSUMS_FILE,
+    "".join(f"{sha256_of_file(p)}  {p.relative_to(step_dir).as_posix()}\n" for p in files),
+  )
 
 
 def verify_checksums(step_dir: AnyPath) -> str | None:
@@ -104,7 +106,9 @@ def _check_writable(directory: AnyPath) -> None:
   except FileExistsError:
     raise CheckpointError(f"cannot keep checkpoints in {directory}: a file is in the way") from None
   except OSError as e:
-    raise CheckpointError(f"cannot create the checkpoints folder {directory}: {e.strerror or e}") from e
+    raise CheckpointError(
+      f"cannot create the checkpoints folder {directory}: {e.strerror or e}"
+    ) from e
   if not directory.is_dir():
     raise CheckpointError(f"cannot keep checkpoints in {directory}: not a folder")
   try:
@@ -112,7 +116,9 @@ def _check_writable(directory: AnyPath) -> None:
     os.close(fd)
     os.unlink(probe)
   except OSError as e:
-    raise CheckpointError(f"cannot write to the checkpoints folder {directory}: {e.strerror or e}") from e
+    raise CheckpointError(
+      f"cannot write to the checkpoints folder {directory}: {e.strerror or e}"
+    ) from e
 
 
 class Checkpoints:
@@ -134,24 +140,33 @@ class Checkpoints:
   writes ``SHA256SUMS`` and moves damaged steps aside.
   """
 
-  def __init__(self, directory: str | os.PathLike | storage.GcsPath, *, max_to_keep: int = 2,
-               asynchronous: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike | storage.GcsPath,
+    *,
+    max_to_keep: int = 2,
+    asynchronous: bool = True,
+  ):
     self.directory = storage.as_path(directory).absolute()
     self.asynchronous = asynchronous
     _check_writable(self.directory)
     self.latest_step = self._newest_intact_step()
     self._manager = ocp.CheckpointManager(
-        str(self.directory),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=asynchronous,
-            cleanup_tmp_directories=True,
-        ),
+      str(self.directory),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=False,
+        enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=True,
+      ),
     )
     self._sealing: threading.Thread | None = None  # waits for orbax, then writes SHA256SUMS
     self._sealing_error: BaseException | None = None
 
   def _newest_intact_step(self) -> int | None:
-    steps = sorted((int(p.name) for p in self.directory.iterdir() if _STEP_NAME.match(p.name)), reverse=True)
+    steps = sorted(
+      (int(p.name) for p in self.directory.iterdir() if _STEP_NAME.match(p.name)), reverse=True
+    )
     for step in steps:
       path = self.directory / str(step)
       problem = verify_checksums(path)
@@ -159,8 +174,10 @@ class Checkpoints:
         return step
       aside = self._set_aside(path)
       older = next((s for s in steps if s < step), None)
-      warn(f"checkpoint {path} is not intact ({problem}): moved to {aside.name}; "
-           + (f"trying the older step {older}" if older is not None else "no older checkpoint"))
+      warn(
+        f"checkpoint {path} is not intact ({problem}): moved to {aside.name}; "
+        + (f"trying the older step {older}" if older is not None else "no older checkpoint")
+      )
     return None
 
   def _set_aside(self, path: AnyPath) -> AnyPath:
@@ -171,7 +188,9 @@ class Checkpoints:
       try:
         storage.rename_tree(path, aside)
       except OSError as e:
-        raise CheckpointError(f"checkpoint {path} is not intact and cannot be moved aside: {e.strerror or e}") from e
+        raise CheckpointError(
+          f"checkpoint {path} is not intact and cannot be moved aside: {e.strerror or e}"
+        ) from e
     return aside
 
   def restore(self, target: Any) -> Any:
@@ -182,8 +201,10 @@ class Checkpoints:
     try:
       return self._manager.restore(self.latest_step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # orbax raises many kinds; all mean "cannot use it"
-      raise CheckpointError(f"checkpoint {path} cannot be restored into this run's state "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from e
+      raise CheckpointError(
+        f"checkpoint {path} cannot be restored into this run's state "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+      ) from e
 
   def save(self, step: int, state: Any) -> None:
     """Writes ``state`` as ``step``, then its checksums. Synchronous: returns when
@@ -198,7 +219,9 @@ class Checkpoints:
       raise _save_error(path, e) from e
     self.latest_step = step
     if self.asynchronous:
-      self._sealing = threading.Thread(target=self._seal, args=(step,), name=f"bnjax-seal-{step}", daemon=True)
+      self._sealing = threading.Thread(
+        target=self._seal, args=(step,), name=f"bnjax-seal-{step}", daemon=True
+      )
       self._sealing.start()
     else:
       self._seal(step)
@@ -242,5 +265,7 @@ class Checkpoints:
 def _save_error(path: AnyPath, e: BaseException) -> BaseException:
   if isinstance(e, CheckpointError) or not isinstance(e, Exception):
     return e
-  return CheckpointError(f"cannot write checkpoint {path} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300] if str(e) else ''})")
+  return CheckpointError(
+    f"cannot write checkpoint {path} ({type(e).__name__}: "
+    f"{str(e).splitlines()[0][:300] if str(e) else ''})"
+  )

@@ -1,14 +1,14 @@
 """Command lines that end with one line saying what to change, never a traceback.
 
-    # in an experiment's __main__.py
-    flags.DEFINE_string("workdir", None, "...")
-    cli.define_config_flag(configs.DEFAULT, "Training configuration.")
+# in an experiment's __main__.py
+flags.DEFINE_string("workdir", None, "...")
+cli.define_config_flag(configs.DEFAULT, "Training configuration.")
 
-    def main(argv):
-      cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+def main(argv):
+  cli.exit_on_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
-    if __name__ == "__main__":
-      app.run(main, flags_parser=cli.parse_flags)
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pathlib
 import re
 import sys
 import threading
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import flags
 from ml_collections import config_flags
@@ -44,7 +45,10 @@ def fail(message: str, status: int = 1, *, prefix: str = "error: ") -> NoReturn:
   message = " ".join(message.split())  # one line, whatever a library put in it
   sys.stderr.write(f"{prefix}{message}\n")
   sys.stderr.flush()
-  if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+  if any(
+    t.is_alive() and not t.daemon and t is not threading.main_thread()
+    for t in threading.enumerate()
+  ):
     os._exit(status)
   raise SystemExit(status)
 
@@ -143,8 +147,10 @@ def _config_error(name: str, default_file: str, argv: list[str], error: Exceptio
   overrides = [m.group(2) for a in argv if (m := re.match(rf"^--?(no)?{name}\.([^=]+)", a))]
   unknown = [o for o in overrides if not _has_field(config, o)]
   if unknown:
-    fail(f"--{name}.{unknown[0]}: no such config field; the fields of {_display_path(path)} are: "
-         + ", ".join(config_fields(config)))
+    fail(
+      f"--{name}.{unknown[0]}: no such config field; the fields of {_display_path(path)} are: "
+      + ", ".join(config_fields(config))
+    )
   fail(f"--{name}: {str(error).strip() or type(error).__name__}")
 
 
@@ -163,14 +169,17 @@ def renamed_fields(argv: list[str], aliases: dict[str, str], *, name: str = "con
     if new is None:
       out.append(arg)
       continue
-    sys.stderr.write(f"warning: --{name}.{match.group(2)} is now --{name}.{new}; the old name "
-                     "still works for now\n")
+    sys.stderr.write(
+      f"warning: --{name}.{match.group(2)} is now --{name}.{new}; the old name "
+      "still works for now\n"
+    )
     out.append(f"{match.group(1)}{new}{match.group(3)}")
   return out
 
 
-def define_config_flag(default_file: str, help: str, *, name: str = "config",
-                       aliases: dict[str, str] | None = None) -> None:
+def define_config_flag(
+  default_file: str, help: str, *, name: str = "config", aliases: dict[str, str] | None = None
+) -> None:
   """``config_flags.DEFINE_config_file`` (locked: no new fields) with ``--help``
   naming the config file and its fields, and a one-line error for an unknown field
   (ml_collections raises it while defining the flag, so it cannot wait for
@@ -183,8 +192,10 @@ def define_config_flag(default_file: str, help: str, *, name: str = "config",
     _ALIASES[name] = dict(aliases)
     sys.argv[:] = renamed_fields(sys.argv, aliases, name=name)  # DEFINE parses sys.argv's overrides
   fields = ", ".join(config_fields(load_config_file(default_file)))
-  help = (f"{help} A file defining get_config(); the default, {_display_path(default_file)}, documents "
-          f"each field. Override a field with --{name}.FIELD=VALUE; the fields are: {fields}.")
+  help = (
+    f"{help} A file defining get_config(); the default, {_display_path(default_file)}, documents "
+    f"each field. Override a field with --{name}.FIELD=VALUE; the fields are: {fields}."
+  )
   try:
     config_flags.DEFINE_config_file(name, default_file, help, lock_config=True)
   except Exception as e:  # Only overrides on sys.argv are parsed here.

@@ -95,8 +95,8 @@ class MetricsLog:
         row = None
       if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
         raise WorkdirError(
-            f"{self.path}, line {number}: not a JSON object with an integer \"step\" "
-            f"({line[:80]!r}); repair or delete that line"
+          f'{self.path}, line {number}: not a JSON object with an integer "step" '
+          f"({line[:80]!r}); repair or delete that line"
         )
       rows.append(row)
     return rows, dropped
@@ -127,8 +127,10 @@ class MetricsLog:
     bad = non_finite_entries(row)
     if bad:
       raise NonFiniteError(
-          f"at step {row.get('step')}, " + ", ".join(f"{k} = {row[k]}" for k in bad)
-          + " is not finite; not written to " + str(self.path)
+        f"at step {row.get('step')}, "
+        + ", ".join(f"{k} = {row[k]}" for k in bad)
+        + " is not finite; not written to "
+        + str(self.path)
       )
     line = to_json(dict(row)) + "\n"
     if storage.is_gcs(self.path) and self._text is None:

@@ -24,12 +24,12 @@ SPLITS = {"train": "train", "test": "t10k"}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: 0x00000803 (3-D uint8), 0x00000801 (1-D uint8)
 NUM_CLASSES = 10
 OFFLINE_HINT = (
-    "Offline, point --config.data_dir at a folder holding the four IDX files "
-    "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). On Debian/Ubuntu, "
-    "`apt-get install dataset-fashion-mnist` installs Fashion-MNIST's in "
-    "/usr/share/datasets/fashion-mnist: --config.dataset=fashion_mnist "
-    "--config.data_dir=/usr/share/datasets/fashion-mnist"
+  "Offline, point --config.data_dir at a folder holding the four IDX files "
+  "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+  "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). On Debian/Ubuntu, "
+  "`apt-get install dataset-fashion-mnist` installs Fashion-MNIST's in "
+  "/usr/share/datasets/fashion-mnist: --config.dataset=fashion_mnist "
+  "--config.data_dir=/usr/share/datasets/fashion-mnist"
 )
 
 
@@ -58,14 +58,16 @@ def read_idx(path: str | pathlib.Path, *, expected_magic: int) -> np.ndarray:
     with opener(path, "rb") as f:
       raw = f.read()
   except (OSError, EOFError, zlib.error) as e:
-    raise DataError(f"{path}: cannot be read as {'gzip' if opener is gzip.open else 'a file'}: {e}") from e
+    raise DataError(
+      f"{path}: cannot be read as {'gzip' if opener is gzip.open else 'a file'}: {e}"
+    ) from e
   if len(raw) < 4:
     raise DataError(f"{path}: truncated: {len(raw)} bytes, not even a magic number")
   magic = int.from_bytes(raw[:4], "big")
   if magic != expected_magic:
     raise DataError(
-        f"{path}: magic number {magic:#010x}, expected {expected_magic:#010x} "
-        f"({'images' if expected_magic == IMAGE_MAGIC else 'labels'}); is this the right file?"
+      f"{path}: magic number {magic:#010x}, expected {expected_magic:#010x} "
+      f"({'images' if expected_magic == IMAGE_MAGIC else 'labels'}); is this the right file?"
     )
   rank = magic & 0xFF
   header = 4 + 4 * rank
@@ -75,8 +77,8 @@ def read_idx(path: str | pathlib.Path, *, expected_magic: int) -> np.ndarray:
   size = int(np.prod(shape))
   if len(raw) - header != size:
     raise DataError(
-        f"{path}: header says shape {shape} ({size} bytes of data) but the file holds "
-        f"{len(raw) - header}; the file is {'truncated' if len(raw) - header < size else 'too long'}"
+      f"{path}: header says shape {shape} ({size} bytes of data) but the file holds "
+      f"{len(raw) - header}; the file is {'truncated' if len(raw) - header < size else 'too long'}"
     )
   return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
@@ -89,11 +91,13 @@ def find_idx_file(data_dir: pathlib.Path, split: str, kind: str) -> pathlib.Path
   """
   rank = 3 if kind == "images" else 1
   pattern = re.compile(rf"^{SPLITS[split]}-{kind}[-.]idx{rank}-ubyte(\.gz)?$")
-  matches = sorted(p for p in data_dir.iterdir() if pattern.match(p.name)) if data_dir.is_dir() else []
+  matches = (
+    sorted(p for p in data_dir.iterdir() if pattern.match(p.name)) if data_dir.is_dir() else []
+  )
   if not matches:
     raise DataError(
-        f"no {split} {kind} file in {data_dir} (expected {SPLITS[split]}-{kind}-idx{rank}-ubyte.gz). "
-        + OFFLINE_HINT
+      f"no {split} {kind} file in {data_dir} (expected {SPLITS[split]}-{kind}-idx{rank}-ubyte.gz). "
+      + OFFLINE_HINT
     )
   return matches[0]
 
@@ -115,7 +119,7 @@ def load_idx_folder(data_dir: str | pathlib.Path) -> Dataset:
       raise DataError(f"{images_path}: holds no images")
     if labels.shape != (images.shape[0],):
       raise DataError(
-          f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}"
+        f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {images_path}"
       )
     if labels.size and labels.max() >= NUM_CLASSES:
       raise DataError(f"{labels_path}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")

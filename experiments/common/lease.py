@@ -107,7 +107,7 @@ class GcsLease:
       holder = str(json.loads(data).get("holder", "unknown"))
     except ValueError:
       holder = "unknown"
-    age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
+    age = (datetime.datetime.now(datetime.UTC) - blob.updated).total_seconds()
     pid, _, host = holder.partition(" ")
     dead_here = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
     if age <= self.stale_after_seconds and not dead_here:

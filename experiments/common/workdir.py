@@ -75,8 +75,9 @@ class WorkdirLock:
       holder = os.pread(fd, 200, 0).decode(errors="replace").split()
       os.close(fd)
       raise WorkdirError(
-          f"the workdir {self.workdir} is in use by another run (pid "
-          f"{' on '.join(holder) if holder else 'unknown'}); wait for it to end, or give another --workdir"
+        f"the workdir {self.workdir} is in use by another run (pid "
+        f"{' on '.join(holder) if holder else 'unknown'}); wait for it to end, "
+        "or give another --workdir"
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -100,7 +101,11 @@ class WorkdirLock:
       return
     top = self._created[-1]
     try:
-      if any(p.is_file() or p.is_symlink() for p in top.rglob("*") if p != self.workdir.absolute() / LOCK_FILE):
+      if any(
+        p.is_file() or p.is_symlink()
+        for p in top.rglob("*")
+        if p != self.workdir.absolute() / LOCK_FILE
+      ):
         return
       shutil.rmtree(top)
     except OSError:
@@ -120,10 +125,10 @@ def runtime_settings(**extra: Any) -> dict:
   batches, so a checkpoint cannot continue under them. ``extra`` adds an
   experiment's own (e.g. ``num_devices=8``)."""
   return {
-      "jax_enable_x64": bool(jax.config.jax_enable_x64),
-      "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
-      "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-      **extra,
+    "jax_enable_x64": bool(jax.config.jax_enable_x64),
+    "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
+    "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+    **extra,
   }
 
 
@@ -144,20 +149,34 @@ def read_config(workdir: str | os.PathLike) -> dict:
     saved = json.loads(text)
   except ValueError:
     saved = None
-  if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
-          and isinstance(saved.get("runtime"), dict)):
-    raise WorkdirError(f"{path} is {'empty' if not text.strip() else 'not a config this code wrote'}")
+  if not (
+    isinstance(saved, dict)
+    and isinstance(saved.get("config"), dict)
+    and isinstance(saved.get("runtime"), dict)
+  ):
+    raise WorkdirError(
+      f"{path} is {'empty' if not text.strip() else 'not a config this code wrote'}"
+    )
   return saved
 
 
 def _differences(saved: Mapping, current: Mapping, ignore: Iterable[str] = ()) -> list[str]:
   ignore = set(ignore)
-  return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-          for k in sorted(set(saved) | set(current)) if k not in ignore and saved.get(k) != current.get(k)]
+  return [
+    f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+    for k in sorted(set(saved) | set(current))
+    if k not in ignore and saved.get(k) != current.get(k)
+  ]
 
 
-def check_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, may_change: Iterable[str] = (),
-                 runtime: Mapping | None = None) -> None:
+def check_config(
+  workdir: str | os.PathLike,
+  config: Any,
+  *,
+  resuming: bool,
+  may_change: Iterable[str] = (),
+  runtime: Mapping | None = None,
+) -> None:
   """Refuses to resume a run with another config or under other runtime settings.
 
   Args:
@@ -177,16 +196,26 @@ def check_config(workdir: str | os.PathLike, config: Any, *, resuming: bool, may
   try:
     saved = read_config(workdir)
   except WorkdirError as e:
-    raise ConfigError(f"{workdir} holds checkpoints but {e}, so the config they were trained with is "
-                      "unknown; put the run's config.json back, or give a new --workdir") from None
+    raise ConfigError(
+      f"{workdir} holds checkpoints but {e}, so the config they were trained with is "
+      "unknown; put the run's config.json back, or give a new --workdir"
+    ) from None
   changed = _differences(saved["config"], as_dict(config), may_change)
-  changed += [f"runtime {d}" for d in _differences(saved["runtime"], dict(runtime or runtime_settings()))]
+  changed += [
+    f"runtime {d}" for d in _differences(saved["runtime"], dict(runtime or runtime_settings()))
+  ]
   if changed:
-    raise ConfigError(f"the workdir {workdir} holds a run with another config or settings ({'; '.join(changed)}); "
-                      "resume it with its own, or give a new --workdir")
+    raise ConfigError(
+      f"the workdir {workdir} holds a run with another config or settings ({'; '.join(changed)}); "
+      "resume it with its own, or give a new --workdir"
+    )
 
 
-def write_config(workdir: str | os.PathLike, config: Any, *, runtime: Mapping | None = None) -> None:
+def write_config(
+  workdir: str | os.PathLike, config: Any, *, runtime: Mapping | None = None
+) -> None:
   """Writes ``workdir/config.json`` atomically: the config and the runtime settings."""
-  write_json_atomic(storage.as_path(workdir) / CONFIG_FILE,
-                    {"config": as_dict(config), "runtime": dict(runtime or runtime_settings())})
+  write_json_atomic(
+    storage.as_path(workdir) / CONFIG_FILE,
+    {"config": as_dict(config), "runtime": dict(runtime or runtime_settings())},
+  )

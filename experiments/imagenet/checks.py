@@ -32,8 +32,11 @@ def _positive_real(value) -> bool:
 
 
 def _check_choices(config, num_devices: int, process_count: int) -> None:
-  for field, choices in (("parallelism", parallel.PARALLELISMS), ("optimizer", OPTIMIZERS),
-                         ("lr_schedule", SCHEDULES)):
+  for field, choices in (
+    ("parallelism", parallel.PARALLELISMS),
+    ("optimizer", OPTIMIZERS),
+    ("lr_schedule", SCHEDULES),
+  ):
     if config[field] not in choices:
       raise ConfigError(f"config.{field} must be one of {choices}, got {config[field]!r}")
 
@@ -42,9 +45,11 @@ def _check_batches(config, num_devices: int, process_count: int) -> None:
   for field in ("batch_size", "eval_batch_size"):
     value = config[field]
     if not _positive_int(value) or value % num_devices:
-      raise ConfigError(f"config.{field}={value!r} must be a positive multiple of the {num_devices} "
-                        f"devices (of {process_count} host(s)): each device takes an equal share "
-                        "of the global batch")
+      raise ConfigError(
+        f"config.{field}={value!r} must be a positive multiple of the {num_devices} "
+        f"devices (of {process_count} host(s)): each device takes an equal share "
+        "of the global batch"
+      )
 
 
 def _check_image_size(config, num_devices: int, process_count: int) -> None:
@@ -60,10 +65,12 @@ def _check_counts(config, num_devices: int, process_count: int) -> None:
   for field in ("num_train_steps", "eval_every", "checkpoint_every"):
     if not (config[field] == -1 or _positive_int(config[field])):
       raise ConfigError(f"config.{field} must be -1 or a positive integer, got {config[field]!r}")
-  if config.num_train_steps == -1 and not (isinstance(config.num_epochs, numbers.Real)
-                                           and config.num_epochs > 0):
-    raise ConfigError(f"config.num_epochs must be positive when num_train_steps=-1, got "
-                      f"{config.num_epochs!r}")
+  if config.num_train_steps == -1 and not (
+    isinstance(config.num_epochs, numbers.Real) and config.num_epochs > 0
+  ):
+    raise ConfigError(
+      f"config.num_epochs must be positive when num_train_steps=-1, got {config.num_epochs!r}"
+    )
   for field in ("bn_group_size", "bn_virtual_batch_size", "recompute_bn_batches", "shuffle_buffer"):
     if not _non_negative_int(config[field]):
       raise ConfigError(f"config.{field} must be a non-negative integer, got {config[field]!r}")
@@ -71,10 +78,13 @@ def _check_counts(config, num_devices: int, process_count: int) -> None:
 
 def _check_rates(config, num_devices: int, process_count: int) -> None:
   if not _positive_real(config.learning_rate):
-    raise ConfigError(f"config.learning_rate must be a positive finite number, got "
-                      f"{config.learning_rate!r}")
+    raise ConfigError(
+      f"config.learning_rate must be a positive finite number, got {config.learning_rate!r}"
+    )
   if not 0 < config.eval_crop_fraction <= 1:
-    raise ConfigError(f"config.eval_crop_fraction must be in (0, 1], got {config.eval_crop_fraction!r}")
+    raise ConfigError(
+      f"config.eval_crop_fraction must be in (0, 1], got {config.eval_crop_fraction!r}"
+    )
 
 
 def _check_statistics_groups(config, num_devices: int, process_count: int) -> None:
@@ -83,22 +93,34 @@ def _check_statistics_groups(config, num_devices: int, process_count: int) -> No
   if group and num_devices % group:
     raise ConfigError(f"config.bn_group_size={group} must divide the {num_devices} devices")
   group_batch = (group or num_devices) * per_device
-  if virtual and (group_batch % virtual or not (per_device % virtual == 0 or virtual % per_device == 0)):
+  if virtual and (
+    group_batch % virtual or not (per_device % virtual == 0 or virtual % per_device == 0)
+  ):
     raise ConfigError(
-        f"config.bn_virtual_batch_size={virtual} must divide the batch of each statistics group "
-        f"({group_batch} examples) and divide, or be a multiple of, the {per_device} examples "
-        "per device")
+      f"config.bn_virtual_batch_size={virtual} must divide the batch of each statistics group "
+      f"({group_batch} examples) and divide, or be a multiple of, the {per_device} examples "
+      "per device"
+    )
   if config.recompute_bn_batches and not config.get("batch_norm", True):
-    raise ConfigError("config.recompute_bn_batches > 0 needs a network with batch norm "
-                      "(batch_norm=True)")
+    raise ConfigError(
+      "config.recompute_bn_batches > 0 needs a network with batch norm (batch_norm=True)"
+    )
 
 
 # In the order a reader meets the fields (the first failing check names its field).
-CHECKS = (_check_choices, _check_batches, _check_image_size, _check_counts, _check_rates,
-          _check_statistics_groups)
+CHECKS = (
+  _check_choices,
+  _check_batches,
+  _check_image_size,
+  _check_counts,
+  _check_rates,
+  _check_statistics_groups,
+)
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
+def validate_config(
+  config: ml_collections.ConfigDict, *, num_devices: int, process_count: int
+) -> None:
   """Every field the experiment reads, checked before any work; errors name the field.
 
   Raises:

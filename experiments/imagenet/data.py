@@ -33,7 +33,9 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from experiments import common
-from experiments.imagenet.configs.default import IMAGENET_TRAIN_IMAGES  # what a fake run pretends to have
+from experiments.imagenet.configs.default import (
+  IMAGENET_TRAIN_IMAGES,
+)  # what a fake run pretends to have
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -60,14 +62,24 @@ class Source(Protocol):
 
   num_classes: int
 
-  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
-                 train: bool) -> Split: ...
+  def split_plan(
+    self, split: str, *, global_batch_size: int, process_count: int, train: bool
+  ) -> Split: ...
 
-  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
-                    seed: int, process_index: int, process_count: int) -> Iterator[dict]: ...
+  def train_batches(
+    self,
+    start_step: int = 0,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ) -> Iterator[dict]: ...
 
-  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
-                   process_count: int) -> tuple[Split, Iterator[dict]]: ...
+  def eval_batches(
+    self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int
+  ) -> tuple[Split, Iterator[dict]]: ...
 
 
 def quiet_tensorflow() -> None:
@@ -86,11 +98,12 @@ def host_bounds(num_examples: int, process_count: int) -> list[int]:
 def contiguous_counts(num_examples: int, process_count: int) -> tuple[int, ...]:
   """Examples of each host when the split is cut into ``process_count`` contiguous parts."""
   bounds = host_bounds(num_examples, process_count)
-  return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+  return tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
 
 
-def split_plan(counts: tuple[int, ...], *, global_batch_size: int, train: bool,
-               what: str = "the train split") -> Split:
+def split_plan(
+  counts: tuple[int, ...], *, global_batch_size: int, train: bool, what: str = "the train split"
+) -> Split:
   """Batches per host for a split of ``counts`` examples per host.
 
   Training drops each host's last partial batch of every epoch, and every host
@@ -106,9 +119,11 @@ def split_plan(counts: tuple[int, ...], *, global_batch_size: int, train: bool,
   if train:
     num_batches = min(counts) // local
     if num_batches == 0:
-      raise DataError(f"{what} has {min(counts)} examples on a host, fewer than the batch of "
-                      f"{local} per host (config.batch_size={global_batch_size}, "
-                      f"{process_count} hosts)")
+      raise DataError(
+        f"{what} has {min(counts)} examples on a host, fewer than the batch of "
+        f"{local} per host (config.batch_size={global_batch_size}, "
+        f"{process_count} hosts)"
+      )
   else:
     num_batches = max(1, math.ceil(max(counts) / local))
   return Split(examples_per_host=tuple(counts), local_batch_size=local, num_batches=num_batches)
@@ -145,14 +160,20 @@ class FakeSource(NamedTuple):
   num_classes: int = FAKE_NUM_CLASSES
   num_train_examples: int = IMAGENET_TRAIN_IMAGES
 
-  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
-                 train: bool) -> Split:
+  def split_plan(
+    self, split: str, *, global_batch_size: int, process_count: int, train: bool
+  ) -> Split:
     total = self.num_train_examples if split == TRAIN_SPLIT else self.num_eval_examples
-    return split_plan(contiguous_counts(total, process_count), global_batch_size=global_batch_size,
-                      train=train, what=f"the fake {split} split")
+    return split_plan(
+      contiguous_counts(total, process_count),
+      global_batch_size=global_batch_size,
+      train=train,
+      what=f"the fake {split} split",
+    )
 
   def examples(self, rows: np.ndarray, *, seed: int, image_size: int) -> dict:
-    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label`` int32 ``[B]``."""
+    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label``
+    int32 ``[B]``."""
     images, labels = [], []
     for row in rows:
       rng = np.random.default_rng([seed, 1, int(row)])
@@ -160,20 +181,36 @@ class FakeSource(NamedTuple):
       labels.append(rng.integers(0, self.num_classes))
     return {"image": normalize(np.stack(images)), "label": np.asarray(labels, np.int32)}
 
-  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
-                    seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+  def train_batches(
+    self,
+    start_step: int = 0,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ) -> Iterator[dict]:
     local = global_batch_size // process_count
-    fixed = [self.examples(np.arange(local) + b * global_batch_size + process_index * local,
-                           seed=seed, image_size=image_size) for b in range(FAKE_BATCHES)]
+    fixed = [
+      self.examples(
+        np.arange(local) + b * global_batch_size + process_index * local,
+        seed=seed,
+        image_size=image_size,
+      )
+      for b in range(FAKE_BATCHES)
+    ]
     step = start_step
     while True:
       yield fixed[step % FAKE_BATCHES]
       step += 1
 
-  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
-                   process_count: int) -> tuple[Split, Iterator[dict]]:
-    plan = self.split_plan(EVAL_SPLIT, global_batch_size=global_batch_size,
-                           process_count=process_count, train=False)
+  def eval_batches(
+    self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int
+  ) -> tuple[Split, Iterator[dict]]:
+    plan = self.split_plan(
+      EVAL_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=False
+    )
     bounds = host_bounds(self.num_eval_examples, process_count)
 
     def batches():

@@ -39,12 +39,12 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "figure3_config.py")
 
 # The paper's Figure 3, in its order; name -> label.
 VARIANTS = {
-    "inception": "Inception",
-    "bn_baseline": "BN-Baseline",
-    "bn_x5": "BN-x5",
-    "bn_x30": "BN-x30",
-    "bn_x5_sigmoid": "BN-x5-Sigmoid",
-    "inception_sigmoid": "Inception-Sigmoid",
+  "inception": "Inception",
+  "bn_baseline": "BN-Baseline",
+  "bn_x5": "BN-x5",
+  "bn_x30": "BN-x30",
+  "bn_x5_sigmoid": "BN-x5-Sigmoid",
+  "inception_sigmoid": "Inception-Sigmoid",
 }
 REFERENCE = "inception"
 DIVERGED = "diverged.txt"
@@ -81,11 +81,16 @@ def evaluations(workdir: pathlib.Path) -> list[tuple[int, float]]:
   from experiments.imagenet import train
 
   path = workdir / "metrics.jsonl"
-  return [(r["step"], r["top1"]) for r in train.read_metrics(workdir) if "top1" in r] if path.exists() else []
+  return (
+    [(r["step"], r["top1"]) for r in train.read_metrics(workdir) if "top1" in r]
+    if path.exists()
+    else []
+  )
 
 
-def table(curves: dict[str, list[tuple[int, float]]], rates: dict[str, float],
-          diverged: dict[str, bool]) -> list[dict]:
+def table(
+  curves: dict[str, list[tuple[int, float]]], rates: dict[str, float], diverged: dict[str, bool]
+) -> list[dict]:
   """The rows of Figure 3's table: for each variant, the first evaluated step at
   which it reached the Inception's best accuracy (None if never), its best
   accuracy and the step of that."""
@@ -94,8 +99,18 @@ def table(curves: dict[str, list[tuple[int, float]]], rates: dict[str, float],
   for name, curve in curves.items():
     reached = next((s for s, a in curve if a >= target), None)
     best_step, best = max(curve, key=lambda sa: (sa[1], -sa[0]), default=(None, None))
-    rows.append({"name": name, "label": VARIANTS[name], "learning_rate": rates[name], "steps_to_target": reached,
-                 "best_top1": best, "best_step": best_step, "diverged": diverged[name], "target": target})
+    rows.append(
+      {
+        "name": name,
+        "label": VARIANTS[name],
+        "learning_rate": rates[name],
+        "steps_to_target": reached,
+        "best_top1": best,
+        "best_step": best_step,
+        "diverged": diverged[name],
+        "target": target,
+      }
+    )
   return rows
 
 
@@ -107,26 +122,46 @@ def format_table(rows: list[dict]) -> list[list[str]]:
   for r in rows:
     steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:,}"
     best = "-" if r["best_top1"] is None else f"{r['best_top1']:.1%} ({r['best_step']:,})"
-    lines.append([r["label"] + (" (diverged)" if r["diverged"] else ""), f"{r['learning_rate']:g}", steps, best])
+    lines.append(
+      [
+        r["label"] + (" (diverged)" if r["diverged"] else ""),
+        f"{r['learning_rate']:g}",
+        steps,
+        best,
+      ]
+    )
   return lines
 
 
 def draw(curves: dict, rows: list[dict], path: pathlib.Path, *, title: str) -> None:
   """Writes the two panels to ``path`` (PNG) atomically."""
   fig, (ax, tab) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.1, 1]})
-  styles = {"inception": "k-", "bn_baseline": "C0-", "bn_x5": "C1-", "bn_x30": "C2-", "bn_x5_sigmoid": "C3--",
-            "inception_sigmoid": "k--"}
+  styles = {
+    "inception": "k-",
+    "bn_baseline": "C0-",
+    "bn_x5": "C1-",
+    "bn_x30": "C2-",
+    "bn_x5_sigmoid": "C3--",
+    "inception_sigmoid": "k--",
+  }
   for name, curve in curves.items():
     if curve:
-      ax.plot([s for s, _ in curve], [a for _, a in curve], styles[name], marker=".", label=VARIANTS[name])
+      ax.plot(
+        [s for s, _ in curve], [a for _, a in curve], styles[name], marker=".", label=VARIANTS[name]
+      )
   target = rows[0]["target"]
   if target == target:  # not NaN
     ax.axhline(target, color="gray", lw=0.8, ls=":", label=f"Inception's best ({target:.1%})")
-  ax.set(title="(a) Test accuracy (10,000 test images)", xlabel="training steps (batches of 32)",
-         ylabel="top-1 accuracy")
+  ax.set(
+    title="(a) Test accuracy (10,000 test images)",
+    xlabel="training steps (batches of 32)",
+    ylabel="top-1 accuracy",
+  )
   ax.grid(alpha=0.3)
   ax.set_ylim(0.0, None)
-  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small")  # below: hides no curve
+  ax.legend(
+    loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small"
+  )  # below: hides no curve
   tab.axis("off")
   text = format_table(rows)
   cells = tab.table(cellText=text[1:], colLabels=text[0], loc="center", cellLoc="center")
@@ -165,23 +200,35 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
         print(f"{name}: diverged: {e}", file=sys.stderr, flush=True)
       print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     curves = {name: evaluations(workdir / name) for name in VARIANTS}
-    rows = table(curves, {n: c.learning_rate for n, c in configs.items()},
-                 {n: (workdir / n / DIVERGED).exists() for n in VARIANTS})
+    rows = table(
+      curves,
+      {n: c.learning_rate for n, c in configs.items()},
+      {n: (workdir / n / DIVERGED).exists() for n in VARIANTS},
+    )
     text = format_table(rows)
     markdown = ["| " + " | ".join(text[0]) + " |", "|" + "---|" * len(text[0])]
     markdown += ["| " + " | ".join(line) + " |" for line in text[1:]]
     common.write_text_atomic(workdir / "figure3.md", "\n".join(markdown) + "\n")
     path = workdir / "figure3.png"
-    draw(curves, rows, path, title=(
-        f"Figure 3 in miniature: {miniature.model} at {miniature.image_size}x{miniature.image_size}, "
+    draw(
+      curves,
+      rows,
+      path,
+      title=(
+        f"Figure 3 in miniature: {miniature.model} at "
+        f"{miniature.image_size}x{miniature.image_size}, "
         f"{miniature.dataset}, {miniature.num_train_steps} steps of {miniature.batch_size}, "
-        f"Inception rate {miniature.base_learning_rate:g}"))
+        f"Inception rate {miniature.base_learning_rate:g}"
+      ),
+    )
   return path
 
 
 def define_flags() -> None:
   """--workdir and --config (at run time, not import: other commands use these names)."""
-  flags.DEFINE_string("workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png.")
+  flags.DEFINE_string(
+    "workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png."
+  )
   cli.define_config_flag(DEFAULT_CONFIG, "The miniature's fields, set on every variant's config.")
 
 

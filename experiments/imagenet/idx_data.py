@@ -64,41 +64,58 @@ class IdxSource(NamedTuple):
   std: float
   num_classes: int = idx.NUM_CLASSES
 
-  def split_plan(self, split: str, *, global_batch_size: int, process_count: int,
-                 train: bool) -> data.Split:
+  def split_plan(
+    self, split: str, *, global_batch_size: int, process_count: int, train: bool
+  ) -> data.Split:
     """As ``data.Source``'s, for ``split`` "train" or "validation" (the test split)."""
     images = self.train_images if split == data.TRAIN_SPLIT else self.test_images
-    return data.split_plan(data.contiguous_counts(len(images), process_count),
-                           global_batch_size=global_batch_size, train=train,
-                           what=f"the training split of {self.data_dir}")
+    return data.split_plan(
+      data.contiguous_counts(len(images), process_count),
+      global_batch_size=global_batch_size,
+      train=train,
+      what=f"the training split of {self.data_dir}",
+    )
 
-  def train_batches(self, start_step: int = 0, *, global_batch_size: int, image_size: int,
-                    seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+  def train_batches(
+    self,
+    start_step: int = 0,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ) -> Iterator[dict]:
     """This host's training batches from ``start_step`` on, without end.
 
     Yields:
       ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
     """
-    plan = self.split_plan(data.TRAIN_SPLIT, global_batch_size=global_batch_size,
-                           process_count=process_count, train=True)
+    plan = self.split_plan(
+      data.TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=True
+    )
     local = plan.local_batch_size
     first = data.host_bounds(len(self.train_images), process_count)[process_index]
-    e, k = divmod(start_step, plan.num_batches)
+    e, first_k = divmod(start_step, plan.num_batches)
     while True:
       rng = np.random.default_rng([seed, e, process_index])
       order = first + rng.permutation(plan.examples_per_host[process_index])
-      for k in range(k, plan.num_batches):
-        rows = order[k * local:(k + 1) * local]
+      for k in range(first_k, plan.num_batches):
+        rows = order[k * local : (k + 1) * local]
         rng = np.random.default_rng([seed, e, process_index, k, 1])
-        yield {"image": augmented(self, self.train_images[rows], image_size, rng),
-               "label": self.train_labels[rows]}
-      e, k = e + 1, 0
+        yield {
+          "image": augmented(self, self.train_images[rows], image_size, rng),
+          "label": self.train_labels[rows],
+        }
+      e, first_k = e + 1, 0
 
-  def eval_batches(self, *, global_batch_size: int, image_size: int, process_index: int,
-                   process_count: int) -> tuple[data.Split, Iterator[dict]]:
+  def eval_batches(
+    self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int
+  ) -> tuple[data.Split, Iterator[dict]]:
     """Every test image once, centred (no crop); the padding is masked-out zeros."""
-    plan = self.split_plan(data.EVAL_SPLIT, global_batch_size=global_batch_size,
-                           process_count=process_count, train=False)
+    plan = self.split_plan(
+      data.EVAL_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=False
+    )
     bounds = data.host_bounds(len(self.test_images), process_count)
 
     def batches():
@@ -119,20 +136,33 @@ def open_idx_source(dataset: str, data_dir: str | None) -> IdxSource:
       (one line naming the folder and how to install Debian's Fashion-MNIST).
   """
   if not data_dir:
-    raise data.DataError(f"config.dataset={dataset!r} is read from a folder of IDX files: set "
-                         "--config.data_dir (`apt-get install dataset-fashion-mnist` puts "
-                         "Fashion-MNIST's in /usr/share/datasets/fashion-mnist)")
+    raise data.DataError(
+      f"config.dataset={dataset!r} is read from a folder of IDX files: set "
+      "--config.data_dir (`apt-get install dataset-fashion-mnist` puts "
+      "Fashion-MNIST's in /usr/share/datasets/fashion-mnist)"
+    )
   if dataset not in DATASETS:
-    raise data.DataError(f"config.data_dir is a folder of IDX files, read for config.dataset in "
-                         f"{DATASETS}; got config.dataset={dataset!r}")
+    raise data.DataError(
+      f"config.data_dir is a folder of IDX files, read for config.dataset in "
+      f"{DATASETS}; got config.dataset={dataset!r}"
+    )
   try:
     files = idx.load_idx_folder(data_dir)
   except idx.DataError as e:
-    raise data.DataError(f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}") from None
+    raise data.DataError(
+      f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}"
+    ) from None
   pixels = files.train_images.astype(np.float64)
-  return IdxSource(name=dataset, data_dir=pathlib.Path(data_dir), train_images=files.train_images,
-                   train_labels=files.train_labels, test_images=files.test_images,
-                   test_labels=files.test_labels, mean=float(pixels.mean()), std=float(pixels.std()))
+  return IdxSource(
+    name=dataset,
+    data_dir=pathlib.Path(data_dir),
+    train_images=files.train_images,
+    train_labels=files.train_labels,
+    test_images=files.test_images,
+    test_labels=files.test_labels,
+    mean=float(pixels.mean()),
+    std=float(pixels.std()),
+  )
 
 
 def _geometry(image_size: int) -> tuple[int, int]:
@@ -147,26 +177,31 @@ def _resized(images: np.ndarray, inner: int) -> np.ndarray:
     return images.astype(np.float32)
   import jax
 
-  resized = jax.image.resize(images.astype(np.float32), (len(images), inner, inner), "linear",
-                             antialias=True)
+  resized = jax.image.resize(
+    images.astype(np.float32), (len(images), inner, inner), "linear", antialias=True
+  )
   return np.clip(np.asarray(resized), 0.0, 255.0)
 
 
 def _finish(source: IdxSource, squares: np.ndarray) -> np.ndarray:
   """float32 ``[B, S, S]`` in [0, 255] -> normalized float32 ``[B, S, S, 3]``."""
   normalized = (squares - np.float32(source.mean)) / np.float32(source.std)
-  return np.ascontiguousarray(np.broadcast_to(normalized[..., None], (*normalized.shape, 3)), dtype=np.float32)
+  return np.ascontiguousarray(
+    np.broadcast_to(normalized[..., None], (*normalized.shape, 3)), dtype=np.float32
+  )
 
 
 def centred(source: IdxSource, images: np.ndarray, image_size: int) -> np.ndarray:
   """The evaluation view: uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
   inner, margin = _geometry(image_size)
   squares = np.zeros((len(images), image_size, image_size), np.float32)
-  squares[:, margin:margin + inner, margin:margin + inner] = _resized(images, inner)
+  squares[:, margin : margin + inner, margin : margin + inner] = _resized(images, inner)
   return _finish(source, squares)
 
 
-def augmented(source: IdxSource, images: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
+def augmented(
+  source: IdxSource, images: np.ndarray, image_size: int, rng: np.random.Generator
+) -> np.ndarray:
   """The training view: a random shifted window (and flip, for Fashion-MNIST) of
   the padded square; uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
   inner, margin = _geometry(image_size)
@@ -174,7 +209,7 @@ def augmented(source: IdxSource, images: np.ndarray, image_size: int, rng: np.ra
   side = image_size + 2 * shift
   padded = np.zeros((len(images), side, side), np.float32)
   start = margin + shift
-  padded[:, start:start + inner, start:start + inner] = _resized(images, inner)
+  padded[:, start : start + inner, start : start + inner] = _resized(images, inner)
   offsets = rng.integers(0, 2 * shift + 1, size=(len(images), 2))
   windows = np.lib.stride_tricks.sliding_window_view(padded, (image_size, image_size), axis=(1, 2))
   squares = windows[np.arange(len(images)), offsets[:, 0], offsets[:, 1]]

@@ -66,10 +66,16 @@ def check_image_size(image_size: int) -> None:
   Both networks halve the resolution five times (total stride 32), so that the
   last feature map has a whole number of cells; 224 gives 7x7, 32 gives 1x1.
   """
-  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+  if (
+    isinstance(image_size, bool)
+    or not isinstance(image_size, int)
+    or image_size < 32
+    or image_size % 32
+  ):
     raise ValueError(
-        f"image_size must be a multiple of 32, at least 32 (the networks' total stride), got {image_size!r}; "
-        "e.g. 224 as the paper, or 32 / 64 for a quick CPU run"
+      "image_size must be a multiple of 32, at least 32 (the networks' total stride), "
+      f"got {image_size!r}; "
+      "e.g. 224 as the paper, or 32 / 64 for a quick CPU run"
     )
 
 
@@ -98,16 +104,16 @@ class InceptionModuleSpec(NamedTuple):
 # The table of the paper's appendix (Figure 5), modules 3a to 5b. ``None`` marks the
 # pool projections of 4c and 4d, set by ``Inception.pool_projection_4cd``.
 INCEPTION_MODULES = (
-    InceptionModuleSpec("3a", 64, 64, 64, 64, 96, "avg", 32, 1),
-    InceptionModuleSpec("3b", 64, 64, 96, 64, 96, "avg", 64, 1),
-    InceptionModuleSpec("3c", 0, 128, 160, 64, 96, "max", 0, 2),
-    InceptionModuleSpec("4a", 224, 64, 96, 96, 128, "avg", 128, 1),
-    InceptionModuleSpec("4b", 192, 96, 128, 96, 128, "avg", 128, 1),
-    InceptionModuleSpec("4c", 160, 128, 160, 128, 160, "avg", None, 1),
-    InceptionModuleSpec("4d", 96, 128, 192, 160, 192, "avg", None, 1),
-    InceptionModuleSpec("4e", 0, 128, 192, 192, 256, "max", 0, 2),
-    InceptionModuleSpec("5a", 352, 192, 320, 160, 224, "avg", 128, 1),
-    InceptionModuleSpec("5b", 352, 192, 320, 192, 224, "max", 128, 1),
+  InceptionModuleSpec("3a", 64, 64, 64, 64, 96, "avg", 32, 1),
+  InceptionModuleSpec("3b", 64, 64, 96, 64, 96, "avg", 64, 1),
+  InceptionModuleSpec("3c", 0, 128, 160, 64, 96, "max", 0, 2),
+  InceptionModuleSpec("4a", 224, 64, 96, 96, 128, "avg", 128, 1),
+  InceptionModuleSpec("4b", 192, 96, 128, 96, 128, "avg", 128, 1),
+  InceptionModuleSpec("4c", 160, 128, 160, 128, 160, "avg", None, 1),
+  InceptionModuleSpec("4d", 96, 128, 192, 160, 192, "avg", None, 1),
+  InceptionModuleSpec("4e", 0, 128, 192, 192, 256, "max", 0, 2),
+  InceptionModuleSpec("5a", 352, 192, 320, 160, 224, "avg", 128, 1),
+  InceptionModuleSpec("5b", 352, 192, 320, 192, 224, "max", 128, 1),
 )
 
 
@@ -134,8 +140,16 @@ class ConvUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x``: [N, H, W, C] -> [N, H / strides, W / strides, features]."""
-    x = nn.Conv(self.features, self.kernel_size, (self.strides, self.strides), padding="SAME",
-                use_bias=self.norm is None, kernel_init=_he_normal, dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel_size,
+      (self.strides, self.strides),
+      padding="SAME",
+      use_bias=self.norm is None,
+      kernel_init=_he_normal,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
     if self.norm is not None:
       x = self.norm(name="bn")(x)
     return self.activation(x)
@@ -196,12 +210,15 @@ def average_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
   # that cannot be differentiated: the Inception could not be trained).
   zero = np.zeros((), x.dtype)
   sums = nn.pool(x, zero, jax.lax.add, window, strides, "SAME")
-  counts = nn.pool(np.ones((1, *x.shape[1:3], 1), x.dtype), zero, jax.lax.add, window, strides, "SAME")
+  counts = nn.pool(
+    np.ones((1, *x.shape[1:3], 1), x.dtype), zero, jax.lax.add, window, strides, "SAME"
+  )
   return sums / counts
 
 
-def local_response_normalization(x: jax.Array, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                                 bias: float = 1.0) -> jax.Array:
+def local_response_normalization(
+  x: jax.Array, *, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0
+) -> jax.Array:
   """Across-channel LRN as GoogLeNet's (Caffe's): x / (bias + alpha / size * sum x^2)^beta.
 
   The sum runs over ``size`` neighbouring channels centred on each one, zero
@@ -304,8 +321,17 @@ class Inception(nn.Module):
     x = images.astype(self.dtype)
     stem = width(64)
     depth_multiplier = min(8, max(1, stem // 3))
-    x = nn.Conv(3 * depth_multiplier, (7, 7), (2, 2), padding="SAME", feature_group_count=3, use_bias=False,
-                kernel_init=_he_normal, dtype=self.dtype, name="conv1_depthwise")(x)
+    x = nn.Conv(
+      3 * depth_multiplier,
+      (7, 7),
+      (2, 2),
+      padding="SAME",
+      feature_group_count=3,
+      use_bias=False,
+      kernel_init=_he_normal,
+      dtype=self.dtype,
+      name="conv1_depthwise",
+    )(x)
     x = unit(stem, (1, 1), name="conv1_pointwise")(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     if self.lrn:
@@ -317,31 +343,49 @@ class Inception(nn.Module):
     x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
 
     for spec in inception_modules(self.pool_projection_4cd, self.modules):
-      scaled = spec._replace(**{field: width(getattr(spec, field)) if getattr(spec, field) else 0
-                                for field in ("ones", "reduce3", "out3", "reduce_double3",
-                                              "out_double3", "pool_projection")})
+      scaled = spec._replace(
+        **{
+          field: width(getattr(spec, field)) if getattr(spec, field) else 0
+          for field in (
+            "ones",
+            "reduce3",
+            "out3",
+            "reduce_double3",
+            "out_double3",
+            "pool_projection",
+          )
+        }
+      )
       x = InceptionModule(scaled, unit, name=f"inception_{spec.name}")(x)
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="logits")(x)
+    return nn.Dense(
+      self.num_classes, dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="logits"
+    )(x)
 
 
-def inception_modules(pool_projection_4cd: int = 96,
-                      names: Sequence[str] | None = None) -> tuple[InceptionModuleSpec, ...]:
+def inception_modules(
+  pool_projection_4cd: int = 96, names: Sequence[str] | None = None
+) -> tuple[InceptionModuleSpec, ...]:
   """The table's modules (those named, in the table's order; all if None), with the pool
   projection of 4c and 4d set to ``pool_projection_4cd`` (96 or 128)."""
   if pool_projection_4cd not in (96, 128):
     raise ValueError(
-        f"pool_projection_4cd must be 96 (576 channels out of 4c and 4d, tf-slim) or 128 (608, the "
-        f"table's pool projection column), got {pool_projection_4cd!r}"
+      f"pool_projection_4cd must be 96 (576 channels out of 4c and 4d, tf-slim) or 128 (608, the "
+      f"table's pool projection column), got {pool_projection_4cd!r}"
     )
   known = [s.name for s in INCEPTION_MODULES]
   if names is not None and (not names or set(names) - set(known)):
-    raise ValueError(f"modules must name some of the table's modules {', '.join(known)}; got {names!r}")
-  return tuple(s._replace(pool_projection=pool_projection_4cd) if s.pool_projection is None else s
-               for s in INCEPTION_MODULES if names is None or s.name in names)
+    raise ValueError(
+      f"modules must name some of the table's modules {', '.join(known)}; got {names!r}"
+    )
+  return tuple(
+    s._replace(pool_projection=pool_projection_4cd) if s.pool_projection is None else s
+    for s in INCEPTION_MODULES
+    if names is None or s.name in names
+  )
 
 
 # ---- ResNet ----------------------------------------------------------------------------
@@ -363,9 +407,13 @@ class Bottleneck(nn.Module):
     y = self.act(self.norm()(self.conv(self.features, (1, 1))(x)))
     y = self.act(self.norm()(self.conv(self.features, (3, 3), self.strides)(y)))
     # Zero-initialized last scale: each block starts as the identity (Goyal et al.).
-    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.expansion * self.features, (1, 1))(y))
+    y = self.norm(scale_init=nn.initializers.zeros)(
+      self.conv(self.expansion * self.features, (1, 1))(y)
+    )
     if residual.shape != y.shape:
-      residual = self.norm()(self.conv(self.expansion * self.features, (1, 1), self.strides, name="shortcut")(residual))
+      residual = self.norm()(
+        self.conv(self.expansion * self.features, (1, 1), self.strides, name="shortcut")(residual)
+      )
     return self.act(y + residual)
 
 
@@ -385,7 +433,9 @@ class BasicBlock(nn.Module):
     y = self.act(self.norm()(self.conv(self.features, (3, 3), self.strides)(x)))
     y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.features, (3, 3))(y))
     if residual.shape != y.shape:
-      residual = self.norm()(self.conv(self.features, (1, 1), self.strides, name="shortcut")(residual))
+      residual = self.norm()(
+        self.conv(self.features, (1, 1), self.strides, name="shortcut")(residual)
+      )
     return self.act(y + residual)
 
 
@@ -438,8 +488,12 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), num_filters=8, 
 # ---- Building from a config ------------------------------------------------------------
 
 _RESNETS = {
-    "resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "resnet101": ResNet101,
-    "resnet152": ResNet152, "resnet_tiny": ResNetTiny,
+  "resnet18": ResNet18,
+  "resnet34": ResNet34,
+  "resnet50": ResNet50,
+  "resnet101": ResNet101,
+  "resnet152": ResNet152,
+  "resnet_tiny": ResNetTiny,
 }
 _ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 # Tiny variants, for tests and CPU smoke runs: 1/8 of the width (times the config's);
@@ -494,20 +548,31 @@ def create_model(config, *, norm: ModuleDef | None = None) -> nn.Module:
     if not config.get("batch_norm", True):
       raise ValueError(f"{name} always has batch norm; batch_norm=False is for the Inception only")
     base = 8 if name == "resnet_tiny" else 64
-    return _RESNETS[name](num_classes=config.num_classes, num_filters=_scaled(base, config.width_multiplier),
-                          dtype=dtype, norm=norm)
+    return _RESNETS[name](
+      num_classes=config.num_classes,
+      num_filters=_scaled(base, config.width_multiplier),
+      dtype=dtype,
+      norm=norm,
+    )
 
   if config.activation not in _ACTIVATIONS:
-    raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {config.activation!r}")
+    raise ValueError(
+      f"activation must be one of {', '.join(_ACTIVATIONS)}, got {config.activation!r}"
+    )
   if not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {config.dropout_rate!r}")
   inception_modules(config.pool_projection_4cd)  # validates it
   width = config.width_multiplier * (_TINY_WIDTH if name == "inception_tiny" else 1.0)
   return Inception(
-      num_classes=config.num_classes, width_multiplier=width, norm=norm if config.batch_norm else None,
-      activation=_ACTIVATIONS[config.activation], lrn=config.lrn, dropout_rate=config.dropout_rate,
-      pool_projection_4cd=config.pool_projection_4cd,
-      modules=_TINY_INCEPTION_MODULES if name == "inception_tiny" else None, dtype=dtype,
+    num_classes=config.num_classes,
+    width_multiplier=width,
+    norm=norm if config.batch_norm else None,
+    activation=_ACTIVATIONS[config.activation],
+    lrn=config.lrn,
+    dropout_rate=config.dropout_rate,
+    pool_projection_4cd=config.pool_projection_4cd,
+    modules=_TINY_INCEPTION_MODULES if name == "inception_tiny" else None,
+    dtype=dtype,
   )
 
 

@@ -53,9 +53,9 @@ class Layout(NamedTuple):
 
 def make_layout(parallelism: str) -> Layout:
   return Layout(
-      parallelism=parallelism,
-      mesh=Mesh(np.array(jax.devices()), (AXIS,)),
-      local_mesh=Mesh(np.array(jax.local_devices()), (AXIS,)),
+    parallelism=parallelism,
+    mesh=Mesh(np.array(jax.devices()), (AXIS,)),
+    local_mesh=Mesh(np.array(jax.local_devices()), (AXIS,)),
   )
 
 
@@ -91,12 +91,18 @@ def batch_norm_setup(config, layout: Layout, *, norm_class=bn.BatchNorm) -> Batc
     if size is not None and size < config.batch_size:
       norm = functools.partial(norm, virtual_batch_size=size)
     return BatchNormSetup(norm, None, False)
-  if virtual and virtual <= per_device:  # groups within each device; running statistics averaged over all
-    return BatchNormSetup(functools.partial(norm, axis_name=AXIS, virtual_batch_size=virtual), AXIS, False)
+  if (
+    virtual and virtual <= per_device
+  ):  # groups within each device; running statistics averaged over all
+    return BatchNormSetup(
+      functools.partial(norm, axis_name=AXIS, virtual_batch_size=virtual), AXIS, False
+    )
   group = virtual // per_device if virtual else group
   if group and group < layout.num_devices:
     groups = [list(range(g, g + group)) for g in range(0, layout.num_devices, group)]
-    return BatchNormSetup(functools.partial(norm, axis_name=AXIS, axis_index_groups=groups), AXIS, True)
+    return BatchNormSetup(
+      functools.partial(norm, axis_name=AXIS, axis_index_groups=groups), AXIS, True
+    )
   return BatchNormSetup(functools.partial(norm, axis_name=AXIS), AXIS, False)
 
 
@@ -112,7 +118,9 @@ def to_device_batch(layout: Layout, batch: dict) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
   sharding = NamedSharding(layout.local_mesh, P(AXIS))
   n = layout.num_local_devices
-  return jax.tree.map(lambda x: jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), sharding), batch)
+  return jax.tree.map(
+    lambda x: jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), sharding), batch
+  )
 
 
 def prefetch(iterator, size: int = 2):
@@ -134,16 +142,22 @@ def host_copy(tree):
 def to_global_replicated(layout: Layout, tree):
   """Host values (the same on every host) as global arrays replicated on the mesh."""
   sharding = replicated(layout)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+  )
 
 
 def to_pmap_replicated(layout: Layout, tree):
   """Host values as ``pmap`` arguments: one copy per local device, ``[n, ...]``."""
   sharding = NamedSharding(layout.local_mesh, P(AXIS))
   n = layout.num_local_devices
-  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree)
+  return jax.tree.map(
+    lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), sharding), tree
+  )
 
 
 def from_pmap_replicated(layout: Layout, tree):
   """``pmap``'s replicated outputs as global arrays replicated on the mesh."""
-  return to_global_replicated(layout, jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree))
+  return to_global_replicated(
+    layout, jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+  )

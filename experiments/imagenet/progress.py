@@ -66,6 +66,7 @@ def tensorboard_writer(workdir, *, primary: bool):
   try:
     return common.summary_writer(workdir, primary=primary)
   except ImportError as e:
-    say(f"no TensorBoard summaries ({e}): they need {data.TFDS_INSTALL}; "
-        "metrics.jsonl has every row")
+    say(
+      f"no TensorBoard summaries ({e}): they need {data.TFDS_INSTALL}; metrics.jsonl has every row"
+    )
     return None

@@ -20,10 +20,19 @@ class Schedule(NamedTuple):
 
 def make_schedule(config, steps_per_epoch: int) -> Schedule:
   """``-1`` fields resolved: steps from ``num_epochs``; evaluate and save once per epoch."""
-  total = config.num_train_steps if config.num_train_steps > 0 else max(
-      1, math.ceil(config.num_epochs * steps_per_epoch))
+  total = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else max(1, math.ceil(config.num_epochs * steps_per_epoch))
+  )
   every = lambda value: value if value > 0 else steps_per_epoch  # noqa: E731
-  return Schedule(steps_per_epoch, total, config.log_every, every(config.eval_every), every(config.checkpoint_every))
+  return Schedule(
+    steps_per_epoch,
+    total,
+    config.log_every,
+    every(config.eval_every),
+    every(config.checkpoint_every),
+  )
 
 
 def make_learning_rate_fn(config, schedule: Schedule) -> optax.Schedule:
@@ -37,8 +46,12 @@ def make_learning_rate_fn(config, schedule: Schedule) -> optax.Schedule:
   if config.lr_schedule == "constant":
     decay = optax.constant_schedule(lr)
   elif config.lr_schedule == "exponential":
-    decay = optax.exponential_decay(lr, transition_steps=max(1, int(config.lr_decay_epochs * schedule.steps_per_epoch)),
-                                    decay_rate=config.lr_decay_rate, staircase=config.lr_staircase)
+    decay = optax.exponential_decay(
+      lr,
+      transition_steps=max(1, int(config.lr_decay_epochs * schedule.steps_per_epoch)),
+      decay_rate=config.lr_decay_rate,
+      staircase=config.lr_staircase,
+    )
   else:
     decay = optax.cosine_decay_schedule(lr, decay_steps=max(1, schedule.num_train_steps - warmup))
   if warmup <= 0:

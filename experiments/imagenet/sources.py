@@ -23,9 +23,14 @@ def open_source(config) -> Source:
   try:
     from experiments.imagenet import input_pipeline
   except ImportError as e:
-    raise DataError(f"config.dataset={config.dataset!r} is read through TFDS, which needs TensorFlow "
-                    f"({e}): {TFDS_INSTALL}; or --config.fake_data=True for synthetic data") from None
+    raise DataError(
+      f"config.dataset={config.dataset!r} is read through TFDS, which needs TensorFlow "
+      f"({e}): {TFDS_INSTALL}; or --config.fake_data=True for synthetic data"
+    ) from None
   return input_pipeline.TfdsSource.open(
-      config.dataset, config.tfds_data_dir, shuffle_buffer_size=config.shuffle_buffer,
-      photometric_distortion=float(config.photometric_distortion),
-      crop_fraction=float(config.eval_crop_fraction))
+    config.dataset,
+    config.tfds_data_dir,
+    shuffle_buffer_size=config.shuffle_buffer,
+    photometric_distortion=float(config.photometric_distortion),
+    crop_fraction=float(config.eval_crop_fraction),
+  )

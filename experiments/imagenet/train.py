@@ -44,10 +44,17 @@ from bnjax import linen as bn
 from experiments import common
 from experiments.imagenet import data, models, parallel, progress, sources
 from experiments.imagenet.checks import ConfigError, validate_config
-from experiments.imagenet.schedule import Schedule, make_learning_rate_fn, make_optimizer, make_schedule
+from experiments.imagenet.schedule import (
+  Schedule,
+  make_learning_rate_fn,
+  make_optimizer,
+  make_schedule,
+)
 
-FAKE_DATA_WARNING = ("FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
-                     "images; losses and accuracies say nothing about the network")
+FAKE_DATA_WARNING = (
+  "FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
+  "images; losses and accuracies say nothing about the network"
+)
 
 
 class TrainState(NamedTuple):
@@ -70,11 +77,17 @@ def initial_state(model, optimizer, config, key: jax.Array) -> TrainState:
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   variables = model.init({"params": key}, images, train=False)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                    opt_state=optimizer.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=optimizer.init(params),
+  )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
+) -> jax.Array:
   """Per-example cross-entropy ``[N]`` of float32 logits ``[N, C]`` and int labels ``[N]``."""
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if label_smoothing:
@@ -98,8 +111,9 @@ class StepConfig(NamedTuple):
   average_statistics: bool = False  # pmap with axis_index_groups: average running statistics
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer, learning_rate_fn,
-               step_config: StepConfig) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState, batch: dict, *, model, optimizer, learning_rate_fn, step_config: StepConfig
+) -> tuple[TrainState, dict]:
   """One SGD step on one batch: ``state`` in, next ``state`` and its metrics out.
 
   Args:
@@ -117,10 +131,20 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, learning_rat
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis))
 
   def loss_fn(params):
-    logits, updates = model.apply(variables_of(params, state.batch_stats), batch["image"], train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    loss = jnp.mean(cross_entropy(logits, batch["label"], step_config.num_classes, step_config.label_smoothing))
-    return loss + step_config.weight_decay * l2_penalty(params), (loss, updates.get("batch_stats", {}))
+    logits, updates = model.apply(
+      variables_of(params, state.batch_stats),
+      batch["image"],
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": dropout_key},
+    )
+    loss = jnp.mean(
+      cross_entropy(logits, batch["label"], step_config.num_classes, step_config.label_smoothing)
+    )
+    return loss + step_config.weight_decay * l2_penalty(params), (
+      loss,
+      updates.get("batch_stats", {}),
+    )
 
   (_, (loss, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if axis is not None:
@@ -128,9 +152,16 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, learning_rat
     if step_config.average_statistics:
       batch_stats = bnjax.sync_state(batch_stats, axis)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state)
-  return new_state, {"loss": loss, "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32)}
+  new_state = TrainState(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+  )
+  return new_state, {
+    "loss": loss,
+    "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+  }
 
 
 def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int) -> dict:
@@ -147,10 +178,10 @@ def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int) -> d
   hits = top == labels[:, None]
   zero = jnp.zeros((), jnp.int32)
   return {
-      "top1": jnp.sum(jnp.where(mask, hits[:, 0], False), dtype=jnp.int32),
-      "top5": jnp.sum(jnp.where(mask, jnp.any(hits, axis=1), False), dtype=jnp.int32),
-      "loss": jnp.sum(jnp.where(mask, cross_entropy(logits, labels, num_classes, 0.0), 0.0)),
-      "count": jnp.sum(mask, dtype=jnp.int32) + zero,
+    "top1": jnp.sum(jnp.where(mask, hits[:, 0], False), dtype=jnp.int32),
+    "top5": jnp.sum(jnp.where(mask, jnp.any(hits, axis=1), False), dtype=jnp.int32),
+    "loss": jnp.sum(jnp.where(mask, cross_entropy(logits, labels, num_classes, 0.0), 0.0)),
+    "count": jnp.sum(mask, dtype=jnp.int32) + zero,
   }
 
 
@@ -175,8 +206,9 @@ class Experiment(NamedTuple):
   num_params: int
 
 
-def create_models(config, layout: parallel.Layout, eval_layout: parallel.Layout, *,
-                  create_model, norm_class):
+def create_models(
+  config, layout: parallel.Layout, eval_layout: parallel.Layout, *, create_model, norm_class
+):
   """``(bn_setup, model, eval_model)``: the network with BN bound for training's
   layout, and for evaluation's."""
   bn_setup = parallel.batch_norm_setup(config, layout, norm_class=norm_class)
@@ -187,8 +219,9 @@ def create_models(config, layout: parallel.Layout, eval_layout: parallel.Layout,
     raise ConfigError(str(e)) from None
 
 
-def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_model,
-            norm_class=bn.BatchNorm) -> Experiment:
+def prepare(
+  config: ml_collections.ConfigDict, *, create_model=models.create_model, norm_class=bn.BatchNorm
+) -> Experiment:
   """Checks the config and the data and builds the run's parts; writes nothing,
   compiles nothing.
 
@@ -202,38 +235,64 @@ def prepare(config: ml_collections.ConfigDict, *, create_model=models.create_mod
   """
   validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
   layout, eval_layout = parallel.make_layout(config.parallelism), parallel.make_layout("jit")
-  bn_setup, model, eval_model = create_models(config, layout, eval_layout, create_model=create_model,
-                                              norm_class=norm_class)
+  bn_setup, model, eval_model = create_models(
+    config, layout, eval_layout, create_model=create_model, norm_class=norm_class
+  )
   source = sources.open_source(config)
   if config.num_classes != source.num_classes:
-    raise ConfigError(f"config.num_classes={config.num_classes} but the data has "
-                      f"{source.num_classes} classes")
-  steps_per_epoch = source.split_plan(data.TRAIN_SPLIT, global_batch_size=config.batch_size,
-                                      process_count=jax.process_count(), train=True).num_batches
+    raise ConfigError(
+      f"config.num_classes={config.num_classes} but the data has {source.num_classes} classes"
+    )
+  steps_per_epoch = source.split_plan(
+    data.TRAIN_SPLIT,
+    global_batch_size=config.batch_size,
+    process_count=jax.process_count(),
+    train=True,
+  ).num_batches
   schedule = make_schedule(config, steps_per_epoch)
   learning_rate_fn = make_learning_rate_fn(config, schedule)
   return Experiment(
-      config=config, layout=layout, eval_layout=eval_layout, model=model, eval_model=eval_model,
-      bn_setup=bn_setup, source=source, num_classes=source.num_classes, schedule=schedule,
-      learning_rate_fn=learning_rate_fn, optimizer=make_optimizer(config, learning_rate_fn),
-      eval_step=jax.jit(functools.partial(eval_step, model=eval_model, num_classes=source.num_classes),
-                        out_shardings=parallel.replicated(eval_layout)),
-      num_params=models.count_params(eval_model, config.image_size),
+    config=config,
+    layout=layout,
+    eval_layout=eval_layout,
+    model=model,
+    eval_model=eval_model,
+    bn_setup=bn_setup,
+    source=source,
+    num_classes=source.num_classes,
+    schedule=schedule,
+    learning_rate_fn=learning_rate_fn,
+    optimizer=make_optimizer(config, learning_rate_fn),
+    eval_step=jax.jit(
+      functools.partial(eval_step, model=eval_model, num_classes=source.num_classes),
+      out_shardings=parallel.replicated(eval_layout),
+    ),
+    num_params=models.count_params(eval_model, config.image_size),
   )
 
 
 def _step_config(exp: Experiment) -> StepConfig:
   config = exp.config
-  return StepConfig(num_classes=exp.num_classes, label_smoothing=float(config.label_smoothing),
-                    weight_decay=float(config.weight_decay), dropout_seed=int(config.seed) + 1,
-                    axis_name=exp.bn_setup.axis_name, average_statistics=exp.bn_setup.average_statistics)
+  return StepConfig(
+    num_classes=exp.num_classes,
+    label_smoothing=float(config.label_smoothing),
+    weight_decay=float(config.weight_decay),
+    dropout_seed=int(config.seed) + 1,
+    axis_name=exp.bn_setup.axis_name,
+    average_statistics=exp.bn_setup.average_statistics,
+  )
 
 
 def make_train_step(exp: Experiment) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The compiled step for the layout: ``jit`` (state replicated, batch sharded) or
   ``pmap`` (state and batch with a leading local-device axis); the state is donated."""
-  step = functools.partial(train_step, model=exp.model, optimizer=exp.optimizer,
-                           learning_rate_fn=exp.learning_rate_fn, step_config=_step_config(exp))
+  step = functools.partial(
+    train_step,
+    model=exp.model,
+    optimizer=exp.optimizer,
+    learning_rate_fn=exp.learning_rate_fn,
+    step_config=_step_config(exp),
+  )
   if exp.layout.parallelism == "pmap":
     return jax.pmap(step, axis_name=parallel.AXIS, donate_argnums=0)
   replicated = parallel.replicated(exp.layout)
@@ -255,9 +314,14 @@ def make_initial_state(exp: Experiment) -> TrainState:
 def host_train_batches(exp: Experiment, start_step: int, seed: int) -> Iterator[dict]:
   """This host's training batches of ``exp.source`` from ``start_step`` on."""
   config = exp.config
-  return exp.source.train_batches(start_step, global_batch_size=config.batch_size,
-                                  image_size=config.image_size, seed=seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+  return exp.source.train_batches(
+    start_step,
+    global_batch_size=config.batch_size,
+    image_size=config.image_size,
+    seed=seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
 
 
 def train_batches(exp: Experiment, start_step: int) -> Iterator[dict]:
@@ -274,10 +338,15 @@ def evaluate(exp: Experiment, params, batch_stats) -> dict:
   variables, under ``jit`` in both modes). Returns Python numbers."""
   config = exp.config
   plan, host_batches = exp.source.eval_batches(
-      global_batch_size=config.eval_batch_size, image_size=config.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    global_batch_size=config.eval_batch_size,
+    image_size=config.image_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   sums = {"top1": 0, "top5": 0, "loss": 0.0, "count": 0}
-  for batch in parallel.prefetch(parallel.to_device_batch(exp.eval_layout, b) for b in host_batches):
+  for batch in parallel.prefetch(
+    parallel.to_device_batch(exp.eval_layout, b) for b in host_batches
+  ):
     out = jax.device_get(exp.eval_step(params, batch_stats, batch))
     for k in sums:
       sums[k] += out[k].item()
@@ -285,8 +354,12 @@ def evaluate(exp: Experiment, params, batch_stats) -> dict:
   if sums["count"] != expected:
     raise data.DataError(f"evaluation scored {sums['count']} examples but the split has {expected}")
   count = max(sums["count"], 1)
-  return {"top1": sums["top1"] / count, "top5": sums["top5"] / count, "eval_loss": sums["loss"] / count,
-          "eval_examples": sums["count"]}
+  return {
+    "top1": sums["top1"] / count,
+    "top5": sums["top5"] / count,
+    "eval_loss": sums["loss"] / count,
+    "eval_examples": sums["count"],
+  }
 
 
 def recompute_statistics(exp: Experiment, params, batch_stats):
@@ -295,8 +368,10 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
   per batch), via ``bnjax.linen.recompute_batch_stats`` under ``jit``."""
   config = exp.config
   host = host_train_batches(exp, 0, config.seed + 2)
-  images = (parallel.to_device_batch(exp.eval_layout, next(host))["image"]
-            for _ in range(config.recompute_bn_batches))
+  images = (
+    parallel.to_device_batch(exp.eval_layout, next(host))["image"]
+    for _ in range(config.recompute_bn_batches)
+  )
   apply = lambda v, x: exp.eval_model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
   return bn.recompute_batch_stats(apply, variables_of(params, batch_stats), images)["batch_stats"]
 
@@ -307,8 +382,10 @@ def evaluation_row(exp: Experiment, state: TrainState) -> dict:
   batch_stats = state.batch_stats
   if exp.config.recompute_bn_batches:
     batch_stats = recompute_statistics(exp, state.params, batch_stats)
-  return {**evaluate(exp, state.params, batch_stats),
-          "bn_statistics": "recomputed" if exp.config.recompute_bn_batches else "running"}
+  return {
+    **evaluate(exp, state.params, batch_stats),
+    "bn_statistics": "recomputed" if exp.config.recompute_bn_batches else "running",
+  }
 
 
 # ---- the run's bookkeeping (experiments.common; process 0 writes, every process saves) ----------
@@ -316,8 +393,15 @@ def evaluation_row(exp: Experiment, state: TrainState) -> dict:
 
 # Fields a resumed run may change: how often to log, evaluate and save, where the
 # data lives, and how evaluation batches and statistics are made.
-RESTART_MAY_CHANGE = ("log_every", "eval_every", "checkpoint_every", "tfds_data_dir", "data_dir",
-                      "eval_batch_size", "recompute_bn_batches")
+RESTART_MAY_CHANGE = (
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "tfds_data_dir",
+  "data_dir",
+  "eval_batch_size",
+  "recompute_bn_batches",
+)
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -344,8 +428,10 @@ class Run(NamedTuple):
   def written(self) -> str:
     """What this run wrote, for the closing line."""
     summaries = ", TensorBoard summaries" if self.writer is not None else ""
-    return (f"config.json, metrics.jsonl{summaries} and checkpoints/ (newest: step "
-            f"{self.checkpoints.latest_step})")
+    return (
+      f"config.json, metrics.jsonl{summaries} and checkpoints/ (newest: step "
+      f"{self.checkpoints.latest_step})"
+    )
 
 
 @contextlib.contextmanager
@@ -355,19 +441,31 @@ def open_run(exp: Experiment, workdir: str | pathlib.Path) -> Iterator[Run]:
   config, workdir = exp.config, common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
   primary = jax.process_index() == 0
   with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
-    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
-         common.Preemption() as preemption:
+    with (
+      common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints,
+      common.Preemption() as preemption,
+    ):
       latest = checkpoints.latest_step
-      common.check_config(workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE)
+      common.check_config(
+        workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE
+      )
       if latest is not None and latest > exp.schedule.num_train_steps:
-        raise ConfigError(f"the workdir holds a run already at step {latest}, past the "
-                          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir")
+        raise ConfigError(
+          f"the workdir holds a run already at step {latest}, past the "
+          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir"
+        )
       if primary:
         common.write_config(workdir, config)
       writer = progress.tensorboard_writer(workdir, primary=primary)
       try:
-        yield Run(workdir, primary, checkpoints, preemption,
-                  common.MetricsLog(workdir / "metrics.jsonl"), writer)
+        yield Run(
+          workdir,
+          primary,
+          checkpoints,
+          preemption,
+          common.MetricsLog(workdir / "metrics.jsonl"),
+          writer,
+        )
       finally:
         if writer is not None:
           writer.flush()
@@ -379,21 +477,29 @@ def create_train_state(exp: Experiment, run: Run) -> TrainState:
   state = make_initial_state(exp)
   if run.checkpoints.latest_step is not None:
     state = run.checkpoints.restore(state)
-    progress.say(f"Resumed {run.workdir} from its checkpoint of step {run.checkpoints.latest_step}.")
+    progress.say(
+      f"Resumed {run.workdir} from its checkpoint of step {run.checkpoints.latest_step}."
+    )
   start = int(parallel.host_copy(state.step))
   if run.primary:
     run.metrics_log.keep_up_to(start)
   if start == 0 and run.writer is not None:
-    run.writer.write_hparams({k: v for k, v in json.loads(exp.config.to_json_best_effort()).items()
-                              if isinstance(v, (int, float, str, bool))})
+    run.writer.write_hparams(
+      {
+        k: v
+        for k, v in json.loads(exp.config.to_json_best_effort()).items()
+        if isinstance(v, (int, float, str, bool))
+      }
+    )
   return state
 
 
 # ---- the loop -------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       create_model=models.create_model) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, create_model=models.create_model
+) -> TrainState:
   """Trains ``config``'s network into ``workdir``; resumes from its newest intact checkpoint.
 
   Writes (process 0) ``workdir/config.json``, ``workdir/metrics.jsonl`` (rows with
@@ -418,8 +524,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with open_run(exp, workdir) as run:
     state = _train(exp, run)
     run.checkpoints.wait_until_finished()  # the newest checkpoint sealed before it is named
-    progress.say(f"done: step {int(parallel.host_copy(state.step))}/{exp.schedule.num_train_steps}; "
-                 f"wrote {run.written()} in {run.workdir}")
+    progress.say(
+      f"done: step {int(parallel.host_copy(state.step))}/{exp.schedule.num_train_steps}; "
+      f"wrote {run.written()} in {run.workdir}"
+    )
     return state
 
 
@@ -428,18 +536,21 @@ def _announce(exp: Experiment) -> None:
   if config.fake_data:
     progress.say(f"WARNING: {FAKE_DATA_WARNING}")
   progress.say(
-      f"{config.model}: {exp.num_params:,} parameters; "
-      f"{progress.plural(exp.layout.num_devices, 'device')} on "
-      f"{progress.plural(jax.process_count(), 'host')}, {exp.layout.parallelism}; "
-      f"{schedule.num_train_steps} steps of {config.batch_size} images "
-      f"({schedule.steps_per_epoch} steps per epoch)")
+    f"{config.model}: {exp.num_params:,} parameters; "
+    f"{progress.plural(exp.layout.num_devices, 'device')} on "
+    f"{progress.plural(jax.process_count(), 'host')}, {exp.layout.parallelism}; "
+    f"{schedule.num_train_steps} steps of {config.batch_size} images "
+    f"({schedule.steps_per_epoch} steps per epoch)"
+  )
 
 
 def _fake_tag(config) -> str:
   return "  [FAKE DATA]" if config.fake_data else ""
 
 
-def _training_row(exp: Experiment, run: Run, step: int, fetched: list[dict], images_per_sec) -> dict:
+def _training_row(
+  exp: Experiment, run: Run, step: int, fetched: list[dict], images_per_sec
+) -> dict:
   """The row of the ``log_every`` steps ending at ``step`` (their metrics, ``fetched``);
   stops at a non-finite loss."""
   config, schedule = exp.config, exp.schedule
@@ -447,16 +558,26 @@ def _training_row(exp: Experiment, run: Run, step: int, fetched: list[dict], ima
   if not math.isfinite(train_loss):
     last = run.checkpoints.latest_step
     raise common.NonFiniteError(
-        f"the training loss is {train_loss} at step {step}; stopped there. "
-        + (f"The last checkpoint, of step {last}, is kept" if last is not None
-           else "No checkpoint was written")
-        + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) "
-        "in a new --workdir")
+      f"the training loss is {train_loss} at step {step}; stopped there. "
+      + (
+        f"The last checkpoint, of step {last}, is kept"
+        if last is not None
+        else "No checkpoint was written"
+      )
+      + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) "
+      "in a new --workdir"
+    )
   learning_rate = float(np.mean(fetched[-1]["learning_rate"]))
   speed = progress.speed_and_eta(images_per_sec, schedule.num_train_steps - step, config.batch_size)
-  progress.say(f"step {step}/{schedule.num_train_steps}  loss {train_loss:.4f}  lr {learning_rate:.4g}"
-               f"{speed}{_fake_tag(config)}")
-  return {"train_loss": train_loss, "learning_rate": learning_rate, "images_per_sec": images_per_sec}
+  progress.say(
+    f"step {step}/{schedule.num_train_steps}  loss {train_loss:.4f}  lr {learning_rate:.4g}"
+    f"{speed}{_fake_tag(config)}"
+  )
+  return {
+    "train_loss": train_loss,
+    "learning_rate": learning_rate,
+    "images_per_sec": images_per_sec,
+  }
 
 
 def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) -> dict:
@@ -464,9 +585,11 @@ def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) 
     progress.say("evaluating (the first evaluation compiles the evaluation step)...")
   started = time.perf_counter()
   row = evaluation_row(exp, state)
-  progress.say(f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  "
-               f"({row['eval_examples']} images, {time.perf_counter() - started:.1f} s)"
-               f"{_fake_tag(exp.config)}")
+  progress.say(
+    f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  "
+    f"({row['eval_examples']} images, {time.perf_counter() - started:.1f} s)"
+    f"{_fake_tag(exp.config)}"
+  )
   return row
 
 
@@ -475,7 +598,9 @@ class _DeviceState:
 
   def __init__(self, layout: parallel.Layout, state: TrainState):
     self.layout, self.pmap = layout, layout.parallelism == "pmap"
-    self.value = parallel.to_pmap_replicated(layout, parallel.host_copy(state)) if self.pmap else state
+    self.value = (
+      parallel.to_pmap_replicated(layout, parallel.host_copy(state)) if self.pmap else state
+    )
 
   def canonical(self) -> TrainState:
     return parallel.from_pmap_replicated(self.layout, self.value) if self.pmap else self.value

@@ -1,6 +1,7 @@
-"""Trains one MNIST network (Section 4.1 of the paper).
+r"""Trains one MNIST network (Section 4.1 of the paper).
 
-    python -m experiments.mnist --workdir=W [--config=experiments/mnist/configs/default.py] [--config.FIELD=VALUE ...]
+    python -m experiments.mnist --workdir=W [--config=experiments/mnist/configs/default.py] \
+        [--config.FIELD=VALUE ...]
 
 The config fields, their defaults and what each means: experiments/mnist/configs/default.py
 (`--help` lists them too). Killed and restarted with the same command, a run

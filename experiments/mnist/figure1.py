@@ -27,8 +27,11 @@ from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
-cli.define_config_flag(configs.DEFAULT, "Configuration of both networks (config.batch_norm is set for each).",
-                       aliases=configs.RENAMED)
+cli.define_config_flag(
+  configs.DEFAULT,
+  "Configuration of both networks (config.batch_norm is set for each).",
+  aliases=configs.RENAMED,
+)
 
 RUNS = {"bn": True, "baseline": False}  # subfolder -> config.batch_norm
 DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
@@ -37,13 +40,19 @@ DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 def make_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], *, title: str) -> plt.Figure:
   """The paper's three panels from two runs' metrics (lists of evaluations)."""
   fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-  for metrics, label, style in ((bn_metrics, "With BN", "-"), (baseline_metrics, "Without BN", "--")):
+  for metrics, label, style in (
+    (bn_metrics, "With BN", "-"),
+    (baseline_metrics, "Without BN", "--"),
+  ):
     steps = [m["step"] for m in metrics]
     axes[0].plot(steps, [m["test_accuracy"] for m in metrics], style, label=label)
   axes[0].set(title="(a) Test accuracy", xlabel="training steps", ylabel="test accuracy")
   axes[0].legend(loc="lower right")
   axes[0].grid(alpha=0.3)
-  for ax, metrics, name in ((axes[1], baseline_metrics, "(b) Without BN"), (axes[2], bn_metrics, "(c) With BN")):
+  for ax, metrics, name in (
+    (axes[1], baseline_metrics, "(b) Without BN"),
+    (axes[2], bn_metrics, "(c) With BN"),
+  ):
     steps = [m["step"] for m in metrics]
     for p in train.PERCENTILES:
       ax.plot(steps, [m[f"sigmoid_input_p{p}"] for m in metrics], label=f"{p}th percentile")
@@ -54,9 +63,15 @@ def make_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], *, title:
   for ax in axes[1:]:
     ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
   # One legend for (b) and (c), below them: inside a panel it would hide a curve.
-  fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", ncol=len(train.PERCENTILES),
-             bbox_to_anchor=(0.67, 0.0), frameon=False, title="over the test set, at each evaluation:",
-             title_fontsize="small")
+  fig.legend(
+    *axes[2].get_legend_handles_labels(),
+    loc="lower center",
+    ncol=len(train.PERCENTILES),
+    bbox_to_anchor=(0.67, 0.0),
+    frameon=False,
+    title="over the test set, at each evaluation:",
+    title_fontsize="small",
+  )
   fig.suptitle(title)
   fig.tight_layout(rect=(0, 0.1, 1, 1))
   return fig
@@ -85,10 +100,12 @@ def run_figure1(config, workdir) -> pathlib.Path:
     path = workdir / "figure1.png"
     dataset = DATASET_NAMES.get(config.dataset, config.dataset)
     draw_figure1(
-        train.read_metrics(workdir / "bn"), train.read_metrics(workdir / "baseline"), path,
-        title=f"Figure 1 on {dataset}: {len(config.hidden_sizes)} sigmoid layers of "
-        f"{config.hidden_sizes[0]}, batch {config.batch_size}, SGD lr {config.learning_rate}, "
-        f"unit {config.tracked_unit} of the last hidden layer",
+      train.read_metrics(workdir / "bn"),
+      train.read_metrics(workdir / "baseline"),
+      path,
+      title=f"Figure 1 on {dataset}: {len(config.hidden_sizes)} sigmoid layers of "
+      f"{config.hidden_sizes[0]}, batch {config.batch_size}, SGD lr {config.learning_rate}, "
+      f"unit {config.tracked_unit} of the last hidden layer",
     )
   return path
 
@@ -98,7 +115,10 @@ def main(argv):
   path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
     final = train.read_metrics(common.workdir_path(FLAGS.workdir) / name)[-1]
-    print(f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps", file=sys.stderr)
+    print(
+      f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps",
+      file=sys.stderr,
+    )
   print(f"Figure written to {path}", file=sys.stderr)
 
 

@@ -54,10 +54,10 @@ class DeviceData(NamedTuple):
 
 def make_model(config: ml_collections.ConfigDict) -> MLP:
   return MLP(
-      hidden_sizes=tuple(config.hidden_sizes),
-      batch_norm=config.batch_norm,
-      init_stddev=config.init_stddev,
-      momentum=config.bn_momentum,
+    hidden_sizes=tuple(config.hidden_sizes),
+    batch_norm=config.batch_norm,
+    init_stddev=config.init_stddev,
+    momentum=config.bn_momentum,
   )
 
 
@@ -69,12 +69,12 @@ def initial_state(model: MLP, optimizer, key: jax.Array) -> TrainState:
   variables = model.init(key, jnp.zeros((1, 28, 28), jnp.float32), train=False)
   params = variables["params"]
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=optimizer.init(params),
-      loss_sum=jnp.zeros((), jnp.float32),
-      loss_count=jnp.zeros((), jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=optimizer.init(params),
+    loss_sum=jnp.zeros((), jnp.float32),
+    loss_count=jnp.zeros((), jnp.int32),
   )
 
 
@@ -86,7 +86,7 @@ def to_inputs(images: jax.Array) -> jax.Array:
 def sample_batch(data: DeviceData, data_key: jax.Array, step: jax.Array, batch_size: int):
   """The batch of ``step``: uniform with replacement, a function of (key, step) only."""
   indices = jax.random.randint(
-      jax.random.fold_in(data_key, step), (batch_size,), 0, data.train_labels.shape[0]
+    jax.random.fold_in(data_key, step), (batch_size,), 0, data.train_labels.shape[0]
   )
   return to_inputs(data.train_images[indices]), data.train_labels[indices]
 
@@ -100,26 +100,34 @@ def train_step(state: TrainState, images, labels, *, model: MLP, optimizer) -> T
 
   def loss_fn(params):
     (logits, _), updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        images, train=True, mutable=["batch_stats"],
+      {"params": params, "batch_stats": state.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
     )
     return cross_entropy(logits, labels), updates.get("batch_stats", {})
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   return TrainState(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
-      batch_stats=batch_stats,
-      opt_state=opt_state,
-      loss_sum=state.loss_sum + loss,
-      loss_count=state.loss_count + 1,
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    loss_sum=state.loss_sum + loss,
+    loss_count=state.loss_count + 1,
   )
 
 
 def train_steps(
-    state: TrainState, data: DeviceData, data_key: jax.Array, num_steps: jax.Array,
-    *, model: MLP, optimizer, batch_size: int,
+  state: TrainState,
+  data: DeviceData,
+  data_key: jax.Array,
+  num_steps: jax.Array,
+  *,
+  model: MLP,
+  optimizer,
+  batch_size: int,
 ) -> TrainState:
   """Up to ``num_steps`` training steps in one on-device loop (``num_steps`` may be
   traced). Stops after the first step whose loss is not finite: ``state.loss_sum``
@@ -142,16 +150,17 @@ def evaluate(state: TrainState, data: DeviceData, *, model: MLP, tracked_unit: i
   input percentiles over the test set, and the mean training loss since the last
   evaluation."""
   logits, sigmoid_inputs = model.apply(
-      {"params": state.params, "batch_stats": state.batch_stats},
-      to_inputs(data.test_images), train=False,
+    {"params": state.params, "batch_stats": state.batch_stats},
+    to_inputs(data.test_images),
+    train=False,
   )
   percentiles = jnp.percentile(sigmoid_inputs[:, tracked_unit], jnp.array(PERCENTILES, jnp.float32))
   metrics = {
-      "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == data.test_labels),
-      "test_loss": cross_entropy(logits, data.test_labels),
-      "train_loss": state.loss_sum / jnp.maximum(state.loss_count, 1).astype(jnp.float32),
+    "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == data.test_labels),
+    "test_loss": cross_entropy(logits, data.test_labels),
+    "train_loss": state.loss_sum / jnp.maximum(state.loss_count, 1).astype(jnp.float32),
   }
-  for p, value in zip(PERCENTILES, percentiles):
+  for p, value in zip(PERCENTILES, percentiles, strict=True):
     metrics[f"sigmoid_input_p{p}"] = value
   return metrics
 
@@ -168,24 +177,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Bad values fail before any work, with the field's name."""
   _refuse_renamed_fields(config)
   if config.dataset not in input_pipeline.DATASETS:
-    raise ConfigError(f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}")
+    raise ConfigError(
+      f"config.dataset must be one of {input_pipeline.DATASETS}, got {config.dataset!r}"
+    )
   for field in ("num_train_steps", "batch_size", "eval_every", "checkpoint_every"):
     value = config[field]
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
       raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
   for field in ("learning_rate", "init_stddev"):
-    if not (isinstance(config[field], numbers.Real) and math.isfinite(config[field]) and config[field] > 0):
+    if not (
+      isinstance(config[field], numbers.Real) and math.isfinite(config[field]) and config[field] > 0
+    ):
       raise ConfigError(f"config.{field} must be a positive finite number, got {config[field]!r}")
   if not 0 <= config.bn_momentum <= 1:
     raise ConfigError(f"config.bn_momentum must be in [0, 1], got {config.bn_momentum!r}")
   sizes = tuple(config.hidden_sizes) if isinstance(config.hidden_sizes, (tuple, list)) else ()
-  if not sizes or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in sizes):
-    raise ConfigError(f"config.hidden_sizes must be a non-empty tuple of positive integers, got "
-                      f"{config.hidden_sizes!r}")
+  if not sizes or not all(
+    isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in sizes
+  ):
+    raise ConfigError(
+      f"config.hidden_sizes must be a non-empty tuple of positive integers, got "
+      f"{config.hidden_sizes!r}"
+    )
   if not 0 <= config.tracked_unit < sizes[-1]:
     raise ConfigError(
-        f"config.tracked_unit must index the last hidden layer (0..{sizes[-1] - 1}), "
-        f"got {config.tracked_unit}"
+      f"config.tracked_unit must index the last hidden layer (0..{sizes[-1] - 1}), "
+      f"got {config.tracked_unit}"
     )
 
 
@@ -206,22 +223,35 @@ def _next_stop(step: int, config) -> int:
   return min(stops)
 
 
-def compile_steps(state: TrainState, data: DeviceData, data_key: jax.Array, *, model: MLP, optimizer,
-                  config: ml_collections.ConfigDict):
+def compile_steps(
+  state: TrainState,
+  data: DeviceData,
+  data_key: jax.Array,
+  *,
+  model: MLP,
+  optimizer,
+  config: ml_collections.ConfigDict,
+):
   """The compiled training loop ``(state, data, data_key, num_steps) -> state`` and
   evaluation ``(state, data) -> metrics``. The data are arguments, not constants
   closed over: XLA would otherwise fold 55 MB of images into the program (a slow
   compile and ``slow_operation_alarm`` messages)."""
   run_steps = jax.jit(
-      functools.partial(train_steps, model=model, optimizer=optimizer, batch_size=config.batch_size),
-      donate_argnums=0,
+    functools.partial(train_steps, model=model, optimizer=optimizer, batch_size=config.batch_size),
+    donate_argnums=0,
   )
-  run_evaluation = jax.jit(functools.partial(evaluate, model=model, tracked_unit=config.tracked_unit))
-  return (run_steps.lower(state, data, data_key, jnp.int32(1)).compile(),
-          run_evaluation.lower(state, data).compile())
+  run_evaluation = jax.jit(
+    functools.partial(evaluate, model=model, tracked_unit=config.tracked_unit)
+  )
+  return (
+    run_steps.lower(state, data, data_key, jnp.int32(1)).compile(),
+    run_evaluation.lower(state, data).compile(),
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> TrainState:
   """Trains one network as ``config`` says, into ``workdir``; resumes if possible.
 
   Writes ``workdir/config.json`` (the config and the JAX settings that change the
@@ -242,19 +272,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
   with common.WorkdirLock(workdir):
     dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.tfds_data_dir)
-    with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
-         common.Preemption() as preemption:  # SIGTERM, Ctrl-C: save, exit 75
+    with (
+      common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints,
+      common.Preemption() as preemption,
+    ):  # SIGTERM, Ctrl-C: save, exit 75
       restored_step = checkpoints.latest_step
-      common.check_config(workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE)
+      common.check_config(
+        workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE
+      )
       if restored_step is not None and restored_step > config.num_train_steps:
-        raise ConfigError(f"the workdir holds a run already at step {restored_step}, past config.num_train_steps="
-                          f"{config.num_train_steps}; give a new --workdir")
+        raise ConfigError(
+          f"the workdir holds a run already at step {restored_step}, past config.num_train_steps="
+          f"{config.num_train_steps}; give a new --workdir"
+        )
       common.write_config(workdir, config)
       return _train(config, workdir, dataset, checkpoints, preemption)
 
 
-def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoints,
-           preemption: common.Preemption) -> TrainState:
+def _train(
+  config,
+  workdir: pathlib.Path,
+  dataset,
+  checkpoints: common.Checkpoints,
+  preemption: common.Preemption,
+) -> TrainState:
   data = DeviceData(*(jax.device_put(a) for a in dataset))
   model, optimizer = make_model(config), make_optimizer(config)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
@@ -270,32 +311,50 @@ def _train(config, workdir: pathlib.Path, dataset, checkpoints: common.Checkpoin
 
   tqdm.write("Compiling the training loop and the evaluation (10-30 s on a CPU)...")
   started = time.perf_counter()
-  run_steps, run_evaluation = compile_steps(state, data, data_key, model=model, optimizer=optimizer, config=config)
+  run_steps, run_evaluation = compile_steps(
+    state, data, data_key, model=model, optimizer=optimizer, config=config
+  )
   tqdm.write(f"Compiled in {time.perf_counter() - started:.1f} s.")
   label = "BN" if config.batch_norm else "baseline"
-  with tqdm(total=config.num_train_steps, initial=step, unit="step", desc=f"{config.dataset} {label}",
-            dynamic_ncols=True, mininterval=0.5) as progress:
+  with tqdm(
+    total=config.num_train_steps,
+    initial=step,
+    unit="step",
+    desc=f"{config.dataset} {label}",
+    dynamic_ncols=True,
+    mininterval=0.5,
+  ) as progress:
     while step < config.num_train_steps:
       stop = _next_stop(step, config)
       state = run_steps(state, data, data_key, jnp.int32(stop - step))
       if not math.isfinite(float(state.loss_sum)):
         last = checkpoints.latest_step
         raise common.NonFiniteError(
-            f"the training loss is {float(state.loss_sum)} at step {int(state.step)}; stopped there. "
-            + (f"The last checkpoint, of step {last}, is kept" if last is not None else "No checkpoint was written")
-            + f". Try a smaller config.learning_rate (now {config.learning_rate}) in a new --workdir"
+          f"the training loss is {float(state.loss_sum)} at step {int(state.step)}; stopped there. "
+          + (
+            f"The last checkpoint, of step {last}, is kept"
+            if last is not None
+            else "No checkpoint was written"
+          )
+          + f". Try a smaller config.learning_rate (now {config.learning_rate}) in a new --workdir"
         )
       step = stop
       if step % config.eval_every == 0 or step == config.num_train_steps:
         metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state, data).items()}}
         metrics_log.append(metrics)
-        state = state._replace(loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count))
-        progress.set_postfix({"test_acc": f"{metrics['test_accuracy']:.4f}"})  # tqdm shows the speed
+        state = state._replace(
+          loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count)
+        )
+        progress.set_postfix(
+          {"test_acc": f"{metrics['test_accuracy']:.4f}"}
+        )  # tqdm shows the speed
       if step % config.checkpoint_every == 0 or step == config.num_train_steps:
         checkpoints.save(step, state)
       progress.update(stop - progress.n)
-      preemption.check(step, checkpoints, lambda: state)
+      preemption.check(step, checkpoints, lambda state=state: state)
   checkpoints.wait_until_finished()  # the newest checkpoint sealed (SHA256SUMS) before we name it
-  tqdm.write(f"done: step {step}/{config.num_train_steps}; wrote config.json, metrics.jsonl and "
-             f"checkpoints/ (newest: step {checkpoints.latest_step}) in {workdir}")
+  tqdm.write(
+    f"done: step {step}/{config.num_train_steps}; wrote config.json, metrics.jsonl and "
+    f"checkpoints/ (newest: step {checkpoints.latest_step}) in {workdir}"
+  )
   return state

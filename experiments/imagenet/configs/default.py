@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   # with population statistics, Section 3.1; recompute_bn_batches does that).
   config.bn_momentum = 0.99
   config.bn_epsilon = 1e-3  # our choice: tf-slim's for its BN-Inception (the paper gives none)
-  config.bn_group_size = 0  # our choice: 0 = statistics over all devices (synchronized); k = groups of k
+  config.bn_group_size = (
+    0  # our choice: 0 = statistics over all devices (synchronized); k = groups of k
+  )
   # Our choice: 0 = statistics over each group's whole batch. 32 = the paper's
   # mini-batch statistics (each replica normalized its own 32 examples, Section 4.2).
   config.bn_virtual_batch_size = 0
@@ -67,8 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # our choice: 8 devices x the paper's 32 (Section 4.2); global
   config.base_batch_size = 32  # Section 4.2: the paper's rates are for mini-batches of 32
   config.base_learning_rate = 0.0015  # Figure 3: Inception's initial learning rate
-  config.learning_rate = (config.get_ref("base_learning_rate") * config.get_ref("batch_size")
-                          / config.get_ref("base_batch_size"))  # our choice: linear scaling
+  config.learning_rate = (
+    config.get_ref("base_learning_rate")
+    * config.get_ref("batch_size")
+    / config.get_ref("base_batch_size")
+  )  # our choice: linear scaling
   config.lr_schedule = "exponential"  # Section 4.2.1: exponential decay
   # Our choice: GoogLeNet's "decrease by 4% every 8 epochs", staircase (the paper
   # says the BN variants decay 6x faster, not the base rate).
@@ -83,14 +88,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Section 4.2.1 reduction by 5 and this network precedes it.
   config.weight_decay = 2e-4
   config.label_smoothing = 0.0  # the paper uses none
-  config.num_epochs = 775.0  # Figure 3: Inception reached 72.2% after 31.0M steps of 32 = 774 epochs
+  config.num_epochs = (
+    775.0  # Figure 3: Inception reached 72.2% after 31.0M steps of 32 = 774 epochs
+  )
   config.num_train_steps = -1  # -1: num_epochs * 1,281,167 / batch_size
   config.seed = 0
 
   # ---- Data -------------------------------------------------------------------------------
   config.dataset = "imagenet2012"  # TFDS name (Section 4.2: ImageNet classification)
-  config.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # None = TFDS's default (~/tensorflow_datasets)
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # a folder of IDX files (mnist, fashion_mnist: idx_data.py); None = TFDS
+  config.tfds_data_dir = ml_collections.config_dict.placeholder(
+    str
+  )  # None = TFDS's default (~/tensorflow_datasets)
+  config.data_dir = ml_collections.config_dict.placeholder(
+    str
+  )  # a folder of IDX files (mnist, fashion_mnist: idx_data.py); None = TFDS
   config.fake_data = False  # True: synthetic batches, for throughput and smoke runs only
   # Our choice: 0 = no example-level shuffle buffer (shards in random order, each
   # shard's examples in stored order): the Inception before Section 4.2.1 added
@@ -101,7 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Section 4.2.1 reduces them for the BN variants without saying by how much.
   config.photometric_distortion = 1.0
   config.eval_batch_size = 1024  # our choice; global; every validation image scored once
-  config.eval_crop_fraction = 0.875  # our choice: central 224 of 256, the usual single crop (Section 4.2)
+  config.eval_crop_fraction = (
+    0.875  # our choice: central 224 of 256, the usual single crop (Section 4.2)
+  )
 
   # ---- Bookkeeping ------------------------------------------------------------------------
   config.parallelism = "jit"  # our choice: "jit" (one sharded program) or "pmap"
@@ -111,9 +124,13 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-def with_section_4_2_1(config: ml_collections.ConfigDict, learning_rate_factor: float) -> ml_collections.ConfigDict:
+def with_section_4_2_1(
+  config: ml_collections.ConfigDict, learning_rate_factor: float
+) -> ml_collections.ConfigDict:
   """``config`` with Section 4.2.1's changes, the base rate times ``learning_rate_factor``."""
-  config.base_learning_rate = 0.0015 * learning_rate_factor  # 4.2.1 "increase learning rate"; Figure 3
+  config.base_learning_rate = (
+    0.0015 * learning_rate_factor
+  )  # 4.2.1 "increase learning rate"; Figure 3
   config.dropout_rate = 0.0  # 4.2.1 "remove dropout"
   config.weight_decay /= 5  # 4.2.1 "reduce the L2 weight regularization" by a factor of 5
   config.lr_decay_epochs /= 6  # 4.2.1 "accelerate the learning rate decay": 6 times faster

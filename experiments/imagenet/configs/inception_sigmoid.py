@@ -1,6 +1,7 @@
-"""Inception with sigmoid instead of ReLU, no batch norm (Section 4.2.2).
+r"""Inception with sigmoid instead of ReLU, no batch norm (Section 4.2.2).
 
-    python -m experiments.imagenet --workdir=W --config=experiments/imagenet/configs/inception_sigmoid.py
+    python -m experiments.imagenet --workdir=W \
+        --config=experiments/imagenet/configs/inception_sigmoid.py
 
 Paper: "we were not able to train" it: accuracy stays at chance (1/1000). The
 paper does not say how long it tried; 10 epochs show it (our choice).

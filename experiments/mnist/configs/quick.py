@@ -1,7 +1,8 @@
-"""A quick run of the MNIST experiment, to check the set-up: 11 s of CPU time,
+r"""A quick run of the MNIST experiment, to check the set-up: 11 s of CPU time,
 mostly compiling (49 s on this project's 2-core machine at load average 8).
 
-    python -m experiments.mnist --workdir=/tmp/mnist_quick --config=experiments/mnist/configs/quick.py
+    python -m experiments.mnist --workdir=/tmp/mnist_quick \
+        --config=experiments/mnist/configs/quick.py
 """
 
 from experiments.mnist.configs import default

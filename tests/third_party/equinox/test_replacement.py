@@ -13,6 +13,7 @@ def test_equinox_tests_see_bnjax_batch_norm(monkeypatch):
   assert conftest.EQUINOX_BATCH_NORM is not bnjax.equinox.BatchNorm
   assert eqx.nn.BatchNorm is equinox.nn._batch_norm.BatchNorm is bnjax.equinox.BatchNorm
   assert nn_test.eqx.nn.BatchNorm is bnjax.equinox.BatchNorm
+
   # Equinox's class never runs: make it fail, then run one of its tests.
   def refuse(*args, **kwargs):
     raise AssertionError("equinox.nn.BatchNorm ran")

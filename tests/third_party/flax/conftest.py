@@ -14,11 +14,11 @@ the reason in the header of their excerpt. Where Flax compares nnx with linen bi
 bnjax's here, and they agree bit for bit (no test needed a tolerance).
 """
 
-import jax
 import flax.linen
 import flax.linen.normalization
 import flax.nnx
 import flax.nnx.nn.normalization
+import jax
 import pytest
 
 import bnjax.linen
@@ -77,9 +77,11 @@ def pytest_collection_modifyitems(config, items):
     if str(item.fspath).startswith(here) and item.fspath.basename not in FAST:
       item.add_marker(pytest.mark.slow)
   deselected = [
-      item for item in items
-      if str(item.fspath).startswith(here) and "batch_norm" not in item.name
-      and item.fspath.basename == "linen_test.py"
+    item
+    for item in items
+    if str(item.fspath).startswith(here)
+    and "batch_norm" not in item.name
+    and item.fspath.basename == "linen_test.py"
   ]
   if deselected:
     config.hook.pytest_deselected(items=deselected)

@@ -12,15 +12,24 @@ import importlib
 import pytest
 
 MODULES = [
-    "flax.linen.module", "flax.linen.normalization", "flax.nnx.graphlib", "flax.nnx.module",
-    "flax.nnx.nn.normalization", "flax.nnx.statelib", "flax.nnx.summary",
+  "flax.linen.module",
+  "flax.linen.normalization",
+  "flax.nnx.graphlib",
+  "flax.nnx.module",
+  "flax.nnx.nn.normalization",
+  "flax.nnx.statelib",
+  "flax.nnx.summary",
 ]
 
 
 def _batch_norm_examples() -> list[doctest.DocTest]:
   finder = doctest.DocTestFinder()
-  return [test for name in MODULES for test in finder.find(importlib.import_module(name))
-          if "BatchNorm" in "".join(example.source for example in test.examples)]
+  return [
+    test
+    for name in MODULES
+    for test in finder.find(importlib.import_module(name))
+    if "BatchNorm" in "".join(example.source for example in test.examples)
+  ]
 
 
 EXAMPLES = _batch_norm_examples()
@@ -28,8 +37,11 @@ EXAMPLES = _batch_norm_examples()
 
 def test_the_examples_include_the_batch_norm_classes_own():
   names = {test.name for test in EXAMPLES}
-  assert {"flax.nnx.nn.normalization.BatchNorm", "flax.linen.normalization.BatchNorm",
-          "flax.nnx.module.view_info"} <= names
+  assert {
+    "flax.nnx.nn.normalization.BatchNorm",
+    "flax.linen.normalization.BatchNorm",
+    "flax.nnx.module.view_info",
+  } <= names
   assert len(EXAMPLES) >= 15
 
 
@@ -37,6 +49,7 @@ def test_the_examples_include_the_batch_norm_classes_own():
 def test_flax_docstring_example(test):
   report = []
   result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE).run(
-      test, out=report.append)
+    test, out=report.append
+  )
   assert result.attempted > 0
   assert result.failed == 0, "".join(report)

@@ -7,7 +7,12 @@ import flax.nnx.nn.normalization
 
 import bnjax.linen
 import bnjax.nnx
-from tests.third_party.flax import conftest, linen_test, nnx_integration_test, nnx_normalization_test
+from tests.third_party.flax import (
+  conftest,
+  linen_test,
+  nnx_integration_test,
+  nnx_normalization_test,
+)
 
 
 def test_flax_tests_see_bnjax_batch_norm():
@@ -16,7 +21,11 @@ def test_flax_tests_see_bnjax_batch_norm():
   assert flax.linen.BatchNorm is flax.linen.normalization.BatchNorm is bnjax.linen.BatchNorm
   assert flax.nnx.BatchNorm is flax.nnx.nn.normalization.BatchNorm is bnjax.nnx.BatchNorm
   assert linen_test.nn.BatchNorm is nnx_normalization_test.linen.BatchNorm is bnjax.linen.BatchNorm
-  assert nnx_integration_test.nnx.BatchNorm is nnx_normalization_test.nnx.BatchNorm is bnjax.nnx.BatchNorm
+  assert (
+    nnx_integration_test.nnx.BatchNorm
+    is nnx_normalization_test.nnx.BatchNorm
+    is bnjax.nnx.BatchNorm
+  )
 
 
 def test_expected_failures_name_collected_tests(request):

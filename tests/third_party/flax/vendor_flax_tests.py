@@ -24,33 +24,50 @@ from pathlib import Path
 
 # Flax test file -> the name of its excerpt here.
 SOURCES = {
-    "tests/linen/linen_module_test.py": "linen_module_test.py",
-    "tests/linen/linen_transforms_test.py": "linen_transforms_test.py",
-    "tests/linen/summary_test.py": "linen_summary_test.py",
-    "tests/nnx/bridge/wrappers_test.py": "nnx_bridge_wrappers_test.py",
-    "tests/nnx/graph_utils_test.py": "nnx_graph_utils_test.py",
-    "tests/nnx/helpers_test.py": "nnx_helpers_test.py",
-    "tests/nnx/integration_test.py": "nnx_integration_test.py",
-    "tests/nnx/module_test.py": "nnx_module_test.py",
-    "tests/nnx/nn/normalization_test.py": "nnx_normalization_test.py",
-    "tests/nnx/summary_test.py": "nnx_summary_test.py",
-    "tests/nnx/transforms_test.py": "nnx_transforms_test.py",
+  "tests/linen/linen_module_test.py": "linen_module_test.py",
+  "tests/linen/linen_transforms_test.py": "linen_transforms_test.py",
+  "tests/linen/summary_test.py": "linen_summary_test.py",
+  "tests/nnx/bridge/wrappers_test.py": "nnx_bridge_wrappers_test.py",
+  "tests/nnx/graph_utils_test.py": "nnx_graph_utils_test.py",
+  "tests/nnx/helpers_test.py": "nnx_helpers_test.py",
+  "tests/nnx/integration_test.py": "nnx_integration_test.py",
+  "tests/nnx/module_test.py": "nnx_module_test.py",
+  "tests/nnx/nn/normalization_test.py": "nnx_normalization_test.py",
+  "tests/nnx/summary_test.py": "nnx_summary_test.py",
+  "tests/nnx/transforms_test.py": "nnx_transforms_test.py",
 }
-_SCAN_VARIANT = ("the Block of the kept TestScan tests (Linear, BatchNorm, Dropout) in nnx.scan "
-                 "again, in a further combination of view / functional / decorator / broadcast "
-                 "dropout: left out to keep these tests within their time budget")
-_SUMMARY_OPTION = ("the CNN (with BatchNorm) of the kept test_tabulate and test_module_summary, "
-                   "through another option of tabulate: left out for the time budget")
+_SCAN_VARIANT = (
+  "the Block of the kept TestScan tests (Linear, BatchNorm, Dropout) in nnx.scan "
+  "again, in a further combination of view / functional / decorator / broadcast "
+  "dropout: left out to keep these tests within their time budget"
+)
+_SUMMARY_OPTION = (
+  "the CNN (with BatchNorm) of the kept test_tabulate and test_module_summary, "
+  "through another option of tabulate: left out for the time budget"
+)
 # Tests that name BatchNorm but are not copied, with the reason (listed in the excerpt).
 LEFT_OUT = {
-    "tests/nnx/transforms_test.py": dict.fromkeys([
-        "test_complex_view_functional", "test_complex_broadcast_dropout_functional",
-        "test_complex_broadcast_dropout_view", "test_complex_broadcast_dropout_view_functional",
-        "test_complex_decorator_functional", "test_complex_decorator_view",
-        "test_complex_decorator_view_functional"], _SCAN_VARIANT),
-    "tests/linen/summary_test.py": dict.fromkeys([
-        "test_module_summary_with_depth", "test_tabulate_with_sow", "test_tabulate_with_method",
-        "test_tabulate_function"], _SUMMARY_OPTION),
+  "tests/nnx/transforms_test.py": dict.fromkeys(
+    [
+      "test_complex_view_functional",
+      "test_complex_broadcast_dropout_functional",
+      "test_complex_broadcast_dropout_view",
+      "test_complex_broadcast_dropout_view_functional",
+      "test_complex_decorator_functional",
+      "test_complex_decorator_view",
+      "test_complex_decorator_view_functional",
+    ],
+    _SCAN_VARIANT,
+  ),
+  "tests/linen/summary_test.py": dict.fromkeys(
+    [
+      "test_module_summary_with_depth",
+      "test_tabulate_with_sow",
+      "test_tabulate_with_method",
+      "test_tabulate_function",
+    ],
+    _SUMMARY_OPTION,
+  ),
 }
 MENTIONS_BATCH_NORM = re.compile(r"BatchNorm|batch_norm")
 
@@ -61,7 +78,8 @@ def _names(node: ast.AST) -> set[str]:
 
 def _is_test_class(node: ast.AST) -> bool:
   return isinstance(node, ast.ClassDef) and any(
-      isinstance(m, ast.FunctionDef) and m.name.startswith("test") for m in node.body)
+    isinstance(m, ast.FunctionDef) and m.name.startswith("test") for m in node.body
+  )
 
 
 def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
@@ -72,19 +90,27 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
 
   def text(node) -> str:
     start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    return "\n".join(lines[start - 1:node.end_lineno])
+    return "\n".join(lines[start - 1 : node.end_lineno])
 
-  definitions = {n.name: n for n in tree.body
-                 if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(n)}
+  definitions = {
+    n.name: n
+    for n in tree.body
+    if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(n)
+  }
   # Module-level helpers that build a BatchNorm, directly or through another helper.
   with_bn = {name for name, n in definitions.items() if MENTIONS_BATCH_NORM.search(text(n))}
-  while grown := {name for name, n in definitions.items() if name not in with_bn and _names(n) & with_bn}:
+  while grown := {
+    name for name, n in definitions.items() if name not in with_bn and _names(n) & with_bn
+  }:
     with_bn |= grown
 
   def selected(member) -> bool:
-    return (isinstance(member, ast.FunctionDef) and member.name.startswith("test")
-            and member.name not in left_out
-            and bool(MENTIONS_BATCH_NORM.search(text(member)) or _names(member) & with_bn))
+    return (
+      isinstance(member, ast.FunctionDef)
+      and member.name.startswith("test")
+      and member.name not in left_out
+      and bool(MENTIONS_BATCH_NORM.search(text(member)) or _names(member) & with_bn)
+    )
 
   kept_tests = [m for n in tree.body if _is_test_class(n) for m in n.body if selected(m)]
   if not kept_tests:
@@ -99,48 +125,65 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
 
   header_end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
   out = lines[:header_end] + [
-      "",
-      f"# bnjax: an excerpt of google/flax {origin}:",
-      "# the tests that exercise BatchNorm, with the module-level code and test-class",
-      "# members they use, unchanged but for a module-level XLA_FLAGS assignment (below);",
-      "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
-      "# BatchNorm in place of Flax's and lists the tests expected to fail.",
+    "",
+    f"# bnjax: an excerpt of google/flax {origin}:",
+    "# the tests that exercise BatchNorm, with the module-level code and test-class",
+    "# members they use, unchanged but for a module-level XLA_FLAGS assignment (below);",
+    "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
+    "# BatchNorm in place of Flax's and lists the tests expected to fail.",
   ]
   if left_out:
     out.append("# Tests that use BatchNorm but are not copied here:")
     for reason in dict.fromkeys(left_out.values()):
       names = ", ".join(name for name, why in left_out.items() if why == reason)
-      out += textwrap.wrap(f"{names}: {reason}.", 84, initial_indent="#   ", subsequent_indent="#     ")
+      out += textwrap.wrap(
+        f"{names}: {reason}.", 84, initial_indent="#   ", subsequent_indent="#     "
+      )
   for node in tree.body:
     if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(node):
       if node.name not in needed:
         continue
     if _is_test_class(node):
-      members = [m for m in node.body if selected(m)
-                 or not (isinstance(m, ast.FunctionDef) and m.name.startswith("test"))]
+      members = [
+        m
+        for m in node.body
+        if selected(m) or not (isinstance(m, ast.FunctionDef) and m.name.startswith("test"))
+      ]
       if not any(selected(m) for m in members):
         continue
       first = node.body[0]
       start = min([first.lineno] + [d.lineno for d in getattr(first, "decorator_list", [])])
       class_start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-      out += ["", ""] + lines[class_start - 1:start - 1]
+      out += ["", ""] + lines[class_start - 1 : start - 1]
       for member in members:
         out += [text(member), ""]
       continue
     if isinstance(node, ast.Assign) and "os.environ" in text(node):
       # The suite's 8 simulated devices (tests/conftest.py) must stay as they are.
-      out.append(f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {text(node)}")
+      out.append(
+        f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {text(node)}"
+      )
       continue
-    out += ["", text(node)] if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.If)) else [text(node)]
+    out += (
+      ["", text(node)]
+      if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.If))
+      else [text(node)]
+    )
   return "\n".join(out).rstrip() + "\n"
 
 
 def main(flax_repo: str, commit: str) -> None:
   here = Path(__file__).parent
   for origin, name in SOURCES.items():
-    source = subprocess.run(["git", "-C", flax_repo, "show", f"{commit}:{origin}"],
-                            check=True, capture_output=True, text=True).stdout
-    (here / name).write_text(excerpt(source, f"{origin} at commit {commit}", LEFT_OUT.get(origin, {})))
+    source = subprocess.run(
+      ["git", "-C", flax_repo, "show", f"{commit}:{origin}"],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
+    (here / name).write_text(
+      excerpt(source, f"{origin} at commit {commit}", LEFT_OUT.get(origin, {}))
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ runs. The suite's conftest gives them 8 CPU devices. All 11 pass, as with Haiku.
 """
 
 import haiku as hk
-from haiku._src import batch_norm as haiku_batch_norm
 import jax
 import pytest
+from haiku._src import batch_norm as haiku_batch_norm
 
 import bnjax.haiku
 

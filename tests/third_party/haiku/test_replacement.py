@@ -11,6 +11,7 @@ def test_haiku_tests_see_bnjax_batch_norm(monkeypatch):
   assert conftest.HAIKU_BATCH_NORM is not bnjax.haiku.BatchNorm
   assert hk.BatchNorm is haiku_batch_norm.BatchNorm is bnjax.haiku.BatchNorm
   assert batch_norm_test.batch_norm.BatchNorm is bnjax.haiku.BatchNorm
+
   # Haiku's class never runs: make it fail, then run Haiku's tests of both modes.
   def refuse(*args, **kwargs):
     raise AssertionError("haiku.BatchNorm ran")
