@@ -24,7 +24,7 @@ flags.DEFINE_string(
   "workdir",
   None,
   "Folder for config.json, metrics.jsonl, TensorBoard summaries and checkpoints "
-  "(on several hosts: a folder all of them see).",
+  "(a local folder, or gs://BUCKET/PATH; on a pod slice, the bucket all hosts share).",
 )
 cli.define_config_flag(
   DEFAULT_CONFIG, "Training configuration, experiments/imagenet/configs/NAME.py."
