@@ -1,6 +1,7 @@
 """A new user's first steps: the package's submodules, the experiment's command line,
 the quick benchmark, an install without TensorFlow."""
 
+import importlib.metadata
 import os
 import pathlib
 import re
@@ -335,6 +336,16 @@ def _copy_project(destination: pathlib.Path, *names: str) -> pathlib.Path:
   return destination
 
 
+def _installed_bnjax() -> list[str]:
+  """The versions of bnjax that the running environment's site-packages records."""
+  site = sysconfig.get_paths()["purelib"]
+  return [
+    d.metadata["Version"]
+    for d in importlib.metadata.distributions(path=[site])
+    if d.metadata["Name"] == "bnjax"
+  ]
+
+
 @pytest.mark.slow  # a venv and an editable install: about 10 s
 def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments_anywhere(tmp_path):
   """A clone is a folder named bnjax: from its parent, `import bnjax` must find the
@@ -342,6 +353,7 @@ def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments
   any folder, not only from the clone's root."""
   pytest.importorskip("setuptools")  # the build backend, without build isolation (offline)
   clone = _copy_project(tmp_path / "parent" / "bnjax", "bnjax", "experiments")
+  installed_before = _installed_bnjax()
   venv = tmp_path / "venv"
   subprocess.run(
     [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
@@ -355,6 +367,7 @@ def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments
       "-q",
       "--no-deps",
       "--no-build-isolation",
+      "--ignore-installed",  # else pip uninstalls the running environment's bnjax first
       "--prefix",
       str(venv),
       "-e",
@@ -364,6 +377,7 @@ def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments
     capture_output=True,
     timeout=300,
   )
+  assert _installed_bnjax() == installed_before, "the test's install removed the suite's own bnjax"
   env = {**os.environ, "PYTHONPATH": _site_packages(), "XLA_FLAGS": ""}  # the dependencies only
   python = str(venv / "bin" / "python")
   result = subprocess.run(
