@@ -6,14 +6,18 @@ subprocess compiling what an earlier one did) reads them back instead.
 ``BNJAX_TEST_COMPILATION_CACHE=0`` turns it off."""
 
 import os
-import pathlib
 
 import jax
 import pytest
 
+from tests import ROOT
+
 # A script for subprocesses, not a test module (its import would run it).
 collect_ignore = ["multihost_worker.py", "imagenet_runner.py", "gcs_emulator.py"]
-pytest_plugins = ["tests.gcs_emulator"]  # the Cloud Storage emulator fixtures (test_gcs.py)
+pytest_plugins = [
+  "tests.gcs_emulator",  # the Cloud Storage emulator's fixtures (test_gcs.py)
+  "tests.mnist_testing",  # fashion_mnist_dir, trained_run (test_mnist_*.py, test_figure3.py)
+]
 
 jax.config.update("jax_platforms", "cpu")
 # Read when jax initializes its backends (the first array or device query), so it
@@ -27,7 +31,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
-  _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"
+  _CACHE = ROOT / ".cache" / "jax-tests"
   # Environment variables, so that the experiments' subprocesses share the cache.
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
@@ -62,3 +66,16 @@ def x64():
     yield
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.fixture
+def standard_promotion(request):
+  """JAX's standard dtype promotion for one test, in place of the suite's strict mode:
+  Flax's and Haiku's own modules mix dtypes implicitly. A test whose name says
+  "strict" keeps the strict mode. A module takes it for all its tests with
+  ``pytestmark = pytest.mark.usefixtures("standard_promotion")``."""
+  if "strict" in request.node.name:
+    yield
+    return
+  with jax.numpy_dtype_promotion("standard"):
+    yield

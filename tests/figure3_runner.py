@@ -10,7 +10,6 @@ run ``NAME`` saved checkpoint ``K``, print "stopped at NAME K" and wait (to be k
 import functools
 import os
 import sys
-import time
 
 
 def main():
@@ -21,25 +20,21 @@ def main():
 
   from absl import app
 
-  from experiments import common
   from experiments.common import cli
   from experiments.imagenet import figure3, train
-  from tests.imagenet_testing import micro_net
+  from tests.imagenet_testing import micro_net, stop_after_saving
 
   train.train_and_evaluate = functools.partial(train.train_and_evaluate, create_model=micro_net)
   stop_at = os.environ.get("FIGURE3_RUNNER_STOP_AT")
   if stop_at:
     name, step_text = stop_at.split(":")
-    save = common.Checkpoints.save
 
-    def save_then_wait(self, step, state):
-      save(self, step, state)
-      if self.directory.parent.name == name and step == int(step_text):
-        self.wait_until_finished()  # asynchronous saves: the step and its SHA256SUMS written
-        print(f"stopped at {name} {step}", flush=True)
-        time.sleep(3600)
+    def announce(checkpoints, step):
+      if checkpoints.directory.parent.name == name and step == int(step_text):
+        return f"stopped at {name} {step}"
+      return None
 
-    common.Checkpoints.save = save_then_wait
+    stop_after_saving(announce)
   figure3.define_flags()
   app.run(figure3.main, argv=sys.argv, flags_parser=cli.parse_flags)
 

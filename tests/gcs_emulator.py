@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ import uuid
 from typing import NamedTuple
 
 import pytest
+
+from tests.processes import free_port
 
 
 class Emulator(NamedTuple):
@@ -59,15 +60,9 @@ def _binary() -> pathlib.Path:
   return _server._get_binary_path()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def start(root: pathlib.Path) -> tuple[subprocess.Popen, Emulator]:
   """A server keeping its objects in ``root``, ready to answer."""
-  port = _free_port()
+  port = free_port()
   url = f"http://127.0.0.1:{port}"
   log = (root / "server.log").open("w")  # a file: a full pipe would stall the server
   process = subprocess.Popen(

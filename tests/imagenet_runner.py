@@ -17,7 +17,6 @@ import contextlib
 import functools
 import os
 import sys
-import time
 
 
 def main():
@@ -33,23 +32,16 @@ def main():
   from experiments.common import cli
   from experiments.imagenet import __main__ as imagenet_main
   from experiments.imagenet import train
-  from tests.imagenet_testing import micro_net
+  from tests.imagenet_testing import micro_net, stop_after_saving
 
   if os.environ.get("IMAGENET_RUNNER_MICRO"):
     train.train_and_evaluate = functools.partial(train.train_and_evaluate, create_model=micro_net)
 
   stop_after = os.environ.get("IMAGENET_RUNNER_STOP_AFTER")
   if stop_after:
-    save = common.Checkpoints.save
-
-    def save_then_wait(self, step, state):
-      save(self, step, state)
-      if step == int(stop_after):
-        self.wait_until_finished()  # asynchronous saves: the step and its SHA256SUMS written
-        print(f"saved {step}", flush=True)
-        time.sleep(3600)
-
-    common.Checkpoints.save = save_then_wait
+    stop_after_saving(
+      lambda checkpoints, step: f"saved {step}" if step == int(stop_after) else None
+    )
   mock = os.environ.get("IMAGENET_RUNNER_MOCK")
   context = contextlib.nullcontext()
   if mock:

@@ -7,6 +7,8 @@
   ``tfds.testing.mock_data``, whose imagenet2012 builder has no splits otherwise.
 * ``MicroNet``: two convolutions with BN, for tests about devices and state where
   the network's size does not matter (it compiles in seconds).
+* ``stop_after_saving``: for the runners (``tests.imagenet_runner``,
+  ``tests.figure3_runner``), a run that stops at a checkpoint, to be killed there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 import pathlib
 import tarfile
+import time
 from collections.abc import Callable
 
 import jax
@@ -131,3 +134,23 @@ def tiny_config(**overrides):
   config.warmup_epochs = 0.0
   config.update(overrides)
   return config
+
+
+def stop_after_saving(announce: Callable[[object, int], str | None]) -> None:
+  """Makes every ``experiments.common.Checkpoints.save`` stop the process where
+  ``announce(checkpoints, step)`` gives a line: once that checkpoint is written
+  whole (asynchronous saves finished: the step and its SHA256SUMS), print the line
+  and wait an hour, for the test to kill the process (an interrupted run)."""
+  from experiments import common
+
+  save = common.Checkpoints.save
+
+  def save_then_wait(self, step, state):
+    save(self, step, state)
+    line = announce(self, step)
+    if line is not None:
+      self.wait_until_finished()
+      print(line, flush=True)
+      time.sleep(3600)
+
+  common.Checkpoints.save = save_then_wait

@@ -26,8 +26,8 @@ import bnjax.equinox
 import bnjax.haiku
 import bnjax.linen
 import bnjax.nnx
+from tests import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = (bnjax, bnjax.linen, bnjax.nnx, bnjax.equinox, bnjax.haiku)
 # Flax's own module fields, not the layer's (every linen Module has them).
 _LINEN_FIELDS = {"parent", "name"}

@@ -37,7 +37,8 @@ import sys
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 DOCS = ROOT / "docs"
 # Pages whose blocks each stand alone (a reader pastes one of them), and must print.
 STANDALONE = [ROOT / "README.md", DOCS / "index.md"]

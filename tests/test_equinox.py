@@ -16,13 +16,10 @@ from jax.sharding import PartitionSpec as P
 
 import bnjax.equinox
 from tests import reference
+from tests.samples import normal
 
 MOMENTUM = 0.9
 STEPS = 3
-
-
-def normal(seed, shape, loc=0.0, scale=1.0):
-  return (loc + scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
 class Network(eqx.Module):

@@ -1,12 +1,11 @@
 """The example scripts run, and show what they claim."""
 
 import importlib.util
-import pathlib
 
 import jax
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import ROOT
 
 
 @pytest.mark.slow  # the whole script, eager as a user writes it

@@ -8,7 +8,6 @@ seconds; the networks themselves are tested in test_imagenet_models.py).
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -17,12 +16,9 @@ import numpy as np
 import pytest
 
 from experiments.imagenet import data, figure3, figure3_config, idx_data, train
-from tests import test_mnist
+from tests import ROOT
 from tests.imagenet_testing import micro_net
-from tests.test_mnist import FASHION_MNIST
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-fashion_mnist_dir = test_mnist.fashion_mnist_dir  # the fixture, for this module's tests
+from tests.mnist_testing import FASHION_MNIST
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import pytest
 
 from benchmarks import run as benchmarks_run
 from experiments.mnist import input_pipeline
-from tests.test_mnist import make_idx_folder
+from tests import ROOT
+from tests.mnist_testing import make_idx_folder, mnist_command
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-def _python(code, *args, env=None, **kwargs):
+def _run(command, *, env=None, **kwargs):
+  """``command`` run from the repository's root, its output captured."""
   return subprocess.run(
-    [sys.executable, "-c", code, *args],
+    command,
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -30,6 +30,10 @@ def _python(code, *args, env=None, **kwargs):
     env=env or {**os.environ, "XLA_FLAGS": ""},
     **kwargs,
   )
+
+
+def _python(code, *args, **kwargs):
+  return _run([sys.executable, "-c", code, *args], **kwargs)
 
 
 @pytest.mark.slow
@@ -47,17 +51,6 @@ def test_flax_submodules_are_reachable_from_the_package_and_load_lazily():
   )
 
 
-def _mnist(*args, module="experiments.mnist"):
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "XLA_FLAGS": ""},
-  )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "module, config_file",
@@ -68,7 +61,9 @@ def _mnist(*args, module="experiments.mnist"):
 )
 def test_an_unknown_config_field_is_one_line_listing_the_fields(tmp_path, module, config_file):
   config_flag = [f"--config={config_file}"] if config_file else []
-  result = _mnist(f"--workdir={tmp_path / 'run'}", *config_flag, "--config.lr=0.1", module=module)
+  result = _run(
+    mnist_command(tmp_path / "run", None, *config_flag, "--config.lr=0.1", module=module)
+  )
   assert result.returncode == 1
   assert result.stderr.splitlines() == [
     f"error: --config.lr: no such config field; the fields of experiments/mnist/configs/"
@@ -89,14 +84,14 @@ def test_flag_errors_are_one_line(tmp_path):
       "with base 10: 'abc' (--help lists the flags)",
     ),
   ]:
-    result = _mnist(f"--workdir={tmp_path / 'run'}", flag)
+    result = _run(mnist_command(tmp_path / "run", None, flag))
     assert (result.returncode, result.stderr.splitlines()) == (1, [expected])
   assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
 def test_help_says_where_the_config_fields_are():
-  result = _mnist("--help")
+  result = _run([sys.executable, "-m", "experiments.mnist", "--help"])
   text = " ".join(result.stdout.split())
   assert "experiments/mnist/configs/default.py" in text and "--config.FIELD=VALUE" in text, (
     result.stdout
@@ -107,25 +102,18 @@ def test_help_says_where_the_config_fields_are():
 @pytest.mark.slow
 def test_config_and_data_errors_leave_no_workdir_behind(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data")
-  result = _mnist(f"--workdir={tmp_path / 'a' / 'run'}", "--config.num_train_steps=-5")
+  result = _run(mnist_command(tmp_path / "a" / "run", None, "--config.num_train_steps=-5"))
   assert result.stderr.splitlines() == [
     "error: config.num_train_steps must be a positive integer, got -5"
   ]
-  result = _mnist(
-    f"--workdir={tmp_path / 'a' / 'run'}",
-    "--config.dataset=fashion_mnist",
-    f"--config.data_dir={data_dir / 'missing'}",
-  )
+  result = _run(mnist_command(tmp_path / "a" / "run", data_dir / "missing"))
   # One line, no traceback (the MNIST command's data errors are checked here, once).
   assert (result.returncode, result.stderr) == (
     1,
     f"error: data_dir {data_dir / 'missing'} is not a folder. {input_pipeline.OFFLINE_HINT}\n",
   )
-  result = _mnist(
-    f"--workdir={tmp_path / 'a' / 'fig'}",
-    "--config.dataset=fashion_mnist",
-    f"--config.data_dir={data_dir / 'missing'}",
-    module="experiments.mnist.figure1",
+  result = _run(
+    mnist_command(tmp_path / "a" / "fig", data_dir / "missing", module="experiments.mnist.figure1")
   )
   assert (result.returncode, result.stderr) == (
     1,
@@ -242,13 +230,14 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_a_renamed_config_field_keeps_its_old_spelling_with_a_warning(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data")
-  result = _mnist(
-    f"--workdir={tmp_path / 'run'}",
-    "--config.dataset=fashion_mnist",
-    f"--config.data_dir={data_dir}",
-    "--config.num_steps=200",
-    "--config.eval_every=100",
-    "--config.checkpoint_every=100",
+  result = _run(
+    mnist_command(
+      tmp_path / "run",
+      data_dir,
+      "--config.num_steps=200",
+      "--config.eval_every=100",
+      "--config.checkpoint_every=100",
+    )
   )
   assert result.returncode == 0, result.stderr
   assert result.stderr.splitlines()[0] == (

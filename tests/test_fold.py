@@ -8,6 +8,7 @@ from flax import linen as nn
 
 import bnjax
 import bnjax.linen
+from tests.samples import normal
 
 
 class CNN(nn.Module):
@@ -46,11 +47,6 @@ def trained_looking_variables(x):
 
 
 PAIRS = [("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Dense_0", "BatchNorm_2")]
-
-
-def normal(seed, shape, dtype=jnp.float32):
-  """NumPy's samples (jax.random compiles a program per shape)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 def test_folded_cnn_equals_eval_mode_cnn():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import signal
 import socket
@@ -23,8 +22,9 @@ import pytest
 from experiments import common
 from experiments.common import lease as lease_lib
 from experiments.common import storage
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import ROOT
+from tests.mnist_testing import LONG_RUN, config_flags, make_idx_folder, mnist_command, small_config
+from tests.processes import finish, free_port, start_module
 
 
 @pytest.fixture
@@ -231,10 +231,6 @@ def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
-def _cli(workdir, *flags, module="experiments.mnist"):
-  return [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
-
-
 @pytest.mark.slow
 def test_no_credentials_against_real_cloud_storage(tmp_path):
   env = {
@@ -249,7 +245,7 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
     JAX_PLATFORMS="cpu",
   )
   result = subprocess.run(
-    _cli("gs://some-bucket/run", "--config.num_train_steps=10"),
+    mnist_command("gs://some-bucket/run", None, "--config.num_train_steps=10"),
     cwd=tmp_path,
     env={**env, "PYTHONPATH": str(ROOT)},
     capture_output=True,
@@ -267,32 +263,19 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
 
 # ---- whole runs on gs:// (MNIST, in subprocesses) ---------------------------------------
 
-MNIST_FLAGS = [
-  "--config.dataset=fashion_mnist",
-  "--config.num_train_steps=20000",  # long enough to be alive when the second launch is refused
-  "--config.eval_every=1000",
-  "--config.checkpoint_every=2000",
-]
-
 
 @pytest.fixture(scope="module")
 def mnist_data(tmp_path_factory):
-  from tests.test_mnist import make_idx_folder
-
   return make_idx_folder(tmp_path_factory.mktemp("gcs_mnist") / "data", num_train=2000)
 
 
 @pytest.fixture(scope="module")
 def mnist_reference(mnist_data, tmp_path_factory):
   """The uninterrupted run, on local disk: its metrics.jsonl bytes."""
-  from experiments.mnist import configs, train  # noqa: F401
-  from experiments.mnist.configs import default
+  from experiments.mnist import train
 
-  config = default.get_config()
-  config.dataset, config.data_dir = "fashion_mnist", str(mnist_data)
-  config.num_train_steps, config.eval_every, config.checkpoint_every = 20000, 1000, 2000
   workdir = tmp_path_factory.mktemp("gcs_reference") / "run"
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(small_config(mnist_data, **LONG_RUN), workdir)
   return (workdir / "metrics.jsonl").read_bytes()
 
 
@@ -325,18 +308,16 @@ def _wait_for(condition, process, what, timeout=180):
 def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
   workdir, mnist_data, mnist_reference, tmp_path, gcs_emulator, gcs_bucket
 ):
-  flags = [*MNIST_FLAGS, f"--config.data_dir={mnist_data}"]
+  command = mnist_command(workdir, mnist_data, *config_flags(**LONG_RUN))
   env = _env(tmp_path)
   run = subprocess.Popen(
-    _cli(workdir, *flags), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
   try:
     _wait_for(
       lambda: _object(workdir, "checkpoints/2000/SHA256SUMS") is not None, run, "checkpoint"
     )
-    second = subprocess.run(
-      _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.poll() is None, "the run finished before the second launch"
     assert second.returncode == 1
     last = second.stderr.strip().splitlines()[-1]
@@ -351,9 +332,7 @@ def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
     run.wait()
   cut = common.MetricsLog(f"{workdir}/metrics.jsonl").read()
   assert cut and max(r["step"] for r in cut) < 20000, "the run finished before it was killed"
-  resumed = subprocess.run(
-    _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-  )
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed gs://" in resumed.stdout
   assert _object(workdir, "metrics.jsonl") == mnist_reference  # every row once, the same numbers
@@ -366,10 +345,10 @@ def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
 def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(
   workdir, mnist_data, mnist_reference, tmp_path
 ):
-  flags = [*MNIST_FLAGS, f"--config.data_dir={mnist_data}"]
+  command = mnist_command(workdir, mnist_data, *config_flags(**LONG_RUN))
   env = _env(tmp_path)
   run = subprocess.Popen(
-    _cli(workdir, *flags),
+    command,
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -392,9 +371,7 @@ def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(
   assert 1000 <= step < 20000
   assert _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
   assert max(r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()) == step
-  resumed = subprocess.run(
-    _cli(workdir, *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-  )
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"from its checkpoint of step {step}" in resumed.stdout
   assert _object(workdir, "metrics.jsonl") == mnist_reference
@@ -415,20 +392,11 @@ TINY_FLAGS = [
 
 def _imagenet(workdir, flags, devices, *extra, env):
   env = {**env, "IMAGENET_RUNNER_DEVICES": str(devices), "IMAGENET_RUNNER_MICRO": "1"}
-  return subprocess.Popen(
-    [sys.executable, "-m", "tests.imagenet_runner", f"--workdir={workdir}", *flags, *extra],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  return start_module("tests.imagenet_runner", [f"--workdir={workdir}", *flags, *extra], env)
 
 
 def _two_processes(workdir, flags, env):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   return [
     _imagenet(
       workdir,
@@ -441,16 +409,6 @@ def _two_processes(workdir, flags, env):
     )
     for i in range(2)
   ]
-
-
-def _finish(process, status=0):
-  try:
-    out, err = process.communicate(timeout=300)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    pytest.fail(f"{process.args} did not finish within 300 s")
-  assert process.returncode == status, err[-3000:]
-  return out, err
 
 
 def _losses(workdir):
@@ -480,8 +438,8 @@ def two_process_run(gcs_emulator, tmp_path_factory):
   single = _imagenet(local, LONG_FLAGS, 4, env=env)
   workers = _two_processes(workdir, LONG_FLAGS, env)
   try:
-    outputs = [_finish(w) for w in workers]
-    _finish(single)
+    outputs = [finish(w) for w in workers]
+    finish(single)
   finally:
     for p in [single, *workers]:
       p.kill()
@@ -516,7 +474,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
   try:
     _wait_for(lambda: len(_object(workdir, "metrics.jsonl") or b"") > 0, workers[0], "metrics row")
     workers[1].send_signal(signal.SIGTERM)
-    results = [_finish(w, status=75) for w in workers]
+    results = [finish(w, status=75) for w in workers]
   finally:
     for w in workers:
       w.kill()
@@ -529,7 +487,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
   assert 0 < step < 60 and _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
   assert max(_losses(workdir)) == step
   resumed = _two_processes(workdir, LONG_FLAGS, env)
-  out = [_finish(w) for w in resumed][0][0]
+  out = [finish(w) for w in resumed][0][0]
   assert f"from its checkpoint of step {step}" in out
   assert _losses(workdir) == _losses(two_process_run[0])
 
@@ -537,7 +495,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
 @pytest.mark.slow
 def test_figure1_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket):
   from experiments.mnist import figure1
-  from tests.test_mnist import make_idx_folder, small_config
 
   config = small_config(
     make_idx_folder(tmp_path / "data"), num_train_steps=200, eval_every=100, checkpoint_every=200

@@ -22,21 +22,15 @@ from jax.sharding import PartitionSpec as P
 import bnjax
 import bnjax.haiku
 from tests import reference
+from tests.samples import normal
 
 DECAY = 0.9
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def standard_promotion():
-  """Haiku's own modules (hk.Linear, its EMA) mix dtypes implicitly, which the suite's
-  strict mode forbids."""
-  with jax.numpy_dtype_promotion("standard"):
-    yield
-
-
-def normal(seed, shape, loc=0.0, scale=1.0):
-  return (loc + scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+# Haiku's own modules (hk.Linear, its EMA) mix dtypes implicitly, which the suite's
+# strict mode forbids.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 def network(batch_norm_class, **options):

@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
-import sys
 import time
 import warnings
 
@@ -26,8 +24,8 @@ import pytest
 
 from experiments.imagenet import train
 from tests.imagenet_testing import write_mock_metadata
+from tests.processes import finish, free_port, start_module
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "experiments/imagenet/configs/tiny.py"
 TIMEOUT = 300  # seconds, per run
 
@@ -54,30 +52,11 @@ def _env(devices: int, cache: pathlib.Path | None = None, *, runner: bool = True
 
 
 def _start(args: list[str], env: dict, module: str = "tests.imagenet_runner") -> subprocess.Popen:
-  return subprocess.Popen(
-    [sys.executable, "-m", module, *args],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  return start_module(module, args, env)
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
-  try:
-    out, err = process.communicate(timeout=TIMEOUT)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    pytest.fail(f"{process.args} did not finish within {TIMEOUT} s")
-  assert process.returncode == 0, err[-3000:]
-  return out, err
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return finish(process, timeout=TIMEOUT)
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -107,7 +86,7 @@ def test_two_processes_train_as_one(tmp_path, compilation_cache):
   single = _start(
     [f"--workdir={tmp_path / 'one'}", *flags], _env(4, compilation_cache, IMAGENET_RUNNER_MICRO="1")
   )
-  port = _free_port()
+  port = free_port()
   workers = [
     _start(
       [

@@ -17,7 +17,7 @@ import pytest
 from flax import linen as nn
 
 import bnjax.linen
-from tests import reference
+from tests import reference, samples
 
 CONFIGS = [
   dict(),
@@ -31,20 +31,11 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def standard_promotion(request):
-  """Flax's BatchNorm mixes dtypes implicitly, which the suite's strict mode forbids."""
-  if "strict" in request.node.name:
-    yield
-    return
-  with jax.numpy_dtype_promotion("standard"):
-    yield
+# Flax's BatchNorm mixes dtypes implicitly, which the suite's strict mode forbids.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
-
-def normal(seed, shape):
-  """Standard normal float32 inputs from NumPy (``jax.random`` compiles a kernel for each
-  new shape, about a second each on these CPUs)."""
-  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+# Standard normal float32 inputs, drawn in float32 (the numbers these tests were written with).
+normal = functools.partial(samples.normal, draw_dtype=np.float32)
 
 
 def flax_exact(**kwargs):

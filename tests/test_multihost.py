@@ -3,21 +3,15 @@ machine, two CPU devices each, gloo collectives (what a Cloud TPU pod does with
 its hosts)."""
 
 import json
-import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import ROOT
+from tests.processes import free_port
+
 NUM_PROCESSES = 2
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow

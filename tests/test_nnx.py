@@ -4,6 +4,7 @@ Algorithm 1 (float64 NumPy) where the semantics are bnjax's own.
 The modules run under ``nnx.jit``: eager calls would compile operation by operation,
 which is what costs the time on CPU."""
 
+import functools
 import inspect
 
 import chex
@@ -15,20 +16,14 @@ import pytest
 from flax import nnx
 
 import bnjax.nnx
-from tests import reference
+from tests import reference, samples
+from tests.samples import numpy_normal_init
 
+# Flax's BatchNorm mixes dtypes implicitly, which the suite's strict mode forbids.
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
-@pytest.fixture(autouse=True)
-def standard_promotion():
-  """Flax's BatchNorm mixes dtypes implicitly, which the suite's strict mode forbids."""
-  with jax.numpy_dtype_promotion("standard"):
-    yield
-
-
-def normal(seed, shape):
-  """Standard normal float32 inputs from NumPy (``jax.random`` compiles a kernel for each
-  new shape, about a second each on these CPUs)."""
-  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+# Standard normal float32 inputs, drawn in float32 (the numbers these tests were written with).
+normal = functools.partial(samples.normal, draw_dtype=np.float32)
 
 
 def exact_flax(num_features, **kwargs):
@@ -122,13 +117,6 @@ def test_view_and_call_override():
     rtol=1e-6,
     atol=1e-7,
   )
-
-
-def numpy_normal_init(key, shape, dtype):
-  """Normal weights (scaled by fan-in) drawn by NumPy: the default initializers would
-  compile ``jax.random`` kernels for each shape; any random weights serve here."""
-  del key
-  return jnp.asarray(normal(sum(shape), shape) / np.sqrt(shape[0]), dtype)
 
 
 class Net(nnx.Module):

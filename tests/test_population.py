@@ -18,6 +18,7 @@ import bnjax
 import bnjax.linen
 import bnjax.nnx
 from tests import reference
+from tests.samples import numpy_normal_init
 
 # NumPy inputs: jax.random would compile a kernel for the shape (about a second on CPU).
 BATCHES = [
@@ -104,13 +105,6 @@ def test_linen_recompute_needs_training_mode(net_variables):
     bnjax.linen.recompute_batch_stats(
       lambda v, b: model.apply(v, b, train=False), variables, BATCHES
     )
-
-
-def numpy_normal_init(key, shape, dtype):
-  """Normal weights drawn by NumPy (the default initializer would compile
-  ``jax.random`` kernels for the shape; any random weights serve here)."""
-  del key
-  return np.random.default_rng(0).standard_normal(shape).astype(dtype)
 
 
 class NnxNet(nnx.Module):

@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import ROOT
 
 
 def readme_commands():
@@ -297,3 +297,48 @@ def test_no_import_cycle(package):
   """Issue 19: no module of the package imports, directly or through others, a
   module that imports it back (function-level imports included)."""
   assert _import_cycles(package) == []
+
+
+def _test_module_imports(root: pathlib.Path = ROOT) -> dict[str, list[str]]:
+  """``{module: the test modules it imports}`` for each module directly in
+  ``root/tests`` that imports a ``tests/test_*.py`` module (function bodies included)."""
+  modules = _module_names(root, "tests")
+  is_test = lambda name: re.fullmatch(r"tests\.test_\w+", name) is not None  # noqa: E731
+  found = {}
+  for name, path in modules.items():
+    if path.parent == root / "tests":
+      imported = sorted(filter(is_test, _imported_modules(name, path, modules)))
+      if imported:
+        found[name] = imported
+  return found
+
+
+def test_test_modules_importing_test_modules_are_found(tmp_path):
+  """The checker on a known tree: ``test_b`` imports ``test_a`` in two ways (one
+  inside a function), a helper imports ``test_a``; importing helpers and a vendored
+  test inside a subfolder is fine."""
+  (tmp_path / "tests" / "vendored").mkdir(parents=True)
+  for name, text in {
+    "__init__.py": "",
+    "helpers.py": "import os\nfrom tests.test_a import fixture\n",
+    "test_a.py": "from tests import helpers\nfrom tests.vendored import test_upstream\n",
+    "test_b.py": "from tests import test_a\ndef f():\n  import tests.test_a\n",
+    "test_c.py": "from tests.helpers import x\n",
+    "vendored/__init__.py": "",
+    "vendored/test_upstream.py": "",
+  }.items():
+    (tmp_path / "tests" / name).write_text(text)
+  assert _test_module_imports(tmp_path) == {
+    "tests.helpers": ["tests.test_a"],
+    "tests.test_b": ["tests.test_a"],
+  }
+  (tmp_path / "tests" / "helpers.py").write_text("")
+  (tmp_path / "tests" / "test_b.py").write_text("from tests.helpers import x\n")
+  assert _test_module_imports(tmp_path) == {}
+
+
+def test_no_test_module_is_imported_by_another_module_of_the_suite():
+  """Issue 19: tests keep to their rooms. What several test modules share lives in
+  a helpers module (``tests/mnist_testing.py``, ``tests/samples.py``, ...) or, for
+  fixtures, in ``tests/conftest.py``; no module of ``tests/`` imports a test module."""
+  assert _test_module_imports() == {}

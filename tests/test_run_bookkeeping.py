@@ -3,7 +3,6 @@ verified checkpoints and one-line command-line errors."""
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -15,9 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import common
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
+from tests import ROOT
 
 # ---- files -------------------------------------------------------------------------
 

@@ -7,14 +7,10 @@ import pytest
 
 from bnjax import stats
 from tests import reference
+from tests.samples import normal
 
 # Compiled once per shape (eager calls compile each primitive on its own).
 batch_moments = jax.jit(stats.batch_moments, static_argnames=("reduction_axes",))
-
-
-def normal(seed, shape, offset=0.0):
-  """float32 samples from NumPy (jax.random compiles a program per shape)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) + offset, jnp.float32)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e4, -3e4])
