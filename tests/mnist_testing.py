@@ -36,9 +36,7 @@ def config_flags(**fields):
   return [f"--config.{name}={value}" for name, value in fields.items()]
 
 
-def mnist_command(
-  workdir, data_dir=None, *flags, module="experiments.mnist", python=(sys.executable,)
-):
+def mnist_command(workdir, data_dir, *flags, module="experiments.mnist", python=(sys.executable,)):
   """The command line of ``python -m experiments.mnist`` (or of ``module``) on
   ``workdir``: on the IDX folder ``data_dir`` as Fashion-MNIST, or without data
   flags if it is None; then ``flags``. ``python``: what runs the module (a wrapper
