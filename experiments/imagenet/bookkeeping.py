@@ -19,7 +19,6 @@ import ml_collections
 
 from experiments import common
 from experiments.imagenet import parallel, progress
-from experiments.imagenet.checks import ConfigError
 
 
 class Run(NamedTuple):
@@ -72,11 +71,7 @@ def open_run(
     ):
       latest = checkpoints.latest_step
       common.check_config(workdir, config, resuming=latest is not None, may_change=may_change)
-      if latest is not None and latest > num_train_steps:
-        raise ConfigError(
-          f"the workdir holds a run already at step {latest}, past the "
-          f"{num_train_steps} steps of this config; give a new --workdir"
-        )
+      common.check_not_past_the_end(latest, num_train_steps)
       if primary:
         common.write_config(workdir, config)
       writer = progress.tensorboard_writer(workdir, primary=primary)

@@ -446,16 +446,11 @@ def _training_row(exp: Experiment, run, step: int, fetched: list[dict], images_p
   stops at a non-finite loss."""
   train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
   if not math.isfinite(train_loss):
-    last = run.checkpoints.latest_step
-    raise common.NonFiniteError(
-      f"the training loss is {train_loss} at step {step}; stopped there. "
-      + (
-        f"The last checkpoint, of step {last}, is kept"
-        if last is not None
-        else "No checkpoint was written"
-      )
-      + f". Try a smaller config.base_learning_rate (the rate is now {exp.config.learning_rate}) "
-      "in a new --workdir"
+    raise common.non_finite_loss(
+      train_loss,
+      step,
+      latest_checkpoint=run.checkpoints.latest_step,
+      rate=f"config.base_learning_rate (the rate is now {exp.config.learning_rate})",
     )
   row = {
     "train_loss": train_loss,
