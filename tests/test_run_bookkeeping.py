@@ -300,3 +300,25 @@ def test_an_error_exits_at_once_even_with_a_thread_left():
   )
   assert (result.returncode, result.stderr) == (1, "error: cannot write checkpoint 5\n")
   assert time.monotonic() - started < 100
+
+
+def test_a_run_past_the_end_is_refused_and_one_at_or_before_it_is_not():
+  common.check_not_past_the_end(None, 100)
+  common.check_not_past_the_end(100, 100)
+  with pytest.raises(
+    common.ConfigError, match=r"already at step 101, past config.num_train_steps=100; give a new"
+  ):
+    common.check_not_past_the_end(101, 100)
+
+
+def test_a_non_finite_loss_says_what_is_kept_and_what_to_try():
+  error = common.non_finite_loss(
+    float("nan"), 7, latest_checkpoint=5, rate="config.learning_rate (now 0.1)"
+  )
+  assert isinstance(error, common.NonFiniteError)
+  assert str(error) == (
+    "the training loss is nan at step 7; stopped there. The last checkpoint, of step 5, "
+    "is kept. Try a smaller config.learning_rate (now 0.1) in a new --workdir"
+  )
+  fresh = common.non_finite_loss(float("inf"), 3, latest_checkpoint=None, rate="r")
+  assert "inf at step 3; stopped there. No checkpoint was written. Try a smaller r" in str(fresh)

@@ -23,12 +23,13 @@ The pieces, in the order a ``train_and_evaluate`` uses them::
       with common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints, \
            common.Preemption() as preemption:       # SIGTERM / Ctrl-C handlers
         resuming = checkpoints.latest_step is not None   # newest *intact* step
-        common.check_config(workdir, config, resuming=resuming, may_change=("num_steps",))
+        common.check_config(workdir, config, resuming=resuming, may_change=("num_train_steps",))
+        common.check_not_past_the_end(checkpoints.latest_step, config.num_train_steps)
         common.write_config(workdir, config)
         state = checkpoints.restore(state) if resuming else state
         metrics = common.MetricsLog(workdir / "metrics.jsonl")
         metrics.keep_up_to(step)                    # drop rows of steps lost in a kill
-        ...                                          # train; raise NonFiniteError on a NaN loss
+        ...                                          # train; raise common.non_finite_loss(...)
         metrics.append({"step": step, ...})         # NonFiniteError rather than NaN in JSON
         checkpoints.save(step, state)               # async; CheckpointError if it cannot be written
         preemption.check(step, checkpoints, lambda: state)  # agreed step: save, raise Preempted
@@ -84,6 +85,7 @@ from experiments.common.errors import DataError as DataError
 from experiments.common.errors import NonFiniteError as NonFiniteError
 from experiments.common.errors import RunError as RunError
 from experiments.common.errors import WorkdirError as WorkdirError
+from experiments.common.errors import non_finite_loss as non_finite_loss
 from experiments.common.errors import warn as warn
 from experiments.common.files import MetricsLog as MetricsLog
 from experiments.common.files import write_bytes_atomic as write_bytes_atomic
@@ -95,6 +97,7 @@ from experiments.common.preemption import Preemption as Preemption
 from experiments.common.summaries import summary_writer as summary_writer
 from experiments.common.workdir import WorkdirLock as WorkdirLock
 from experiments.common.workdir import check_config as check_config
+from experiments.common.workdir import check_not_past_the_end as check_not_past_the_end
 from experiments.common.workdir import read_config as read_config
 from experiments.common.workdir import runtime_settings as runtime_settings
 from experiments.common.workdir import write_config as write_config

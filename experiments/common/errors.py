@@ -29,6 +29,20 @@ class NonFiniteError(RunError, FloatingPointError):
   """A training loss or an evaluation metric is NaN or infinite."""
 
 
+def non_finite_loss(loss: float, step: int, *, latest_checkpoint: int | None, rate: str):
+  """The ``NonFiniteError`` of a training loss that is not finite at ``step``: what is
+  kept, and what to try (``rate``: the learning-rate field and its value)."""
+  kept = (
+    f"The last checkpoint, of step {latest_checkpoint}, is kept"
+    if latest_checkpoint is not None
+    else "No checkpoint was written"
+  )
+  return NonFiniteError(
+    f"the training loss is {loss} at step {step}; stopped there. {kept}. "
+    f"Try a smaller {rate} in a new --workdir"
+  )
+
+
 def warn(message: str) -> None:
   """Prints ``warning: message`` on stderr: something was repaired or skipped."""
   sys.stderr.write(f"warning: {message}\n")

@@ -211,6 +211,19 @@ def check_config(
     )
 
 
+def check_not_past_the_end(latest_step: int | None, num_train_steps: int) -> None:
+  """Refuses a workdir whose run is already past ``config.num_train_steps``.
+
+  Raises:
+    ConfigError: naming both steps (a shorter run would never save or evaluate).
+  """
+  if latest_step is not None and latest_step > num_train_steps:
+    raise ConfigError(
+      f"the workdir holds a run already at step {latest_step}, past "
+      f"config.num_train_steps={num_train_steps}; give a new --workdir"
+    )
+
+
 def write_config(
   workdir: str | os.PathLike, config: Any, *, runtime: Mapping | None = None
 ) -> None:

@@ -13,6 +13,11 @@ import time
 
 import jax
 
+FAKE_DATA_WARNING = (
+  "FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
+  "images; losses and accuracies say nothing about the network"
+)
+
 
 def say(message: str) -> None:
   if jax.process_index() == 0:
@@ -53,6 +58,38 @@ def speed_and_eta(images_per_sec: float | None, steps_left: int, batch_size: int
     return ""
   eta = format_duration(steps_left * batch_size / images_per_sec)
   return f"  {images_per_sec:,.0f} images/s  ETA {eta}"
+
+
+def fake_tag(config) -> str:
+  return "  [FAKE DATA]" if config.fake_data else ""
+
+
+def announce(config, *, num_params: int, num_devices: int, parallelism: str, schedule) -> None:
+  """The FAKE DATA warning (fake data only), then what is trained on what."""
+  if config.fake_data:
+    say(f"WARNING: {FAKE_DATA_WARNING}")
+  say(
+    f"{config.model}: {num_params:,} parameters; {plural(num_devices, 'device')} on "
+    f"{plural(jax.process_count(), 'host')}, {parallelism}; "
+    f"{schedule.num_train_steps} steps of {config.batch_size} images "
+    f"({schedule.steps_per_epoch} steps per epoch)"
+  )
+
+
+def training_line(config, schedule, step: int, row: dict) -> None:
+  """The row of the ``log_every`` steps ending at ``step``: loss, rate, speed, ETA."""
+  speed = speed_and_eta(row["images_per_sec"], schedule.num_train_steps - step, config.batch_size)
+  say(
+    f"step {step}/{schedule.num_train_steps}  loss {row['train_loss']:.4f}  "
+    f"lr {row['learning_rate']:.4g}{speed}{fake_tag(config)}"
+  )
+
+
+def evaluation_line(config, step: int, row: dict, seconds: float) -> None:
+  say(
+    f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  "
+    f"({row['eval_examples']} images, {seconds:.1f} s){fake_tag(config)}"
+  )
 
 
 def tensorboard_writer(workdir, *, primary: bool):

@@ -16,19 +16,17 @@ it evaluates or saves. Since the data source's batches are a function of the
 seed and the step (``data.py``), a run restarted from a checkpoint continues
 exactly as it would have without the interruption.
 
-The file reads top to bottom as the Flax example's (the schedule and the optimizer
-are in ``schedule.py``): the steps, ``prepare`` (the run's parts, from the config, checked by
-``checks.validate_config``), evaluation, the run's bookkeeping (``open_run``:
-every use of ``experiments.common``), and the loop.
+The file reads top to bottom as the Flax example's: the steps, ``prepare`` (the
+run's parts, from the config, checked by ``checks.validate_config``), evaluation,
+and the loop. Beside it: the schedule and the optimizer in ``schedule.py``, the
+workdir's bookkeeping in ``bookkeeping.py`` (every use of ``experiments.common``),
+what the run prints in ``progress.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import math
-import pathlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -42,18 +40,13 @@ import optax
 import bnjax
 from bnjax import linen as bn
 from experiments import common
-from experiments.imagenet import data, models, parallel, progress, sources
+from experiments.imagenet import bookkeeping, data, models, parallel, progress, sources
 from experiments.imagenet.checks import ConfigError, validate_config
 from experiments.imagenet.schedule import (
   Schedule,
   make_learning_rate_fn,
   make_optimizer,
   make_schedule,
-)
-
-FAKE_DATA_WARNING = (
-  "FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
-  "images; losses and accuracies say nothing about the network"
 )
 
 
@@ -388,9 +381,6 @@ def evaluation_row(exp: Experiment, state: TrainState) -> dict:
   }
 
 
-# ---- the run's bookkeeping (experiments.common; process 0 writes, every process saves) ----------
-
-
 # Fields a resumed run may change: how often to log, evaluate and save, where the
 # data lives, and how evaluation batches and statistics are made.
 RESTART_MAY_CHANGE = (
@@ -407,91 +397,6 @@ RESTART_MAY_CHANGE = (
 def read_metrics(workdir) -> list[dict]:
   """The rows of ``workdir/metrics.jsonl``, oldest first."""
   return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
-
-
-class Run(NamedTuple):
-  """The open workdir of a run: where its checkpoints, rows and summaries go."""
-
-  workdir: pathlib.Path
-  primary: bool  # process 0: writes config.json, metrics.jsonl and summaries
-  checkpoints: common.Checkpoints
-  preemption: common.Preemption  # SIGTERM (all hosts agree on a step), Ctrl-C: save, exit 75
-  metrics_log: common.MetricsLog
-  writer: Any  # clu's metric writer, or None without clu/TensorFlow
-
-  def write_row(self, row: dict) -> None:
-    if self.primary:
-      self.metrics_log.append(row)
-    if self.writer is not None:
-      self.writer.write_scalars(row["step"], {k: v for k, v in row.items() if isinstance(v, float)})
-
-  def written(self) -> str:
-    """What this run wrote, for the closing line."""
-    summaries = ", TensorBoard summaries" if self.writer is not None else ""
-    return (
-      f"config.json, metrics.jsonl{summaries} and checkpoints/ (newest: step "
-      f"{self.checkpoints.latest_step})"
-    )
-
-
-@contextlib.contextmanager
-def open_run(exp: Experiment, workdir: str | pathlib.Path) -> Iterator[Run]:
-  """The workdir locked (process 0), its checkpoints open, its config checked
-  against a resumed run's and written; closed (summaries flushed) on the way out."""
-  config, workdir = exp.config, common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
-  primary = jax.process_index() == 0
-  with common.WorkdirLock(workdir) if primary else contextlib.nullcontext():
-    with (
-      common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints,
-      common.Preemption() as preemption,
-    ):
-      latest = checkpoints.latest_step
-      common.check_config(
-        workdir, config, resuming=latest is not None, may_change=RESTART_MAY_CHANGE
-      )
-      if latest is not None and latest > exp.schedule.num_train_steps:
-        raise ConfigError(
-          f"the workdir holds a run already at step {latest}, past the "
-          f"{exp.schedule.num_train_steps} steps of this config; give a new --workdir"
-        )
-      if primary:
-        common.write_config(workdir, config)
-      writer = progress.tensorboard_writer(workdir, primary=primary)
-      try:
-        yield Run(
-          workdir,
-          primary,
-          checkpoints,
-          preemption,
-          common.MetricsLog(workdir / "metrics.jsonl"),
-          writer,
-        )
-      finally:
-        if writer is not None:
-          writer.flush()
-          writer.close()
-
-
-def create_train_state(exp: Experiment, run: Run) -> TrainState:
-  """The canonical state to start from: the initial one, or the run's newest checkpoint."""
-  state = make_initial_state(exp)
-  if run.checkpoints.latest_step is not None:
-    state = run.checkpoints.restore(state)
-    progress.say(
-      f"Resumed {run.workdir} from its checkpoint of step {run.checkpoints.latest_step}."
-    )
-  start = int(parallel.host_copy(state.step))
-  if run.primary:
-    run.metrics_log.keep_up_to(start)
-  if start == 0 and run.writer is not None:
-    run.writer.write_hparams(
-      {
-        k: v
-        for k, v in json.loads(exp.config.to_json_best_effort()).items()
-        if isinstance(v, (int, float, str, bool))
-      }
-    )
-  return state
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -521,7 +426,12 @@ def train_and_evaluate(
     NonFiniteError: at the first logged NaN or infinite training loss.
   """
   exp = prepare(config, create_model=create_model)
-  with open_run(exp, workdir) as run:
+  with bookkeeping.open_run(
+    config,
+    workdir,
+    num_train_steps=exp.schedule.num_train_steps,
+    may_change=RESTART_MAY_CHANGE,
+  ) as run:
     state = _train(exp, run)
     run.checkpoints.wait_until_finished()  # the newest checkpoint sealed before it is named
     progress.say(
@@ -531,53 +441,24 @@ def train_and_evaluate(
     return state
 
 
-def _announce(exp: Experiment) -> None:
-  config, schedule = exp.config, exp.schedule
-  if config.fake_data:
-    progress.say(f"WARNING: {FAKE_DATA_WARNING}")
-  progress.say(
-    f"{config.model}: {exp.num_params:,} parameters; "
-    f"{progress.plural(exp.layout.num_devices, 'device')} on "
-    f"{progress.plural(jax.process_count(), 'host')}, {exp.layout.parallelism}; "
-    f"{schedule.num_train_steps} steps of {config.batch_size} images "
-    f"({schedule.steps_per_epoch} steps per epoch)"
-  )
-
-
-def _fake_tag(config) -> str:
-  return "  [FAKE DATA]" if config.fake_data else ""
-
-
-def _training_row(
-  exp: Experiment, run: Run, step: int, fetched: list[dict], images_per_sec
-) -> dict:
+def _training_row(exp: Experiment, run, step: int, fetched: list[dict], images_per_sec) -> dict:
   """The row of the ``log_every`` steps ending at ``step`` (their metrics, ``fetched``);
   stops at a non-finite loss."""
-  config, schedule = exp.config, exp.schedule
   train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
   if not math.isfinite(train_loss):
-    last = run.checkpoints.latest_step
-    raise common.NonFiniteError(
-      f"the training loss is {train_loss} at step {step}; stopped there. "
-      + (
-        f"The last checkpoint, of step {last}, is kept"
-        if last is not None
-        else "No checkpoint was written"
-      )
-      + f". Try a smaller config.base_learning_rate (the rate is now {config.learning_rate}) "
-      "in a new --workdir"
+    raise common.non_finite_loss(
+      train_loss,
+      step,
+      latest_checkpoint=run.checkpoints.latest_step,
+      rate=f"config.base_learning_rate (the rate is now {exp.config.learning_rate})",
     )
-  learning_rate = float(np.mean(fetched[-1]["learning_rate"]))
-  speed = progress.speed_and_eta(images_per_sec, schedule.num_train_steps - step, config.batch_size)
-  progress.say(
-    f"step {step}/{schedule.num_train_steps}  loss {train_loss:.4f}  lr {learning_rate:.4g}"
-    f"{speed}{_fake_tag(config)}"
-  )
-  return {
+  row = {
     "train_loss": train_loss,
-    "learning_rate": learning_rate,
+    "learning_rate": float(np.mean(fetched[-1]["learning_rate"])),
     "images_per_sec": images_per_sec,
   }
+  progress.training_line(exp.config, exp.schedule, step, row)
+  return row
 
 
 def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) -> dict:
@@ -585,11 +466,7 @@ def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) 
     progress.say("evaluating (the first evaluation compiles the evaluation step)...")
   started = time.perf_counter()
   row = evaluation_row(exp, state)
-  progress.say(
-    f"step {step}: top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}  "
-    f"({row['eval_examples']} images, {time.perf_counter() - started:.1f} s)"
-    f"{_fake_tag(exp.config)}"
-  )
+  progress.evaluation_line(exp.config, step, row, time.perf_counter() - started)
   return row
 
 
@@ -620,10 +497,16 @@ def _first_step(run_step, device: _DeviceState, batch: dict, start: int) -> dict
   return metrics
 
 
-def _train(exp: Experiment, run: Run) -> TrainState:
+def _train(exp: Experiment, run: bookkeeping.Run) -> TrainState:
   config, schedule = exp.config, exp.schedule
-  _announce(exp)
-  device = _DeviceState(exp.layout, create_train_state(exp, run))
+  progress.announce(
+    config,
+    num_params=exp.num_params,
+    num_devices=exp.layout.num_devices,
+    parallelism=exp.layout.parallelism,
+    schedule=schedule,
+  )
+  device = _DeviceState(exp.layout, bookkeeping.resume(run, make_initial_state(exp), config))
   start = int(parallel.host_copy(device.canonical().step))
   run_step, batches = make_train_step(exp), train_batches(exp, start)
   pending, timer, evaluated = [], progress.Throughput(config.batch_size), False

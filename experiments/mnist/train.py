@@ -280,11 +280,7 @@ def train_and_evaluate(
       common.check_config(
         workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE
       )
-      if restored_step is not None and restored_step > config.num_train_steps:
-        raise ConfigError(
-          f"the workdir holds a run already at step {restored_step}, past config.num_train_steps="
-          f"{config.num_train_steps}; give a new --workdir"
-        )
+      common.check_not_past_the_end(restored_step, config.num_train_steps)
       common.write_config(workdir, config)
       return _train(config, workdir, dataset, checkpoints, preemption)
 
@@ -328,15 +324,11 @@ def _train(
       stop = _next_stop(step, config)
       state = run_steps(state, data, data_key, jnp.int32(stop - step))
       if not math.isfinite(float(state.loss_sum)):
-        last = checkpoints.latest_step
-        raise common.NonFiniteError(
-          f"the training loss is {float(state.loss_sum)} at step {int(state.step)}; stopped there. "
-          + (
-            f"The last checkpoint, of step {last}, is kept"
-            if last is not None
-            else "No checkpoint was written"
-          )
-          + f". Try a smaller config.learning_rate (now {config.learning_rate}) in a new --workdir"
+        raise common.non_finite_loss(
+          float(state.loss_sum),
+          int(state.step),
+          latest_checkpoint=checkpoints.latest_step,
+          rate=f"config.learning_rate (now {config.learning_rate})",
         )
       step = stop
       if step % config.eval_every == 0 or step == config.num_train_steps:
