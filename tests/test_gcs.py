@@ -119,8 +119,13 @@ def test_a_lease_of_a_dead_process_on_this_machine_is_taken_at_once(workdir):
     pass
 
 
+def _weights(value):
+  # Random, so that compression cannot make the array's file smaller than the metadata.
+  return np.random.default_rng(value).standard_normal((64, 64)).astype(np.float32)
+
+
 def _state(value):
-  return {"w": jnp.full((64, 64), value, jnp.float32), "step": jnp.int32(value)}
+  return {"w": jnp.asarray(_weights(value)), "step": jnp.int32(value)}
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -133,12 +138,12 @@ def test_checkpoints_in_a_bucket_and_a_damaged_one_set_aside(
       checkpoints.save(step, _state(step))
   names = gcs_emulator.objects(gcs_bucket)
   assert {"runs/a/checkpoints/1/SHA256SUMS", "runs/a/checkpoints/2/SHA256SUMS"} <= set(names)
-  # Flip a bit in step 2's largest file.
+  # Flip a bit in step 2's largest file (the array's data, not the list of checksums).
   step2 = storage.as_path(directory) / "2"
   blobs = [
     storage.as_path(f"gs://{gcs_bucket}/{n}")
     for n in names
-    if n.startswith("runs/a/checkpoints/2/")
+    if n.startswith("runs/a/checkpoints/2/") and not n.endswith("/SHA256SUMS")
   ]
   largest = max(blobs, key=lambda p: len(p.read_bytes()))
   raw = bytearray(largest.read_bytes())
@@ -146,9 +151,7 @@ def test_checkpoints_in_a_bucket_and_a_damaged_one_set_aside(
   largest.write_bytes(bytes(raw))
   with common.Checkpoints(directory) as checkpoints:
     assert checkpoints.latest_step == 1
-    np.testing.assert_array_equal(
-      checkpoints.restore(_state(0))["w"], np.full((64, 64), 1, np.float32)
-    )
+    np.testing.assert_array_equal(checkpoints.restore(_state(0))["w"], _weights(1))
   err = capsys.readouterr().err
   assert (
     f"warning: checkpoint {step2} is not intact" in err and "does not match its checksum" in err

@@ -16,6 +16,7 @@ import equinox.nn._batch_norm
 import pytest
 
 import bnjax.equinox
+from tests import third_party
 
 EQUINOX_BATCH_NORM = eqx.nn.BatchNorm
 
@@ -35,11 +36,6 @@ def getkey():
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
-def pytest_collection_modifyitems(config, items):
-  """Equinox's tests (11, about 30 s here, most of it compiling Equinox's eager
-  calls) are a compatibility suite: marked slow, they run in CI; the fast check
-  that they see bnjax's class stays fast."""
-  here = __file__.rsplit("/", 1)[0]
-  for item in items:
-    if str(item.fspath).startswith(here) and item.fspath.basename != "test_replacement.py":
-      item.add_marker(pytest.mark.slow)
+def pytest_collection_modifyitems(items):
+  """Equinox's tests (11, about 30 s here) are slow; the replacement check is fast."""
+  third_party.mark_slow(__file__, items)

@@ -16,7 +16,7 @@
 # the tests that exercise BatchNorm, with the module-level code and test-class
 # members they use, unchanged but for a module-level XLA_FLAGS assignment (below);
 # written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's
-# BatchNorm in place of Flax's and lists the tests expected to fail.
+# BatchNorm in place of Flax's.
 # Tests that use BatchNorm but are not copied here:
 #   test_module_summary_with_depth, test_tabulate_with_sow,
 #     test_tabulate_with_method, test_tabulate_function: the CNN (with BatchNorm) of

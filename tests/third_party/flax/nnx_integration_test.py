@@ -16,7 +16,7 @@
 # the tests that exercise BatchNorm, with the module-level code and test-class
 # members they use, unchanged but for a module-level XLA_FLAGS assignment (below);
 # written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's
-# BatchNorm in place of Flax's and lists the tests expected to fail.
+# BatchNorm in place of Flax's.
 import tempfile
 import typing as tp
 from absl.testing import absltest

@@ -26,9 +26,3 @@ def test_flax_tests_see_bnjax_batch_norm():
     is nnx_normalization_test.nnx.BatchNorm
     is bnjax.nnx.BatchNorm
   )
-
-
-def test_expected_failures_name_collected_tests(request):
-  collected = {item.nodeid.rsplit("/", 1)[-1] for item in request.session.items}
-  if any(name.startswith("nnx_") for name in collected):  # the folder was collected
-    assert set(conftest.EXPECTED_FAILURES) <= collected

@@ -9,8 +9,7 @@ module-level statement that is not a definition, the module-level definitions
 the kept tests use, and of each test class the members that are not tests plus
 the tests whose source (decorators included) or helpers name ``BatchNorm`` or
 ``batch_norm``. The code kept is Flax's, unchanged, in its original order.
-``linen_test.py`` (the linen BatchNorm tests) is a whole-file copy instead, and
-``nnx_linear_test.py`` a hand-made adaptation: see their headers.
+``nnx_linear_test.py`` is a hand-made adaptation instead: see its header.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from pathlib import Path
 # Flax test file -> the name of its excerpt here.
 SOURCES = {
   "tests/linen/linen_module_test.py": "linen_module_test.py",
+  "tests/linen/linen_test.py": "linen_test.py",
   "tests/linen/linen_transforms_test.py": "linen_transforms_test.py",
   "tests/linen/summary_test.py": "linen_summary_test.py",
   "tests/nnx/bridge/wrappers_test.py": "nnx_bridge_wrappers_test.py",
@@ -130,7 +130,7 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
     "# the tests that exercise BatchNorm, with the module-level code and test-class",
     "# members they use, unchanged but for a module-level XLA_FLAGS assignment (below);",
     "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
-    "# BatchNorm in place of Flax's and lists the tests expected to fail.",
+    "# BatchNorm in place of Flax's.",
   ]
   if left_out:
     out.append("# Tests that use BatchNorm but are not copied here:")

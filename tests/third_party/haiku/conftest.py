@@ -6,6 +6,7 @@
 ``haiku._src.batch_norm``, which the test file calls) is replaced by bnjax's before
 each test runs; ``test_replacement.py`` checks it, and that Haiku's class never
 runs. The suite's conftest gives them 8 CPU devices. All 11 pass, as with Haiku.
+They are slow (about 10 s here); the replacement check is fast.
 """
 
 import haiku as hk
@@ -14,6 +15,7 @@ import pytest
 from haiku._src import batch_norm as haiku_batch_norm
 
 import bnjax.haiku
+from tests import third_party
 
 HAIKU_BATCH_NORM = hk.BatchNorm
 
@@ -31,3 +33,8 @@ def _jax_default_promotion():
   (NumPy float64 inputs, ``(5,)`` scales against ``[1, 1, 1, 5]`` parameters)."""
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
     yield
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items):
+  third_party.mark_slow(__file__, items)
