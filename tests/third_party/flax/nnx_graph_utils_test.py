@@ -14,7 +14,7 @@
 
 # bnjax: an excerpt of google/flax tests/nnx/graph_utils_test.py at commit 18f8f311:
 # the tests that exercise BatchNorm, with the module-level code and test-class
-# members they use, unchanged but for a module-level XLA_FLAGS assignment (below);
+# members they use, unchanged;
 # written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's
 # BatchNorm in place of Flax's.
 import dataclasses

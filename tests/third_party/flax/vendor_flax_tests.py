@@ -82,6 +82,11 @@ def _is_test_class(node: ast.AST) -> bool:
   )
 
 
+def _sets_environment(node: ast.AST, text) -> bool:
+  """Whether ``node`` is a module-level assignment to ``os.environ`` (XLA_FLAGS)."""
+  return isinstance(node, ast.Assign) and "os.environ" in text(node)
+
+
 def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
   """The license header, a provenance note and the BatchNorm tests of ``source``
   but those in ``left_out`` (test name -> reason)."""
@@ -123,12 +128,18 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
       needed.add(name)
       frontier |= _names(definitions[name])
 
+  sets_device_flags = any(_sets_environment(node, text) for node in tree.body)
   header_end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
   out = lines[:header_end] + [
     "",
     f"# bnjax: an excerpt of google/flax {origin}:",
     "# the tests that exercise BatchNorm, with the module-level code and test-class",
-    "# members they use, unchanged but for a module-level XLA_FLAGS assignment (below);",
+    "# members they use, "
+    + (
+      "unchanged but for a module-level XLA_FLAGS assignment (below);"
+      if sets_device_flags
+      else "unchanged;"
+    ),
     "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
     "# BatchNorm in place of Flax's.",
   ]
@@ -158,7 +169,7 @@ def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
       for member in members:
         out += [text(member), ""]
       continue
-    if isinstance(node, ast.Assign) and "os.environ" in text(node):
+    if _sets_environment(node, text):
       # The suite's 8 simulated devices (tests/conftest.py) must stay as they are.
       out.append(
         f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {text(node)}"
