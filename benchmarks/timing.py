@@ -2,13 +2,17 @@
 
 On a shared 2-core CPU, timings of memory-bound ops on 25 MB tensors move by 2x
 between runs; measured in alternation, their *ratios* are stable. So: compile
-and warm up every candidate, then run rounds in which each candidate is called once
-(rotating the order), and keep each candidate's median. The whole measurement is
+and warm up every candidate, then run rounds in which each candidate is called once,
+and keep each candidate's median. Each round's order is shuffled (seeded): rotating
+a fixed order would give each candidate the same predecessor in every round, and
+what a call leaves in the caches is part of the next one's time (two copies of
+one program, rotated with a third, measured 6% apart). The whole measurement is
 repeated, and the spread of the repeats is reported with the ratios.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -32,8 +36,9 @@ def interleaved_medians(
     for name in names:
       time_call(candidates[name])
   samples = {name: [] for name in names}
-  for r in range(rounds):
-    order = names[r % len(names) :] + names[: r % len(names)]
+  shuffled = random.Random(0)
+  for _ in range(rounds):
+    order = shuffled.sample(names, len(names))
     for name in order:
       samples[name].append(time_call(candidates[name]))
   return {name: statistics.median(times) for name, times in samples.items()}

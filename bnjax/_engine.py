@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,15 +97,19 @@ class TrainingConfig(NamedTuple):
   axis_name: Hashable | None
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   out_dtype: jnp.dtype
+  unbiased_variance: bool  # which batch variance the running variance moves towards
 
 
-def training_config(inputs: Inputs, epsilon, axis_name, axis_index_groups) -> TrainingConfig:
+def training_config(
+  inputs: Inputs, epsilon, axis_name, axis_index_groups, *, unbiased_variance=False
+) -> TrainingConfig:
   return TrainingConfig(
     reduction_axes=inputs.reduction_axes,
     epsilon=float(epsilon),
     axis_name=axis_name,
     axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
     out_dtype=inputs.out_dtype,
+    unbiased_variance=unbiased_variance,
   )
 
 
@@ -133,43 +137,76 @@ def renorm_factors(correction: RenormCorrection, mean, inv_std, epsilon):
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
+class StateUpdate(NamedTuple):
+  """The running statistics that ``normalize_training`` moves towards the batch's,
+  in the same pass (``updated_state``); ``state_update`` builds one."""
+
+  state: Any  # a BatchNormState of [*F] arrays
+  momentum: jax.Array  # [], floating: the weight of the old statistics
+
+
+def state_update(state, momentum) -> StateUpdate:
+  """``StateUpdate`` of ``state`` with ``momentum`` (a number or a traced scalar)."""
+  momentum = jnp.asarray(momentum)
+  if not jnp.issubdtype(momentum.dtype, jnp.floating):  # an int: 0 or 1
+    momentum = momentum.astype(jnp.float32)
+  return StateUpdate(state, momentum)
+
+
 def normalize_training(
-  config: TrainingConfig, inputs: Inputs, correction: RenormCorrection | None = None
-) -> tuple[jax.Array, Moments]:
-  """Training mode: normalize with the batch's moments; returns ``(y, moments)``.
+  config: TrainingConfig,
+  inputs: Inputs,
+  correction: RenormCorrection | None = None,
+  update: StateUpdate | None = None,
+) -> tuple[jax.Array, Moments, Any]:
+  """Training mode: normalize with the batch's moments; returns ``(y, moments,
+  new_state)``, ``new_state = updated_state(config, update, moments)`` (None without
+  an ``update``).
 
   With a ``correction`` (batch renormalization) the output becomes ``(x_hat * r +
   d) * scale + bias``, ``(r, d) = renorm_factors(correction, ...)``.
   """
-  args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction)
+  args = (inputs.x, inputs.scale, inputs.bias, inputs.mask, correction, update)
   if not jnp.iscomplexobj(inputs.x):
     return _train_normalize(config, *args)
   # Complex inputs: autodiff differentiates the forward pass itself.
   if correction is not None:
     raise TypeError("batch renormalization supports real inputs only")
   if inputs.mask is None:
-    y, moments, *_ = _train_forward(config, *args)
-    return y, moments
+    forward = _train_forward(config, *args)
+    return forward.y, forward.stats.moments, forward.stats.new_state
   # Masked-out entries that are not finite would make 0 * NaN in autodiff's
   # backward pass: differentiate a copy where they are 0, and give them their own
   # (non-finite) output without a derivative.
   keep = inputs.mask | jnp.isfinite(inputs.x)
   safe_x = jnp.where(keep, inputs.x, jnp.zeros((), inputs.x.dtype))
-  y, moments, inv_std, shift, mean_offset, _ = _train_forward(config, safe_x, *args[1:])
-  unsafe_y = _normalize(
+  y, statistics = _train_forward(config, safe_x, *args[1:])
+  unsafe_y = _apply(
     inputs.x,
-    shift,
-    mean_offset,
-    inv_std,
-    inputs.scale,
-    inputs.bias,
+    statistics.rounded_mean,
+    statistics.gain,
+    statistics.shifted_bias,
     config.reduction_axes,
-    config.out_dtype,
-  )  # only where y is not finite
-  return jnp.where(keep, y, lax.stop_gradient(unsafe_y)), moments
+  ).astype(config.out_dtype)  # only where y is not finite
+  return jnp.where(keep, y, lax.stop_gradient(unsafe_y)), statistics.moments, statistics.new_state
 
 
-def updated_state(state, batch_mean, batch_var, momentum, *, has_mean, has_var):
+def updated_state(config: TrainingConfig, update: StateUpdate, moments: Moments):
+  """The state of ``update`` moved towards the batch's ``moments`` (a
+  ``BatchNormState``): the mean, and the biased or unbiased variance as
+  ``config`` says."""
+  has_var = has_variance(moments.count, config.unbiased_variance)
+  return moved_state(
+    update.state,
+    moments.mean,
+    batch_variance(moments, config.unbiased_variance),
+    update.momentum,
+    has_mean=moments.count > 0,
+    has_var=has_var,
+  )
+
+
+def moved_state(state, batch_mean, batch_var, momentum, *, has_mean, has_var):
   """``momentum * state + (1 - momentum) * batch``, for both statistics; a
   statistic the batch does not define (``has_mean``/``has_var`` False: no valid
   value, or one only for an unbiased variance) leaves the state as it was.
@@ -196,8 +233,8 @@ def has_variance(count, unbiased: bool):
   return count > (1 if unbiased else 0)
 
 
-def _compute_dtype(x, *params) -> jnp.dtype:
-  return stats.statistics_dtype(x.dtype, *(p.dtype for p in params if p is not None))
+def _compute_dtype(x_dtype, *params) -> jnp.dtype:
+  return stats.statistics_dtype(x_dtype, *(p.dtype for p in params if p is not None))
 
 
 def _normalize(x, shift, offset, inv_std, scale, bias, reduction_axes, out_dtype):
@@ -209,32 +246,56 @@ def _normalize(x, shift, offset, inv_std, scale, bias, reduction_axes, out_dtype
   so large offsets cost no precision when ``offset`` carries what the shift
   misses of the mean. ``offset`` None is 0.
   """
-  dtype = _compute_dtype(x, scale, bias)
+  gain, shifted_bias = _gain_and_shifted_bias(x.dtype, offset, inv_std, scale, bias)
+  return _apply(x, shift, gain, shifted_bias, reduction_axes).astype(out_dtype)
+
+
+def _gain_and_shifted_bias(x_dtype, offset, inv_std, scale, bias):
+  """The per-feature half of ``_normalize``: ``gain = scale * inv_std`` and
+  ``bias - offset * gain`` (None for no bias and no offset), in the compute dtype."""
+  dtype = _compute_dtype(x_dtype, scale, bias)
   gain = inv_std.astype(dtype)
   if scale is not None:
     gain = gain * scale.astype(dtype)
   shifted_bias = None if offset is None else -offset.astype(dtype) * gain
   if bias is not None:
     shifted_bias = bias.astype(dtype) if shifted_bias is None else shifted_bias + bias.astype(dtype)
-  y = x.astype(dtype) - expand_to_input(shift.astype(dtype), reduction_axes)
+  return gain, shifted_bias
+
+
+def _apply(x, shift, gain, shifted_bias, reduction_axes):
+  """The full-size half of ``_normalize``: ``(x - shift) * gain + shifted_bias``
+  in ``gain``'s dtype."""
+  y = x.astype(gain.dtype) - expand_to_input(shift.astype(gain.dtype), reduction_axes)
   y = y * expand_to_input(gain, reduction_axes)
   if shifted_bias is not None:
     y = y + expand_to_input(shifted_bias, reduction_axes)
-  return y.astype(out_dtype)
+  return y
 
 
-def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction):
-  """Batch moments, then normalize: ``(y, moments, inv_std, shift, mean_offset, renorm)``.
+class _Statistics(NamedTuple):
+  """What the training pass derives per feature, ``[*F]``, from the batch's moments.
 
-  ``shift`` is this device's shift (see ``bnjax.stats``), close to the mean, and
-  ``mean_offset`` is ``mean - shift`` to the last digit; the output and the
-  derivative work with ``x - shift``, an exact and cheaper operand than
-  ``x - mean``. ``renorm`` is ``(r, d)`` with a ``correction``, else None.
+  Computed in one function (``_statistics``) so that, without ``axis_name``, it
+  runs inside the branch of ``stats.local_moments`` that computed the moments:
+  XLA fuses the per-feature work there, where across the branch's boundary it
+  would launch a kernel for each piece.
   """
-  local = stats.local_moments(x, reduction_axes=config.reduction_axes, mask=mask)
-  combined = local
-  if config.axis_name is not None:
-    combined = stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
+
+  moments: Moments  # the batch's (every device's, with axis_name)
+  shift: jax.Array  # this device's shift (see bnjax.stats), close to the mean
+  mean_offset: jax.Array  # mean - shift, to the last digit
+  inv_std: jax.Array  # 1 / sqrt(var + epsilon)
+  renorm: tuple[jax.Array, jax.Array] | None  # (r, d) with a correction, else None
+  rounded_mean: jax.Array  # the mean rounded to its dtype: y = (x - it) * gain + shifted_bias
+  gain: jax.Array  # scale * inv_std (* r), in the compute dtype
+  shifted_bias: jax.Array | None  # bias (+ scale * d) - (mean - rounded_mean) * gain
+  new_state: Any  # updated_state(...), or None without an update
+
+
+def _statistics(config, local, combined, x_dtype, scale, bias, correction, update) -> _Statistics:
+  """``_Statistics`` from this device's moments ``local`` and the batch's ``combined``
+  (the same without ``axis_name``)."""
   moments = combined.moments
   mean_offset = (combined.shift - local.shift) + combined.offset
   # var is 0, not NaN, where no value is valid: normalization yields no NaN there.
@@ -250,19 +311,60 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction):
   # its dtype known to the last digit: exact like normalizing around the shift,
   # but a subtraction apart from the statistics' x - shift, which XLA then fuses
   # as it fuses two-pass batch norm (sharing x - shift measured 10-20% slower).
-  rounded_mean = moments.mean
-  rounding = (local.shift - rounded_mean) + mean_offset
-  y = _normalize(
-    x, rounded_mean, rounding, inv_std, scale, bias, config.reduction_axes, config.out_dtype
+  rounding = (local.shift - moments.mean) + mean_offset
+  gain, shifted_bias = _gain_and_shifted_bias(x_dtype, rounding, inv_std, scale, bias)
+  return _Statistics(
+    moments=moments,
+    shift=local.shift,
+    mean_offset=mean_offset,
+    inv_std=inv_std,
+    renorm=renorm,
+    rounded_mean=moments.mean,
+    gain=gain,
+    shifted_bias=shifted_bias,
+    new_state=None if update is None else updated_state(config, update, moments),
   )
-  return y, moments, inv_std, local.shift, mean_offset, renorm
+
+
+class _Forward(NamedTuple):
+  y: jax.Array  # x's shape, config.out_dtype
+  stats: _Statistics
+
+
+def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, update) -> _Forward:
+  """Batch moments, their per-feature consequences (``_Statistics``), then ``y``.
+
+  The output and the derivative work with ``x - shift``, an exact and cheaper
+  operand than ``x - mean``.
+  """
+  finish = functools.partial(
+    _statistics,
+    config,
+    x_dtype=x.dtype,
+    scale=scale,
+    bias=bias,
+    correction=correction,
+    update=update,
+  )
+  axes = config.reduction_axes
+  if config.axis_name is None:
+    statistics = stats.local_moments(
+      x, reduction_axes=axes, mask=mask, finish=lambda moments: finish(moments, moments)
+    )
+  else:
+    local = stats.local_moments(x, reduction_axes=axes, mask=mask)
+    statistics = finish(
+      local, stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
+    )
+  y = _apply(x, statistics.rounded_mean, statistics.gain, statistics.shifted_bias, axes)
+  return _Forward(y.astype(config.out_dtype), statistics)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _train_normalize(config: TrainingConfig, x, scale, bias, mask, correction):
-  """Training-mode batch norm of real ``x``: returns ``(y, Moments)``."""
-  y, moments, *_ = _train_forward(config, x, scale, bias, mask, correction)
-  return y, moments
+def _train_normalize(config: TrainingConfig, x, scale, bias, mask, correction, update):
+  """Training-mode batch norm of real ``x``: returns ``(y, Moments, new_state)``."""
+  y, statistics = _train_forward(config, x, scale, bias, mask, correction, update)
+  return y, statistics.moments, statistics.new_state
 
 
 class _Residuals(NamedTuple):
@@ -301,12 +403,11 @@ def _centered(res: _Residuals, reduction_axes, *, copy_for: jax.Array) -> jax.Ar
 
 
 def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
-  x, scale, bias, mask, correction = primals
+  x, scale, bias, mask, correction, update = primals
   x_dot, scale_dot, bias_dot = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
-  y, moments, inv_std, shift, mean_offset, renorm = _train_forward(
-    config, x, scale, bias, mask, correction
-  )
-  dtype = _compute_dtype(x, scale)
+  y, statistics = _train_forward(config, x, scale, bias, mask, correction, update)
+  moments, renorm = statistics.moments, statistics.renorm
+  dtype = _compute_dtype(x.dtype, scale)
   real_dtype = jnp.finfo(dtype).dtype
   gamma = jnp.ones((), real_dtype) if scale is None else scale.astype(real_dtype)
   r_renorm, d = (1, 0) if renorm is None else renorm
@@ -314,9 +415,9 @@ def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
     gamma = gamma * r_renorm
   residuals = _Residuals(
     x=x,
-    shift=shift,
-    mean_offset=mean_offset.astype(dtype),
-    inv_std=inv_std,
+    shift=statistics.shift,
+    mean_offset=statistics.mean_offset.astype(dtype),
+    inv_std=statistics.inv_std,
     count=moments.count,
     mask=mask,
     gamma=gamma,
@@ -327,7 +428,21 @@ def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
   y_dot, mean_dot, m2_dot = _train_tangent(config, residuals, x_dot, scale_dot, bias_dot)
   var_dot = m2_dot / jnp.maximum(moments.count, 1)
   moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, var=var_dot)
-  return (y, moments), (y_dot, moments_dot)
+  new_state_dot = None
+  if update is not None:  # the update is linear in the state: autodiff's own JVP
+    _, new_state_dot = jax.jvp(
+      lambda update, mean, var: updated_state(config, update, moments._replace(mean=mean, var=var)),
+      (update, moments.mean, moments.var),
+      (_instantiated(update, tangents[5]), mean_dot, var_dot),
+    )
+  return (y, moments, statistics.new_state), (y_dot, moments_dot, new_state_dot)
+
+
+def _instantiated(primals, tangents):
+  """``tangents`` with symbolic zeros made zeros of their primals' shapes and dtypes."""
+  return jax.tree.map(
+    lambda p, t: jnp.zeros_like(p) if isinstance(t, SymbolicZero) else t, primals, tangents
+  )
 
 
 def _train_tangent(config: TrainingConfig, res: _Residuals, x_dot, scale_dot, bias_dot):

@@ -218,14 +218,9 @@ def batch_norm(
       axis_index_groups=axis_index_groups,
       unbiased_variance=unbiased_variance,
     )
-  config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
-  y, moments = _engine.normalize_training(config, inputs)
-  batch_var = _engine.batch_variance(moments, unbiased_variance)
-  return y, _engine.updated_state(
-    state,
-    moments.mean,
-    batch_var,
-    momentum,
-    has_mean=moments.count > 0,
-    has_var=_engine.has_variance(moments.count, unbiased_variance),
+  config = _engine.training_config(
+    inputs, epsilon, axis_name, axis_index_groups, unbiased_variance=unbiased_variance
   )
+  update = _engine.state_update(state, momentum)
+  y, _, new_state = _engine.normalize_training(config, inputs, update=update)
+  return y, new_state

@@ -73,7 +73,7 @@ def _ghost_batch_norm(
     out_dtype=inputs.out_dtype,
   )
   config = _engine.training_config(grouped, epsilon, None, None)
-  y, moments = _engine.normalize_training(config, grouped)
+  y, moments, _ = _engine.normalize_training(config, grouped)
   # The mean over the groups (of every device of axis_name) that define each
   # statistic: a fully masked (padding) group defines none.
   has_mean = moments.count > 0
@@ -90,7 +90,7 @@ def _ghost_batch_norm(
   mean_sum, mean_groups, var_sum, var_groups = sums
   mean = mean_sum / jnp.maximum(mean_groups, 1).astype(mean_sum.dtype)
   var = var_sum / jnp.maximum(var_groups, 1)
-  return _reshape_batch(y, x.shape), _engine.updated_state(
+  return _reshape_batch(y, x.shape), _engine.moved_state(
     state, mean, var, momentum, has_mean=mean_groups > 0, has_var=var_groups > 0
   )
 

@@ -108,12 +108,6 @@ def batch_renorm(
     running_mean=state.mean, running_var=state.var, r_max=r_max, d_max=d_max
   )
   config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
-  y, moments = _engine.normalize_training(config, inputs, correction)
-  return y, _engine.updated_state(
-    state,
-    moments.mean,
-    moments.variance,
-    momentum,
-    has_mean=moments.count > 0,
-    has_var=moments.count > 0,
-  )
+  update = _engine.state_update(state, momentum)
+  y, _, new_state = _engine.normalize_training(config, inputs, correction, update)
+  return y, new_state

@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -267,7 +267,8 @@ def local_moments(
   *,
   reduction_axes: Sequence[int],
   mask: jax.Array | None = None,
-) -> ShiftedMoments:
+  finish: Callable[[ShiftedMoments], Any] | None = None,
+) -> Any:
   """Exact moments of the values of ``x`` on this device (no communication).
 
   One pass sums ``x`` and ``|x|^2``. Where that is not exact, for any feature (its
@@ -276,6 +277,12 @@ def local_moments(
   only then (``lax.cond``), so that activations as batch norm sees them cost one
   pass, as Flax's fast variance does, and every input is exact.
 
+  Returns ``ShiftedMoments`` with ``[*F]`` fields, or ``finish(moments)`` with a
+  ``finish``: a function applied to them inside each branch of that choice, so
+  that XLA fuses the caller's per-feature work with the branch that computed the
+  moments (across the branch's boundary it cannot: each piece would be a kernel
+  of its own).
+
   >>> m = local_moments(jnp.array([1e4 + 1, 1e4 - 1]), reduction_axes=(0,))  # two passes
   >>> float(m.moments.mean), float(m.moments.variance)
   (10000.0, 1.0)
@@ -283,20 +290,23 @@ def local_moments(
   dtype = statistics_dtype(x.dtype)
   real_dtype = jnp.finfo(dtype).dtype
   count = _count(x.shape, reduction_axes, mask, real_dtype)
+  finish = finish or (lambda moments: moments)
   if not reduction_axes:  # one value per feature: its own mean
-    return ShiftedMoments(
-      count, x.astype(dtype), jnp.zeros(x.shape, dtype), jnp.zeros(x.shape, real_dtype)
-    )
+    offset, var = jnp.zeros(x.shape, dtype), jnp.zeros(x.shape, real_dtype)
+    return finish(ShiftedMoments(count, x.astype(dtype), offset, var))
   s1, s2 = _sums(x, None, None, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
   mean, var = _mean_and_variance(s1, s2, count)
   one_pass = ShiftedMoments(count=count, shift=mean, offset=jnp.zeros_like(mean), var=var)
-  near_zero = abs_squared(mean) <= ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
-  exact = jnp.all(jnp.isfinite(s2) & near_zero)
+  # Every feature near zero and every sum finite, as one float reduction (max, NaN
+  # propagating) where jnp.all of booleans takes XLA's CPU backend three kernels.
+  excess = abs_squared(mean) - ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
+  excess = jnp.where(jnp.isfinite(s2), excess, jnp.inf)
+  exact = jnp.max(excess, initial=-jnp.inf) <= 0
 
   return lax.cond(
     exact,
-    lambda: one_pass,
-    lambda: shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask),
+    lambda: finish(one_pass),
+    lambda: finish(shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask)),
   )
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import run
+from benchmarks import forward, run
 
 
 @pytest.mark.slow
@@ -30,6 +30,18 @@ def test_quick_benchmark_writes_results(tmp_path):
   markdown = (tmp_path / "BENCHMARKS.md").read_text()
   for heading in ("### 1, 2.", "### 3.", "### 4.", "### 5.", "### 6."):
     assert heading in markdown
+
+
+@pytest.mark.slow
+def test_quick_forward_benchmark_writes_results(tmp_path):
+  results = forward.main(["--quick", "--output-dir", str(tmp_path)])
+  written = json.loads((tmp_path / "forward.json").read_text())
+  assert written == json.loads(json.dumps(results))
+  (case,) = written["cases"]
+  assert set(case["seconds"]) == set(forward.CANDIDATES)
+  assert all(t > 0 for t in case["seconds"].values())
+  assert case["vs_flax_fast"]["flax_fast"]["median"] == 1
+  assert case["case"] in (tmp_path / "forward.md").read_text()
 
 
 def _constant_sizes(lowered_text: str) -> list[int]:

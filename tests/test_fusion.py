@@ -43,3 +43,36 @@ def test_statistics_sums_get_their_own_x_on_cpu_only(platform, copies_of_x):
   assert barriers
   most_copies = max(operands.split(", ").count("%arg0") for operands in barriers)
   assert most_copies == copies_of_x
+
+
+def _entry(compiled_text: str) -> list[str]:
+  """The instructions of a compiled program's entry computation, a line each."""
+  entry = compiled_text[compiled_text.index("\nENTRY") + 1 :]
+  return entry[: entry.index("\n}")].splitlines()[1:]
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "batch_renorm"])
+def test_per_feature_work_runs_inside_the_branch_that_computed_the_moments(kind):
+  """Without axis_name, everything per feature (the variance's rsqrt, the gain, the
+  running statistics' update) runs inside the one-pass/two-pass conditional, where
+  XLA fuses it: what the entry computation does with the conditional's results is
+  only the full-size normalization (and returning the state)."""
+  x = jnp.ones((16, 32))
+  params, state = bnjax.init(32)
+  extra = dict(r_max=2.0, d_max=1.0) if kind == "batch_renorm" else {}
+  forward = jax.jit(lambda x: getattr(bnjax, kind)(x, params, state, training=True, **extra))
+  lines = _entry(forward.lower(x).compile().as_text())
+  name = lambda line: line.split("=")[0].split()[-1]  # noqa: E731
+  (conditional,) = [name(line) for line in lines if " conditional(" in line]
+  results = {conditional} | {
+    name(line) for line in lines if f"get-tuple-element({conditional})" in line
+  }
+  users = [
+    line
+    for line in lines
+    if "get-tuple-element(" not in line
+    and any(re.search(re.escape(r) + r"[,)\s]", line.split("=", 1)[1]) for r in results)
+  ]
+  assert users
+  for line in users:
+    assert "f32[16,32]" in line.split("=", 1)[1].split("(")[0] or line.lstrip().startswith("ROOT")
