@@ -295,19 +295,24 @@ def local_moments(
     offset, var = jnp.zeros(x.shape, dtype), jnp.zeros(x.shape, real_dtype)
     return finish(ShiftedMoments(count, x.astype(dtype), offset, var))
   s1, s2 = _sums(x, None, None, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
-  mean, var = _mean_and_variance(s1, s2, count)
-  one_pass = ShiftedMoments(count=count, shift=mean, offset=jnp.zeros_like(mean), var=var)
   # Every feature near zero and every sum finite, as one float reduction (max, NaN
   # propagating) where jnp.all of booleans takes XLA's CPU backend three kernels.
+  mean, var = _mean_and_variance(s1, s2, count)
   excess = abs_squared(mean) - ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
   excess = jnp.where(jnp.isfinite(s2), excess, jnp.inf)
   exact = jnp.max(excess, initial=-jnp.inf) <= 0
 
-  return lax.cond(
-    exact,
-    lambda: finish(one_pass),
-    lambda: finish(shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask)),
-  )
+  # Each branch derives the mean and variance from the sums itself: computed once
+  # outside, they would be a kernel of their own.
+  def one_pass(s1, s2):
+    mean, var = _mean_and_variance(s1, s2, count)
+    return finish(ShiftedMoments(count=count, shift=mean, offset=jnp.zeros_like(mean), var=var))
+
+  def two_pass(s1, s2):
+    mean, _ = _mean_and_variance(s1, s2, count)
+    return finish(shifted_moments(x, mean, reduction_axes=reduction_axes, mask=mask))
+
+  return lax.cond(exact, one_pass, two_pass, s1, s2)
 
 
 def combine_shifted_moments(moments: ShiftedMoments) -> ShiftedMoments:
