@@ -119,6 +119,60 @@ def test_two_processes_train_as_one(tmp_path, compilation_cache):
   assert (tmp_path / "two" / "checkpoints" / "3").is_dir()
 
 
+def test_two_processes_set_a_damaged_checkpoint_aside_once_and_resume_together(tmp_path):
+  """Both processes find the newest step not intact and resume from the older one
+  (their steps are collectives: a process on another step would hang them or change
+  the losses); process 0 alone moves it aside, and the other waits for that before
+  orbax lists the steps: one `.corrupt` folder, and the run ends at its last step."""
+  flags = [
+    f"--config={TINY}",
+    "--config.batch_size=8",
+    "--config.eval_batch_size=8",
+    "--config.log_every=1",
+    "--config.eval_every=100",
+    "--config.checkpoint_every=2",
+    "--config.num_train_steps=6",
+    "--config.lr_schedule=constant",
+    "--config.warmup_epochs=0",
+  ]
+
+  def two_processes():
+    port = free_port()
+    workers = [
+      _start(
+        [
+          f"--workdir={tmp_path}",
+          *flags,
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        _env(2, IMAGENET_RUNNER_MICRO="1"),
+      )
+      for i in range(2)
+    ]
+    try:
+      return [_finish(w) for w in workers]
+    finally:
+      for w in workers:
+        w.kill()
+
+  two_processes()
+  checkpoints = tmp_path / "checkpoints"
+  losses = _losses(tmp_path)
+  (checkpoints / "6" / "SHA256SUMS").unlink()  # as if killed before its record was written
+  outputs = two_processes()  # the same command again
+  (out, err), _ = outputs  # process 0 speaks for both
+  assert f"checkpoint {checkpoints / '6'} is not intact" in err, err
+  assert "from its checkpoint of step 4" in out
+  assert sorted(p.name for p in checkpoints.iterdir() if ".corrupt" in p.name) == ["6.corrupt"]
+  assert (checkpoints / "6" / "SHA256SUMS").is_file()
+  resumed = _losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 7))
+  for step in (5, 6):  # trained again from step 4's checkpoint, as the first time
+    assert resumed[step] == pytest.approx(losses[step], rel=1e-6), step
+
+
 def _checkpoint_arrays(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
   import jax
 

@@ -137,7 +137,8 @@ class Checkpoints:
       checkpoints.save(step, state)
 
   Multi-host: every process verifies (the folder must be shared); only process 0
-  writes ``SHA256SUMS`` and moves damaged steps aside.
+  writes ``SHA256SUMS`` and moves damaged steps aside, and the others wait for it
+  (a barrier) before orbax lists the steps.
   """
 
   def __init__(
@@ -151,6 +152,9 @@ class Checkpoints:
     self.asynchronous = asynchronous
     _check_writable(self.directory)
     self.latest_step = self._newest_intact_step()
+    # Process 0 may still be moving a damaged step aside (on Cloud Storage, object by
+    # object) while another process lists the steps for orbax's manager: wait for it.
+    ocp.multihost.sync_global_processes("bnjax-checkpoints-verified")
     self._manager = ocp.CheckpointManager(
       str(self.directory),
       options=ocp.CheckpointManagerOptions(
