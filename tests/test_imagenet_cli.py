@@ -1,6 +1,7 @@
 """The ImageNet command line in subprocesses: two jax.distributed processes train as
-one process does; a run killed with SIGKILL resumes and ends as an uninterrupted
-one; bad input gives one line and leaves no workdir.
+one process does and, finding their newest checkpoint damaged, resume together
+from the one before; a run killed with SIGKILL resumes and ends as an
+uninterrupted one; bad input gives one line and leaves no workdir.
 
 The training runs train ``tests.imagenet_testing.MicroNet`` (two convolutions with
 BN; the real networks are trained in test_imagenet_train.py), through
