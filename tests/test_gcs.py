@@ -1,8 +1,9 @@
 """gs:// workdirs against a real Cloud Storage emulator (fake-gcs-server, see
 tests/gcs_emulator.py): the bookkeeping's units, the lease, checkpoints and their
 integrity, TensorBoard events, bad input; then whole MNIST runs on gs:// (killed
-with SIGKILL, preempted with SIGTERM, launched twice) and two jax.distributed
-ImageNet processes on one gs:// workdir. Nothing about storage is mocked."""
+with SIGKILL, preempted with SIGTERM, launched twice), two jax.distributed
+ImageNet processes on one gs:// workdir, and Figures 1 and 3 drawn into a bucket.
+Nothing about storage is mocked."""
 
 from __future__ import annotations
 
@@ -510,6 +511,43 @@ def test_figure1_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket):
     names
   )
   assert not any(n.endswith(".lock") for n in names)
+
+
+@pytest.mark.slow
+def test_figure3_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket, fashion_mnist_dir):
+  """The figure command on a gs:// workdir: each variant's run, the table and the
+  figure in the bucket, and a second launch finds every run finished there."""
+  from experiments.imagenet import figure3
+
+  command = [
+    sys.executable,
+    "-m",
+    "tests.figure3_runner",  # the figure command, with a micro network
+    f"--workdir={workdir}",
+    f"--config.data_dir={fashion_mnist_dir}",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=1024",
+    "--config.num_train_steps=2",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+  ]
+  runs = [
+    subprocess.run(
+      command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    for _ in range(2)
+  ]
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  names = set(gcs_emulator.objects(gcs_bucket))
+  assert {"runs/a/figure3.png", "runs/a/figure3.md"} <= names
+  for name in figure3.VARIANTS:
+    assert {f"runs/a/{name}/metrics.jsonl", f"runs/a/{name}/checkpoints/2/SHA256SUMS"} <= names
+    assert f"{name}: finished, not trained again" in runs[1].stderr
+  assert _object(workdir, "figure3.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert f"| {figure3.VARIANTS['bn_x5']} |" in _object(workdir, "figure3.md").decode()
+  assert not any(n.endswith(".lock") for n in names)
+  assert not (ROOT / "gs:").exists()
 
 
 @pytest.mark.slow
