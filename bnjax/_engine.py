@@ -6,7 +6,9 @@ the statistics are computed once, in the forward pass, and the derivative needs 
 ``sum(dx)`` and ``sum(dx * (x - mean))`` per feature (and, transposed for the
 backward pass, ``sum(dy)`` and ``sum(dy * (x - mean))``, Section 3 of the paper),
 reduced across devices in one collective. Being a JVP rule it serves forward mode,
-reverse mode and higher orders alike.
+reverse mode and higher orders alike. The running statistics are updated inside it
+too, in the same branch of ``bnjax.stats.local_moments`` that computed the moments:
+there XLA fuses every per-feature step into a few kernels.
 
 Nothing here is public API: ``bnjax/__init__.py`` says what is. The variants build
 on it from their own modules (``bnjax.ghost``, ``bnjax.renorm``).
@@ -429,7 +431,7 @@ def _train_normalize_jvp(config: TrainingConfig, primals, tangents):
   var_dot = m2_dot / jnp.maximum(moments.count, 1)
   moments_dot = Moments(count=jnp.zeros_like(moments.count), mean=mean_dot, var=var_dot)
   new_state_dot = None
-  if update is not None:  # the update is linear in the state: autodiff's own JVP
+  if update is not None:  # plain jnp code: autodiff's tangent, fed the moments' tangents
     _, new_state_dot = jax.jvp(
       lambda update, mean, var: updated_state(config, update, moments._replace(mean=mean, var=var)),
       (update, moments.mean, moments.var),
