@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import statistics
 import tempfile
@@ -30,9 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import implementations as impls
-from benchmarks.run import machine
+from benchmarks.report import machine, write_results
 from benchmarks.timing import ratio_summary, repeated
-from experiments.common.files import write_text_atomic
 
 HERE = pathlib.Path(__file__).resolve().parent
 CANDIDATES = ("bnjax", "flax_fast", "flax_exact")
@@ -130,10 +128,7 @@ def main(argv=None) -> dict:
   # Flax's BatchNorm mixes dtypes implicitly; the suite's strict mode would refuse it.
   with jax.numpy_dtype_promotion("standard"):
     results["cases"] = measure(args.quick, rounds, repeats)
-  output.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(output / "forward.json", json.dumps(results, indent=2) + "\n")
-  write_text_atomic(output / "forward.md", markdown(results))
-  print(f"Wrote {output / 'forward.json'} and {output / 'forward.md'}")
+  write_results(output / "forward.json", output / "forward.md", results, markdown(results))
   return results
 
 

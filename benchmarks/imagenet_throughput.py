@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -30,9 +29,9 @@ import statistics
 import jax
 from flax import linen as nn
 
+from benchmarks.report import write_results
 from benchmarks.timing import ratio_summary, repeated
 from bnjax import linen as bn
-from experiments.common.files import write_text_atomic
 from experiments.imagenet import models, parallel, train
 from experiments.imagenet.configs import bn_x5, resnet50
 
@@ -198,10 +197,9 @@ def main(argv=None) -> dict:
   throughput = measure(networks, parallelisms, **settings)
   results = {"machine": machine(), "settings": settings, "throughput": throughput}
   output = pathlib.Path(args.output_dir)
-  output.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(output / "imagenet_results.json", json.dumps(results, indent=2) + "\n")
-  write_text_atomic(output / "imagenet_results.md", markdown(results))
-  print(f"Wrote {output / 'imagenet_results.json'} and {output / 'imagenet_results.md'}")
+  write_results(
+    output / "imagenet_results.json", output / "imagenet_results.md", results, markdown(results)
+  )
   return results
 
 

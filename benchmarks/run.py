@@ -27,12 +27,9 @@ if __name__ == "__main__":  # 8 CPU devices for the collective counts, before ja
   jax.config.update("jax_num_cpu_devices", 8)
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -48,8 +45,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import bnjax  # noqa: E402
 from benchmarks import implementations as impls  # noqa: E402
 from benchmarks.hlo import count_collectives  # noqa: E402
+from benchmarks.report import machine, write_results  # noqa: E402
 from benchmarks.timing import ratio_summary, repeated, time_call  # noqa: E402
-from experiments.common.files import write_text_atomic  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -384,20 +381,6 @@ def plain_jax_mnist_steps(config):
 # ---- report ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-  device = jax.devices()[0]
-  return {
-    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "cpu_count": os.cpu_count(),
-    "jax": jax.__version__,
-    "bnjax": bnjax.__version__,
-    "backend": jax.default_backend(),
-    "device": getattr(device, "device_kind", str(device)),
-  }
-
-
 def _ratio(r: dict) -> str:
   return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
@@ -567,15 +550,11 @@ def main(argv=None) -> dict:
   results["collectives"] = bench_collectives(args.quick)
   results["resnet"] = bench_resnet(args.quick, max(2, rounds // 3), repeats)
   results["mnist_loop"] = bench_mnist_loop(args.quick, rounds, repeats)
-  json_path.parent.mkdir(parents=True, exist_ok=True)
-  markdown_path.parent.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
   header = (
     "# Benchmarks\n\n"
     "Written by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
   )
-  write_text_atomic(markdown_path, header + markdown(results))
-  print(f"Wrote {json_path} and {markdown_path}")
+  write_results(json_path, markdown_path, results, header + markdown(results))
   return results
 
 

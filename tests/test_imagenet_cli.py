@@ -69,6 +69,24 @@ def _final_eval(workdir: pathlib.Path) -> dict:
   return {k: row[k] for k in ("step", "top1", "top5", "eval_loss", "eval_examples")}
 
 
+def _start_two_processes(workdir: pathlib.Path, flags: list[str]) -> list[subprocess.Popen]:
+  """Two jax.distributed processes of 2 CPU devices each (gloo), one run in ``workdir``."""
+  port = free_port()
+  return [
+    _start(
+      [
+        f"--workdir={workdir}",
+        *flags,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      _env(2, IMAGENET_RUNNER_MICRO="1"),
+    )
+    for i in range(2)
+  ]
+
+
 def test_two_processes_train_as_one(tmp_path, compilation_cache):
   """2 processes x 2 CPU devices (gloo) and 1 process x 4 devices, the same global
   batches of fake data: the same losses step by step, the same evaluation."""
@@ -87,20 +105,7 @@ def test_two_processes_train_as_one(tmp_path, compilation_cache):
   single = _start(
     [f"--workdir={tmp_path / 'one'}", *flags], _env(4, compilation_cache, IMAGENET_RUNNER_MICRO="1")
   )
-  port = free_port()
-  workers = [
-    _start(
-      [
-        f"--workdir={tmp_path / 'two'}",
-        *flags,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      _env(2, IMAGENET_RUNNER_MICRO="1"),
-    )
-    for i in range(2)
-  ]
+  workers = _start_two_processes(tmp_path / "two", flags)
   try:
     outputs = [_finish(w) for w in workers]
     _finish(single)
@@ -138,20 +143,7 @@ def test_two_processes_set_a_damaged_checkpoint_aside_once_and_resume_together(t
   ]
 
   def two_processes():
-    port = free_port()
-    workers = [
-      _start(
-        [
-          f"--workdir={tmp_path}",
-          *flags,
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={i}",
-        ],
-        _env(2, IMAGENET_RUNNER_MICRO="1"),
-      )
-      for i in range(2)
-    ]
+    workers = _start_two_processes(tmp_path, flags)
     try:
       return [_finish(w) for w in workers]
     finally:
