@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
   parser.add_argument(
     "--repeats", type=int, default=2, help="each storage x mode measured this many times"
   )
-  parser.add_argument("--output_dir", default=str(HERE))
+  # --output-dir as the other benchmarks spell it; --output_dir works too.
+  parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=str(HERE))
   args = parser.parse_args(argv)
   sys.path.insert(0, str(HERE.parent))
   from tests import gcs_emulator

@@ -530,7 +530,13 @@ def output_paths(*, quick: bool, output_dir: str | None) -> tuple[pathlib.Path, 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds")
-  parser.add_argument("--output-dir", default=None, help="where results.json and BENCHMARKS.md go")
+  parser.add_argument(  # --output_dir works too, as in the experiments' flags
+    "--output-dir",
+    "--output_dir",
+    dest="output_dir",
+    default=None,
+    help="where results.json and BENCHMARKS.md go",
+  )
   parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args(argv)
