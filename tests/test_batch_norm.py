@@ -59,7 +59,9 @@ def training_step(x, params, state, w, **kwargs):
 
 
 def float32(a):
-  return jnp.asarray(a, jnp.float32)
+  """``a`` rounded to float32 by NumPy (``jnp.asarray(a, jnp.float32)`` compiles a
+  conversion for each new shape)."""
+  return jnp.asarray(np.asarray(a, np.float32))
 
 
 def random_inputs(shape, axis, seed=0, offset=0.0):
