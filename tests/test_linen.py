@@ -383,23 +383,28 @@ def test_half_precision_param_dtype_running_average_is_float32_exact():
   ``force_float32_reductions=False``: the running mean and variance after one step
   are float32 (as Flax's) and within float32 rounding of the float64 average, not
   rounded to bfloat16 (2e-3 relative off)."""
-  x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
   module = bnjax.linen.BatchNorm(
     use_running_average=False,
     momentum=0.9,
     param_dtype=jnp.bfloat16,
     force_float32_reductions=False,
   )
-  variables = module.init(jax.random.key(0), x)
-  _, updates = jax.jit(lambda v: module.apply(v, x, mutable=["batch_stats"]))(variables)
-  x64 = np.asarray(x, np.float64)
-  want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
-  _, flax_updates = nn.BatchNorm(
+  flax_module = nn.BatchNorm(
     use_running_average=False,
     momentum=0.9,
     param_dtype=jnp.bfloat16,
     force_float32_reductions=False,
-  ).apply(variables, x, mutable=["batch_stats"])
+  )
+
+  @jax.jit  # one program (eager, the draw, init and Flax's apply compile op by op)
+  def run():
+    x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
+    variables = module.init(jax.random.key(0), x)
+    return x, *(m.apply(variables, x, mutable=["batch_stats"])[1] for m in (module, flax_module))
+
+  x, updates, flax_updates = run()
+  x64 = np.asarray(x, np.float64)
+  want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
   for name in ("mean", "var"):
     got = updates["batch_stats"][name]
     assert got.dtype == flax_updates["batch_stats"][name].dtype == jnp.float32
