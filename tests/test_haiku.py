@@ -70,8 +70,10 @@ def trained():
   batches = jnp.asarray(normal(0, (STEPS, 8, 3), loc=1.0))
   haiku_model, bnjax_model = network(hk.BatchNorm), network(bnjax.haiku.BatchNorm)
   with jax.numpy_dtype_promotion("standard"):
-    params, state = haiku_model.init(jax.random.key(0), batches[0], True)
-    bnjax_params, bnjax_state = bnjax_model.init(jax.random.key(0), batches[0], True)
+    # Both inits in one compiled program (eager, Haiku's init compiles op by op).
+    (params, state), (bnjax_params, bnjax_state) = jax.jit(
+      lambda x: [model.init(jax.random.key(0), x, True) for model in (haiku_model, bnjax_model)]
+    )(batches[0])
     runs = {
       name: jax.jit(lambda p, s, model=model: train(model, p, s, batches))(params, state)
       for name, model in (("haiku", haiku_model), ("bnjax", bnjax_model))

@@ -342,16 +342,18 @@ def test_half_precision_batch_stats_updated_with_the_exact_momentum():
 
 
 def _stats_dtypes_after_two_steps(module_class, x, **kwargs):
+  """Traced, not run (``jax.eval_shape``): a dtype is fixed when the computation is
+  traced, and the compiled step's outputs have the traced ones (54 modules' inits and
+  steps would otherwise compile, seconds per case)."""
   module = module_class(use_running_average=False, momentum=0.9, **kwargs)
-  variables = module.init(jax.random.key(0), x)
+  variables = jax.eval_shape(module.init, jax.random.key(0), x)
 
-  @jax.jit
-  def step(variables):
+  def step(variables, x):
     _, updates = module.apply(variables, x, mutable=["batch_stats"])
     return {**variables, **updates}
 
-  once = step(variables)
-  twice = step(once)
+  once = jax.eval_shape(step, variables, x)
+  twice = jax.eval_shape(step, once, x)
   return [
     {name: stats[name].dtype for name in ("mean", "var")}
     for stats in (variables["batch_stats"], once["batch_stats"], twice["batch_stats"])
@@ -365,14 +367,14 @@ def test_batch_stats_dtypes_are_flaxs_in_every_precision(param_dtype, force_floa
   step, for every input dtype, ``dtype``, ``param_dtype`` and
   ``force_float32_reductions`` (Flax's half-precision ``batch_stats`` become float32
   at the first step when its batch statistics are float32), so checkpoints match."""
-  x = jax.random.normal(jax.random.key(1), (8, 3)) * 2 + 5
   for x_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    x = jax.ShapeDtypeStruct((8, 3), x_dtype)
     for dtype in (None, jnp.float32, jnp.bfloat16):
       kwargs = dict(
         dtype=dtype, param_dtype=param_dtype, force_float32_reductions=force_float32_reductions
       )
-      ours = _stats_dtypes_after_two_steps(bnjax.linen.BatchNorm, x.astype(x_dtype), **kwargs)
-      theirs = _stats_dtypes_after_two_steps(nn.BatchNorm, x.astype(x_dtype), **kwargs)
+      ours = _stats_dtypes_after_two_steps(bnjax.linen.BatchNorm, x, **kwargs)
+      theirs = _stats_dtypes_after_two_steps(nn.BatchNorm, x, **kwargs)
       assert ours == theirs, (x_dtype, kwargs)
 
 
@@ -381,23 +383,28 @@ def test_half_precision_param_dtype_running_average_is_float32_exact():
   ``force_float32_reductions=False``: the running mean and variance after one step
   are float32 (as Flax's) and within float32 rounding of the float64 average, not
   rounded to bfloat16 (2e-3 relative off)."""
-  x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
   module = bnjax.linen.BatchNorm(
     use_running_average=False,
     momentum=0.9,
     param_dtype=jnp.bfloat16,
     force_float32_reductions=False,
   )
-  variables = module.init(jax.random.key(0), x)
-  _, updates = jax.jit(lambda v: module.apply(v, x, mutable=["batch_stats"]))(variables)
-  x64 = np.asarray(x, np.float64)
-  want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
-  _, flax_updates = nn.BatchNorm(
+  flax_module = nn.BatchNorm(
     use_running_average=False,
     momentum=0.9,
     param_dtype=jnp.bfloat16,
     force_float32_reductions=False,
-  ).apply(variables, x, mutable=["batch_stats"])
+  )
+
+  @jax.jit  # one program (eager, the draw, init and Flax's apply compile op by op)
+  def run():
+    x = jax.random.normal(jax.random.key(2), (16, 3)) * 2 + 5
+    variables = module.init(jax.random.key(0), x)
+    return x, *(m.apply(variables, x, mutable=["batch_stats"])[1] for m in (module, flax_module))
+
+  x, updates, flax_updates = run()
+  x64 = np.asarray(x, np.float64)
+  want = {"mean": 0.1 * x64.mean(0), "var": 0.9 + 0.1 * x64.var(0)}
   for name in ("mean", "var"):
     got = updates["batch_stats"][name]
     assert got.dtype == flax_updates["batch_stats"][name].dtype == jnp.float32

@@ -74,8 +74,21 @@ def reference_step(variant, x, gamma, beta, dy, state):
   return y, (keep(mu), keep(var)), (dx, dgamma, dbeta), (np.abs(dgamma), np.abs(dbeta))
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("variant", ["plain", "ghost", "unbiased", "renorm", "masked"])
+# Every variant in bfloat16, plain batch norm in float16 in the fast set; the other
+# float16 variants are slow (each case compiles its own gradient program: issue 19,
+# the fast set under 90 s).
+@pytest.mark.parametrize(
+  "variant, dtype",
+  [
+    pytest.param(
+      variant,
+      dtype,
+      marks=pytest.mark.slow if dtype == jnp.float16 and variant != "plain" else (),
+    )
+    for variant in ["plain", "ghost", "unbiased", "renorm", "masked"]
+    for dtype in HALF
+  ],
+)
 def test_statistics_in_float32_output_in_input_dtype(dtype, variant):
   """Output, new state and gradients (x, scale, bias) against the float64
   reference on the same half-precision values: statistics exact in float32, and
