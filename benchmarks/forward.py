@@ -1,6 +1,6 @@
 """The training forward pass alone, bnjax against Flax's ``BatchNorm``, side by side.
 
-    python -m benchmarks.forward            # about 2 minutes on 2 CPU cores
+    python -m benchmarks.forward            # about 20 seconds on 2 CPU cores
     python -m benchmarks.forward --quick    # tiny shapes, to check it runs (tests do)
 
 Writes ``benchmarks/forward.json`` and ``benchmarks/forward.md`` (the committed
