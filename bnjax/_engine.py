@@ -176,7 +176,7 @@ def normalize_training(
     raise TypeError("batch renormalization supports real inputs only")
   if inputs.mask is None:
     forward = _train_forward(config, *args)
-    return forward.y, forward.stats.moments, forward.stats.new_state
+    return forward.y, forward.statistics.moments, forward.statistics.new_state
   # Masked-out entries that are not finite would make 0 * NaN in autodiff's
   # backward pass: differentiate a copy where they are 0, and give them their own
   # (non-finite) output without a derivative.
@@ -185,7 +185,7 @@ def normalize_training(
   y, statistics = _train_forward(config, safe_x, *args[1:])
   unsafe_y = _apply(
     inputs.x,
-    statistics.rounded_mean,
+    statistics.moments.mean,
     statistics.gain,
     statistics.shifted_bias,
     config.reduction_axes,
@@ -289,9 +289,10 @@ class _Statistics(NamedTuple):
   mean_offset: jax.Array  # mean - shift, to the last digit
   inv_std: jax.Array  # 1 / sqrt(var + epsilon)
   renorm: tuple[jax.Array, jax.Array] | None  # (r, d) with a correction, else None
-  rounded_mean: jax.Array  # the mean rounded to its dtype: y = (x - it) * gain + shifted_bias
   gain: jax.Array  # scale * inv_std (* r), in the compute dtype
-  shifted_bias: jax.Array | None  # bias (+ scale * d) - (mean - rounded_mean) * gain
+  # y = (x - moments.mean) * gain + shifted_bias, with moments.mean rounded to its
+  # dtype and shifted_bias = bias (+ scale * d) - (that rounding) * gain
+  shifted_bias: jax.Array | None
   new_state: Any  # updated_state(...), or None without an update
 
 
@@ -321,7 +322,6 @@ def _statistics(config, local, combined, x_dtype, scale, bias, correction, updat
     mean_offset=mean_offset,
     inv_std=inv_std,
     renorm=renorm,
-    rounded_mean=moments.mean,
     gain=gain,
     shifted_bias=shifted_bias,
     new_state=None if update is None else updated_state(config, update, moments),
@@ -330,7 +330,7 @@ def _statistics(config, local, combined, x_dtype, scale, bias, correction, updat
 
 class _Forward(NamedTuple):
   y: jax.Array  # x's shape, config.out_dtype
-  stats: _Statistics
+  statistics: _Statistics
 
 
 def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, update) -> _Forward:
@@ -358,7 +358,7 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, upd
     statistics = finish(
       local, stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
     )
-  y = _apply(x, statistics.rounded_mean, statistics.gain, statistics.shifted_bias, axes)
+  y = _apply(x, statistics.moments.mean, statistics.gain, statistics.shifted_bias, axes)
   return _Forward(y.astype(config.out_dtype), statistics)
 
 
