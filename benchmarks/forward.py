@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import implementations as impls
-from benchmarks.report import machine, write_results
+from benchmarks.report import machine, ratio_text, write_results
 from benchmarks.timing import ratio_summary, repeated
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -68,10 +68,6 @@ def measure(quick: bool, rounds: int, repeats: int) -> list[dict]:
   return results
 
 
-def _ratio(r: dict) -> str:
-  return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
-
-
 def markdown(results: dict) -> str:
   m, settings = results["machine"], results["settings"]
   lines = [
@@ -92,7 +88,7 @@ def markdown(results: dict) -> str:
     s, r = case["seconds"], case["vs_flax_fast"]
     lines.append(
       f"| {case['case']} | {1e3 * s['bnjax']:.3f} | {1e3 * s['flax_fast']:.3f} | "
-      f"{1e3 * s['flax_exact']:.3f} | {_ratio(r['bnjax'])} | {_ratio(r['flax_exact'])} |"
+      f"{1e3 * s['flax_exact']:.3f} | {ratio_text(r['bnjax'])} | {ratio_text(r['flax_exact'])} |"
     )
   lines += [
     "",

@@ -30,6 +30,11 @@ def machine() -> dict:
   }
 
 
+def ratio_text(ratio: dict) -> str:
+  """A ``benchmarks.timing.ratio_summary`` as the tables print it: median (min-max)."""
+  return f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
 def write_results(
   json_path: pathlib.Path, markdown_path: pathlib.Path, results: dict, text: str
 ) -> None:

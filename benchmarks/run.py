@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import bnjax  # noqa: E402
 from benchmarks import implementations as impls  # noqa: E402
 from benchmarks.hlo import count_collectives  # noqa: E402
-from benchmarks.report import machine, write_results  # noqa: E402
+from benchmarks.report import machine, ratio_text, write_results  # noqa: E402
 from benchmarks.timing import ratio_summary, repeated, time_call  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -381,10 +381,6 @@ def plain_jax_mnist_steps(config):
 # ---- report ---------------------------------------------------------------------------------
 
 
-def _ratio(r: dict) -> str:
-  return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
-
-
 def markdown(results: dict) -> str:
   m = results["machine"]
   lines = [
@@ -430,11 +426,11 @@ def markdown(results: dict) -> str:
       [case["forward_backward_s"]["bnjax"]], [case["forward_backward_s"]["naive_two_pass"]]
     )
     lines.append(
-      f"| {case['case']} | {_ratio(r['forward_vs_flax_fast'])} | "
-      f"{_ratio(r['forward_backward_vs_flax_fast'])} | "
-      f"{_ratio(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
-      f"{_ratio(r['forward_backward_vs_streaming_floor'])} | "
-      f"{_ratio(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |"
+      f"| {case['case']} | {ratio_text(r['forward_vs_flax_fast'])} | "
+      f"{ratio_text(r['forward_backward_vs_flax_fast'])} | "
+      f"{ratio_text(r['forward_backward_vs_flax_exact'])} | {naive['median']:.2f} | "
+      f"{ratio_text(r['forward_backward_vs_streaming_floor'])} | "
+      f"{ratio_text(case['ratios']['flax_fast']['forward_backward_vs_streaming_floor'])} |"
     )
   lines += [
     "",
@@ -480,7 +476,7 @@ def markdown(results: dict) -> str:
     f"### 5. Training step of {r['model']}",
     "",
     f"bnjax.linen.BatchNorm {1e3 * r['step_s']['bnjax']:.1f} ms, flax.linen.BatchNorm "
-    f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {_ratio(r['bnjax_vs_flax'])}.",
+    f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {ratio_text(r['bnjax_vs_flax'])}.",
   ]
   mn = results["mnist_loop"]
   lines += [
@@ -490,10 +486,10 @@ def markdown(results: dict) -> str:
     f"Data: {mn['data']}. On-device loop {mn['steps_per_s']['on_device_loop']:.0f} steps/s, "
     f"per-step Python loop {mn['steps_per_s']['python_loop']:.0f} steps/s (chunks of "
     f"{mn['steps_per_chunk']} steps): "
-    f"the Python loop takes {_ratio(mn['python_loop_time_vs_on_device'])} times as long. The same "
-    f"network in plain JAX (hand-written two-pass BN, no Flax) runs at "
+    f"the Python loop takes {ratio_text(mn['python_loop_time_vs_on_device'])} times as long. "
+    f"The same network in plain JAX (hand-written two-pass BN, no Flax) runs at "
     f"{mn['steps_per_s']['plain_jax_on_device_loop']:.0f} steps/s: bnjax + Flax take "
-    f"{_ratio(mn['on_device_vs_plain_jax'])} times its time.",
+    f"{ratio_text(mn['on_device_vs_plain_jax'])} times its time.",
   ]
   if "network_50k_training_loop_s" in mn:
     lines.append(
