@@ -3,8 +3,11 @@ strict dtype and rank promotion so that silent upcasts and broadcasts fail. Plus
 JAX's persistent compilation cache, in .cache/jax-tests/ at the repository root:
 most of the suite's time is XLA compiling small programs, and a second run (or a
 subprocess compiling what an earlier one did) reads them back instead.
-``BNJAX_TEST_COMPILATION_CACHE=0`` turns it off."""
+``BNJAX_TEST_COMPILATION_CACHE=0`` turns it off. XLA's CPU back end compiles
+without LLVM's optimizations, and the garbage collector runs less often (both
+explained below)."""
 
+import gc
 import os
 
 import jax
@@ -19,6 +22,22 @@ pytest_plugins = [
   "tests.mnist_testing",  # fashion_mnist_dir, trained_run (test_mnist_*.py, test_figure3.py)
 ]
 
+# The suite's programs are tiny, and LLVM optimizing their machine code is most of
+# their compile time (15-25% of the fast set, measured; issue 19). Level 0 changes
+# only that last step: the optimized HLO (XLA's fusions, buffers, collectives, what
+# tests/test_fusion.py reads) is the same, and results differ at round-off, which
+# every tolerance here allows. Set before jax creates its backends; an environment
+# variable, so that the experiments' subprocesses compile the same way. Benchmarks
+# and the experiments themselves compile at XLA's default level, and so does this
+# suite with BNJAX_TEST_XLA_OPTIMIZE=1 (tests/test_repository.py runs the core's
+# tests that way).
+if os.environ.get("BNJAX_TEST_XLA_OPTIMIZE", "0") != "1" and (
+  "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
+
 jax.config.update("jax_platforms", "cpu")
 # Read when jax initializes its backends (the first array or device query), so it
 # must come before any jax use; it takes precedence over XLA_FLAGS's device count.
@@ -28,6 +47,13 @@ try:
 except RuntimeError as error:  # jax was used before pytest imported this file
   _DEVICES_PROBLEM = str(error)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# A test session accumulates millions of long-lived objects (traced jaxprs, compiled
+# programs, Flax modules), and at Python's default thresholds the cyclic collector
+# walks them thousands of times: 6 s of a 75 s run, measured (issue 19). Collecting
+# the youngest generation every 50,000 allocations, not 700, leaves well under a
+# second of it; the objects a collection frees are the same.
+gc.set_threshold(50_000, 20, 20)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
@@ -79,3 +105,8 @@ def standard_promotion(request):
     return
   with jax.numpy_dtype_promotion("standard"):
     yield
+
+
+def pytest_collection_finish(session):
+  """What collection imported lives for the whole session: the collector stops walking it."""
+  gc.freeze()

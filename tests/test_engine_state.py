@@ -94,35 +94,40 @@ def test_the_new_states_derivatives_match_finite_differences(x64, kind, unbiased
   def new_state(x, state, momentum):
     return run(x, state, momentum)[1]
 
-  x = jnp.asarray(normal(3, (6, 5, 3), loc=1.0, dtype=np.float64))
-  state = jax.tree.map(lambda a: a.astype(jnp.float64), _state(3, 30))
-  momentum = jnp.asarray(0.8, jnp.float64)
-  primals = (x, state, momentum)
+  x = normal(3, (6, 5, 3), loc=1.0, dtype=np.float64)
+  state = bnjax.BatchNormState(*(np.asarray(a, np.float64) for a in _state(3, 30)))
+  primals = (x, state, np.float64(0.8))
   tangents = (
-    jnp.asarray(normal(4, x.shape, dtype=np.float64)),
-    bnjax.BatchNormState(*(jnp.asarray(normal(s, (3,), dtype=np.float64)) for s in (7, 8))),
-    jnp.asarray(0.3, jnp.float64),
+    normal(4, x.shape, dtype=np.float64),
+    bnjax.BatchNormState(*(normal(s, (3,), dtype=np.float64) for s in (7, 8))),
+    np.float64(0.3),
   )
+  cotangent = bnjax.BatchNormState(*(normal(s, (3,), dtype=np.float64) for s in (6, 9)))
   h = 1e-6
-  plus, minus = (
-    new_state(*jax.tree.map(lambda p, t, sign=sign: p + sign * h * t, primals, tangents))
-    for sign in (1, -1)
-  )
-  finite_difference = jax.tree.map(lambda a, b: (a - b) / (2 * h), plus, minus)
 
-  _, forward_mode = jax.jit(lambda p, t: jax.jvp(new_state, p, t))(primals, tangents)
+  @jax.jit  # one program for every derivative: compiling dominates at this size
+  def derivatives(primals, tangents, cotangent):
+    plus, minus = (
+      new_state(*jax.tree.map(lambda p, t, sign=sign: p + sign * h * t, primals, tangents))
+      for sign in (1, -1)
+    )
+    finite_difference = jax.tree.map(lambda a, b: (a - b) / (2 * h), plus, minus)
+    _, forward_mode = jax.jvp(new_state, primals, tangents)
+    _, vjp = jax.vjp(new_state, *primals)
+    return finite_difference, forward_mode, vjp(cotangent)
+
+  finite_difference, forward_mode, pulled_back = jax.tree.map(
+    np.asarray, derivatives(primals, tangents, cotangent)
+  )
   jax.tree.map(
     functools.partial(np.testing.assert_allclose, rtol=1e-7, atol=1e-9),
     forward_mode,
     finite_difference,
   )
-  # Reverse mode transposes the same rule: <cotangent, J t> == <J^T cotangent, t>.
-  cotangent = jax.tree.map(lambda a: jnp.asarray(normal(6, a.shape, dtype=np.float64)), state)
-  _, vjp = jax.vjp(new_state, *primals)
-  pulled_back = vjp(cotangent)
 
+  # Reverse mode transposes the same rule: <cotangent, J t> == <J^T cotangent, t>.
   def inner(a, b):
-    return sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return sum(np.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
   np.testing.assert_allclose(
     inner(cotangent, forward_mode), inner(pulled_back, tangents), rtol=1e-10
