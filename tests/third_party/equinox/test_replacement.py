@@ -4,11 +4,14 @@ import equinox as eqx
 import equinox.nn._batch_norm
 import jax
 import jax.numpy as jnp
+import pytest
 
 import bnjax.equinox
 from tests.third_party.equinox import conftest, nn_test
 
 
+# Slow, as the vendored suite it checks (issue 19: the fast set under 90 s).
+@pytest.mark.slow
 def test_equinox_tests_see_bnjax_batch_norm(monkeypatch):
   assert conftest.EQUINOX_BATCH_NORM is not bnjax.equinox.BatchNorm
   assert eqx.nn.BatchNorm is equinox.nn._batch_norm.BatchNorm is bnjax.equinox.BatchNorm

@@ -1,12 +1,15 @@
 """The Haiku tests in this folder really exercise ``bnjax.haiku.BatchNorm``."""
 
 import haiku as hk
+import pytest
 from haiku._src import batch_norm as haiku_batch_norm
 
 import bnjax.haiku
 from tests.third_party.haiku import batch_norm_test, conftest
 
 
+# Slow, as the vendored suite it checks (issue 19: the fast set under 90 s).
+@pytest.mark.slow
 def test_haiku_tests_see_bnjax_batch_norm(monkeypatch):
   assert conftest.HAIKU_BATCH_NORM is not bnjax.haiku.BatchNorm
   assert hk.BatchNorm is haiku_batch_norm.BatchNorm is bnjax.haiku.BatchNorm
