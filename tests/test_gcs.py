@@ -289,6 +289,11 @@ def mnist_reference(mnist_data, tmp_path_factory):
 
 def _env(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # The suite's optimization level (tests/conftest.py) stays: mnist_reference runs in
+  # this process, and the resumed runs must round as it does, bit for bit.
+  level = [f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" in f]
+  if level:
+    env["XLA_FLAGS"] = " ".join(level)
   env.update(
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax-gcs-tests"),
