@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from tests import ROOT
+from tests.processes import XLA_LEVEL_FLAG, xla_level_flags
 
 # A script for subprocesses, not a test module (its import would run it).
 collect_ignore = ["multihost_worker.py", "imagenet_runner.py", "gcs_emulator.py"]
@@ -29,14 +30,11 @@ pytest_plugins = [
 # every tolerance here allows. Set before jax creates its backends; an environment
 # variable, so that the experiments' subprocesses compile the same way. Benchmarks
 # and the experiments themselves compile at XLA's default level, and so does this
-# suite with BNJAX_TEST_XLA_OPTIMIZE=1 (tests/test_repository.py runs the core's
-# tests that way).
-if os.environ.get("BNJAX_TEST_XLA_OPTIMIZE", "0") != "1" and (
-  "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
-):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  ).strip()
+# suite with BNJAX_TEST_XLA_OPTIMIZE=1 (tests/test_xla_default_level.py runs the
+# core's tests that way).
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("BNJAX_TEST_XLA_OPTIMIZE", "0") != "1" and not xla_level_flags(_XLA_FLAGS):
+  os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} {XLA_LEVEL_FLAG}=0".strip()
 
 jax.config.update("jax_platforms", "cpu")
 # Read when jax initializes its backends (the first array or device query), so it
@@ -47,6 +45,7 @@ try:
 except RuntimeError as error:  # jax was used before pytest imported this file
   _DEVICES_PROBLEM = str(error)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # A test session accumulates millions of long-lived objects (traced jaxprs, compiled
 # programs, Flax modules), and at Python's default thresholds the cyclic collector
@@ -54,7 +53,6 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # the youngest generation every 50,000 allocations, not 700, leaves well under a
 # second of it; the objects a collection frees are the same.
 gc.set_threshold(50_000, 20, 20)
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 if os.environ.get("BNJAX_TEST_COMPILATION_CACHE", "1") != "0":
   _CACHE = ROOT / ".cache" / "jax-tests"

@@ -1,6 +1,8 @@
-"""Subprocesses of the tests: a free port for a coordinator or a server, a Python
-module started from the repository's root, and its end awaited with a time limit."""
+"""Subprocesses of the tests: their environment, a free port for a coordinator or a
+server, a Python module started from the repository's root, and its end awaited with a
+time limit."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -8,6 +10,22 @@ import sys
 import pytest
 
 from tests import ROOT
+
+# XLA's flag for its back end's optimization level: tests/conftest.py sets it to 0.
+XLA_LEVEL_FLAG = "--xla_backend_optimization_level"
+
+
+def xla_level_flags(xla_flags: str) -> list[str]:
+  """The optimization-level flags among ``xla_flags`` (an ``XLA_FLAGS`` string)."""
+  return [flag for flag in xla_flags.split() if flag.startswith(XLA_LEVEL_FLAG)]
+
+
+def child_env(*xla_flags: str, **variables: str) -> dict[str, str]:
+  """This process's environment for a child, with ``variables`` set. Its ``XLA_FLAGS``
+  holds the suite's optimization level and ``xla_flags``, and not the suite's device
+  count: the child compiles as this process does and sees its own devices."""
+  level = xla_level_flags(os.environ.get("XLA_FLAGS", ""))
+  return {**os.environ, **variables, "XLA_FLAGS": " ".join([*level, *xla_flags])}
 
 
 def free_port() -> int:

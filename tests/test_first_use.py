@@ -17,6 +17,7 @@ from benchmarks import run as benchmarks_run
 from experiments.mnist import input_pipeline
 from tests import ROOT
 from tests.mnist_testing import make_idx_folder, mnist_command
+from tests.processes import child_env
 
 
 def _run(command, *, env=None, **kwargs):
@@ -27,7 +28,7 @@ def _run(command, *, env=None, **kwargs):
     capture_output=True,
     text=True,
     timeout=300,
-    env=env or {**os.environ, "XLA_FLAGS": ""},
+    env=env or child_env(),
     **kwargs,
   )
 
@@ -181,13 +182,7 @@ def test_the_imagenet_smoke_run_and_idx_data_need_no_tensorflow(tmp_path):
   """Fake data and IDX files train without TensorFlow (MicroNet in place of the tiny
   Inception, which compiles for a minute); TFDS data says in one line what to install."""
   no_tensorflow = _without_tensorflow("tests.imagenet_runner")
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "",
-    "JAX_PLATFORMS": "cpu",
-    "IMAGENET_RUNNER_MICRO": "1",
-    "IMAGENET_RUNNER_DEVICES": "1",
-  }
+  env = child_env(JAX_PLATFORMS="cpu", IMAGENET_RUNNER_MICRO="1", IMAGENET_RUNNER_DEVICES="1")
   fake = _python(no_tensorflow, f"--workdir={tmp_path / 'fake'}", *IMAGENET_TINY, env=env)
   assert fake.returncode == 0, fake.stderr[-3000:]
   assert "no TensorBoard summaries" in fake.stdout and 'pip install -e ".[imagenet]"' in fake.stdout
@@ -367,7 +362,7 @@ def test_an_editable_install_imports_from_the_clones_parent_and_runs_experiments
     timeout=300,
   )
   assert _installed_bnjax() == installed_before, "the test's install removed the suite's own bnjax"
-  env = {**os.environ, "PYTHONPATH": _site_packages(), "XLA_FLAGS": ""}  # the dependencies only
+  env = child_env(PYTHONPATH=_site_packages())  # the dependencies only
   python = str(venv / "bin" / "python")
   result = subprocess.run(
     [python, "-c", "import bnjax; print(bnjax.__file__, bnjax.init(2)[1].var)"],

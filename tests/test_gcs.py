@@ -25,7 +25,7 @@ from experiments.common import lease as lease_lib
 from experiments.common import storage
 from tests import ROOT
 from tests.mnist_testing import LONG_RUN, config_flags, make_idx_folder, mnist_command, small_config
-from tests.processes import finish, free_port, start_module
+from tests.processes import child_env, finish, free_port, start_module
 
 
 @pytest.fixture
@@ -241,11 +241,9 @@ def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_no_credentials_against_real_cloud_storage(tmp_path):
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "XLA_FLAGS")
-  }
+  env = child_env()
+  for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+    env.pop(name, None)
   env.update(
     HOME=str(tmp_path),
     CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
@@ -288,12 +286,9 @@ def mnist_reference(mnist_data, tmp_path_factory):
 
 
 def _env(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # The suite's optimization level (tests/conftest.py) stays: mnist_reference runs in
-  # this process, and the resumed runs must round as it does, bit for bit.
-  level = [f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" in f]
-  if level:
-    env["XLA_FLAGS"] = " ".join(level)
+  # The suite's optimization level stays (child_env): mnist_reference runs in this
+  # process, and the resumed runs must round as it does, bit for bit.
+  env = child_env()
   env.update(
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax-gcs-tests"),

@@ -6,7 +6,6 @@ Each test runs its computation under one ``jax.jit`` (eager Haiku calls compile 
 by op, which is what costs the time on CPU)."""
 
 import importlib
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 import bnjax
 import bnjax.haiku
 from tests import reference
+from tests.processes import child_env
 from tests.samples import normal
 
 DECAY = 0.9
@@ -331,7 +331,7 @@ def test_import_bnjax_imports_neither_haiku_nor_equinox():
     text=True,
     timeout=300,
     cwd=pathlib.Path(__file__).resolve().parent.parent,
-    env={**os.environ, "XLA_FLAGS": ""},
+    env=child_env(),
   )
   assert result.stdout == "bnjax.haiku bnjax.equinox\n", result.stderr
 

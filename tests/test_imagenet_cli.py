@@ -12,7 +12,6 @@ module), so a program compiled by one run is reused by the next of the same shap
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 
 from experiments.imagenet import train
 from tests.imagenet_testing import write_mock_metadata
-from tests.processes import finish, free_port, start_module
+from tests.processes import child_env, finish, free_port, start_module
 
 TINY = "experiments/imagenet/configs/tiny.py"
 TIMEOUT = 300  # seconds, per run
@@ -41,12 +40,11 @@ def compilation_cache(tmp_path_factory):
 def _env(devices: int, cache: pathlib.Path | None = None, *, runner: bool = True, **extra) -> dict:
   """The children's environment: ``devices`` CPU devices, set by tests.imagenet_runner
   (jax_num_cpu_devices) or, for ``python -m experiments.imagenet``, by XLA_FLAGS."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", **extra)
   if runner:
-    env["IMAGENET_RUNNER_DEVICES"] = str(devices)
+    env = child_env(JAX_PLATFORMS="cpu", IMAGENET_RUNNER_DEVICES=str(devices), **extra)
   else:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    device_count = f"--xla_force_host_platform_device_count={devices}"
+    env = child_env(device_count, JAX_PLATFORMS="cpu", **extra)
   if cache is not None:
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   return env

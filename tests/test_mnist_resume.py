@@ -29,6 +29,7 @@ from tests.mnist_testing import (
   mnist_command,
   small_config,
 )
+from tests.processes import child_env
 
 
 def _long_run(workdir, data_dir):
@@ -51,13 +52,11 @@ def _final_state(workdir):
 @pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path):
   data_dir = make_idx_folder(tmp_path / "data", num_train=2000)
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "",
-    "JAX_PLATFORMS": "cpu",  # the resumed run reuses the others' programs
-    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  }
+  env = child_env(
+    JAX_PLATFORMS="cpu",  # the resumed run reuses the others' programs
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   # The uninterrupted run trains beside the one to be killed (two cores, half the wait).
   whole_log = (tmp_path / "whole.log").open("w")  # a file: a full pipe would stall the run
   whole = subprocess.Popen(
@@ -163,7 +162,7 @@ def test_a_full_disk_during_a_resume_loses_no_history(trained_run, tmp_path):
       python=(sys.executable, "-c", limit_file_size),
     ),
     cwd=ROOT,
-    env={**os.environ, "XLA_FLAGS": ""},
+    env=child_env(),
     capture_output=True,
     text=True,
     timeout=300,
@@ -218,7 +217,7 @@ def _check_unwritable_checkpoint_folder(base, obstacle):
   result = subprocess.run(
     [*as_user, *mnist_command(workdir, data_dir, "--config.num_train_steps=300")],
     cwd=ROOT,
-    env={**os.environ, "XLA_FLAGS": ""},
+    env=child_env(),
     capture_output=True,
     text=True,
     timeout=240,

@@ -3,7 +3,6 @@ library passes the linter, and the wheel holds the library only."""
 
 import ast
 import importlib.util
-import os
 import pathlib
 import re
 import shutil
@@ -15,6 +14,7 @@ import zipfile
 import pytest
 
 from tests import ROOT
+from tests.processes import child_env
 
 
 def readme_commands():
@@ -131,7 +131,7 @@ def test_the_wheel_holds_the_library_only_and_installs(tmp_path):
       "import bnjax, bnjax.linen; print(bnjax.__file__, bnjax.init(3)[0].bias)",
     ],
     cwd=tmp_path,
-    env={**os.environ, "PYTHONPATH": str(tmp_path / "installed"), "XLA_FLAGS": ""},
+    env=child_env(PYTHONPATH=str(tmp_path / "installed")),
     capture_output=True,
     text=True,
     timeout=300,

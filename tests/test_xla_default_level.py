@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests import ROOT
+from tests.processes import xla_level_flags
 
 CORE_TESTS = [
   "tests/test_batch_norm.py",
@@ -33,11 +34,12 @@ CORE_TESTS = [
 
 @pytest.mark.slow
 def test_the_cores_tests_pass_at_xlas_default_optimization_level():
-  flags = os.environ.get("XLA_FLAGS", "").split()
+  flags = os.environ.get("XLA_FLAGS", "")
+  level = xla_level_flags(flags)
   env = {
     **os.environ,
     "BNJAX_TEST_XLA_OPTIMIZE": "1",
-    "XLA_FLAGS": " ".join(f for f in flags if "xla_backend_optimization_level" not in f),
+    "XLA_FLAGS": " ".join(f for f in flags.split() if f not in level),
   }
   args = ["-m", "not slow", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", *CORE_TESTS]
   result = subprocess.run(
