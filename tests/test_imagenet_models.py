@@ -346,7 +346,7 @@ def drawn_variables(model, images, seed=0):
       value = rng.uniform(0.5, 1.5, leaf.shape)
     else:
       value = np.full(leaf.shape, float(name.endswith("['scale']")))
-    return jnp.asarray(np.asarray(value, leaf.dtype))  # rounded by NumPy: no compile per shape
+    return jax.device_put(np.asarray(value, leaf.dtype))  # jnp.asarray compiles per shape
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
 

@@ -152,7 +152,7 @@ def open_idx_source(dataset: str, data_dir: str | None) -> IdxSource:
     raise data.DataError(
       f"config.dataset={dataset!r}, config.data_dir={str(data_dir)!r}: {e}"
     ) from None
-  pixels = files.train_images.astype(np.float64)
+  mean, std = _pixel_moments(files.train_images)
   return IdxSource(
     name=dataset,
     data_dir=pathlib.Path(data_dir),
@@ -160,9 +160,25 @@ def open_idx_source(dataset: str, data_dir: str | None) -> IdxSource:
     train_labels=files.train_labels,
     test_images=files.test_images,
     test_labels=files.test_labels,
-    mean=float(pixels.mean()),
-    std=float(pixels.std()),
+    mean=mean,
+    std=std,
   )
+
+
+def _pixel_moments(images: np.ndarray) -> tuple[float, float]:
+  """Mean and (population) standard deviation of uint8 ``images``' pixels, in float64
+  from their 256-bin histogram: the values of ``images.astype(np.float64)``'s
+  ``mean()`` and ``std()`` without that array (376 MB for Fashion-MNIST's training
+  split, seconds to fill). The histogram is counted 1,000 images at a time, since
+  ``np.bincount`` widens its input to int64."""
+  pixels = images.reshape(len(images), -1)
+  counts = sum(
+    np.bincount(pixels[i : i + 1000].reshape(-1), minlength=256)
+    for i in range(0, len(pixels), 1000)
+  ).astype(np.float64)
+  values = np.arange(256, dtype=np.float64)
+  mean = counts @ values / counts.sum()
+  return float(mean), float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
 
 
 def _geometry(image_size: int) -> tuple[int, int]:
