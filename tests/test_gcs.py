@@ -241,19 +241,19 @@ def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_no_credentials_against_real_cloud_storage(tmp_path):
-  env = child_env()
-  for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
-    env.pop(name, None)
-  env.update(
+  env = child_env(
     HOME=str(tmp_path),
     CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
     NO_GCE_CHECK="True",
     JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
   )
+  for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+    env.pop(name, None)
   result = subprocess.run(
     mnist_command("gs://some-bucket/run", None, "--config.num_train_steps=10"),
     cwd=tmp_path,
-    env={**env, "PYTHONPATH": str(ROOT)},
+    env=env,
     capture_output=True,
     text=True,
     timeout=120,
@@ -288,13 +288,11 @@ def mnist_reference(mnist_data, tmp_path_factory):
 def _env(tmp_path):
   # The suite's optimization level stays (child_env): mnist_reference runs in this
   # process, and the resumed runs must round as it does, bit for bit.
-  env = child_env()
-  env.update(
+  return child_env(
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax-gcs-tests"),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
-  return env
 
 
 def _object(workdir, name):
