@@ -64,6 +64,26 @@ class Block:
   output: str | None = None  # the ```text block right after it: what it prints
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fence:
+  start: int  # 0-based index of the opening fence's line
+  end: int  # of the closing fence's line
+  language: str
+  body: str
+
+
+def _fence_at(lines: list[str], i: int, where: str) -> _Fence | None:
+  """The code fence that opens at line ``i``, if one does."""
+  fence = _FENCE.match(lines[i].strip())
+  if not fence:
+    return None
+  ticks, language = fence.groups()
+  end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks), None)
+  if end is None:
+    raise ValueError(f"{where}:{i + 1}: unclosed code fence")
+  return _Fence(i, end, language, "\n".join(lines[i + 1 : end]) + "\n")
+
+
 def python_blocks(text: str, where: str = "page") -> list[Block]:
   """The ```python blocks of a Markdown text, with the markers just before them.
 
@@ -71,50 +91,46 @@ def python_blocks(text: str, where: str = "page") -> list[Block]:
   [Block(line=3, code='{}[1]\\n', raises='KeyError', requires=None, output=None)]
   """
   lines = text.splitlines()
-  blocks, markers, i = [], {}, 0
-  previous_end, previous_python = -1, False
+  blocks, markers, previous, i = [], {}, None, 0
   while i < len(lines):
     stripped = lines[i].strip()
-    marker = _MARKER.match(stripped)
-    fence = _FENCE.match(stripped)
-    if marker:
+    if marker := _MARKER.match(stripped):
       if marker.group(1) in markers:
         raise ValueError(f"{where}:{i + 1}: two '{marker.group(1)}' markers before one block")
       markers[marker.group(1)] = marker.group(2)
-      i += 1
-    elif fence:
-      ticks, language = fence.groups()
-      end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == ticks), None)
-      if end is None:
-        raise ValueError(f"{where}:{i + 1}: unclosed code fence")
-      if language == "python":
-        blocks.append(
-          Block(
-            line=i + 2,
-            code="\n".join(lines[i + 1 : end]) + "\n",
-            raises=markers.get("raises"),
-            requires=markers.get("requires"),
-          )
-        )
-      elif (
-        language == "text"
-        and blocks
-        and not markers
-        and not any(line.strip() for line in lines[previous_end + 1 : i])
-        and previous_python
-      ):
-        blocks[-1] = dataclasses.replace(blocks[-1], output="\n".join(lines[i + 1 : end]) + "\n")
-      elif markers:
-        raise ValueError(f"{where}:{i + 1}: a marker before a '{language}' block, not a python one")
-      previous_end, previous_python = end, language == "python"
-      markers, i = {}, end + 1
-    else:
-      if stripped and markers:
-        raise ValueError(f"{where}:{i + 1}: a marker must be followed by its python block")
-      i += 1
+    elif fence := _fence_at(lines, i, where):
+      _take(fence, blocks, markers, previous, lines, f"{where}:{i + 1}")
+      previous, markers, i = fence, {}, fence.end
+    elif stripped and markers:
+      raise ValueError(f"{where}:{i + 1}: a marker must be followed by its python block")
+    i += 1
   if markers:
     raise ValueError(f"{where}: a marker at the end of the page, before no block")
   return blocks
+
+
+def _take(fence, blocks, markers, previous, lines, where) -> None:
+  """Appends a python fence to ``blocks`` (with its markers); a text fence right
+  after a python one, with nothing between them, becomes that block's output."""
+  if fence.language == "python":
+    blocks.append(
+      Block(
+        line=fence.start + 2,
+        code=fence.body,
+        raises=markers.get("raises"),
+        requires=markers.get("requires"),
+      )
+    )
+  elif (
+    fence.language == "text"
+    and not markers
+    and previous is not None
+    and previous.language == "python"
+    and not any(line.strip() for line in lines[previous.end + 1 : fence.start])
+  ):
+    blocks[-1] = dataclasses.replace(blocks[-1], output=fence.body)
+  elif markers:
+    raise ValueError(f"{where}: a marker before a '{fence.language}' block, not a python one")
 
 
 def _exception_type(name: str, namespace: dict) -> type[BaseException]:

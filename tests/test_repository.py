@@ -48,9 +48,11 @@ def test_the_library_passes_ruff():
     assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout}{result.stderr}"
 
 
-def test_no_function_of_the_experiments_is_too_complex():
-  """Cyclomatic complexity at most 10 (ruff's C901) in experiments/ and benchmarks/:
-  functions a reader can follow; the train loops are split into named steps."""
+def test_no_function_is_too_complex():
+  """Cyclomatic complexity at most 10 (ruff's C901) in every file ruff checks, the
+  library, experiments, benchmarks and tests: functions a reader can follow; the
+  train loops are split into named steps. The limit is set here, not read from
+  pyproject.toml, so that relaxing it there does not relax it here."""
   result = subprocess.run(
     [
       sys.executable,
@@ -58,13 +60,11 @@ def test_no_function_of_the_experiments_is_too_complex():
       "ruff",
       "check",
       "--no-cache",
-      "--isolated",
       "--select",
       "C901",
       "--config",
       "lint.mccabe.max-complexity=10",
-      "experiments",
-      "benchmarks",
+      ".",
     ],
     cwd=ROOT,
     capture_output=True,

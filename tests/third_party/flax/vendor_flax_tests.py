@@ -76,110 +76,135 @@ def _names(node: ast.AST) -> set[str]:
   return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+def _is_test(node: ast.AST) -> bool:
+  return isinstance(node, ast.FunctionDef) and node.name.startswith("test")
+
+
 def _is_test_class(node: ast.AST) -> bool:
-  return isinstance(node, ast.ClassDef) and any(
-    isinstance(m, ast.FunctionDef) and m.name.startswith("test") for m in node.body
-  )
+  return isinstance(node, ast.ClassDef) and any(_is_test(m) for m in node.body)
 
 
-def _sets_environment(node: ast.AST, text) -> bool:
-  """Whether ``node`` is a module-level assignment to ``os.environ`` (XLA_FLAGS)."""
-  return isinstance(node, ast.Assign) and "os.environ" in text(node)
+def _is_helper(node: ast.AST) -> bool:
+  """A module-level definition that is not a test class."""
+  return isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(node)
 
 
-def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
-  """The license header, a provenance note and the BatchNorm tests of ``source``
-  but those in ``left_out`` (test name -> reason)."""
-  lines = source.splitlines()
-  tree = ast.parse(source)
+def _first_line(node: ast.AST) -> int:
+  """The 1-based line where ``node`` starts, its decorators included."""
+  return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
 
-  def text(node) -> str:
-    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    return "\n".join(lines[start - 1 : node.end_lineno])
 
-  definitions = {
-    n.name: n
-    for n in tree.body
-    if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(n)
-  }
-  # Module-level helpers that build a BatchNorm, directly or through another helper.
-  with_bn = {name for name, n in definitions.items() if MENTIONS_BATCH_NORM.search(text(n))}
-  while grown := {
-    name for name, n in definitions.items() if name not in with_bn and _names(n) & with_bn
-  }:
-    with_bn |= grown
-
-  def selected(member) -> bool:
-    return (
-      isinstance(member, ast.FunctionDef)
-      and member.name.startswith("test")
-      and member.name not in left_out
-      and bool(MENTIONS_BATCH_NORM.search(text(member)) or _names(member) & with_bn)
-    )
-
-  kept_tests = [m for n in tree.body if _is_test_class(n) for m in n.body if selected(m)]
-  if not kept_tests:
-    raise ValueError(f"{origin}: no test mentions BatchNorm")
-  # Module-level definitions the kept code uses, transitively.
-  needed, frontier = set(), set().union(*(_names(m) for m in kept_tests))
+def _closure(seeds: set[str], definitions: dict[str, ast.AST]) -> set[str]:
+  """The definitions that ``seeds`` name, and those they name in turn."""
+  needed, frontier = set(), set(seeds)
   while frontier:
     name = frontier.pop()
     if name in definitions and name not in needed:
       needed.add(name)
       frontier |= _names(definitions[name])
+  return needed
 
-  sets_device_flags = any(_sets_environment(node, text) for node in tree.body)
-  header_end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
-  out = lines[:header_end] + [
-    "",
-    f"# bnjax: an excerpt of google/flax {origin}:",
-    "# the tests that exercise BatchNorm, with the module-level code and test-class",
-    "# members they use, "
-    + (
-      "unchanged but for a module-level XLA_FLAGS assignment (below);"
-      if sets_device_flags
-      else "unchanged;"
-    ),
-    "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
-    "# BatchNorm in place of Flax's.",
-  ]
-  if left_out:
-    out.append("# Tests that use BatchNorm but are not copied here:")
-    for reason in dict.fromkeys(left_out.values()):
-      names = ", ".join(name for name, why in left_out.items() if why == reason)
-      out += textwrap.wrap(
-        f"{names}: {reason}.", 84, initial_indent="#   ", subsequent_indent="#     "
-      )
-  for node in tree.body:
-    if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not _is_test_class(node):
-      if node.name not in needed:
-        continue
-    if _is_test_class(node):
-      members = [
-        m
-        for m in node.body
-        if selected(m) or not (isinstance(m, ast.FunctionDef) and m.name.startswith("test"))
-      ]
-      if not any(selected(m) for m in members):
-        continue
-      first = node.body[0]
-      start = min([first.lineno] + [d.lineno for d in getattr(first, "decorator_list", [])])
-      class_start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-      out += ["", ""] + lines[class_start - 1 : start - 1]
-      for member in members:
-        out += [text(member), ""]
-      continue
-    if _sets_environment(node, text):
-      # The suite's 8 simulated devices (tests/conftest.py) must stay as they are.
-      out.append(
-        f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {text(node)}"
-      )
-      continue
-    out += (
-      ["", text(node)]
-      if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.If))
-      else [text(node)]
+
+class _Excerpt:
+  """One Flax test file, read: its lines, its helpers and the tests kept of it."""
+
+  def __init__(self, source: str, left_out: dict[str, str]):
+    self.lines = source.splitlines()
+    self.tree = ast.parse(source)
+    self.left_out = left_out
+    definitions = {n.name: n for n in self.tree.body if _is_helper(n)}
+    self.with_bn = self._helpers_with_batch_norm(definitions)
+    kept_tests = [m for n in self.tree.body if _is_test_class(n) for m in n.body if self.kept(m)]
+    if not kept_tests:
+      raise ValueError("no test mentions BatchNorm")
+    self.needed = _closure(set().union(*(_names(m) for m in kept_tests)), definitions)
+
+  def text(self, node: ast.AST) -> str:
+    return "\n".join(self.lines[_first_line(node) - 1 : node.end_lineno])
+
+  def _helpers_with_batch_norm(self, definitions: dict[str, ast.AST]) -> set[str]:
+    """Module-level helpers that build a BatchNorm, directly or through another helper."""
+    with_bn = {name for name, n in definitions.items() if MENTIONS_BATCH_NORM.search(self.text(n))}
+    while grown := {
+      name for name, n in definitions.items() if name not in with_bn and _names(n) & with_bn
+    }:
+      with_bn |= grown
+    return with_bn
+
+  def kept(self, member: ast.AST) -> bool:
+    return (
+      _is_test(member)
+      and member.name not in self.left_out
+      and bool(MENTIONS_BATCH_NORM.search(self.text(member)) or _names(member) & self.with_bn)
     )
+
+  def sets_environment(self, node: ast.AST) -> bool:
+    """Whether ``node`` is a module-level assignment to ``os.environ`` (XLA_FLAGS)."""
+    return isinstance(node, ast.Assign) and "os.environ" in self.text(node)
+
+  def header(self, origin: str) -> list[str]:
+    """Flax's license header, then where the excerpt comes from and what it leaves out."""
+    header_end = next(i for i, line in enumerate(self.lines) if not line.startswith("#"))
+    sets_device_flags = any(self.sets_environment(node) for node in self.tree.body)
+    out = self.lines[:header_end] + [
+      "",
+      f"# bnjax: an excerpt of google/flax {origin}:",
+      "# the tests that exercise BatchNorm, with the module-level code and test-class",
+      "# members they use, "
+      + (
+        "unchanged but for a module-level XLA_FLAGS assignment (below);"
+        if sets_device_flags
+        else "unchanged;"
+      ),
+      "# written by tests/third_party/flax/vendor_flax_tests.py. conftest.py puts bnjax's",
+      "# BatchNorm in place of Flax's.",
+    ]
+    if self.left_out:
+      out.append("# Tests that use BatchNorm but are not copied here:")
+      for reason in dict.fromkeys(self.left_out.values()):
+        names = ", ".join(name for name, why in self.left_out.items() if why == reason)
+        out += textwrap.wrap(
+          f"{names}: {reason}.", 84, initial_indent="#   ", subsequent_indent="#     "
+        )
+    return out
+
+  def test_class(self, node: ast.ClassDef) -> list[str]:
+    """The class's lines up to its first member, its non-test members and its kept tests;
+    nothing if it keeps no test."""
+    members = [m for m in node.body if self.kept(m) or not _is_test(m)]
+    if not any(self.kept(m) for m in members):
+      return []
+    out = ["", ""] + self.lines[_first_line(node) - 1 : _first_line(node.body[0]) - 1]
+    for member in members:
+      out += [self.text(member), ""]
+    return out
+
+  def statement(self, node: ast.AST) -> list[str]:
+    """The excerpt's lines for one module-level statement."""
+    if _is_test_class(node):
+      return self.test_class(node)
+    if _is_helper(node) and node.name not in self.needed:
+      return []
+    if self.sets_environment(node):
+      # The suite's 8 simulated devices (tests/conftest.py) must stay as they are.
+      return [
+        f"# bnjax: dropped, the suite sets its device count (tests/conftest.py): {self.text(node)}"
+      ]
+    if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.If)):
+      return ["", self.text(node)]
+    return [self.text(node)]
+
+
+def excerpt(source: str, origin: str, left_out: dict[str, str]) -> str:
+  """The license header, a provenance note and the BatchNorm tests of ``source``
+  but those in ``left_out`` (test name -> reason)."""
+  try:
+    read = _Excerpt(source, left_out)
+  except ValueError as error:
+    raise ValueError(f"{origin}: {error}") from None
+  out = read.header(origin)
+  for node in read.tree.body:
+    out += read.statement(node)
   return "\n".join(out).rstrip() + "\n"
 
 
