@@ -183,7 +183,7 @@ def check_config(
     workdir: the run's folder.
     config: the config about to run (``ConfigDict`` or mapping).
     resuming: whether a checkpoint will be restored. A fresh run checks nothing.
-    may_change: config fields a resumed run may change (e.g. ``num_steps``).
+    may_change: config fields a resumed run may change (e.g. ``num_train_steps``).
     runtime: ``runtime_settings()`` (the default) or an experiment's own.
 
   Raises:
