@@ -67,7 +67,7 @@ class Block:
 @dataclasses.dataclass(frozen=True)
 class _Fence:
   start: int  # 0-based index of the opening fence's line
-  end: int  # of the closing fence's line
+  end: int  # 0-based index of the closing fence's line
   language: str
   body: str
 
@@ -109,7 +109,14 @@ def python_blocks(text: str, where: str = "page") -> list[Block]:
   return blocks
 
 
-def _take(fence, blocks, markers, previous, lines, where) -> None:
+def _take(
+  fence: _Fence,
+  blocks: list[Block],
+  markers: dict[str, str],
+  previous: _Fence | None,
+  lines: list[str],
+  where: str,
+) -> None:
   """Appends a python fence to ``blocks`` (with its markers); a text fence right
   after a python one, with nothing between them, becomes that block's output."""
   if fence.language == "python":
