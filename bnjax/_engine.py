@@ -100,6 +100,9 @@ class TrainingConfig(NamedTuple):
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   out_dtype: jnp.dtype
   unbiased_variance: bool  # which batch variance the running variance moves towards
+  # The sizes of axis_name's axes, asked before the custom derivative, inside which a
+  # vmap's may be unknown (bnjax.collectives.axis_sizes); None without axis_name.
+  axis_sizes: tuple[int, ...] | None = None
 
 
 def training_config(
@@ -112,6 +115,7 @@ def training_config(
     axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
     out_dtype=inputs.out_dtype,
     unbiased_variance=unbiased_variance,
+    axis_sizes=None if axis_name is None else collectives.axis_sizes(axis_name),
   )
 
 
@@ -356,7 +360,10 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, upd
   else:
     local = stats.local_moments(x, reduction_axes=axes, mask=mask)
     statistics = finish(
-      local, stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
+      local,
+      stats.all_gather_moments(
+        local, config.axis_name, config.axis_index_groups, config.axis_sizes
+      ),
     )
   y = _apply(x, statistics.moments.mean, statistics.gain, statistics.shifted_bias, axes)
   return _Forward(y.astype(config.out_dtype), statistics)
