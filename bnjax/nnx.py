@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 try:
+  import flax.errors
   from flax import nnx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
@@ -195,10 +196,7 @@ class BatchNorm(nnx.Module):
       **options,
     )
     if training:
-      # The running statistics carry no gradient (as Flax): with hijax variables
-      # the write happens inside the differentiated function, which otherwise fails.
-      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
-      self.var[...] = jax.lax.stop_gradient(new_state.var)
+      _write_statistics(self, new_state)
     return y
 
   def set_view(self, use_running_average: bool | None = None):
@@ -213,6 +211,30 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+_CAPTURED = (
+  "{layer} cannot update its mean and var: a transform traced it as a closure (e.g. "
+  "nnx.vmap(model) or jax.vmap of a function that captures the model) instead of taking it "
+  "as an argument; pass it: nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), "
+  "axis_name='batch')(model, x), with axis_name='batch' on the BatchNorm too (flax#4760)"
+)
+
+
+def _write_statistics(layer: BatchNorm, new_state: BatchNormState) -> None:
+  """Stores a training call's running statistics in the layer's ``BatchStat``s.
+
+  They carry no gradient (as Flax): with hijax variables the write happens inside
+  the differentiated function, which otherwise fails. Flax refuses the write from
+  inside a transform that captured the module; the error then says how to pass it.
+  """
+  try:
+    layer.mean[...] = jax.lax.stop_gradient(new_state.mean)
+    layer.var[...] = jax.lax.stop_gradient(new_state.var)
+  except flax.errors.TraceContextError as error:
+    raise flax.errors.TraceContextError(
+      _CAPTURED.format(layer=f"bnjax.nnx.{type(layer).__name__}")
+    ) from error
 
 
 def _training(layer: BatchNorm, use_running_average: bool | None) -> bool:

@@ -22,10 +22,14 @@ import functools
 from collections.abc import Callable
 
 import equinox as eqx
+import flax.errors
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import bnjax
@@ -152,6 +156,24 @@ def core_scale_bias(params: bnjax.BatchNormParams):
 
 def mesh(size: int = 4, name: str = "data") -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(jax.devices()[:size]), (name,))
+
+
+def vmapped(f, first, axis_name="batch"):
+  """``f(x) -> (a, b)`` over the examples of ``x``: ``a`` mapped (where ``first``), ``b`` not."""
+  return jax.vmap(f, out_axes=(0 if first else None, None), axis_name=axis_name)
+
+
+def sharded_vmapped(f, first):
+  """``vmapped`` on each of 4 devices' share of ``x`` (``jax.shard_map`` axis "data").
+  JAX's check of varying values refuses a psum over a shard_map axis and a vmap axis
+  together (``check_vma=True``); the values are right without it."""
+  return jax.shard_map(
+    vmapped(f, first),
+    mesh=mesh(),
+    in_specs=P("data"),
+    out_specs=(P("data") if first else P(), P()),
+    check_vma=False,
+  )
 
 
 # The core: bnjax.batch_norm --------------------------------------------------------
@@ -385,6 +407,524 @@ def equinox_higher_rank():
   assert_close(jnp.transpose(y, (1, 0, 2, 3)).reshape(C, N).T, want_y, "y")
   assert_close(state.get(layer.batch_state_index)[0], want_mean, "running mean")
   assert_close(state.get(layer.batch_state_index)[1], want_var, "running var")
+
+
+@cell(
+  "equinox",
+  "nested jax.vmap, one name",
+  "JAX: 'vmap has mapped output (axis_name=outer) but out_axes is None'; give the layer both "
+  "names, axis_name=('outer', 'inner') (equinox#707)",
+  "refused",
+)
+def equinox_nested_vmap_one_name():
+  layer, state = equinox_layer("inner")
+  inner = lambda x, state: over_examples(layer, state, x, "inner")  # noqa: E731
+  with pytest.raises(ValueError, match=r"vmap has mapped output \(axis_name=outer\)"):
+    eqx.filter_jit(over_examples)(inner, state, jnp.asarray(X).reshape(2, N // 2, C), "outer")
+
+
+# Haiku: bnjax.haiku.BatchNorm in a transformed function -----------------------------
+
+
+def haiku_model(cross_replica_axis=None, vmap=None):
+  """``hk.transform_with_state`` of one training-mode layer (``vmap``: a Haiku
+  transform to map it with, e.g. ``hk.vmap``)."""
+  import bnjax.haiku
+
+  def forward(x):
+    layer = bnjax.haiku.BatchNorm(
+      True, True, MOMENTUM, EPSILON, cross_replica_axis=cross_replica_axis, name="bn"
+    )
+    call = lambda x: layer(x, is_training=True)  # noqa: E731
+    return call(x) if vmap is None else vmap(call)(x)
+
+  return hk.transform_with_state(forward)
+
+
+def haiku_step(model, mapped=lambda f, first: f):
+  """``check_step`` for ``model`` under ``mapped(f, first) -> g``, a transform of
+  ``f(x) -> (a, b)`` (``a`` mapped like ``x`` where ``first``, ``b`` not) that
+  both ``init`` and ``apply`` run under. The state's debiased averages are the
+  batch's statistics after one step."""
+  x = jnp.asarray(X)
+  params, state = jax.jit(mapped(lambda x: model.init(None, x), False))(x)
+
+  def forward(params, x):
+    y, new_state = mapped(lambda x: model.apply(params, state, None, x), True)(x)
+    return y, *(jnp.ravel(new_state[f"bn/~/{name}"]["average"]) for name in ("mean_ema", "var_ema"))
+
+  check_step(
+    forward, params, lambda grads: (grads["bn"]["scale"], grads["bn"]["offset"]), state="batch"
+  )
+
+
+@cell("haiku", "jax.jit", "the full batch")
+def haiku_jit():
+  haiku_step(haiku_model())
+
+
+@cell("haiku", "jax.vmap + cross_replica_axis", "one example per lane (dm-haiku#786, #788, #790)")
+def haiku_vmap():
+  haiku_step(haiku_model("batch"), vmapped)
+
+
+@cell("haiku", "hk.vmap + cross_replica_axis", "inside the transformed function, split_rng=False")
+def haiku_hk_vmap():
+  haiku_step(haiku_model("batch", functools.partial(hk.vmap, axis_name="batch", split_rng=False)))
+
+
+@cell("haiku", "nested jax.vmap", "cross_replica_axis=('outer', 'inner')")
+def haiku_nested_vmap():
+  def mapped(f, first):
+    def g(x):
+      inner = vmapped(f, first, "inner")
+      a, b = vmapped(inner, first, "outer")(x.reshape(2, N // 2, C))
+      return (a.reshape(N, C) if first else a), b
+
+    return g
+
+  haiku_step(haiku_model(("outer", "inner")), mapped)
+
+
+@cell(
+  "haiku", "jax.vmap inside jax.shard_map", "cross_replica_axis=('data', 'batch'); check_vma=False"
+)
+def haiku_shard_map_vmap():
+  haiku_step(haiku_model(("data", "batch")), sharded_vmapped)
+
+
+@cell("haiku", "hk.remat", "the layer rematerialized: state moved once, exact gradients")
+def haiku_remat():
+  haiku_step(haiku_model(vmap=hk.remat))
+
+
+def haiku_block(h):
+  import bnjax.haiku
+
+  h = hk.Linear(C, with_bias=False, w_init=hk.initializers.RandomNormal(), name="dense")(h)
+  return jnp.tanh(bnjax.haiku.BatchNorm(True, True, MOMENTUM, EPSILON, name="bn")(h, True))
+
+
+@cell("haiku", "hk.layer_stack over layers", "params and state stacked by Haiku; = unrolled")
+def haiku_scan_layers():
+  stacked = hk.transform_with_state(lambda x: hk.layer_stack(LAYERS)(haiku_block)(x))
+  one = hk.transform_with_state(haiku_block)
+  params, state = jax.jit(stacked.init)(jax.random.key(0), jnp.asarray(X))
+  prefix = "__layer_stack_no_per_layer/"
+
+  def unrolled(params, x):
+    layers = [{k.removeprefix(prefix): v for k, v in tree.items()} for tree in (params, state)]
+    states = []
+    for i in range(LAYERS):
+      x, new_state = one.apply(*jax.tree.map(lambda a, i=i: a[i], layers), None, x)
+      states.append({prefix + k: v for k, v in new_state.items()})
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  check_same(lambda params, x: stacked.apply(params, state, None, x), unrolled, params)
+
+
+# flax.linen: bnjax.linen.BatchNorm ------------------------------------------------
+
+
+def linen_layer(axis_name=None):
+  """A training-mode layer in float64 (a class, for Flax's lifted transforms): its
+  ``batch_stats`` too, which otherwise start in float32, as Flax's, and become
+  float64 at the first step (a carry of ``nn.scan`` may not change dtype)."""
+  import bnjax.linen
+
+  return functools.partial(
+    bnjax.linen.BatchNorm,
+    use_running_average=False,
+    momentum=MOMENTUM,
+    epsilon=EPSILON,
+    axis_name=axis_name,
+    param_dtype=jnp.float64,
+    force_float32_reductions=False,
+  )
+
+
+def linen_step(module, mapped=lambda f, first: f):
+  """``check_step`` for ``module`` (its ``params`` and ``batch_stats`` at the top
+  level) under ``mapped``, as ``haiku_step``."""
+  x = jnp.asarray(X)
+  init = jax.jit(mapped(lambda x: (module.init(jax.random.key(0), x), None), False))
+  variables, _ = init(x)
+
+  def forward(params, x):
+    def apply(x):
+      return module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+
+    y, updates = mapped(apply, True)(x)
+    return y, updates["batch_stats"]["mean"], updates["batch_stats"]["var"]
+
+  check_step(forward, variables["params"], lambda grads: (grads["scale"], grads["bias"]))
+
+
+@cell("linen", "jax.jit", "the full batch")
+def linen_jit():
+  linen_step(linen_layer()())
+
+
+@cell("linen", "jax.vmap(axis_name)", "one example per lane, variables broadcast")
+def linen_vmap():
+  linen_step(linen_layer("batch")(), vmapped)
+
+
+def linen_broadcast_vmap(module, axis_name):
+  """``nn.vmap`` of ``module`` (a class) over examples, its variables shared."""
+  return nn.vmap(
+    module,
+    variable_axes={"params": None, "batch_stats": None},
+    split_rngs={"params": False},
+    axis_name=axis_name,
+  )
+
+
+@cell("linen", "nn.vmap, variable_axes None", "variables broadcast, axis_name='batch'")
+def linen_nn_vmap():
+  linen_step(linen_broadcast_vmap(linen_layer("batch"), "batch")())
+
+
+@cell("linen", "nested nn.vmap", "axis_name=('outer', 'inner') (flax#3319)")
+def linen_nested_nn_vmap():
+  inner = linen_broadcast_vmap(linen_layer(("outer", "inner")), "inner")
+  module = linen_broadcast_vmap(inner, "outer")()
+
+  def mapped(f, first):
+    def g(x):
+      a, b = f(x.reshape(2, N // 2, C))
+      return (a.reshape(N, C) if first else a), b
+
+    return g
+
+  linen_step(module, mapped)
+
+
+@cell(
+  "linen",
+  "nested nn.vmap, one name",
+  "JAX: 'vmap has mapped output (axis_name=outer) but out_axes is None'; name both axes, "
+  "axis_name=('outer', 'inner') (flax#3319)",
+  "refused",
+)
+def linen_nested_nn_vmap_one_name():
+  inner = linen_broadcast_vmap(linen_layer("inner"), "inner")
+  module = linen_broadcast_vmap(inner, "outer")()
+  x = jnp.asarray(X).reshape(2, N // 2, C)
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"vmap has mapped output \(axis_name=outer\)"):
+    jax.jit(lambda v, x: module.apply(v, x, mutable=["batch_stats"]))(variables, x)
+
+
+@cell("linen", "jax.vmap inside jax.shard_map", "axis_name=('data', 'batch'); check_vma=False")
+def linen_shard_map_vmap():
+  linen_step(linen_layer(("data", "batch"))(), sharded_vmapped)
+
+
+@cell("linen", "nn.remat", "the layer rematerialized: state moved once, exact gradients")
+def linen_remat():
+  linen_step(nn.remat(linen_layer())())
+
+
+class LinenBlock(nn.Module):
+  """Dense -> BN -> tanh, as a scan body ``(h, _) -> (h, None)``."""
+
+  @nn.compact
+  def __call__(self, h, _):
+    h = nn.Dense(C, use_bias=False, param_dtype=jnp.float64)(h)
+    return jnp.tanh(linen_layer()()(h)), None
+
+
+@cell("linen", "nn.scan over layers", "variable_axes={'params': 0, 'batch_stats': 0}; = unrolled")
+def linen_scan_layers():
+  stack = nn.scan(
+    LinenBlock,
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True},
+    length=LAYERS,
+  )()
+  variables = jax.jit(lambda x: stack.init(jax.random.key(0), x, None))(jnp.asarray(X))
+  block = LinenBlock()
+
+  def scanned(params, x):
+    (y, _), updates = stack.apply({**variables, "params": params}, x, None, mutable=["batch_stats"])
+    return y, updates
+
+  def unrolled(params, x):
+    layers = {**variables, "params": params}
+    states = []
+    for i in range(LAYERS):
+      (x, _), updates = block.apply(
+        jax.tree.map(lambda a, i=i: a[i], layers), x, None, mutable=["batch_stats"]
+      )
+      states.append(updates)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  check_same(scanned, unrolled, variables["params"])
+
+
+class LinenStep(nn.Module):
+  """One step over a sequence, ``(c, x) -> (c, y)``: the same BN at every step."""
+
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, c, x):
+    module = linen_layer()(use_running_average=not self.train)
+    return c, module(x)
+
+
+def linen_over_time(train: bool):
+  return nn.scan(
+    LinenStep,
+    variable_carry="batch_stats",
+    variable_broadcast="params",
+    split_rngs={"params": False},
+  )(train)
+
+
+def sequence():
+  return jnp.asarray(X).reshape(2, N // 2, C)  # two steps of four examples
+
+
+@cell(
+  "linen",
+  "nn.scan, variable_carry='batch_stats'",
+  "one layer over a sequence: create the carried batch_stats before the scan, with the "
+  "unscanned layer (flax#2052); = unrolled",
+)
+def linen_scan_carry():
+  variables = jax.jit(LinenStep().init)(jax.random.key(0), (), sequence()[0])
+
+  def scanned(params, xs):
+    (_, ys), updates = linen_over_time(True).apply(
+      {**variables, "params": params}, (), xs, mutable=["batch_stats"]
+    )
+    return ys, updates
+
+  def unrolled(params, xs):
+    layer = {**variables, "params": params}
+    ys = []
+    for x in xs:
+      (_, y), updates = LinenStep().apply(layer, (), x, mutable=["batch_stats"])
+      layer = {**layer, **updates}
+      ys.append(y)
+    return jnp.stack(ys), {"batch_stats": layer["batch_stats"]}
+
+  def over_steps(f):
+    def g(params, x):
+      ys, state = f(params, x.reshape(2, N // 2, C))
+      return ys.reshape(N, C), state
+
+    return g
+
+  check_same(over_steps(scanned), over_steps(unrolled), variables["params"])
+
+
+@cell(
+  "linen",
+  "nn.scan, variable_carry, evaluating",
+  "Flax: 'scan body function carry input and carry output must have the same pytree "
+  "structure'; evaluate with mutable=['batch_stats'] (flax#3602)",
+  "refused",
+)
+def linen_scan_carry_evaluation():
+  variables = jax.jit(LinenStep().init)(jax.random.key(0), (), sequence()[0])
+  evaluate = linen_over_time(False)
+  with pytest.raises(TypeError, match="carry input and carry output must have the same pytree"):
+    jax.jit(evaluate.apply)(variables, (), sequence())
+  (_, ys), _ = jax.jit(lambda v, xs: evaluate.apply(v, (), xs, mutable=["batch_stats"]))(
+    variables, sequence()
+  )
+  assert_close(ys, X.reshape(2, N // 2, C) / np.sqrt(1 + EPSILON), "evaluation with (0, 1)")
+
+
+# flax.nnx: bnjax.nnx.BatchNorm ---------------------------------------------------
+
+
+def nnx_layer(axis_name=None, rngs=None):
+  import bnjax.nnx
+
+  return bnjax.nnx.BatchNorm(
+    C,
+    momentum=MOMENTUM,
+    epsilon=EPSILON,
+    axis_name=axis_name,
+    param_dtype=jnp.float64,
+    rngs=rngs or nnx.Rngs(0),
+  )
+
+
+def nnx_train(model, run, x=X, dy=DY):
+  """One step, the nnx way: ``nnx.jit`` and ``nnx.value_and_grad`` of
+  ``sum(run(model, x) * dy)``, the model's statistics updated in place. Returns
+  ``(y, grads of the model's Params, dx)``."""
+
+  @nnx.jit
+  def step(model, x, dy):
+    def loss(model, x):
+      y = run(model, x)
+      return jnp.sum(y * dy), y
+
+    (_, y), (grads, dx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+    return y, grads, dx
+
+  return step(model, jnp.asarray(x), jnp.asarray(dy))
+
+
+def nnx_step(run, axis_name=None):
+  """``assert_step`` for a fresh layer under ``run(model, x: [N, C]) -> y``."""
+  model = nnx_layer(axis_name)
+  y, grads, dx = nnx_train(model, run)
+  assert_step(y, model.mean[...], model.var[...], dx, grads["scale"][...], grads["bias"][...])
+  return model
+
+
+def nnx_call(model, x):
+  return model(x)
+
+
+def nnx_over_examples(axis_name="batch"):
+  """``nnx.vmap`` over examples, the model passed in and broadcast."""
+  return nnx.vmap(nnx_call, in_axes=(None, 0), axis_name=axis_name)
+
+
+@cell("nnx", "nnx.jit", "the full batch")
+def nnx_jit():
+  nnx_step(nnx_call)
+
+
+@cell(
+  "nnx",
+  "nnx.vmap, model broadcast",
+  "the model an argument, in_axes=(None, 0), axis_name='batch'; calls after the first too "
+  "(flax#4760, #4061)",
+)
+def nnx_vmap():
+  model = nnx_step(nnx_over_examples(), "batch")
+  first_mean, first_var = np.asarray(model.mean[...]), np.asarray(model.var[...])
+  nnx_train(model, nnx_over_examples())  # the second call
+  _, mean, var, *_ = full_batch()
+  assert_close(model.mean[...], MOMENTUM * first_mean + (1 - MOMENTUM) * mean, "second mean")
+  assert_close(model.var[...], MOMENTUM * first_var + (1 - MOMENTUM) * var, "second var")
+
+
+@cell("nnx", "nested nnx.vmap", "axis_name=('outer', 'inner')")
+def nnx_nested_vmap():
+  inner = nnx_over_examples("inner")
+  outer = nnx.vmap(inner, in_axes=(None, 0), axis_name="outer")
+  nnx_step(lambda m, x: outer(m, x.reshape(2, N // 2, C)).reshape(N, C), ("outer", "inner"))
+
+
+@cell("nnx", "nnx.vmap inside nnx.shard_map", "axis_name=('data', 'batch'); check_vma=False")
+def nnx_shard_map_vmap():
+  run = nnx.shard_map(
+    nnx_over_examples(),
+    mesh=mesh(),
+    in_specs=(P(), P("data")),
+    out_specs=P("data"),
+    check_vma=False,
+  )
+  nnx_step(run, ("data", "batch"))
+
+
+@cell("nnx", "nnx.remat", "state moved once, exact gradients")
+def nnx_remat():
+  nnx_step(nnx.remat(nnx_call))
+
+
+MEMBERS = 2
+
+
+def assert_members(y, mean, var, dx, dscale, dbias):
+  """Each of ``MEMBERS`` models trained on its own share of the batch (``[MEMBERS,
+  N // MEMBERS, ...]`` and ``[MEMBERS, C]`` results), against Algorithm 1 on that share."""
+  shares = X.reshape(MEMBERS, N // MEMBERS, C), DY.reshape(MEMBERS, N // MEMBERS, C)
+  for k, (x, dy) in enumerate(zip(*shares, strict=True)):
+    want_y, want_mean, want_var, want_dx, want_dscale, want_dbias = full_batch(x, dy)
+    want_mean, want_var = moved(want_mean, want_var)
+    for got, want, what in [
+      (y[k], want_y, "y"),
+      (mean[k], want_mean, "running mean"),
+      (var[k], want_var, "running var"),
+      (dx[k], want_dx, "dx"),
+      (dscale[k], want_dscale, "dscale"),
+      (dbias[k], want_dbias, "dbias"),
+    ]:
+      assert_close(got, want, f"member {k}: {what}")
+
+
+@cell("nnx", "nnx.vmap, StateAxes (ensemble)", "each model its own batch and statistics")
+def nnx_ensemble():
+  models = nnx.vmap(lambda _: nnx_layer(), in_axes=0, out_axes=0)(jnp.arange(MEMBERS))
+  run = nnx.vmap(nnx_call, in_axes=(nnx.StateAxes({...: 0}), 0))
+  shares = X.reshape(MEMBERS, N // MEMBERS, C), DY.reshape(MEMBERS, N // MEMBERS, C)
+  y, grads, dx = nnx_train(models, run, *shares)
+  assert_members(y, models.mean[...], models.var[...], dx, grads["scale"][...], grads["bias"][...])
+
+
+class NnxBlock(nnx.Module):
+  """Dense (``kernel``) -> BN -> tanh."""
+
+  def __init__(self, kernel, axis_name=None):
+    self.kernel = nnx.Param(kernel)
+    self.norm = nnx_layer(axis_name)
+
+  def __call__(self, h):
+    return jnp.tanh(self.norm(h @ self.kernel[...]))
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def nnx_scan_blocks(h, block):
+  return block(h)
+
+
+@cell("nnx", "nnx.scan over layers", "layers made by nnx.vmap, in_axes=(nnx.Carry, 0); = unrolled")
+def nnx_scan_layers():
+  stack = nnx.vmap(NnxBlock, in_axes=0, out_axes=0)(stacked_kernels())
+  graphdef, state = nnx.split(stack)
+
+  def scanned(state, x):
+    stack = nnx.merge(graphdef, state)
+    y = nnx_scan_blocks(x, stack)
+    return y, nnx.to_pure_dict(nnx.state(stack, nnx.BatchStat))
+
+  def unrolled(state, x):
+    states = []
+    for i in range(LAYERS):
+      block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+      x = block(x)
+      states.append(nnx.to_pure_dict(nnx.state(block, nnx.BatchStat)))
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  check_same(scanned, unrolled, state)
+
+
+@cell(
+  "nnx",
+  "nnx.vmap of a closure",
+  "nnx.vmap(model): 'bnjax.nnx.BatchNorm cannot update its mean and var: a transform traced it "
+  "as a closure ... pass it: nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), "
+  "axis_name='batch')(model, x) ...' (flax#4760)",
+  "fixed",
+)
+def nnx_vmap_closure():
+  model = NnxBlock(stacked_kernels()[0], axis_name="batch")
+  with pytest.raises(flax.errors.TraceContextError, match="pass it: nnx.vmap"):
+    nnx.vmap(model, axis_name="batch")(jnp.asarray(X))
+
+
+@cell(
+  "nnx",
+  "nnx.vmap, model broadcast, no axis_name",
+  "JAX: 'got axis spec None but output was batched on axis 0' (each lane's statistics differ); "
+  "name the axis on both, or map the state: nnx.StateAxes({nnx.BatchStat: 0, ...: None})",
+  "refused",
+)
+def nnx_vmap_without_axis_name():
+  run = nnx.vmap(nnx_call, in_axes=(None, 0))
+  with pytest.raises(ValueError, match="got axis spec None but output was batched on axis 0"):
+    nnx.jit(run)(nnx_layer(), jnp.asarray(X).reshape(MEMBERS, N // MEMBERS, C))
 
 
 # The matrix ------------------------------------------------------------------------
