@@ -10,7 +10,8 @@ an ``axis_name``, ``eqx.nn.inference_mode``)::
 (``batch_counter``/``batch_state_index``, or ``ema_first_time_index``/
 ``ema_state_index``); the math is ``bnjax.batch_norm``. ``recompute_batch_stats``
 replaces every layer's running statistics by the paper's Algorithm 2 statistics,
-``sync_state`` averages them across devices.
+``sync_state`` averages them across devices, ``replace_batch_norm`` swaps bnjax into
+a model that hard-codes ``eqx.nn.BatchNorm``.
 The layer is a thin shell: it reads its state, hands it to the pure function, and
 writes the returned state back.
 """
@@ -387,3 +388,90 @@ def sync_state(model, state: eqx.nn.State, axis_name: Hashable) -> eqx.nn.State:
 def _copy(state: eqx.nn.State) -> eqx.nn.State:
   """A fresh ``State`` with the same entries (setting one invalidates the old)."""
   return jax.tree.map(lambda leaf: leaf, state)
+
+
+_INDICES = ("ema_first_time_index", "ema_state_index", "batch_counter", "batch_state_index")
+
+
+def _from_equinox(layer: eqx.nn.BatchNorm, state: eqx.nn.State) -> BatchNorm:
+  """A ``BatchNorm`` with ``layer``'s settings, ``weight``, ``bias`` and state
+  indices (so the model's state keeps its keys)."""
+  if layer.weight is not None:
+    dtype = layer.weight.dtype
+  else:  # Equinox keeps the statistics in the parameters' dtype
+    index = layer.ema_state_index if layer.mode == "ema" else layer.batch_state_index
+    dtype = state.get(index)[0].dtype
+  replacement = BatchNorm(
+    layer.input_size,
+    layer.axis_name,
+    eps=layer.eps,
+    channelwise_affine=layer.channelwise_affine,
+    momentum=layer.momentum,
+    inference=layer.inference,
+    dtype=dtype,
+    mode=layer.mode,
+  )
+  fields = ("weight", "bias", *_INDICES)
+  return eqx.tree_at(
+    lambda new: [getattr(new, name) for name in fields],
+    replacement,
+    [getattr(layer, name) for name in fields],
+    is_leaf=lambda node: node is None,
+  )
+
+
+def _debiased(layer: eqx.nn.BatchNorm, state: eqx.nn.State) -> eqx.nn.State:
+  """``"batch"`` mode's state as ``BatchNorm`` keeps it: the average Equinox
+  normalizes with in inference (its ``hidden / (1 - momentum**steps)``), not
+  ``hidden``. Training on from there, the inference statistics stay Equinox's."""
+  steps = state.get(layer.batch_counter)
+  hidden = state.get(layer.batch_state_index)
+  momentum = jnp.asarray(layer.momentum, hidden[0].dtype)
+  debias = jnp.where(steps == 0, 1, 1 - momentum ** steps.astype(momentum.dtype))
+  return state.set(layer.batch_state_index, tuple(h / debias for h in hidden))
+
+
+def replace_batch_norm(model, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
+  """Every ``equinox.nn.BatchNorm`` of ``model`` replaced by a ``BatchNorm``.
+
+  For models that create ``eqx.nn.BatchNorm`` themselves. Each replacement
+  (``eqx.tree_at``) has the layer's settings, ``weight`` and ``bias``, and its state
+  indices, so ``state`` keeps its keys and every other layer's entries. In
+  ``"ema"`` mode the state carries over as it is; in ``"batch"`` mode each layer's
+  entry becomes the average Equinox normalizes with in inference, so that the
+  model's inference outputs are unchanged and further training keeps them Equinox's
+  (apart from a model never trained: bnjax starts the running variance at 1, where
+  Equinox's first steps overstate it; see ``BatchNorm``). Subclasses of
+  ``eqx.nn.BatchNorm`` stay as they are.
+
+  Args:
+    model: a pytree holding ``eqx.nn.BatchNorm`` layers (from
+      ``eqx.nn.make_with_state``).
+    state: its ``eqx.nn.State``; used up, as ``State.set`` uses it.
+
+  Returns:
+    ``(model, state)``: the model with ``bnjax.equinox.BatchNorm`` layers, and
+    their state.
+
+  Raises:
+    KeyError: a "batch" mode layer has no entry in ``state`` (it is not the model's).
+
+  >>> import equinox as eqx
+  >>> model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch", mode="batch")
+  >>> model, state = replace_batch_norm(model, state)
+  >>> type(model).__module__, [s.tolist() for s in state.get(model.batch_state_index)]
+  ('bnjax.equinox', [[0.0, 0.0], [1.0, 1.0]])
+  """
+  is_layer = lambda node: type(node) is eqx.nn.BatchNorm  # noqa: E731
+
+  def layers(tree):
+    return [node for node in jax.tree.leaves(tree, is_leaf=is_layer) if is_layer(node)]
+
+  originals = layers(model)
+  if not originals:
+    return model, state
+  for layer in originals:
+    if layer.mode == "batch":
+      state = _debiased(layer, state)
+  replacements = [_from_equinox(layer, state) for layer in originals]
+  return eqx.tree_at(layers, model, replacements), state

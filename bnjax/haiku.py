@@ -9,9 +9,10 @@ Swap the class and keep everything else, params and state included::
 state (``mean_ema`` and ``var_ema``, each ``counter``/``hidden``/``average``: Haiku's
 ``ExponentialMovingAverage``, zero-debiased); the math is ``bnjax.batch_norm``.
 ``recompute_batch_stats`` replaces every layer's statistics by the paper's
-Algorithm 2 statistics, ``sync_state`` averages them across devices. The module is
-a thin shell: it reads its state, hands it to the pure function, and writes the
-returned state back.
+Algorithm 2 statistics, ``sync_state`` averages them across devices, and
+``replace_batch_norm`` puts bnjax inside a model someone else wrote (``hk.nets.ResNet``).
+The module is a thin shell: it reads its state, hands it to the pure function, and
+writes the returned state back.
 """
 
 from __future__ import annotations
@@ -416,3 +417,58 @@ def sync_state(state: Mapping[str, Any], axis_name: Hashable) -> dict[str, Any]:
     synced = _sync_state({k: entry[k] for k in ("hidden", "average")}, axis_name)
     new_state[name] = {**entry, **synced}
   return new_state
+
+
+def _bnjax_for_haiku(next_fun, args, kwargs, context):
+  """A method interceptor: a call of ``hk.BatchNorm`` runs ``BatchNorm`` instead,
+  built from its settings under its very name (``hk.force_name``), so that it reads
+  and writes the same parameters and state."""
+  module = context.module
+  if type(module) is not hk.BatchNorm or context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
+  layer = BatchNorm(
+    module.create_scale,
+    module.create_offset,
+    module.mean_ema.decay,
+    eps=module.eps,
+    scale_init=module.scale_init if module.create_scale else None,
+    offset_init=module.offset_init if module.create_offset else None,
+    axis=module.axis,
+    cross_replica_axis=module.cross_replica_axis,
+    cross_replica_axis_index_groups=module.cross_replica_axis_index_groups,
+    data_format="channels_first" if module.channel_index == 1 else "channels_last",
+    name=hk.force_name(module.module_name),
+  )
+  return layer(*args, **kwargs)
+
+
+def replace_batch_norm():
+  """Within the block (or the decorated function), every ``hk.BatchNorm`` runs bnjax.
+
+  For models that create ``hk.BatchNorm`` themselves (``hk.nets.ResNet18``,
+  ``hk.nets.MobileNetV1``): each call of an ``hk.BatchNorm`` becomes a call of a
+  ``BatchNorm`` with its settings and its name, through Haiku's public method
+  interception (``hk.intercept_methods``), so the parameters and state are Haiku's
+  own: a checkpoint of the model loads either way, and nothing of Haiku is patched.
+  Use it inside the transformed function, where the model runs; subclasses of
+  ``hk.BatchNorm`` are left as they are.
+
+  Returns:
+    A context manager, also usable as a decorator of the function to transform.
+
+  Raises:
+    ValueError, TypeError: within the block, a replaced layer's call raises what
+      ``BatchNorm`` raises for it (e.g. a ``scale`` passed to a layer that creates one).
+
+  >>> import haiku as hk
+  >>> def forward(x):
+  ...   with replace_batch_norm():
+  ...     return hk.BatchNorm(True, True, 0.9, name="bn")(x, is_training=True)
+  >>> model = hk.transform_with_state(forward)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> params, state = model.init(None, x)
+  >>> y, state = model.apply(params, state, None, x)
+  >>> y.round(3).tolist(), sorted(state)  # hk.BatchNorm's names, bnjax's numbers
+  ([[-1.0], [1.0]], ['bn/~/mean_ema', 'bn/~/var_ema'])
+  """
+  return hk.intercept_methods(_bnjax_for_haiku)

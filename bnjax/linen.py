@@ -9,7 +9,8 @@ Swap the import and keep everything else, checkpoints included::
 (``params/{scale,bias}``, ``batch_stats/{mean,var}``), plus ``unbiased_variance``
 and ``virtual_batch_size``; the math is ``bnjax.batch_norm``. ``BatchRenorm`` is
 batch renormalization with the same variables. ``recompute_batch_stats`` replaces
-every BN layer's running statistics by the paper's Algorithm 2 statistics.
+every BN layer's running statistics by the paper's Algorithm 2 statistics;
+``replace_batch_norm`` runs bnjax in models that hard-code ``nn.BatchNorm``.
 
 The modules are thin shells: they declare the variables, hand them to the pure
 functions, and write the returned state back into ``batch_stats``.
@@ -210,21 +211,35 @@ class BatchNorm(_Normalization):
         with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
       TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    compute_dtype = self.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
-    if self.force_float32_reductions:
-      compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
-    return _apply(
+    return _batch_norm(
       self,
-      batch_norm,
       x,
       use_running_average,
-      mask,
-      stats_dtype=stats_dtype,
-      compute_dtype=compute_dtype,
+      mask=mask,
       unbiased_variance=self.unbiased_variance,
       virtual_batch_size=self.virtual_batch_size,
     )
+
+
+def _batch_norm(
+  module: nn.Module, x, use_running_average=None, *, mask=None, **options
+) -> jax.Array:
+  """``BatchNorm``'s call, for any module with its fields (``flax.linen.BatchNorm``
+  too, in ``replace_batch_norm``); ``options`` are ``bnjax.batch_norm``'s own."""
+  stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+  compute_dtype = module.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
+  if module.force_float32_reductions:
+    compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
+  return _apply(
+    module,
+    batch_norm,
+    x,
+    use_running_average,
+    mask,
+    stats_dtype=stats_dtype,
+    compute_dtype=compute_dtype,
+    **options,
+  )
 
 
 class BatchRenorm(_Normalization):
@@ -452,3 +467,48 @@ def fold_variables(
   if jax.tree.leaves(batch_stats):
     folded["batch_stats"] = batch_stats
   return folded
+
+
+def replace_batch_norm(**options):
+  """Within the block (or the decorated function), every ``flax.linen.BatchNorm`` runs bnjax.
+
+  For models that create ``nn.BatchNorm`` themselves, with no argument to pass
+  another class (a model with one, e.g. ``norm=``, takes ``BatchNorm`` directly).
+  Through Flax's public method interception (``nn.intercept_methods``), each call of
+  an ``nn.BatchNorm`` runs ``bnjax.batch_norm`` in that module's own scope, with its
+  settings, variables and names: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``
+  are Flax's, so a checkpoint loads either way. Wrap the ``init``/``apply`` calls
+  (or the function that makes them); subclasses of ``nn.BatchNorm`` are left as they are.
+
+  Args:
+    **options: ``bnjax.batch_norm``'s own options for every replaced layer:
+      ``unbiased_variance`` and ``virtual_batch_size``.
+
+  Returns:
+    A context manager, also usable as a decorator.
+
+  Raises:
+    TypeError: an option that ``BatchNorm`` does not have beyond Flax's.
+
+  >>> import jax
+  >>> layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> with replace_batch_norm():
+  ...   variables = layer.init(jax.random.key(0), x)
+  ...   y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  >>> y.round(3).tolist(), updates["batch_stats"]["mean"].tolist()
+  ([[-1.0], [1.0]], [0.2])
+  """
+  unknown = set(options) - {"unbiased_variance", "virtual_batch_size"}
+  if unknown:
+    raise TypeError(
+      f"replace_batch_norm takes unbiased_variance and virtual_batch_size, got {sorted(unknown)}"
+    )
+
+  def bnjax_instead(next_fun, args, kwargs, context):
+    module = context.module
+    if type(module) is not nn.BatchNorm or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    return _batch_norm(module, *args, **kwargs, **options)
+
+  return nn.intercept_methods(bnjax_instead)

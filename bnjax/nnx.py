@@ -6,7 +6,8 @@
 ``unbiased_variance`` and ``virtual_batch_size``; the math is ``bnjax.batch_norm``.
 ``BatchRenorm`` is batch renormalization with the same state.
 ``recompute_batch_stats`` sets every BN layer's statistics to the paper's
-Algorithm 2 statistics. The modules hold the variables; each call reads them,
+Algorithm 2 statistics; ``replace_batch_norm`` swaps bnjax into a model that
+hard-codes ``nnx.BatchNorm``. The modules hold the variables; each call reads them,
 runs the pure function and writes the returned state back.
 """
 
@@ -214,10 +215,11 @@ class BatchNorm(nnx.Module):
 
 
 _CAPTURED = (
-  "{layer} cannot update its mean and var: a transform traced it as a closure (e.g. "
-  "nnx.vmap(model) or jax.vmap of a function that captures the model) instead of taking it "
-  "as an argument; pass it: nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), "
-  "axis_name='batch')(model, x), with axis_name='batch' on the BatchNorm too (flax#4760)"
+  "{layer} cannot update its mean and var inside this transform: its Variables belong to an "
+  "outer trace, because the transform captured the module (e.g. nnx.vmap(model), flax#4760) "
+  "or nnx.merge reused them (pass copy=True); pass the module as an argument instead: "
+  "nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), axis_name='batch')(model, x), with "
+  "axis_name='batch' on the BatchNorm too"
 )
 
 
@@ -225,8 +227,8 @@ def _write_statistics(layer: BatchNorm, new_state: BatchNormState) -> None:
   """Stores a training call's running statistics in the layer's ``BatchStat``s.
 
   They carry no gradient (as Flax): with hijax variables the write happens inside
-  the differentiated function, which otherwise fails. Flax refuses the write from
-  inside a transform that captured the module; the error then says how to pass it.
+  the differentiated function, which otherwise fails. Flax refuses the write to
+  Variables of an outer trace; the error then says how to pass the module instead.
   """
   try:
     layer.mean[...] = jax.lax.stop_gradient(new_state.mean)
@@ -451,3 +453,96 @@ def recompute_batch_stats(
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model
+
+
+_FLAX_SETTINGS = (
+  "use_running_average",
+  "axis",
+  "momentum",
+  "epsilon",
+  "dtype",
+  "param_dtype",
+  "use_bias",
+  "use_scale",
+  "axis_name",
+  "axis_index_groups",
+  "use_fast_variance",
+  "promote_dtype",
+)
+
+
+def _from_flax(layer: nnx.BatchNorm, options: Mapping[str, tp.Any]) -> BatchNorm:
+  """A ``BatchNorm`` with ``layer``'s settings and its very ``Variable``s."""
+  settings = {name: getattr(layer, name) for name in _FLAX_SETTINGS}
+  replacement = BatchNorm(layer.num_features, **settings, **options, rngs=nnx.Rngs(0))
+  for name in ("mean", "var", "scale", "bias"):
+    if getattr(layer, name) is not None:
+      setattr(replacement, name, getattr(layer, name))
+  return replacement
+
+
+def _set_child(parent, key, child, path) -> None:
+  if isinstance(parent, nnx.Module) and isinstance(key, str):
+    setattr(parent, key, child)
+  elif hasattr(parent, "__setitem__"):  # nnx.List, nnx.Dict, list, dict
+    parent[key] = child
+  else:
+    raise TypeError(
+      f"replace_batch_norm cannot replace the nnx.BatchNorm at {'/'.join(map(str, path))}: it "
+      f"sits in a {type(parent).__name__}, which cannot be changed; hold it in an nnx.List "
+      "or nnx.Dict"
+    )
+
+
+def replace_batch_norm(model: nnx.Module, **options) -> nnx.Module:
+  """Every ``flax.nnx.BatchNorm`` of ``model`` replaced by a ``BatchNorm``, in place.
+
+  For models that create ``nnx.BatchNorm`` themselves (a model with an argument
+  for the class, e.g. ``norm=``, takes ``BatchNorm`` directly). Each replacement has
+  the layer's settings and its very ``Variable``s (``scale``, ``bias``, ``mean``,
+  ``var``: the same objects), at the same place in the graph, so the model's state,
+  its checkpoints and an optimizer's state keep their structure; a layer shared by
+  several parents is replaced by one shared ``BatchNorm``. Call it outside
+  transforms, as any graph change; subclasses of ``nnx.BatchNorm`` stay as they are.
+
+  Args:
+    model: an nnx model, or an ``nnx.BatchNorm`` itself.
+    **options: ``BatchNorm``'s own options for every replaced layer:
+      ``unbiased_variance`` and ``virtual_batch_size``.
+
+  Returns:
+    ``model``, changed in place (the replacement itself for an ``nnx.BatchNorm``).
+
+  Raises:
+    TypeError: an option ``BatchNorm`` does not have beyond Flax's, or a layer
+      held in a container that cannot be changed (a tuple).
+
+  >>> class Model(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.linear = nnx.Linear(1, 1, rngs=rngs)
+  ...     self.norm = nnx.BatchNorm(1, momentum=0.9, rngs=rngs)
+  >>> model = replace_batch_norm(Model(nnx.Rngs(0)))
+  >>> type(model.norm).__module__, model.norm.momentum
+  ('bnjax.nnx', 0.9)
+  """
+  unknown = set(options) - {"unbiased_variance", "virtual_batch_size"}
+  if unknown:
+    raise TypeError(
+      f"replace_batch_norm takes unbiased_variance and virtual_batch_size, got {sorted(unknown)}"
+    )
+  replacements: dict[int, BatchNorm] = {}
+
+  def replacement(layer):
+    if id(layer) not in replacements:
+      replacements[id(layer)] = _from_flax(layer, options)
+    return replacements[id(layer)]
+
+  if type(model) is nnx.BatchNorm:
+    return replacement(model)
+  while True:  # a layer shared by several parents shows at one path per pass
+    nodes = dict(nnx.iter_graph(model))
+    found = [(path, node) for path, node in nodes.items() if type(node) is nnx.BatchNorm]
+    if not found:
+      return model
+    for path, layer in found:
+      _set_child(nodes[path[:-1]], path[-1], replacement(layer), path)

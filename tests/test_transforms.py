@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from tests import reference
+from tests import ROOT, reference
 from tests.samples import normal
 
 N, C = 8, 3  # examples, features
@@ -176,6 +176,27 @@ def sharded_vmapped(f, first):
   )
 
 
+MEMBERS = 2
+
+
+def assert_members(y, mean, var, dx, dscale, dbias):
+  """Each of ``MEMBERS`` models trained on its own share of the batch (``[MEMBERS,
+  N // MEMBERS, ...]`` and ``[MEMBERS, C]`` results), against Algorithm 1 on that share."""
+  shares = X.reshape(MEMBERS, N // MEMBERS, C), DY.reshape(MEMBERS, N // MEMBERS, C)
+  for k, (x, dy) in enumerate(zip(*shares, strict=True)):
+    want_y, want_mean, want_var, want_dx, want_dscale, want_dbias = full_batch(x, dy)
+    want_mean, want_var = moved(want_mean, want_var)
+    for got, want, what in [
+      (y[k], want_y, "y"),
+      (mean[k], want_mean, "running mean"),
+      (var[k], want_var, "running var"),
+      (dx[k], want_dx, "dx"),
+      (dscale[k], want_dscale, "dscale"),
+      (dbias[k], want_dbias, "dbias"),
+    ]:
+      assert_close(got, want, f"member {k}: {what}")
+
+
 # The core: bnjax.batch_norm --------------------------------------------------------
 
 
@@ -240,7 +261,8 @@ def core_shard_map_vmap():
 @cell(
   "core",
   "jax.checkpoint around jax.vmap(axis_name)",
-  "JAX lost the vmap's axis sizes in the custom derivative: bnjax asks for them before it",
+  "'unbound axis name' before: JAX traces the vmapped custom derivative without the vmap's "
+  "axis sizes; bnjax now reads them before it",
   "fixed",
 )
 def core_checkpoint_around_vmap():
@@ -250,7 +272,7 @@ def core_checkpoint_around_vmap():
 @cell(
   "core",
   "jax.grad outside jax.jit(jax.vmap(axis_name))",
-  "the same JAX behavior; also lax.scan and lax.cond around the vmap",
+  "'unbound axis name' before, as above; also lax.scan and lax.cond around the vmap",
   "fixed",
 )
 def core_grad_outside_jit():
@@ -374,6 +396,16 @@ def equinox_shard_map_vmap():
 @cell("equinox", "eqx.filter_checkpoint", "inside the vmap: jax.vmap(eqx.filter_checkpoint(layer))")
 def equinox_checkpoint():
   equinox_step(lambda layer, state, x: over_examples(eqx.filter_checkpoint(layer), state, x))
+
+
+@cell(
+  "equinox",
+  "eqx.filter_checkpoint around the vmap",
+  "'unbound axis name' before, as in the core",
+  "fixed",
+)
+def equinox_checkpoint_around_vmap():
+  equinox_step(eqx.filter_checkpoint(over_examples))
 
 
 @cell("equinox", "jax.lax.scan over layers", "layers made by eqx.filter_vmap; = unrolled")
@@ -626,6 +658,25 @@ def linen_remat():
   linen_step(nn.remat(linen_layer())())
 
 
+@cell("linen", "nn.vmap, variable_axes 0 (ensemble)", "each model its own batch and statistics")
+def linen_ensemble():
+  module = nn.vmap(
+    linen_layer(),
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True},
+  )()
+  shares = jnp.asarray(X.reshape(MEMBERS, N // MEMBERS, C))
+  variables = jax.jit(module.init)(jax.random.key(0), shares)
+
+  def loss(params, x):
+    y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+    return jnp.sum(y * DY.reshape(x.shape)), (y, updates["batch_stats"])
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  (grads, dx), (y, stats) = step(variables["params"], shares)
+  assert_members(y, stats["mean"], stats["var"], dx, grads["scale"], grads["bias"])
+
+
 class LinenBlock(nn.Module):
   """Dense -> BN -> tanh, as a scan body ``(h, _) -> (h, None)``."""
 
@@ -833,27 +884,6 @@ def nnx_remat():
   nnx_step(nnx.remat(nnx_call))
 
 
-MEMBERS = 2
-
-
-def assert_members(y, mean, var, dx, dscale, dbias):
-  """Each of ``MEMBERS`` models trained on its own share of the batch (``[MEMBERS,
-  N // MEMBERS, ...]`` and ``[MEMBERS, C]`` results), against Algorithm 1 on that share."""
-  shares = X.reshape(MEMBERS, N // MEMBERS, C), DY.reshape(MEMBERS, N // MEMBERS, C)
-  for k, (x, dy) in enumerate(zip(*shares, strict=True)):
-    want_y, want_mean, want_var, want_dx, want_dscale, want_dbias = full_batch(x, dy)
-    want_mean, want_var = moved(want_mean, want_var)
-    for got, want, what in [
-      (y[k], want_y, "y"),
-      (mean[k], want_mean, "running mean"),
-      (var[k], want_var, "running var"),
-      (dx[k], want_dx, "dx"),
-      (dscale[k], want_dscale, "dscale"),
-      (dbias[k], want_dbias, "dbias"),
-    ]:
-      assert_close(got, want, f"member {k}: {what}")
-
-
 @cell("nnx", "nnx.vmap, StateAxes (ensemble)", "each model its own batch and statistics")
 def nnx_ensemble():
   models = nnx.vmap(lambda _: nnx_layer(), in_axes=0, out_axes=0)(jnp.arange(MEMBERS))
@@ -903,14 +933,15 @@ def nnx_scan_layers():
 @cell(
   "nnx",
   "nnx.vmap of a closure",
-  "nnx.vmap(model): 'bnjax.nnx.BatchNorm cannot update its mean and var: a transform traced it "
-  "as a closure ... pass it: nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), "
-  "axis_name='batch')(model, x) ...' (flax#4760)",
+  "nnx.vmap(model): 'bnjax.nnx.BatchNorm cannot update its mean and var inside this "
+  "transform: ... pass the module as an argument instead: nnx.vmap(lambda model, x: model(x), "
+  "in_axes=(None, 0), axis_name='batch')(model, x) ...' (flax#4760; Flax's own: 'Cannot "
+  "mutate BatchStat from a different trace level')",
   "fixed",
 )
 def nnx_vmap_closure():
   model = NnxBlock(stacked_kernels()[0], axis_name="batch")
-  with pytest.raises(flax.errors.TraceContextError, match="pass it: nnx.vmap"):
+  with pytest.raises(flax.errors.TraceContextError, match="pass the module as an argument"):
     nnx.vmap(model, axis_name="batch")(jnp.asarray(X))
 
 
@@ -938,3 +969,16 @@ def _float64(x64):
 @pytest.mark.parametrize("cell", CELLS, ids=[f"{c.framework}-{c.transform}" for c in CELLS])
 def test_cell(cell):
   cell.check()
+
+
+FRAMEWORKS = ("core", "linen", "nnx", "equinox", "haiku")  # the table's order
+HEADER = "| framework | transform | outcome | what is checked; the form that works; the error |"
+
+
+def test_the_guide_shows_the_matrix():
+  """docs/guide/transforms.md's table is ``CELLS``, framework by framework."""
+  page = (ROOT / "docs" / "guide" / "transforms.md").read_text()
+  want = [HEADER, *(c.row for c in sorted(CELLS, key=lambda c: FRAMEWORKS.index(c.framework)))]
+  shown = [line for line in page.splitlines() if line.startswith("| ")]
+  table = "\n".join([want[0], "|---|---|---|---|", *want[1:]])
+  assert shown == want, f"docs/guide/transforms.md's table should read:\n{table}"
