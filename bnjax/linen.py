@@ -477,8 +477,11 @@ def replace_batch_norm(**options):
   Through Flax's public method interception (``nn.intercept_methods``), each call of
   an ``nn.BatchNorm`` runs ``bnjax.batch_norm`` in that module's own scope, with its
   settings, variables and names: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``
-  are Flax's, so a checkpoint loads either way. Wrap the ``init``/``apply`` calls
-  (or the function that makes them); subclasses of ``nn.BatchNorm`` are left as they are.
+  are Flax's, so a checkpoint loads either way. Wrap the ``init``/``apply`` calls,
+  or decorate the function that makes them before ``jax.jit`` sees it
+  (``jax.jit(replace_batch_norm()(train_step))``): JAX's cache does not see the
+  interception, so a ``with`` block around a call of a function compiled before
+  would run its old program. Subclasses of ``nn.BatchNorm`` are left as they are.
 
   Args:
     **options: ``bnjax.batch_norm``'s own options for every replaced layer:

@@ -279,14 +279,15 @@ def test_linen_hook_runs_bnjax_in_a_model_that_hard_codes_nn_batch_norm():
   np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-6, atol=1e-6)
 
 
-def test_linen_hook_passes_bnjax_options_and_refuses_others():
+def test_linen_hook_decorates_a_step_and_passes_bnjax_options():
   layer = nn.BatchNorm(use_running_average=False, momentum=0.0)
-  x = jnp.asarray(BATCHES[0])
-  with bnjax.linen.replace_batch_norm(unbiased_variance=True):
-    _, updates = jax.jit(lambda x: layer.apply(layer.init(jax.random.key(0), x), x, mutable=True))(
-      x
-    )
-  np.testing.assert_allclose(updates["batch_stats"]["var"], BATCHES[0].var(0, ddof=1), rtol=1e-12)
+
+  @jax.jit
+  @bnjax.linen.replace_batch_norm(unbiased_variance=True)
+  def step(x):
+    return layer.apply(layer.init(jax.random.key(0), x), x, mutable=True)[1]["batch_stats"]
+
+  np.testing.assert_allclose(step(jnp.asarray(BATCHES[0]))["var"], BATCHES[0].var(0, ddof=1))
   with pytest.raises(TypeError, match="takes unbiased_variance and virtual_batch_size"):
     bnjax.linen.replace_batch_norm(momentum=0.5)
 
