@@ -144,15 +144,15 @@ class StateUpdate(NamedTuple):
   in the same pass (``updated_state``); ``state_update`` builds one."""
 
   state: Any  # a BatchNormState of [*F] arrays
-  momentum: jax.Array  # [], floating: the weight of the old statistics
+  momentum: moving_average.MovingAverageWeights  # [] each: the old and the new value's weight
 
 
 def state_update(state, momentum) -> StateUpdate:
-  """``StateUpdate`` of ``state`` with ``momentum`` (a number or a traced scalar)."""
-  momentum = jnp.asarray(momentum)
-  if not jnp.issubdtype(momentum.dtype, jnp.floating):  # an int: 0 or 1
-    momentum = momentum.astype(jnp.float32)
-  return StateUpdate(state, momentum)
+  """``StateUpdate`` of ``state`` with ``momentum`` (a number, a traced scalar or
+  ``MovingAverageWeights``), as arrays: a Python float's ``1 - momentum`` is taken
+  in double here, before anything rounds it (``moving_average_weights``)."""
+  dtype = moving_average.widest_real(*(statistic.dtype for statistic in state))
+  return StateUpdate(state, moving_average.moving_average_weights(momentum, dtype))
 
 
 def normalize_training(
