@@ -32,7 +32,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[haiku]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers
+from bnjax import _wrappers, moving_average
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 
@@ -52,10 +52,11 @@ class _MovingAverage(hk.Module):
     super().__init__(name=name)
     self.decay = decay
 
-  def hidden(self, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """``(counter, hidden)``, created as Haiku's (0 and zeros) where missing."""
+  def hidden(self, shape: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+    """``(counter, hidden)``, created as Haiku's (0 and zeros, ``hidden`` in
+    ``dtype``) where missing."""
     counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
-    return counter, hk.get_state("hidden", shape, jnp.float32, init=jnp.zeros)
+    return counter, hk.get_state("hidden", shape, dtype, init=jnp.zeros)
 
   def set(self, counter: jax.Array, hidden: jax.Array) -> None:
     """Stores ``counter`` and ``hidden`` and their zero-debiased ``average``."""
@@ -97,7 +98,8 @@ class BatchNorm(hk.Module):
     computes ``E[x^2] - E[x]^2`` in the input's dtype: inexact, even negative,
     when the mean is large against the deviation).
   * Statistics are computed in at least float32 and the state is float32 for
-    half-precision inputs (Haiku's state takes the input's dtype).
+    half-precision inputs (Haiku's state takes the input's dtype; for float32 and
+    float64 inputs both keep the input's).
   * ``__call__`` takes a ``mask``; ``axis`` may hold negative axes.
   * Integer inputs are normalized as float32 (float64 under x64), with parameters
     in that dtype (Haiku creates them in the integer dtype).
@@ -250,7 +252,11 @@ class BatchNorm(hk.Module):
   def _train(self, x, params, w_shape, feature_shape, options) -> jax.Array:
     """Training mode: the batch's statistics normalize ``x`` and move the averages
     (or, inside ``recompute_batch_stats``, become them)."""
-    (counter, mean), (_, var) = (ema.hidden(w_shape) for ema in (self.mean_ema, self.var_ema))
+    # Haiku's state takes the input's dtype; here at least float32 (float64 under x64).
+    dtype = moving_average.widest_real(x.dtype)
+    (counter, mean), (_, var) = (
+      ema.hidden(w_shape, dtype) for ema in (self.mean_ema, self.var_ema)
+    )
     record = _recording[-1] if _recording else None
     moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
     y, hidden = batch_norm(

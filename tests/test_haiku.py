@@ -178,6 +178,42 @@ def test_moving_averages_are_the_debiased_average_of_the_batch_statistics():
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_inputs_keep_float64_moving_averages_as_haiku(x64):
+  """Issue 31 bug 2: under x64, float64 inputs gave float32 moving averages (the
+  state tree's dtypes differed from Haiku's, and a float64 model's statistics carried
+  3e-7 of float32 rounding). Now the state is Haiku's, dtype for dtype, and equals
+  Haiku's and the float64 reference's debiased averages to float64 rounding."""
+  batches = normal(12, (3, 16, 2), loc=[3.0, -1.0], scale=[2.0, 0.5], dtype=np.float64)
+
+  @jax.jit
+  def run(batches):
+    states = []
+    for cls in (hk.BatchNorm, bnjax.haiku.BatchNorm):
+      layer = hk.transform_with_state(lambda x, cls=cls: cls(True, True, DECAY)(x, True))
+      params, state = layer.init(None, batches[0])
+      for x in batches[1:]:
+        _, state = layer.apply(params, state, None, x)
+      states.append(state)
+    return states
+
+  haiku_state, bnjax_state = run(jnp.asarray(batches))
+  dtypes = lambda tree: jax.tree.map(lambda a: a.dtype, tree)  # noqa: E731
+  assert dtypes(bnjax_state) == dtypes(haiku_state)
+  assert bnjax_state["batch_norm/~/mean_ema"]["average"].dtype == jnp.float64
+  hidden = {"mean_ema": 0.0, "var_ema": 0.0}
+  for x in batches[1:]:
+    mu, var = reference.batch_mean_var(x, (0,))
+    hidden = {
+      "mean_ema": DECAY * hidden["mean_ema"] + (1 - DECAY) * mu,
+      "var_ema": DECAY * hidden["var_ema"] + (1 - DECAY) * var,
+    }
+  for name, value in hidden.items():
+    want = value / (1 - DECAY ** (len(batches) - 1))
+    got = bnjax_state[f"batch_norm/~/{name}"]["average"]
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    np.testing.assert_allclose(got, haiku_state[f"batch_norm/~/{name}"]["average"], rtol=1e-13)
+
+
 def test_statistics_are_exact_where_haikus_are_not():
   """Haiku computes E[x^2] - E[x]^2 in float32: at mean 1e4 and std 1 its variance is
   off by far more than rounding (here it measures it worse than 10 % wrong); bnjax's
