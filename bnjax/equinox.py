@@ -32,9 +32,10 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[equinox]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers
+from bnjax import _wrappers, moving_average
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.moving_average import MovingAverageWeights
 
 _LEGACY_WARNING = (
   "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for backward "
@@ -50,18 +51,17 @@ def _static_axis_name(axis_name):
   return axis_name
 
 
-def _debiased_momentum(momentum: float, step: jax.Array) -> jax.Array:
-  """The weight of the old average at ``step`` (1, 2, ...) of a zero-debiased
-  moving average kept as the average itself (not as Adam's biased ``hidden``):
-  ``momentum * (1 - momentum**(step - 1)) / (1 - momentum**step)``; 0 at step 1.
+def _ema_momentum(momentum: float, first_time: jax.Array) -> MovingAverageWeights:
+  """``"ema"`` mode's weights: the batch's statistics alone on the first step, then
+  ``momentum`` (``1 - momentum`` taken in double, as Equinox's Python float is).
 
-  >>> [round(float(_debiased_momentum(0.5, jnp.array(k))), 4) for k in (1, 2, 3)]
-  [0.0, 0.3333, 0.4286]
+  >>> _ema_momentum(0.9, jnp.array(True)).new.tolist()
+  1.0
   """
-  if momentum >= 1:
-    return jnp.asarray(momentum, jnp.float32)
-  old = jnp.float32(momentum) ** (step - 1).astype(jnp.float32)
-  return momentum * (1 - old) / (1 - momentum * old)
+  weights = moving_average.moving_average_weights(momentum)
+  return MovingAverageWeights(
+    jnp.where(first_time, 0.0, weights.old), jnp.where(first_time, 1.0, weights.new)
+  )
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -257,14 +257,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
       y, batch = normalize(running, momentum=0.0, unbiased_variance=self.record == "unbiased")
       return y, state.set(self._statistics_index, tuple(batch))
     if self.mode == "batch":
-      step = state.get(self.batch_counter) + 1
-      y, running = normalize(running, momentum=_debiased_momentum(self.momentum, step))
-      state = state.set(self.batch_counter, step)
+      count = state.get(self.batch_counter)  # the updates so far
+      momentum = self.momentum
+      if momentum < 1:  # momentum 1 keeps the statistics as they are
+        momentum = moving_average.debiased_momentum(momentum, count)
+      y, running = normalize(running, momentum=momentum)
+      state = state.set(self.batch_counter, count + 1)
     else:
       first_time = state.get(self.ema_first_time_index)
-      _, running = normalize(
-        running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum))
-      )
+      _, running = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
       y, _ = normalize(running)  # with the moved statistics, as Equinox
       # False, typed as the old flag (under pmap or shard_map, as varying as it).
       state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))

@@ -162,7 +162,9 @@ def debiased_momentum(momentum: float, count) -> MovingAverageWeights:
   log_momentum = math.log(momentum)
   bias_then = -jnp.expm1(count * log_momentum)  # 1 - momentum**count
   bias_now = -jnp.expm1((count + 1) * log_momentum)  # 1 - momentum**(count + 1)
-  return MovingAverageWeights(momentum * bias_then / bias_now, (1 - momentum) / bias_now)
+  # new <= 1 exactly (1 at count 0), where rounding the two expressions could exceed it.
+  new = jnp.minimum((1 - momentum) / bias_now, 1)
+  return MovingAverageWeights(momentum * bias_then / bias_now, new)
 
 
 def update_moving_average(average: jax.Array, value: jax.Array, *, momentum) -> jax.Array:
