@@ -67,9 +67,9 @@ class _MovingAverage(hk.Module):
     self._store(counter, average * self._debias(counter, average.dtype), average)
 
   def _debias(self, counter, dtype) -> jax.Array:
-    """``1 - decay**counter``, computed as Haiku computes it."""
-    with jax.numpy_dtype_promotion("standard"):  # a float to an int32 power, as Haiku
-      return 1 - jnp.power(jnp.asarray(self.decay, dtype), counter)
+    """``1 - decay**counter``, without the cancellation of Haiku's float32 power
+    (``moving_average.zero_debias_factor``)."""
+    return moving_average.zero_debias_factor(self.decay, counter, dtype)
 
   def _store(self, counter, hidden, average) -> None:
     hk.set_state("counter", counter)

@@ -214,6 +214,31 @@ def test_float64_inputs_keep_float64_moving_averages_as_haiku(x64):
     np.testing.assert_allclose(got, haiku_state[f"batch_norm/~/{name}"]["average"], rtol=1e-13)
 
 
+def test_the_moving_average_of_a_constant_is_that_constant():
+  """The debiasing factor ``1 - decay**counter`` is computed without cancellation
+  (``moving_average.zero_debias_factor``): five steps of one batch at decay 0.999 give
+  its statistics to float32 rounding. Haiku's float32 power leaves its average 4.8e-6
+  off; once the core took ``1 - decay`` in double (issue 31 bug 1), the same power
+  made bnjax's 1.8e-5 off, as its hidden's weights no longer matched it."""
+  x = jnp.array([[1.0, 3.0], [3.0, 5.0]])  # means (2, 4), variances (1, 1), exact
+
+  @jax.jit
+  def averages(x):
+    results = []
+    for cls in (hk.BatchNorm, bnjax.haiku.BatchNorm):
+      layer = hk.transform_with_state(lambda x, cls=cls: cls(False, False, 0.999)(x, True))
+      params, state = layer.init(None, x)
+      for _ in range(5):
+        _, state = layer.apply(params, state, None, x)
+      results.append(state["batch_norm/~/mean_ema"]["average"].ravel())
+    return results
+
+  haiku_mean, mean = averages(x)
+  np.testing.assert_allclose(mean, [2.0, 4.0], rtol=2.4e-7)
+  haiku_error = np.max(np.abs(np.asarray(haiku_mean) / [2.0, 4.0] - 1))
+  assert haiku_error > 1e-6, f"Haiku's average is off by {haiku_error}"
+
+
 def test_statistics_are_exact_where_haikus_are_not():
   """Haiku computes E[x^2] - E[x]^2 in float32: at mean 1e4 and std 1 its variance is
   off by far more than rounding (here it measures it worse than 10 % wrong); bnjax's

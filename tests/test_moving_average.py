@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import bnjax
+from bnjax import moving_average
 
 
 def test_momentum_is_the_weight_of_the_old_average():
@@ -153,3 +154,10 @@ def test_a_traced_momentum_is_used_in_its_own_dtype():
     momentum
   )
   np.testing.assert_array_equal(new, [1 - np.float64(momentum)])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9, 0.999])
+def test_zero_debias_factor_is_one_minus_the_power_without_cancellation(momentum):
+  counts = np.arange(0, 2000, 7)
+  got = jax.jit(lambda c: moving_average.zero_debias_factor(momentum, c))(counts)
+  np.testing.assert_allclose(got, 1 - momentum ** counts.astype(np.float64), rtol=4e-7, atol=0)
