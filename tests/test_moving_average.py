@@ -161,3 +161,24 @@ def test_zero_debias_factor_is_one_minus_the_power_without_cancellation(momentum
   counts = np.arange(0, 2000, 7)
   got = jax.jit(lambda c: moving_average.zero_debias_factor(momentum, c))(counts)
   np.testing.assert_allclose(got, 1 - momentum ** counts.astype(np.float64), rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "ghost", "renorm"])
+def test_every_variant_complements_the_momentum_in_double(variant):
+  """Plain, ghost and renorm updates all take a Python momentum's ``1 - momentum``
+  in double (at 0.999, rounding first made the new value's weight 1.3e-5 off)."""
+  x = jnp.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]])  # groups alike
+  state = bnjax.BatchNormState(jnp.zeros(2), jnp.zeros(2))
+  options = dict(training=True, momentum=0.999)
+  if variant == "renorm":
+    run = lambda x: bnjax.batch_renorm(x, None, state, r_max=1.0, d_max=0.0, **options)  # noqa: E731
+  else:
+    size = 2 if variant == "ghost" else None
+    run = lambda x: bnjax.batch_norm(x, None, state, virtual_batch_size=size, **options)  # noqa: E731
+  _, new = jax.jit(run)(x)
+  np.testing.assert_allclose(
+    np.asarray(new.mean, np.float64), 0.001 * np.array([2.0, 20.0]), rtol=1.2e-7
+  )
+  np.testing.assert_allclose(
+    np.asarray(new.var, np.float64), 0.001 * np.array([1.0, 100.0]), rtol=1.2e-7
+  )
