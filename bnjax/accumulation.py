@@ -281,10 +281,11 @@ def apply_pending(
     raise ValueError(f"where must be a boolean scalar, got shape {where.shape}")
   if where.dtype != jnp.bool_:
     raise TypeError(f"where must be a boolean scalar, got dtype {where.dtype}")
-  new_state = jax.tree.map(
-    lambda old, new: jnp.where(where, new, jnp.asarray(old).astype(new.dtype)),
-    state,
-    pending.next_state,
-  )
+
+  def installed(old, new):
+    old = jnp.asarray(old)  # cast only where the dtypes differ: a weak type stays weak
+    return jnp.where(where, new, old if old.dtype == new.dtype else old.astype(new.dtype))
+
+  new_state = jax.tree.map(installed, state, pending.next_state)
   moments = jax.tree.map(lambda m: jnp.where(where, jnp.zeros_like(m), m), pending.moments)
   return new_state, PendingUpdate(moments=moments, next_state=pending.next_state)

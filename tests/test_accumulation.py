@@ -18,6 +18,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import bnjax
+import bnjax.equinox
+import bnjax.haiku
+import bnjax.linen
+import bnjax.nnx
 from tests import reference
 
 K, MICRO, C = 3, 4, 3  # micro-batches per optimizer step, examples per micro-batch, features
@@ -274,3 +278,174 @@ def test_errors_name_the_problem():
     bnjax.apply_pending(state, pending, where=jnp.array(1.0))
   with pytest.raises(ValueError, match="moments of one shape"):
     bnjax.merge_moments(pending.moments, bnjax.Moments(*(jnp.zeros(2),) * 3))
+
+
+# The drop-ins: each layer's outputs are ghost batch norm's, and its running
+# statistics after apply_pending are one update with the whole batch's (float64
+# NumPy, in the framework's own convention); before it, they stay.
+
+
+def whole(a):
+  """[K, MICRO, ...] micro-batches as one batch of K * MICRO."""
+  return a.reshape((-1,) + a.shape[2:])
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_linen_two_layers_in_a_scan():
+  from flax import linen as nn
+
+  class Net(nn.Module):
+    virtual_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(2):
+        x = nn.Dense(C)(x)
+        x = bnjax.linen.BatchNorm(
+          use_running_average=False, momentum=MOMENTUM, virtual_batch_size=self.virtual_batch_size
+        )(x)
+      return x
+
+  x, w, _, _ = problem()
+  net, ghost_net = Net(), Net(virtual_batch_size=MICRO)
+  variables = net.init(jax.random.key(0), x[0])
+  batch_stats = variables["batch_stats"]
+
+  def micro_step(carry, inputs):
+    grads, pending = carry
+
+    def loss(params):
+      y, updates = net.apply(
+        {"params": params, "batch_stats": batch_stats, "pending_stats": pending},
+        inputs[0],
+        mutable=["pending_stats"],
+      )
+      return jnp.sum(inputs[1] * y), (y, updates["pending_stats"])
+
+    (y, pending), g = jax.grad(loss, has_aux=True)(variables["params"])[::-1]
+    return (jax.tree.map(jnp.add, grads, g), pending), y
+
+  def accumulated(x, w):
+    start = (
+      jax.tree.map(jnp.zeros_like, variables["params"]),
+      bnjax.linen.init_pending(batch_stats),
+    )
+    (grads, pending), y = jax.lax.scan(micro_step, start, (x, w))
+    return y, grads, bnjax.linen.apply_pending(batch_stats, pending)
+
+  def ghost(x, w):
+    def loss(params):
+      y, state = ghost_net.apply(
+        {"params": params, "batch_stats": batch_stats},
+        whole(x),
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda module, _: isinstance(module, nn.Dense),
+      )
+      return jnp.sum(whole(w) * y), (y, state["intermediates"])
+
+    (y, intermediates), grads = jax.grad(loss, has_aux=True)(variables["params"])[::-1]
+    return y, grads, intermediates
+
+  (y, grads, (new_stats, pending)), (want_y, want_grads, bn_inputs) = jax.jit(
+    lambda x, w: (accumulated(x, w), ghost(x, w))
+  )(x, w)
+  np.testing.assert_allclose(whole(y), want_y, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, want_grads
+  )
+  for layer in range(2):
+    h = bn_inputs[f"Dense_{layer}"]["__call__"][0]
+    old = batch_stats[f"BatchNorm_{layer}"]
+    want_mean, want_var = one_update(bnjax.BatchNormState(old["mean"], old["var"]), h)
+    got = new_stats[f"BatchNorm_{layer}"]
+    np.testing.assert_allclose(got["mean"], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["var"], want_var, rtol=1e-5)
+    np.testing.assert_array_equal(pending[f"BatchNorm_{layer}"]["count"], 0)
+    assert sorted(pending[f"BatchNorm_{layer}"]) == [
+      "count",
+      "mean",
+      "next_mean",
+      "next_var",
+      "var",
+    ]
+
+
+def test_nnx_in_place_under_nnx_jit():
+  from flax import nnx
+
+  x, _, _, _ = problem()
+  mask = jnp.asarray(uneven_mask())
+  layer = bnjax.nnx.BatchNorm(C, momentum=MOMENTUM, rngs=nnx.Rngs(0))
+  start = bnjax.BatchNormState(layer.mean[...], layer.var[...])
+  bnjax.nnx.init_pending(layer)
+  call = nnx.jit(lambda layer, x, mask: layer(x, mask=mask))
+  y = [call(layer, x[k], mask[k]) for k in range(K)]
+  np.testing.assert_array_equal(layer.mean[...], start.mean)  # not yet
+  nnx.jit(bnjax.nnx.apply_pending)(layer)
+  want_y, _ = bnjax.batch_norm(
+    whole(x), None, start, training=True, virtual_batch_size=MICRO, mask=whole(mask)
+  )
+  np.testing.assert_allclose(whole(jnp.stack(y)), want_y, rtol=1e-5, atol=1e-5)
+  want_mean, want_var = one_update(start, x, np.asarray(mask))
+  np.testing.assert_allclose(layer.mean[...], want_mean, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(layer.var[...], want_var, rtol=1e-6)
+  nnx.pop(layer, bnjax.nnx.PendingStat)  # back to an update per call
+  layer(x[0])
+  assert not np.allclose(layer.mean[...], want_mean)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_haiku_moving_averages_move_once():
+  import haiku as hk
+
+  x, _, _, _ = problem()
+  model = hk.transform_with_state(
+    lambda x: bnjax.haiku.BatchNorm(False, False, MOMENTUM, accumulate=True)(x, True)
+  )
+  params, initial = model.init(None, x[0])
+  apply = jax.jit(model.apply)
+  state = initial
+  for k in range(K):
+    y, state = apply(params, state, None, x[k])
+    want_y, _ = bnjax.batch_norm(x[k], None, bnjax.init(C)[1], training=True)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    np.testing.assert_array_equal, state["batch_norm/~/mean_ema"], initial["batch_norm/~/mean_ema"]
+  )
+  state = jax.jit(bnjax.haiku.apply_pending)(state)
+  # One update of Haiku's zero-debiased averages: counter 1, the average is the whole
+  # batch's statistic itself.
+  zero = bnjax.BatchNormState(np.zeros(C), np.zeros(C))
+  want = [w / (1 - MOMENTUM) for w in one_update(zero, x)]
+  for name, value in zip(("mean_ema", "var_ema"), want, strict=True):
+    entry = state[f"batch_norm/~/{name}"]
+    assert int(entry["counter"]) == 1
+    np.testing.assert_allclose(entry["average"].ravel(), value, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(state["batch_norm/~/pending_moments"]["count"], 0)
+
+
+def test_equinox_two_optimizer_steps_of_debiased_statistics():
+  import equinox as eqx
+
+  x, _, _, _ = problem()
+  layer, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
+    C, "batch", mode="batch", momentum=MOMENTUM, accumulate=True
+  )
+  train = jax.jit(jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)))
+  apply = jax.jit(lambda state: bnjax.equinox.apply_pending(layer, state))
+  running = bnjax.BatchNormState(np.zeros(C), np.ones(C))
+  for step, batch in enumerate((x, x[::-1] * 2 + 1), start=1):
+    before = state.get(layer.batch_state_index)
+    for k in range(K):
+      _, state = train(jnp.moveaxis(batch[k], -1, 1), state)  # examples [C, 2]
+    jax.tree.map(np.testing.assert_array_equal, state.get(layer.batch_state_index), before)
+    state = apply(state)
+    # Equinox's "batch" mode keeps the debiased average: at step s, momentum
+    # m (1 - m^(s-1)) / (1 - m^s), so 0 at step 1.
+    momentum = MOMENTUM * (1 - MOMENTUM ** (step - 1)) / (1 - MOMENTUM**step)
+    running = one_update(running, batch, momentum=momentum)
+    assert int(state.get(layer.batch_counter)) == step
+    for got, want in zip(state.get(layer.batch_state_index), running, strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="accumulate needs mode='batch'"):
+    bnjax.equinox.BatchNorm(C, "batch", mode="ema", accumulate=True)
