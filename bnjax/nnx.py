@@ -263,7 +263,7 @@ class PendingStat(nnx.Variable):
 
   Args:
     value: the ``[num_features]`` array.
-    hijax, ref, eager_sharding, **metadata: as ``nnx.Variable``'s.
+    hijax, ref, eager_sharding, metadata: as ``nnx.Variable``'s (``metadata``: keywords).
 
   >>> from flax import nnx
   >>> layer = init_pending(BatchNorm(2, rngs=nnx.Rngs(0)))
