@@ -23,11 +23,13 @@ one from before the step, is never modified).
 Normalization within a micro-batch uses that micro-batch's statistics (of every
 device of ``axis_name``): the forward and backward passes are those of ghost batch
 norm with ``virtual_batch_size`` equal to the micro-batch size
-(``bnjax.batch_norm``). Full-batch normalization is not to be had in one pass:
-each layer needs the whole batch's statistics of its input before the next layer
-can run, so a network of L layers would need L passes over all micro-batches per
-forward pass (and the backward pass as many again), keeping or recomputing every
-layer's activations of every micro-batch: the memory that accumulation saves.
+(``bnjax.batch_norm``), each micro-batch one group (across devices, the union of
+the devices' shares, where ghost batch norm's groups stay on their device).
+Full-batch normalization is not to be had in one pass: each layer needs the whole
+batch's statistics of its input before the next layer can run, so a network of L
+layers would need L passes over all micro-batches per forward pass (and the
+backward pass as many again), keeping or recomputing every layer's activations of
+every micro-batch: the memory that accumulation saves.
 
 The one accumulator bnjax had, ``PopulationStatistics`` (the paper's Algorithm 2),
 sums the batches' means and variances: the expected batch variance, which drops

@@ -162,8 +162,9 @@ def test_masks_with_uneven_counts():
 
 def test_eight_devices_with_uneven_masks():
   """Each micro-batch spread over 8 devices (2 examples each, uneven valid counts, one
-  device with none in micro-batch 0): the outputs, gradients and running statistics
-  of one device holding the global micro-batches."""
+  device with none in micro-batch 0), under shard_map: the outputs, gradients and
+  running statistics of one device holding the global micro-batches; under pmap, the
+  same running statistics on every device."""
   rng = np.random.default_rng(2)
   devices, per_device = 8, 2
   x = jnp.asarray(2 * rng.standard_normal((K, devices * per_device, C)) + 5, jnp.float32)
@@ -189,6 +190,15 @@ def test_eight_devices_with_uneven_masks():
   want_mean, want_var = one_update(state, x, mask)
   np.testing.assert_allclose(new_state.mean, want_mean, rtol=1e-6)
   np.testing.assert_allclose(new_state.var, want_var, rtol=1e-6)
+  # pmap: every device gets the same running statistics.
+  per_device = lambda a: jnp.stack(jnp.split(a, devices, axis=1))  # noqa: E731  [8, K, 2, ...]
+  pmapped = jax.pmap(
+    lambda x, w, mask: accumulated(x, w, params, state, mask, axis_name="batch")[3],
+    axis_name="batch",
+  )(per_device(x), per_device(w), per_device(mask))
+  for device in range(devices):
+    np.testing.assert_allclose(pmapped.mean[device], want_mean, rtol=1e-6)
+    np.testing.assert_allclose(pmapped.var[device], want_var, rtol=1e-6)
 
 
 @pytest.mark.usefixtures("standard_promotion")  # optax mixes int32 and float32
