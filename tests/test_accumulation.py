@@ -10,6 +10,8 @@ micro-batches: a few roundings of 6e-8, below 1e-6 relative (the float64 test ho
 them to 1e-12); outputs and gradients of order 1 to 10 within 1e-5.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,8 @@ import bnjax.linen
 import bnjax.nnx
 from tests import reference
 
+# Compiled whole, not op by op.
+batch_norm = jax.jit(bnjax.batch_norm, static_argnames=("training", "virtual_batch_size"))
 K, MICRO, C = 3, 4, 3  # micro-batches per optimizer step, examples per micro-batch, features
 MOMENTUM = 0.9
 
@@ -254,8 +258,13 @@ def test_multi_steps_moves_the_statistics_once_per_optimizer_step():
 
 def test_apply_pending_where_false_keeps_both():
   x, _, params, state = problem()
-  _, pending = bnjax.accumulate_batch_norm(x[0], params, state, bnjax.init_pending(state))
-  kept_state, kept_pending = bnjax.apply_pending(state, pending, where=jnp.array(False))
+
+  @jax.jit
+  def run(where):
+    _, pending = bnjax.accumulate_batch_norm(x[0], params, state, bnjax.init_pending(state))
+    return pending, bnjax.apply_pending(state, pending, where=where)
+
+  pending, (kept_state, kept_pending) = run(jnp.array(False))
   jax.tree.map(np.testing.assert_array_equal, kept_state, state)
   jax.tree.map(np.testing.assert_array_equal, kept_pending, pending)
 
@@ -266,8 +275,10 @@ def test_merge_moments_includes_the_spread_of_the_means():
   rounding of the halves' float32 means, eps * 100 relative to the spread."""
   rng = np.random.default_rng(4)
   halves = [100 + rng.standard_normal((50, 1)) + 2 * i for i in range(2)]
-  a, b = (bnjax.batch_moments(jnp.asarray(h, jnp.float32), reduction_axes=(0,)) for h in halves)
-  merged = jax.jit(bnjax.merge_moments)(a, b)
+  moments = functools.partial(bnjax.batch_moments, reduction_axes=(0,))
+  a, b, merged = jax.jit(
+    lambda u, v: (moments(u), moments(v), bnjax.merge_moments(moments(u), moments(v)))
+  )(*(jnp.asarray(h, jnp.float32) for h in halves))
   values = np.concatenate([np.asarray(h, np.float32) for h in halves]).astype(np.float64)
   np.testing.assert_allclose(merged.count, [100.0])
   np.testing.assert_allclose(merged.mean, values.mean(0), rtol=1e-7)
@@ -318,7 +329,7 @@ def test_linen_two_layers_in_a_scan():
 
   x, w, _, _ = problem()
   net, ghost_net = Net(), Net(virtual_batch_size=MICRO)
-  variables = net.init(jax.random.key(0), x[0])
+  variables = jax.jit(net.init)(jax.random.key(0), x[0])
   batch_stats = variables["batch_stats"]
 
   def micro_step(carry, inputs):
@@ -392,7 +403,7 @@ def test_nnx_in_place_under_nnx_jit():
   y = [call(layer, x[k], mask[k]) for k in range(K)]
   np.testing.assert_array_equal(layer.mean[...], start.mean)  # not yet
   nnx.jit(bnjax.nnx.apply_pending)(layer)
-  want_y, _ = bnjax.batch_norm(
+  want_y, _ = batch_norm(
     whole(x), None, start, training=True, virtual_batch_size=MICRO, mask=whole(mask)
   )
   np.testing.assert_allclose(whole(jnp.stack(y)), want_y, rtol=1e-5, atol=1e-5)
@@ -400,7 +411,7 @@ def test_nnx_in_place_under_nnx_jit():
   np.testing.assert_allclose(layer.mean[...], want_mean, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(layer.var[...], want_var, rtol=1e-6)
   nnx.pop(layer, bnjax.nnx.PendingStat)  # back to an update per call
-  layer(x[0])
+  nnx.jit(lambda layer, x: layer(x))(layer, x[0])
   assert not np.allclose(layer.mean[...], want_mean)
 
 
@@ -412,12 +423,12 @@ def test_haiku_moving_averages_move_once():
   model = hk.transform_with_state(
     lambda x: bnjax.haiku.BatchNorm(False, False, MOMENTUM, accumulate=True)(x, True)
   )
-  params, initial = model.init(None, x[0])
+  params, initial = jax.jit(model.init)(None, x[0])
   apply = jax.jit(model.apply)
   state = initial
   for k in range(K):
     y, state = apply(params, state, None, x[k])
-    want_y, _ = bnjax.batch_norm(x[k], None, bnjax.init(C)[1], training=True)
+    want_y, _ = batch_norm(x[k], None, bnjax.init(C)[1], training=True)
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   jax.tree.map(
     np.testing.assert_array_equal, state["batch_norm/~/mean_ema"], initial["batch_norm/~/mean_ema"]
