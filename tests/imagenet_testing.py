@@ -2,7 +2,7 @@
 
 * ``prepare_tiny_imagenet``: a real TFDS ``imagenet2012`` prepared by TFDS itself
   from tiny archives laid out as ImageNet's (the files the missing-data error
-  asks for): real JPEGs, real split slicing per host.
+  asks for), as TFRecord or ArrayRecord: real JPEGs, real split slicing per host.
 * ``write_mock_metadata``: the recipe of ``shared/NOTES.md`` for
   ``tfds.testing.mock_data``, whose imagenet2012 builder has no splits otherwise.
 * ``MicroNet``: two convolutions with BN, for tests about devices and state where
@@ -68,15 +68,20 @@ def write_imagenet_archives(
 
 
 def prepare_tiny_imagenet(
-  data_dir: pathlib.Path, *, train_per_class: int = 8, num_val: int = 13
+  data_dir: pathlib.Path,
+  *,
+  train_per_class: int = 8,
+  num_val: int = 13,
+  file_format: str = "tfrecord",
 ) -> pathlib.Path:
-  """``data_dir`` with imagenet2012 prepared by TFDS from tiny archives."""
+  """``data_dir`` with imagenet2012 prepared by TFDS from tiny archives, in
+  ``file_format`` ("tfrecord" or "array_record"; the same archives either way)."""
   import tensorflow_datasets as tfds
 
   manual = data_dir / "downloads" / "manual"
   write_imagenet_archives(manual, train_per_class=train_per_class, num_val=num_val)
   tfds.builder("imagenet2012", data_dir=str(data_dir)).download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)), file_format=file_format
   )
   return data_dir
 
