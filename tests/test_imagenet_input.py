@@ -231,3 +231,29 @@ def test_pipeline_pixels_are_the_float_pipeline_rounded(tiny_imagenet):
     assert np.abs(sent[inside] - resized[inside]).max() <= 0.5
   halves = tf.constant([-3.2, 0.5, 1.5, 254.6, 301.0])  # rounded half to even, as np.rint
   np.testing.assert_array_equal(input_pipeline.to_pixels(halves).numpy(), [0, 0, 2, 255, 255])
+
+
+# ---- TFRecord to ArrayRecord -------------------------------------------------------------------
+
+
+def test_a_converted_tfrecord_folder_reads_as_the_one_prepared_as_array_record(
+  tiny_imagenet, tmp_path
+):
+  from experiments.imagenet import to_array_record
+
+  version_dir = to_array_record.convert(
+    "imagenet2012", str(tiny_imagenet["tfrecord"]), str(tmp_path / "converted")
+  )
+  assert sorted(p.name for p in version_dir.iterdir() if ".array_record-" in p.name) == [
+    "imagenet2012-train.array_record-00000-of-00001",
+    "imagenet2012-validation.array_record-00000-of-00001",
+  ]
+  converted = input_pipeline.TfdsSource.open("imagenet2012", str(tmp_path / "converted"))
+  prepared = input_pipeline.TfdsSource.open("imagenet2012", str(tiny_imagenet["array_record"]))
+  assert converted.random_access
+  common = dict(global_batch_size=4, image_size=32, seed=1, process_index=0, process_count=1)
+  _assert_same_batches(
+    _take(converted.train_batches(5, **common), 3), _take(prepared.train_batches(5, **common), 3)
+  )
+  with pytest.raises(data.DataError, match="no TFRecord-prepared imagenet2012"):
+    to_array_record.convert("imagenet2012", str(tmp_path / "converted"), str(tmp_path / "again"))

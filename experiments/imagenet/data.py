@@ -2,6 +2,7 @@
 
     source = sources.open_source(config)    # picks the source, once (sources.py)
     source.num_classes
+    source.pixel_moments                    # the steps normalize the uint8 images with it
     source.split_plan("train", global_batch_size=256, process_count=1, train=True)
     source.train_batches(start_step, global_batch_size=..., image_size=..., seed=...,
                          process_index=..., process_count=...)      # without end
@@ -12,7 +13,8 @@ The sources:
 
 * ``FakeSource`` (``config.fake_data``): synthetic random images, NumPy only.
 * ``idx_data.IdxSource`` (``config.data_dir``, MNIST/Fashion-MNIST IDX files), NumPy only.
-* ``input_pipeline.TfdsSource`` (the default: TFDS ``imagenet2012`` through tf.data), the
+* ``input_pipeline.TfdsSource`` (the default: TFDS ``imagenet2012``, read by index
+  through grain when prepared as ArrayRecord, through tf.data when TFRecord), the
   only one that imports TensorFlow.
 
 Batches are host-local NumPy dicts: ``image`` uint8 ``[B, S, S, 3]`` (pixel values
