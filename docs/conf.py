@@ -194,7 +194,8 @@ def page_notebook(page: pathlib.Path):
 
 def paired_pages() -> list[pathlib.Path]:
   """The guide pages that declare a jupytext pairing with a notebook."""
-  return [page for page in sorted(GUIDE.glob("*.md")) if "\njupytext:" in page.read_text()[:400]]
+  pages = sorted(GUIDE.glob("*.md"))
+  return [page for page in pages if "\n  jupytext:\n" in page.read_text()[:400]]
 
 
 def _write_notebooks(app):

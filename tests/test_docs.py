@@ -22,7 +22,8 @@ change how a block runs:
   -e ".[docs]"``); without it the block is skipped, and so is every later block
   marked with the same package, and the page's test reports the skip.
 * ``<!-- tolerance: 0.05 -->``: the numbers of the block's output agree within 5%
-  (default ``OUTPUT_TOLERANCE``), for values that move with round-off or platform.
+  (default ``OUTPUT_TOLERANCE``), for values that move with round-off or platform;
+  before the block or before its ```text output.
 
 A figure a page saves (``*.png`` in the working directory) must be committed beside
 the page under the same name; ``BNJAX_UPDATE_DOC_FIGURES=1`` copies the new ones
@@ -70,8 +71,13 @@ COURSE = [
   for name in (
     "primer.md",
     "01_pure_function.md",
+    "02_across_devices.md",
     "lifting.md",
     "03_state_models.md",
+    "04_pitfalls.md",
+    "05_checkpointing.md",
+    "one_batch.md",
+    "06_cost.md",
   )
 ]
 # Every course page's first cell: eight simulated CPU devices, before JAX starts.
@@ -154,7 +160,8 @@ def _take(
   where: str,
 ) -> None:
   """Appends a python fence to ``blocks`` (with its markers); a text fence right
-  after a python one, with nothing between them, becomes that block's output."""
+  after a python one, with nothing between them but a tolerance marker, becomes
+  that block's output."""
   if fence.language == "python":
     blocks.append(
       Block(
@@ -167,12 +174,16 @@ def _take(
     )
   elif (
     fence.language == "text"
-    and not markers
+    and set(markers) <= {"tolerance"}
     and previous is not None
     and previous.language == "python"
-    and not any(line.strip() for line in lines[previous.end + 1 : fence.start])
+    and all(
+      not line.strip() or _MARKER.match(line.strip())
+      for line in lines[previous.end + 1 : fence.start]
+    )
   ):
-    blocks[-1] = dataclasses.replace(blocks[-1], output=fence.body)
+    tolerance = float(markers.get("tolerance", blocks[-1].tolerance))
+    blocks[-1] = dataclasses.replace(blocks[-1], output=fence.body, tolerance=tolerance)
   elif markers:
     raise ValueError(f"{where}: a marker before a '{fence.language}' block, not a python one")
 
@@ -395,6 +406,9 @@ def test_markers_are_checked():
 def test_outputs_are_compared_with_a_tolerance():
   page = "<!-- tolerance: 0.1 -->\n```python\nprint(1.05)\n```\n```text\n1.0\n```\n"
   assert run_blocks(python_blocks(page), "page") == ([], [])
+  # The marker may stand before the output instead.
+  before_output = "```python\nprint(1.05)\n```\n<!-- tolerance: 0.1 -->\n```text\n1.0\n```\n"
+  assert [b.tolerance for b in python_blocks(before_output)] == [0.1]
   with pytest.raises(AssertionError, match="printed\n1.05\nbut the page shows\n1.0"):
     run_blocks(python_blocks(page.replace("0.1", "0.01")), "page")
   # A block that prints with no output shown is reported; one that shows it is not.
