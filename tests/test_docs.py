@@ -468,3 +468,11 @@ def test_course_page_opens_as_a_notebook_that_runs_its_blocks(page):
   assert tagged == [block.raises is not None for block in blocks]
   notebook_name = page.with_suffix(".ipynb").name
   assert f"]({notebook_name})" in page.read_text(), f"{page.name} does not link {notebook_name}"
+
+
+def test_the_guide_toctree_starts_with_the_course_in_order():
+  """Pages added later go after the course (docs/index.md's Guide toctree)."""
+  index = (DOCS / "index.md").read_text()
+  toctree = re.search(r"```\{toctree\}\n:hidden:\n:caption: Guide\n\n(.*?)```", index, re.DOTALL)
+  entries = toctree.group(1).split()
+  assert entries[: len(COURSE)] == [f"guide/{page.stem}" for page in COURSE]
