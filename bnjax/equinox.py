@@ -32,7 +32,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[equinox]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers, moving_average
+from bnjax import _wrappers, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.moving_average import MovingAverageWeights
@@ -120,8 +120,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     input_size: the number of channels ``C``.
     eps: added to the variance before the square root.
     channelwise_affine: whether ``weight`` and ``bias`` exist.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics (None: the cumulative average).
     mode: ``"batch"`` or ``"ema"``.
+    update_stats: whether a call moves the running statistics (None: in training).
     record: set by ``recompute_batch_stats`` only.
   """
 
@@ -136,8 +137,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
   input_size: int = eqx.field(static=True)
   eps: float = eqx.field(static=True)
   channelwise_affine: bool = eqx.field(static=True)
-  momentum: float = eqx.field(static=True)
+  momentum: float | None = eqx.field(static=True)
   mode: Literal["ema", "batch"] = eqx.field(static=True)
+  update_stats: bool | None
   record: Literal["unbiased", "biased"] | None  # None: no leaf (a string only while recording)
 
   def __init__(
@@ -146,10 +148,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
     axis_name: Hashable | Sequence[Hashable],
     eps: float = 1e-5,
     channelwise_affine: bool = True,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     inference: bool = False,
     dtype=None,
     mode: Literal["ema", "batch", "legacy"] = "legacy",
+    *,
+    update_stats: bool | None = None,
   ):
     """Equinox's arguments and defaults.
 
@@ -159,21 +163,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
         compute statistics over.
       eps: added to the variance before the square root.
       channelwise_affine: whether the layer has the learned ``weight`` and ``bias``.
-      momentum: weight of the old running statistics, in [0, 1].
+      momentum: weight of the old running statistics, in [0, 1]; None (in
+        ``"batch"`` mode) for the cumulative average, the plain mean of every
+        batch's statistics (PyTorch's ``momentum=None``).
       inference: normalize with the running statistics (may be toggled with
         ``eqx.nn.inference_mode`` or overridden in the call).
       dtype: dtype of ``weight`` and ``bias`` (default float32, float64 under x64);
         the running statistics are in this dtype or float32, the wider.
       mode: ``"batch"`` or ``"ema"``; unspecified means ``"ema"``, with a warning.
+      update_stats: whether a call moves the running statistics; None (the
+        default) means in training. False normalizes a training call with the
+        batch's statistics and leaves the state; True in inference normalizes
+        with the running statistics and moves them.
 
     Raises:
-      ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``.
+      ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``, or ``momentum``
+        None in ``"ema"`` mode.
     """
     if mode == "legacy":
       mode = "ema"
       warnings.warn(_LEGACY_WARNING, stacklevel=2)
     if mode not in {"ema", "batch"}:
       raise ValueError(f"Invalid mode {mode!r}, must be 'ema' or 'batch'.")
+    if momentum is None and mode == "ema":
+      raise ValueError(
+        "momentum=None (the cumulative average) counts the training steps, which only "
+        "mode='batch' does: pass mode='batch', or a momentum"
+      )
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)  # float32 or x64's
     stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
     self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
@@ -190,6 +206,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.channelwise_affine = channelwise_affine
     self.momentum = momentum
     self.mode = mode
+    self.update_stats = update_stats
     self.record = None
 
   @property
@@ -205,6 +222,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     key: Any = None,
     inference: bool | None = None,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates the state.
 
@@ -215,6 +233,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: overrides the field of the same name when not None.
       mask: optional boolean broadcastable to ``x`` (``[]`` for the whole example),
         True for the values that enter the statistics (see ``bnjax.batch_norm``).
+      update_stats: overrides the field of the same name when not None.
 
     Returns:
       ``(y, state)``: ``y`` of ``x``'s shape (in the dtype promoted from ``x`` and
@@ -251,25 +270,38 @@ class BatchNorm(eqx.nn.StatefulLayer):
         **training,
       )
 
-    if inference:
+    update = validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, not inference
+    )
+    if inference and not update:
       return normalize(running)[0], state
     if self.record is not None:  # recompute_batch_stats: this batch's statistics alone
       y, batch = normalize(running, momentum=0.0, unbiased_variance=self.record == "unbiased")
       return y, state.set(self._statistics_index, tuple(batch))
+    y, moved, (index, value) = self._moved(normalize, running, state)
+    if inference:  # the running statistics normalize as they were
+      y = normalize(running)[0]
+    if not update:
+      return y, state
+    return y, state.set(index, value).set(self._statistics_index, tuple(moved))
+
+  def _moved(self, normalize, running: BatchNormState, state: eqx.nn.State):
+    """A training step's output, its running statistics, and the new value of the
+    counter (``"batch"`` mode) or first-time flag (``"ema"``) as ``(index, value)``."""
     if self.mode == "batch":
       count = state.get(self.batch_counter)  # the updates so far
       momentum = self.momentum
-      if momentum < 1:  # momentum 1 keeps the statistics as they are
+      if momentum is None:
+        momentum = moving_average.cumulative_momentum(count)
+      elif momentum < 1:  # momentum 1 keeps the statistics as they are
         momentum = moving_average.debiased_momentum(momentum, count)
-      y, running = normalize(running, momentum=momentum)
-      state = state.set(self.batch_counter, count + 1)
-    else:
-      first_time = state.get(self.ema_first_time_index)
-      _, running = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
-      y, _ = normalize(running)  # with the moved statistics, as Equinox
-      # False, typed as the old flag (under pmap or shard_map, as varying as it).
-      state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))
-    return y, state.set(self._statistics_index, tuple(running))
+      y, moved = normalize(running, momentum=momentum)
+      return y, moved, (self.batch_counter, count + 1)
+    first_time = state.get(self.ema_first_time_index)
+    _, moved = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
+    y, _ = normalize(moved)  # with the moved statistics, as Equinox
+    # False, typed as the old flag (under pmap or shard_map, as varying as it).
+    return y, moved, (self.ema_first_time_index, jnp.logical_and(first_time, False))
 
 
 def _layers(model) -> list[BatchNorm]:

@@ -78,24 +78,32 @@ def _apply(
   use_running_average,
   mask,
   *,
+  update_stats=None,
   stats_dtype=jnp.float32,
   compute_dtype=None,
   **options,
 ) -> jax.Array:
   """The call both layers share: declares (or reads) the variables, runs
   ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
-  and, in training mode, writes the returned state back to ``batch_stats``,
-  widened to ``_updated_stats_dtype(..., compute_dtype)`` where that is given. A
-  function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
-  may declare variables."""
+  and, where the statistics update (by default in training mode), writes the
+  returned state back to ``batch_stats``, widened to ``_updated_stats_dtype(...,
+  compute_dtype)`` where that is given, and counts the update in
+  ``batch_stats/count`` where the layer keeps one. A function, not a method: Flax
+  wraps methods, and only compact ones (or ``setup``) may declare variables."""
   use_running_average = nn.merge_param(
     "use_running_average", module.use_running_average, use_running_average
   )
   training = not use_running_average
+  update = validation.update_stats_flag(
+    module.update_stats if update_stats is None else update_stats, training
+  )
   params, mean, var = _variables(module, x, stats_dtype)
+  count = None
+  if _wrappers.counts_updates(module.momentum, module.debias):
+    count = module.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
   initializing = module.is_initializing()
   state = BatchNormState(mean=mean.value, var=var.value)
-  if training and compute_dtype is not None:  # widening is exact: the math is unchanged
+  if update and compute_dtype is not None:  # widening is exact: the math is unchanged
     state = BatchNormState(
       *(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype)) for v in state)
     )
@@ -104,8 +112,11 @@ def _apply(
     params,
     state,
     training=training,
+    update_stats=update,
     axis=module.axis,
-    momentum=module.momentum,
+    momentum=_wrappers.layer_momentum(
+      module.momentum, module.debias, None if count is None else count.value
+    ),
     epsilon=module.epsilon,
     # During init the named axis may not exist yet (as Flax).
     axis_name=None if initializing else module.axis_name,
@@ -114,8 +125,10 @@ def _apply(
     dtype=_output_dtype(x, params, module.dtype),
     **options,
   )
-  if training and not initializing:  # during init the statistics stay (as Flax)
+  if update and not initializing:  # during init the statistics stay (as Flax)
     mean.value, var.value = new_state.mean, new_state.var
+    if count is not None:
+      count.value = count.value + 1
   return y
 
 
@@ -124,7 +137,7 @@ class _Normalization(nn.Module):
 
   use_running_average: bool | None = None
   axis: int = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -144,6 +157,11 @@ class BatchNorm(_Normalization):
   (float32 statistics, or Flax's dtypes with ``force_float32_reductions=False``).
   The math is ``bnjax.batch_norm``.
 
+  ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
+  statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
+  exponential average (Haiku's); both count the updates in ``batch_stats/count``
+  (an int32 scalar, absent otherwise, so checkpoints stay Flax's).
+
   >>> import jax
   >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
   >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
@@ -157,7 +175,8 @@ class BatchNorm(_Normalization):
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
     axis: the feature axis or axes of the input.
-    momentum: weight of the old running statistics (Flax's convention).
+    momentum: weight of the old running statistics (Flax's convention); None
+      for the cumulative average (see below).
     epsilon: added to the variance before the square root.
     dtype: dtype of the output (default: promoted from input and parameters).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -178,12 +197,20 @@ class BatchNorm(_Normalization):
     unbiased_variance: update the running variance with the unbiased batch
       variance (the paper's inference statistics); see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
+    debias: keep the zero-debiased exponential average (Haiku's), counting the
+      updates in ``batch_stats/count``; see ``bnjax.debiased_momentum``.
+    update_stats: whether a call updates ``batch_stats``; None (the default)
+      means in training mode. False keeps them as they are while the batch's
+      statistics normalize (fine-tuning, a second forward pass); True with
+      ``use_running_average=True`` normalizes with them and updates them.
   """
 
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_variance: bool = False
   virtual_batch_size: int | None = None
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
@@ -192,6 +219,7 @@ class BatchNorm(_Normalization):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -200,6 +228,7 @@ class BatchNorm(_Normalization):
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean, True for entries that enter the statistics; see
         ``bnjax.batch_norm``.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -220,6 +249,7 @@ class BatchNorm(_Normalization):
       x,
       use_running_average,
       mask,
+      update_stats=update_stats,
       stats_dtype=stats_dtype,
       compute_dtype=compute_dtype,
       unbiased_variance=self.unbiased_variance,
@@ -248,14 +278,25 @@ class BatchRenorm(_Normalization):
   Attributes:
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+    debias: as ``BatchNorm``'s.
+    update_stats: as ``BatchNorm``'s.
   """
 
   r_max: float = 3.0
   d_max: float = 5.0
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
-    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    update_stats: bool | None = None,
   ):
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -266,6 +307,7 @@ class BatchRenorm(_Normalization):
         ``bnjax.batch_norm``.
       r_max: overrides the attribute; may be a traced scalar (a schedule).
       d_max: overrides the attribute; may be a traced scalar.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -283,6 +325,7 @@ class BatchRenorm(_Normalization):
       x,
       use_running_average,
       mask,
+      update_stats=update_stats,
       r_max=self.r_max if r_max is None else r_max,
       d_max=self.d_max if d_max is None else d_max,
     )

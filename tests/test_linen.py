@@ -69,8 +69,10 @@ def test_fields_and_defaults_are_flaxs():
   ours, theirs = fields(bnjax.linen.BatchNorm), fields(nn.BatchNorm)
   assert {name: ours[name] for name in theirs} == theirs
   assert list(ours)[: len(theirs)] == list(theirs)  # positional order kept too
-  assert set(ours) - set(theirs) == {"unbiased_variance", "virtual_batch_size"}
+  extra = {"unbiased_variance", "virtual_batch_size", "debias", "update_stats"}
+  assert set(ours) - set(theirs) == extra
   assert ours["unbiased_variance"] is False and ours["virtual_batch_size"] is None
+  assert ours["debias"] is False and ours["update_stats"] is None
 
 
 @pytest.mark.parametrize("config", CONFIGS)
