@@ -11,6 +11,11 @@ imports Flax, Equinox or Haiku).
 
 import importlib as _importlib
 
+from bnjax.accumulation import PendingUpdate as PendingUpdate
+from bnjax.accumulation import accumulate_batch_norm as accumulate_batch_norm
+from bnjax.accumulation import apply_pending as apply_pending
+from bnjax.accumulation import init_pending as init_pending
+from bnjax.accumulation import merge_moments as merge_moments
 from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm

@@ -1,9 +1,9 @@
 """What ``bnjax.linen`` and ``bnjax.nnx`` share, apart from Flax (private).
 
 Paths into nested dicts (a ``'/'``-separated string or a tuple of names), the
-loop that sums each layer's batch statistics over the batches of
-``recompute_batch_stats``, and the momentum of a layer that counts its updates
-(``momentum=None``, ``debias=True``).
+entries of such a dict that are layers' (``entries``), the loop that sums each
+layer's batch statistics over the batches of ``recompute_batch_stats``, and the
+momentum of a layer that counts its updates (``momentum=None``, ``debias=True``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,22 @@ def without(tree: Mapping, path: str | tuple[str, ...]) -> dict:
   """
   *parents, last = _names(path)
   return replace_at(tree, tuple(parents), lambda node: {k: v for k, v in node.items() if k != last})
+
+
+def entries(tree: Mapping, is_entry: Callable[[Mapping], bool]) -> list[tuple[tuple, Mapping]]:
+  """``(path, node)`` for every dict ``node`` of ``tree`` (the root included) for
+  which ``is_entry(node)``; the search does not go below such a node.
+
+  >>> entries({"a": {"mean": 1}, "b": {"c": {"mean": 2}}}, lambda node: "mean" in node)
+  [(('a',), {'mean': 1}), (('b', 'c'), {'mean': 2})]
+  """
+  if is_entry(tree):
+    return [((), tree)]
+  found = []
+  for name, node in tree.items():
+    if isinstance(node, Mapping):
+      found.extend(((name, *path), entry) for path, entry in entries(node, is_entry))
+  return found
 
 
 def sum_over_batches(run: Callable[[Any], Any], batches: Iterable[Any]) -> Any:

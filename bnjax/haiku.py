@@ -9,7 +9,9 @@ Swap the class and keep everything else, params and state included::
 state (``mean_ema`` and ``var_ema``, each ``counter``/``hidden``/``average``: Haiku's
 ``ExponentialMovingAverage``, zero-debiased); the math is ``bnjax.batch_norm``.
 ``recompute_batch_stats`` replaces every layer's statistics by the paper's
-Algorithm 2 statistics, ``sync_state`` averages them across devices. The module is
+Algorithm 2 statistics, ``sync_state`` averages them across devices, and
+``apply_pending`` moves them once per optimizer step under gradient accumulation
+(``accumulate=True``). The module is
 a thin shell: it reads its state, hands it to the pure function, and writes the
 returned state back.
 """
@@ -32,9 +34,10 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[haiku]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers, moving_average, validation
+from bnjax import _wrappers, accumulation, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.stats import Moments
 
 _EMA_NAMES = ("mean_ema", "var_ema")
 _recording: list[str] = []  # set by recompute_batch_stats while it traces the model
@@ -57,6 +60,12 @@ class _MovingAverage(hk.Module):
     ``dtype``) where missing."""
     counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
     return counter, hk.get_state("hidden", shape, dtype, init=jnp.zeros)
+
+  def initialize(self, shape: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+    """``(counter, hidden)``, and also ``average`` created as zeros where missing
+    (Haiku's ``initialize``): for a layer that does not set them at every call."""
+    hk.get_state("average", shape, dtype, init=jnp.zeros)
+    return self.hidden(shape, dtype)
 
   def set(self, counter: jax.Array, hidden: jax.Array) -> None:
     """Stores ``counter`` and ``hidden`` and their zero-debiased ``average``."""
@@ -81,6 +90,20 @@ class _MovingAverage(hk.Module):
 
   def average(self) -> jax.Array:
     return hk.get_state("average")
+
+
+class _PendingMoments(hk.Module):
+  """The merged moments of an optimizer step's micro-batches so far (count,
+  mean, var), as state; zeros where missing."""
+
+  def get(self, shape: Sequence[int]) -> Moments:
+    return Moments(
+      *(hk.get_state(name, shape, jnp.float32, init=jnp.zeros) for name in Moments._fields)
+    )
+
+  def set(self, moments: Moments) -> None:
+    for name, value in zip(Moments._fields, moments, strict=True):
+      hk.set_state(name, value)
 
 
 class BatchNorm(hk.Module):
@@ -132,6 +155,11 @@ class BatchNorm(hk.Module):
     cross_replica_axis_index_groups: groups of replica indices (``pmap`` only).
     data_format: ``channels_last`` (``N...C``) or ``channels_first`` (``NC...``).
     name: the module's name.
+    accumulate: gradient accumulation: a training call normalizes with its
+      micro-batch's statistics and merges them into the state's
+      ``pending_moments``, ``pending_mean_ema`` and ``pending_var_ema``
+      (``bnjax.accumulate_batch_norm``); ``mean_ema`` and ``var_ema`` move once
+      per optimizer step, at ``apply_pending``.
     update_stats: whether a call moves the averages; None (the default) means
       when ``is_training``. False with ``is_training`` normalizes with the batch's
       statistics and leaves the averages (as ``test_local_stats`` does when not
@@ -152,9 +180,10 @@ class BatchNorm(hk.Module):
     data_format: str = "channels_last",
     name: str | None = None,
     *,
+    accumulate: bool = False,
     update_stats: bool | None = None,
   ):
-    """Haiku's arguments and checks (see the class), and ``update_stats``.
+    """Haiku's arguments and checks (see the class), ``accumulate`` and ``update_stats``.
 
     Raises:
       ValueError: an initializer without its parameter, or index groups without
@@ -182,6 +211,11 @@ class BatchNorm(hk.Module):
     self.update_stats = update_stats
     self.mean_ema = _MovingAverage(decay_rate, name="mean_ema")
     self.var_ema = _MovingAverage(decay_rate, name="var_ema")
+    self.accumulate = accumulate
+    if accumulate:
+      self.pending_moments = _PendingMoments(name="pending_moments")
+      self.pending_mean_ema = _MovingAverage(decay_rate, name="pending_mean_ema")
+      self.pending_var_ema = _MovingAverage(decay_rate, name="pending_var_ema")
 
   def _reduced_axes(self, ndim: int) -> tuple[int, ...]:
     if self.axis is not None:
@@ -276,12 +310,14 @@ class BatchNorm(hk.Module):
   def _train(self, x, params, w_shape, feature_shape, options) -> jax.Array:
     """Training mode: the batch's statistics normalize ``x`` and move the averages
     (or, inside ``recompute_batch_stats``, become them)."""
+    record = _recording[-1] if _recording else None
+    if self.accumulate and not record:
+      return self._accumulate(x, params, w_shape, feature_shape, options)
     # Haiku's state takes the input's dtype; here at least float32 (float64 under x64).
     dtype = moving_average.widest_real(x.dtype)
     (counter, mean), (_, var) = (
       ema.hidden(w_shape, dtype) for ema in (self.mean_ema, self.var_ema)
     )
-    record = _recording[-1] if _recording else None
     moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
     y, hidden = batch_norm(
       x,
@@ -299,6 +335,34 @@ class BatchNorm(hk.Module):
         ema.set_average(jnp.maximum(counter, 1), jnp.reshape(value, w_shape))
       else:
         ema.set(counter + 1, jnp.reshape(value, w_shape))
+    return y
+
+  def _accumulate(self, x, params, w_shape, feature_shape, options) -> jax.Array:
+    """Training mode with ``accumulate``: the batch's statistics normalize ``x`` and
+    join the pending moments; the pending averages become those one update of the
+    moving averages with all of them gives, and the moving averages stay."""
+    dtype = moving_average.widest_real(x.dtype)
+    (counter, mean), (_, var) = (
+      ema.initialize(w_shape, dtype) for ema in (self.mean_ema, self.var_ema)
+    )
+    moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
+    pending = accumulation.PendingUpdate(self.pending_moments.get(feature_shape), moving)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      moving,
+      pending,
+      momentum=_momentum(self.decay_rate, counter),
+      axis_name=_axis_name(self.cross_replica_axis),
+      axis_index_groups=self.cross_replica_axis_index_groups,
+      **options,
+    )
+    self.pending_moments.set(pending.moments)
+    for ema, value in zip(
+      (self.pending_mean_ema, self.pending_var_ema), pending.next_state, strict=True
+    ):
+      ema.initialize(w_shape, dtype)
+      ema.set(counter + 1, jnp.reshape(value, w_shape))
     return y
 
 
@@ -452,4 +516,60 @@ def sync_state(state: Mapping[str, Any], axis_name: Hashable) -> dict[str, Any]:
     entry = state[name]
     synced = _sync_state({k: entry[k] for k in ("hidden", "average")}, axis_name)
     new_state[name] = {**entry, **synced}
+  return new_state
+
+
+_PENDING_SUFFIX = "/~/pending_moments"
+
+
+def apply_pending(state: Mapping[str, Any], *, where: bool | jax.Array = True) -> dict[str, Any]:
+  """Ends an optimizer step: every pending average becomes the moving average.
+
+  For every ``BatchNorm(..., accumulate=True)`` of the state (``bnjax.apply_pending``):
+  its ``mean_ema`` and ``var_ema`` (``counter``, ``hidden``, ``average``) become
+  ``pending_mean_ema`` and ``pending_var_ema``, one update with the exact
+  statistics of all the step's micro-batches, and ``pending_moments`` start again
+  from zero. Call it once per optimizer step: after a loop over the
+  micro-batches, or with ``where`` the condition that ``optax.MultiSteps`` stepped.
+
+  Args:
+    state: a Haiku state holding accumulating ``BatchNorm`` layers.
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, the state comes back as it is).
+
+  Returns:
+    The new state, of the same structure, shapes and dtypes.
+
+  Raises:
+    ValueError: no accumulating ``BatchNorm`` in ``state``, or ``where`` not a scalar.
+    TypeError: ``where`` not boolean.
+
+  >>> import haiku as hk
+  >>> model = hk.transform_with_state(
+  ...     lambda x: BatchNorm(False, False, 0.5, accumulate=True)(x, is_training=True))
+  >>> micro_batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]
+  >>> params, state = model.init(None, micro_batches[0])
+  >>> for x in micro_batches:
+  ...   _, state = model.apply(params, state, None, x)
+  >>> state = apply_pending(state)
+  >>> state["batch_norm/~/mean_ema"]["average"].tolist()  # debiased: 0, 2, 4 and 6's mean
+  [[3.0]]
+  """
+  names = [name[: -len(_PENDING_SUFFIX)] for name in state if name.endswith(_PENDING_SUFFIX)]
+  if not names:
+    raise ValueError(
+      "apply_pending found no pending_moments in the state: build the layers with "
+      "BatchNorm(..., accumulate=True)"
+    )
+  new_state = dict(state)
+  for layer in names:
+    entries = {ema: state[f"{layer}/~/{ema}"] for ema in _EMA_NAMES}
+    pending = accumulation.PendingUpdate(
+      Moments(**state[layer + _PENDING_SUFFIX]),
+      {ema: state[f"{layer}/~/pending_{ema}"] for ema in _EMA_NAMES},
+    )
+    entries, pending = accumulation.apply_pending(entries, pending, where=where)
+    for ema in _EMA_NAMES:
+      new_state[f"{layer}/~/{ema}"] = entries[ema]
+    new_state[layer + _PENDING_SUFFIX] = pending.moments._asdict()
   return new_state

@@ -6,8 +6,10 @@
 ``unbiased_variance`` and ``virtual_batch_size``; the math is ``bnjax.batch_norm``.
 ``BatchRenorm`` is batch renormalization with the same state.
 ``recompute_batch_stats`` sets every BN layer's statistics to the paper's
-Algorithm 2 statistics. The modules hold the variables; each call reads them,
-runs the pure function and writes the returned state back.
+Algorithm 2 statistics; ``init_pending`` and ``apply_pending`` move them once per
+optimizer step under gradient accumulation (``PendingStat`` variables). The
+modules hold the variables; each call reads them, runs the pure function and
+writes the returned state back.
 """
 
 from __future__ import annotations
@@ -31,20 +33,23 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins ne
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from bnjax import _wrappers, population, validation
+from bnjax import _wrappers, accumulation, population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.renorm import batch_renorm
+from bnjax.stats import Moments
 
 
 class BatchNorm(nnx.Module):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
-  All arguments but the last two are ``flax.nnx.BatchNorm``'s, with its defaults
+  All arguments but the last four are ``flax.nnx.BatchNorm``'s, with its defaults
   and state: ``nnx.Param`` ``scale``/``bias`` and ``nnx.BatchStat`` ``mean``/``var``,
   all ``[num_features]`` (float32 statistics). Training mode (the default,
   ``.train()``) normalizes with the batch's statistics and updates ``mean`` and
   ``var`` in place; ``.eval()`` normalizes with them. The math is
-  ``bnjax.batch_norm``.
+  ``bnjax.batch_norm``. After ``init_pending``, training calls accumulate
+  instead (``bnjax.accumulate_batch_norm``): ``mean`` and ``var`` move once per
+  optimizer step, at ``apply_pending``.
 
   ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
   statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
@@ -88,10 +93,10 @@ class BatchNorm(nnx.Module):
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
     debias: keep the zero-debiased exponential average (Haiku's), counting the
       updates in ``count``; see ``bnjax.debiased_momentum``.
-    update_stats: whether a call updates ``mean`` and ``var``; None (the
-      default) means in training mode. False keeps them while the batch's
-      statistics normalize (fine-tuning); True in ``.eval()`` mode normalizes
-      with them and updates them.
+    update_stats: whether a call updates ``mean`` and ``var`` (or accumulates,
+      under ``init_pending``); None (the default) means in training mode. False
+      keeps them while the batch's statistics normalize (fine-tuning); True in
+      ``.eval()`` mode normalizes with them and updates them.
   """
 
   def __init__(
@@ -176,9 +181,14 @@ class BatchNorm(nnx.Module):
 
     Raises:
       ValueError: no mode given (``use_running_average`` None in the constructor
-        and the call), or as ``bnjax.batch_norm``.
+        and the call), accumulating with a ``virtual_batch_size``, or as
+        ``bnjax.batch_norm``.
       TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
+    pending = _pending(self)
+    training = _training(self, use_running_average)
+    if pending is not None and training and self._updates(training, update_stats):
+      return self._accumulate(x, pending, mask)
     return self._apply(
       batch_norm,
       x,
@@ -195,30 +205,15 @@ class BatchNorm(nnx.Module):
     the statistics update (by default in training mode), writes the returned state
     back and counts the update."""
     training = _training(self, use_running_average)
-    update = validation.update_stats_flag(
-      self.update_stats if update_stats is None else update_stats, training
-    )
-    count = None if self.count is None else self.count[...]
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
-      x, _, _, scale, bias = self.promote_dtype(
-        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
-      )
-      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    update = self._updates(training, update_stats)
+    x, params, state, out_dtype = self._promoted(x)
     y, new_state = normalize(
       x,
-      BatchNormParams(scale=scale, bias=bias),
-      BatchNormState(mean=self.mean[...], var=self.var[...]),
+      params,
+      state,
       training=training,
       update_stats=update,
-      axis=self.axis,
-      momentum=_wrappers.layer_momentum(self.momentum, self.debias, count),
-      epsilon=self.epsilon,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      mask=mask,
-      dtype=out_dtype,
+      **self._options(mask, out_dtype),
       **options,
     )
     if update:
@@ -226,9 +221,63 @@ class BatchNorm(nnx.Module):
       # the write happens inside the differentiated function, which otherwise fails.
       self.mean[...] = jax.lax.stop_gradient(new_state.mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
-      if count is not None:
-        self.count[...] = count + 1
+      if self.count is not None:
+        self.count[...] = self.count[...] + 1
     return y
+
+  def _updates(self, training: bool, update_stats: bool | None) -> bool:
+    """Whether the call updates the statistics: the call's ``update_stats``, else
+    the attribute's, else ``training``."""
+    return validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, training
+    )
+
+  def _accumulate(self, x, pending: accumulation.PendingUpdate, mask) -> jax.Array:
+    """The training call of a layer with ``PendingStat`` variables: the batch's
+    moments join them (``bnjax.accumulate_batch_norm``); ``mean`` and ``var`` stay."""
+    if self.virtual_batch_size is not None:
+      raise ValueError(
+        "BatchNorm with virtual_batch_size cannot accumulate: ghost batch norm moves the "
+        "running statistics by the mean of its groups'; remove the PendingStat variables "
+        "(nnx.pop(model, bnjax.nnx.PendingStat)), or leave virtual_batch_size None"
+      )
+    x, params, state, out_dtype = self._promoted(x)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      state,
+      pending,
+      unbiased_variance=self.unbiased_variance,
+      **self._options(mask, out_dtype),
+    )
+    _set_pending(self, pending)
+    return y
+
+  def _promoted(self, x):
+    """``(x, params, state, output dtype)``, promoted as Flax promotes them."""
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
+      x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+      )
+      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    state = BatchNormState(mean=self.mean[...], var=self.var[...])
+    return x, BatchNormParams(scale=scale, bias=bias), state, out_dtype
+
+  def _options(self, mask, out_dtype) -> dict[str, tp.Any]:
+    """The core's keyword arguments that the layer's attributes and the call give."""
+    return dict(
+      axis=self.axis,
+      momentum=_wrappers.layer_momentum(
+        self.momentum, self.debias, None if self.count is None else self.count[...]
+      ),
+      epsilon=self.epsilon,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      mask=mask,
+      dtype=out_dtype,
+    )
 
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view`` to set the mode of a view of the model.
@@ -242,6 +291,51 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class PendingStat(nnx.Variable):
+  """A BN layer's update of its statistics that waits for the optimizer step.
+
+  The variable type of the ``pending_*`` attributes that ``init_pending`` gives
+  each layer under gradient accumulation (the merged moments of the step's
+  micro-batches so far, and the ``mean`` and ``var`` one update with them gives:
+  ``bnjax.PendingUpdate``); a filter for ``nnx.state``, ``nnx.split`` and
+  ``nnx.pop``, as ``nnx.BatchStat`` is for the running statistics.
+
+  Args:
+    value: the ``[num_features]`` array.
+    hijax, ref, eager_sharding, metadata: as ``nnx.Variable``'s (``metadata``: keywords).
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(2, rngs=nnx.Rngs(0)))
+  >>> sorted(nnx.state(layer, PendingStat))  # doctest: +NORMALIZE_WHITESPACE
+  ['pending_count', 'pending_mean', 'pending_next_mean', 'pending_next_var',
+   'pending_var']
+  """
+
+
+_PENDING_ATTRIBUTES = (
+  "pending_count",
+  "pending_mean",
+  "pending_var",
+  "pending_next_mean",
+  "pending_next_var",
+)
+
+
+def _pending(layer: BatchNorm) -> accumulation.PendingUpdate | None:
+  """The layer's ``PendingStat`` variables as the core's ``PendingUpdate``, or None
+  where it has none (not accumulating)."""
+  if getattr(layer, _PENDING_ATTRIBUTES[0], None) is None:
+    return None
+  count, mean, var, next_mean, next_var = (getattr(layer, a)[...] for a in _PENDING_ATTRIBUTES)
+  return accumulation.PendingUpdate(Moments(count, mean, var), BatchNormState(next_mean, next_var))
+
+
+def _set_pending(layer: BatchNorm, pending: accumulation.PendingUpdate) -> None:
+  values = (*pending.moments, *pending.next_state)
+  for name, value in zip(_PENDING_ATTRIBUTES, values, strict=True):
+    getattr(layer, name)[...] = value
 
 
 def _training(layer: BatchNorm, use_running_average: bool | None) -> bool:
@@ -466,4 +560,99 @@ def recompute_batch_stats(
     state = population.population_state(recorded[0], unbiased=unbiased, fallback=fallback)
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
+  return model
+
+
+def _accumulating_layers(model: nnx.Module) -> list[BatchNorm]:
+  """The model's ``BatchNorm`` layers that can accumulate (not ``BatchRenorm``)."""
+  return [
+    module
+    for _, module in nnx.iter_graph(model)
+    if isinstance(module, BatchNorm) and not isinstance(module, BatchRenorm)
+  ]
+
+
+def init_pending(model: nnx.Module) -> nnx.Module:
+  """Makes every ``BatchNorm`` of ``model`` accumulate; each optimizer step's starts empty.
+
+  Gives each layer ``PendingStat`` variables, ``pending_count``, ``pending_mean``
+  and ``pending_var`` (the moments of no micro-batch yet: zeros) and
+  ``pending_next_mean`` and ``pending_next_var`` (its ``mean`` and ``var``), as
+  Flax's attention layers get their cache (``init_cache``). From then on, a
+  training call normalizes with its micro-batch's statistics and merges them into
+  these (``bnjax.accumulate_batch_norm``); ``mean`` and ``var`` stay until
+  ``apply_pending``. ``nnx.pop(model, PendingStat)`` ends accumulation. Call it
+  outside ``nnx.jit``: it adds variables to the model. ``BatchRenorm`` layers are
+  left as they are.
+
+  Args:
+    model: an nnx model holding ``bnjax.nnx.BatchNorm`` layers.
+
+  Returns:
+    ``model``, updated in place.
+
+  Raises:
+    ValueError: the model has no ``bnjax.nnx.BatchNorm`` layer.
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(1, momentum=0.0, rngs=nnx.Rngs(0)))
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _ = layer(x)
+  >>> layer.mean[...].tolist(), layer.pending_next_mean[...].tolist()  # of 0, 2, 4 and 6
+  ([0.0], [3.0])
+  """
+  layers = _accumulating_layers(model)
+  if not layers:
+    raise ValueError("init_pending found no bnjax.nnx.BatchNorm layer in the model")
+  for layer in layers:
+    fresh = accumulation.init_pending(BatchNormState(layer.mean[...], layer.var[...]))
+    for name, value in zip(_PENDING_ATTRIBUTES, (*fresh.moments, *fresh.next_state), strict=True):
+      setattr(layer, name, PendingStat(value))
+  return model
+
+
+def apply_pending(model: nnx.Module, *, where: bool | jax.Array = True) -> nnx.Module:
+  """Ends an optimizer step: every layer's pending statistics become its ``mean`` and ``var``.
+
+  ``bnjax.apply_pending`` for each layer with ``PendingStat`` variables
+  (``init_pending``): ``mean`` and ``var`` become one update with the exact
+  statistics of all the step's micro-batches, and the moments start again from
+  zero. Call it once per optimizer step (inside ``nnx.jit`` too): after a loop
+  over the micro-batches, or with ``where`` the condition that
+  ``optax.MultiSteps`` stepped.
+
+  Args:
+    model: an nnx model whose ``BatchNorm`` layers accumulate.
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, nothing changes).
+
+  Returns:
+    ``model``, updated in place.
+
+  Raises:
+    ValueError: no layer of ``model`` accumulates (see ``init_pending``), or
+      ``where`` not a scalar.
+    TypeError: ``where`` not boolean.
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(1, momentum=0.0, rngs=nnx.Rngs(0)))
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _ = layer(x)
+  >>> layer = apply_pending(layer)
+  >>> layer.mean[...].tolist(), layer.var[...].tolist()  # of 0, 2, 4 and 6
+  ([3.0], [5.0])
+  """
+  layers = [(layer, _pending(layer)) for layer in _accumulating_layers(model)]
+  layers = [(layer, pending) for layer, pending in layers if pending is not None]
+  if not layers:
+    raise ValueError(
+      "apply_pending found no accumulating BatchNorm layer: call init_pending(model) first"
+    )
+  for layer, pending in layers:
+    state = BatchNormState(layer.mean[...], layer.var[...])
+    state, pending = accumulation.apply_pending(state, pending, where=where)
+    layer.mean[...], layer.var[...] = state.mean, state.var
+    if layer.count is not None:  # momentum=None, debias=True: one update more
+      layer.count[...] = layer.count[...] + jnp.asarray(where).astype(jnp.int32)
+    _set_pending(layer, pending)
   return model

@@ -454,3 +454,52 @@ def test_linen_takes_a_traced_momentum():
       stats["mean"], (1 - np.float64(np.float32(momentum))) * mu, rtol=2e-7
     )
   assert step._cache_size() == 1
+
+
+def _micro_batch_steps(batches, micro_batches=2):
+  """``[steps, micro_batches * 8, 2]`` batches as ``[steps, micro_batches, 8, 2]``."""
+  return batches.reshape(len(batches), micro_batches, -1, batches.shape[-1])
+
+
+@pytest.mark.parametrize("option", ["cumulative", "debias"])
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_counted_averages_under_gradient_accumulation(framework, option):
+  """With ``init_pending``, the Flax drop-ins count optimizer steps, not
+  micro-batches: after ``STEPS`` steps of two micro-batches each, the averages are
+  those of the steps' merged statistics, and ``count`` is ``STEPS``."""
+  options = dict(momentum=None) if option == "cumulative" else dict(debias=True)
+  steps = _micro_batch_steps(_batches())
+
+  @jax.jit
+  def run(steps):
+    if framework == "linen":
+      layer = bnjax.linen.BatchNorm(use_running_average=False, **{"momentum": MOMENTUM, **options})
+      variables = layer.init(jax.random.key(0), steps[0, 0])
+      batch_stats = variables["batch_stats"]
+      for micro_batches in steps:
+        pending = bnjax.linen.init_pending(batch_stats)
+        for x in micro_batches:
+          _, updates = layer.apply(
+            {**variables, "batch_stats": batch_stats, "pending_stats": pending},
+            x,
+            mutable=["pending_stats"],
+          )
+          pending = updates["pending_stats"]
+        batch_stats, _ = bnjax.linen.apply_pending(batch_stats, pending)
+      return dict(batch_stats)
+    layer = bnjax.nnx.init_pending(
+      bnjax.nnx.BatchNorm(2, rngs=nnx.Rngs(0), **{"momentum": MOMENTUM, **options})
+    )
+    for micro_batches in steps:
+      for x in micro_batches:
+        layer(x)
+      bnjax.nnx.apply_pending(layer)
+    return {"mean": layer.mean[...], "var": layer.var[...], "count": layer.count[...]}
+
+  stats = run(jnp.asarray(steps))
+  means, variances = _batch_statistics(steps.reshape(len(steps), -1, 2))  # each step whole
+  average = cumulative_average if option == "cumulative" else debiased_average
+  args = () if option == "cumulative" else (MOMENTUM,)
+  np.testing.assert_allclose(stats["mean"], average(means, *args), rtol=1e-6)
+  np.testing.assert_allclose(stats["var"], average(variances, *args), rtol=1e-6)
+  assert stats["count"] == STEPS
