@@ -305,12 +305,14 @@ def test_linen_debiased_float64_statistics_are_haikus(x64):
 
 
 def test_flax_checkpoints_stay_flaxs_without_a_count():
-  """The count exists only where an option needs it."""
+  """The count exists only where an option needs it (shapes traced, not run)."""
   x = jnp.ones((2, 3))
-  plain = bnjax.linen.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-  counted = bnjax.linen.BatchNorm(use_running_average=False, momentum=None).init(
-    jax.random.key(0), x
-  )
+
+  def variables(**options):
+    layer = bnjax.linen.BatchNorm(use_running_average=False, **options)
+    return jax.eval_shape(layer.init, jax.random.key(0), x)
+
+  plain, counted = variables(), variables(momentum=None)
   assert set(plain["batch_stats"]) == {"mean", "var"}
   assert set(counted["batch_stats"]) == {"mean", "var", "count"}
   assert set(nnx.state(bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchStat)) == {"mean", "var"}
