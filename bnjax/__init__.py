@@ -21,6 +21,10 @@ from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
 from bnjax.batch_norm import init as init
 from bnjax.fold import fold as fold
+from bnjax.freeze import freeze_statistics as freeze_statistics
+from bnjax.moving_average import MovingAverageWeights as MovingAverageWeights
+from bnjax.moving_average import cumulative_momentum as cumulative_momentum
+from bnjax.moving_average import debiased_momentum as debiased_momentum
 from bnjax.moving_average import update_moving_average as update_moving_average
 from bnjax.population import PopulationStatistics as PopulationStatistics
 from bnjax.population import init_population as init_population

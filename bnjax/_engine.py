@@ -41,17 +41,21 @@ class Inputs(NamedTuple):
   out_dtype: jnp.dtype
 
 
-def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype) -> Inputs:
+def prepare(
+  x, params, state, *, training, axis, momentum, epsilon, mask, dtype, update_stats=False
+) -> Inputs:
   """Checks every argument (errors name the problem) and canonicalizes them;
   ``axis_name`` and ``axis_index_groups`` are checked where they are used, inside
-  the mapped function (``training_config``, ``bnjax.collectives.psum``)."""
+  the mapped function (``training_config``, ``bnjax.collectives.psum``). The batch
+  needs values to reduce where its statistics normalize (``training``) or move the
+  state (``update_stats``)."""
   validation.check_training(training)
   validation.check_floating("x", x)
   validation.check_momentum(momentum)
   validation.check_epsilon(epsilon)
   x = jnp.asarray(x)
   axes = validation.input_axes(x.shape, axis)
-  if training:
+  if training or update_stats:
     validation.check_reduction(x.shape, axes.features)
   scale, bias = (None, None) if params is None else params
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])

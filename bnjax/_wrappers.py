@@ -1,8 +1,9 @@
 """What ``bnjax.linen`` and ``bnjax.nnx`` share, apart from Flax (private).
 
 Paths into nested dicts (a ``'/'``-separated string or a tuple of names), the
-entries of such a dict that are layers' (``entries``), and the loop that sums each
-layer's batch statistics over the batches of ``recompute_batch_stats``.
+entries of such a dict that are layers' (``entries``), the loop that sums each
+layer's batch statistics over the batches of ``recompute_batch_stats``, and the
+momentum of a layer that counts its updates (``momentum=None``, ``debias=True``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+
+from bnjax import moving_average, validation
 
 
 def _names(path: str | tuple) -> tuple:
@@ -83,3 +86,34 @@ def sum_over_batches(run: Callable[[Any], Any], batches: Iterable[Any]) -> Any:
     values = run(batch)
     totals = values if totals is None else jax.tree.map(lambda a, b: a + b, totals, values)
   return totals
+
+
+def counts_updates(momentum: float | None, debias: bool) -> bool:
+  """Whether a layer keeps a count of its updates: the cumulative average
+  (``momentum`` None) and the debiased one need it; checks the two options.
+
+  >>> counts_updates(None, False), counts_updates(0.99, False)
+  (True, False)
+  """
+  validation.check_bool("debias", debias)
+  if momentum is None and debias:
+    raise ValueError(
+      "debias=True debiases an exponential average, and momentum=None is the cumulative "
+      "average (unbiased already): pass a momentum, or debias=False"
+    )
+  return momentum is None or debias
+
+
+def layer_momentum(momentum: float | None, debias: bool, count):
+  """The momentum of a layer's next update, after ``count`` updates: ``momentum``;
+  with ``debias``, ``bnjax.debiased_momentum(momentum, count)``; for ``momentum``
+  None, ``bnjax.cumulative_momentum(count)``.
+
+  >>> layer_momentum(None, False, 3).old.tolist()
+  0.75
+  """
+  if momentum is None:
+    return moving_average.cumulative_momentum(count)
+  if debias:
+    return moving_average.debiased_momentum(momentum, count)
+  return momentum

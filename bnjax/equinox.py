@@ -33,7 +33,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[equinox]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers, accumulation, moving_average
+from bnjax import _wrappers, accumulation, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.moving_average import MovingAverageWeights
@@ -121,12 +121,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
     input_size: the number of channels ``C``.
     eps: added to the variance before the square root.
     channelwise_affine: whether ``weight`` and ``bias`` exist.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics (None: the cumulative average).
     mode: ``"batch"`` or ``"ema"``.
     pending_index: with ``accumulate``, the update that waits for the optimizer
       step: ``(moments, counter, (mean, var))``, the merged ``bnjax.Moments`` of
       the step's micro-batches so far and the ``batch_counter`` and statistics
       that ``apply_pending`` installs; else None.
+    update_stats: whether a call moves the running statistics (None: in training).
     record: set by ``recompute_batch_stats`` only.
   """
 
@@ -141,9 +142,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
   input_size: int = eqx.field(static=True)
   eps: float = eqx.field(static=True)
   channelwise_affine: bool = eqx.field(static=True)
-  momentum: float = eqx.field(static=True)
+  momentum: float | None = eqx.field(static=True)
   mode: Literal["ema", "batch"] = eqx.field(static=True)
   pending_index: eqx.nn.StateIndex | None
+  update_stats: bool | None
   record: Literal["unbiased", "biased"] | None  # None: no leaf (a string only while recording)
 
   def __init__(
@@ -152,14 +154,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     axis_name: Hashable | Sequence[Hashable],
     eps: float = 1e-5,
     channelwise_affine: bool = True,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     inference: bool = False,
     dtype=None,
     mode: Literal["ema", "batch", "legacy"] = "legacy",
     *,
     accumulate: bool = False,
+    update_stats: bool | None = None,
   ):
-    """Equinox's arguments and defaults, and ``accumulate``.
+    """Equinox's arguments and defaults, and ``accumulate`` and ``update_stats``.
 
     Args:
       input_size: the number of channels ``C``.
@@ -167,7 +170,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         compute statistics over.
       eps: added to the variance before the square root.
       channelwise_affine: whether the layer has the learned ``weight`` and ``bias``.
-      momentum: weight of the old running statistics, in [0, 1].
+      momentum: weight of the old running statistics, in [0, 1]; None (in
+        ``"batch"`` mode) for the cumulative average, the plain mean of every
+        batch's statistics (PyTorch's ``momentum=None``).
       inference: normalize with the running statistics (may be toggled with
         ``eqx.nn.inference_mode`` or overridden in the call).
       dtype: dtype of ``weight`` and ``bias`` (default float32, float64 under x64);
@@ -177,10 +182,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
         normalizes with its micro-batch's statistics and merges them into the
         ``pending_index`` state (``bnjax.accumulate_batch_norm``); the running
         statistics move once per optimizer step, at ``apply_pending``.
+      update_stats: whether a call moves the running statistics (or accumulates);
+        None (the default) means in training. False normalizes a training call
+        with the batch's statistics and leaves the state; True in inference
+        normalizes with the running statistics and moves them.
 
     Raises:
       ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``; ``accumulate`` in
-        ``"ema"`` mode (it normalizes with the running statistics).
+        ``"ema"`` mode (it normalizes with the running statistics); ``momentum``
+        None in ``"ema"`` mode.
     """
     if mode == "legacy":
       mode = "ema"
@@ -191,6 +201,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
       raise ValueError(
         "accumulate needs mode='batch': mode='ema' normalizes with the running statistics, "
         "which move once per optimizer step under accumulation"
+      )
+    if momentum is None and mode == "ema":
+      raise ValueError(
+        "momentum=None (the cumulative average) counts the training steps, which only "
+        "mode='batch' does: pass mode='batch', or a momentum"
       )
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)  # float32 or x64's
     stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
@@ -212,11 +227,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.channelwise_affine = channelwise_affine
     self.momentum = momentum
     self.mode = mode
+    self.update_stats = update_stats
     self.record = None
 
   def _batch_momentum(self, count):
     """``"batch"`` mode's momentum after ``count`` updates: zero-debiased, except
-    that momentum 1 keeps the statistics as they are."""
+    that momentum 1 keeps the statistics as they are; for momentum None the
+    cumulative average's."""
+    if self.momentum is None:
+      return moving_average.cumulative_momentum(count)
     if self.momentum >= 1:
       return self.momentum
     return moving_average.debiased_momentum(self.momentum, count)
@@ -234,6 +253,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     key: Any = None,
     inference: bool | None = None,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates the state.
 
@@ -244,6 +264,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: overrides the field of the same name when not None.
       mask: optional boolean broadcastable to ``x`` (``[]`` for the whole example),
         True for the values that enter the statistics (see ``bnjax.batch_norm``).
+      update_stats: overrides the field of the same name when not None.
 
     Returns:
       ``(y, state)``: ``y`` of ``x``'s shape (in the dtype promoted from ``x`` and
@@ -280,39 +301,56 @@ class BatchNorm(eqx.nn.StatefulLayer):
         **training,
       )
 
-    if inference:
+    update = validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, not inference
+    )
+    if inference and not update:
       return normalize(running)[0], state
     if self.record is not None:  # recompute_batch_stats: this batch's statistics alone
       y, batch = normalize(running, momentum=0.0, unbiased_variance=self.record == "unbiased")
       return y, state.set(self._statistics_index, tuple(batch))
-    if self.pending_index is not None:  # accumulate: the running statistics stay
-      count = state.get(self.batch_counter)  # the updates so far
-      moments, _, next_state = state.get(self.pending_index)
-      y, pending = accumulation.accumulate_batch_norm(
-        x,
-        params,
-        running,
-        accumulation.PendingUpdate(moments, BatchNormState(*next_state)),
-        axis=0,
-        momentum=self._batch_momentum(count),
-        epsilon=self.eps,
-        axis_name=self.axis_name,
-        mask=mask,
-        dtype=dtype,
-      )
-      next_pending = (pending.moments, count + 1, tuple(pending.next_state))
-      return y, state.set(self.pending_index, next_pending)
+    if self.pending_index is not None and update:  # the running statistics stay
+      y, state = self._accumulate(x, params, running, state, mask, dtype)
+    else:
+      y, moved, (index, value) = self._moved(normalize, running, state)
+      if update:
+        state = state.set(index, value).set(self._statistics_index, tuple(moved))
+    if inference:  # the running statistics normalize as they were
+      y = normalize(running)[0]
+    return y, state
+
+  def _moved(self, normalize, running: BatchNormState, state: eqx.nn.State):
+    """A training step's output, its running statistics, and the new value of the
+    counter (``"batch"`` mode) or first-time flag (``"ema"``) as ``(index, value)``."""
     if self.mode == "batch":
       count = state.get(self.batch_counter)  # the updates so far
-      y, running = normalize(running, momentum=self._batch_momentum(count))
-      state = state.set(self.batch_counter, count + 1)
-    else:
-      first_time = state.get(self.ema_first_time_index)
-      _, running = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
-      y, _ = normalize(running)  # with the moved statistics, as Equinox
-      # False, typed as the old flag (under pmap or shard_map, as varying as it).
-      state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))
-    return y, state.set(self._statistics_index, tuple(running))
+      y, moved = normalize(running, momentum=self._batch_momentum(count))
+      return y, moved, (self.batch_counter, count + 1)
+    first_time = state.get(self.ema_first_time_index)
+    _, moved = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
+    y, _ = normalize(moved)  # with the moved statistics, as Equinox
+    # False, typed as the old flag (under pmap or shard_map, as varying as it).
+    return y, moved, (self.ema_first_time_index, jnp.logical_and(first_time, False))
+
+  def _accumulate(self, x, params, running, state, mask, dtype):
+    """A training call under ``accumulate``: the batch's statistics normalize ``x``
+    and join the pending update (``bnjax.accumulate_batch_norm``)."""
+    count = state.get(self.batch_counter)  # the updates so far
+    moments, _, next_state = state.get(self.pending_index)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      running,
+      accumulation.PendingUpdate(moments, BatchNormState(*next_state)),
+      axis=0,
+      momentum=self._batch_momentum(count),
+      epsilon=self.eps,
+      axis_name=self.axis_name,
+      mask=mask,
+      dtype=dtype,
+    )
+    next_pending = (pending.moments, count + 1, tuple(pending.next_state))
+    return y, state.set(self.pending_index, next_pending)
 
 
 def _layers(model) -> list[BatchNorm]:

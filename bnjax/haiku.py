@@ -34,7 +34,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[haiku]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers, accumulation, moving_average
+from bnjax import _wrappers, accumulation, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.stats import Moments
@@ -77,7 +77,10 @@ class _MovingAverage(hk.Module):
 
   def _debias(self, counter, dtype) -> jax.Array:
     """``1 - decay**counter``, without the cancellation of Haiku's float32 power
-    (``moving_average.zero_debias_factor``)."""
+    (``moving_average.zero_debias_factor``); 1 for the cumulative average (decay
+    None), which ``hidden`` holds as it is."""
+    if self.decay is None:
+      return jnp.ones((), dtype)
     return moving_average.zero_debias_factor(self.decay, counter, dtype)
 
   def _store(self, counter, hidden, average) -> None:
@@ -123,6 +126,9 @@ class BatchNorm(hk.Module):
   * Statistics are computed in at least float32 and the state is float32 for
     half-precision inputs (Haiku's state takes the input's dtype; for float32 and
     float64 inputs both keep the input's).
+  * The debiasing factor ``1 - decay**counter`` is computed without cancellation
+    (Haiku's float32 power leaves its averages 5e-6 off after 5 steps at decay
+    0.999), and ``1 - decay`` in double precision.
   * ``__call__`` takes a ``mask``; ``axis`` may hold negative axes.
   * Integer inputs are normalized as float32 (float64 under x64), with parameters
     in that dtype (Haiku creates them in the integer dtype).
@@ -138,7 +144,9 @@ class BatchNorm(hk.Module):
   Args:
     create_scale: whether to learn a ``scale`` (gamma).
     create_offset: whether to learn an ``offset`` (beta).
-    decay_rate: the moving averages' decay, the weight of the old value.
+    decay_rate: the moving averages' decay, the weight of the old value; None
+      for the cumulative average, the plain mean of every batch's statistics
+      (PyTorch's ``momentum=None``; ``hidden`` then holds the average itself).
     eps: added to the variance before the square root.
     scale_init: initializer of ``scale`` (default ones); only with ``create_scale``.
     offset_init: initializer of ``offset`` (default zeros); only with ``create_offset``.
@@ -152,6 +160,10 @@ class BatchNorm(hk.Module):
       ``pending_moments``, ``pending_mean_ema`` and ``pending_var_ema``
       (``bnjax.accumulate_batch_norm``); ``mean_ema`` and ``var_ema`` move once
       per optimizer step, at ``apply_pending``.
+    update_stats: whether a call moves the averages; None (the default) means
+      when ``is_training``. False with ``is_training`` normalizes with the batch's
+      statistics and leaves the averages (as ``test_local_stats`` does when not
+      training); True without it normalizes with the averages and moves them.
   """
 
   def __init__(
@@ -169,8 +181,9 @@ class BatchNorm(hk.Module):
     name: str | None = None,
     *,
     accumulate: bool = False,
+    update_stats: bool | None = None,
   ):
-    """Haiku's arguments and checks (see the class), and ``accumulate``.
+    """Haiku's arguments and checks (see the class), ``accumulate`` and ``update_stats``.
 
     Raises:
       ValueError: an initializer without its parameter, or index groups without
@@ -195,6 +208,7 @@ class BatchNorm(hk.Module):
     self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
     self.channel_index = hk.get_channel_index(data_format)
     self.decay_rate = decay_rate
+    self.update_stats = update_stats
     self.mean_ema = _MovingAverage(decay_rate, name="mean_ema")
     self.var_ema = _MovingAverage(decay_rate, name="var_ema")
     self.accumulate = accumulate
@@ -218,6 +232,7 @@ class BatchNorm(hk.Module):
     offset: jax.Array | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``inputs``; in training also updates the moving averages.
 
@@ -231,6 +246,7 @@ class BatchNorm(hk.Module):
       mask: optional boolean broadcastable to ``inputs``, True for the values that
         enter the statistics (see ``bnjax.batch_norm``). A feature with no valid
         value keeps its ``hidden``; the counter still counts the step.
+      update_stats: overrides the constructor's ``update_stats``.
 
     Returns:
       The normalized input, of ``inputs``' shape, in the dtype promoted from the
@@ -260,9 +276,16 @@ class BatchNorm(hk.Module):
     params = _per_feature_params(scale, offset, w_shape, feature_shape)
     options = dict(axis=features, epsilon=self.eps, mask=mask_, dtype=dtype)
 
-    if is_training:
-      y = self._train(x, params, w_shape, feature_shape, options)
-    elif test_local_stats:
+    use_batch = is_training or test_local_stats
+    update = validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, is_training
+    )
+    if not use_batch:  # read before any update: the averages normalize as they were
+      y, _ = batch_norm(x, params, self._averages(feature_shape), training=False, **options)
+    if update or (is_training and hk.running_init()):  # init creates the state, as Haiku's
+      y_batch = self._train(x, params, w_shape, feature_shape, options)
+      y = y_batch if use_batch else y
+    elif use_batch:  # the batch's statistics, the averages left as they are
       neutral = BatchNormState(jnp.zeros(feature_shape), jnp.ones(feature_shape))
       y, _ = batch_norm(
         x,
@@ -273,16 +296,16 @@ class BatchNorm(hk.Module):
         axis_index_groups=self.cross_replica_axis_index_groups,
         **options,
       )
-    else:
-      averages = BatchNormState(
-        jnp.reshape(self.mean_ema.average(), feature_shape),
-        jnp.reshape(self.var_ema.average(), feature_shape),
-      )
-      y, _ = batch_norm(x, params, averages, training=False, **options)
     if params is None:  # a scale or offset per example (conditional normalization)
       with jax.numpy_dtype_promotion("standard"):
         y = y * (1 if scale is None else scale) + (0 if offset is None else offset)
     return y[..., 0] if x is not inputs and y.ndim > inputs.ndim else y
+
+  def _averages(self, feature_shape) -> BatchNormState:
+    return BatchNormState(
+      jnp.reshape(self.mean_ema.average(), feature_shape),
+      jnp.reshape(self.var_ema.average(), feature_shape),
+    )
 
   def _train(self, x, params, w_shape, feature_shape, options) -> jax.Array:
     """Training mode: the batch's statistics normalize ``x`` and move the averages
@@ -301,7 +324,7 @@ class BatchNorm(hk.Module):
       params,
       moving,
       training=True,
-      momentum=0.0 if record else self.decay_rate,
+      momentum=0.0 if record else _momentum(self.decay_rate, counter),
       axis_name=_axis_name(self.cross_replica_axis),
       axis_index_groups=self.cross_replica_axis_index_groups,
       unbiased_variance=record == "unbiased",
@@ -329,7 +352,7 @@ class BatchNorm(hk.Module):
       params,
       moving,
       pending,
-      momentum=self.decay_rate,
+      momentum=_momentum(self.decay_rate, counter),
       axis_name=_axis_name(self.cross_replica_axis),
       axis_index_groups=self.cross_replica_axis_index_groups,
       **options,
@@ -341,6 +364,13 @@ class BatchNorm(hk.Module):
       ema.initialize(w_shape, dtype)
       ema.set(counter + 1, jnp.reshape(value, w_shape))
     return y
+
+
+def _momentum(decay_rate: float | None, counter: jax.Array):
+  """The weight of ``hidden`` in its next update: ``decay_rate`` (Haiku's biased
+  average, debiased on reading), or for ``decay_rate`` None the cumulative average's
+  (``bnjax.cumulative_momentum``: ``hidden`` is then the average itself)."""
+  return moving_average.cumulative_momentum(counter) if decay_rate is None else decay_rate
 
 
 def _with_feature_axes(inputs: jax.Array, mask, reduced: tuple[int, ...]):

@@ -81,30 +81,58 @@ def _apply(
   use_running_average,
   mask,
   *,
+  update_stats=None,
   stats_dtype=jnp.float32,
   compute_dtype=None,
   **options,
 ) -> jax.Array:
   """The call both layers share: declares (or reads) the variables, runs
   ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
-  and, in training mode, writes the returned state back to ``batch_stats``,
-  widened to ``_updated_stats_dtype(..., compute_dtype)`` where that is given. A
-  function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
-  may declare variables."""
+  and, where the statistics update (by default in training mode), writes the
+  returned state back to ``batch_stats``, widened to ``_updated_stats_dtype(...,
+  compute_dtype)`` where that is given, and counts the update in
+  ``batch_stats/count`` where the layer keeps one. A function, not a method: Flax
+  wraps methods, and only compact ones (or ``setup``) may declare variables."""
   training = not _use_running_average(module, use_running_average)
+  update = _updates(module, training, update_stats)
   params, mean, var = _variables(module, x, stats_dtype)
+  count = _count(module)
   initializing = module.is_initializing()
-  state = _state(mean, var, compute_dtype if training else None)
+  state = _state(mean, var, compute_dtype if update else None)
   y, new_state = normalize(
-    x, params, state, training=training, **_options(module, x, params, mask), **options
+    x,
+    params,
+    state,
+    training=training,
+    update_stats=update,
+    **_options(module, x, params, mask, count),
+    **options,
   )
-  if training and not initializing:  # during init the statistics stay (as Flax)
+  if update and not initializing:  # during init the statistics stay (as Flax)
     mean.value, var.value = new_state.mean, new_state.var
+    if count is not None:
+      count.value = count.value + 1
   return y
+
+
+def _count(module: nn.Module):
+  """The ``batch_stats/count`` variable of a layer whose momentum needs its number
+  of updates (``momentum=None``, ``debias=True``); None for the others."""
+  if not _wrappers.counts_updates(module.momentum, module.debias):
+    return None
+  return module.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
 
 
 def _use_running_average(module: nn.Module, use_running_average: bool | None) -> bool:
   return nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+
+
+def _updates(module: nn.Module, training: bool, update_stats: bool | None) -> bool:
+  """Whether the call updates the statistics: the call's ``update_stats``, else the
+  field's, else ``training``."""
+  return validation.update_stats_flag(
+    module.update_stats if update_stats is None else update_stats, training
+  )
 
 
 def _state(mean, var, compute_dtype) -> BatchNormState:
@@ -119,12 +147,15 @@ def _state(mean, var, compute_dtype) -> BatchNormState:
   )
 
 
-def _options(module: nn.Module, x, params: BatchNormParams, mask) -> dict[str, Any]:
-  """The core's keyword arguments that the module's fields and the call give."""
+def _options(module: nn.Module, x, params: BatchNormParams, mask, count=None) -> dict[str, Any]:
+  """The core's keyword arguments that the module's fields and the call give (the
+  momentum of the layer's next update, after ``count``'s updates where it counts)."""
   initializing = module.is_initializing()
   return dict(
     axis=module.axis,
-    momentum=module.momentum,
+    momentum=_wrappers.layer_momentum(
+      module.momentum, module.debias, None if count is None else count.value
+    ),
     epsilon=module.epsilon,
     # During init the named axis may not exist yet (as Flax).
     axis_name=None if initializing else module.axis_name,
@@ -169,7 +200,7 @@ def _accumulate(module: nn.Module, x, mask, *, stats_dtype, compute_dtype) -> ja
     state,
     _as_pending({name: v.value for name, v in variables.items()}),
     unbiased_variance=module.unbiased_variance,
-    **_options(module, x, params, mask),
+    **_options(module, x, params, mask, _count(module)),
   )
   for name, value in _pending_entry(pending).items():
     variables[name].value = value
@@ -181,7 +212,7 @@ class _Normalization(nn.Module):
 
   use_running_average: bool | None = None
   axis: int = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -208,6 +239,11 @@ class BatchNorm(_Normalization):
   stay, and ``apply_pending`` moves them once per optimizer step (Flax's attention
   layers decide on their ``cache`` collection likewise, by its presence).
 
+  ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
+  statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
+  exponential average (Haiku's); both count the updates in ``batch_stats/count``
+  (an int32 scalar, absent otherwise, so checkpoints stay Flax's).
+
   >>> import jax
   >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
   >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
@@ -221,7 +257,8 @@ class BatchNorm(_Normalization):
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
     axis: the feature axis or axes of the input.
-    momentum: weight of the old running statistics (Flax's convention).
+    momentum: weight of the old running statistics (Flax's convention); None
+      for the cumulative average (see above).
     epsilon: added to the variance before the square root.
     dtype: dtype of the output (default: promoted from input and parameters).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -242,12 +279,21 @@ class BatchNorm(_Normalization):
     unbiased_variance: update the running variance with the unbiased batch
       variance (the paper's inference statistics); see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
+    debias: keep the zero-debiased exponential average (Haiku's), counting the
+      updates in ``batch_stats/count``; see ``bnjax.debiased_momentum``.
+    update_stats: whether a call updates ``batch_stats`` (or accumulates into
+      ``pending_stats``); None (the default) means in training mode. False keeps
+      them as they are while the batch's statistics normalize (fine-tuning, a
+      second forward pass); True with ``use_running_average=True`` normalizes
+      with them and updates them.
   """
 
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_variance: bool = False
   virtual_batch_size: int | None = None
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
@@ -256,6 +302,7 @@ class BatchNorm(_Normalization):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -264,6 +311,7 @@ class BatchNorm(_Normalization):
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean, True for entries that enter the statistics; see
         ``bnjax.batch_norm``.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -280,7 +328,8 @@ class BatchNorm(_Normalization):
     compute_dtype = self.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
     if self.force_float32_reductions:
       compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
-    if not _use_running_average(self, use_running_average) and self.has_variable(_PENDING, "count"):
+    training = not _use_running_average(self, use_running_average)
+    if training and _updates(self, training, update_stats) and self.has_variable(_PENDING, "count"):
       return _accumulate(self, x, mask, stats_dtype=stats_dtype, compute_dtype=compute_dtype)
     return _apply(
       self,
@@ -288,6 +337,7 @@ class BatchNorm(_Normalization):
       x,
       use_running_average,
       mask,
+      update_stats=update_stats,
       stats_dtype=stats_dtype,
       compute_dtype=compute_dtype,
       unbiased_variance=self.unbiased_variance,
@@ -316,14 +366,25 @@ class BatchRenorm(_Normalization):
   Attributes:
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+    debias: as ``BatchNorm``'s.
+    update_stats: as ``BatchNorm``'s.
   """
 
   r_max: float = 3.0
   d_max: float = 5.0
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
-    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    update_stats: bool | None = None,
   ):
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -334,6 +395,7 @@ class BatchRenorm(_Normalization):
         ``bnjax.batch_norm``.
       r_max: overrides the attribute; may be a traced scalar (a schedule).
       d_max: overrides the attribute; may be a traced scalar.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -351,6 +413,7 @@ class BatchRenorm(_Normalization):
       x,
       use_running_average,
       mask,
+      update_stats=update_stats,
       r_max=self.r_max if r_max is None else r_max,
       d_max=self.d_max if d_max is None else d_max,
     )
@@ -523,19 +586,23 @@ def fold_variables(
 
 
 def _is_batch_norm_entry(node: Mapping) -> bool:
-  return set(node) == {"mean", "var"} and not isinstance(node["mean"], Mapping)
+  """A layer's ``batch_stats``: ``mean`` and ``var``, and a ``count`` where it keeps one."""
+  names = set(node)
+  return {"mean", "var"} <= names <= {"mean", "var", "count"} and not isinstance(
+    node["mean"], Mapping
+  )
 
 
 def init_pending(batch_stats: Mapping[str, Any]) -> dict[str, Any]:
   """The ``pending_stats`` collection at the start of an optimizer step.
 
-  For every BN layer of ``batch_stats`` (an entry holding exactly ``mean`` and
-  ``var``), at the same path: ``count``, ``mean`` and ``var``, the moments of
-  no micro-batch yet (zeros), and ``next_mean`` and ``next_var``, the layer's
-  statistics as they are (``bnjax.init_pending``). Given to ``apply`` as the
-  ``pending_stats`` collection, it makes every ``BatchNorm`` accumulate (every BN
-  layer of the model must then be ``bnjax.linen.BatchNorm``: the others would not
-  fill their entries).
+  For every BN layer of ``batch_stats`` (an entry holding ``mean`` and ``var``,
+  and nothing else but a ``count``), at the same path: ``count``, ``mean`` and
+  ``var``, the moments of no micro-batch yet (zeros), and ``next_mean`` and
+  ``next_var``, the layer's statistics as they are (``bnjax.init_pending``). Given
+  to ``apply`` as the ``pending_stats`` collection, it makes every ``BatchNorm``
+  accumulate (every BN layer of the model must then be ``bnjax.linen.BatchNorm``:
+  the others would not fill their entries).
 
   Args:
     batch_stats: the model's ``batch_stats`` collection.
@@ -555,6 +622,15 @@ def init_pending(batch_stats: Mapping[str, Any]) -> dict[str, Any]:
     fresh = _pending_entry(accumulation.init_pending(BatchNormState(entry["mean"], entry["var"])))
     pending = _wrappers.replace_at(pending, path, lambda _, new=fresh: new)
   return pending
+
+
+def _installed(old: Mapping[str, Any], state: BatchNormState, where) -> dict[str, Any]:
+  """A layer's ``batch_stats`` entry with ``state`` installed, and its ``count`` (where
+  it keeps one: ``momentum=None``, ``debias=True``) one more where ``where``."""
+  entry = {**old, **state._asdict()}
+  if "count" in old:
+    entry["count"] = old["count"] + jnp.asarray(where).astype(old["count"].dtype)
+  return entry
 
 
 def apply_pending(
@@ -604,7 +680,7 @@ def apply_pending(
       BatchNormState(old["mean"], old["var"]), _as_pending(entry), where=where
     )
     batch_stats = _wrappers.replace_at(
-      batch_stats, path, lambda old, new=state: {**old, **new._asdict()}
+      batch_stats, path, lambda old, new=state: _installed(old, new, where)
     )
     pending_stats = _wrappers.replace_at(
       pending_stats, path, lambda _, new=pending: _pending_entry(new)

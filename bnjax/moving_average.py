@@ -100,6 +100,9 @@ def cumulative_momentum(count) -> MovingAverageWeights:
     ``MovingAverageWeights(count / (count + 1), 1 / (count + 1))``, float32
     (float64 under x64) scalars.
 
+  Raises:
+    TypeError: ``count`` not a number.
+
   >>> average = jnp.array(0.0)  # any start: the first update replaces it
   >>> for count, value in enumerate([2.0, 4.0, 9.0]):
   ...   average = update_moving_average(average, jnp.array(value),

@@ -33,7 +33,7 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins ne
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from bnjax import _wrappers, accumulation, population
+from bnjax import _wrappers, accumulation, population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.renorm import batch_renorm
 from bnjax.stats import Moments
@@ -42,7 +42,7 @@ from bnjax.stats import Moments
 class BatchNorm(nnx.Module):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
-  All arguments but the last two are ``flax.nnx.BatchNorm``'s, with its defaults
+  All arguments but the last four are ``flax.nnx.BatchNorm``'s, with its defaults
   and state: ``nnx.Param`` ``scale``/``bias`` and ``nnx.BatchStat`` ``mean``/``var``,
   all ``[num_features]`` (float32 statistics). Training mode (the default,
   ``.train()``) normalizes with the batch's statistics and updates ``mean`` and
@@ -50,6 +50,11 @@ class BatchNorm(nnx.Module):
   ``bnjax.batch_norm``. After ``init_pending``, training calls accumulate
   instead (``bnjax.accumulate_batch_norm``): ``mean`` and ``var`` move once per
   optimizer step, at ``apply_pending``.
+
+  ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
+  statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
+  exponential average (Haiku's); both count the updates in an ``nnx.BatchStat``
+  ``count`` (an int32 scalar, absent otherwise).
 
   >>> from flax import nnx
   >>> layer = BatchNorm(1, momentum=0.9, rngs=nnx.Rngs(0))
@@ -66,7 +71,8 @@ class BatchNorm(nnx.Module):
       (``.eval()`` sets it); if False, with the batch's, updating them
       (``.train()`` sets it).
     axis: the feature axis of the input.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics; None for the cumulative
+      average (see above).
     epsilon: added to the variance before the square root.
     dtype: dtype of the output (default: promoted from input and variables).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -85,6 +91,12 @@ class BatchNorm(nnx.Module):
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
     unbiased_variance: see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
+    debias: keep the zero-debiased exponential average (Haiku's), counting the
+      updates in ``count``; see ``bnjax.debiased_momentum``.
+    update_stats: whether a call updates ``mean`` and ``var`` (or accumulates,
+      under ``init_pending``); None (the default) means in training mode. False
+      keeps them while the batch's statistics normalize (fine-tuning); True in
+      ``.eval()`` mode normalizes with them and updates them.
   """
 
   def __init__(
@@ -93,7 +105,7 @@ class BatchNorm(nnx.Module):
     *,
     use_running_average: bool | None = False,
     axis: int = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
@@ -110,10 +122,14 @@ class BatchNorm(nnx.Module):
     scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
     unbiased_variance: bool = False,
     virtual_batch_size: int | None = None,
+    debias: bool = False,
+    update_stats: bool | None = None,
   ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    counts = _wrappers.counts_updates(momentum, debias)
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if counts else nnx.data(None)
     self.scale: nnx.Param[jax.Array] | None = (
       nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
       if use_scale
@@ -139,6 +155,8 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.unbiased_variance = unbiased_variance
     self.virtual_batch_size = virtual_batch_size
+    self.debias = debias
+    self.update_stats = update_stats
 
   def __call__(
     self,
@@ -146,6 +164,7 @@ class BatchNorm(nnx.Module):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
@@ -154,6 +173,7 @@ class BatchNorm(nnx.Module):
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean, True for entries that enter the statistics; see
         ``bnjax.batch_norm``.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -166,32 +186,51 @@ class BatchNorm(nnx.Module):
       TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
     pending = _pending(self)
-    if pending is not None and _training(self, use_running_average):
+    training = _training(self, use_running_average)
+    if pending is not None and training and self._updates(training, update_stats):
       return self._accumulate(x, pending, mask)
     return self._apply(
       batch_norm,
       x,
       use_running_average,
       mask,
+      update_stats,
       unbiased_variance=self.unbiased_variance,
       virtual_batch_size=self.virtual_batch_size,
     )
 
-  def _apply(self, normalize, x, use_running_average, mask, **options) -> jax.Array:
+  def _apply(self, normalize, x, use_running_average, mask, update_stats, **options):
     """The call both layers share: promotes as Flax does, runs ``normalize``
-    (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, in
-    training mode, writes the returned state back."""
+    (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, where
+    the statistics update (by default in training mode), writes the returned state
+    back and counts the update."""
     training = _training(self, use_running_average)
+    update = self._updates(training, update_stats)
     x, params, state, out_dtype = self._promoted(x)
     y, new_state = normalize(
-      x, params, state, training=training, **self._options(mask, out_dtype), **options
+      x,
+      params,
+      state,
+      training=training,
+      update_stats=update,
+      **self._options(mask, out_dtype),
+      **options,
     )
-    if training:
+    if update:
       # The running statistics carry no gradient (as Flax): with hijax variables
       # the write happens inside the differentiated function, which otherwise fails.
       self.mean[...] = jax.lax.stop_gradient(new_state.mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
+      if self.count is not None:
+        self.count[...] = self.count[...] + 1
     return y
+
+  def _updates(self, training: bool, update_stats: bool | None) -> bool:
+    """Whether the call updates the statistics: the call's ``update_stats``, else
+    the attribute's, else ``training``."""
+    return validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, training
+    )
 
   def _accumulate(self, x, pending: accumulation.PendingUpdate, mask) -> jax.Array:
     """The training call of a layer with ``PendingStat`` variables: the batch's
@@ -230,7 +269,9 @@ class BatchNorm(nnx.Module):
     """The core's keyword arguments that the layer's attributes and the call give."""
     return dict(
       axis=self.axis,
-      momentum=self.momentum,
+      momentum=_wrappers.layer_momentum(
+        self.momentum, self.debias, None if self.count is None else self.count[...]
+      ),
       epsilon=self.epsilon,
       axis_name=self.axis_name,
       axis_index_groups=self.axis_index_groups,
@@ -333,7 +374,7 @@ class BatchRenorm(BatchNorm):
       ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
       ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
       ``axis_index_groups``, ``use_fast_variance``, ``promote_dtype``, ``rngs``,
-      ``bias_metadata``, ``scale_metadata``).
+      ``bias_metadata``, ``scale_metadata``, ``debias``, ``update_stats``).
   """
 
   def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
@@ -348,7 +389,14 @@ class BatchRenorm(BatchNorm):
     self.d_max = d_max
 
   def __call__(
-    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    update_stats: bool | None = None,
   ):
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
@@ -359,6 +407,7 @@ class BatchRenorm(BatchNorm):
         ``bnjax.batch_norm``.
       r_max: overrides the attribute; may be a traced scalar (a schedule).
       d_max: overrides the attribute; may be a traced scalar.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -375,6 +424,7 @@ class BatchRenorm(BatchNorm):
       x,
       use_running_average,
       mask,
+      update_stats,
       r_max=self.r_max if r_max is None else r_max,
       d_max=self.d_max if d_max is None else d_max,
     )
@@ -602,5 +652,7 @@ def apply_pending(model: nnx.Module, *, where: bool | jax.Array = True) -> nnx.M
     state = BatchNormState(layer.mean[...], layer.var[...])
     state, pending = accumulation.apply_pending(state, pending, where=where)
     layer.mean[...], layer.var[...] = state.mean, state.var
+    if layer.count is not None:  # momentum=None, debias=True: one update more
+      layer.count[...] = layer.count[...] + jnp.asarray(where).astype(jnp.int32)
     _set_pending(layer, pending)
   return model

@@ -178,6 +178,15 @@ def check_momentum(momentum) -> None:
     check_momentum(float(momentum))
 
 
+def update_stats_flag(update_stats, training: bool) -> bool:
+  """``update_stats`` as a Python bool: None means ``training`` (the running
+  statistics move when the batch's normalize)."""
+  if update_stats is None:
+    return bool(training)
+  check_bool("update_stats", update_stats)
+  return bool(update_stats)
+
+
 def check_bool(name: str, value) -> None:
   """A Python bool flag (it selects code at trace time)."""
   if not isinstance(value, (bool, np.bool_)):
