@@ -41,17 +41,21 @@ class Inputs(NamedTuple):
   out_dtype: jnp.dtype
 
 
-def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype) -> Inputs:
+def prepare(
+  x, params, state, *, training, axis, momentum, epsilon, mask, dtype, update_stats=False
+) -> Inputs:
   """Checks every argument (errors name the problem) and canonicalizes them;
   ``axis_name`` and ``axis_index_groups`` are checked where they are used, inside
-  the mapped function (``training_config``, ``bnjax.collectives.psum``)."""
+  the mapped function (``training_config``, ``bnjax.collectives.psum``). The batch
+  needs values to reduce where its statistics normalize (``training``) or move the
+  state (``update_stats``)."""
   validation.check_training(training)
   validation.check_floating("x", x)
   validation.check_momentum(momentum)
   validation.check_epsilon(epsilon)
   x = jnp.asarray(x)
   axes = validation.input_axes(x.shape, axis)
-  if training:
+  if training or update_stats:
     validation.check_reduction(x.shape, axes.features)
   scale, bias = (None, None) if params is None else params
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])
@@ -148,15 +152,15 @@ class StateUpdate(NamedTuple):
   in the same pass (``updated_state``); ``state_update`` builds one."""
 
   state: Any  # a BatchNormState of [*F] arrays
-  momentum: jax.Array  # [], floating: the weight of the old statistics
+  momentum: moving_average.MovingAverageWeights  # [] each: the old and the new value's weight
 
 
 def state_update(state, momentum) -> StateUpdate:
-  """``StateUpdate`` of ``state`` with ``momentum`` (a number or a traced scalar)."""
-  momentum = jnp.asarray(momentum)
-  if not jnp.issubdtype(momentum.dtype, jnp.floating):  # an int: 0 or 1
-    momentum = momentum.astype(jnp.float32)
-  return StateUpdate(state, momentum)
+  """``StateUpdate`` of ``state`` with ``momentum`` (a number, a traced scalar or
+  ``MovingAverageWeights``), as arrays: a Python float's ``1 - momentum`` is taken
+  in double here, before anything rounds it (``moving_average_weights``)."""
+  dtype = moving_average.widest_real(*(statistic.dtype for statistic in state))
+  return StateUpdate(state, moving_average.moving_average_weights(momentum, dtype))
 
 
 def normalize_training(

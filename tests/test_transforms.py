@@ -86,7 +86,8 @@ def moved(mean, var):
 
 def tolerance(array) -> float:
   """Relative tolerance for a result of ``array``'s dtype: float64 results agree
-  with the reference to 1e-10; float32 ones (a state kept in float32) to 1e-6."""
+  with the reference to 1e-10; float32 ones (bnjax.nnx's running statistics, kept
+  in float32 as Flax keeps them) to 1e-6."""
   return 1e-10 if jnp.result_type(array) == jnp.float64 else 1e-6
 
 
