@@ -11,6 +11,8 @@ imports Flax, Equinox or Haiku).
 
 import importlib as _importlib
 
+# Weights and statistics from PyTorch, Keras and Haiku, and back (a namespace: bnjax.convert.*).
+from bnjax import convert as convert
 from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
