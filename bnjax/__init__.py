@@ -17,6 +17,10 @@ from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
 from bnjax.batch_norm import init as init
+from bnjax.describe import LayerStatistics as LayerStatistics
+from bnjax.describe import StatisticsReport as StatisticsReport
+from bnjax.describe import StatisticsScopeWarning as StatisticsScopeWarning
+from bnjax.describe import describe as describe
 from bnjax.fold import fold as fold
 from bnjax.moving_average import update_moving_average as update_moving_average
 from bnjax.population import PopulationStatistics as PopulationStatistics
