@@ -69,7 +69,8 @@ class StatisticsScopeWarning(UserWarning):
   under ``pmap`` the same layer took each device's (or the reverse).
 
   Args:
-    *args, **kwargs: the message, as for any warning.
+    *args: the message, as for any warning.
+    **kwargs: as for any warning (none are read).
 
   >>> issubclass(StatisticsScopeWarning, UserWarning)
   True
@@ -130,6 +131,23 @@ class StatisticsReport(tuple):
 
   def __str__(self) -> str:
     return _format_table(self)
+
+  def summary(self) -> str:
+    """The report in a few lines, one per distinct coverage (for a run's log).
+
+    Layers whose statistics span the same axes, devices and examples, with the
+    same running statistics and momentum, share a line, which adds up their
+    exchange. Evaluation-mode layers share one line.
+
+    Returns:
+      The lines, joined by newlines ("" for no layer).
+    """
+    groups: dict[tuple, list[LayerStatistics]] = {}
+    for layer in self:
+      key = (layer.running_statistics == "not updated", layer.device_axes, layer.devices)
+      key += (layer.examples, layer.running_statistics, layer.momentum)
+      groups.setdefault(key, []).append(layer)
+    return "\n".join(_summary_line(layers) for layers in groups.values())
 
 
 def _module_path(stack: str, scope: str) -> str:
@@ -428,6 +446,23 @@ def _warn_scope(layer: LayerStatistics, call: _recording.Call) -> None:
       StatisticsScopeWarning,
       stacklevel=3,
     )
+
+
+def _summary_line(layers: list[LayerStatistics]) -> str:
+  first, count = layers[0], f"{len(layers)} layer{'s' * (len(layers) != 1)}"
+  if first.running_statistics == "not updated":
+    return f"{count} in evaluation mode: normalized with the running statistics"
+  axes = ",".join(map(str, first.device_axes))
+  if not axes:
+    axes = "each device's batch" if first.running_statistics != "replicated" else "the batch"
+  momentum = "traced" if first.momentum is None else f"{first.momentum:g}"
+  forward = sum(layer.forward_bytes for layer in layers)
+  backward = sum(layer.backward_bytes for layer in layers)
+  return (
+    f"{count}: statistics over {axes} ({first.devices} device{'s' * (first.devices != 1)}, "
+    f"{first.examples} examples), running statistics {first.running_statistics}, momentum "
+    f"{momentum}; exchange {_bytes(forward)} + {_bytes(backward)} (forward + backward)"
+  )
 
 
 def _bytes(count: int) -> str:

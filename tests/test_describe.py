@@ -273,3 +273,18 @@ def test_the_drop_ins_are_seen():
     else:
       assert (row.devices, row.examples, row.running_statistics) == (8, 32, "replicated"), name
       assert row.forward_bytes == reference.forward_bytes, name
+
+
+def test_the_summary_folds_layers_of_one_coverage(variables):
+  step = jax.pmap(gradient_step(Net("batch")), axis_name="batch", in_axes=(None, None, 0))
+  report = bnjax.describe(
+    step, variables["params"], variables["batch_stats"], batch().reshape(8, 8, 12)
+  )
+  first, second = report
+  assert report.summary().splitlines() == [
+    f"1 layer: statistics over batch (8 devices, 64 examples), running statistics replicated, "
+    f"momentum {m:g}; exchange {row.forward_bytes:,} B + {row.backward_bytes:,} B "
+    "(forward + backward)"
+    for m, row in ((0.9, first), (0.99, second))
+  ]
+  assert len(str(report).splitlines()) == 3  # the header and a line a layer
