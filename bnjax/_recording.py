@@ -1,6 +1,7 @@
 """What ``bnjax.describe`` sees of each batch-norm call while it traces (private).
 
-The public normalization functions carry ``@recorded(kind)``. Outside
+The public normalization functions carry ``@recorded(kind)``, and
+``bnjax.sync_state`` ``@recorded_sync``. Outside
 ``bnjax.describe`` that costs one list check per trace; inside it, each call
 appends a ``Call`` (its arguments, and what the trace knows of its input: the
 shape on one device, the device axes in scope) and runs inside a named scope of
@@ -23,7 +24,7 @@ from jax import lax
 from bnjax import validation
 
 SCOPE = "bnjax_statistics_{}"
-_active: list[list[Call]] = []
+_active: list[Trace] = []
 
 
 class Call(NamedTuple):
@@ -45,6 +46,13 @@ class Call(NamedTuple):
   mesh_axes: dict[str, int]  # manual (pmap, shard_map) mesh axes in scope and their sizes
   varying: frozenset | None  # the manual axes the input varies along, where JAX tracks it
   batch_axes: dict[str, int]  # mesh axes splitting the input's axis 0 (explicit sharding), sizes
+
+
+class Trace(NamedTuple):
+  """What ``recording`` collects from one trace."""
+
+  calls: list[Call]  # the normalization calls, in order
+  synchronized: list[tuple[Hashable, ...]]  # the axes of each bnjax.sync_state call
 
 
 def _number(value) -> float | None:
@@ -93,7 +101,7 @@ def _call(kind: str, arguments: dict[str, Any]) -> Call:
   mesh_axes, batch_axes = _mesh(x)
   groups = arguments["axis_index_groups"]
   return Call(
-    index=len(_active[-1]),
+    index=len(_active[-1].calls),
     kind=kind,
     shape=tuple(jax.numpy.shape(x)),
     dtype=str(jax.numpy.result_type(x)),
@@ -128,7 +136,7 @@ def recorded(kind: str):
         call = _call(kind, bound.arguments)
       except (TypeError, ValueError, NameError):  # a bad call: the function says what is wrong
         return function(*args, **kwargs)
-      _active[-1].append(call)
+      _active[-1].calls.append(call)
       with jax.named_scope(SCOPE.format(call.index)):
         return function(*args, **kwargs)
 
@@ -137,12 +145,24 @@ def recorded(kind: str):
   return decorate
 
 
+def recorded_sync(function):
+  """Decorates ``bnjax.sync_state``: ``describe`` sees which axes it averages over."""
+
+  @functools.wraps(function)
+  def wrapper(state, axis_name):
+    if _active:
+      _active[-1].synchronized.append(_named(axis_name))
+    return function(state, axis_name)
+
+  return wrapper
+
+
 @contextlib.contextmanager
 def recording():
-  """Collects the ``Call`` of every decorated call traced inside it, in order."""
-  calls: list[Call] = []
-  _active.append(calls)
+  """Collects a ``Trace`` of every decorated call traced inside it, in order."""
+  trace = Trace(calls=[], synchronized=[])
+  _active.append(trace)
   try:
-    yield calls
+    yield trace
   finally:
     _active.pop()

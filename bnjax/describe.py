@@ -84,8 +84,9 @@ class LayerStatistics(NamedTuple):
   under ``jit``, the mesh axes splitting the batch. ``running_statistics`` is
   ``"replicated"`` (every device returns the same), ``"per device (axis: n)"``
   (device axes in scope that the statistics do not span, where each device
-  returns its own), ``"per group of k"`` (``axis_index_groups``) or ``"not
-  updated"`` (evaluation).
+  returns its own), ``"per group of k"`` (``axis_index_groups``), ``"replicated
+  (sync_state)"`` (per device or group, then averaged by a ``bnjax.sync_state``
+  over those axes in the same trace) or ``"not updated"`` (evaluation).
 
   >>> row = LayerStatistics("bn", "batch_norm", (8, 4), "float32", (1,), (0,), (), 1, 8,
   ...                       8, "replicated", 0.9, 0, 0, 0, ())
@@ -323,21 +324,24 @@ def _coverage(call: _recording.Call, split: _BatchSharding | None) -> _Coverage:
   return _Coverage(call.axis_names, size, rows * size, values * size)
 
 
-def _running(call: _recording.Call, devices: int, split) -> str:
+def _running(call: _recording.Call, devices: int, split, synchronized: set) -> str:
+  """Whether the running statistics ``fn`` returns agree across devices; axes that
+  a ``bnjax.sync_state`` in the trace averages over count as synchronized."""
   if not call.training:
     return "not updated"
   if split is not None:
     return "replicated"
   differing = call.mesh_axes if call.varying is None else call.varying
-  unsynchronized = [a for a in call.mesh_axes if a in differing and a not in call.axis_names]
-  if unsynchronized:
-    return "per device (" + ", ".join(f"{a}: {call.mesh_axes[a]}" for a in unsynchronized) + ")"
-  if call.groups is not None and len(call.groups) > 1 and not call.virtual_batch_size:
-    return f"per group of {devices}"
-  return "replicated"
+  apart = [a for a in call.mesh_axes if a in differing and a not in call.axis_names]
+  grouped = call.groups is not None and len(call.groups) > 1 and not call.virtual_batch_size
+  if (apart or grouped) and set(apart) | set(call.axis_names if grouped else ()) <= synchronized:
+    return "replicated (sync_state)"
+  if apart:
+    return "per device (" + ", ".join(f"{a}: {call.mesh_axes[a]}" for a in apart) + ")"
+  return f"per group of {devices}" if grouped else "replicated"
 
 
-def _layer(call: _recording.Call, operations, path: str, shardings) -> LayerStatistics:
+def _layer(call: _recording.Call, operations, path, shardings, synchronized) -> LayerStatistics:
   split = _jit_split(call, shardings)
   coverage = _coverage(call, split)
   forward, backward, conditional, collectives = _exchange(call, operations, split)
@@ -352,7 +356,7 @@ def _layer(call: _recording.Call, operations, path: str, shardings) -> LayerStat
     devices=coverage.devices,
     examples=coverage.examples,
     values=coverage.values,
-    running_statistics=_running(call, coverage.devices, split),
+    running_statistics=_running(call, coverage.devices, split, synchronized),
     momentum=call.momentum if call.training else None,
     forward_bytes=forward,
     backward_bytes=backward,
@@ -405,8 +409,9 @@ def describe(fn: Callable[..., Any], *args, warn: bool = False, **kwargs) -> Sta
   >>> row.device_axes, row.devices, row.examples, row.running_statistics
   (('batch',), 1, 4, 'replicated')
   """
-  with _recording.recording() as calls, _FRESH_TRACE(next(_TRACES)):
+  with _recording.recording() as trace, _FRESH_TRACE(next(_TRACES)):
     closed = jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
+  calls, synchronized = trace.calls, {a for axes in trace.synchronized for a in axes}
   operations: dict[int, list[_Operation]] = {call.index: [] for call in calls}
   paths: dict[int, str] = {}
   for index, path, operation in _operations(closed.jaxpr):
@@ -415,7 +420,7 @@ def describe(fn: Callable[..., Any], *args, warn: bool = False, **kwargs) -> Sta
       operations.setdefault(index, []).append(operation)
   shardings = _batch_shardings(args)
   report = StatisticsReport(
-    _layer(c, operations[c.index], paths.get(c.index, ""), shardings) for c in calls
+    _layer(c, operations[c.index], paths.get(c.index, ""), shardings, synchronized) for c in calls
   )
   if warn:
     for layer, call in zip(report, calls, strict=True):

@@ -204,6 +204,12 @@ def test_axis_index_groups_make_statistics_per_group():
   np.testing.assert_allclose(states.mean[0], states.mean[3], rtol=1e-6)  # one group
   assert not np.allclose(states.mean[0], states.mean[4])  # two groups
 
+  # Averaged after each step, as the ImageNet experiment does: replicated again.
+  synced = jax.pmap(lambda x: bnjax.sync_state(step.__wrapped__(x)[1], "i"), axis_name="i")
+  (row,) = bnjax.describe(synced, x)
+  assert row.running_statistics == "replicated (sync_state)"
+  np.testing.assert_allclose(synced(x).mean[0], synced(x).mean[4], rtol=1e-6)
+
 
 def test_evaluation_and_a_traced_momentum():
   params, state = bnjax.init(3)
