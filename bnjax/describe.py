@@ -108,7 +108,7 @@ class LayerStatistics(NamedTuple):
   momentum: float | None  #: The running average's momentum; None: traced or not updated.
   forward_bytes: int  #: Bytes each device sends into the training forward's exchange.
   backward_bytes: int  #: The same for the backward pass (0 when not differentiated).
-  conditional_bytes: int  #: More, only when a second pass runs (large means, jit only).
+  conditional_bytes: int  #: More, in the costlier branches of a ``lax.cond`` (a second pass).
   collectives: tuple[str, ...]  #: The exchange's operations, as the trace holds them.
 
 
@@ -165,11 +165,11 @@ class _Operation(NamedTuple):
   operand_bytes: int
   result_bytes: int
   backward: bool  # in a transposed (reverse-mode) pass
-  conditional: bool  # inside a lax.cond branch
+  branches: tuple[tuple[int, int, int], ...]  # (cond, branch, branches) of each cond it is in
   manual: bool  # inside shard_map (or pmap)
 
 
-def _operations(jaxpr, stack: str = "", conditional=False, manual=False):
+def _operations(jaxpr, stack: str = "", branches=(), manual=False):
   """``(layer index, name stack, _Operation or None)`` for every operation in a
   layer's scope (an ``_Operation`` for collectives and reductions)."""
   for eqn in jaxpr.eqns:
@@ -182,15 +182,20 @@ def _operations(jaxpr, stack: str = "", conditional=False, manual=False):
       yield (
         index,
         _module_path(full, scope),
-        (_operation(eqn, full, conditional, manual) if counted else None),
+        (_operation(eqn, full, branches, manual) if counted else None),
       )
+    inner_manual = manual or name in ("shard_map", "xla_pmap")
+    if name == "cond":  # each branch apart: one of them runs
+      count = len(eqn.params["branches"])
+      for i, branch in enumerate(eqn.params["branches"]):
+        where = (*branches, (id(eqn), i, count))
+        yield from _operations(branch.jaxpr, full, where, inner_manual)
+      continue
     for sub in _subjaxprs(eqn):
-      yield from _operations(
-        sub, full, conditional or name == "cond", manual or name in ("shard_map", "xla_pmap")
-      )
+      yield from _operations(sub, full, branches, inner_manual)
 
 
-def _operation(eqn, full, conditional, manual) -> _Operation:
+def _operation(eqn, full, branches, manual) -> _Operation:
   shapes = tuple(tuple(v.aval.shape) for v in eqn.invars if hasattr(v.aval, "shape"))
   axes = eqn.params.get("axes", ())
   return _Operation(
@@ -200,9 +205,30 @@ def _operation(eqn, full, conditional, manual) -> _Operation:
     operand_bytes=sum(_nbytes(v.aval) for v in eqn.invars if hasattr(v.aval, "shape")),
     result_bytes=sum(_nbytes(v.aval) for v in eqn.outvars),
     backward="transpose(" in full,
-    conditional=conditional,
+    branches=branches,
     manual=manual,
   )
+
+
+def _cost(counted: list[tuple[_Operation, int]], depth: int = 0) -> tuple[int, int]:
+  """``(always, conditional)`` bytes of ``counted`` operations: outside any
+  ``lax.cond`` always, and for each cond its cheapest branch always (one branch
+  runs), the rest of its costliest branch conditionally."""
+  always = sum(b for op, b in counted if len(op.branches) == depth)
+  conditional = 0
+  conds: dict[int, dict[int, list]] = {}
+  sizes: dict[int, int] = {}
+  for op, b in counted:
+    if len(op.branches) > depth:
+      cond, branch, count = op.branches[depth]
+      conds.setdefault(cond, {}).setdefault(branch, []).append((op, b))
+      sizes[cond] = count
+  for cond, by_branch in conds.items():
+    costs = [_cost(by_branch.get(i, []), depth + 1) for i in range(sizes[cond])]
+    cheapest = min(a for a, _ in costs)
+    always += cheapest
+    conditional += max(a + c for a, c in costs) - cheapest
+  return always, conditional
 
 
 def _nbytes(aval) -> int:
@@ -293,10 +319,10 @@ def _exchange(call, operations, split: _BatchSharding | None):
       if set(factors) & set(op.axes):  # reduced across devices: an all-reduce of the result
         kept = math.prod(f for axis, f in factors.items() if axis not in op.axes)
         counted.append((op, op.result_bytes // kept, f"all-reduce of {op.primitive} {shape}"))
-  forward = sum(b for op, b, _ in counted if not op.backward and not op.conditional)
-  backward = sum(b for op, b, _ in counted if op.backward and not op.conditional)
-  conditional = sum(b for op, b, _ in counted if op.conditional)
-  return forward, backward, conditional, tuple(dict.fromkeys(text for *_, text in counted))
+  forward, forward_extra = _cost([(op, b) for op, b, _ in counted if not op.backward])
+  backward, backward_extra = _cost([(op, b) for op, b, _ in counted if op.backward])
+  texts = tuple(dict.fromkeys(text for *_, text in counted))
+  return forward, backward, forward_extra + backward_extra, texts
 
 
 class _Coverage(NamedTuple):

@@ -28,10 +28,32 @@ _TYPE = re.compile(r"(f16|bf16|f32|f64|s32|u32|pred)\[([\d,]*)\]")
 _ITEMSIZE = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1}
 
 
+_BRANCH = re.compile(r"cond/branch_(\d+)_fun")
+
+
+def _branch_cost(items, depth=0) -> tuple[int, int]:
+  """``(always, conditional)`` bytes of ``(branch path, bytes)`` items, where a
+  path lists the ``(cond, branch)`` an all-reduce is in: each two-branch cond
+  always costs its cheaper branch (one of them runs), the rest conditionally."""
+  always = sum(size for path, size in items if len(path) == depth)
+  conds: dict[str, dict[int, list]] = {}
+  for path, size in items:
+    if len(path) > depth:
+      cond, branch = path[depth]
+      conds.setdefault(cond, {}).setdefault(branch, []).append((path, size))
+  conditional = 0
+  for by_branch in conds.values():
+    costs = [_branch_cost(by_branch.get(i, []), depth + 1) for i in range(2)]
+    cheapest = min(a for a, _ in costs)
+    always += cheapest
+    conditional += max(a + c for a, c in costs) - cheapest
+  return always, conditional
+
+
 def compiled_all_reduce_bytes(compiled_text: str, layer: str = "") -> dict[str, int]:
   """Bytes of the compiled program's all-reduces whose op_name holds ``layer``:
-  ``{"forward", "backward", "conditional"}`` (branches of a cond apart)."""
-  found = {"forward": 0, "backward": 0, "conditional": 0}
+  ``{"forward", "backward", "conditional"}``, read as ``bnjax.describe`` counts."""
+  parts = {"forward": [], "backward": []}
   for line in compiled_text.splitlines():
     match = _ALL_REDUCE.search(line)
     if not match or layer not in match.group(2):
@@ -41,15 +63,10 @@ def compiled_all_reduce_bytes(compiled_text: str, layer: str = "") -> dict[str, 
       for kind, dims in _TYPE.findall(match.group(1))
     )
     op_name = match.group(2)
-    part = (
-      "conditional"
-      if "/cond/branch" in op_name
-      else "backward"
-      if "transpose(" in op_name
-      else "forward"
-    )
-    found[part] += size
-  return found
+    path = tuple((op_name[: b.start()], int(b.group(1))) for b in _BRANCH.finditer(op_name))
+    parts["backward" if "transpose(" in op_name else "forward"].append((path, size))
+  (forward, forward_extra), (backward, backward_extra) = map(_branch_cost, parts.values())
+  return {"forward": forward, "backward": backward, "conditional": forward_extra + backward_extra}
 
 
 def reported_bytes(row) -> dict[str, int]:
