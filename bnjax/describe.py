@@ -167,35 +167,92 @@ class _Operation(NamedTuple):
   backward: bool  # in a transposed (reverse-mode) pass
   branches: tuple[tuple[int, int, int], ...]  # (cond, branch, branches) of each cond it is in
   manual: bool  # inside shard_map (or pmap)
+  from_arguments: bool  # its operand derives from fn's arguments (not a constant)
 
 
-def _operations(jaxpr, stack: str = "", branches=(), manual=False):
-  """``(layer index, name stack, _Operation or None)`` for every operation in a
-  layer's scope (an ``_Operation`` for collectives and reductions)."""
+def _is_var(atom) -> bool:
+  return isinstance(atom, jax.extend.core.Var)
+
+
+def _live(jaxpr, used: list[bool] | None = None) -> tuple[set[int], set]:
+  """``(equations, variables)`` of ``jaxpr`` that are live: the ``id``s of the
+  equations whose results its outputs (``used`` of them; all by default) need or
+  that have effects, and the variables they read. The rest is dead code, which
+  XLA removes with whatever exchange it would have made."""
+  used = [True] * len(jaxpr.outvars) if used is None else used
+  live_vars = {v for v, u in zip(jaxpr.outvars, used, strict=True) if u and _is_var(v)}
+  live = set()
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live_vars for v in eqn.outvars):
+      live.add(id(eqn))
+      live_vars.update(v for v in eqn.invars if _is_var(v))
+  return live, live_vars
+
+
+def _used_outputs(eqn, live_vars_of_parent: set | None) -> list[bool] | None:
+  """Which outputs of a sub-jaxpr of ``eqn`` are used: those of ``eqn``'s own
+  outputs that are, where they correspond one to one (cond branches, jit,
+  shard_map, custom_jvp); else all (None)."""
+  return None if live_vars_of_parent is None else [v in live_vars_of_parent for v in eqn.outvars]
+
+
+class _Context(NamedTuple):
+  """Where a (sub-)jaxpr sits in the traced function."""
+
+  stack: str = ""  # the name stack of the equation that holds it
+  branches: tuple[tuple[int, int, int], ...] = ()  # (cond, branch, branches) around it
+  manual: bool = False  # inside shard_map (or pmap)
+  used: list[bool] | None = None  # which of its outputs are used (None: all)
+  data: list[bool] | None = None  # which of its inputs derive from fn's arguments (None: all)
+
+
+def _operations(jaxpr, context: _Context | None = None):
+  """``(layer index, name stack, _Operation or None)`` for every live operation in
+  a layer's scope (an ``_Operation`` for collectives and reductions)."""
+  context = context or _Context()
+  live, live_vars = _live(jaxpr, context.used)
+  flags = context.data or [True] * len(jaxpr.invars)
+  data = {v for v, d in zip(jaxpr.invars, flags, strict=True) if d}
   for eqn in jaxpr.eqns:
-    full = f"{stack}/{eqn.source_info.name_stack}"
-    name = eqn.primitive.name
+    if any(v in data for v in eqn.invars if _is_var(v)):
+      data.update(eqn.outvars)
+    if id(eqn) not in live:
+      continue
+    full = f"{context.stack}/{eqn.source_info.name_stack}"
     matches = list(_SCOPE.finditer(full))
     if matches:
       index, scope = int(matches[-1].group(1)), matches[-1].group(0)
-      counted = name in _COLLECTIVES or name in _REDUCTIONS
-      yield (
-        index,
-        _module_path(full, scope),
-        (_operation(eqn, full, branches, manual) if counted else None),
-      )
-    inner_manual = manual or name in ("shard_map", "xla_pmap")
-    if name == "cond":  # each branch apart: one of them runs
-      count = len(eqn.params["branches"])
-      for i, branch in enumerate(eqn.params["branches"]):
-        where = (*branches, (id(eqn), i, count))
-        yield from _operations(branch.jaxpr, full, where, inner_manual)
-      continue
-    for sub in _subjaxprs(eqn):
-      yield from _operations(sub, full, branches, inner_manual)
+      counted = eqn.primitive.name in _COLLECTIVES or eqn.primitive.name in _REDUCTIONS
+      operation = _operation(eqn, full, context, data) if counted else None
+      yield index, _module_path(full, scope), operation
+    yield from _inner_operations(eqn, context._replace(stack=full), live_vars, data)
 
 
-def _operation(eqn, full, branches, manual) -> _Operation:
+def _inner_operations(eqn, context: _Context, live_vars, data):
+  """``_operations`` of the jaxprs inside ``eqn``."""
+  name = eqn.primitive.name
+  manual = context.manual or name in ("shard_map", "xla_pmap")
+  operands = eqn.invars[1:] if name == "cond" else eqn.invars  # a cond's first is its index
+  one_to_one = name in ("cond", "jit", "pjit", "shard_map", "custom_jvp_call")
+  used = [v in live_vars for v in eqn.outvars] if one_to_one else None
+  flags = [_is_var(v) and v in data for v in operands]
+  if name == "cond":  # each branch apart: one of them runs
+    count = len(eqn.params["branches"])
+    for i, branch in enumerate(eqn.params["branches"]):
+      where = (*context.branches, (id(eqn), i, count))
+      inner = context._replace(branches=where, manual=manual, used=used, data=flags)
+      yield from _operations(branch.jaxpr, inner)
+    return
+  for sub in _subjaxprs(eqn):
+    fits = one_to_one and len(sub.outvars) == len(used) and len(sub.invars) == len(flags)
+    everything = [any(flags)] * len(sub.invars)
+    inner = context._replace(
+      manual=manual, used=used if fits else None, data=flags if fits else everything
+    )
+    yield from _operations(sub, inner)
+
+
+def _operation(eqn, full, context: _Context, data) -> _Operation:
   shapes = tuple(tuple(v.aval.shape) for v in eqn.invars if hasattr(v.aval, "shape"))
   axes = eqn.params.get("axes", ())
   return _Operation(
@@ -205,8 +262,9 @@ def _operation(eqn, full, branches, manual) -> _Operation:
     operand_bytes=sum(_nbytes(v.aval) for v in eqn.invars if hasattr(v.aval, "shape")),
     result_bytes=sum(_nbytes(v.aval) for v in eqn.outvars),
     backward="transpose(" in full,
-    branches=branches,
-    manual=manual,
+    branches=context.branches,
+    manual=context.manual,
+    from_arguments=bool(eqn.invars) and _is_var(eqn.invars[0]) and eqn.invars[0] in data,
   )
 
 
@@ -313,7 +371,7 @@ def _exchange(call, operations, split: _BatchSharding | None):
       if not set(op.axes) & set(call.mesh_axes):  # over vmap lanes: no device exchange
         continue
       counted.append((op, op.operand_bytes, f"{op.primitive}{list(op.axes)} {op.operand_shapes}"))
-    elif split is not None and not op.manual and op.operand_shapes:
+    elif split is not None and not op.manual and op.operand_shapes and op.from_arguments:
       shape = op.operand_shapes[0]
       factors = _split_factors(shape, call, split)
       if set(factors) & set(op.axes):  # reduced across devices: an all-reduce of the result

@@ -28,22 +28,63 @@ _TYPE = re.compile(r"(f16|bf16|f32|f64|s32|u32|pred)\[([\d,]*)\]")
 _ITEMSIZE = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1}
 
 
-_BRANCH = re.compile(r"cond/branch_(\d+)_fun")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_BRANCHES = re.compile(
+  r"branch_computations=\{([^}]*)\}|true_computation=%(\S+), false_computation=%(\S+)"
+)
+_CALLS = re.compile(r"(?:body|condition|calls)=%([\w.\-]+)")
 
 
-def _branch_cost(items, depth=0) -> tuple[int, int]:
-  """``(always, conditional)`` bytes of ``(branch path, bytes)`` items, where a
-  path lists the ``(cond, branch)`` an all-reduce is in: each two-branch cond
-  always costs its cheaper branch (one of them runs), the rest conditionally."""
-  always = sum(size for path, size in items if len(path) == depth)
-  conds: dict[str, dict[int, list]] = {}
-  for path, size in items:
-    if len(path) > depth:
-      cond, branch = path[depth]
-      conds.setdefault(cond, {}).setdefault(branch, []).append((path, size))
+class _Computation:
+  """An HLO computation: its own all-reduces, the computations it calls, and its
+  conditionals' branch computations."""
+
+  def __init__(self):
+    self.all_reduces: list[tuple[str, int]] = []  # (op_name, bytes)
+    self.calls: list[str] = []
+    self.conditionals: list[list[str]] = []
+
+
+def _read_hlo(text: str) -> tuple[dict[str, _Computation], str]:
+  computations, current, entry = {}, None, ""
+  for line in text.splitlines():
+    if header := _COMPUTATION.match(line):
+      current = computations.setdefault(header.group(1), _Computation())
+      entry = header.group(1) if line.startswith("ENTRY") else entry
+    elif current is None:
+      continue
+    elif match := _ALL_REDUCE.search(line):
+      size = sum(
+        _ITEMSIZE[kind] * int(np.prod([int(d) for d in dims.split(",") if d]))
+        for kind, dims in _TYPE.findall(match.group(1))
+      )
+      current.all_reduces.append((match.group(2), size))
+    elif branches := _BRANCHES.search(line):
+      names = branches.group(1).split(",") if branches.group(1) else branches.groups()[1:]
+      current.conditionals.append([n.strip().lstrip("%") for n in names])
+    else:
+      current.calls.extend(_CALLS.findall(line))
+  return computations, entry
+
+
+def _hlo_cost(computations, name: str, layer: str, backward: bool) -> tuple[int, int]:
+  """``(always, conditional)`` bytes of the all-reduces that computation ``name``
+  runs (calls included): each conditional always costs its cheapest branch, the
+  rest of its costliest conditionally, as ``bnjax.describe`` counts."""
+  computation = computations.get(name)
+  if computation is None:
+    return 0, 0
+  always = sum(
+    size
+    for op_name, size in computation.all_reduces
+    if layer in op_name and ("transpose(" in op_name) == backward
+  )
   conditional = 0
-  for by_branch in conds.values():
-    costs = [_branch_cost(by_branch.get(i, []), depth + 1) for i in range(2)]
+  for called in computation.calls:
+    a, c = _hlo_cost(computations, called, layer, backward)
+    always, conditional = always + a, conditional + c
+  for branches in computation.conditionals:
+    costs = [_hlo_cost(computations, b, layer, backward) for b in branches]
     cheapest = min(a for a, _ in costs)
     always += cheapest
     conditional += max(a + c for a, c in costs) - cheapest
@@ -52,20 +93,12 @@ def _branch_cost(items, depth=0) -> tuple[int, int]:
 
 def compiled_all_reduce_bytes(compiled_text: str, layer: str = "") -> dict[str, int]:
   """Bytes of the compiled program's all-reduces whose op_name holds ``layer``:
-  ``{"forward", "backward", "conditional"}``, read as ``bnjax.describe`` counts."""
-  parts = {"forward": [], "backward": []}
-  for line in compiled_text.splitlines():
-    match = _ALL_REDUCE.search(line)
-    if not match or layer not in match.group(2):
-      continue
-    size = sum(
-      _ITEMSIZE[kind] * int(np.prod([int(d) for d in dims.split(",") if d]))
-      for kind, dims in _TYPE.findall(match.group(1))
-    )
-    op_name = match.group(2)
-    path = tuple((op_name[: b.start()], int(b.group(1))) for b in _BRANCH.finditer(op_name))
-    parts["backward" if "transpose(" in op_name else "forward"].append((path, size))
-  (forward, forward_extra), (backward, backward_extra) = map(_branch_cost, parts.values())
+  ``{"forward", "backward", "conditional"}``, conditionals read from the program's
+  structure (XLA moves an all-reduce both branches share out of a conditional,
+  and inlines a conditional it can decide)."""
+  computations, entry = _read_hlo(compiled_text)
+  forward, forward_extra = _hlo_cost(computations, entry, layer, backward=False)
+  backward, backward_extra = _hlo_cost(computations, entry, layer, backward=True)
   return {"forward": forward, "backward": backward, "conditional": forward_extra + backward_extra}
 
 
@@ -158,7 +191,7 @@ def test_jit_with_a_sharded_batch_is_global_and_matches_the_compiled_exchange(va
 
 def test_jit_ghost_batches_span_the_devices_of_one_virtual_batch():
   """Virtual batches of 16 rows, 8 on each device: each statistic spans 2 devices.
-  XLA combines some of these all-reduces with others, so the program's total is
+  XLA combines some of these all-reduces with others, so the program's totals are
   compared (the gradient is the input's: no parameter's all-reduce joins in)."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   x = jax.device_put(batch()[:, :6], NamedSharding(mesh, P("data")))
@@ -181,8 +214,8 @@ def test_jit_ghost_batches_span_the_devices_of_one_virtual_batch():
   for row in report:
     assert (row.devices, row.examples, row.running_statistics) == (2, 16, "replicated")
     assert row.forward_bytes > 0 and row.backward_bytes > 0
-  total = sum(sum(reported_bytes(row).values()) for row in report)
-  assert total == sum(compiled.values())
+  totals = [sum(reported_bytes(row)[part] for row in report) for part in compiled]
+  assert totals == list(compiled.values())
 
 
 def test_shard_map_over_two_mesh_axes():
