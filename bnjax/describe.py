@@ -16,8 +16,11 @@ an explicit sharding of its batch axis), and runs inside a named scope of its ow
 while ``describe`` traces. The bytes are read from the operations the trace holds
 in that scope, forward and backward: the collectives' operands under
 ``pmap``/``shard_map``; under ``jit`` with a sharded batch, the per-feature sums
-over the batch axis, which XLA turns into all-reduces of their results. So the
-report follows the code, whatever the exchange looks like.
+over the batch axis, which XLA turns into all-reduces of their results. Only what
+XLA keeps counts (operations whose results are used, on values that derive from
+``fn``'s arguments), and a ``lax.cond`` costs its cheapest branch, the rest
+counting as conditional. So the report follows the code, whatever the exchange
+looks like; ``tests/test_describe.py`` checks it against the compiled programs.
 
 No library does this: Flax's ``tabulate`` lists parameters and shapes, and nothing
 reads which devices a normalization's statistics span.
