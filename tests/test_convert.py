@@ -118,6 +118,31 @@ def test_the_options_fit_the_flax_drop_ins():
   )
 
 
+class _Tensor:
+  """What convert reads of a torch.Tensor: detach(), cpu(), numpy()."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def detach(self):
+    return self
+
+  def cpu(self):
+    return self
+
+  def numpy(self):
+    return self.array
+
+
+def test_tensors_are_read_as_state_dict_values_are():
+  entries = torch_entries(torch_case("bn1d_float32"), "initial")
+  as_tensors = {k: _Tensor(v) if v.ndim else v for k, v in entries.items()}
+  expected = convert.from_torch(entries)
+  got = convert.from_torch(as_tensors)
+  assert jax.tree.all(jax.tree.map(np.array_equal, got.state, expected.state))
+  assert jax.tree.all(jax.tree.map(np.array_equal, got.params, expected.params))
+
+
 def test_the_cumulative_momentum_may_be_traced():
   counts = jnp.arange(4)
   momenta = jax.jit(jax.vmap(lambda k: convert.torch_momentum(None, k)))(counts)

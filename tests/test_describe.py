@@ -344,3 +344,17 @@ def test_the_summary_folds_layers_of_one_coverage(variables):
     for m, row in ((0.9, first), (0.99, second))
   ]
   assert len(str(report).splitlines()) == 3  # the header and a line a layer
+
+
+def test_jit_with_an_explicitly_sharded_batch_reads_the_input_type():
+  """Explicit sharding: the layer's input type says how its batch is split, whatever
+  the arguments' shapes."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  params, state = bnjax.init(6)
+  x = jax.device_put(batch(32)[:, :6], NamedSharding(mesh, P(("data", "model"))))
+  with jax.sharding.set_mesh(mesh):
+    (row,) = bnjax.describe(
+      jax.jit(lambda x: bnjax.batch_norm(x.reshape(32, 6), params, state, training=True)), x
+    )
+  assert (row.device_axes, row.devices, row.examples) == (("data", "model"), 8, 32)
+  assert row.running_statistics == "replicated" and row.forward_bytes > 0
