@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax import _engine, ghost, validation
+from bnjax import _engine, _recording, ghost, validation
 from bnjax.moving_average import MovingAverageWeights
 
 
@@ -100,6 +100,7 @@ def init(
   return params, state
 
 
+@_recording.recorded("batch_norm")  # bnjax.describe sees the call
 def batch_norm(
   x: jax.Array,
   params: BatchNormParams | None,

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax import _engine, validation
+from bnjax import _engine, _recording, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState
 from bnjax.moving_average import MovingAverageWeights
 
@@ -44,6 +44,7 @@ def _check_limit(name: str, value, lowest: float) -> None:
     raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
 
 
+@_recording.recorded("batch_renorm")  # bnjax.describe sees the call
 def batch_renorm(
   x: jax.Array,
   params: BatchNormParams | None,

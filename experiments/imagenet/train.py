@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 import bnjax
+import experiments.imagenet.bn_report as bn_report
 from bnjax import linen as bn
 from experiments import common
 from experiments.imagenet import bookkeeping, data, models, parallel, progress, sources
@@ -525,6 +526,7 @@ def _train(exp: Experiment, run: bookkeeping.Run) -> TrainState:
   device = _DeviceState(exp.layout, bookkeeping.resume(run, make_initial_state(exp), config))
   start = int(parallel.host_copy(device.canonical().step))
   run_step, batches = make_train_step(exp), train_batches(exp, start)
+  batches = bn_report.announce(run_step, device.value, batches)  # what BN's statistics cover
   pending, timer, evaluated = [], progress.Throughput(config.batch_size), False
   for step in range(start + 1, schedule.num_train_steps + 1):
     if step == start + 1:  # the first step compiles: time from its end
