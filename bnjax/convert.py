@@ -18,11 +18,17 @@ Haiku's ``[1, ..., C, ...]`` ones reshaped to ``[C]``). Training matches as far 
 the conventions allow (what each ``from_*`` says): the batch is normalized with its
 biased variance everywhere, and the running statistics move the source's way (the
 unbiased batch variance for PyTorch, the biased one for Keras and Haiku), by the
-source's momentum, which for PyTorch's ``momentum=None`` and Haiku's debiased
-averages changes from step to step (``torch_momentum``, ``haiku_momentum``). The
-same ``options`` fit ``bnjax.linen.BatchNorm(**options)`` and
-``bnjax.nnx.BatchNorm(C, **options)``, and ``params._asdict()`` and
-``state._asdict()`` are Flax's ``params`` and ``batch_stats`` entries of the layer.
+source's momentum. PyTorch's ``momentum=None`` (a cumulative average) and Haiku's
+debiased averages change it from step to step: ``options`` then hold the next
+step's ``MovingAverageWeights`` (``bnjax.cumulative_momentum``,
+``bnjax.debiased_momentum``, as ``torch_momentum`` and ``haiku_momentum`` give
+them), and the step after takes the count plus one. The same ``options`` fit
+``bnjax.linen.BatchNorm(**options)`` and ``bnjax.nnx.BatchNorm(C, **options)``
+where ``momentum`` is a number; for the two per-step rules give those layers
+``momentum=None`` or ``debias=True`` instead, and they count the steps themselves
+(their ``count`` started at ``num_batches_tracked`` or Haiku's ``counter``).
+``params._asdict()`` and ``state._asdict()`` are Flax's ``params`` and
+``batch_stats`` entries of the layer.
 
 The ``to_*`` functions go the other way, returning the source framework's entries
 (NumPy arrays) and its layer's settings. No framework is imported here: entries may
@@ -42,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import moving_average
 from bnjax.batch_norm import BatchNormParams, BatchNormState
 
 _TORCH_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -99,42 +106,44 @@ def _check_momentum(name: str, value, *, allow_none: bool = False):
 # ---- PyTorch ------------------------------------------------------------------------
 
 
-def torch_momentum(momentum: float | None, num_batches_tracked=0):
-  """The ``momentum`` (Flax's convention) of PyTorch's next training step.
+def torch_momentum(
+  momentum: float | None, num_batches_tracked=0
+) -> float | moving_average.MovingAverageWeights:
+  """bnjax's ``momentum`` for PyTorch's next training step.
 
   PyTorch moves ``running = (1 - m) * running + m * batch`` with ``m`` its
   ``momentum``; bnjax moves ``momentum * running + (1 - momentum) * batch``. So
   ``momentum = 1 - m``: PyTorch's default 0.1 is 0.9 here, and PyTorch's 0 ("no
   update") is 1. PyTorch's ``momentum=None`` keeps the cumulative (equal-weight)
-  average, with ``m = 1 / (k + 1)`` at the step after ``k = num_batches_tracked``
-  steps: ``momentum = k / (k + 1)``, a new value each step (traced ``k`` gives a
-  traced momentum, so a jitted step needs no recompilation).
+  average, the batch weighing ``1 / (k + 1)`` at the step after ``k =
+  num_batches_tracked`` steps: bnjax's ``cumulative_momentum(k)``, a new value
+  each step (a traced ``k`` gives traced weights: a jitted step does not
+  recompile). ``bnjax.linen.BatchNorm`` and ``bnjax.nnx.BatchNorm`` keep that
+  count themselves, with ``momentum=None`` and ``k`` as their ``count``.
 
   Args:
     momentum: PyTorch's ``momentum``, in [0, 1], or None (cumulative average).
     num_batches_tracked: PyTorch's count of training steps so far, ``k``; read
-      only for ``momentum=None``. An int or an integer array (may be traced).
+      only for ``momentum=None``. An int, or an integer array (may be traced).
 
   Returns:
-    A Python float, or for ``momentum=None`` and an array ``k`` a float32 (float64
-    under x64) scalar array.
+    ``1 - momentum``, a Python float; for ``momentum=None``,
+    ``bnjax.cumulative_momentum(num_batches_tracked)``: ``MovingAverageWeights``
+    ``(k / (k + 1), 1 / (k + 1))``, each rounded once.
 
   Raises:
     ValueError: ``momentum`` neither None nor in [0, 1], or ``num_batches_tracked``
       negative.
 
-  >>> torch_momentum(0.1), torch_momentum(0.0), torch_momentum(None, 3)
-  (0.9, 1.0, 0.75)
+  >>> torch_momentum(0.1), torch_momentum(0.0)
+  (0.9, 1.0)
+  >>> torch_momentum(None, 3).old.tolist(), torch_momentum(None, 3).new.tolist()
+  (0.75, 0.25)
   """
   momentum = _check_momentum("PyTorch's momentum", momentum, allow_none=True)
-  if momentum is not None:
-    return 1.0 - momentum
-  if isinstance(num_batches_tracked, (int, np.integer)):
-    if num_batches_tracked < 0:
-      raise ValueError(f"num_batches_tracked must be >= 0, got {num_batches_tracked}")
-    return num_batches_tracked / (num_batches_tracked + 1)
-  k = jnp.asarray(num_batches_tracked).astype(jnp.result_type(float))
-  return k / (k + 1)
+  if momentum is None:
+    return moving_average.cumulative_momentum(num_batches_tracked)
+  return 1.0 - momentum
 
 
 def from_torch(
@@ -159,8 +168,10 @@ def from_torch(
   Both conventions meet exactly: PyTorch normalizes a training batch with its
   biased variance, as bnjax does, and for the moving averages ``options``
   carry ``torch_momentum(momentum, num_batches_tracked)``. With ``momentum=None``
-  (cumulative average) that momentum is the next step's only; step ``i`` after it
-  takes ``torch_momentum(None, num_batches_tracked + i)``. Where PyTorch refuses a
+  (cumulative average) those are the next step's weights only; step ``i`` after
+  it takes ``bnjax.cumulative_momentum(num_batches_tracked + i)`` (or use
+  ``bnjax.linen.BatchNorm(momentum=None)`` with ``num_batches_tracked`` as its
+  ``batch_stats/count``: it counts itself). Where PyTorch refuses a
   batch of one value per feature in training, bnjax leaves the running variance
   as it was. ``SyncBatchNorm``'s entries are BatchNorm's; its process group is
   bnjax's ``axis_name`` (under ``pmap``/``shard_map``) or, under ``jit`` with a
@@ -179,7 +190,8 @@ def from_torch(
 
   Returns:
     ``Converted(params, state, options)``: ``[C]`` arrays in the entries' dtype,
-    and ``options = {"momentum", "epsilon", "unbiased_variance": True, "axis"}``.
+    and ``options = {"momentum", "epsilon", "unbiased_variance": True, "axis"}``
+    (``momentum`` a float, or ``MovingAverageWeights`` for ``momentum=None``).
 
   Raises:
     KeyError: no ``{prefix}running_mean``/``running_var`` (a layer built with
@@ -193,9 +205,11 @@ def from_torch(
   >>> entries = {"bn.weight": np.array([2.0]), "bn.bias": np.array([1.0]),
   ...            "bn.running_mean": np.array([3.0]), "bn.running_var": np.array([4.0]),
   ...            "bn.num_batches_tracked": np.array(7)}
-  >>> params, state, options = from_torch(entries, "bn.", momentum=None)
+  >>> params, state, options = from_torch(entries, "bn.", momentum=0.1)
   >>> options
-  {'momentum': 0.875, 'epsilon': 1e-05, 'unbiased_variance': True, 'axis': 1}
+  {'momentum': 0.9, 'epsilon': 1e-05, 'unbiased_variance': True, 'axis': 1}
+  >>> from_torch(entries, "bn.", momentum=None).options["momentum"].new.tolist()  # 1 / (7 + 1)
+  0.125
   >>> x = jnp.array([[5.0], [7.0]])  # [N, C]
   >>> y, _ = bnjax.batch_norm(x, params, state, training=False, **options)
   >>> y.round(4).tolist()  # 2 * (x - 3) / sqrt(4 + 1e-5) + 1
@@ -419,44 +433,44 @@ def to_keras(
 # ---- Haiku ----------------------------------------------------------------------------
 
 
-def haiku_momentum(decay_rate: float, counter=0):
-  """The ``momentum`` of the next step of Haiku's debiased moving average.
+def haiku_momentum(decay_rate: float, counter=0) -> moving_average.MovingAverageWeights:
+  """The ``momentum`` of the next step of Haiku's debiased moving average:
+  ``bnjax.debiased_momentum(decay_rate, counter)``, under Haiku's names.
 
   ``hk.BatchNorm`` keeps ``hidden = d * hidden + (1 - d) * value`` from zero and
   evaluates with ``average = hidden / (1 - d**t)`` after ``t`` steps (its
   ``ExponentialMovingAverage``, zero-debiased). That average is itself a moving
-  average, ``average_t = momentum_t * average_(t-1) + (1 - momentum_t) *
-  value_t`` with ``momentum_t = (d - d**t) / (1 - d**t)``: 0 at the first step
-  (the average is the first value), approaching ``d`` as ``t`` grows. So bnjax's
-  state holding Haiku's ``average`` moves exactly as Haiku's does with this
-  momentum, ``t = counter + 1``.
+  average, with the old average's weight ``(d - d**t) / (1 - d**t)`` at step
+  ``t = counter + 1``: 0 at the first step (the average is the first value),
+  approaching ``d`` as ``t`` grows. So bnjax's state holding Haiku's ``average``
+  moves exactly as Haiku's does with these weights (``bnjax.linen.BatchNorm`` and
+  ``bnjax.nnx.BatchNorm`` compute them themselves, with ``debias=True`` and the
+  ``counter`` as their ``count``).
 
   Args:
     decay_rate: Haiku's ``decay_rate``, ``d``, in [0, 1).
-    counter: the moving averages' ``counter`` (steps taken so far); an int or an
+    counter: the moving averages' ``counter`` (steps taken so far); an int, or an
       integer array (may be traced).
 
   Returns:
-    A Python float, or for an array ``counter`` a float32 (float64 under x64)
-    scalar array.
+    ``MovingAverageWeights`` of float32 (float64 under x64) scalars, computed
+    without cancellation (in double for an int ``counter``).
 
   Raises:
     ValueError: ``decay_rate`` not in [0, 1), or ``counter`` negative.
 
-  >>> haiku_momentum(0.9, 0), round(haiku_momentum(0.9, 1), 6), haiku_momentum(0.9, 10_000)
-  (0.0, 0.473684, 0.9)
+  >>> weights = haiku_momentum(0.9, 1)  # (0.9 - 0.81) / (1 - 0.81)
+  >>> haiku_momentum(0.9, 0).old.tolist(), round(weights.old.item(), 6)
+  (0.0, 0.473684)
   """
+  return moving_average.debiased_momentum(_check_decay_rate(decay_rate), counter)
+
+
+def _check_decay_rate(decay_rate) -> float:
   decay = _check_momentum("decay_rate", decay_rate)
   if decay == 1:
     raise ValueError("decay_rate must be below 1: Haiku's debiased average divides by 1 - d**t")
-  if isinstance(counter, (int, np.integer)):
-    if counter < 0:
-      raise ValueError(f"counter must be >= 0, got {counter}")
-    power = decay ** (counter + 1)
-    return (decay - power) / (1 - power)
-  dtype = jnp.result_type(float)
-  power = jnp.power(jnp.asarray(decay, dtype), (jnp.asarray(counter) + 1).astype(dtype))
-  return (decay - power) / (1 - power)
+  return decay
 
 
 def from_haiku(
@@ -477,8 +491,10 @@ def from_haiku(
   what Haiku evaluates with, so evaluation matches Haiku exactly; ``options``
   carry ``haiku_momentum(decay_rate, counter)``, with which training moves the
   state exactly as Haiku moves its averages, for the next step (step ``i`` after
-  it takes ``haiku_momentum(decay_rate, counter + i)``; after a few hundred steps
-  it is ``decay_rate`` to float precision). Haiku's variance is biased, as
+  it takes ``bnjax.debiased_momentum(decay_rate, counter + i)``; after a few
+  hundred steps it is ``decay_rate`` to float precision). Or use
+  ``bnjax.linen.BatchNorm(momentum=decay_rate, debias=True)`` with ``counter`` as
+  its ``batch_stats/count``: it counts itself. Haiku's variance is biased, as
   bnjax's default; its training-mode variance is ``E[x^2] - E[x]^2`` in the
   input's dtype, bnjax's the exact one, so training outputs agree to that
   formula's rounding.
@@ -494,7 +510,8 @@ def from_haiku(
 
   Returns:
     ``Converted(params, state, options)`` with ``[C]`` arrays, ``options =
-    {"momentum", "epsilon", "unbiased_variance": False, "axis"}``.
+    {"momentum", "epsilon", "unbiased_variance": False, "axis"}`` (``momentum``
+    as ``MovingAverageWeights``).
 
   Raises:
     KeyError: no such layer in ``state`` (the message lists the layers there).
@@ -507,7 +524,7 @@ def from_haiku(
   >>> state = {"bn/~/mean_ema": ema(2.0), "bn/~/var_ema": ema(4.0)}
   >>> params = {"bn": {"scale": np.ones((1, 1)), "offset": np.zeros((1, 1))}}
   >>> _, state, options = from_haiku(params, state, "bn", decay_rate=0.9)
-  >>> state.mean.tolist(), round(options["momentum"], 4)  # (0.9 - 0.9**4) / (1 - 0.9**4)
+  >>> state.mean.tolist(), round(options["momentum"].old.item(), 4)  # (0.9 - 0.9**4) / (1 - 0.9**4)
   ([2.0], 0.7092)
   """
   eps = _check_epsilon("eps", eps)
@@ -609,9 +626,7 @@ def to_haiku(
   >>> sorted(s), int(s["bn/~/mean_ema"]["counter"]), s["bn/~/var_ema"]["hidden"].tolist()
   (['bn/~/mean_ema', 'bn/~/var_ema'], 395, [[1.0, 1.0]])
   """
-  decay = _check_momentum("decay_rate", decay_rate)
-  if decay == 1:
-    raise ValueError("decay_rate must be below 1: Haiku's debiased average divides by 1 - d**t")
+  decay = _check_decay_rate(decay_rate)
   counter = _haiku_counter(counter, decay)
   shape = tuple(shape)
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MovingAverageWeights(NamedTuple):
@@ -93,8 +94,9 @@ def cumulative_momentum(count) -> MovingAverageWeights:
   Algorithm 2's population statistics when the parameters no longer change).
 
   Args:
-    count: the number of updates the average holds already (0 before the first);
-      an int or an integer scalar, which may be traced.
+    count: the number of updates the average holds already (0 before the first):
+      a Python or NumPy integer (the weights then computed in double and rounded
+      once), or an integer scalar array, which may be traced.
 
   Returns:
     ``MovingAverageWeights(count / (count + 1), 1 / (count + 1))``, float32
@@ -102,6 +104,7 @@ def cumulative_momentum(count) -> MovingAverageWeights:
 
   Raises:
     TypeError: ``count`` not a number.
+    ValueError: an integer ``count`` below 0.
 
   >>> average = jnp.array(0.0)  # any start: the first update replaces it
   >>> for count, value in enumerate([2.0, 4.0, 9.0]):
@@ -110,8 +113,8 @@ def cumulative_momentum(count) -> MovingAverageWeights:
   >>> average.tolist()
   5.0
   """
-  count = jnp.asarray(count, jnp.result_type(float))
-  return MovingAverageWeights(count / (count + 1), 1 / (count + 1))
+  count, _ = _count(count)
+  return _rounded_once(count / (count + 1), 1 / (count + 1))
 
 
 def debiased_momentum(momentum: float, count) -> MovingAverageWeights:
@@ -127,13 +130,14 @@ def debiased_momentum(momentum: float, count) -> MovingAverageWeights:
 
   (the first update replaces the initial value; later ones tend to ``momentum``).
   Computed without cancellation: ``1 - momentum**k`` as ``-expm1(k *
-  log(momentum))``, with ``1 - momentum`` and the logarithm in double precision.
+  log(momentum))``, with ``1 - momentum`` and the logarithm in double precision;
+  for an integer ``count`` all of it in double, each weight rounded once.
 
   Args:
     momentum: the exponential average's momentum (weight of the old average), a
       Python number in [0, 1]; 1 gives ``cumulative_momentum``.
-    count: the number of updates the average holds already (0 before the first);
-      an int or an integer scalar, which may be traced.
+    count: the number of updates the average holds already (0 before the first):
+      a Python or NumPy integer, or an integer scalar array, which may be traced.
 
   Returns:
     ``MovingAverageWeights`` of float32 (float64 under x64) scalars.
@@ -141,7 +145,7 @@ def debiased_momentum(momentum: float, count) -> MovingAverageWeights:
   Raises:
     TypeError: ``momentum`` not a Python number (a traced one cannot be debiased
       exactly).
-    ValueError: ``momentum`` outside [0, 1].
+    ValueError: ``momentum`` outside [0, 1], or an integer ``count`` below 0.
 
   >>> weights = debiased_momentum(0.5, 1)  # the second update: 0.5 * 0.5 / 0.75
   >>> round(weights.old.item(), 6), round(weights.new.item(), 6)
@@ -157,11 +161,12 @@ def debiased_momentum(momentum: float, count) -> MovingAverageWeights:
     raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
   if momentum == 1.0:  # the limit of the weights below
     return cumulative_momentum(count)
-  count = jnp.asarray(count, jnp.result_type(float))
-  bias_now = zero_debias_factor(momentum, count + 1)
+  count, numeric = _count(count)
+  bias_now = _one_minus_power(momentum, count + 1, numeric)
   # new <= 1 exactly (1 at count 0), where rounding the two expressions could exceed it.
-  new = jnp.minimum((1 - momentum) / bias_now, 1)
-  return MovingAverageWeights(momentum * zero_debias_factor(momentum, count) / bias_now, new)
+  new = numeric.minimum((1 - momentum) / bias_now, 1)
+  old = momentum * _one_minus_power(momentum, count, numeric) / bias_now
+  return _rounded_once(old, new)
 
 
 def zero_debias_factor(momentum: float, count, dtype=None) -> jax.Array:
@@ -170,12 +175,14 @@ def zero_debias_factor(momentum: float, count, dtype=None) -> jax.Array:
   ``ExponentialMovingAverage`` divides its ``hidden`` by it).
 
   Computed as ``-expm1(count * log(momentum))`` with the logarithm in double
-  precision: ``1 - momentum**count`` of a float32 ``momentum`` cancels, and its
-  rounding of 0.999 alone makes the factor 1.3e-5 off at the first step.
+  precision (all of it for an integer ``count``): ``1 - momentum**count`` of a
+  float32 ``momentum`` cancels, and its rounding of 0.999 alone makes the factor
+  1.3e-5 off at the first step.
 
   Args:
     momentum: the average's momentum, a Python number in [0, 1].
-    count: the number of updates, >= 0; an int or a scalar, which may be traced.
+    count: the number of updates, >= 0: a Python or NumPy integer, or a scalar
+      array, which may be traced.
     dtype: of the result; default float32 (float64 under x64).
 
   Returns:
@@ -184,10 +191,36 @@ def zero_debias_factor(momentum: float, count, dtype=None) -> jax.Array:
   >>> zero_debias_factor(0.5, 2).tolist()
   0.75
   """
-  count = jnp.asarray(count, jnp.result_type(float) if dtype is None else dtype)
+  dtype = jnp.result_type(float) if dtype is None else dtype
+  count, numeric = _count(count, dtype)
+  return jnp.asarray(_one_minus_power(momentum, count, numeric), dtype)
+
+
+def _count(count, dtype=None):
+  """``count`` as a float scalar, and the array module to compute with: a Python or
+  NumPy integer in double (NumPy), so that what is computed from it is rounded once,
+  at the end; an array (which may be traced) in ``dtype``, by default float32
+  (float64 under x64)."""
+  if isinstance(count, numbers.Integral):
+    if count < 0:
+      raise ValueError(f"count must be >= 0 (the updates made so far), got {count}")
+    return np.float64(count), np
+  return jnp.asarray(count, jnp.result_type(float) if dtype is None else dtype), jnp
+
+
+def _one_minus_power(momentum: float, count, numeric):
+  """``1 - momentum**count`` as ``-expm1(count * log(momentum))``, in ``count``'s dtype
+  (``numeric``: NumPy or jax.numpy, as ``count`` is)."""
   if momentum == 0.0:
     return (count > 0).astype(count.dtype)
-  return -jnp.expm1(count * math.log(momentum))
+  return -numeric.expm1(count * math.log(momentum))
+
+
+def _rounded_once(old, new) -> MovingAverageWeights:
+  """Weights computed in double (NumPy scalars) or in an array's dtype, as
+  ``MovingAverageWeights`` of float32 (float64 under x64) scalars."""
+  dtype = jnp.result_type(float)
+  return MovingAverageWeights(jnp.asarray(old, dtype), jnp.asarray(new, dtype))
 
 
 def update_moving_average(average: jax.Array, value: jax.Array, *, momentum) -> jax.Array:

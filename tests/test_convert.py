@@ -118,6 +118,54 @@ def test_the_options_fit_the_flax_drop_ins():
   )
 
 
+def flax_steps(framework: str, converted, count, batches, **options):
+  """A converted layer's training steps in bnjax.linen or bnjax.nnx, ``count`` as the
+  layer's count of updates: each step's ``(y, BatchNormState, count)``."""
+  params, state, converted_options = converted
+  options = {**converted_options, **options}
+  if framework == "linen":
+    from bnjax import linen as bn
+
+    layer = bn.BatchNorm(use_running_average=False, **options)
+    batch_stats = {**state._asdict(), "count": count}
+    for x in batches:
+      y, updates = layer.apply(
+        {"params": params._asdict(), "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+      )
+      batch_stats = updates["batch_stats"]
+      yield y, bnjax.BatchNormState(batch_stats["mean"], batch_stats["var"]), batch_stats["count"]
+    return
+  from flax import nnx
+
+  from bnjax import nnx as bn
+
+  layer = bn.BatchNorm(state.mean.shape[0], **options, rngs=nnx.Rngs(0))
+  for name, value in {**params._asdict(), **state._asdict(), "count": count}.items():
+    getattr(layer, name)[...] = value
+  for x in batches:
+    y = layer(x)
+    yield y, bnjax.BatchNormState(layer.mean[...], layer.var[...]), layer.count[...]
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_the_flax_layers_keep_pytorchs_cumulative_average_themselves(framework):
+  """``momentum=None`` with ``num_batches_tracked`` as the layer's count: PyTorch's
+  steps, with no momentum to give per step."""
+  data = torch_case("bn3d_cumulative_float32")
+  assert settings(data)["momentum"] is None
+  converted = convert.from_torch(torch_entries(data, "initial"), **settings(data))
+  tracked = int(data["initial/num_batches_tracked"])
+  batches = [data[f"x{i}"] for i in range(3)]
+  count = jnp.asarray(tracked, jnp.int32)
+  steps = flax_steps(framework, converted, count, batches, momentum=None)
+  for i, (y, state, count) in enumerate(steps):
+    expected = torch_entries(data, f"step{i}")
+    np.testing.assert_allclose(y, data[f"y{i}"], **tolerance(np.float32))
+    np.testing.assert_allclose(state.mean, expected["running_mean"], **tolerance(np.float32))
+    np.testing.assert_allclose(state.var, expected["running_var"], **tolerance(np.float32))
+    assert count == expected["num_batches_tracked"] == tracked + i + 1
+
+
 class _Tensor:
   """What convert reads of a torch.Tensor: detach(), cpu(), numpy()."""
 
@@ -143,10 +191,23 @@ def test_tensors_are_read_as_state_dict_values_are():
   assert jax.tree.all(jax.tree.map(np.array_equal, got.params, expected.params))
 
 
-def test_the_cumulative_momentum_may_be_traced():
-  counts = jnp.arange(4)
-  momenta = jax.jit(jax.vmap(lambda k: convert.torch_momentum(None, k)))(counts)
-  np.testing.assert_allclose(momenta, [0.0, 1 / 2, 2 / 3, 3 / 4], rtol=1e-7)
+def test_the_per_step_momenta_are_the_cores_weights():
+  """PyTorch's None and Haiku's debiasing are bnjax.cumulative_momentum and
+  bnjax.debiased_momentum, for a count given as an int or traced."""
+  counts = [0, 1, 2, 3, 120, 5000]
+  traced = jax.jit(
+    jax.vmap(lambda k: (convert.torch_momentum(None, k), convert.haiku_momentum(0.9, k)))
+  )(jnp.asarray(counts))
+  for i, k in enumerate(counts):
+    for got, expected in [
+      (convert.torch_momentum(None, k), bnjax.cumulative_momentum(k)),
+      (convert.haiku_momentum(0.9, k), bnjax.debiased_momentum(0.9, k)),
+    ]:
+      assert got == expected, k
+    bias_then, bias_now = 1 - 0.9**k, 1 - 0.9 ** (k + 1)  # float64 references
+    np.testing.assert_allclose(traced[0].new[i], 1 / (k + 1), rtol=6e-8)
+    np.testing.assert_allclose(traced[1].old[i], 0.9 * bias_then / bias_now, rtol=3e-7)
+    np.testing.assert_allclose(traced[1].new[i], 0.1 / bias_now, rtol=3e-7)
   assert convert.torch_momentum(0.0) == 1.0  # PyTorch's 0: no update
 
 
@@ -158,7 +219,7 @@ def test_the_cumulative_momentum_may_be_traced():
     (lambda e: convert.from_torch({k: v for k, v in e.items() if k != "bias"}), KeyError, "bias"),
     (lambda e: convert.from_torch(e, momentum=1.5), ValueError, "momentum"),
     (lambda e: convert.from_torch(e, eps=0.0), ValueError, "eps"),
-    (lambda e: convert.torch_momentum(None, -1), ValueError, "num_batches_tracked"),
+    (lambda e: convert.torch_momentum(None, -1), ValueError, "count must be >= 0"),
   ],
 )
 def test_bad_entries_are_refused_by_name(call, error, message):
@@ -287,17 +348,28 @@ def test_haiku_debiased_averages_continue_in_bnjax():
   hk_params, hk_state = model.init(None, batches[0], is_training=True)
   hk_params = {"bn": {"scale": hk_params["bn"]["scale"] * 1.5, "offset": hk_params["bn"]["offset"]}}
   layer = {"decay_rate": 0.9, "data_format": "channels_first"}
-  params, state, options = convert.from_haiku(hk_params, hk_state, "bn", **layer)
-  assert options["axis"] == 1 and options["momentum"] == 0.0  # the first average is the batch's
-  for i, x in enumerate(batches[:3]):
+  first = convert.from_haiku(hk_params, hk_state, "bn", **layer)
+  assert first.options["axis"] == 1 and first.options["momentum"] == (0, 1)  # the batch's
+  _, hk_state = model.apply(hk_params, hk_state, batches[0], is_training=True)
+  converted = convert.from_haiku(hk_params, hk_state, "bn", **layer)  # after a step in Haiku
+  params, state, options = converted
+  assert options["momentum"] == convert.haiku_momentum(0.9, 1)
+  # bnjax.linen and bnjax.nnx count themselves, from Haiku's counter.
+  counter = hk_state["bn/~/mean_ema"]["counter"]
+  counted = {
+    framework: flax_steps(framework, converted, counter, batches[1:3], momentum=0.9, debias=True)
+    for framework in ("linen", "nnx")
+  }
+  for i, x in enumerate(batches[1:3]):
     y_haiku, hk_state = model.apply(hk_params, hk_state, x, is_training=True)
-    momentum = convert.haiku_momentum(0.9, i)
+    momentum = convert.haiku_momentum(0.9, 1 + i)  # the core: the weights of each step
     y, state = bnjax.batch_norm(
       x, params, state, training=True, **{**options, "momentum": momentum}
     )
-    np.testing.assert_allclose(y, y_haiku, **HAIKU_TOLERANCE)
-    for value, ema in zip(state, ("mean_ema", "var_ema"), strict=True):
-      np.testing.assert_allclose(value, hk_state[f"bn/~/{ema}"]["average"].ravel(), rtol=2e-5)
+    for y_layer, state_layer in [(y, state)] + [next(steps)[:2] for steps in counted.values()]:
+      np.testing.assert_allclose(y_layer, y_haiku, **HAIKU_TOLERANCE)
+      for value, ema in zip(state_layer, ("mean_ema", "var_ema"), strict=True):
+        np.testing.assert_allclose(value, hk_state[f"bn/~/{ema}"]["average"].ravel(), rtol=2e-5)
   converted = convert.from_haiku(hk_params, hk_state, "bn", **layer)
   assert converted.options["momentum"] == convert.haiku_momentum(0.9, 3)
   y_haiku, _ = model.apply(hk_params, hk_state, batches[3], is_training=False)
@@ -323,7 +395,7 @@ def test_a_bnjax_state_continues_in_haiku():
     np.testing.assert_allclose(state.var, hk_state["bn/~/var_ema"]["average"].ravel(), rtol=2e-6)
   back = convert.from_haiku(hk_params, hk_state, "bn", decay_rate=0.9)
   np.testing.assert_allclose(back.state.mean, state.mean, rtol=2e-6)
-  assert back.options["momentum"] == pytest.approx(0.9, abs=1e-15)
+  np.testing.assert_allclose(back.options["momentum"], (0.9, 0.1), rtol=6e-8)  # plain
 
 
 def test_haiku_layers_are_found_by_name():

@@ -1,5 +1,7 @@
 """bnjax.update_moving_average: Flax's convention, traced momentum, schedules."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -161,6 +163,38 @@ def test_zero_debias_factor_is_one_minus_the_power_without_cancellation(momentum
   counts = np.arange(0, 2000, 7)
   got = jax.jit(lambda c: moving_average.zero_debias_factor(momentum, c))(counts)
   np.testing.assert_allclose(got, 1 - momentum ** counts.astype(np.float64), rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_integer_count_gives_the_weights_each_rounded_once(request, dtype):
+  """A Python or NumPy integer count (PyTorch's ``num_batches_tracked``, Haiku's
+  ``counter`` as convert reads them): the weights are computed in double and
+  rounded once, to within half a unit in the last place of the exact fractions
+  (float32; x64: float64, a few double roundings). A count given as a float32 array
+  is several roundings off (3.6e-7 at momentum 0.9999)."""
+  if dtype == np.float64:
+    request.getfixturevalue("x64")
+  rtol = np.finfo(dtype).eps / 2 if dtype == np.float32 else 2 * np.finfo(dtype).eps
+  counts = [*range(8), 50, 120, 999, np.int64(1000)]
+  for count in counts:
+    k = int(count)
+    expected = {"cumulative": (Fraction(k, k + 1), Fraction(1, k + 1))}
+    weights = {"cumulative": bnjax.cumulative_momentum(count)}
+    for momentum in (0.9, 0.999, 0.9999):
+      m = Fraction(momentum)  # the double's exact value
+      bias_then, bias_now = 1 - m**k, 1 - m ** (k + 1)
+      expected[momentum] = (m * bias_then / bias_now, (1 - m) / bias_now)
+      weights[momentum] = bnjax.debiased_momentum(momentum, count)
+    for name, pair in weights.items():
+      for got, exact in zip(pair, expected[name], strict=True):
+        assert got.dtype == dtype
+        assert abs(Fraction(float(got)) - exact) <= rtol * exact * (1 + 1e-9), (name, k)
+
+
+def test_a_negative_integer_count_is_refused():
+  for weights in (bnjax.cumulative_momentum, lambda c: bnjax.debiased_momentum(0.9, c)):
+    with pytest.raises(ValueError, match="count must be >= 0"):
+      weights(-1)
 
 
 @pytest.mark.parametrize("variant", ["plain", "ghost", "renorm"])
