@@ -205,15 +205,12 @@ def test_eight_devices_with_uneven_masks():
     np.testing.assert_allclose(pmapped.var[device], want_var, rtol=1e-6)
 
 
-@pytest.mark.usefixtures("standard_promotion")  # optax mixes int32 and float32
-def test_multi_steps_moves_the_statistics_once_per_optimizer_step():
-  """optax.MultiSteps over K micro-batches: the running statistics stay until its
-  K-th call, then are one update with the whole batch's statistics; the parameters
-  are one SGD step on ghost batch norm's mean loss over the whole batch."""
-  x, targets, bn_params, state = problem()
-  kernel = jnp.asarray(np.random.default_rng(3).standard_normal((C, C)), jnp.float32)
-  params = (kernel, bn_params)
-  tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=K)
+def multi_steps_train_step(tx, *, drop_skipped: bool = False):
+  """The guide's training step under ``optax.MultiSteps`` (a Dense layer, then
+  ``accumulate_batch_norm``): the pending update applied where the optimizer
+  stepped. With ``drop_skipped``, as the guide says for a ``should_skip_update_fn``:
+  where ``tx`` skipped the micro-batch (``mini_step`` and ``gradient_step``
+  unchanged), the old pending update is kept, without the micro-batch's moments."""
 
   def loss(params, x, targets, state, pending):
     kernel, bn_params = params
@@ -224,11 +221,32 @@ def test_multi_steps_moves_the_statistics_once_per_optimizer_step():
 
   @jax.jit
   def train_step(params, opt_state, state, pending, x, targets):
-    grads, pending = jax.grad(loss, has_aux=True)(params, x, targets, state, pending)
+    grads, new_pending = jax.grad(loss, has_aux=True)(params, x, targets, state, pending)
     updates, new_opt_state = tx.update(grads, opt_state, params)
+    if drop_skipped:
+      skipped = (new_opt_state.mini_step == opt_state.mini_step) & (
+        new_opt_state.gradient_step == opt_state.gradient_step
+      )
+      new_pending = jax.tree.map(
+        lambda old, new: jnp.where(skipped, old, new), pending, new_pending
+      )
     stepped = new_opt_state.gradient_step > opt_state.gradient_step
-    state, pending = bnjax.apply_pending(state, pending, where=stepped)
-    return optax.apply_updates(params, updates), new_opt_state, state, pending
+    state, new_pending = bnjax.apply_pending(state, new_pending, where=stepped)
+    return optax.apply_updates(params, updates), new_opt_state, state, new_pending
+
+  return train_step
+
+
+@pytest.mark.usefixtures("standard_promotion")  # optax mixes int32 and float32
+def test_multi_steps_moves_the_statistics_once_per_optimizer_step():
+  """optax.MultiSteps over K micro-batches: the running statistics stay until its
+  K-th call, then are one update with the whole batch's statistics; the parameters
+  are one SGD step on ghost batch norm's mean loss over the whole batch."""
+  x, targets, bn_params, state = problem()
+  kernel = jnp.asarray(np.random.default_rng(3).standard_normal((C, C)), jnp.float32)
+  params = (kernel, bn_params)
+  tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=K)
+  train_step = multi_steps_train_step(tx)
 
   opt_state, pending, start = tx.init(params), bnjax.init_pending(state), state
   for k in range(K):
@@ -254,6 +272,56 @@ def test_multi_steps_moves_the_statistics_once_per_optimizer_step():
   first = (kernel, bn_params)
   want = jax.tree.map(lambda p, g: p - 0.1 * g, first, jax.jit(jax.grad(ghost_loss))(first))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, want)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_multi_steps_skipped_micro_batches_leave_no_trace_in_the_statistics():
+  """optax.MultiSteps with ``should_skip_update_fn=optax.skip_not_finite``: two
+  micro-batches with NaN targets (finite inputs, far from the others) are skipped,
+  one where a step begins (mini_step 0) and one where it would end (mini_step K - 1).
+  Keeping the old pending update where the counters did not move (the guide's
+  advice), the step's running statistics are one update with the K kept
+  micro-batches' statistics (float64), and the parameters and statistics those of
+  the same run without the skipped micro-batches; without that, the skipped
+  micro-batches' moments enter the statistics, though their gradients do not."""
+  x, targets, bn_params, state = problem()
+  kernel = jnp.asarray(np.random.default_rng(3).standard_normal((C, C)), jnp.float32)
+  params = (kernel, bn_params)
+  tx = optax.MultiSteps(
+    optax.sgd(0.1), every_k_schedule=K, should_skip_update_fn=optax.skip_not_finite
+  )
+  outlier = (10 * x[0] + 50, jnp.full_like(targets[0], jnp.nan))  # skipped: NaN gradients
+  kept = [(x[k], targets[k]) for k in range(K)]
+  with_skips = [outlier, *kept[:-1], outlier, kept[-1]]
+
+  def run(micro_batches, drop_skipped=True):
+    train_step = multi_steps_train_step(tx, drop_skipped=drop_skipped)
+    carry = (params, tx.init(params), state, bnjax.init_pending(state))
+    for micro_x, micro_targets in micro_batches:
+      steps = int(carry[1].gradient_step)
+      carry = train_step(*carry, micro_x, micro_targets)
+      if int(carry[1].gradient_step) == steps:  # no step yet: the statistics stay
+        jax.tree.map(np.testing.assert_array_equal, carry[2], state)
+    assert int(carry[1].gradient_step) == 1 and int(carry[1].mini_step) == 0
+    return carry
+
+  new_params, _, new_state, pending = run(with_skips)
+  h = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+  want_mean, want_var = one_update(state, h)
+  np.testing.assert_allclose(new_state.mean, want_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_state.var, want_var, rtol=1e-5)
+  np.testing.assert_array_equal(pending.moments.count, 0)
+  unskipped_params, _, unskipped_state, _ = run(kept)
+  for got, want in [(new_params, unskipped_params), (new_state, unskipped_state)]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+  # Without it, the statistics are those of all K + 2 micro-batches.
+  _, _, polluted, _ = run(with_skips, drop_skipped=False)
+  h_all = np.concatenate([np.asarray(micro_x, np.float64) for micro_x, _ in with_skips])
+  all_mean, all_var = one_update(state, h_all @ np.asarray(kernel, np.float64))
+  np.testing.assert_allclose(polluted.mean, all_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(polluted.var, all_var, rtol=1e-5)
+  assert np.abs(all_mean - want_mean).min() > 0.5
 
 
 def test_apply_pending_where_false_keeps_both():
