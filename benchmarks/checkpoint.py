@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
 
   root = pathlib.Path(tempfile.mkdtemp(prefix="bnjax-ckpt-bench-"))
   server, emulator = gcs_emulator.start(root)
-  os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+  os.environ.update(gcs_emulator.environment(emulator.url))
   results = []
   try:
     bucket = emulator.make_bucket()

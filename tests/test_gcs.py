@@ -23,7 +23,7 @@ import pytest
 from experiments import common
 from experiments.common import lease as lease_lib
 from experiments.common import storage
-from tests import ROOT
+from tests import ROOT, gcs_emulator
 from tests.mnist_testing import LONG_RUN, config_flags, make_idx_folder, mnist_command, small_config
 from tests.processes import child_env, finish, free_port, start_module
 
@@ -552,25 +552,104 @@ def test_figure3_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket, fashion_mnis
   assert not (ROOT / "gs:").exists()
 
 
-@pytest.mark.slow
-def test_orbax_reaches_the_bucket_through_gcsfs_even_after_tfds_chose_tensorflow():
-  """etils caches its file-system choice at its first gs:// path (TFDS makes one on
-  import): a gs:// workdir must still send orbax through gcsfs, which honours
-  STORAGE_EMULATOR_HOST, not through TensorFlow's file system, which does not (the
-  in-process figure1 run on gs:// failed this way once TFDS was imported first)."""
-  code = (
-    "import tensorflow_datasets\n"
-    "from etils import epath\n"
-    "from etils.epath import gpath\n"
-    "epath.Path('gs://x/y')._backend\n"
-    "assert gpath._is_tf_installed(), 'the premise: etils chose TensorFlow'\n"
-    "from experiments.common import storage\n"
-    "storage.as_path('gs://bucket/run')\n"
-    "print(type(epath.Path('gs://bucket/run')._backend).__name__)\n"
-  )
-  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+# ---- no process-wide side effects -----------------------------------------------------
+
+# Each group in its own process: the commands define absl flags of the same names.
+_MODULE_GROUPS = [
+  [
+    "experiments.common",
+    "experiments.mnist.train",
+    "experiments.imagenet.train",
+    "experiments.imagenet.figure3",
+    "experiments.imagenet.input_pipeline",
+    "experiments.mnist.__main__",
+  ],
+  ["experiments.mnist.figure1"],
+  ["experiments.imagenet.__main__"],
+]
+
+
+# What the experiments import, first: some of these set variables of their own on import.
+_THIRD_PARTY = [
+  "jax",
+  "flax.linen",
+  "optax",
+  "orbax.checkpoint",
+  "etils.epath",
+  "tensorflow",
+  "tensorflow_datasets",
+  "matplotlib.pyplot",
+  "ml_collections",
+  "google.cloud.storage",
+]
+
+
+def _python_without_test_wiring(code: str) -> str:
+  """The output of ``python -c code`` in this environment without the emulator's
+  variables (tests/gcs_emulator.py): as a user runs it."""
+  wiring = gcs_emulator.environment("http://unused")
+  env = {k: v for k, v in os.environ.items() if k not in wiring}
   result = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip() == "_FileSystemSpecBackend", result.stdout
+  return result.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modules", _MODULE_GROUPS, ids=["library", "figure1", "imagenet"])
+def test_importing_an_experiment_module_changes_no_environment_variable(modules):
+  code = (
+    "import importlib, os, pkgutil, sys\n"
+    f"for name in {_THIRD_PARTY!r}:  # their own variables (TF2_BEHAVIOR, ...) are theirs\n"
+    "  importlib.import_module(name)\n"
+    "import experiments\n"
+    "before = dict(os.environ)\n"
+    f"for name in {modules!r}:\n"
+    "  importlib.import_module(name)\n"
+    "if 'experiments.common' in sys.modules:  # and every module below it\n"
+    "  for info in pkgutil.walk_packages(experiments.__path__, 'experiments.'):\n"
+    "    if not info.name.endswith(('__main__', 'figure1')):\n"
+    "      importlib.import_module(info.name)\n"
+    "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+    "print(sorted(changed))\n"
+  )
+  assert _python_without_test_wiring(code).splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_a_gs_data_dir_is_handed_to_tensorflow_without_gcsfs():
+  """The single-VM recipe: `pip install -e ".[imagenet]"` (no gcsfs), a local workdir,
+  `--config.tfds_data_dir=gs://...`. TFDS's reads of the bucket must reach
+  TensorFlow's file system, whatever the experiment imported first. No network here:
+  TensorFlow's gfile calls are recorded, and answer "not found"."""
+  code = """
+import sys
+sys.modules["gcsfs"] = None  # not installed: `import gcsfs` raises ImportError
+import tensorflow as tf
+
+asked = []
+def refuse(name):
+  def call(path, *args, **kwargs):
+    asked.append(str(path))
+    if name in ("exists", "isdir"):
+      return False
+    raise tf.errors.NotFoundError(None, None, f"{path} (recorded by the test)")
+  return call
+for name in ("exists", "isdir", "glob", "listdir", "stat", "GFile", "walk"):
+  setattr(tf.io.gfile, name, refuse(name))
+
+from experiments.common import cli  # everything the command imports
+from experiments.imagenet import sources, train
+from experiments.imagenet.configs import tiny
+config = tiny.get_config()
+config.fake_data = False
+config.tfds_data_dir = "gs://some-bucket/tensorflow_datasets"
+try:
+  sources.open_source(config)
+except Exception as e:
+  print("error:", type(e).__name__, str(e).splitlines()[0][:300])
+print("asked:", sorted({a for a in asked if a.startswith("gs://")})[:3])
+"""
+  out = _python_without_test_wiring(code)
+  assert "gcsfs" not in out and "gs://some-bucket/tensorflow_datasets" in out.splitlines()[-1], out

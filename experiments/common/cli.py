@@ -54,8 +54,10 @@ def fail(message: str, status: int = 1, *, prefix: str = "error: ") -> NoReturn:
 
 
 def check_command_line(argv: list[str], workdir: str | None) -> None:
-  """What every experiment command checks before it runs: no positional
-  arguments and a ``--workdir``; then orbax's INFO log of every save is silenced."""
+  """What every experiment command does first: checks that there are no positional
+  arguments and a ``--workdir``; silences orbax's INFO log of every save; and, as a
+  program (never on import), quiets TensorFlow before it loads: no oneDNN banner and
+  C++ INFO lines before the command's output (unless the user set these variables)."""
   from absl import app, logging
 
   if len(argv) > 1:
@@ -63,6 +65,8 @@ def check_command_line(argv: list[str], workdir: str | None) -> None:
   if not workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def _leave_distributed() -> None:

@@ -14,14 +14,13 @@ Which client does what on ``gs://``:
 
 * The bookkeeping (config, metrics, lease, checksums, summaries):
   ``google-cloud-storage``.
-* orbax's metadata files: ``etils.epath``, told to use gcsfs (``EPATH_USE_TF=0``,
-  set here unless you set it): with TensorFlow imported, epath would otherwise
-  send ``gs://`` through ``tf.io.gfile``, which ignores ``STORAGE_EMULATOR_HOST``.
-* orbax's arrays: tensorstore. When ``STORAGE_EMULATOR_HOST`` is set (Google's
-  clients' variable for an emulator such as fake-gcs-server), tensorstore is
-  pointed at it too (``TENSORSTORE_GCS_HTTP_URL``, ``GOOGLE_AUTH_TOKEN_FOR_TESTING``),
-  so every access of a run goes there and none needs credentials; gcsfs's
-  bucket-layout lookup, which would go to Google's control API, is turned off.
+* orbax: ``etils.epath`` for its metadata files (through TensorFlow's file system
+  when TensorFlow is installed, else gcsfs; ``EPATH_USE_TF`` chooses, and nothing
+  here sets it) and tensorstore for its arrays.
+
+Each client finds an emulator through its own variables (``STORAGE_EMULATOR_HOST``
+for google-cloud-storage and gcsfs, ``TENSORSTORE_GCS_HTTP_URL`` for tensorstore):
+the tests' fixtures set them (tests/gcs_emulator.py); this module sets none.
 
 Against real Cloud Storage the credentials are Application Default Credentials:
 a TPU VM's service account, or ``gcloud auth application-default login``.
@@ -34,53 +33,26 @@ import os
 import pathlib
 import posixpath
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 from experiments.common.errors import WorkdirError
 
-os.environ.setdefault("EPATH_USE_TF", "0")  # gs:// through gcsfs in orbax, whatever is imported
-
 GCS_SCHEME = "gs://"
 LOGIN_HINT = "run `gcloud auth application-default login` (a TPU VM uses its service account)"
 
 
-def _etils_without_tensorflow() -> None:
-  """etils caches, at its first gs:// path, whether to go through TensorFlow's file
-  system (which ignores ``STORAGE_EMULATOR_HOST``); TFDS makes such a path when it
-  is imported, possibly before ``EPATH_USE_TF=0`` above was set. Forget that choice,
-  so orbax's gs:// files go through gcsfs whatever was imported first."""
-  gpath = sys.modules.get("etils.epath.gpath")
-  cache_clear = getattr(getattr(gpath, "_is_tf_installed", None), "cache_clear", None)
-  if cache_clear is not None and os.environ["EPATH_USE_TF"] == "0":
-    cache_clear()
-
-
-def _point_clients_at_the_emulator() -> None:
-  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-  if emulator:
-    url = emulator if "://" in emulator else f"http://{emulator}"
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
-    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-    # gcsfs would ask Google's storage-control API (not the emulator) for each
-    # bucket's layout, fail without credentials, and ask again at every call.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
 @functools.cache
 def _client(emulator: str | None):
-  """One ``google.cloud.storage.Client`` per emulator setting (None: real GCS)."""
+  """One ``google.cloud.storage.Client`` per emulator setting (None: real GCS); the
+  client itself reads ``STORAGE_EMULATOR_HOST`` and then needs no credentials."""
+  del emulator  # the cache key: a test may start an emulator after a first client
   try:
     from google.cloud import storage
   except ImportError:
     raise WorkdirError(
       "a gs:// workdir needs google-cloud-storage and gcsfs: pip install -e '.[gcs]'"
     ) from None
-  if emulator:
-    from google.auth.credentials import AnonymousCredentials
-
-    return storage.Client(project="emulator", credentials=AnonymousCredentials())
   import google.auth.exceptions
 
   try:
@@ -278,8 +250,6 @@ def as_path(path: str | os.PathLike | GcsPath) -> AnyPath:
     bucket, _, key = text[len(GCS_SCHEME) :].partition("/")
     if not bucket:
       raise WorkdirError(f"{text!r} names no bucket: write gs://BUCKET/PATH")
-    _point_clients_at_the_emulator()
-    _etils_without_tensorflow()
     return GcsPath(bucket, key)
   scheme, separator, _ = text.partition("://")
   if separator and scheme.isidentifier():

@@ -99,7 +99,6 @@ def tensorboard_writer(workdir, *, primary: bool):
   from experiments import common
   from experiments.imagenet import data
 
-  data.quiet_tensorflow()
   try:
     return common.summary_writer(workdir, primary=primary)
   except ImportError as e:
