@@ -29,8 +29,8 @@ def main():
   if stop_at:
     name, step_text = stop_at.split(":")
 
-    def announce(checkpoints, step):
-      if checkpoints.directory.parent.name == name and step == int(step_text):
+    def announce(run, step):
+      if run.workdir.name == name and step == int(step_text):
         return f"stopped at {name} {step}"
       return None
 

@@ -25,8 +25,7 @@ from typing import Any, NoReturn
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.common.errors import RunError
-from experiments.common.preemption import PREEMPTED_EXIT_STATUS, Preempted
+from experiments.common.errors import LeaseLost, Preempted, RunError
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 flags.disclaim_key_flags()  # flags defined here belong to the caller: --help lists them
@@ -75,26 +74,23 @@ def _leave_distributed() -> None:
   jax = sys.modules.get("jax")
   if jax is None:
     return
-  from jax._src import distributed
-
-  if distributed.global_state.client is not None:
+  if jax.distributed.is_initialized():
     jax.distributed.shutdown()
 
 
 def exit_on_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-  """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir,
-  checkpoint, non-finite loss) or an ``OSError`` ends the program with its one-line
-  message and status 1; Ctrl-C with status 130 and how to resume (a second Ctrl-C,
-  when the run handles the first as a preemption). A ``Preempted`` run prints
-  ``preempted at step N; checkpoint saved; run the same command to continue`` and
-  exits with ``PREEMPTED_EXIT_STATUS`` (75)."""
+  """Runs ``fn(*args, **kwargs)``; a ``RunError`` (config, data, workdir, checkpoint,
+  non-finite loss, lease lost) or an ``OSError`` ends the program with its one-line
+  message and its exit status (1; 77 for a lost lease); Ctrl-C with status 130 and
+  how to resume (a second Ctrl-C, when the run handles the first as a preemption). A
+  ``Preempted`` run prints ``preempted at step N; checkpoint saved; run the same
+  command to continue`` and exits with ``PREEMPTED_EXIT_STATUS`` (75)."""
   try:
     return fn(*args, **kwargs)
-  except Preempted as e:
-    _leave_distributed()  # every process stops here together: leave jax.distributed in order
-    fail(str(e), PREEMPTED_EXIT_STATUS, prefix="")
   except RunError as e:
-    fail(str(e))
+    if isinstance(e, Preempted | LeaseLost):
+      _leave_distributed()  # every process stops here together: leave jax.distributed in order
+    fail(str(e), e.exit_status, prefix="" if isinstance(e, Preempted) else "error: ")
   except OSError as e:
     fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
   except KeyboardInterrupt:

@@ -1,10 +1,16 @@
-"""The errors a run reports in one line (``cli.exit_on_error`` prints them)."""
+"""The errors a run reports in one line (``cli.exit_on_error`` prints them), and the
+exit statuses a restart loop tells apart."""
 
 import sys
+
+PREEMPTED_EXIT_STATUS = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
+LEASE_LOST_EXIT_STATUS = 77  # EX_NOPERM: the workdir is no longer this run's to write
 
 
 class RunError(Exception):
   """A problem the user can fix; the message says what and how, in one line."""
+
+  exit_status = 1
 
 
 class ConfigError(RunError, ValueError):
@@ -17,8 +23,8 @@ class DataError(RunError, ValueError):
 
 
 class WorkdirError(RunError):
-  """The workdir cannot be used: in use by another process, unwritable, or holding
-  files this code cannot read."""
+  """The workdir cannot be used: in use by another run, unwritable, or holding files
+  this code cannot read."""
 
 
 class CheckpointError(RunError):
@@ -27,6 +33,27 @@ class CheckpointError(RunError):
 
 class NonFiniteError(RunError, FloatingPointError):
   """A training loss or an evaluation metric is NaN or infinite."""
+
+
+class Preempted(RunError):
+  """The run stopped at ``step`` after a preemption notice, its checkpoint saved:
+  the same command continues it (exit status 75)."""
+
+  exit_status = PREEMPTED_EXIT_STATUS
+
+  def __init__(self, step: int):
+    super().__init__(
+      f"preempted at step {step}; checkpoint saved; run the same command to continue"
+    )
+    self.step = step
+
+
+class LeaseLost(WorkdirError):
+  """Another run took the workdir's lease over (this one was stopped for longer than
+  the lease lasts): this run stops before its next write (exit status 77), and
+  must not be restarted into the same workdir while the other runs."""
+
+  exit_status = LEASE_LOST_EXIT_STATUS
 
 
 def non_finite_loss(loss: float, step: int, *, latest_checkpoint: int | None, rate: str):

@@ -85,14 +85,13 @@ def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, 
     fig.savefig(png, format="png", dpi=120)
   finally:
     plt.close(fig)
-  common.write_bytes_atomic(path, png.getvalue())  # a local folder or gs://
+  common.write_atomic(path, png.getvalue())  # a local folder or gs://
 
 
 def run_figure1(config, workdir) -> pathlib.Path:
   """Trains (or resumes) both networks and draws the figure; returns its path."""
-  workdir = common.workdir_path(workdir)
   train.validate_config(config)
-  with common.WorkdirLock(workdir):
+  with common.locked(workdir) as workdir:
     for name, batch_norm in RUNS.items():
       run_config = config.copy_and_resolve_references()
       run_config.batch_norm = batch_norm
@@ -114,7 +113,7 @@ def main(argv):
   cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
-    final = train.read_metrics(common.workdir_path(FLAGS.workdir) / name)[-1]
+    final = train.read_metrics(f"{FLAGS.workdir}/{name}")[-1]
     print(
       f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps",
       file=sys.stderr,
