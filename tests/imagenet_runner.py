@@ -30,7 +30,7 @@ def main():
 
   from absl import app
 
-  from experiments.common import cli
+  from experiments import config_flags
   from experiments.imagenet import __main__ as imagenet_main
   from experiments.imagenet import train
   from tests.imagenet_testing import micro_net, stop_after_saving
@@ -69,7 +69,7 @@ def main():
     num_examples, data_dir = mock.split(":", 1)
     context = tfds.testing.mock_data(num_examples=int(num_examples), data_dir=data_dir)
   with context:
-    app.run(imagenet_main.main, argv=sys.argv, flags_parser=cli.parse_flags)
+    app.run(imagenet_main.main, argv=sys.argv, flags_parser=config_flags.parse_flags)
 
 
 if __name__ == "__main__":

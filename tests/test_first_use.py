@@ -249,7 +249,7 @@ def test_a_renamed_config_field_keeps_its_old_spelling_with_a_warning(tmp_path):
 
 
 def test_renamed_fields_rewrites_only_the_old_spelling(capsys):
-  from experiments.common import cli
+  from experiments import config_flags
 
   argv = [
     "prog",
@@ -259,7 +259,7 @@ def test_renamed_fields_rewrites_only_the_old_spelling(capsys):
     "--noconfig.num_steps",
     "--other.num_steps=3",
   ]
-  assert cli.renamed_fields(argv, {"num_steps": "num_train_steps"}) == [
+  assert config_flags.renamed_fields(argv, {"num_steps": "num_train_steps"}) == [
     "prog",
     "--config.num_train_steps=5",
     "--config.num_steps_x=1",

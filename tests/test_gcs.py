@@ -61,8 +61,8 @@ def test_a_run_in_a_bucket_its_rows_events_and_a_damaged_checkpoint(
   checkpoints; a resume cuts the rows back to its step and sets a damaged step aside."""
   from tensorboard.backend.event_processing import event_accumulator
 
-  with _open(workdir, summaries=True) as run:
-    run.restore_or(_state(0), hparams={"learning_rate": 0.01})
+  with _open(workdir, hparams={"learning_rate": 0.01}) as run:
+    run.restore_or(_state(0))
     for step in (1, 2, 3):
       run.log(step, {"loss": 1.0 / step})
       run.maybe_save(step, _state(step))
@@ -114,7 +114,7 @@ def test_rows_cost_the_same_bytes_however_long_the_file(workdir, monkeypatch):
   per_row = []
   for step in range(300):
     before = sum(sent)
-    appender.write(files.to_json({"step": step, "loss": 0.5}).encode() + b"\n")
+    appender.write(json.dumps({"step": step, "loss": 0.5}).encode() + b"\n")
     per_row.append(sum(sent) - before)
   assert len(common.read_metrics(workdir)) == 300
   assert sum(per_row[200:]) <= 1.05 * sum(per_row[:100]) + 2000, per_row

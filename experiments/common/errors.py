@@ -14,21 +14,19 @@ class RunError(Exception):
 
 
 class ConfigError(RunError, ValueError):
-  """A config field has a value the experiment cannot run with, or differs from the
-  config of the run being resumed."""
+  """A config field the run cannot use, or unlike that of the run being resumed."""
 
 
 class DataError(RunError, ValueError):
-  """The data is missing or malformed; the message names the file and why."""
+  """The data is missing or malformed (the message names the file and why)."""
 
 
 class WorkdirError(RunError):
-  """The workdir cannot be used: in use by another run, unwritable, or holding files
-  this code cannot read."""
+  """The workdir cannot be used: another run's, unwritable, or unreadable."""
 
 
 class CheckpointError(RunError):
-  """Checkpoints cannot be written, or none of those present can be restored."""
+  """A checkpoint cannot be written, or restored into this run's state."""
 
 
 class NonFiniteError(RunError, FloatingPointError):
@@ -36,8 +34,7 @@ class NonFiniteError(RunError, FloatingPointError):
 
 
 class Preempted(RunError):
-  """The run stopped at ``step`` after a preemption notice, its checkpoint saved:
-  the same command continues it (exit status 75)."""
+  """Stopped at ``step`` after a preemption notice, its checkpoint saved (status 75)."""
 
   exit_status = PREEMPTED_EXIT_STATUS
 
@@ -49,9 +46,8 @@ class Preempted(RunError):
 
 
 class LeaseLost(WorkdirError):
-  """Another run took the workdir's lease over (this one was stopped for longer than
-  the lease lasts): this run stops before its next write (exit status 77), and
-  must not be restarted into the same workdir while the other runs."""
+  """Another run took the lease over (this one stopped for longer than a lease
+  lasts): stopped before its next write (status 77: a restart loop must not retry)."""
 
   exit_status = LEASE_LOST_EXIT_STATUS
 
@@ -68,6 +64,11 @@ def non_finite_loss(loss: float, step: int, *, latest_checkpoint: int | None, ra
     f"the training loss is {loss} at step {step}; stopped there. {kept}. "
     f"Try a smaller {rate} in a new --workdir"
   )
+
+
+def first_line(e: BaseException) -> str:
+  """``Type: message``, its first line: a library's error, shown in one."""
+  return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 def warn(message: str) -> None:

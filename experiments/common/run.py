@@ -5,44 +5,30 @@
       for step in range(int(state.step) + 1, N + 1):
         state, scalars = train_step(state, next(batches))
         print(run.log(step, scalars))             # a row of metrics.jsonl (and TensorBoard)
-        run.maybe_save(step, state)               # every K steps, the last, and a stop's step
-        run.stop_if_requested(step)               # preempted: exit 75 with that checkpoint
+        run.maybe_save(step, state)               # every K steps, the last, a stop's step
+        run.stop_if_requested(step)               # preempted: Preempted, exit status 75
 
-Which library does what:
+orbax's ``CheckpointManager`` makes steps atomic (``commit_success.txt`` on Cloud
+Storage), saves asynchronously, keeps the last ``max_to_keep``, lists the steps on
+process 0 for all, and gives every host the step to stop at after SIGTERM (JAX's
+preemption sync point); epath is every path, ``multihost_utils`` the agreement.
+What no library does is here (and in ``lock.py``, ``files.py``):
 
-* orbax's ``CheckpointManager``: atomic steps (a rename locally, ``commit_success.txt``
-  on Cloud Storage), asynchronous saves, the last ``max_to_keep`` kept, the list of
-  steps read once and broadcast (``single_host_load_and_broadcast``), and JAX's
-  preemption sync point (``reached_preemption``): under ``jax.distributed`` every
-  host stops, and saves, at the same step however many got SIGTERM.
-* ``etils.epath`` for every path; google-cloud-storage where epath has no word
-  (``files.py``, ``lock.py``); ``jax.experimental.multihost_utils`` for agreement.
-
-What no library does, so it is here:
-
-* The lock or lease (``lock.py``). Process 0 takes it; every host learns the
-  outcome, and process 0's config check, before anyone touches the workdir. A
-  lease lost to another run stops the run before its next write: ``LeaseLost``,
-  exit status 77 (``LEASE_LOST_EXIT_STATUS``), one line.
-* The config check on resume: the config a run started with (but ``may_change``)
-  and the JAX settings that change its numbers (``runtime_settings``), kept in
-  ``config.json``.
-* Integrity without the critical path: orbax keeps no checksum of array data (a
-  flipped bit restores silently). Each step also holds a ``record`` item, committed
-  with it by orbax: the state's tree, shapes, dtypes and a fingerprint of its bytes
-  computed on the devices as it is saved (no file is read back). At restore the
-  fingerprint is recomputed: a step whose files were damaged since is set aside
-  (``<step>.corrupt``, a warning) and the one before is tried; every host's verdict
-  counts, so hosts with different storage errors agree on the step. A step orbax
-  committed is never discarded for a missing record of ours: there is none.
-* Exit status 75 (``PREEMPTED_EXIT_STATUS``) after a preemption, for restart loops;
-  without ``jax.distributed``, SIGTERM and Ctrl-C (a second one interrupts) set the
-  stop flag through handlers installed while the run is open (main thread only).
-* Rows: ``metrics.jsonl`` and TensorBoard events written by process 0 on a
-  background thread, appended (``files.Appender``), made durable before each
-  checkpoint so a restored step never lacks its rows, and cut back to the restored
-  step on resume. What a row averages over (a loss sum since the last row) belongs
-  in the state, so a resumed run writes the uninterrupted run's rows, every one.
+* Process 0 takes the lock or lease, checks the config against the run's own (but
+  ``may_change``) and the JAX settings that change its numbers, and writes
+  ``config.json``; every host learns each outcome before touching the workdir.
+  A lease lost to another run stops the run before its next write (exit 77).
+* Integrity off the critical path: orbax keeps no checksum of array data (a flipped
+  bit restores silently). Beside its ``state`` each step holds a ``record``,
+  committed with it: tree, shapes, dtypes and a fingerprint of the state's bits,
+  computed on the devices as it is saved. A restore recomputes it; a damaged step
+  is set aside (``<step>.corrupt``, a warning) and the one before tried, every
+  host's verdict counted: hosts that see different storage errors agree on a step.
+* Without ``jax.distributed``, SIGTERM and Ctrl-C (a second one interrupts) set the
+  stop flag (handlers installed while the run is open, in the main thread).
+* Rows: appended by process 0 on a background thread, written before each
+  checkpoint, cut back to the restored step. What a row averages over belongs in
+  the state: then a resumed run writes the uninterrupted run's rows.
 """
 
 from __future__ import annotations
@@ -50,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import math
 import signal
 import threading
 import time
@@ -65,18 +52,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from experiments.common import errors, files, lock
-from experiments.common.errors import CheckpointError, ConfigError, RunError, WorkdirError, warn
-
-CONFIG_FILE, METRICS_FILE = "config.json", "metrics.jsonl"
+from experiments.common.errors import CheckpointError, ConfigError
 
 
 def runtime_settings() -> dict:
   """Settings outside the config that change a run's numbers: under
   ``JAX_ENABLE_X64=1`` (or another PRNG) the same seed samples other batches."""
   return {
-    "jax_enable_x64": bool(jax.config.jax_enable_x64),
-    "jax_default_prng_impl": str(jax.config.jax_default_prng_impl),
-    "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+    name: getattr(jax.config, name)
+    for name in ("jax_enable_x64", "jax_default_prng_impl", "jax_threefry_partitionable")
   }
 
 
@@ -85,22 +69,15 @@ def _plain(config: Any) -> dict:
   return json.loads(text or json.dumps(dict(config)))
 
 
-def _differences(saved: Mapping, current: Mapping, ignore: Iterable[str] = ()) -> list[str]:
-  keys = sorted((set(saved) | set(current)) - set(ignore))
-  return [
-    f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
-  ]
+def _changes(saved: Mapping, now: Mapping, ignore: Iterable[str] = ()) -> list[str]:
+  keys = sorted((set(saved) | set(now)) - set(ignore))
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def check_config(workdir: epath.Path, config: Any, *, may_change: Iterable[str] = ()) -> None:
-  """Refuses to resume the run in ``workdir`` with another config (but the fields
-  ``may_change``) or other ``runtime_settings``.
-
-  Raises:
-    ConfigError: naming the fields that differ, or saying that ``config.json`` is
-      missing or not one this code wrote (the checkpoints' config is then unknown).
-  """
-  path = workdir / CONFIG_FILE
+  """Raises ``ConfigError`` naming the fields (but ``may_change``) or ``runtime_settings``
+  that differ from the config of the run in ``workdir``, or if that is unknown."""
+  path = workdir / "config.json"
   try:
     saved = json.loads(path.read_text())
     assert isinstance(saved["config"], dict) and isinstance(saved["runtime"], dict)
@@ -110,8 +87,8 @@ def check_config(workdir: epath.Path, config: Any, *, may_change: Iterable[str] 
       f"{workdir} holds checkpoints but {path} {why}, so the config they were trained with "
       "is unknown; put the run's config.json back, or give a new --workdir"
     ) from None
-  changed = _differences(saved["config"], _plain(config), may_change)
-  changed += [f"runtime {d}" for d in _differences(saved["runtime"], runtime_settings())]
+  changed = _changes(saved["config"], _plain(config), may_change)
+  changed += [f"runtime {c}" for c in _changes(saved["runtime"], runtime_settings())]
   if changed:
     raise ConfigError(
       f"the workdir {workdir} holds a run with another config or settings ({'; '.join(changed)}); "
@@ -119,53 +96,42 @@ def check_config(workdir: epath.Path, config: Any, *, may_change: Iterable[str] 
     )
 
 
-# ---- agreement between hosts ----------------------------------------------------------------
-
-
-def _broadcast_text(text: str | None, *, source: bool) -> str | None:
+def _broadcast(text: str | None, *, source: bool) -> str | None:
   """``text`` of the ``source`` host (exactly one), on every host."""
   if jax.process_count() == 1:
     return text
   data = np.zeros(4096, np.uint8)
-  raw = (text or "").encode()[: data.size - 1]
-  data[0], data[1 : len(raw) + 1] = text is not None, np.frombuffer(raw, np.uint8)
+  raw = np.frombuffer((text or "").encode()[: data.size - 1], np.uint8)
+  data[0], data[1 : raw.size + 1] = text is not None, raw
   data = np.asarray(multihost_utils.broadcast_one_to_all(data, is_source=source))
   return bytes(data[1:]).rstrip(b"\0").decode(errors="replace") if data[0] else None
 
 
-def agree(problem: str | None) -> str | None:
-  """Every host's ``problem`` (None: none) counted: the first host's that has one,
-  on every host, or None on every host."""
+def _agree(problem: str | None) -> str | None:
+  """The first host's ``problem`` if any host has one (None: none), on every host."""
   if jax.process_count() == 1:
     return problem
-  mine = np.array([problem is not None], np.int32)
-  failing = np.asarray(multihost_utils.process_allgather(mine)).ravel()
+  failing = np.asarray(multihost_utils.process_allgather(np.int32([problem is not None])))
   if not failing.any():
     return None
-  return _broadcast_text(problem, source=jax.process_index() == int(np.argmax(failing)))
+  return _broadcast(problem, source=jax.process_index() == int(np.argmax(failing.ravel())))
 
 
-_ERRORS = {cls.__name__: cls for cls in (RunError, WorkdirError, ConfigError, CheckpointError)}
-
-
-def on_primary(fn, *args) -> Any:
-  """``fn(*args)`` on process 0; its ``RunError`` (or ``OSError``) raised on every host.
-  Returns ``fn``'s result on process 0, None elsewhere."""
+def _on_primary(fn, *args) -> Any:
+  """``fn(*args)`` on process 0 (its result; None elsewhere); its ``RunError`` or
+  ``OSError`` raised on every host."""
   result, error = None, None
   if jax.process_index() == 0:
     try:
       result = fn(*args)
-    except (RunError, OSError) as e:
-      name = type(e).__name__ if type(e).__name__ in _ERRORS else "RunError"
+    except (errors.RunError, OSError) as e:
+      name = type(e).__name__ if isinstance(e, errors.RunError) else "WorkdirError"
       error = f"{name}\n{e.strerror if isinstance(e, OSError) and e.strerror else e}"
-  error = _broadcast_text(error, source=jax.process_index() == 0)
+  error = _broadcast(error, source=jax.process_index() == 0)
   if error is not None:
     name, _, message = error.partition("\n")
-    raise _ERRORS[name](message)
+    raise getattr(errors, name, errors.RunError)(message)
   return result
-
-
-# ---- what a checkpoint holds beside the state -----------------------------------------------
 
 
 @jax.jit
@@ -175,8 +141,7 @@ def _fingerprint(tree) -> list[jax.Array]:
   to one word changes it (an odd weight is invertible modulo 2**32)."""
 
   def leaf(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
+    x = jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
     x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
     unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
     w = jax.lax.bitcast_convert_type(x, unsigned).ravel().astype(jnp.uint32)
@@ -185,27 +150,13 @@ def _fingerprint(tree) -> list[jax.Array]:
   return [leaf(x) for x in jax.tree.leaves(tree)]
 
 
-def _shape_of(tree) -> dict:
-  """The tree's structure, shapes and dtypes: what a restore needs to match."""
-  leaves = [[list(np.shape(x)), str(jnp.result_type(x))] for x in jax.tree.leaves(tree)]
-  return {"tree": str(jax.tree.structure(tree)), "leaves": leaves}
-
-
-def _record(state) -> dict:
-  values = [int(np.asarray(v.addressable_data(0))) for v in _fingerprint(state)]
-  return {**_shape_of(state), "fingerprint": values}
-
-
-def _numbers(row: Mapping[str, Any]) -> list[tuple[str, int | float]]:
-  """The row's numbers (not its flags and words), for TensorBoard and the progress line."""
-  return [(k, v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-
-
-def _short(e: BaseException) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-
-
-# ---- the run --------------------------------------------------------------------------------
+def _record(state, *, fingerprint: bool = True) -> dict:
+  """What a checkpoint's ``record`` holds (module docstring)."""
+  leaves = [[list(np.shape(x)), str(jnp.result_type(x))] for x in jax.tree.leaves(state)]
+  record = {"tree": str(jax.tree.structure(state)), "leaves": leaves}
+  if fingerprint:
+    record["fingerprint"] = [int(np.asarray(v.addressable_data(0))) for v in _fingerprint(state)]
+  return record
 
 
 class Run:
@@ -219,20 +170,19 @@ class Run:
     num_train_steps: int,
     checkpoint_every: int,
     may_change: Iterable[str] = (),
-    summaries: bool = False,
+    hparams: Mapping[str, Any] | None = None,
     max_to_keep: int = 2,
     lease: Mapping[str, float] | None = None,
   ):
-    """Opens ``workdir`` (a folder or ``gs://BUCKET/PATH``) for the run of ``config``,
-    on every host at once.
+    """Opens ``workdir`` (a folder or ``gs://BUCKET/PATH``) for ``config``'s run.
 
     Args:
       num_train_steps: the last step (always saved; a workdir past it is refused).
       checkpoint_every: save every that many steps.
       may_change: config fields a resumed run may change.
-      summaries: also write TensorBoard events (needs the ``tensorboard`` package).
+      hparams: write TensorBoard events too (the ``tensorboard`` package), these first.
       max_to_keep: checkpoints kept.
-      lease: ``GcsLease``'s ``refresh_seconds``/``stale_after_seconds`` (tests).
+      lease: ``lock.GcsLease``'s ``refresh_seconds``, ``stale_after_seconds`` (tests).
 
     Raises:
       WorkdirError: another run holds the workdir, or it cannot be used.
@@ -240,14 +190,15 @@ class Run:
       CheckpointError: the checkpoints folder cannot be written.
     """
     self.workdir, self.num_train_steps = files.workdir_path(workdir), num_train_steps
-    self.primary = jax.process_index() == 0
-    self._lock = on_primary(_acquire, self.workdir, lease)
-    self._signalled, self._stop_step, self._handlers, self._writes = False, None, {}, []
-    self._writer = concurrent.futures.ThreadPoolExecutor(1, "bnjax-rows") if self.primary else None
-    self._rows, self._events, self._clock = files.Appender(self.workdir / METRICS_FILE), None, None
-    self._checkpoints, self._manager = self.workdir / "checkpoints", None
+    self.primary, self._checkpoints = jax.process_index() == 0, self.workdir / "checkpoints"
+    self._lock = _on_primary(_acquire, self.workdir, lease)
+    self._stopping, self._stop_step, self._handlers, self._writes = False, None, {}, []
+    self._writer = concurrent.futures.ThreadPoolExecutor(1, "bnjax-rows")
+    self._rows, self._clock = files.Appender(self.workdir / "metrics.jsonl"), None
+    self._events = self._manager = None
+    self.summaries = False
     try:
-      on_primary(_check_writable, self._checkpoints)
+      _on_primary(_check_writable, self._checkpoints)
       self._manager = ocp.CheckpointManager(
         self._checkpoints,
         options=ocp.CheckpointManagerOptions(
@@ -257,15 +208,21 @@ class Run:
           cleanup_tmp_directories=True,
         ),
       )
-      on_primary(self._check_and_write_config, config, self.latest_step, tuple(may_change))
-      if summaries and self.primary:
-        self._events = _event_file(self.workdir)
+      _on_primary(self._check_and_write_config, config, self.latest_step, tuple(may_change))
+      if hparams is not None and self.primary:
+        try:
+          self._events = files.EventFile(self.workdir)
+          self._write(self._events.hparams, hparams)
+          self.summaries = True  # TensorBoard events are written
+        except ImportError as e:
+          print(f"no TensorBoard summaries ({e}: pip install tensorboard); metrics.jsonl has all")
     except BaseException:
-      if self._manager is not None:
-        self._manager.close()
-      self._release(failed=True)
+      self.close(failed=True)
       raise
-    self._install_handlers()
+    if threading.current_thread() is threading.main_thread():
+      distributed = jax.distributed.is_initialized()  # then JAX's service handles SIGTERM
+      for number in [signal.SIGINT] if distributed else [signal.SIGTERM, signal.SIGINT]:
+        self._handlers[number] = signal.signal(number, self._notice)
 
   @classmethod
   def open(cls, workdir: str | epath.PathLike, config: Any, **options) -> Run:
@@ -281,16 +238,13 @@ class Run:
           f"config.num_train_steps={self.num_train_steps}; give a new --workdir"
         )
     document = {"config": _plain(config), "runtime": runtime_settings()}
-    text = files.to_json(document, indent=2, sort_keys=True) + "\n"
-    files.write_atomic(self.workdir / CONFIG_FILE, text.encode())
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    files.write_atomic(self.workdir / "config.json", text.encode())
 
-  # -- restoring ------------------------------------------------------------------------------
-
-  def restore_or(self, initial: Any, *, hparams: Mapping[str, Any] | None = None) -> Any:
-    """The state of the newest intact checkpoint, in ``initial``'s structure, dtypes
-    and shardings; or ``initial`` in a fresh run (whose TensorBoard events then get
-    ``hparams``). Damaged steps are set aside (the module docstring); rows written
-    after the restored step are dropped from ``metrics.jsonl``.
+  def restore_or(self, initial: Any) -> Any:
+    """The state of the newest intact checkpoint in ``initial``'s structure, dtypes
+    and shardings, or ``initial`` if there is none. Damaged steps are set aside (the
+    module docstring); the rows of later steps leave ``metrics.jsonl``.
 
     Raises:
       CheckpointError: a checkpoint of another structure (another network or state).
@@ -304,47 +258,38 @@ class Run:
           print(f"Resumed {self.workdir} from its checkpoint of step {step}.", flush=True)
         break
     if self.primary:
-      files.keep_rows_up_to(self.workdir / METRICS_FILE, step)
-      if step == 0 and hparams and self._events is not None:
-        self._write(self._events.hparams, hparams)
+      files.keep_rows_up_to(self._rows.path, step)
     self._clock = (step, None)
     return state
 
   def _restore(self, step: int, initial: Any) -> Any | None:
-    """Step ``step`` restored, or None once it is set aside; the same on every host.
-    Through orbax's handlers, which hold no barrier (its manager's restore ends in
-    one, which a host whose read failed would never reach: the others would hang)."""
-    path, state, record = self._checkpoints / str(step), None, None
+    """Step ``step`` restored, or None once set aside; the same on every host. Through
+    orbax's handlers: its manager's restore ends in a barrier, which a host whose
+    read failed would never reach (the others would wait there)."""
+    path, state, problem, other = self._checkpoints / str(step), None, None, False
     try:
       record = ocp.JsonCheckpointHandler().restore(path / "record")
-      problem = None
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
-      problem = f"its record is unreadable ({_short(e)})"
-    problem = agree(problem)
-    if problem is None:
-      if {k: record[k] for k in ("tree", "leaves")} != _shape_of(initial):
-        raise CheckpointError(
-          f"checkpoint {path} cannot be restored into this run's state (it holds "
-          f"{len(record['leaves'])} arrays of another structure; give a new --workdir)"
-        )
-      try:
+      other = {k: record[k] for k in ("tree", "leaves")} != _record(initial, fingerprint=False)
+      if not other:
         args = ocp.args.StandardRestore(initial)
         state = ocp.StandardCheckpointHandler().restore(path / "state", args=args)
         if _record(state)["fingerprint"] != record["fingerprint"]:
           problem = "its arrays differ from those saved: its files were damaged"
-      except Exception as e:  # noqa: BLE001
-        problem = f"it cannot be read ({_short(e)})"
-      problem = agree(problem)
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
+      problem = f"it cannot be read ({errors.first_line(e)})"
+    if (problem := _agree(problem)) is None and other:
+      raise CheckpointError(
+        f"checkpoint {path} cannot be restored into this run's state (it holds "
+        f"{len(record['leaves'])} arrays of another structure; give a new --workdir)"
+      )
     if problem is None:
       return state
-    on_primary(_set_aside, path, problem)
+    _on_primary(_set_aside, path, problem)
     self._manager.reload()
     return None
 
-  # -- rows -----------------------------------------------------------------------------------
-
   def log(self, step: int, row: Mapping[str, Any]) -> str:
-    """Appends ``{"step": step, **row}`` to ``metrics.jsonl`` (and its numbers to
+    """Appends ``{"step": step, **row}`` to ``metrics.jsonl`` (its numbers to
     TensorBoard) on process 0, in the background; returns it as a progress line.
 
     Raises:
@@ -352,33 +297,15 @@ class Run:
       LeaseLost: another run took the workdir over.
       WorkdirError: an earlier row could not be written.
     """
-    error = files.non_finite_error(step, row, str(self.workdir / METRICS_FILE))
-    if error is not None:
-      raise error
+    if bad := [f"{k} = {v}" for k, v in row.items() if type(v) is float and not math.isfinite(v)]:
+      where = f"not written to {self._rows.path}"
+      raise errors.NonFiniteError(f"at step {step}, {', '.join(bad)} is not finite; {where}")
     self._check_lease()
+    numbers = {k: v for k, v in row.items() if type(v) in (int, float)}
     if self.primary:
-      line = files.to_json({"step": step, **row}) + "\n"
-      self._write(self._rows.write, line.encode())
-      if self._events is not None:
-        self._write(self._events.scalars, step, {k: float(v) for k, v in _numbers(row)})
-    return self._progress_line(step, row)
-
-  def _write(self, fn, *args) -> None:
-    for done in [w for w in self._writes if w.done()]:
-      self._writes.remove(done)
-      done.result()  # a failed write: raise its error now
-    self._writes.append(self._writer.submit(fn, *args))
-
-  def flush(self) -> None:
-    """Returns once every row logged so far is written (process 0)."""
-    writes, self._writes = self._writes, []
-    for w in writes:
-      w.result()
-
-  def _progress_line(self, step: int, row: Mapping[str, Any]) -> str:
-    text = "  ".join(
-      f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in _numbers(row)
-    )
+      self._write(self._rows.write, (json.dumps({"step": step, **row}) + "\n").encode())
+      self._write(self._events and self._events.scalars, step, numbers)
+    text = "  ".join(f"{k} {v:.4g}" if type(v) is float else f"{k} {v}" for k, v in numbers.items())
     (last_step, last_time), now = self._clock or (step, None), time.perf_counter()
     self._clock = (step, now)
     if last_time is None or step == last_step:  # the first row since the start compiled
@@ -390,102 +317,86 @@ class Run:
       f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d})"
     )
 
-  # -- checkpoints and stops ------------------------------------------------------------------
+  def _write(self, fn, *args) -> None:
+    for done in [w for w in self._writes if w.done()]:
+      self._writes.remove(done)
+      done.result()  # a failed write: raise its error now
+    if fn is not None:
+      self._writes.append(self._writer.submit(fn, *args))
+
+  def flush(self) -> None:
+    """Returns once every row logged so far is written."""
+    writes, self._writes = self._writes, []
+    for w in writes:
+      w.result()
 
   def maybe_save(self, step: int, state: Any) -> bool:
-    """Saves ``state`` (or ``state()``, if it is a function: called only to save)
-    as ``step`` if it is a checkpoint step (every ``checkpoint_every``, the last) or
-    the step to stop at (a preemption); call it after every step (or chunk of
-    steps) on every host. The rows logged so far are written first. Returns whether
-    it saved (asynchronously: the arrays are off the devices, the files still being
-    written).
-
-    Raises:
-      LeaseLost: another run took the workdir over (nothing is written).
-      CheckpointError: the checkpoint cannot be written.
-    """
-    stopping = self._signalled or self._manager.reached_preemption(step)
+    """Saves ``state`` (or ``state()``, called only to save) as ``step`` at every
+    ``checkpoint_every``-th step, the last and the one to stop at, the rows logged
+    so far written first; call it after every step (or chunk) on every host. Returns
+    whether it saved (asynchronously: its files are still being written). Raises
+    ``LeaseLost`` (nothing written) or ``CheckpointError``."""
+    stopping = self._stopping or self._manager.reached_preemption(step)
     self._stop_step = step if stopping else None
-    if self._manager.latest_step() == step or not (stopping or self._manager.should_save(step)):
+    if self.latest_step == step or not (stopping or self._manager.should_save(step)):
       return False
     self._check_lease()
-    if self.primary:
-      self.flush()
+    self.flush()
     state = state() if callable(state) else state
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(_record(state))
-    )
+    record = ocp.args.JsonSave(_record(state))
     try:
+      args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=record)
       self._manager.save(step, args=args, force=True)
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds
-      raise CheckpointError(
-        f"cannot write checkpoint {self._checkpoints / str(step)} ({_short(e)})"
-      ) from e
+      path = self._checkpoints / str(step)
+      raise CheckpointError(f"cannot write checkpoint {path} ({errors.first_line(e)})") from e
     return True
-
-  def wait_until_saved(self) -> None:
-    """Returns once the last checkpoint is written whole."""
-    self._manager.wait_until_finished()
-
-  @property
-  def summaries(self) -> bool:
-    """Whether TensorBoard events are written (process 0)."""
-    return self._events is not None
-
-  @property
-  def latest_step(self) -> int | None:
-    """The newest checkpoint's step (None: none)."""
-    return self._manager.latest_step()
 
   def stop_if_requested(self, step: int) -> None:
     """Raises ``Preempted(step)`` at the step a preemption stops at (the same on every
     host), once its checkpoint (saved by ``maybe_save``) and the rows are written."""
     if self._stop_step == step:
-      if self.primary:
-        self.flush()
+      self.flush()
       self.wait_until_saved()
       raise errors.Preempted(step)
 
   def _check_lease(self) -> None:
     lost = self.primary and self._lock.lost
     if jax.process_count() > 1:
-      lost = _broadcast_text("lost" if lost else None, source=self.primary) is not None
+      lost = _broadcast("lost" if lost else None, source=self.primary) is not None
     if lost:
       raise errors.LeaseLost(f"another run took over {self.workdir}; stopping")
 
-  # -- signals and closing --------------------------------------------------------------------
-
-  def _install_handlers(self) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      return
-    distributed = jax.distributed.is_initialized()  # then JAX's service handles SIGTERM
-    for number in [signal.SIGINT] if distributed else [signal.SIGTERM, signal.SIGINT]:
-      self._handlers[number] = signal.signal(number, self._notice)
-
   def _notice(self, number, frame) -> None:
-    if number == signal.SIGINT and (self._signalled or jax.distributed.is_initialized()):
+    if number == signal.SIGINT and (self._stopping or jax.distributed.is_initialized()):
       raise KeyboardInterrupt  # a second Ctrl-C, or one of several hosts: stop now
-    self._signalled = True
+    self._stopping = True
 
-  def _release(self, *, failed: bool) -> None:
-    if self._writer is not None:
-      self._writer.shutdown()
-    if self._lock is not None:
-      self._lock.release(failed=failed)
+  def wait_until_saved(self) -> None:
+    """Returns once the last checkpoint is written whole."""
+    self._manager.wait_until_finished()
+
+  @property
+  def latest_step(self) -> int | None:
+    """The newest checkpoint's step (None: none)."""
+    return self._manager.latest_step()
 
   def close(self, *, failed: bool = False) -> None:
     """Writes what is pending (rows, the last checkpoint), then releases the workdir;
-    after a failure, as much of it as can be (the first error is the one reported)."""
+    after a failure, as much as can be written (the first error is the one reported)."""
     try:
       with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
-        if self.primary:
-          self.flush()
-        self._manager.wait_until_finished()
+        self.flush()
+        if self._manager is not None:
+          self._manager.wait_until_finished()
     finally:
-      self._manager.close()
+      if self._manager is not None:
+        self._manager.close()
       for number, handler in self._handlers.items():
         signal.signal(number, handler)
-      self._release(failed=failed)
+      self._writer.shutdown()
+      if self._lock is not None:
+        self._lock.release(failed=failed)
 
   def __enter__(self) -> Run:
     return self
@@ -495,27 +406,23 @@ class Run:
 
 
 def _acquire(workdir: epath.Path, lease: Mapping[str, float] | None):
-  return (
-    lock.GcsLease(workdir, **lease) if lease and files.is_gcs(workdir) else lock.acquire(workdir)
-  )
+  if lease and files.is_gcs(workdir):
+    return lock.GcsLease(workdir, **lease)
+  return lock.acquire(workdir)
 
 
 def _check_writable(folder: epath.Path) -> None:
-  """A local checkpoints folder that orbax could not write: one line now, not a
-  failure in its background thread later."""
-  if files.is_gcs(folder):
-    return  # the lease was written there
+  """A local folder orbax could not write: one line now, not a failure in its
+  background thread at the first save (on gs://, the lease was written)."""
   try:
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-test-{uuid.uuid4().hex}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    if not files.is_gcs(folder):
+      folder.mkdir(parents=True, exist_ok=True)
+      (probe := folder / f".write-test-{uuid.uuid4().hex}").write_bytes(b"")
+      probe.unlink()
   except FileExistsError:
     raise CheckpointError(f"cannot keep checkpoints in {folder}: a file is in the way") from None
   except OSError as e:
-    raise CheckpointError(
-      f"cannot write to the checkpoints folder {folder}: {e.strerror or e}"
-    ) from e
+    raise CheckpointError(f"cannot write to the checkpoints folder {folder}: {e.strerror}") from e
 
 
 def _set_aside(path: epath.Path, problem: str) -> None:
@@ -523,27 +430,6 @@ def _set_aside(path: epath.Path, problem: str) -> None:
   while aside.exists():
     aside, n = path.with_name(f"{path.name}.corrupt-{n}"), n + 1
   path.rename(aside)
-  warn(f"checkpoint {path} is not intact ({problem}): moved to {aside.name}; trying an older step")
-
-
-def _event_file(workdir: epath.Path) -> files.EventFile | None:
-  try:
-    return files.EventFile(workdir)
-  except ImportError as e:
-    print(f"no TensorBoard summaries ({e}: pip install tensorboard); metrics.jsonl has every row")
-    return None
-
-
-@contextlib.contextmanager
-def locked(workdir: str | epath.PathLike):
-  """The lock or lease of ``workdir`` (every host learns the outcome), for commands
-  that hold a folder of runs (the figure commands); yields its ``epath.Path``."""
-  path = files.workdir_path(workdir)
-  held = on_primary(_acquire, path, None)
-  failed = True
-  try:
-    yield path
-    failed = False
-  finally:
-    if held is not None:
-      held.release(failed=failed)
+  errors.warn(
+    f"checkpoint {path} is not intact ({problem}): moved to {aside.name}; trying an older step"
+  )

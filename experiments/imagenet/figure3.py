@@ -31,7 +31,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, config_flags  # noqa: E402
 from experiments.common import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -173,7 +173,8 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
   from experiments.imagenet import train
 
   configs = {name: variant_config(name, miniature) for name in VARIANTS}
-  with common.locked(workdir) as workdir:
+  workdir = common.workdir_path(workdir)
+  with common.lock.acquire(workdir):
     for name, config in configs.items():
       run_dir = workdir / name
       if is_finished(run_dir, config.num_train_steps):
@@ -217,7 +218,9 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png."
   )
-  cli.define_config_flag(DEFAULT_CONFIG, "The miniature's fields, set on every variant's config.")
+  config_flags.define_config_flag(
+    DEFAULT_CONFIG, "The miniature's fields, set on every variant's config."
+  )
 
 
 def main(argv):
@@ -229,4 +232,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

@@ -455,7 +455,7 @@ def train_and_evaluate(
     num_train_steps=exp.schedule.num_train_steps,
     checkpoint_every=exp.schedule.checkpoint_every,
     may_change=RESTART_MAY_CHANGE,
-    summaries=True,
+    hparams={k: v for k, v in config.items() if isinstance(v, int | float | str | bool)},
   ) as run:
     state = _train(exp, run)
     run.wait_until_saved()
@@ -531,8 +531,7 @@ def _first_step(run_step, device: _DeviceState, batch: dict, start: int) -> None
 def _train(exp: Experiment, run: common.Run) -> TrainState:
   config, schedule = exp.config, exp.schedule
   _announce(exp)
-  hparams = {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
-  device = _DeviceState(exp.layout, run.restore_or(make_initial_state(exp), hparams=hparams))
+  device = _DeviceState(exp.layout, run.restore_or(make_initial_state(exp)))
   start = int(parallel.host_copy(device.canonical().step))
   run_step, batches = make_train_step(exp), train_batches(exp, start)
   fake = "  [FAKE DATA]" if config.fake_data else ""

@@ -21,13 +21,13 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, config_flags  # noqa: E402
 from experiments.common import cli  # noqa: E402
 from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
-cli.define_config_flag(
+config_flags.define_config_flag(
   configs.DEFAULT,
   "Configuration of both networks (config.batch_norm is set for each).",
   aliases=configs.RENAMED,
@@ -91,7 +91,8 @@ def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, 
 def run_figure1(config, workdir) -> pathlib.Path:
   """Trains (or resumes) both networks and draws the figure; returns its path."""
   train.validate_config(config)
-  with common.locked(workdir) as workdir:
+  workdir = common.workdir_path(workdir)
+  with common.lock.acquire(workdir):
     for name, batch_norm in RUNS.items():
       run_config = config.copy_and_resolve_references()
       run_config.batch_norm = batch_norm
@@ -122,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

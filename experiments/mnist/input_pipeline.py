@@ -12,7 +12,7 @@ import socket
 import numpy as np
 
 from experiments.common import DataError as DataError
-from experiments.common.idx import (  # noqa: F401 (re-exported: the reader is shared, experiments/common/idx.py)
+from experiments.idx import (  # noqa: F401 (re-exported: the reader is shared, experiments/idx.py)
   DATASETS,
   IMAGE_MAGIC,
   LABEL_MAGIC,
