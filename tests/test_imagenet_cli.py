@@ -164,6 +164,27 @@ def test_hosts_that_see_different_storage_errors_agree_on_the_step(tmp_path):
     assert resumed[step] == pytest.approx(losses[step], rel=1e-6), step
 
 
+def test_every_host_learns_that_the_workdir_is_busy(tmp_path):
+  """Process 0 alone takes the lock; when another run holds it, both processes stop
+  with that run's one line, and neither touches the workdir."""
+  from etils import epath
+
+  from experiments.common import lock
+
+  flags = [f"--config={TINY}", "--config.batch_size=8", "--config.num_train_steps=2"]
+  with lock.acquire(epath.Path(tmp_path)):  # held by this process
+    workers = _start_two_processes(tmp_path, flags)
+    try:
+      results = [finish(w, status=1, timeout=TIMEOUT) for w in workers]
+    finally:
+      for w in workers:
+        w.kill()
+  lines = [err.strip().splitlines()[-1] for _, err in results]
+  assert lines[0] == lines[1], lines
+  assert lines[0].startswith(f"error: the workdir {tmp_path} is in use by another run (pid ")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
 def _checkpoint_arrays(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
   import jax
 
