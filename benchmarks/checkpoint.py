@@ -5,8 +5,9 @@ Cloud Storage emulator (fake-gcs-server):
    without a save, and "a step plus ``maybe_save``" (what the loop waits for).
 2. SIGTERM to exit: from the signal, after a step, to the end of
    ``stop_if_requested`` and ``close`` (the step's checkpoint saved, the rows
-   written, the workdir released), against orbax's own save of the same state
-   (``CheckpointManager.save`` then ``wait_until_finished``).
+   written, the workdir released), against orbax's own save of the same state in
+   the same place (``CheckpointManager.save`` then ``wait_until_finished``, after
+   the same saves before it: the oldest step is deleted in both).
 3. Metric rows: bytes sent and milliseconds per row appended to ``metrics.jsonl``,
    over the first and the last 1,000 of ``--rows`` rows (gs:// only: locally an
    append is a write of the row).
@@ -89,9 +90,16 @@ def measure_run(directory: str, *, megabytes: float, steps: int, save_every: int
   except common.Preempted:
     pass
   to_exit = time.perf_counter() - signalled
-  with ocp.CheckpointManager(f"{directory}-orbax") as manager:  # orbax alone, the same state
+  # orbax alone, in the same place: the same saves before, then the timed one (with
+  # max_to_keep=2 it deletes the oldest step, as the run's last save did).
+  with ocp.CheckpointManager(
+    f"{directory}-orbax", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+  ) as manager:
+    for i in range(save_every, steps + 1, save_every):
+      manager.save(i, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
     t = time.perf_counter()
-    manager.save(1, args=ocp.args.StandardSave(state))
+    manager.save(steps + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
     orbax_save = time.perf_counter() - t
   return {
@@ -139,7 +147,7 @@ def measure_rows(directory: str, rows: int) -> dict:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--megabytes", type=float, default=64, help="size of the saved state")
-  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--steps", type=int, default=35, help="then SIGTERM (not just after a save)")
   parser.add_argument("--save_every", type=int, default=10)
   parser.add_argument("--rows", type=int, default=10000)
   parser.add_argument("--repeats", type=int, default=2, help="sections 1-2, per storage")
