@@ -199,6 +199,15 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_pat
     np.testing.assert_array_equal(run.restore_or(_state(0))["w"], _state(2)["w"])
 
 
+def test_a_relative_workdir(tmp_path, monkeypatch):
+  """orbax takes absolute paths only; the README's command gives a relative one."""
+  monkeypatch.chdir(tmp_path)
+  with _open("runs/a") as run:
+    run.maybe_save(1, _state(1))
+  with _open("runs/a") as run:
+    np.testing.assert_array_equal(run.restore_or(_state(0))["w"], _state(1)["w"])
+
+
 def test_no_intact_checkpoint_means_a_fresh_start(tmp_path):
   with _open(tmp_path) as run:
     run.maybe_save(1, _state(1))

@@ -190,7 +190,8 @@ class Run:
       CheckpointError: the checkpoints folder cannot be written.
     """
     self.workdir, self.num_train_steps = files.workdir_path(workdir), num_train_steps
-    self.primary, self._checkpoints = jax.process_index() == 0, self.workdir / "checkpoints"
+    self.primary, checkpoints = jax.process_index() == 0, self.workdir / "checkpoints"
+    self._checkpoints = checkpoints if files.is_gcs(checkpoints) else checkpoints.absolute()
     self._lock = _on_primary(_acquire, self.workdir, lease)
     self._stopping, self._stop_step, self._handlers, self._writes = False, None, {}, []
     self._writer = concurrent.futures.ThreadPoolExecutor(1, "bnjax-rows")
