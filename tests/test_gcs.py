@@ -120,7 +120,7 @@ def test_rows_cost_the_same_bytes_however_long_the_file(workdir, monkeypatch):
   assert sum(per_row[200:]) <= 1.05 * sum(per_row[:100]) + 2000, per_row
 
 
-def test_the_lease_refuses_a_second_run_and_is_released(workdir, gcs_emulator, gcs_bucket):
+def test_the_lease_refuses_a_second_run_is_released_and_a_dead_one_is_taken(workdir):
   with _open(workdir):
     holder = json.loads(_blob(f"{workdir}/.lock").download_as_bytes())
     assert holder["holder"] == f"{os.getpid()} {socket.gethostname()}"
@@ -130,7 +130,13 @@ def test_the_lease_refuses_a_second_run_and_is_released(workdir, gcs_emulator, g
       rf"{os.getpid()} on {socket.gethostname()}, lease refreshed",
     ):
       _open(workdir)
-  assert not any(n.endswith(".lock") for n in gcs_emulator.objects(gcs_bucket))
+  assert not common.workdir_path(workdir).joinpath(".lock").exists()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  record = json.dumps({"holder": f"{int(dead.stdout)} {socket.gethostname()}"}).encode()
+  files.gcs_blob(f"{workdir}/.lock").upload_from_string(record)  # as left by kill -9
+  _open(workdir).close()  # its process is gone: taken at once
 
 
 def test_the_lease_is_refreshed_and_a_stale_one_taken_over(workdir, capsys):
@@ -169,38 +175,21 @@ def test_a_lease_taken_over_mid_run_stops_the_run_before_its_next_write(workdir,
   assert _blob(f"{workdir}/.lock").download_as_bytes() == b'{"holder": "1 elsewhere"}'
 
 
-def test_a_lease_of_a_dead_process_on_this_machine_is_taken_at_once(workdir):
-  dead = subprocess.run(
-    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-  )
-  record = json.dumps({"holder": f"{dead.stdout.strip()} {socket.gethostname()}"}).encode()
-  files.gcs_blob(f"{workdir}/.lock").upload_from_string(record)  # as left by kill -9
-  _open(workdir).close()
-
-
 # ---- bad input: one line, nothing left behind -------------------------------------------
 
 
-def test_gs_without_a_bucket_and_other_schemes_are_refused(tmp_path, monkeypatch):
+def test_gs_without_a_bucket_other_schemes_and_a_missing_bucket(
+  gcs_emulator, tmp_path, monkeypatch
+):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(common.WorkdirError, match=r"'gs://' names no bucket: write gs://BUCKET/PATH"):
-    _open("gs://")
-  with pytest.raises(
-    common.WorkdirError, match=r"the scheme s3:// is not supported; use a local folder or gs://"
-  ):
-    _open("s3://bucket/run")
+  for workdir, line in [
+    ("gs://", r"'gs://' names no bucket: write gs://BUCKET/PATH"),
+    ("s3://bucket/run", r"the scheme s3:// is not supported; use a local folder or gs://"),
+    ("gs://no-such-x/run", r"the bucket gs://no-such-x does not exist \(create it with `gcloud"),
+  ]:
+    with pytest.raises(common.WorkdirError, match=line):
+      _open(workdir)
   assert list(tmp_path.iterdir()) == []  # no folder named gs: or s3:
-
-
-def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(
-    common.WorkdirError,
-    match=r"the bucket gs://no-such-bucket-x does not exist \(create it "
-    r"with `gcloud storage buckets create gs://no-such-bucket-x`",
-  ):
-    _open("gs://no-such-bucket-x/run")
-  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
