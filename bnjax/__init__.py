@@ -11,11 +11,26 @@ imports Flax, Equinox or Haiku).
 
 import importlib as _importlib
 
+# Weights and statistics from PyTorch, Keras and Haiku, and back (a namespace: bnjax.convert.*).
+from bnjax import convert as convert
+from bnjax.accumulation import PendingUpdate as PendingUpdate
+from bnjax.accumulation import accumulate_batch_norm as accumulate_batch_norm
+from bnjax.accumulation import apply_pending as apply_pending
+from bnjax.accumulation import init_pending as init_pending
+from bnjax.accumulation import merge_moments as merge_moments
 from bnjax.batch_norm import BatchNormParams as BatchNormParams
 from bnjax.batch_norm import BatchNormState as BatchNormState
 from bnjax.batch_norm import batch_norm as batch_norm
 from bnjax.batch_norm import init as init
+from bnjax.describe import LayerStatistics as LayerStatistics
+from bnjax.describe import StatisticsReport as StatisticsReport
+from bnjax.describe import StatisticsScopeWarning as StatisticsScopeWarning
+from bnjax.describe import describe as describe
 from bnjax.fold import fold as fold
+from bnjax.freeze import freeze_statistics as freeze_statistics
+from bnjax.moving_average import MovingAverageWeights as MovingAverageWeights
+from bnjax.moving_average import cumulative_momentum as cumulative_momentum
+from bnjax.moving_average import debiased_momentum as debiased_momentum
 from bnjax.moving_average import update_moving_average as update_moving_average
 from bnjax.population import PopulationStatistics as PopulationStatistics
 from bnjax.population import init_population as init_population

@@ -41,17 +41,21 @@ class Inputs(NamedTuple):
   out_dtype: jnp.dtype
 
 
-def prepare(x, params, state, *, training, axis, momentum, epsilon, mask, dtype) -> Inputs:
+def prepare(
+  x, params, state, *, training, axis, momentum, epsilon, mask, dtype, update_stats=False
+) -> Inputs:
   """Checks every argument (errors name the problem) and canonicalizes them;
   ``axis_name`` and ``axis_index_groups`` are checked where they are used, inside
-  the mapped function (``training_config``, ``bnjax.collectives.psum``)."""
+  the mapped function (``training_config``, ``bnjax.collectives.psum``). The batch
+  needs values to reduce where its statistics normalize (``training``) or move the
+  state (``update_stats``)."""
   validation.check_training(training)
   validation.check_floating("x", x)
   validation.check_momentum(momentum)
   validation.check_epsilon(epsilon)
   x = jnp.asarray(x)
   axes = validation.input_axes(x.shape, axis)
-  if training:
+  if training or update_stats:
     validation.check_reduction(x.shape, axes.features)
   scale, bias = (None, None) if params is None else params
   validation.check_floating_fields("params", [("scale", scale), ("bias", bias)])
@@ -100,6 +104,9 @@ class TrainingConfig(NamedTuple):
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   out_dtype: jnp.dtype
   unbiased_variance: bool  # which batch variance the running variance moves towards
+  # The sizes of axis_name's axes, asked before the custom derivative, inside which a
+  # vmap's may be unknown (bnjax.collectives.axis_sizes); None without axis_name.
+  axis_sizes: tuple[int, ...] | None = None
 
 
 def training_config(
@@ -112,6 +119,7 @@ def training_config(
     axis_index_groups=validation.canonical_axis_index_groups(axis_index_groups),
     out_dtype=inputs.out_dtype,
     unbiased_variance=unbiased_variance,
+    axis_sizes=None if axis_name is None else collectives.axis_sizes(axis_name),
   )
 
 
@@ -144,15 +152,15 @@ class StateUpdate(NamedTuple):
   in the same pass (``updated_state``); ``state_update`` builds one."""
 
   state: Any  # a BatchNormState of [*F] arrays
-  momentum: jax.Array  # [], floating: the weight of the old statistics
+  momentum: moving_average.MovingAverageWeights  # [] each: the old and the new value's weight
 
 
 def state_update(state, momentum) -> StateUpdate:
-  """``StateUpdate`` of ``state`` with ``momentum`` (a number or a traced scalar)."""
-  momentum = jnp.asarray(momentum)
-  if not jnp.issubdtype(momentum.dtype, jnp.floating):  # an int: 0 or 1
-    momentum = momentum.astype(jnp.float32)
-  return StateUpdate(state, momentum)
+  """``StateUpdate`` of ``state`` with ``momentum`` (a number, a traced scalar or
+  ``MovingAverageWeights``), as arrays: a Python float's ``1 - momentum`` is taken
+  in double here, before anything rounds it (``moving_average_weights``)."""
+  dtype = moving_average.widest_real(*(statistic.dtype for statistic in state))
+  return StateUpdate(state, moving_average.moving_average_weights(momentum, dtype))
 
 
 def normalize_training(
@@ -356,7 +364,10 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, upd
   else:
     local = stats.local_moments(x, reduction_axes=axes, mask=mask)
     statistics = finish(
-      local, stats.all_gather_moments(local, config.axis_name, config.axis_index_groups)
+      local,
+      stats.all_gather_moments(
+        local, config.axis_name, config.axis_index_groups, config.axis_sizes
+      ),
     )
   y = _apply(x, statistics.moments.mean, statistics.gain, statistics.shifted_bias, axes)
   return _Forward(y.astype(config.out_dtype), statistics)

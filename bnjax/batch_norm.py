@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax import _engine, ghost, validation
+from bnjax import _engine, _recording, ghost, validation
+from bnjax.moving_average import MovingAverageWeights
 
 
 class BatchNormParams(NamedTuple):
@@ -99,6 +100,7 @@ def init(
   return params, state
 
 
+@_recording.recorded("batch_norm")  # bnjax.describe sees the call
 def batch_norm(
   x: jax.Array,
   params: BatchNormParams | None,
@@ -106,7 +108,7 @@ def batch_norm(
   *,
   training: bool,
   axis: int | Sequence[int] = -1,
-  momentum: float | jax.Array = 0.99,
+  momentum: float | jax.Array | MovingAverageWeights = 0.99,
   epsilon: float = 1e-5,
   axis_name: Hashable | None = None,
   axis_index_groups: Sequence[Sequence[int]] | None = None,
@@ -114,6 +116,7 @@ def batch_norm(
   unbiased_variance: bool = False,
   virtual_batch_size: int | None = None,
   dtype: Any = None,
+  update_stats: bool | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch normalization: ``y = scale * (x - mean) / sqrt(var + epsilon) + bias``.
 
@@ -129,6 +132,12 @@ def batch_norm(
   * ``training=False``: ``mean`` and ``var`` come from ``state``, which is returned
     unchanged.
 
+  ``update_stats`` separates the second from the first: whether the state moves
+  (default: when training). ``training=True, update_stats=False`` normalizes with
+  the batch's statistics and returns ``state`` itself (Haiku's
+  ``test_local_stats``); ``training=False, update_stats=True`` normalizes with
+  ``state``, as in inference, and returns it moved towards the batch's statistics.
+
   Under ``jax.jit`` with ``x`` sharded over devices (a ``NamedSharding`` on the batch
   axis), leave ``axis_name=None``: the statistics are already those of the global
   array, and XLA inserts the cross-device sums.
@@ -143,7 +152,11 @@ def batch_norm(
     state: ``BatchNormState`` of shape ``[*F]``.
     training: Python bool; see above.
     axis: the feature axis or axes of ``x``.
-    momentum: weight of the old running statistics, in [0, 1]; may be traced.
+    momentum: weight of the old running statistics, in [0, 1]; may be traced (a
+      schedule needs no recompilation), or ``MovingAverageWeights``
+      (``bnjax.cumulative_momentum``: the plain mean of every batch;
+      ``bnjax.debiased_momentum``: a zero-debiased average). A Python float's
+      ``1 - momentum`` is taken in double precision (``update_moving_average``).
     epsilon: added to the variance before the square root; positive.
     axis_name: named axis (``pmap``/``shard_map``) to synchronize statistics over.
     axis_index_groups: optional groups of indices along ``axis_name`` (under
@@ -167,6 +180,8 @@ def batch_norm(
       ``axis_name``, which then costs one more collective).
     dtype: dtype of ``y``; default ``x.dtype``. Statistics are computed in at
       least float32 whatever the dtype.
+    update_stats: Python bool, whether the returned state moves towards this
+      batch's statistics; None (the default) means ``training``. See above.
 
   Returns:
     ``(y, new_state)``: ``y`` of ``x``'s shape, and the updated state (``state``
@@ -175,13 +190,15 @@ def batch_norm(
     statistic of the state is left as it was, and the gradients stay finite.
 
   Raises:
-    TypeError: ``training`` or ``unbiased_variance`` not a Python bool; ``x``,
+    TypeError: ``training``, ``unbiased_variance`` or ``update_stats`` not a
+      Python bool (``update_stats`` may be None); ``x``,
       ``params`` or ``state`` not floating; ``mask`` not boolean; ``axis`` or
       ``momentum`` of the wrong type.
     ValueError: ``axis`` out of range, ``params``/``state`` not of the feature
       shape of ``x``, ``mask`` not broadcastable, ``momentum`` outside [0, 1],
       ``epsilon`` not positive, ``virtual_batch_size`` not dividing the batch, a
-      reduction axis of size 0 in training, ``axis_index_groups`` not
+      reduction axis of size 0 in training (or with ``update_stats``),
+      ``axis_index_groups`` not
       holding each device index once.
     NotImplementedError: ``axis_index_groups`` under ``shard_map``.
 
@@ -194,6 +211,8 @@ def batch_norm(
   [0.2, 2.0]
   """
   validation.check_bool("unbiased_variance", unbiased_variance)
+  validation.check_training(training)
+  update_stats = validation.update_stats_flag(update_stats, training)
   inputs = _engine.prepare(
     x,
     params,
@@ -204,11 +223,40 @@ def batch_norm(
     epsilon=epsilon,
     mask=mask,
     dtype=dtype,
+    update_stats=update_stats,
   )
-  if not training:
+  if not (training or update_stats):
     return _engine.normalize_inference(inputs, state, epsilon), state
+  y, new_state = _with_batch_statistics(
+    inputs,
+    state if update_stats else None,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    unbiased_variance=unbiased_variance,
+    virtual_batch_size=virtual_batch_size,
+  )
+  if not training:  # the running statistics normalize; the batch's move them
+    y = _engine.normalize_inference(inputs, state, epsilon)
+  return y, state if new_state is None else new_state
+
+
+def _with_batch_statistics(
+  inputs,
+  state,
+  *,
+  momentum,
+  epsilon,
+  axis_name,
+  axis_index_groups,
+  unbiased_variance,
+  virtual_batch_size,
+):
+  """Training mode: ``y`` normalized with the batch's statistics, and ``state``
+  moved towards them (None for a ``state`` of None: no update)."""
   if virtual_batch_size is not None:
-    return ghost._ghost_batch_norm(
+    y, new_state = ghost._ghost_batch_norm(
       inputs,
       state,
       virtual_batch_size,
@@ -218,9 +266,10 @@ def batch_norm(
       axis_index_groups=axis_index_groups,
       unbiased_variance=unbiased_variance,
     )
+    return y, new_state
   config = _engine.training_config(
     inputs, epsilon, axis_name, axis_index_groups, unbiased_variance=unbiased_variance
   )
-  update = _engine.state_update(state, momentum)
+  update = None if state is None else _engine.state_update(state, momentum)
   y, _, new_state = _engine.normalize_training(config, inputs, update=update)
   return y, new_state

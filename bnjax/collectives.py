@@ -90,19 +90,42 @@ def psum(x, axis_name: Hashable, axis_index_groups=None):
     ) from error
 
 
-def position_in_group(axis_name, axis_index_groups):
+def axis_sizes(axis_name: Hashable) -> tuple[int, ...]:
+  """The size of each named axis in ``axis_name`` (one name or a tuple of names).
+
+  Ask where the axes are bound: ``bnjax._engine`` does, before its custom
+  derivative. Inside that, JAX 0.10 may have lost ``vmap``'s axis sizes: the
+  derivative of a ``custom_jvp`` under a named ``vmap`` is traced lazily, and when
+  the ``vmap`` sits inside ``jit``, ``scan``, ``cond`` or ``checkpoint`` and is
+  differentiated from outside them, the axis environment is gone (``lax.axis_size``,
+  ``lax.pmean`` and a tuple's ``lax.axis_index`` raise "unbound axis name"), while
+  ``psum`` of traced values and one name's ``axis_index`` still work.
+  """
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return tuple(lax.axis_size(name) for name in names)
+
+
+def position_in_group(axis_name, axis_index_groups, sizes: tuple[int, ...] | None = None):
   """This device's index within its group along ``axis_name``, and the size of
-  the largest group."""
-  index = lax.axis_index(axis_name)
+  the largest group. ``sizes``: ``axis_sizes(axis_name)``, asked where the axes are
+  bound (see there); without it, asked here. Along a tuple of names the index runs
+  over the first name slowest."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  sizes = axis_sizes(axis_name) if sizes is None else sizes
+  index = 0
+  for name, size in zip(names, sizes, strict=True):  # one name at a time: see axis_sizes
+    index = index * size + lax.axis_index(name)
   if axis_index_groups is None:
-    return index, lax.axis_size(axis_name)
+    return index, math.prod(sizes)
   positions = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
   for group in axis_index_groups:
     positions[list(group)] = np.arange(len(group))
   return jnp.asarray(positions)[index], max(len(g) for g in axis_index_groups)
 
 
-def gather_rows(row: jax.Array, axis_name: Hashable, axis_index_groups=None) -> jax.Array:
+def gather_rows(
+  row: jax.Array, axis_name: Hashable, axis_index_groups=None, sizes: tuple[int, ...] | None = None
+) -> jax.Array:
   """Every device's ``row`` along ``axis_name`` (within its group), on every device.
 
   Each device writes its ``row: [...]`` into its own row of a zero ``[G, ...]``
@@ -111,9 +134,12 @@ def gather_rows(row: jax.Array, axis_name: Hashable, axis_index_groups=None) -> 
   type (``shard_map`` checks that), and it takes ``axis_index_groups`` of unequal
   sizes (the rows a smaller group leaves are zeros).
 
+  ``sizes`` are ``axis_sizes(axis_name)``, where the caller has them (see there).
+
   Returns:
     ``[G, ...]``, row ``i`` the ``row`` of the ``i``-th device of this group.
   """
-  position, size = position_in_group(axis_name, axis_index_groups)
-  rows = jnp.arange(size).reshape((size,) + (1,) * row.ndim) == position
+  position, size = position_in_group(axis_name, axis_index_groups, sizes)
+  # int32 as the position (jnp.arange is int64 under x64, which strict promotion refuses).
+  rows = jnp.arange(size, dtype=jnp.int32).reshape((size,) + (1,) * row.ndim) == position
   return psum(jnp.where(rows, row, jnp.zeros((), row.dtype)), axis_name, axis_index_groups)

@@ -10,7 +10,9 @@ an ``axis_name``, ``eqx.nn.inference_mode``)::
 (``batch_counter``/``batch_state_index``, or ``ema_first_time_index``/
 ``ema_state_index``); the math is ``bnjax.batch_norm``. ``recompute_batch_stats``
 replaces every layer's running statistics by the paper's Algorithm 2 statistics,
-``sync_state`` averages them across devices.
+``sync_state`` averages them across devices, and ``apply_pending`` moves them once
+per optimizer step under gradient accumulation (``accumulate=True``);
+``replace_batch_norm`` swaps bnjax into a model that hard-codes ``eqx.nn.BatchNorm``.
 The layer is a thin shell: it reads its state, hands it to the pure function, and
 writes the returned state back.
 """
@@ -32,9 +34,10 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[equinox]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers
+from bnjax import _wrappers, accumulation, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.moving_average import MovingAverageWeights
 
 _LEGACY_WARNING = (
   "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to 'ema', for backward "
@@ -50,18 +53,17 @@ def _static_axis_name(axis_name):
   return axis_name
 
 
-def _debiased_momentum(momentum: float, step: jax.Array) -> jax.Array:
-  """The weight of the old average at ``step`` (1, 2, ...) of a zero-debiased
-  moving average kept as the average itself (not as Adam's biased ``hidden``):
-  ``momentum * (1 - momentum**(step - 1)) / (1 - momentum**step)``; 0 at step 1.
+def _ema_momentum(momentum: float, first_time: jax.Array) -> MovingAverageWeights:
+  """``"ema"`` mode's weights: the batch's statistics alone on the first step, then
+  ``momentum`` (``1 - momentum`` taken in double, as Equinox's Python float is).
 
-  >>> [round(float(_debiased_momentum(0.5, jnp.array(k))), 4) for k in (1, 2, 3)]
-  [0.0, 0.3333, 0.4286]
+  >>> _ema_momentum(0.9, jnp.array(True)).new.tolist()
+  1.0
   """
-  if momentum >= 1:
-    return jnp.asarray(momentum, jnp.float32)
-  old = jnp.float32(momentum) ** (step - 1).astype(jnp.float32)
-  return momentum * (1 - old) / (1 - momentum * old)
+  weights = moving_average.moving_average_weights(momentum)
+  return MovingAverageWeights(
+    jnp.where(first_time, 0.0, weights.old), jnp.where(first_time, 1.0, weights.new)
+  )
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -120,8 +122,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
     input_size: the number of channels ``C``.
     eps: added to the variance before the square root.
     channelwise_affine: whether ``weight`` and ``bias`` exist.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics (None: the cumulative average).
     mode: ``"batch"`` or ``"ema"``.
+    pending_index: with ``accumulate``, the update that waits for the optimizer
+      step: ``(moments, counter, (mean, var))``, the merged ``bnjax.Moments`` of
+      the step's micro-batches so far and the ``batch_counter`` and statistics
+      that ``apply_pending`` installs; else None.
+    update_stats: whether a call moves the running statistics (None: in training).
     record: set by ``recompute_batch_stats`` only.
   """
 
@@ -136,8 +143,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
   input_size: int = eqx.field(static=True)
   eps: float = eqx.field(static=True)
   channelwise_affine: bool = eqx.field(static=True)
-  momentum: float = eqx.field(static=True)
+  momentum: float | None = eqx.field(static=True)
   mode: Literal["ema", "batch"] = eqx.field(static=True)
+  pending_index: eqx.nn.StateIndex | None
+  update_stats: bool | None
   record: Literal["unbiased", "biased"] | None  # None: no leaf (a string only while recording)
 
   def __init__(
@@ -146,12 +155,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
     axis_name: Hashable | Sequence[Hashable],
     eps: float = 1e-5,
     channelwise_affine: bool = True,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     inference: bool = False,
     dtype=None,
     mode: Literal["ema", "batch", "legacy"] = "legacy",
+    *,
+    accumulate: bool = False,
+    update_stats: bool | None = None,
   ):
-    """Equinox's arguments and defaults.
+    """Equinox's arguments and defaults, and ``accumulate`` and ``update_stats``.
 
     Args:
       input_size: the number of channels ``C``.
@@ -159,21 +171,43 @@ class BatchNorm(eqx.nn.StatefulLayer):
         compute statistics over.
       eps: added to the variance before the square root.
       channelwise_affine: whether the layer has the learned ``weight`` and ``bias``.
-      momentum: weight of the old running statistics, in [0, 1].
+      momentum: weight of the old running statistics, in [0, 1]; None (in
+        ``"batch"`` mode) for the cumulative average, the plain mean of every
+        batch's statistics (PyTorch's ``momentum=None``).
       inference: normalize with the running statistics (may be toggled with
         ``eqx.nn.inference_mode`` or overridden in the call).
       dtype: dtype of ``weight`` and ``bias`` (default float32, float64 under x64);
         the running statistics are in this dtype or float32, the wider.
       mode: ``"batch"`` or ``"ema"``; unspecified means ``"ema"``, with a warning.
+      accumulate: gradient accumulation (``"batch"`` mode): a training call
+        normalizes with its micro-batch's statistics and merges them into the
+        ``pending_index`` state (``bnjax.accumulate_batch_norm``); the running
+        statistics move once per optimizer step, at ``apply_pending``.
+      update_stats: whether a call moves the running statistics (or accumulates);
+        None (the default) means in training. False normalizes a training call
+        with the batch's statistics and leaves the state; True in inference
+        normalizes with the running statistics and moves them.
 
     Raises:
-      ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``.
+      ValueError: ``mode`` neither ``"ema"`` nor ``"batch"``; ``accumulate`` in
+        ``"ema"`` mode (it normalizes with the running statistics); ``momentum``
+        None in ``"ema"`` mode.
     """
     if mode == "legacy":
       mode = "ema"
       warnings.warn(_LEGACY_WARNING, stacklevel=2)
     if mode not in {"ema", "batch"}:
       raise ValueError(f"Invalid mode {mode!r}, must be 'ema' or 'batch'.")
+    if accumulate and mode != "batch":
+      raise ValueError(
+        "accumulate needs mode='batch': mode='ema' normalizes with the running statistics, "
+        "which move once per optimizer step under accumulation"
+      )
+    if momentum is None and mode == "ema":
+      raise ValueError(
+        "momentum=None (the cumulative average) counts the training steps, which only "
+        "mode='batch' does: pass mode='batch', or a momentum"
+      )
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)  # float32 or x64's
     stats_dtype = dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
     self.weight = jnp.ones((input_size,), dtype) if channelwise_affine else None
@@ -183,6 +217,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.ema_state_index = eqx.nn.StateIndex(neutral) if mode == "ema" else None
     self.batch_counter = eqx.nn.StateIndex(jnp.array(0)) if mode == "batch" else None
     self.batch_state_index = eqx.nn.StateIndex(neutral) if mode == "batch" else None
+    self.pending_index = None
+    if accumulate:
+      moments = accumulation.init_pending(BatchNormState(*neutral)).moments
+      self.pending_index = eqx.nn.StateIndex((moments, jnp.array(0), neutral))
     self.axis_name = _static_axis_name(axis_name)
     self.inference = inference
     self.input_size = input_size
@@ -190,7 +228,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.channelwise_affine = channelwise_affine
     self.momentum = momentum
     self.mode = mode
+    self.update_stats = update_stats
     self.record = None
+
+  def _batch_momentum(self, count):
+    """``"batch"`` mode's momentum after ``count`` updates: zero-debiased, except
+    that momentum 1 keeps the statistics as they are; for momentum None the
+    cumulative average's."""
+    if self.momentum is None:
+      return moving_average.cumulative_momentum(count)
+    if self.momentum >= 1:
+      return self.momentum
+    return moving_average.debiased_momentum(self.momentum, count)
 
   @property
   def _statistics_index(self) -> eqx.nn.StateIndex:
@@ -205,6 +254,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     key: Any = None,
     inference: bool | None = None,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates the state.
 
@@ -215,6 +265,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       inference: overrides the field of the same name when not None.
       mask: optional boolean broadcastable to ``x`` (``[]`` for the whole example),
         True for the values that enter the statistics (see ``bnjax.batch_norm``).
+      update_stats: overrides the field of the same name when not None.
 
     Returns:
       ``(y, state)``: ``y`` of ``x``'s shape (in the dtype promoted from ``x`` and
@@ -251,24 +302,56 @@ class BatchNorm(eqx.nn.StatefulLayer):
         **training,
       )
 
-    if inference:
+    update = validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, not inference
+    )
+    if inference and not update:
       return normalize(running)[0], state
     if self.record is not None:  # recompute_batch_stats: this batch's statistics alone
       y, batch = normalize(running, momentum=0.0, unbiased_variance=self.record == "unbiased")
       return y, state.set(self._statistics_index, tuple(batch))
-    if self.mode == "batch":
-      step = state.get(self.batch_counter) + 1
-      y, running = normalize(running, momentum=_debiased_momentum(self.momentum, step))
-      state = state.set(self.batch_counter, step)
+    if self.pending_index is not None and update:  # the running statistics stay
+      y, state = self._accumulate(x, params, running, state, mask, dtype)
     else:
-      first_time = state.get(self.ema_first_time_index)
-      _, running = normalize(
-        running, momentum=jnp.where(first_time, 0.0, jnp.float32(self.momentum))
-      )
-      y, _ = normalize(running)  # with the moved statistics, as Equinox
-      # False, typed as the old flag (under pmap or shard_map, as varying as it).
-      state = state.set(self.ema_first_time_index, jnp.logical_and(first_time, False))
-    return y, state.set(self._statistics_index, tuple(running))
+      y, moved, (index, value) = self._moved(normalize, running, state)
+      if update:
+        state = state.set(index, value).set(self._statistics_index, tuple(moved))
+    if inference:  # the running statistics normalize as they were
+      y = normalize(running)[0]
+    return y, state
+
+  def _moved(self, normalize, running: BatchNormState, state: eqx.nn.State):
+    """A training step's output, its running statistics, and the new value of the
+    counter (``"batch"`` mode) or first-time flag (``"ema"``) as ``(index, value)``."""
+    if self.mode == "batch":
+      count = state.get(self.batch_counter)  # the updates so far
+      y, moved = normalize(running, momentum=self._batch_momentum(count))
+      return y, moved, (self.batch_counter, count + 1)
+    first_time = state.get(self.ema_first_time_index)
+    _, moved = normalize(running, momentum=_ema_momentum(self.momentum, first_time))
+    y, _ = normalize(moved)  # with the moved statistics, as Equinox
+    # False, typed as the old flag (under pmap or shard_map, as varying as it).
+    return y, moved, (self.ema_first_time_index, jnp.logical_and(first_time, False))
+
+  def _accumulate(self, x, params, running, state, mask, dtype):
+    """A training call under ``accumulate``: the batch's statistics normalize ``x``
+    and join the pending update (``bnjax.accumulate_batch_norm``)."""
+    count = state.get(self.batch_counter)  # the updates so far
+    moments, _, next_state = state.get(self.pending_index)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      running,
+      accumulation.PendingUpdate(moments, BatchNormState(*next_state)),
+      axis=0,
+      momentum=self._batch_momentum(count),
+      epsilon=self.eps,
+      axis_name=self.axis_name,
+      mask=mask,
+      dtype=dtype,
+    )
+    next_pending = (pending.moments, count + 1, tuple(pending.next_state))
+    return y, state.set(self.pending_index, next_pending)
 
 
 def _layers(model) -> list[BatchNorm]:
@@ -387,3 +470,140 @@ def sync_state(model, state: eqx.nn.State, axis_name: Hashable) -> eqx.nn.State:
 def _copy(state: eqx.nn.State) -> eqx.nn.State:
   """A fresh ``State`` with the same entries (setting one invalidates the old)."""
   return jax.tree.map(lambda leaf: leaf, state)
+
+
+def apply_pending(model, state: eqx.nn.State, *, where: bool | jax.Array = True) -> eqx.nn.State:
+  """Ends an optimizer step: every pending update becomes the running statistics.
+
+  For every ``BatchNorm(..., accumulate=True)`` of ``model`` (``bnjax.apply_pending``):
+  its ``batch_counter`` and running statistics become those of its
+  ``pending_index``, one update with the exact statistics of all the step's
+  micro-batches, and the pending moments start again from zero. Call it once per
+  optimizer step: after a loop over the micro-batches, or with ``where`` the
+  condition that ``optax.MultiSteps`` stepped.
+
+  Args:
+    model: a pytree holding ``bnjax.equinox.BatchNorm`` layers.
+    state: the model's ``eqx.nn.State``.
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, the state comes back as it is).
+
+  Returns:
+    The new state, of the same structure, shapes and dtypes.
+
+  Raises:
+    ValueError: no layer of ``model`` accumulates, or ``where`` not a scalar.
+    TypeError: ``where`` not boolean.
+
+  >>> import equinox as eqx
+  >>> layer, state = eqx.nn.make_with_state(BatchNorm)(1, "batch", mode="batch",
+  ...                                                  accumulate=True)
+  >>> train = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _, state = train(x, state)
+  >>> state = apply_pending(layer, state)
+  >>> [s.tolist() for s in state.get(layer.batch_state_index)]  # of 0, 2, 4 and 6
+  [[3.0], [5.0]]
+  """
+  layers = [layer for layer in _layers(model) if layer.pending_index is not None]
+  if not layers:
+    raise ValueError(
+      "apply_pending found no accumulating layer: build them with BatchNorm(..., "
+      "mode='batch', accumulate=True)"
+    )
+  for layer in layers:
+    moments, counter, statistics = state.get(layer.pending_index)
+    running = (state.get(layer.batch_counter), state.get(layer.batch_state_index))
+    pending = accumulation.PendingUpdate(moments, (counter, statistics))
+    (counter, statistics), pending = accumulation.apply_pending(running, pending, where=where)
+    state = state.set(layer.batch_counter, counter)
+    state = state.set(layer.batch_state_index, statistics)
+    state = state.set(layer.pending_index, (pending.moments, *pending.next_state))
+  return state
+
+
+_INDICES = ("ema_first_time_index", "ema_state_index", "batch_counter", "batch_state_index")
+
+
+def _from_equinox(layer: eqx.nn.BatchNorm, state: eqx.nn.State) -> BatchNorm:
+  """A ``BatchNorm`` with ``layer``'s settings, ``weight``, ``bias`` and state
+  indices (so the model's state keeps its keys)."""
+  if layer.weight is not None:
+    dtype = layer.weight.dtype
+  else:  # Equinox keeps the statistics in the parameters' dtype
+    index = layer.ema_state_index if layer.mode == "ema" else layer.batch_state_index
+    dtype = state.get(index)[0].dtype
+  replacement = BatchNorm(
+    layer.input_size,
+    layer.axis_name,
+    eps=layer.eps,
+    channelwise_affine=layer.channelwise_affine,
+    momentum=layer.momentum,
+    inference=layer.inference,
+    dtype=dtype,
+    mode=layer.mode,
+  )
+  fields = ("weight", "bias", *_INDICES)
+  return eqx.tree_at(
+    lambda new: [getattr(new, name) for name in fields],
+    replacement,
+    [getattr(layer, name) for name in fields],
+    is_leaf=lambda node: node is None,
+  )
+
+
+def _debiased(layer: eqx.nn.BatchNorm, state: eqx.nn.State) -> eqx.nn.State:
+  """``"batch"`` mode's state as ``BatchNorm`` keeps it: the average Equinox
+  normalizes with in inference (its ``hidden / (1 - momentum**steps)``), not
+  ``hidden``. Training on from there, the inference statistics stay Equinox's."""
+  steps = state.get(layer.batch_counter)
+  hidden = state.get(layer.batch_state_index)
+  momentum = jnp.asarray(layer.momentum, hidden[0].dtype)
+  debias = jnp.where(steps == 0, 1, 1 - momentum ** steps.astype(momentum.dtype))
+  return state.set(layer.batch_state_index, tuple(h / debias for h in hidden))
+
+
+def replace_batch_norm(model, state: eqx.nn.State) -> tuple[Any, eqx.nn.State]:
+  """Every ``equinox.nn.BatchNorm`` of ``model`` replaced by a ``BatchNorm``.
+
+  For models that create ``eqx.nn.BatchNorm`` themselves. Each replacement
+  (``eqx.tree_at``) has the layer's settings, ``weight`` and ``bias``, and its state
+  indices, so ``state`` keeps its keys and every other layer's entries. In
+  ``"ema"`` mode the state carries over as it is; in ``"batch"`` mode each layer's
+  entry becomes the average Equinox normalizes with in inference, so that the
+  model's inference outputs are unchanged and further training keeps them Equinox's
+  (apart from a model never trained: bnjax starts the running variance at 1, where
+  Equinox's first steps overstate it; see ``BatchNorm``). Subclasses of
+  ``eqx.nn.BatchNorm`` stay as they are.
+
+  Args:
+    model: a pytree holding ``eqx.nn.BatchNorm`` layers (from
+      ``eqx.nn.make_with_state``).
+    state: its ``eqx.nn.State``; used up, as ``State.set`` uses it.
+
+  Returns:
+    ``(model, state)``: the model with ``bnjax.equinox.BatchNorm`` layers, and
+    their state.
+
+  Raises:
+    KeyError: a "batch" mode layer has no entry in ``state`` (it is not the model's).
+
+  >>> import equinox as eqx
+  >>> model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(2, "batch", mode="batch")
+  >>> model, state = replace_batch_norm(model, state)
+  >>> type(model).__module__, [s.tolist() for s in state.get(model.batch_state_index)]
+  ('bnjax.equinox', [[0.0, 0.0], [1.0, 1.0]])
+  """
+  is_layer = lambda node: type(node) is eqx.nn.BatchNorm  # noqa: E731
+
+  def layers(tree):
+    return [node for node in jax.tree.leaves(tree, is_leaf=is_layer) if is_layer(node)]
+
+  originals = layers(model)
+  if not originals:
+    return model, state
+  for layer in originals:
+    if layer.mode == "batch":
+      state = _debiased(layer, state)
+  replacements = [_from_equinox(layer, state) for layer in originals]
+  return eqx.tree_at(layers, model, replacements), state

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax import validation
+from bnjax import moving_average, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState
 
 
@@ -69,17 +69,21 @@ def fold(
         f"{name} has shape {jnp.shape(value)} but the kernel of shape {jnp.shape(kernel)} has "
         f"{features[0]} output features (its last axis)"
       )
-  multiplier = lax.rsqrt(state.var.astype(jnp.float32) + epsilon)
+  # In at least float32, and in float64 where anything is (x64): the digits of a
+  # float64 model are kept.
+  arrays = [kernel, bias, state.mean, state.var, *(() if params is None else params)]
+  dtype = moving_average.widest_real(*(a.dtype for a in arrays if a is not None))
+  multiplier = lax.rsqrt(state.var.astype(dtype) + epsilon)
   if params is not None and params.scale is not None:
-    multiplier = multiplier * params.scale.astype(jnp.float32)
-  mean = state.mean.astype(jnp.float32)
-  shifted = -mean if bias is None else bias.astype(jnp.float32) - state.mean
+    multiplier = multiplier * params.scale.astype(dtype)
+  mean = state.mean.astype(dtype)
+  shifted = -mean if bias is None else bias.astype(dtype) - mean
   new_bias = shifted * multiplier
   if params is not None and params.bias is not None:
-    new_bias = new_bias + params.bias.astype(jnp.float32)
+    new_bias = new_bias + params.bias.astype(dtype)
   bias_dtype = kernel.dtype
   if bias is not None:  # the wider of the two, whatever the promotion mode
     with jax.numpy_dtype_promotion("standard"):
       bias_dtype = jnp.promote_types(kernel.dtype, bias.dtype)
-  new_kernel = kernel.astype(jnp.float32) * multiplier.reshape((1,) * (kernel.ndim - 1) + features)
+  new_kernel = kernel.astype(dtype) * multiplier.reshape((1,) * (kernel.ndim - 1) + features)
   return new_kernel.astype(kernel.dtype), new_bias.astype(bias_dtype)

@@ -29,7 +29,8 @@ def _ghost_batch_norm(
 ):
   """Batch norm with statistics per group of ``virtual_batch_size`` leading rows.
 
-  ``inputs`` are ``bnjax.batch_norm``'s, prepared; returns ``(y, new_state)``.
+  ``inputs`` are ``bnjax.batch_norm``'s, prepared; returns ``(y, new_state)``
+  (``new_state`` None for a ``state`` of None: no update, and no collective).
   """
   x = inputs.x
   if (
@@ -74,6 +75,8 @@ def _ghost_batch_norm(
   )
   config = _engine.training_config(grouped, epsilon, None, None)
   y, moments, _ = _engine.normalize_training(config, grouped)
+  if state is None:
+    return _reshape_batch(y, x.shape), None
   # The mean over the groups (of every device of axis_name) that define each
   # statistic: a fully masked (padding) group defines none.
   has_mean = moments.count > 0

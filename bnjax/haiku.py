@@ -9,14 +9,18 @@ Swap the class and keep everything else, params and state included::
 state (``mean_ema`` and ``var_ema``, each ``counter``/``hidden``/``average``: Haiku's
 ``ExponentialMovingAverage``, zero-debiased); the math is ``bnjax.batch_norm``.
 ``recompute_batch_stats`` replaces every layer's statistics by the paper's
-Algorithm 2 statistics, ``sync_state`` averages them across devices. The module is
-a thin shell: it reads its state, hands it to the pure function, and writes the
-returned state back.
+Algorithm 2 statistics, ``sync_state`` averages them across devices, and
+``apply_pending`` moves them once per optimizer step under gradient accumulation
+(``accumulate=True``); ``replace_batch_norm`` puts bnjax inside a model someone
+else wrote (``hk.nets.ResNet``). The module is a thin shell: it reads its state,
+hands it to the pure function, and writes the returned state back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +36,10 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-in nee
     "or pip install -e '.[haiku]' in a clone of bnjax"
   ) from error
 
-from bnjax import _wrappers
+from bnjax import _wrappers, accumulation, moving_average, validation
 from bnjax import sync_state as _sync_state
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
+from bnjax.stats import Moments
 
 _EMA_NAMES = ("mean_ema", "var_ema")
 _recording: list[str] = []  # set by recompute_batch_stats while it traces the model
@@ -52,10 +57,17 @@ class _MovingAverage(hk.Module):
     super().__init__(name=name)
     self.decay = decay
 
-  def hidden(self, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """``(counter, hidden)``, created as Haiku's (0 and zeros) where missing."""
+  def hidden(self, shape: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+    """``(counter, hidden)``, created as Haiku's (0 and zeros, ``hidden`` in
+    ``dtype``) where missing."""
     counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
-    return counter, hk.get_state("hidden", shape, jnp.float32, init=jnp.zeros)
+    return counter, hk.get_state("hidden", shape, dtype, init=jnp.zeros)
+
+  def initialize(self, shape: Sequence[int], dtype) -> tuple[jax.Array, jax.Array]:
+    """``(counter, hidden)``, and also ``average`` created as zeros where missing
+    (Haiku's ``initialize``): for a layer that does not set them at every call."""
+    hk.get_state("average", shape, dtype, init=jnp.zeros)
+    return self.hidden(shape, dtype)
 
   def set(self, counter: jax.Array, hidden: jax.Array) -> None:
     """Stores ``counter`` and ``hidden`` and their zero-debiased ``average``."""
@@ -66,9 +78,12 @@ class _MovingAverage(hk.Module):
     self._store(counter, average * self._debias(counter, average.dtype), average)
 
   def _debias(self, counter, dtype) -> jax.Array:
-    """``1 - decay**counter``, computed as Haiku computes it."""
-    with jax.numpy_dtype_promotion("standard"):  # a float to an int32 power, as Haiku
-      return 1 - jnp.power(jnp.asarray(self.decay, dtype), counter)
+    """``1 - decay**counter``, without the cancellation of Haiku's float32 power
+    (``moving_average.zero_debias_factor``); 1 for the cumulative average (decay
+    None), which ``hidden`` holds as it is."""
+    if self.decay is None:
+      return jnp.ones((), dtype)
+    return moving_average.zero_debias_factor(self.decay, counter, dtype)
 
   def _store(self, counter, hidden, average) -> None:
     hk.set_state("counter", counter)
@@ -77,6 +92,20 @@ class _MovingAverage(hk.Module):
 
   def average(self) -> jax.Array:
     return hk.get_state("average")
+
+
+class _PendingMoments(hk.Module):
+  """The merged moments of an optimizer step's micro-batches so far (count,
+  mean, var), as state; zeros where missing."""
+
+  def get(self, shape: Sequence[int]) -> Moments:
+    return Moments(
+      *(hk.get_state(name, shape, jnp.float32, init=jnp.zeros) for name in Moments._fields)
+    )
+
+  def set(self, moments: Moments) -> None:
+    for name, value in zip(Moments._fields, moments, strict=True):
+      hk.set_state(name, value)
 
 
 class BatchNorm(hk.Module):
@@ -97,7 +126,11 @@ class BatchNorm(hk.Module):
     computes ``E[x^2] - E[x]^2`` in the input's dtype: inexact, even negative,
     when the mean is large against the deviation).
   * Statistics are computed in at least float32 and the state is float32 for
-    half-precision inputs (Haiku's state takes the input's dtype).
+    half-precision inputs (Haiku's state takes the input's dtype; for float32 and
+    float64 inputs both keep the input's).
+  * The debiasing factor ``1 - decay**counter`` is computed without cancellation
+    (Haiku's float32 power leaves its averages 5e-6 off after 5 steps at decay
+    0.999), and ``1 - decay`` in double precision.
   * ``__call__`` takes a ``mask``; ``axis`` may hold negative axes.
   * Integer inputs are normalized as float32 (float64 under x64), with parameters
     in that dtype (Haiku creates them in the integer dtype).
@@ -113,7 +146,9 @@ class BatchNorm(hk.Module):
   Args:
     create_scale: whether to learn a ``scale`` (gamma).
     create_offset: whether to learn an ``offset`` (beta).
-    decay_rate: the moving averages' decay, the weight of the old value.
+    decay_rate: the moving averages' decay, the weight of the old value; None
+      for the cumulative average, the plain mean of every batch's statistics
+      (PyTorch's ``momentum=None``; ``hidden`` then holds the average itself).
     eps: added to the variance before the square root.
     scale_init: initializer of ``scale`` (default ones); only with ``create_scale``.
     offset_init: initializer of ``offset`` (default zeros); only with ``create_offset``.
@@ -122,6 +157,15 @@ class BatchNorm(hk.Module):
     cross_replica_axis_index_groups: groups of replica indices (``pmap`` only).
     data_format: ``channels_last`` (``N...C``) or ``channels_first`` (``NC...``).
     name: the module's name.
+    accumulate: gradient accumulation: a training call normalizes with its
+      micro-batch's statistics and merges them into the state's
+      ``pending_moments``, ``pending_mean_ema`` and ``pending_var_ema``
+      (``bnjax.accumulate_batch_norm``); ``mean_ema`` and ``var_ema`` move once
+      per optimizer step, at ``apply_pending``.
+    update_stats: whether a call moves the averages; None (the default) means
+      when ``is_training``. False with ``is_training`` normalizes with the batch's
+      statistics and leaves the averages (as ``test_local_stats`` does when not
+      training); True without it normalizes with the averages and moves them.
   """
 
   def __init__(
@@ -137,8 +181,11 @@ class BatchNorm(hk.Module):
     cross_replica_axis_index_groups: Sequence[Sequence[int]] | None = None,
     data_format: str = "channels_last",
     name: str | None = None,
+    *,
+    accumulate: bool = False,
+    update_stats: bool | None = None,
   ):
-    """Haiku's arguments and checks (see the class).
+    """Haiku's arguments and checks (see the class), ``accumulate`` and ``update_stats``.
 
     Raises:
       ValueError: an initializer without its parameter, or index groups without
@@ -163,8 +210,14 @@ class BatchNorm(hk.Module):
     self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
     self.channel_index = hk.get_channel_index(data_format)
     self.decay_rate = decay_rate
+    self.update_stats = update_stats
     self.mean_ema = _MovingAverage(decay_rate, name="mean_ema")
     self.var_ema = _MovingAverage(decay_rate, name="var_ema")
+    self.accumulate = accumulate
+    if accumulate:
+      self.pending_moments = _PendingMoments(name="pending_moments")
+      self.pending_mean_ema = _MovingAverage(decay_rate, name="pending_mean_ema")
+      self.pending_var_ema = _MovingAverage(decay_rate, name="pending_var_ema")
 
   def _reduced_axes(self, ndim: int) -> tuple[int, ...]:
     if self.axis is not None:
@@ -181,6 +234,7 @@ class BatchNorm(hk.Module):
     offset: jax.Array | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``inputs``; in training also updates the moving averages.
 
@@ -194,6 +248,7 @@ class BatchNorm(hk.Module):
       mask: optional boolean broadcastable to ``inputs``, True for the values that
         enter the statistics (see ``bnjax.batch_norm``). A feature with no valid
         value keeps its ``hidden``; the counter still counts the step.
+      update_stats: overrides the constructor's ``update_stats``.
 
     Returns:
       The normalized input, of ``inputs``' shape, in the dtype promoted from the
@@ -223,9 +278,16 @@ class BatchNorm(hk.Module):
     params = _per_feature_params(scale, offset, w_shape, feature_shape)
     options = dict(axis=features, epsilon=self.eps, mask=mask_, dtype=dtype)
 
-    if is_training:
-      y = self._train(x, params, w_shape, feature_shape, options)
-    elif test_local_stats:
+    use_batch = is_training or test_local_stats
+    update = validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, is_training
+    )
+    if not use_batch:  # read before any update: the averages normalize as they were
+      y, _ = batch_norm(x, params, self._averages(feature_shape), training=False, **options)
+    if update or (is_training and hk.running_init()):  # init creates the state, as Haiku's
+      y_batch = self._train(x, params, w_shape, feature_shape, options)
+      y = y_batch if use_batch else y
+    elif use_batch:  # the batch's statistics, the averages left as they are
       neutral = BatchNormState(jnp.zeros(feature_shape), jnp.ones(feature_shape))
       y, _ = batch_norm(
         x,
@@ -236,29 +298,35 @@ class BatchNorm(hk.Module):
         axis_index_groups=self.cross_replica_axis_index_groups,
         **options,
       )
-    else:
-      averages = BatchNormState(
-        jnp.reshape(self.mean_ema.average(), feature_shape),
-        jnp.reshape(self.var_ema.average(), feature_shape),
-      )
-      y, _ = batch_norm(x, params, averages, training=False, **options)
     if params is None:  # a scale or offset per example (conditional normalization)
       with jax.numpy_dtype_promotion("standard"):
         y = y * (1 if scale is None else scale) + (0 if offset is None else offset)
     return y[..., 0] if x is not inputs and y.ndim > inputs.ndim else y
 
+  def _averages(self, feature_shape) -> BatchNormState:
+    return BatchNormState(
+      jnp.reshape(self.mean_ema.average(), feature_shape),
+      jnp.reshape(self.var_ema.average(), feature_shape),
+    )
+
   def _train(self, x, params, w_shape, feature_shape, options) -> jax.Array:
     """Training mode: the batch's statistics normalize ``x`` and move the averages
     (or, inside ``recompute_batch_stats``, become them)."""
-    (counter, mean), (_, var) = (ema.hidden(w_shape) for ema in (self.mean_ema, self.var_ema))
     record = _recording[-1] if _recording else None
+    if self.accumulate and not record:
+      return self._accumulate(x, params, w_shape, feature_shape, options)
+    # Haiku's state takes the input's dtype; here at least float32 (float64 under x64).
+    dtype = moving_average.widest_real(x.dtype)
+    (counter, mean), (_, var) = (
+      ema.hidden(w_shape, dtype) for ema in (self.mean_ema, self.var_ema)
+    )
     moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
     y, hidden = batch_norm(
       x,
       params,
       moving,
       training=True,
-      momentum=0.0 if record else self.decay_rate,
+      momentum=0.0 if record else _momentum(self.decay_rate, counter),
       axis_name=_axis_name(self.cross_replica_axis),
       axis_index_groups=self.cross_replica_axis_index_groups,
       unbiased_variance=record == "unbiased",
@@ -270,6 +338,41 @@ class BatchNorm(hk.Module):
       else:
         ema.set(counter + 1, jnp.reshape(value, w_shape))
     return y
+
+  def _accumulate(self, x, params, w_shape, feature_shape, options) -> jax.Array:
+    """Training mode with ``accumulate``: the batch's statistics normalize ``x`` and
+    join the pending moments; the pending averages become those one update of the
+    moving averages with all of them gives, and the moving averages stay."""
+    dtype = moving_average.widest_real(x.dtype)
+    (counter, mean), (_, var) = (
+      ema.initialize(w_shape, dtype) for ema in (self.mean_ema, self.var_ema)
+    )
+    moving = BatchNormState(jnp.reshape(mean, feature_shape), jnp.reshape(var, feature_shape))
+    pending = accumulation.PendingUpdate(self.pending_moments.get(feature_shape), moving)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      moving,
+      pending,
+      momentum=_momentum(self.decay_rate, counter),
+      axis_name=_axis_name(self.cross_replica_axis),
+      axis_index_groups=self.cross_replica_axis_index_groups,
+      **options,
+    )
+    self.pending_moments.set(pending.moments)
+    for ema, value in zip(
+      (self.pending_mean_ema, self.pending_var_ema), pending.next_state, strict=True
+    ):
+      ema.initialize(w_shape, dtype)
+      ema.set(counter + 1, jnp.reshape(value, w_shape))
+    return y
+
+
+def _momentum(decay_rate: float | None, counter: jax.Array):
+  """The weight of ``hidden`` in its next update: ``decay_rate`` (Haiku's biased
+  average, debiased on reading), or for ``decay_rate`` None the cumulative average's
+  (``bnjax.cumulative_momentum``: ``hidden`` is then the average itself)."""
+  return moving_average.cumulative_momentum(counter) if decay_rate is None else decay_rate
 
 
 def _with_feature_axes(inputs: jax.Array, mask, reduced: tuple[int, ...]):
@@ -416,3 +519,129 @@ def sync_state(state: Mapping[str, Any], axis_name: Hashable) -> dict[str, Any]:
     synced = _sync_state({k: entry[k] for k in ("hidden", "average")}, axis_name)
     new_state[name] = {**entry, **synced}
   return new_state
+
+
+_PENDING_SUFFIX = "/~/pending_moments"
+
+
+def apply_pending(state: Mapping[str, Any], *, where: bool | jax.Array = True) -> dict[str, Any]:
+  """Ends an optimizer step: every pending average becomes the moving average.
+
+  For every ``BatchNorm(..., accumulate=True)`` of the state (``bnjax.apply_pending``):
+  its ``mean_ema`` and ``var_ema`` (``counter``, ``hidden``, ``average``) become
+  ``pending_mean_ema`` and ``pending_var_ema``, one update with the exact
+  statistics of all the step's micro-batches, and ``pending_moments`` start again
+  from zero. Call it once per optimizer step: after a loop over the
+  micro-batches, or with ``where`` the condition that ``optax.MultiSteps`` stepped.
+
+  Args:
+    state: a Haiku state holding accumulating ``BatchNorm`` layers.
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, the state comes back as it is).
+
+  Returns:
+    The new state, of the same structure, shapes and dtypes.
+
+  Raises:
+    ValueError: no accumulating ``BatchNorm`` in ``state``, or ``where`` not a scalar.
+    TypeError: ``where`` not boolean.
+
+  >>> import haiku as hk
+  >>> model = hk.transform_with_state(
+  ...     lambda x: BatchNorm(False, False, 0.5, accumulate=True)(x, is_training=True))
+  >>> micro_batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]
+  >>> params, state = model.init(None, micro_batches[0])
+  >>> for x in micro_batches:
+  ...   _, state = model.apply(params, state, None, x)
+  >>> state = apply_pending(state)
+  >>> state["batch_norm/~/mean_ema"]["average"].tolist()  # debiased: 0, 2, 4 and 6's mean
+  [[3.0]]
+  """
+  names = [name[: -len(_PENDING_SUFFIX)] for name in state if name.endswith(_PENDING_SUFFIX)]
+  if not names:
+    raise ValueError(
+      "apply_pending found no pending_moments in the state: build the layers with "
+      "BatchNorm(..., accumulate=True)"
+    )
+  new_state = dict(state)
+  for layer in names:
+    entries = {ema: state[f"{layer}/~/{ema}"] for ema in _EMA_NAMES}
+    pending = accumulation.PendingUpdate(
+      Moments(**state[layer + _PENDING_SUFFIX]),
+      {ema: state[f"{layer}/~/pending_{ema}"] for ema in _EMA_NAMES},
+    )
+    entries, pending = accumulation.apply_pending(entries, pending, where=where)
+    for ema in _EMA_NAMES:
+      new_state[f"{layer}/~/{ema}"] = entries[ema]
+    new_state[layer + _PENDING_SUFFIX] = pending.moments._asdict()
+  return new_state
+
+
+# BatchNorm's keyword-only arguments, which hk.BatchNorm lacks.
+_BNJAX_OPTIONS = [
+  name
+  for name, parameter in inspect.signature(BatchNorm).parameters.items()
+  if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+]
+
+
+def _bnjax_for_haiku(next_fun, args, kwargs, context, *, options):
+  """A method interceptor: a call of ``hk.BatchNorm`` runs ``BatchNorm`` instead,
+  built from its settings (and ``options``) under its very name (``hk.force_name``),
+  so that it reads and writes the same parameters and state."""
+  module = context.module
+  if type(module) is not hk.BatchNorm or context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
+  layer = BatchNorm(
+    module.create_scale,
+    module.create_offset,
+    module.mean_ema.decay,
+    eps=module.eps,
+    scale_init=module.scale_init if module.create_scale else None,
+    offset_init=module.offset_init if module.create_offset else None,
+    axis=module.axis,
+    cross_replica_axis=module.cross_replica_axis,
+    cross_replica_axis_index_groups=module.cross_replica_axis_index_groups,
+    data_format="channels_first" if module.channel_index == 1 else "channels_last",
+    name=hk.force_name(module.module_name),
+    **options,
+  )
+  return layer(*args, **kwargs)
+
+
+def replace_batch_norm(**options):
+  """Within the block (or the decorated function), every ``hk.BatchNorm`` runs bnjax.
+
+  For models that create ``hk.BatchNorm`` themselves (``hk.nets.ResNet18``,
+  ``hk.nets.MobileNetV1``): each call of an ``hk.BatchNorm`` becomes a call of a
+  ``BatchNorm`` with its settings and its name, through Haiku's public method
+  interception (``hk.intercept_methods``), so the parameters and state are Haiku's
+  own: a checkpoint of the model loads either way, and nothing of Haiku is patched.
+  Use it inside the transformed function, where the model runs; subclasses of
+  ``hk.BatchNorm`` are left as they are.
+
+  Args:
+    **options: ``BatchNorm``'s own keyword arguments for every replaced layer:
+      ``accumulate``, ``update_stats``.
+
+  Returns:
+    A context manager, also usable as a decorator of the function to transform.
+
+  Raises:
+    TypeError: an option that is not one of ``BatchNorm``'s own.
+    ValueError, TypeError: within the block, a replaced layer's call raises what
+      ``BatchNorm`` raises for it (e.g. a ``scale`` passed to a layer that creates one).
+
+  >>> import haiku as hk
+  >>> def forward(x):
+  ...   with replace_batch_norm():
+  ...     return hk.BatchNorm(True, True, 0.9, name="bn")(x, is_training=True)
+  >>> model = hk.transform_with_state(forward)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> params, state = model.init(None, x)
+  >>> y, state = model.apply(params, state, None, x)
+  >>> y.round(3).tolist(), sorted(state)  # hk.BatchNorm's names, bnjax's numbers
+  ([[-1.0], [1.0]], ['bn/~/mean_ema', 'bn/~/var_ema'])
+  """
+  _wrappers.check_options("replace_batch_norm", options, _BNJAX_OPTIONS)
+  return hk.intercept_methods(functools.partial(_bnjax_for_haiku, options=options))

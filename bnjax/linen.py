@@ -10,6 +10,9 @@ Swap the import and keep everything else, checkpoints included::
 and ``virtual_batch_size``; the math is ``bnjax.batch_norm``. ``BatchRenorm`` is
 batch renormalization with the same variables. ``recompute_batch_stats`` replaces
 every BN layer's running statistics by the paper's Algorithm 2 statistics.
+``init_pending`` and ``apply_pending`` move them once per optimizer step under
+gradient accumulation (the ``pending_stats`` collection). ``replace_batch_norm``
+runs bnjax in models that hard-code ``nn.BatchNorm``.
 
 The modules are thin shells: they declare the variables, hand them to the pure
 functions, and write the returned state back into ``batch_stats``.
@@ -17,6 +20,7 @@ functions, and write the returned state back into ``batch_stats``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
@@ -34,10 +38,11 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins ne
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
-from bnjax import _wrappers, population, validation
+from bnjax import _wrappers, accumulation, population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.fold import fold
 from bnjax.renorm import batch_renorm
+from bnjax.stats import Moments
 
 
 def _variables(module: nn.Module, x, stats_dtype):
@@ -78,44 +83,129 @@ def _apply(
   use_running_average,
   mask,
   *,
+  update_stats=None,
   stats_dtype=jnp.float32,
   compute_dtype=None,
   **options,
 ) -> jax.Array:
   """The call both layers share: declares (or reads) the variables, runs
   ``normalize`` (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``)
-  and, in training mode, writes the returned state back to ``batch_stats``,
-  widened to ``_updated_stats_dtype(..., compute_dtype)`` where that is given. A
-  function, not a method: Flax wraps methods, and only compact ones (or ``setup``)
-  may declare variables."""
-  use_running_average = nn.merge_param(
-    "use_running_average", module.use_running_average, use_running_average
-  )
-  training = not use_running_average
+  and, where the statistics update (by default in training mode), writes the
+  returned state back to ``batch_stats``, widened to ``_updated_stats_dtype(...,
+  compute_dtype)`` where that is given, and counts the update in
+  ``batch_stats/count`` where the layer keeps one. A function, not a method: Flax
+  wraps methods, and only compact ones (or ``setup``) may declare variables."""
+  training = not _use_running_average(module, use_running_average)
+  update = _updates(module, training, update_stats)
   params, mean, var = _variables(module, x, stats_dtype)
+  count = _count(module)
   initializing = module.is_initializing()
-  state = BatchNormState(mean=mean.value, var=var.value)
-  if training and compute_dtype is not None:  # widening is exact: the math is unchanged
-    state = BatchNormState(
-      *(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype)) for v in state)
-    )
+  state = _state(mean, var, compute_dtype if update else None)
   y, new_state = normalize(
     x,
     params,
     state,
     training=training,
+    update_stats=update,
+    **_options(module, x, params, mask, count),
+    **options,
+  )
+  if update and not initializing:  # during init the statistics stay (as Flax)
+    mean.value, var.value = new_state.mean, new_state.var
+    if count is not None:
+      count.value = count.value + 1
+  return y
+
+
+def _count(module: nn.Module):
+  """The ``batch_stats/count`` variable of a layer whose momentum needs its number
+  of updates (``momentum=None``, ``debias=True``); None for the others."""
+  if not _wrappers.counts_updates(module.momentum, module.debias):
+    return None
+  return module.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+
+
+def _use_running_average(module: nn.Module, use_running_average: bool | None) -> bool:
+  return nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+
+
+def _updates(module: nn.Module, training: bool, update_stats: bool | None) -> bool:
+  """Whether the call updates the statistics: the call's ``update_stats``, else the
+  field's, else ``training``."""
+  return validation.update_stats_flag(
+    module.update_stats if update_stats is None else update_stats, training
+  )
+
+
+def _state(mean, var, compute_dtype) -> BatchNormState:
+  """The running statistics of the variables ``mean`` and ``var``, widened to
+  ``_updated_stats_dtype(..., compute_dtype)`` where that is given (exact: the
+  math is unchanged)."""
+  state = BatchNormState(mean=mean.value, var=var.value)
+  if compute_dtype is None:
+    return state
+  return BatchNormState(
+    *(jnp.asarray(v, _updated_stats_dtype(v.dtype, compute_dtype)) for v in state)
+  )
+
+
+def _options(module: nn.Module, x, params: BatchNormParams, mask, count=None) -> dict[str, Any]:
+  """The core's keyword arguments that the module's fields and the call give (the
+  momentum of the layer's next update, after ``count``'s updates where it counts)."""
+  initializing = module.is_initializing()
+  return dict(
     axis=module.axis,
-    momentum=module.momentum,
+    momentum=_wrappers.layer_momentum(
+      module.momentum, module.debias, None if count is None else count.value
+    ),
     epsilon=module.epsilon,
     # During init the named axis may not exist yet (as Flax).
     axis_name=None if initializing else module.axis_name,
     axis_index_groups=None if initializing else module.axis_index_groups,
     mask=mask,
     dtype=_output_dtype(x, params, module.dtype),
-    **options,
   )
-  if training and not initializing:  # during init the statistics stay (as Flax)
-    mean.value, var.value = new_state.mean, new_state.var
+
+
+_PENDING = "pending_stats"  # the collection of the updates that wait for the optimizer step
+_PENDING_FIELDS = ("count", "mean", "var", "next_mean", "next_var")
+
+
+def _as_pending(entry: Mapping[str, jax.Array]) -> accumulation.PendingUpdate:
+  """A layer's ``pending_stats`` entry as the core's ``PendingUpdate``."""
+  return accumulation.PendingUpdate(
+    moments=Moments(entry["count"], entry["mean"], entry["var"]),
+    next_state=BatchNormState(entry["next_mean"], entry["next_var"]),
+  )
+
+
+def _pending_entry(pending: accumulation.PendingUpdate) -> dict[str, jax.Array]:
+  return dict(zip(_PENDING_FIELDS, (*pending.moments, *pending.next_state), strict=True))
+
+
+def _accumulate(module: nn.Module, x, mask, *, stats_dtype, compute_dtype) -> jax.Array:
+  """``BatchNorm``'s training call with a ``pending_stats`` entry: the batch's
+  moments join the layer's pending update (``bnjax.accumulate_batch_norm``), and
+  ``batch_stats`` stay as they are."""
+  if module.virtual_batch_size is not None:
+    raise ValueError(
+      "BatchNorm with virtual_batch_size cannot accumulate into pending_stats: ghost batch "
+      "norm moves the running statistics by the mean of its groups'; pass no pending_stats, "
+      "or leave virtual_batch_size None"
+    )
+  params, mean, var = _variables(module, x, stats_dtype)
+  state = _state(mean, var, compute_dtype)
+  variables = {name: module.variable(_PENDING, name) for name in _PENDING_FIELDS}
+  y, pending = accumulation.accumulate_batch_norm(
+    x,
+    params,
+    state,
+    _as_pending({name: v.value for name, v in variables.items()}),
+    unbiased_variance=module.unbiased_variance,
+    **_options(module, x, params, mask, _count(module)),
+  )
+  for name, value in _pending_entry(pending).items():
+    variables[name].value = value
   return y
 
 
@@ -124,7 +214,7 @@ class _Normalization(nn.Module):
 
   use_running_average: bool | None = None
   axis: int = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -144,6 +234,18 @@ class BatchNorm(_Normalization):
   (float32 statistics, or Flax's dtypes with ``force_float32_reductions=False``).
   The math is ``bnjax.batch_norm``.
 
+  Under gradient accumulation, pass a ``pending_stats`` collection
+  (``init_pending``) and make it mutable instead of ``batch_stats``: a training
+  call then normalizes with its micro-batch's statistics and merges them into the
+  layer's ``pending_stats`` entry (``bnjax.accumulate_batch_norm``), ``batch_stats``
+  stay, and ``apply_pending`` moves them once per optimizer step (Flax's attention
+  layers decide on their ``cache`` collection likewise, by its presence).
+
+  ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
+  statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
+  exponential average (Haiku's); both count the updates in ``batch_stats/count``
+  (an int32 scalar, absent otherwise, so checkpoints stay Flax's).
+
   >>> import jax
   >>> layer = BatchNorm(use_running_average=False, momentum=0.9)
   >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
@@ -157,7 +259,8 @@ class BatchNorm(_Normalization):
       (inference); if False, with the batch's statistics (training), updating
       ``batch_stats`` when that collection is mutable.
     axis: the feature axis or axes of the input.
-    momentum: weight of the old running statistics (Flax's convention).
+    momentum: weight of the old running statistics (Flax's convention); None
+      for the cumulative average (see above).
     epsilon: added to the variance before the square root.
     dtype: dtype of the output (default: promoted from input and parameters).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -178,12 +281,21 @@ class BatchNorm(_Normalization):
     unbiased_variance: update the running variance with the unbiased batch
       variance (the paper's inference statistics); see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
+    debias: keep the zero-debiased exponential average (Haiku's), counting the
+      updates in ``batch_stats/count``; see ``bnjax.debiased_momentum``.
+    update_stats: whether a call updates ``batch_stats`` (or accumulates into
+      ``pending_stats``); None (the default) means in training mode. False keeps
+      them as they are while the batch's statistics normalize (fine-tuning, a
+      second forward pass); True with ``use_running_average=True`` normalizes
+      with them and updates them.
   """
 
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_variance: bool = False
   virtual_batch_size: int | None = None
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
@@ -192,6 +304,7 @@ class BatchNorm(_Normalization):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -200,6 +313,7 @@ class BatchNorm(_Normalization):
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean, True for entries that enter the statistics; see
         ``bnjax.batch_norm``.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -207,24 +321,38 @@ class BatchNorm(_Normalization):
 
     Raises:
       flax.errors.ModifyScopeVariableError: training mode (outside ``init``)
-        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]``.
+        with ``batch_stats`` not mutable: pass ``mutable=["batch_stats"]`` (or,
+        given ``pending_stats``, with those not mutable).
+      ValueError: ``pending_stats`` given with a ``virtual_batch_size``.
       TypeError, ValueError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-    compute_dtype = self.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
-    if self.force_float32_reductions:
-      compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
-    return _apply(
-      self,
-      batch_norm,
-      x,
-      use_running_average,
-      mask,
-      stats_dtype=stats_dtype,
-      compute_dtype=compute_dtype,
-      unbiased_variance=self.unbiased_variance,
-      virtual_batch_size=self.virtual_batch_size,
-    )
+    return _batch_norm(self, x, use_running_average, mask=mask, update_stats=update_stats)
+
+
+def _batch_norm(module, x, use_running_average=None, *, mask=None, update_stats=None) -> jax.Array:
+  """``BatchNorm``'s call, for any module with its fields (a ``flax.linen.BatchNorm``
+  too, seen through ``_WithBnjaxFields`` in ``replace_batch_norm``)."""
+  stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+  compute_dtype = module.dtype or jnp.result_type(x)  # Flax's dtype for the batch statistics
+  if module.force_float32_reductions:
+    compute_dtype = _updated_stats_dtype(compute_dtype, jnp.float32)
+  training = not _use_running_average(module, use_running_average)
+  if (
+    training and _updates(module, training, update_stats) and module.has_variable(_PENDING, "count")
+  ):
+    return _accumulate(module, x, mask, stats_dtype=stats_dtype, compute_dtype=compute_dtype)
+  return _apply(
+    module,
+    batch_norm,
+    x,
+    use_running_average,
+    mask,
+    update_stats=update_stats,
+    stats_dtype=stats_dtype,
+    compute_dtype=compute_dtype,
+    unbiased_variance=module.unbiased_variance,
+    virtual_batch_size=module.virtual_batch_size,
+  )
 
 
 class BatchRenorm(_Normalization):
@@ -248,14 +376,25 @@ class BatchRenorm(_Normalization):
   Attributes:
     r_max: bound on the scale correction r, >= 1 (the paper's final 3).
     d_max: bound on the shift correction d, >= 0 (the paper's final 5).
+    debias: as ``BatchNorm``'s.
+    update_stats: as ``BatchNorm``'s.
   """
 
   r_max: float = 3.0
   d_max: float = 5.0
+  debias: bool = False
+  update_stats: bool | None = None
 
   @nn.compact
   def __call__(
-    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    update_stats: bool | None = None,
   ):
     """Normalizes ``x``; in training mode also updates ``batch_stats``.
 
@@ -266,6 +405,7 @@ class BatchRenorm(_Normalization):
         ``bnjax.batch_norm``.
       r_max: overrides the attribute; may be a traced scalar (a schedule).
       d_max: overrides the attribute; may be a traced scalar.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -283,6 +423,7 @@ class BatchRenorm(_Normalization):
       x,
       use_running_average,
       mask,
+      update_stats=update_stats,
       r_max=self.r_max if r_max is None else r_max,
       d_max=self.d_max if d_max is None else d_max,
     )
@@ -452,3 +593,174 @@ def fold_variables(
   if jax.tree.leaves(batch_stats):
     folded["batch_stats"] = batch_stats
   return folded
+
+
+def _is_batch_norm_entry(node: Mapping) -> bool:
+  """A layer's ``batch_stats``: ``mean`` and ``var``, and a ``count`` where it keeps one."""
+  names = set(node)
+  return {"mean", "var"} <= names <= {"mean", "var", "count"} and not isinstance(
+    node["mean"], Mapping
+  )
+
+
+def init_pending(batch_stats: Mapping[str, Any]) -> dict[str, Any]:
+  """The ``pending_stats`` collection at the start of an optimizer step.
+
+  For every BN layer of ``batch_stats`` (an entry holding ``mean`` and ``var``,
+  and nothing else but a ``count``), at the same path: ``count``, ``mean`` and
+  ``var``, the moments of no micro-batch yet (zeros), and ``next_mean`` and
+  ``next_var``, the layer's statistics as they are (``bnjax.init_pending``). Given
+  to ``apply`` as the ``pending_stats`` collection, it makes every ``BatchNorm``
+  accumulate (every BN layer of the model must then be ``bnjax.linen.BatchNorm``:
+  the others would not fill their entries).
+
+  Args:
+    batch_stats: the model's ``batch_stats`` collection.
+
+  Returns:
+    A dict of the same nesting with an entry of five ``[C]`` arrays per layer.
+
+  Raises:
+    TypeError: a statistic not floating.
+
+  >>> pending = init_pending({"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}})
+  >>> sorted(pending["BatchNorm_0"]), pending["BatchNorm_0"]["next_var"].tolist()
+  (['count', 'mean', 'next_mean', 'next_var', 'var'], [1.0, 1.0])
+  """
+  pending = {}
+  for path, entry in _wrappers.entries(batch_stats, _is_batch_norm_entry):
+    fresh = _pending_entry(accumulation.init_pending(BatchNormState(entry["mean"], entry["var"])))
+    pending = _wrappers.replace_at(pending, path, lambda _, new=fresh: new)
+  return pending
+
+
+def _installed(old: Mapping[str, Any], state: BatchNormState, where) -> dict[str, Any]:
+  """A layer's ``batch_stats`` entry with ``state`` installed, and its ``count`` (where
+  it keeps one: ``momentum=None``, ``debias=True``) one more where ``where``."""
+  entry = {**old, **state._asdict()}
+  if "count" in old:
+    entry["count"] = old["count"] + jnp.asarray(where).astype(old["count"].dtype)
+  return entry
+
+
+def apply_pending(
+  batch_stats: Mapping[str, Any],
+  pending_stats: Mapping[str, Any],
+  *,
+  where: bool | jax.Array = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Ends an optimizer step: every layer's pending statistics become its ``batch_stats``.
+
+  ``bnjax.apply_pending`` for each layer of ``pending_stats``: its ``batch_stats``
+  become ``next_mean`` and ``next_var`` (one update with the exact statistics of
+  all the step's micro-batches), and its moments start again from zero. Call it
+  once per optimizer step: after a ``lax.scan`` over the micro-batches, or with
+  ``where`` the condition that ``optax.MultiSteps`` stepped.
+
+  Args:
+    batch_stats: the model's ``batch_stats`` collection.
+    pending_stats: the ``pending_stats`` the micro-batches' training calls
+      returned (``mutable=["pending_stats"]``).
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, both collections come back as they are).
+
+  Returns:
+    ``(batch_stats, pending_stats)`` of the same structure, shapes and dtypes.
+
+  Raises:
+    KeyError: a layer of ``pending_stats`` has no entry in ``batch_stats``.
+    TypeError, ValueError: ``where`` not a boolean scalar.
+
+  >>> import jax
+  >>> layer = BatchNorm(use_running_average=False, momentum=0.0)
+  >>> variables = layer.init(jax.random.key(0), jnp.zeros((2, 1)))
+  >>> pending = init_pending(variables["batch_stats"])
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _, updates = layer.apply({**variables, "pending_stats": pending}, x,
+  ...                            mutable=["pending_stats"])
+  ...   pending = updates["pending_stats"]
+  >>> batch_stats, _ = apply_pending(variables["batch_stats"], pending)
+  >>> batch_stats["mean"].tolist(), batch_stats["var"].tolist()  # of 0, 2, 4 and 6
+  ([3.0], [5.0])
+  """
+  batch_stats, pending_stats = dict(batch_stats), dict(pending_stats)
+  for path, entry in _wrappers.entries(pending_stats, lambda node: "next_mean" in node):
+    old = _wrappers.get_path(batch_stats, path)
+    state, pending = accumulation.apply_pending(
+      BatchNormState(old["mean"], old["var"]), _as_pending(entry), where=where
+    )
+    batch_stats = _wrappers.replace_at(
+      batch_stats, path, lambda old, new=state: _installed(old, new, where)
+    )
+    pending_stats = _wrappers.replace_at(
+      pending_stats, path, lambda _, new=pending: _pending_entry(new)
+    )
+  return batch_stats, pending_stats
+
+
+# BatchNorm's fields that flax.linen.BatchNorm lacks, with their defaults.
+_BNJAX_FIELDS = {
+  field.name: field.default
+  for field in dataclasses.fields(BatchNorm)
+  if field.name not in {flax_field.name for flax_field in dataclasses.fields(nn.BatchNorm)}
+}
+
+
+class _WithBnjaxFields:
+  """A ``flax.linen.BatchNorm`` seen as a ``BatchNorm``: its own fields, scope and
+  methods (``variable``, ``param``, ...), and ``BatchNorm``'s further fields, at
+  their defaults or as ``options`` give them."""
+
+  def __init__(self, module: nn.BatchNorm, options: Mapping[str, Any]):
+    self._module = module
+    self._fields = {**_BNJAX_FIELDS, **options}
+
+  def __getattr__(self, name: str):
+    if name in self._fields:
+      return self._fields[name]
+    return getattr(self._module, name)
+
+
+def replace_batch_norm(**options):
+  """Within the block (or the decorated function), every ``flax.linen.BatchNorm`` runs bnjax.
+
+  For models that create ``nn.BatchNorm`` themselves, with no argument to pass
+  another class (a model with one, e.g. ``norm=``, takes ``BatchNorm`` directly).
+  Through Flax's public method interception (``nn.intercept_methods``), each call of
+  an ``nn.BatchNorm`` runs ``bnjax.batch_norm`` in that module's own scope, with its
+  settings, variables and names: ``params/{scale,bias}`` and ``batch_stats/{mean,var}``
+  are Flax's, so a checkpoint loads either way. Wrap the ``init``/``apply`` calls,
+  or decorate the function that makes them before ``jax.jit`` sees it
+  (``jax.jit(replace_batch_norm()(train_step))``): JAX's cache does not see the
+  interception, so a ``with`` block around a call of a function compiled before
+  would run its old program. Subclasses of ``nn.BatchNorm`` are left as they are.
+
+  Args:
+    **options: ``BatchNorm``'s own fields (beyond Flax's) for every replaced
+      layer: ``unbiased_variance``, ``virtual_batch_size``, ``debias``,
+      ``update_stats``.
+
+  Returns:
+    A context manager, also usable as a decorator.
+
+  Raises:
+    TypeError: an option that is not one of ``BatchNorm``'s own fields.
+
+  >>> import jax
+  >>> layer = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  >>> x = jnp.array([[1.0], [3.0]])  # [N, C]: mean 2, variance 1
+  >>> with replace_batch_norm():
+  ...   variables = layer.init(jax.random.key(0), x)
+  ...   y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+  >>> y.round(3).tolist(), updates["batch_stats"]["mean"].tolist()
+  ([[-1.0], [1.0]], [0.2])
+  """
+  _wrappers.check_options("replace_batch_norm", options, _BNJAX_FIELDS)
+
+  def bnjax_instead(next_fun, args, kwargs, context):
+    module = context.module
+    if type(module) is not nn.BatchNorm or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    return _batch_norm(_WithBnjaxFields(module, options), *args, **kwargs)
+
+  return nn.intercept_methods(bnjax_instead)

@@ -6,14 +6,18 @@
 ``unbiased_variance`` and ``virtual_batch_size``; the math is ``bnjax.batch_norm``.
 ``BatchRenorm`` is batch renormalization with the same state.
 ``recompute_batch_stats`` sets every BN layer's statistics to the paper's
-Algorithm 2 statistics. The modules hold the variables; each call reads them,
-runs the pure function and writes the returned state back.
+Algorithm 2 statistics; ``init_pending`` and ``apply_pending`` move them once per
+optimizer step under gradient accumulation (``PendingStat`` variables);
+``replace_batch_norm`` swaps bnjax into a model that hard-codes ``nnx.BatchNorm``.
+The modules hold the variables; each call reads them, runs the pure function and
+writes the returned state back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import typing as tp
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from types import MappingProxyType
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 try:
+  import flax.errors
   from flax import nnx
 except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins need Flax
   raise ModuleNotFoundError(
@@ -31,20 +36,28 @@ except ModuleNotFoundError as error:  # the core needs JAX only; the drop-ins ne
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from bnjax import _wrappers, population
+from bnjax import _wrappers, accumulation, population, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState, batch_norm
 from bnjax.renorm import batch_renorm
+from bnjax.stats import Moments
 
 
 class BatchNorm(nnx.Module):
   """Batch normalization with ``flax.nnx.BatchNorm``'s interface and bnjax's core.
 
-  All arguments but the last two are ``flax.nnx.BatchNorm``'s, with its defaults
+  All arguments but the last four are ``flax.nnx.BatchNorm``'s, with its defaults
   and state: ``nnx.Param`` ``scale``/``bias`` and ``nnx.BatchStat`` ``mean``/``var``,
   all ``[num_features]`` (float32 statistics). Training mode (the default,
   ``.train()``) normalizes with the batch's statistics and updates ``mean`` and
   ``var`` in place; ``.eval()`` normalizes with them. The math is
-  ``bnjax.batch_norm``.
+  ``bnjax.batch_norm``. After ``init_pending``, training calls accumulate
+  instead (``bnjax.accumulate_batch_norm``): ``mean`` and ``var`` move once per
+  optimizer step, at ``apply_pending``.
+
+  ``momentum=None`` keeps the cumulative average, the plain mean of every batch's
+  statistics (PyTorch's ``momentum=None``), and ``debias=True`` the zero-debiased
+  exponential average (Haiku's); both count the updates in an ``nnx.BatchStat``
+  ``count`` (an int32 scalar, absent otherwise).
 
   >>> from flax import nnx
   >>> layer = BatchNorm(1, momentum=0.9, rngs=nnx.Rngs(0))
@@ -61,7 +74,8 @@ class BatchNorm(nnx.Module):
       (``.eval()`` sets it); if False, with the batch's, updating them
       (``.train()`` sets it).
     axis: the feature axis of the input.
-    momentum: weight of the old running statistics.
+    momentum: weight of the old running statistics; None for the cumulative
+      average (see above).
     epsilon: added to the variance before the square root.
     dtype: dtype of the output (default: promoted from input and variables).
     param_dtype: dtype of ``scale`` and ``bias``.
@@ -80,6 +94,12 @@ class BatchNorm(nnx.Module):
     scale_metadata: metadata of the ``scale`` ``nnx.Param``.
     unbiased_variance: see ``bnjax.batch_norm``.
     virtual_batch_size: ghost batch norm; see ``bnjax.batch_norm``.
+    debias: keep the zero-debiased exponential average (Haiku's), counting the
+      updates in ``count``; see ``bnjax.debiased_momentum``.
+    update_stats: whether a call updates ``mean`` and ``var`` (or accumulates,
+      under ``init_pending``); None (the default) means in training mode. False
+      keeps them while the batch's statistics normalize (fine-tuning); True in
+      ``.eval()`` mode normalizes with them and updates them.
   """
 
   def __init__(
@@ -88,7 +108,7 @@ class BatchNorm(nnx.Module):
     *,
     use_running_average: bool | None = False,
     axis: int = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
@@ -105,10 +125,14 @@ class BatchNorm(nnx.Module):
     scale_metadata: Mapping[str, tp.Any] = MappingProxyType({}),
     unbiased_variance: bool = False,
     virtual_batch_size: int | None = None,
+    debias: bool = False,
+    update_stats: bool | None = None,
   ):
     shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    counts = _wrappers.counts_updates(momentum, debias)
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32)) if counts else nnx.data(None)
     self.scale: nnx.Param[jax.Array] | None = (
       nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
       if use_scale
@@ -134,6 +158,8 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.unbiased_variance = unbiased_variance
     self.virtual_batch_size = virtual_batch_size
+    self.debias = debias
+    self.update_stats = update_stats
 
   def __call__(
     self,
@@ -141,6 +167,7 @@ class BatchNorm(nnx.Module):
     use_running_average: bool | None = None,
     *,
     mask: jax.Array | None = None,
+    update_stats: bool | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
@@ -149,6 +176,7 @@ class BatchNorm(nnx.Module):
       use_running_average: overrides the attribute of the same name.
       mask: optional boolean, True for entries that enter the statistics; see
         ``bnjax.batch_norm``.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The normalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -156,23 +184,75 @@ class BatchNorm(nnx.Module):
 
     Raises:
       ValueError: no mode given (``use_running_average`` None in the constructor
-        and the call), or as ``bnjax.batch_norm``.
+        and the call), accumulating with a ``virtual_batch_size``, or as
+        ``bnjax.batch_norm``.
       TypeError: as ``bnjax.batch_norm`` (e.g. a non-floating ``x``).
     """
+    pending = _pending(self)
+    training = _training(self, use_running_average)
+    if pending is not None and training and self._updates(training, update_stats):
+      return self._accumulate(x, pending, mask)
     return self._apply(
       batch_norm,
       x,
       use_running_average,
       mask,
+      update_stats,
       unbiased_variance=self.unbiased_variance,
       virtual_batch_size=self.virtual_batch_size,
     )
 
-  def _apply(self, normalize, x, use_running_average, mask, **options) -> jax.Array:
+  def _apply(self, normalize, x, use_running_average, mask, update_stats, **options):
     """The call both layers share: promotes as Flax does, runs ``normalize``
-    (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, in
-    training mode, writes the returned state back."""
+    (``bnjax.batch_norm`` or ``bnjax.batch_renorm``, given ``options``) and, where
+    the statistics update (by default in training mode), writes the returned state
+    back and counts the update."""
     training = _training(self, use_running_average)
+    update = self._updates(training, update_stats)
+    x, params, state, out_dtype = self._promoted(x)
+    y, new_state = normalize(
+      x,
+      params,
+      state,
+      training=training,
+      update_stats=update,
+      **self._options(mask, out_dtype),
+      **options,
+    )
+    if update:
+      _write_statistics(self, new_state)
+    return y
+
+  def _updates(self, training: bool, update_stats: bool | None) -> bool:
+    """Whether the call updates the statistics: the call's ``update_stats``, else
+    the attribute's, else ``training``."""
+    return validation.update_stats_flag(
+      self.update_stats if update_stats is None else update_stats, training
+    )
+
+  def _accumulate(self, x, pending: accumulation.PendingUpdate, mask) -> jax.Array:
+    """The training call of a layer with ``PendingStat`` variables: the batch's
+    moments join them (``bnjax.accumulate_batch_norm``); ``mean`` and ``var`` stay."""
+    if self.virtual_batch_size is not None:
+      raise ValueError(
+        "BatchNorm with virtual_batch_size cannot accumulate: ghost batch norm moves the "
+        "running statistics by the mean of its groups'; remove the PendingStat variables "
+        "(nnx.pop(model, bnjax.nnx.PendingStat)), or leave virtual_batch_size None"
+      )
+    x, params, state, out_dtype = self._promoted(x)
+    y, pending = accumulation.accumulate_batch_norm(
+      x,
+      params,
+      state,
+      pending,
+      unbiased_variance=self.unbiased_variance,
+      **self._options(mask, out_dtype),
+    )
+    _set_pending(self, pending)
+    return y
+
+  def _promoted(self, x):
+    """``(x, params, state, output dtype)``, promoted as Flax promotes them."""
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     with jax.numpy_dtype_promotion("standard"):  # Flax's rule, also in strict mode
@@ -180,26 +260,22 @@ class BatchNorm(nnx.Module):
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
       )
       out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-    y, new_state = normalize(
-      x,
-      BatchNormParams(scale=scale, bias=bias),
-      BatchNormState(mean=self.mean[...], var=self.var[...]),
-      training=training,
+    state = BatchNormState(mean=self.mean[...], var=self.var[...])
+    return x, BatchNormParams(scale=scale, bias=bias), state, out_dtype
+
+  def _options(self, mask, out_dtype) -> dict[str, tp.Any]:
+    """The core's keyword arguments that the layer's attributes and the call give."""
+    return dict(
       axis=self.axis,
-      momentum=self.momentum,
+      momentum=_wrappers.layer_momentum(
+        self.momentum, self.debias, None if self.count is None else self.count[...]
+      ),
       epsilon=self.epsilon,
       axis_name=self.axis_name,
       axis_index_groups=self.axis_index_groups,
       mask=mask,
       dtype=out_dtype,
-      **options,
     )
-    if training:
-      # The running statistics carry no gradient (as Flax): with hijax variables
-      # the write happens inside the differentiated function, which otherwise fails.
-      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
-      self.var[...] = jax.lax.stop_gradient(new_state.var)
-    return y
 
   def set_view(self, use_running_average: bool | None = None):
     """Used by ``nnx.view`` to set the mode of a view of the model.
@@ -213,6 +289,78 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class PendingStat(nnx.Variable):
+  """A BN layer's update of its statistics that waits for the optimizer step.
+
+  The variable type of the ``pending_*`` attributes that ``init_pending`` gives
+  each layer under gradient accumulation (the merged moments of the step's
+  micro-batches so far, and the ``mean`` and ``var`` one update with them gives:
+  ``bnjax.PendingUpdate``); a filter for ``nnx.state``, ``nnx.split`` and
+  ``nnx.pop``, as ``nnx.BatchStat`` is for the running statistics.
+
+  Args:
+    value: the ``[num_features]`` array.
+    hijax, ref, eager_sharding, metadata: as ``nnx.Variable``'s (``metadata``: keywords).
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(2, rngs=nnx.Rngs(0)))
+  >>> sorted(nnx.state(layer, PendingStat))  # doctest: +NORMALIZE_WHITESPACE
+  ['pending_count', 'pending_mean', 'pending_next_mean', 'pending_next_var',
+   'pending_var']
+  """
+
+
+_PENDING_ATTRIBUTES = (
+  "pending_count",
+  "pending_mean",
+  "pending_var",
+  "pending_next_mean",
+  "pending_next_var",
+)
+
+
+def _pending(layer: BatchNorm) -> accumulation.PendingUpdate | None:
+  """The layer's ``PendingStat`` variables as the core's ``PendingUpdate``, or None
+  where it has none (not accumulating)."""
+  if getattr(layer, _PENDING_ATTRIBUTES[0], None) is None:
+    return None
+  count, mean, var, next_mean, next_var = (getattr(layer, a)[...] for a in _PENDING_ATTRIBUTES)
+  return accumulation.PendingUpdate(Moments(count, mean, var), BatchNormState(next_mean, next_var))
+
+
+def _set_pending(layer: BatchNorm, pending: accumulation.PendingUpdate) -> None:
+  values = (*pending.moments, *pending.next_state)
+  for name, value in zip(_PENDING_ATTRIBUTES, values, strict=True):
+    getattr(layer, name)[...] = value
+
+
+_CAPTURED = (
+  "{layer} cannot update its mean and var inside this transform: its Variables belong to an "
+  "outer trace, because the transform captured the module (e.g. nnx.vmap(model), flax#4760) "
+  "or nnx.merge reused them (pass copy=True); pass the module as an argument instead: "
+  "nnx.vmap(lambda model, x: model(x), in_axes=(None, 0), axis_name='batch')(model, x), with "
+  "axis_name='batch' on the BatchNorm too"
+)
+
+
+def _write_statistics(layer: BatchNorm, new_state: BatchNormState) -> None:
+  """Stores an updating call's running statistics in the layer's ``BatchStat``s.
+
+  They carry no gradient (as Flax): with hijax variables the write happens inside
+  the differentiated function, which otherwise fails. Flax refuses the write to
+  Variables of an outer trace; the error then says how to pass the module instead.
+  """
+  try:
+    layer.mean[...] = jax.lax.stop_gradient(new_state.mean)
+    layer.var[...] = jax.lax.stop_gradient(new_state.var)
+    if layer.count is not None:  # counts the update
+      layer.count[...] = layer.count[...] + 1
+  except flax.errors.TraceContextError as error:
+    raise flax.errors.TraceContextError(
+      _CAPTURED.format(layer=f"bnjax.nnx.{type(layer).__name__}")
+    ) from error
 
 
 def _training(layer: BatchNorm, use_running_average: bool | None) -> bool:
@@ -251,7 +399,7 @@ class BatchRenorm(BatchNorm):
       ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``,
       ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
       ``axis_index_groups``, ``use_fast_variance``, ``promote_dtype``, ``rngs``,
-      ``bias_metadata``, ``scale_metadata``).
+      ``bias_metadata``, ``scale_metadata``, ``debias``, ``update_stats``).
   """
 
   def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
@@ -266,7 +414,14 @@ class BatchRenorm(BatchNorm):
     self.d_max = d_max
 
   def __call__(
-    self, x, use_running_average: bool | None = None, *, mask=None, r_max=None, d_max=None
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    update_stats: bool | None = None,
   ):
     """Normalizes ``x``; in training mode also updates ``mean`` and ``var``.
 
@@ -277,6 +432,7 @@ class BatchRenorm(BatchNorm):
         ``bnjax.batch_norm``.
       r_max: overrides the attribute; may be a traced scalar (a schedule).
       d_max: overrides the attribute; may be a traced scalar.
+      update_stats: overrides the attribute of the same name.
 
     Returns:
       The renormalized input, of ``x``'s shape, in ``dtype`` (by default promoted
@@ -293,6 +449,7 @@ class BatchRenorm(BatchNorm):
       x,
       use_running_average,
       mask,
+      update_stats,
       r_max=self.r_max if r_max is None else r_max,
       d_max=self.d_max if d_max is None else d_max,
     )
@@ -429,3 +586,193 @@ def recompute_batch_stats(
     module.mean[...] = state.mean.astype(module.mean[...].dtype)
     module.var[...] = state.var.astype(module.var[...].dtype)
   return model
+
+
+def _accumulating_layers(model: nnx.Module) -> list[BatchNorm]:
+  """The model's ``BatchNorm`` layers that can accumulate (not ``BatchRenorm``)."""
+  return [
+    module
+    for _, module in nnx.iter_graph(model)
+    if isinstance(module, BatchNorm) and not isinstance(module, BatchRenorm)
+  ]
+
+
+def init_pending(model: nnx.Module) -> nnx.Module:
+  """Makes every ``BatchNorm`` of ``model`` accumulate; each optimizer step's starts empty.
+
+  Gives each layer ``PendingStat`` variables, ``pending_count``, ``pending_mean``
+  and ``pending_var`` (the moments of no micro-batch yet: zeros) and
+  ``pending_next_mean`` and ``pending_next_var`` (its ``mean`` and ``var``), as
+  Flax's attention layers get their cache (``init_cache``). From then on, a
+  training call normalizes with its micro-batch's statistics and merges them into
+  these (``bnjax.accumulate_batch_norm``); ``mean`` and ``var`` stay until
+  ``apply_pending``. ``nnx.pop(model, PendingStat)`` ends accumulation. Call it
+  outside ``nnx.jit``: it adds variables to the model. ``BatchRenorm`` layers are
+  left as they are.
+
+  Args:
+    model: an nnx model holding ``bnjax.nnx.BatchNorm`` layers.
+
+  Returns:
+    ``model``, updated in place.
+
+  Raises:
+    ValueError: the model has no ``bnjax.nnx.BatchNorm`` layer.
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(1, momentum=0.0, rngs=nnx.Rngs(0)))
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _ = layer(x)
+  >>> layer.mean[...].tolist(), layer.pending_next_mean[...].tolist()  # of 0, 2, 4 and 6
+  ([0.0], [3.0])
+  """
+  layers = _accumulating_layers(model)
+  if not layers:
+    raise ValueError("init_pending found no bnjax.nnx.BatchNorm layer in the model")
+  for layer in layers:
+    fresh = accumulation.init_pending(BatchNormState(layer.mean[...], layer.var[...]))
+    for name, value in zip(_PENDING_ATTRIBUTES, (*fresh.moments, *fresh.next_state), strict=True):
+      setattr(layer, name, PendingStat(value))
+  return model
+
+
+def apply_pending(model: nnx.Module, *, where: bool | jax.Array = True) -> nnx.Module:
+  """Ends an optimizer step: every layer's pending statistics become its ``mean`` and ``var``.
+
+  ``bnjax.apply_pending`` for each layer with ``PendingStat`` variables
+  (``init_pending``): ``mean`` and ``var`` become one update with the exact
+  statistics of all the step's micro-batches, and the moments start again from
+  zero. Call it once per optimizer step (inside ``nnx.jit`` too): after a loop
+  over the micro-batches, or with ``where`` the condition that
+  ``optax.MultiSteps`` stepped.
+
+  Args:
+    model: an nnx model whose ``BatchNorm`` layers accumulate.
+    where: a boolean scalar, possibly traced: whether the step ends here (where
+      False, nothing changes).
+
+  Returns:
+    ``model``, updated in place.
+
+  Raises:
+    ValueError: no layer of ``model`` accumulates (see ``init_pending``), or
+      ``where`` not a scalar.
+    TypeError: ``where`` not boolean.
+
+  >>> from flax import nnx
+  >>> layer = init_pending(BatchNorm(1, momentum=0.0, rngs=nnx.Rngs(0)))
+  >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])):  # micro-batches
+  ...   _ = layer(x)
+  >>> layer = apply_pending(layer)
+  >>> layer.mean[...].tolist(), layer.var[...].tolist()  # of 0, 2, 4 and 6
+  ([3.0], [5.0])
+  """
+  layers = [(layer, _pending(layer)) for layer in _accumulating_layers(model)]
+  layers = [(layer, pending) for layer, pending in layers if pending is not None]
+  if not layers:
+    raise ValueError(
+      "apply_pending found no accumulating BatchNorm layer: call init_pending(model) first"
+    )
+  for layer, pending in layers:
+    state = BatchNormState(layer.mean[...], layer.var[...])
+    state, pending = accumulation.apply_pending(state, pending, where=where)
+    layer.mean[...], layer.var[...] = state.mean, state.var
+    if layer.count is not None:  # momentum=None, debias=True: one update more
+      layer.count[...] = layer.count[...] + jnp.asarray(where).astype(jnp.int32)
+    _set_pending(layer, pending)
+  return model
+
+
+# BatchNorm's constructor arguments that flax.nnx.BatchNorm's lacks.
+_BNJAX_OPTIONS = sorted(
+  set(inspect.signature(BatchNorm.__init__).parameters)
+  - set(inspect.signature(nnx.BatchNorm.__init__).parameters)
+)
+_FLAX_SETTINGS = (
+  "use_running_average",
+  "axis",
+  "momentum",
+  "epsilon",
+  "dtype",
+  "param_dtype",
+  "use_bias",
+  "use_scale",
+  "axis_name",
+  "axis_index_groups",
+  "use_fast_variance",
+  "promote_dtype",
+)
+
+
+def _from_flax(layer: nnx.BatchNorm, options: Mapping[str, tp.Any]) -> BatchNorm:
+  """A ``BatchNorm`` with ``layer``'s settings and its very ``Variable``s."""
+  settings = {name: getattr(layer, name) for name in _FLAX_SETTINGS}
+  replacement = BatchNorm(layer.num_features, **settings, **options, rngs=nnx.Rngs(0))
+  for name in ("mean", "var", "scale", "bias"):
+    if getattr(layer, name) is not None:
+      setattr(replacement, name, getattr(layer, name))
+  return replacement
+
+
+def _set_child(parent, key, child, path) -> None:
+  if isinstance(parent, nnx.Module) and isinstance(key, str):
+    setattr(parent, key, child)
+  elif hasattr(parent, "__setitem__"):  # nnx.List, nnx.Dict, list, dict
+    parent[key] = child
+  else:
+    raise TypeError(
+      f"replace_batch_norm cannot replace the nnx.BatchNorm at {'/'.join(map(str, path))}: it "
+      f"sits in a {type(parent).__name__}, which cannot be changed; hold it in an nnx.List "
+      "or nnx.Dict"
+    )
+
+
+def replace_batch_norm(model: nnx.Module, **options) -> nnx.Module:
+  """Every ``flax.nnx.BatchNorm`` of ``model`` replaced by a ``BatchNorm``, in place.
+
+  For models that create ``nnx.BatchNorm`` themselves (a model with an argument
+  for the class, e.g. ``norm=``, takes ``BatchNorm`` directly). Each replacement has
+  the layer's settings and its very ``Variable``s (``scale``, ``bias``, ``mean``,
+  ``var``: the same objects), at the same place in the graph, so the model's state,
+  its checkpoints and an optimizer's state keep their structure; a layer shared by
+  several parents is replaced by one shared ``BatchNorm``. Call it outside
+  transforms, as any graph change; subclasses of ``nnx.BatchNorm`` stay as they are.
+
+  Args:
+    model: an nnx model, or an ``nnx.BatchNorm`` itself.
+    **options: ``BatchNorm``'s own arguments (beyond Flax's) for every replaced
+      layer: ``unbiased_variance``, ``virtual_batch_size``, ``debias``,
+      ``update_stats``.
+
+  Returns:
+    ``model``, changed in place (the replacement itself for an ``nnx.BatchNorm``).
+
+  Raises:
+    TypeError: an option that is not one of ``BatchNorm``'s own arguments, or a
+      layer held in a container that cannot be changed (a tuple).
+
+  >>> class Model(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.linear = nnx.Linear(1, 1, rngs=rngs)
+  ...     self.norm = nnx.BatchNorm(1, momentum=0.9, rngs=rngs)
+  >>> model = replace_batch_norm(Model(nnx.Rngs(0)))
+  >>> type(model.norm).__module__, model.norm.momentum
+  ('bnjax.nnx', 0.9)
+  """
+  _wrappers.check_options("replace_batch_norm", options, _BNJAX_OPTIONS)
+  replacements: dict[int, BatchNorm] = {}
+
+  def replacement(layer):
+    if id(layer) not in replacements:
+      replacements[id(layer)] = _from_flax(layer, options)
+    return replacements[id(layer)]
+
+  if type(model) is nnx.BatchNorm:
+    return replacement(model)
+  while True:  # a layer shared by several parents shows at one path per pass
+    nodes = dict(nnx.iter_graph(model))
+    found = [(path, node) for path, node in nodes.items() if type(node) is nnx.BatchNorm]
+    if not found:
+      return model
+    for path, layer in found:
+      _set_child(nodes[path[:-1]], path[-1], replacement(layer), path)

@@ -25,8 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from bnjax import stats, validation
+from bnjax import moving_average, stats, validation
 from bnjax.batch_norm import BatchNormState
 
 
@@ -35,12 +36,12 @@ class PopulationStatistics(NamedTuple):
   sum holds.
 
   The accumulator of Algorithm 2, a pytree of float32 arrays: ``num_batches`` a
-  scalar, the other fields ``[*F]`` (``F`` the feature shape; ``mean_sum`` complex
-  for complex input). A batch enters only the statistics it defines: a feature
-  with no valid value in a batch adds nothing, and one value adds no unbiased
-  variance. ``init_population`` starts it, ``update_population`` adds a batch and
-  ``population_state`` turns it into a ``BatchNormState``; constructing one
-  directly checks nothing.
+  scalar, the other fields ``[*F]`` (``F`` the feature shape; the sums float64
+  for float64 input under x64, ``mean_sum`` complex for complex input). A batch
+  enters only the statistics it defines: a feature with no valid value in a batch
+  adds nothing, and one value adds no unbiased variance. ``init_population`` starts
+  it, ``update_population`` adds a batch and ``population_state`` turns it into a
+  ``BatchNormState``; constructing one directly checks nothing.
 
   >>> x = jnp.array([[0.0, 1.0], [2.0, 1.0]])  # [N, C]
   >>> population = update_population(init_population(2), x)
@@ -58,16 +59,21 @@ class PopulationStatistics(NamedTuple):
   unbiased_variance_batches: jax.Array  #: Batches with two or more valid values, ``[*F]`` float32.
 
 
-def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
+def init_population(
+  num_features: int | Sequence[int], *, dtype=jnp.float32
+) -> PopulationStatistics:
   """No batches yet: every sum and count 0.
 
   Args:
     num_features: ``C``, or the feature shape ``F`` for several feature axes (as
       ``bnjax.init``).
+    dtype: dtype of the sums. Adding a batch widens them to its statistics' dtype
+      (float64 for float64 batches under x64, complex for complex ones); give that
+      dtype here where the accumulator must keep one type (a ``lax.scan`` carry).
 
   Returns:
-    ``PopulationStatistics`` of float32 zeros, ``num_batches`` of shape ``[]``
-    and the other fields ``[*F]``.
+    ``PopulationStatistics`` of zeros, ``num_batches`` of shape ``[]`` and the
+    other fields ``[*F]``; the sums in ``dtype``, the counts float32.
 
   Raises:
     TypeError: ``num_features`` neither an int nor a sequence of ints.
@@ -78,25 +84,28 @@ def init_population(num_features: int | Sequence[int]) -> PopulationStatistics:
   (0.0, (3,))
   """
   shape = validation.feature_shape("num_features", num_features)
-  zeros = jnp.zeros(shape, jnp.float32)
-  return PopulationStatistics(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros, zeros)
+  sums, counts = jnp.zeros(shape, dtype), jnp.zeros(shape, jnp.float32)
+  return PopulationStatistics(jnp.zeros((), jnp.float32), sums, sums, sums, counts, counts)
 
 
 def accumulate_moments(
   population: PopulationStatistics, moments: stats.Moments
 ) -> PopulationStatistics:
-  """Adds one batch, given its moments; statistics it does not define stay."""
-  mean_sum = population.mean_sum
-  if jnp.iscomplexobj(moments.mean) and not jnp.iscomplexobj(mean_sum):
-    mean_sum = mean_sum.astype(moments.mean.dtype)
+  """Adds one batch, given its moments; statistics it does not define stay. A sum
+  narrower than the batch's statistic (float32 for a float64 or complex batch) is
+  widened to it first: the batch's digits are kept."""
 
   def add(total, value, defined):
-    return total + jnp.where(defined, value, jnp.zeros((), value.dtype)).astype(total.dtype)
+    dtype = np.promote_types(moving_average.widest_real(total.dtype, value.dtype), total.dtype)
+    if jnp.iscomplexobj(value):
+      dtype = np.promote_types(dtype, value.dtype)
+    value = jnp.where(defined, value, jnp.zeros((), value.dtype))
+    return total.astype(dtype) + value.astype(dtype)
 
   has_mean, has_unbiased = moments.count > 0, moments.count > 1
   return PopulationStatistics(
     num_batches=population.num_batches + 1,
-    mean_sum=add(mean_sum, moments.mean, has_mean),
+    mean_sum=add(population.mean_sum, moments.mean, has_mean),
     variance_sum=add(population.variance_sum, moments.var, has_mean),
     unbiased_variance_sum=add(
       population.unbiased_variance_sum, moments.unbiased_variance, has_unbiased
@@ -137,7 +146,8 @@ def update_population(
 
   Returns:
     The ``PopulationStatistics`` with this batch added (``num_batches`` + 1), of
-    the same shapes and dtypes (``mean_sum`` complex for complex ``x``).
+    the same shapes and dtypes (the sums widened to the batch's statistics:
+    float64 for float64 ``x`` under x64, ``mean_sum`` complex for complex ``x``).
 
   Raises:
     TypeError: ``x`` not floating, ``mask`` not boolean, ``axis`` not an int or a
@@ -187,8 +197,9 @@ def population_state(
       those entries are NaN.
 
   Returns:
-    A ``BatchNormState`` with ``[*F]`` float32 ``mean`` and ``var`` (the mean
-    complex for complex batches): the mean of the batch means and of the batch
+    A ``BatchNormState`` with ``[*F]`` ``mean`` and ``var`` in the sums' dtype
+    (float32; float64 for float64 batches under x64; the mean complex for complex
+    batches): the mean of the batch means and of the batch
     variances, over the batches that define each.
 
   Raises:

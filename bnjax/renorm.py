@@ -27,8 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax import _engine
+from bnjax import _engine, _recording, validation
 from bnjax.batch_norm import BatchNormParams, BatchNormState
+from bnjax.moving_average import MovingAverageWeights
 
 
 def _check_limit(name: str, value, lowest: float) -> None:
@@ -43,6 +44,7 @@ def _check_limit(name: str, value, lowest: float) -> None:
     raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
 
 
+@_recording.recorded("batch_renorm")  # bnjax.describe sees the call
 def batch_renorm(
   x: jax.Array,
   params: BatchNormParams | None,
@@ -51,13 +53,14 @@ def batch_renorm(
   training: bool,
   r_max,
   d_max,
-  momentum: float | jax.Array = 0.99,
+  momentum: float | jax.Array | MovingAverageWeights = 0.99,
   epsilon: float = 1e-5,
   axis: int | Sequence[int] = -1,
   axis_name: Hashable | None = None,
   axis_index_groups: Sequence[Sequence[int]] | None = None,
   mask: jax.Array | None = None,
   dtype: Any = None,
+  update_stats: bool | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch renormalization; arguments and returns as ``bnjax.batch_norm``.
 
@@ -71,6 +74,8 @@ def batch_renorm(
     d_max: bound on ``|d|``, >= 0 (0 is batch norm); may be a traced scalar.
     momentum, epsilon, axis, axis_name, axis_index_groups, mask, dtype: as
       ``bnjax.batch_norm``.
+    update_stats: as ``bnjax.batch_norm``: whether the state moves (default
+      ``training``), apart from which statistics normalize.
 
   Returns:
     ``(y, new_state)``: ``y`` of ``x``'s shape (dtype ``dtype``, default
@@ -91,6 +96,8 @@ def batch_renorm(
   """
   _check_limit("r_max", r_max, 1.0)
   _check_limit("d_max", d_max, 0.0)
+  validation.check_training(training)
+  update_stats = validation.update_stats_flag(update_stats, training)
   inputs = _engine.prepare(
     x,
     params,
@@ -101,13 +108,16 @@ def batch_renorm(
     epsilon=epsilon,
     mask=mask,
     dtype=dtype,
+    update_stats=update_stats,
   )
-  if not training:
+  if not (training or update_stats):
     return _engine.normalize_inference(inputs, state, epsilon), state
   correction = _engine.RenormCorrection(
     running_mean=state.mean, running_var=state.var, r_max=r_max, d_max=d_max
   )
   config = _engine.training_config(inputs, epsilon, axis_name, axis_index_groups)
-  update = _engine.state_update(state, momentum)
+  update = _engine.state_update(state, momentum) if update_stats else None
   y, _, new_state = _engine.normalize_training(config, inputs, correction, update)
-  return y, new_state
+  if not training:  # the running statistics normalize; the batch's move them
+    y = _engine.normalize_inference(inputs, state, epsilon)
+  return y, new_state if update_stats else state

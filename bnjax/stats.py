@@ -354,6 +354,7 @@ def all_gather_moments(
   moments: ShiftedMoments,
   axis_name: Hashable,
   axis_index_groups: Sequence[Sequence[int]] | None = None,
+  axis_sizes: tuple[int, ...] | None = None,
 ) -> ShiftedMoments:
   """Moments of the union of every device's values along ``axis_name``.
 
@@ -362,7 +363,8 @@ def all_gather_moments(
   device (rows a smaller group leaves empty count no values). Every device then
   combines the same gathered rows exactly, so all get identical statistics. With
   ``axis_index_groups``, within each group only (``pmap`` only; see
-  ``bnjax.collectives``).
+  ``bnjax.collectives``). ``axis_sizes``: ``bnjax.collectives.axis_sizes(axis_name)``
+  where the caller has them (asked here otherwise).
 
   Returns:
     The combined moments; their shift is that of the device with the most values.
@@ -378,7 +380,7 @@ def all_gather_moments(
       moments.offset.imag,
       moments.var,
     ]
-  gathered = collectives.gather_rows(jnp.stack(parts), axis_name, axis_index_groups)
+  gathered = collectives.gather_rows(jnp.stack(parts), axis_name, axis_index_groups, axis_sizes)
   if is_complex:
     shift = lax.complex(gathered[:, 1], gathered[:, 2])
     offset = lax.complex(gathered[:, 3], gathered[:, 4])

@@ -12,9 +12,11 @@ from collections.abc import Hashable
 import jax
 from jax import lax
 
+from bnjax import _recording
 from bnjax.batch_norm import BatchNormState
 
 
+@_recording.recorded_sync  # bnjax.describe sees which axes it averages over
 def sync_state(state: BatchNormState, axis_name: Hashable) -> BatchNormState:
   """The mean across the devices of ``axis_name`` of each running statistic.
 

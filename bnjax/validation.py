@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax import moving_average
+
 
 def check_training(training) -> None:
   """``training`` selects Python control flow, so it must be a concrete bool."""
@@ -147,7 +149,15 @@ def check_feature_shape(name: str, array, expected: tuple[int, ...], x_shape, ax
 
 
 def check_momentum(momentum) -> None:
-  """``momentum`` a real scalar in [0, 1]; a traced scalar is accepted unchecked."""
+  """``momentum`` a real scalar in [0, 1], or ``MovingAverageWeights`` of two; a
+  traced scalar is accepted unchecked."""
+  if isinstance(momentum, moving_average.MovingAverageWeights):
+    for name, weight in zip(("old", "new"), momentum, strict=True):
+      try:
+        check_momentum(weight)
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"MovingAverageWeights.{name}: {error}") from None
+    return
   if isinstance(momentum, (bool, np.bool_)) or (
     hasattr(momentum, "dtype")
     and not jnp.issubdtype(momentum.dtype, jnp.floating)
@@ -166,6 +176,15 @@ def check_momentum(momentum) -> None:
     momentum, jax.core.Tracer
   ):
     check_momentum(float(momentum))
+
+
+def update_stats_flag(update_stats, training: bool) -> bool:
+  """``update_stats`` as a Python bool: None means ``training`` (the running
+  statistics move when the batch's normalize)."""
+  if update_stats is None:
+    return bool(training)
+  check_bool("update_stats", update_stats)
+  return bool(update_stats)
 
 
 def check_bool(name: str, value) -> None:

@@ -4,15 +4,18 @@ table on top). Build with, from the repository root:
 
     python -m sphinx -W -b html docs docs/_build/html
 
-(warnings are errors; tests/test_docs.py builds it the same way, and
-tests/test_api_docs.py reads the rendered pages). The guide's code is executed by
-tests/test_docs.py, not by the build.
+(warnings are errors; tests/test_api_docs.py builds it the same way and reads the
+rendered pages). The guide's code is executed by tests/test_docs.py, not by the
+build. The build writes each guide page that declares a jupytext pairing as the
+notebook beside it (``docs/guide/NAME.ipynb``, not committed), which the page links.
 """
 
 import ast
 import dataclasses
 import inspect
+import itertools
 import pathlib
+import re
 import sys
 import textwrap
 
@@ -38,8 +41,9 @@ extensions = [
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build"]
 myst_heading_anchors = 3
-# $...$ and $$...$$ are math (MathJax), and so are \begin{align}... environments.
-myst_enable_extensions = ["dollarmath", "amsmath"]
+# $...$ and $$...$$ are math (MathJax), and so are \begin{align}... environments;
+# "term\n: definition" is a definition list (the glossary).
+myst_enable_extensions = ["dollarmath", "amsmath", "deflist"]
 
 # Signatures as a user reads them: names as imported (Sequence, not
 # ~collections.abc.Sequence), defaults as written in the source (jnp.float32, not
@@ -170,5 +174,39 @@ def _process_signature(app, what, name, obj, options, signature, return_annotati
   return signature, return_annotation
 
 
+GUIDE = pathlib.Path(__file__).resolve().parent / "guide"
+_RAISES_MARKER = re.compile(r"<!--\s*raises:\s*[\w.]+\s*-->\s*$")
+
+
+def page_notebook(page: pathlib.Path):
+  """A guide page as a notebook, read by jupytext (its Markdown format): the
+  ```python blocks become the code cells, in order, everything else Markdown. A
+  block marked ``<!-- raises: ... -->`` is tagged ``raises-exception``, so that
+  running all cells goes on past it."""
+  import jupytext
+
+  notebook = jupytext.read(page, fmt="md")
+  for previous, cell in itertools.pairwise(notebook.cells):
+    if cell.cell_type == "code" and _RAISES_MARKER.search(previous.source):
+      cell.metadata.setdefault("tags", []).append("raises-exception")
+  return notebook
+
+
+def paired_pages() -> list[pathlib.Path]:
+  """The guide pages that declare a jupytext pairing with a notebook."""
+  pages = sorted(GUIDE.glob("*.md"))
+  return [page for page in pages if "\n  jupytext:\n" in page.read_text()[:400]]
+
+
+def _write_notebooks(app):
+  """Writes each paired page's notebook beside it, before the pages are read: the
+  page's link to it then becomes a download."""
+  import jupytext
+
+  for page in paired_pages():
+    jupytext.write(page_notebook(page), page.with_suffix(".ipynb"), fmt="ipynb")
+
+
 def setup(app):
   app.connect("autodoc-process-signature", _process_signature)
+  app.connect("builder-inited", _write_notebooks)

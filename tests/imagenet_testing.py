@@ -2,7 +2,7 @@
 
 * ``prepare_tiny_imagenet``: a real TFDS ``imagenet2012`` prepared by TFDS itself
   from tiny archives laid out as ImageNet's (the files the missing-data error
-  asks for): real JPEGs, real split slicing per host.
+  asks for), as TFRecord or ArrayRecord: real JPEGs, real split slicing per host.
 * ``write_mock_metadata``: the recipe of ``shared/NOTES.md`` for
   ``tfds.testing.mock_data``, whose imagenet2012 builder has no splits otherwise.
 * ``MicroNet``: two convolutions with BN, for tests about devices and state where
@@ -41,42 +41,49 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_imagenet_archives(
-  manual_dir: pathlib.Path, *, train_per_class: int, num_val: int, seed: int = 0
+  manual_dir: pathlib.Path,
+  *,
+  train_per_class: int,
+  num_val: int,
+  seed: int = 0,
+  sides: tuple[int, int] = (24, 80),
 ) -> None:
   """ILSVRC2012_img_train.tar (one tar per synset inside) and ILSVRC2012_img_val.tar,
-  with random JPEGs of varying sizes."""
+  with random JPEGs of varying sizes (height and width drawn from ``[*sides)``)."""
   rng = np.random.default_rng(seed)
+
+  def jpeg() -> bytes:
+    return _jpeg(rng, int(rng.integers(*sides)), int(rng.integers(*sides)))
+
   manual_dir.mkdir(parents=True, exist_ok=True)
   with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as outer:
     for synset in SYNSETS:
       inner_bytes = io.BytesIO()
       with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
         for k in range(train_per_class):
-          _add(
-            inner,
-            f"{synset}_{k}.JPEG",
-            _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))),
-          )
+          _add(inner, f"{synset}_{k}.JPEG", jpeg())
       _add(outer, f"{synset}.tar", inner_bytes.getvalue())
   with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as archive:
     for k in range(1, num_val + 1):
-      _add(
-        archive,
-        f"ILSVRC2012_val_{k:08d}.JPEG",
-        _jpeg(rng, int(rng.integers(24, 80)), int(rng.integers(24, 80))),
-      )
+      _add(archive, f"ILSVRC2012_val_{k:08d}.JPEG", jpeg())
 
 
 def prepare_tiny_imagenet(
-  data_dir: pathlib.Path, *, train_per_class: int = 8, num_val: int = 13
+  data_dir: pathlib.Path,
+  *,
+  train_per_class: int = 8,
+  num_val: int = 13,
+  file_format: str = "tfrecord",
+  sides: tuple[int, int] = (24, 80),
 ) -> pathlib.Path:
-  """``data_dir`` with imagenet2012 prepared by TFDS from tiny archives."""
+  """``data_dir`` with imagenet2012 prepared by TFDS from tiny archives, in
+  ``file_format`` ("tfrecord" or "array_record"; the same archives either way)."""
   import tensorflow_datasets as tfds
 
   manual = data_dir / "downloads" / "manual"
-  write_imagenet_archives(manual, train_per_class=train_per_class, num_val=num_val)
+  write_imagenet_archives(manual, train_per_class=train_per_class, num_val=num_val, sides=sides)
   tfds.builder("imagenet2012", data_dir=str(data_dir)).download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual)), file_format=file_format
   )
   return data_dir
 

@@ -28,7 +28,7 @@ import bnjax.linen
 import bnjax.nnx
 from tests import ROOT
 
-MODULES = (bnjax, bnjax.linen, bnjax.nnx, bnjax.equinox, bnjax.haiku)
+MODULES = (bnjax, bnjax.linen, bnjax.nnx, bnjax.equinox, bnjax.haiku, bnjax.convert)
 # Flax's own module fields, not the layer's (every linen Module has them).
 _LINEN_FIELDS = {"parent", "name"}
 

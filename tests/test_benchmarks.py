@@ -90,3 +90,17 @@ def test_mnist_loop_benchmark_takes_the_data_as_arguments():
   images = jnp.zeros((500, 28, 28), jnp.uint8)
   closed_over = jax.jit(lambda i: images[i].astype(jnp.float32).sum()).lower(jnp.int32(0))
   assert max(_constant_sizes(closed_over.as_text())) == 500 * 28 * 28
+
+
+@pytest.mark.slow
+def test_quick_resume_benchmark_writes_results(tmp_path):
+  from benchmarks import resume
+
+  resume.main(["--quick", "--output_dir", str(tmp_path), "--data_dir", str(tmp_path / "data")])
+  written = json.loads((tmp_path / "resume_results.json").read_text())
+  assert [c["reader"] for c in written["cases"]] == ["TFRecord (tf.data)", "ArrayRecord (grain)"]
+  for case in written["cases"]:
+    assert len(case["first_batch_s"]) == len(resume.POSITIONS)
+    assert all(t > 0 for times in case["first_batch_s"] for t in times)
+    assert case["image_bytes_float32"] == 4 * case["image_bytes_uint8"] > 0
+  assert "start at 99% of the epoch" in (tmp_path / "resume_results.md").read_text()

@@ -122,6 +122,47 @@ def _linear_per_step(trained):
   return linears
 
 
+@pytest.mark.parametrize("mode", ["ema", "batch"])
+def test_float64_running_statistics_are_equinoxs_and_the_references(x64, standard_promotion, mode):
+  """Issue 31 bug 3: under x64 the momentum was rounded to float32 ("ema" mode, and
+  "batch" mode's debiased momentum): the running mean was off by 1.2e-8 (ema) and
+  2.3e-6 (batch) here, where Equinox is exact, and "ema" outputs followed. Now the
+  means (and "ema" mode's variances and outputs) equal Equinox's and the float64
+  reference's (the zero-debiased average in "batch" mode) to float64 rounding."""
+  momentum = 0.999
+  batches = normal(13, (3, 8, 2), loc=[2.0, -5.0], scale=[1.0, 3.0], dtype=np.float64)
+
+  @jax.jit
+  def run(batches):
+    results = []
+    for cls in (eqx.nn.BatchNorm, bnjax.equinox.BatchNorm):
+      layer, state = eqx.nn.make_with_state(cls)(2, "batch", momentum=momentum, mode=mode)
+      for x in batches:
+        y, state = batched(layer)(x, state)
+      mean, var = state.get(layer.ema_state_index or layer.batch_state_index)
+      if mode == "batch" and cls is eqx.nn.BatchNorm:  # Equinox keeps the biased hidden mean
+        mean = mean / (1 - momentum ** state.get(layer.batch_counter))
+      results.append((y, mean, var))
+    return results
+
+  (equinox_y, equinox_mean, equinox_var), (y, mean, var) = run(jnp.asarray(batches))
+  assert mean.dtype == var.dtype == jnp.float64
+  moments = [[s.ravel() for s in reference.batch_mean_var(x, (0,))] for x in batches]
+  if mode == "ema":  # the first batch's statistics, then moved by each later batch's
+    want_mean, want_var = moments[0]
+    for mu, batch_var in moments[1:]:
+      want_mean = momentum * want_mean + (1 - momentum) * mu
+      want_var = momentum * want_var + (1 - momentum) * batch_var
+    np.testing.assert_allclose(var, want_var, rtol=1e-13)
+    np.testing.assert_allclose(var, equinox_var, rtol=1e-13)
+    np.testing.assert_allclose(y, equinox_y, rtol=1e-12, atol=1e-12)
+  else:  # Haiku's zero-debiased average of the batch means
+    weights = (1 - momentum) * momentum ** np.arange(len(batches))[::-1]
+    want_mean = sum(w * mu for w, (mu, _) in zip(weights, moments, strict=True)) / weights.sum()
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-13)
+  np.testing.assert_allclose(mean, equinox_mean, rtol=1e-13)
+
+
 @pytest.mark.parametrize("mode", ["batch", "ema"])
 def test_an_untrained_layer_is_the_identity_in_inference(mode):
   """Running statistics start at mean 0, variance 1. Equinox's "ema" mode starts its

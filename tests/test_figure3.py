@@ -45,7 +45,7 @@ def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnis
         np.testing.assert_array_equal(labels, fashion_mnist.test_labels[expected])
         np.testing.assert_array_equal(
           b["image"][b["mask"]],
-          idx_data.centred(fashion_mnist, fashion_mnist.test_images[expected], 32),
+          idx_data.centred(fashion_mnist.test_images[expected], 32),
         )
         seen += len(labels)
       assert num_batches == plan.num_batches  # the same number of batches on every host
@@ -53,23 +53,25 @@ def test_evaluation_scores_each_test_image_once_on_every_host_count(fashion_mnis
 
 
 def test_geometry_padding_normalization_and_flips(fashion_mnist):
-  image = idx_data.centred(fashion_mnist, fashion_mnist.test_images[:2], 32)
-  assert image.shape == (2, 32, 32, 3) and image.dtype == np.float32
-  np.testing.assert_array_equal(image[..., 0], image[..., 2])  # gray in all channels
+  pixels = idx_data.centred(fashion_mnist.test_images[:2], 32)
+  assert pixels.shape == (2, 32, 32, 3) and pixels.dtype == np.uint8
+  np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])  # gray in all channels
+  np.testing.assert_array_equal(pixels[:, 2:30, 2:30, 1], fashion_mnist.test_images[:2])
+  image = data.normalize(pixels, fashion_mnist.pixel_moments)  # as the steps do
   background = -fashion_mnist.mean / fashion_mnist.std
   np.testing.assert_allclose(image[:, :2], background, rtol=1e-6)  # the 2-pixel black border
   inner = (
     fashion_mnist.test_images[:2].astype(np.float64) - fashion_mnist.mean
   ) / fashion_mnist.std
   np.testing.assert_allclose(image[:, 2:30, 2:30, 1], inner, rtol=1e-5, atol=1e-5)
-  assert idx_data.centred(fashion_mnist, fashion_mnist.test_images[:2], 64).shape == (2, 64, 64, 3)
+  assert idx_data.centred(fashion_mnist.test_images[:2], 64).shape == (2, 64, 64, 3)
   # Training views are shifted windows of the padded item, mirrored or not:
   # Fashion-MNIST has both, MNIST (digits) never a mirror.
   padded = np.pad(fashion_mnist.test_images[:64].astype(np.float32), ((0, 0), (6, 6), (6, 6)))
   for name, mirrors in (("fashion_mnist", True), ("mnist", False)):
     source = fashion_mnist._replace(name=name)
     views = idx_data.augmented(source, fashion_mnist.test_images[:64], 32, np.random.default_rng(0))
-    raw = views[..., 0] * np.float32(source.std) + np.float32(source.mean)
+    raw = views[..., 0].astype(np.float32)
     mirrored = []
     for i, view in enumerate(raw):
       windows = np.lib.stride_tricks.sliding_window_view(padded[i], (32, 32))
@@ -102,6 +104,41 @@ def test_training_order_resumes_exactly(fashion_mnist):
   assert not np.array_equal(batches[0]["label"], batches[1]["label"])
   plan = fashion_mnist.split_plan("train", global_batch_size=32, process_count=2, train=True)
   assert plan.examples_per_host == (30_000, 30_000) and plan.num_batches == 30_000 // 16
+
+
+def test_training_order_resumes_anywhere_and_hosts_cover_each_epoch(tmp_path):
+  """250 training images, each of one gray value (1..250): a view's brightest pixel
+  names its image whatever the crop and flip."""
+  values = np.arange(1, 251)
+  images = np.broadcast_to(values[:, None, None], (250, 28, 28)).astype(np.uint8)
+  for prefix, part in (("train", images), ("t10k", images[:20])):
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", part)
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(len(part)) % 10)
+  source = idx_data.open_idx_source("fashion_mnist", str(tmp_path))
+  process_count, steps_per_epoch, num_steps = 2, 25, 60  # 125 images per host, 5 per batch
+  hosts = [
+    dict(global_batch_size=10, image_size=32, seed=4, process_index=p, process_count=process_count)
+    for p in range(process_count)
+  ]
+  uninterrupted = []
+  for host in hosts:
+    batches = source.train_batches(**host)
+    uninterrupted.append([next(batches) for _ in range(num_steps)])
+    for start in (1, 12, steps_per_epoch - 1, steps_per_epoch + 1):
+      resumed = source.train_batches(start_step=start, **host)
+      for want in uninterrupted[-1][start:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+  def seen(epoch: int) -> np.ndarray:
+    steps = slice(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+    views = np.concatenate([b["image"] for h in uninterrupted for b in h[steps]])
+    return views.max(axis=(1, 2, 3))
+
+  for epoch in (0, 1):  # the hosts' parts are disjoint and cover the split
+    np.testing.assert_array_equal(np.sort(seen(epoch)), values)
+  assert not np.array_equal(seen(0), seen(1))  # a new order every epoch
 
 
 def test_missing_files_name_the_folder_and_the_package(tmp_path):

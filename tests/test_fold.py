@@ -74,6 +74,20 @@ def test_fold_of_one_dense_layer_with_and_without_bias():
     np.testing.assert_allclose(x @ f64(k) + f64(b), want, rtol=1e-5, atol=1e-5)
 
 
+def test_fold_keeps_float64_digits(x64):
+  """Under x64 a float64 layer and BN were folded in float32 (9e-8 off; refused
+  under strict promotion); now in float64, to float64 rounding."""
+  rng = np.random.default_rng(5)
+  kernel, bias = rng.standard_normal((4, 3)), rng.standard_normal(3)
+  params = bnjax.BatchNormParams(rng.standard_normal(3), rng.standard_normal(3))
+  state = bnjax.BatchNormState(rng.standard_normal(3), 0.5 + rng.random(3))
+  k, b = jax.jit(bnjax.fold)(kernel, bias, params, state)
+  assert k.dtype == b.dtype == jnp.float64
+  multiplier = params.scale / np.sqrt(state.var + 1e-5)
+  np.testing.assert_allclose(k, kernel * multiplier, rtol=1e-14)
+  np.testing.assert_allclose(b, (bias - state.mean) * multiplier + params.bias, rtol=1e-13)
+
+
 @pytest.mark.parametrize("layer_bias_dtype", [None, jnp.bfloat16, jnp.float32])
 def test_fold_keeps_half_precision_kernels(layer_bias_dtype):
   """A bfloat16 3x3 convolution kernel folded with a trained-looking BN: on image

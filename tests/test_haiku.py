@@ -178,6 +178,67 @@ def test_moving_averages_are_the_debiased_average_of_the_batch_statistics():
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_inputs_keep_float64_moving_averages_as_haiku(x64):
+  """Issue 31 bug 2: under x64, float64 inputs gave float32 moving averages (the
+  state tree's dtypes differed from Haiku's, and a float64 model's statistics carried
+  3e-7 of float32 rounding). Now the state is Haiku's, dtype for dtype, and equals
+  Haiku's and the float64 reference's debiased averages to float64 rounding."""
+  batches = normal(12, (3, 16, 2), loc=[3.0, -1.0], scale=[2.0, 0.5], dtype=np.float64)
+
+  @jax.jit
+  def run(batches):
+    states = []
+    for cls in (hk.BatchNorm, bnjax.haiku.BatchNorm):
+      layer = hk.transform_with_state(lambda x, cls=cls: cls(True, True, DECAY)(x, True))
+      params, state = layer.init(None, batches[0])
+      for x in batches[1:]:
+        _, state = layer.apply(params, state, None, x)
+      states.append(state)
+    return states
+
+  haiku_state, bnjax_state = run(jnp.asarray(batches))
+  dtypes = lambda tree: jax.tree.map(lambda a: a.dtype, tree)  # noqa: E731
+  assert dtypes(bnjax_state) == dtypes(haiku_state)
+  assert bnjax_state["batch_norm/~/mean_ema"]["average"].dtype == jnp.float64
+  hidden = {"mean_ema": 0.0, "var_ema": 0.0}
+  for x in batches[1:]:
+    mu, var = reference.batch_mean_var(x, (0,))
+    hidden = {
+      "mean_ema": DECAY * hidden["mean_ema"] + (1 - DECAY) * mu,
+      "var_ema": DECAY * hidden["var_ema"] + (1 - DECAY) * var,
+    }
+  for name, value in hidden.items():
+    want = value / (1 - DECAY ** (len(batches) - 1))
+    got = bnjax_state[f"batch_norm/~/{name}"]["average"]
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    np.testing.assert_allclose(got, haiku_state[f"batch_norm/~/{name}"]["average"], rtol=1e-13)
+
+
+def test_the_moving_average_of_a_constant_is_that_constant():
+  """The debiasing factor ``1 - decay**counter`` is computed without cancellation
+  (``moving_average.zero_debias_factor``): five steps of one batch at decay 0.999 give
+  its statistics to float32 rounding. Haiku's float32 power leaves its average 4.8e-6
+  off; once the core took ``1 - decay`` in double (issue 31 bug 1), the same power
+  made bnjax's 1.8e-5 off, as its hidden's weights no longer matched it."""
+  x = jnp.array([[1.0, 3.0], [3.0, 5.0]])  # means (2, 4), variances (1, 1), exact
+
+  @jax.jit
+  def averages(x):
+    results = []
+    for cls in (hk.BatchNorm, bnjax.haiku.BatchNorm):
+      layer = hk.transform_with_state(lambda x, cls=cls: cls(False, False, 0.999)(x, True))
+      params, state = layer.init(None, x)
+      for _ in range(5):
+        _, state = layer.apply(params, state, None, x)
+      results.append(state["batch_norm/~/mean_ema"]["average"].ravel())
+    return results
+
+  haiku_mean, mean = averages(x)
+  np.testing.assert_allclose(mean, [2.0, 4.0], rtol=2.4e-7)
+  haiku_error = np.max(np.abs(np.asarray(haiku_mean) / [2.0, 4.0] - 1))
+  assert haiku_error > 1e-6, f"Haiku's average is off by {haiku_error}"
+
+
 def test_statistics_are_exact_where_haikus_are_not():
   """Haiku computes E[x^2] - E[x]^2 in float32: at mean 1e4 and std 1 its variance is
   off by far more than rounding (here it measures it worse than 10 % wrong); bnjax's

@@ -278,10 +278,16 @@ def test_a_run_says_what_it_does_without_noise(tmp_path, compilation_cache):
   assert "1 device on 1 host, jit; 4 steps of 8 images (160145 steps per epoch)" in lines[1]
   rows = [line for line in lines if line.startswith("step ")]
   assert len(rows) == 4 and all(row.endswith("[FAKE DATA]") for row in rows)
-  assert lines[2].startswith("compiling the training step") and lines[3].startswith(
+  assert lines[
+    2
+  ] == (  # bnjax.describe's summary, before compiling (experiments/imagenet/bn_report.py)
+    "batch norm: 2 layers: statistics over the batch (1 device, 8 examples), running statistics "
+    "replicated, momentum 0.99; exchange 0 B + 0 B (forward + backward)"
+  )
+  assert lines[3].startswith("compiling the training step") and lines[4].startswith(
     "compiled and ran step 1 in "
   )
-  assert lines.index(rows[0]) == 4 and rows[0].startswith("step 1/4  train_loss ")
+  assert lines.index(rows[0]) == 5 and rows[0].startswith("step 1/4  train_loss ")
   first_eval = next(i for i, line in enumerate(lines) if line.startswith("step 2/4"))
   assert lines[first_eval - 1].startswith("evaluating (the first evaluation compiles")
   assert "top1" in lines[first_eval] and "steps/s, ETA 0:00:0" in rows[-1]  # one speed, the ETA

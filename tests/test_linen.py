@@ -69,8 +69,10 @@ def test_fields_and_defaults_are_flaxs():
   ours, theirs = fields(bnjax.linen.BatchNorm), fields(nn.BatchNorm)
   assert {name: ours[name] for name in theirs} == theirs
   assert list(ours)[: len(theirs)] == list(theirs)  # positional order kept too
-  assert set(ours) - set(theirs) == {"unbiased_variance", "virtual_batch_size"}
+  extra = {"unbiased_variance", "virtual_batch_size", "debias", "update_stats"}
+  assert set(ours) - set(theirs) == extra
   assert ours["unbiased_variance"] is False and ours["virtual_batch_size"] is None
+  assert ours["debias"] is False and ours["update_stats"] is None
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -319,6 +321,26 @@ def test_under_jax_vmap_and_nn_vmap():
     lambda x: lifted.apply(lifted.init(jax.random.key(0), x), x, mutable=["batch_stats"])
   )(x)
   chex.assert_trees_all_close(y_lifted, y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99, 0.999])
+def test_batch_stats_move_as_flaxs_to_float32_rounding(momentum):
+  """Issue 31 bug 1, through the drop-in: the core rounded ``momentum`` before
+  ``1 - momentum`` (1.3e-5 off Flax at 0.999); on a batch whose statistics are exact,
+  the two modules' ``batch_stats`` now agree to float32 rounding."""
+  x = jnp.array([[1.0, 10.0, -3.0], [3.0, 30.0, -5.0]])
+
+  @jax.jit
+  def both(x):
+    stats = []
+    for module in (bnjax.linen.BatchNorm, nn.BatchNorm):
+      layer = module(use_running_average=False, momentum=momentum)
+      variables = layer.init(jax.random.key(0), x)
+      stats.append(layer.apply(variables, x, mutable=["batch_stats"])[1]["batch_stats"])
+    return stats
+
+  ours, theirs = both(x)
+  chex.assert_trees_all_close(ours, theirs, rtol=1.2e-7, atol=0)
 
 
 def test_half_precision_batch_stats_updated_with_the_exact_momentum():

@@ -41,7 +41,8 @@ def test_constructor_signature_is_flaxs():
   ours = inspect.signature(bnjax.nnx.BatchNorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
   assert list(ours)[: len(theirs)] == list(theirs)
-  assert list(ours)[len(theirs) :] == ["unbiased_variance", "virtual_batch_size"]
+  extra = ["unbiased_variance", "virtual_batch_size", "debias", "update_stats"]
+  assert list(ours)[len(theirs) :] == extra
   for name in theirs:
     if name not in ("self", "rngs", "bias_init", "scale_init", "promote_dtype"):
       assert ours[name].default == theirs[name].default, name

@@ -41,6 +41,23 @@ def test_pure_accumulator_is_algorithm_2(unbiased):
   np.testing.assert_allclose(state.var, var.ravel(), rtol=RTOL)
 
 
+def test_float64_batches_keep_their_digits(x64):
+  """Under x64 the sums were float32 whatever the batches: float64 statistics came
+  out with float32 rounding (3e-8 and 8e-8 here). They now widen to the batches' dtype (and
+  ``init_population(dtype=...)`` fixes it up front, for a ``lax.scan`` carry)."""
+  batches = [np.asarray(b, np.float64) * np.pi for b in BATCHES]
+  mean, var = reference.population_statistics(batches, (0, 1))
+  update = jax.jit(bnjax.update_population)
+  for start in (bnjax.init_population(3), bnjax.init_population(3, dtype=np.float64)):
+    population = start
+    for batch in batches:
+      population = update(population, batch)
+    state = bnjax.population_state(population)
+    assert state.mean.dtype == state.var.dtype == np.float64
+    np.testing.assert_allclose(state.mean, mean.ravel(), rtol=1e-13)
+    np.testing.assert_allclose(state.var, var.ravel(), rtol=1e-13)
+
+
 def test_cumulative_momentum_in_batch_norm_gives_the_same():
   """The running average with momentum k/(k+1), traced, is Algorithm 2 too."""
   state = bnjax.BatchNormState(np.zeros(3, np.float32), np.zeros(3, np.float32))

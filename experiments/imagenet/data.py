@@ -2,6 +2,7 @@
 
     source = sources.open_source(config)    # picks the source, once (sources.py)
     source.num_classes
+    source.pixel_moments                    # the steps normalize the uint8 images with it
     source.split_plan("train", global_batch_size=256, process_count=1, train=True)
     source.train_batches(start_step, global_batch_size=..., image_size=..., seed=...,
                          process_index=..., process_count=...)      # without end
@@ -12,14 +13,17 @@ The sources:
 
 * ``FakeSource`` (``config.fake_data``): synthetic random images, NumPy only.
 * ``idx_data.IdxSource`` (``config.data_dir``, MNIST/Fashion-MNIST IDX files), NumPy only.
-* ``input_pipeline.TfdsSource`` (the default: TFDS ``imagenet2012`` through tf.data), the
+* ``input_pipeline.TfdsSource`` (the default: TFDS ``imagenet2012``, read by index
+  through grain when prepared as ArrayRecord, through tf.data when TFRecord), the
   only one that imports TensorFlow.
 
-Batches are host-local NumPy dicts: ``image`` float32 ``[B, S, S, 3]``, ``label``
-int32 ``[B]``, and for evaluation ``mask`` bool ``[B]`` (False on the padding that
-gives every host the same number of batches), with ``B`` the batch of this host
-(the global batch divided by the number of hosts). Training batches are a function
-of the seed and the step, so a run restarted at step ``s`` sees the batches an
+Batches are host-local NumPy dicts: ``image`` uint8 ``[B, S, S, 3]`` (pixel values
+0-255, a quarter of float32's bytes from host to device), ``label`` int32 ``[B]``, and
+for evaluation ``mask`` bool ``[B]`` (False on the padding that gives every host the
+same number of batches), with ``B`` the batch of this host (the global batch divided
+by the number of hosts). Each source names its ``pixel_moments``; the jitted steps
+normalize the images with them (``normalize``). Training batches are a function of
+the seed and the step, so a run restarted at step ``s`` sees the batches an
 uninterrupted run sees from step ``s``; evaluation scores every example once.
 """
 
@@ -56,10 +60,21 @@ class Split(NamedTuple):
   num_batches: int  # batches per host: per epoch (training) or per pass (evaluation)
 
 
+class PixelMoments(NamedTuple):
+  """Per-channel mean and standard deviation of a dataset's pixel values (0-255)."""
+
+  mean: tuple[float, float, float]  # [3]: R, G, B
+  std: tuple[float, float, float]  # [3]
+
+
+IMAGENET_PIXELS = PixelMoments(MEAN_RGB, STDDEV_RGB)
+
+
 class Source(Protocol):
   """What the training loop reads from a dataset (module docstring)."""
 
   num_classes: int
+  pixel_moments: PixelMoments  # what the steps normalize the uint8 images with
 
   def split_plan(
     self, split: str, *, global_batch_size: int, process_count: int, train: bool
@@ -120,10 +135,21 @@ def split_plan(
   return Split(examples_per_host=tuple(counts), local_batch_size=local, num_batches=num_batches)
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-  """float pixels ``[..., 3]`` in [0, 255] to float32, zero mean and unit variance per channel."""
-  mean, std = np.asarray(MEAN_RGB, np.float32), np.asarray(STDDEV_RGB, np.float32)
-  return ((np.asarray(pixels, np.float32) - mean) / std).astype(np.float32)
+def normalize(images, moments: PixelMoments):
+  """Pixels ``[..., 3]`` (uint8, or float in [0, 255]) to float32 with zero mean and
+  unit variance per channel: ``(images - mean) / std`` in float32.
+
+  The same arithmetic on a NumPy array (on the host) and on a ``jax.Array`` (in a
+  jitted step, where the training and evaluation steps call it): the images travel
+  to the devices as uint8.
+
+  >>> normalize(np.array([[0, 124, 255]], np.uint8), PixelMoments((124.0,) * 3, (2.0,) * 3))
+  array([[-62. ,   0. ,  65.5]], dtype=float32)
+  """
+  channels = (1,) * (images.ndim - 1) + (3,)  # explicit ranks (no implicit rank promotion)
+  mean = np.asarray(moments.mean, np.float32).reshape(channels)
+  std = np.asarray(moments.std, np.float32).reshape(channels)
+  return (images.astype(np.float32) - mean) / std
 
 
 def padded_rows(first: int, stop: int, plan: Split) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -150,6 +176,7 @@ class FakeSource(NamedTuple):
   seed: int = 0  # of the validation images (training batches take the seed they are given)
   num_classes: int = FAKE_NUM_CLASSES
   num_train_examples: int = IMAGENET_TRAIN_IMAGES
+  pixel_moments: PixelMoments = IMAGENET_PIXELS
 
   def split_plan(
     self, split: str, *, global_batch_size: int, process_count: int, train: bool
@@ -163,14 +190,14 @@ class FakeSource(NamedTuple):
     )
 
   def examples(self, rows: np.ndarray, *, seed: int, image_size: int) -> dict:
-    """Examples ``rows`` (int ``[B]``): ``image`` float32 ``[B, S, S, 3]``, ``label``
+    """Examples ``rows`` (int ``[B]``): ``image`` uint8 ``[B, S, S, 3]``, ``label``
     int32 ``[B]``."""
     images, labels = [], []
     for row in rows:
       rng = np.random.default_rng([seed, 1, int(row)])
-      images.append(rng.uniform(0.0, 255.0, (image_size, image_size, 3)).astype(np.float32))
+      images.append(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
       labels.append(rng.integers(0, self.num_classes))
-    return {"image": normalize(np.stack(images)), "label": np.asarray(labels, np.int32)}
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
 
   def train_batches(
     self,
@@ -208,7 +235,7 @@ class FakeSource(NamedTuple):
       offset = 10**9  # validation rows: a stream apart from the training rows
       for rows, mask in padded_rows(bounds[process_index], bounds[process_index + 1], plan):
         batch = self.examples(rows + offset, seed=self.seed, image_size=image_size)
-        batch["image"][~mask] = 0.0
+        batch["image"][~mask] = 0
         batch["label"][~mask] = 0
         yield {**batch, "mask": mask}
 

@@ -24,12 +24,14 @@ NumPy only, no TensorFlow):
   not one). No photometric distortion (gray images; ``photometric_distortion`` is
   not used) and no shuffle buffer (every epoch is a full permutation of the split,
   ``shuffle_buffer`` is not used).
-* Pixels are normalized with the training split's mean and standard deviation
-  (one value for all channels); the black padding is the background's value.
+* Pixels are uint8 (a resize's output rounded); the steps normalize them with the
+  training split's mean and standard deviation (``pixel_moments``: one value for
+  all channels); the black padding is the background's value.
 * Order: epoch ``e`` of host ``p`` is a permutation drawn from ``(seed, e, p)`` of
   the host's contiguous part of the training split, and the crops and flips of
   each batch from ``(seed, e, p, batch)``: a run restarted at step ``s`` sees the
-  batches an uninterrupted run sees, without reading the skipped ones.
+  batches an uninterrupted run sees, without reading the skipped ones (its first
+  batch comes as soon from any step: ``benchmarks/resume.py``).
 * Evaluation: the whole test split, each image once, centred (no crop), each host
   its contiguous part, padded with masked-out zeros to the same number of batches.
 """
@@ -64,6 +66,11 @@ class IdxSource(NamedTuple):
   std: float
   num_classes: int = idx.NUM_CLASSES
 
+  @property
+  def pixel_moments(self) -> data.PixelMoments:
+    """The training pixels' mean and standard deviation, the same for the 3 channels."""
+    return data.PixelMoments((self.mean,) * 3, (self.std,) * 3)
+
   def split_plan(
     self, split: str, *, global_batch_size: int, process_count: int, train: bool
   ) -> data.Split:
@@ -89,7 +96,7 @@ class IdxSource(NamedTuple):
     """This host's training batches from ``start_step`` on, without end.
 
     Yields:
-      ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
+      ``{"image": uint8 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
     """
     plan = self.split_plan(
       data.TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=True
@@ -120,8 +127,8 @@ class IdxSource(NamedTuple):
 
     def batches():
       for rows, mask in data.padded_rows(bounds[process_index], bounds[process_index + 1], plan):
-        image = centred(self, self.test_images[rows], image_size)
-        image[~mask] = 0.0
+        image = centred(self.test_images[rows], image_size)
+        image[~mask] = 0
         label = np.where(mask, self.test_labels[rows], 0).astype(np.int32)
         yield {"image": image, "label": label, "mask": mask}
 
@@ -199,27 +206,26 @@ def _resized(images: np.ndarray, inner: int) -> np.ndarray:
   return np.clip(np.asarray(resized), 0.0, 255.0)
 
 
-def _finish(source: IdxSource, squares: np.ndarray) -> np.ndarray:
-  """float32 ``[B, S, S]`` in [0, 255] -> normalized float32 ``[B, S, S, 3]``."""
-  normalized = (squares - np.float32(source.mean)) / np.float32(source.std)
-  return np.ascontiguousarray(
-    np.broadcast_to(normalized[..., None], (*normalized.shape, 3)), dtype=np.float32
-  )
+def _finish(squares: np.ndarray) -> np.ndarray:
+  """float32 ``[B, S, S]`` in [0, 255] -> uint8 ``[B, S, S, 3]`` (rounded; exact at
+  ``image_size`` 32, where nothing is resized)."""
+  pixels = np.clip(np.rint(squares), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(np.broadcast_to(pixels[..., None], (*pixels.shape, 3)))
 
 
-def centred(source: IdxSource, images: np.ndarray, image_size: int) -> np.ndarray:
-  """The evaluation view: uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
+def centred(images: np.ndarray, image_size: int) -> np.ndarray:
+  """The evaluation view: uint8 ``[B, 28, 28]`` -> uint8 ``[B, S, S, 3]``."""
   inner, margin = _geometry(image_size)
   squares = np.zeros((len(images), image_size, image_size), np.float32)
   squares[:, margin : margin + inner, margin : margin + inner] = _resized(images, inner)
-  return _finish(source, squares)
+  return _finish(squares)
 
 
 def augmented(
   source: IdxSource, images: np.ndarray, image_size: int, rng: np.random.Generator
 ) -> np.ndarray:
   """The training view: a random shifted window (and flip, for Fashion-MNIST) of
-  the padded square; uint8 ``[B, 28, 28]`` -> float32 ``[B, S, S, 3]``."""
+  the padded square; uint8 ``[B, 28, 28]`` -> uint8 ``[B, S, S, 3]``."""
   inner, margin = _geometry(image_size)
   shift = image_size // 8
   side = image_size + 2 * shift
@@ -232,4 +238,4 @@ def augmented(
   if FLIPPED[source.name]:
     flip = rng.random(len(images)) < 0.5
     squares = np.where(flip[:, None, None], squares[:, :, ::-1], squares)
-  return _finish(source, squares)
+  return _finish(squares)

@@ -1,5 +1,5 @@
-"""The TFDS source (``data.Source``): ``imagenet2012`` through tf.data; the only module
-of the experiment that imports TensorFlow.
+"""The TFDS source (``data.Source``): ``imagenet2012`` as TFDS prepared it, ArrayRecord
+or TFRecord; the only module of the experiment that imports TensorFlow.
 
 Training examples get the Inception-style augmentation: a random crop of 8% to 100%
 of the image's area and aspect ratio 3/4 to 4/3 (Szegedy et al., 2015), decoded
@@ -8,21 +8,35 @@ the crop is decompressed), resized to ``image_size``, randomly flipped. Evaluati
 takes the central square of 87.5% of the shorter side (224 of 256), decoded fused
 with the crop the same way. Optional photometric distortions (brightness,
 saturation, hue, contrast: tf-slim's Inception preprocessing, scaled by a factor).
-Pixels are normalized per channel with ImageNet's mean and standard deviation.
+Images leave as uint8 (the resized pixels rounded, and clipped where bicubic
+resizing overshoots [0, 255]); the steps normalize them with ImageNet's per-channel
+mean and standard deviation (``data.IMAGENET_PIXELS``).
 
-Each host reads its own part of each split (``tfds.split_for_jax_process``). The
-training order is shuffled at up to three levels: the shard files' order, the
-interleaving of 16 shards and, when ``shuffle_buffer_size`` > 0, a shuffle buffer
-of examples, so that the examples stored together in a shard do not always meet in
-a batch (the paper's within-shard shuffling, Section 4.2.1). Everything random is a
-function of the seed, the epoch, the host and the example's position, so a restarted
-run at step ``s`` sees
-exactly the batches an uninterrupted run sees from step ``s``; to get there it reads
-(without decoding) the examples of the current epoch that it skips.
+How a split is read depends on the format TFDS prepared it in (``file_format``):
+
+* ArrayRecord (random access: ``builder.as_data_source``; preferred when the folder
+  has it): the order of ``random_access.py``, one shuffled stream of the whole split
+  for all hosts, each host its rows of every global batch. Resuming at step ``s``
+  reads from step ``s``: the first batch comes as soon at any step.
+* TFRecord (sequential: ``builder.as_dataset``, tf.data): each host reads its own
+  part (``tfds.split_for_jax_process``), shuffled at up to three levels per epoch:
+  the shard files' order, the interleaving of 16 shards and, when
+  ``shuffle_buffer_size`` > 0, a shuffle buffer of examples, so that the examples
+  stored together in a shard do not always meet in a batch (the paper's
+  within-shard shuffling, Section 4.2.1). A file of records has no index: to resume
+  at step ``s`` it reads (without decoding) the examples of the current epoch up to
+  step ``s``, up to an epoch of the host's part. ``tfds convert_format`` adds the
+  ArrayRecord files beside them (the ImageNet README says how).
+
+Either way everything random is a function of the seed, the epoch, the host and the
+example's position, so a restarted run at step ``s`` sees exactly the batches an
+uninterrupted run sees from step ``s``; no iterator state is saved. The two formats
+give different orders (a run keeps the format it started with).
 
 Evaluation scores every example of the split exactly once, whatever the batch size
-and the number of hosts: each host pads its part to the same number of batches,
-and a ``mask`` marks the padding, which the metrics leave out.
+and the number of hosts: each host reads its part (``tfds.split_for_jax_process``)
+in order, pads it to the same number of batches, and a ``mask`` marks the padding,
+which the metrics leave out; both formats give the same batches.
 
 Batches have the form ``data.py`` describes.
 """
@@ -38,11 +52,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from experiments.imagenet import data
+from experiments.imagenet import data, random_access
 from experiments.imagenet.data import (
   EVAL_SPLIT,
-  MEAN_RGB,
-  STDDEV_RGB,
   TRAIN_SPLIT,
   DataError,
   Split,
@@ -60,6 +72,12 @@ def _shuffle_seeds(seed: int, epoch: int, process_index: int) -> np.ndarray:
   return np.random.SeedSequence([seed, epoch, process_index]).generate_state(3).astype(np.int64) % (
     2**31 - 1
   )
+
+
+def _stream_seeds(seed: int) -> tuple[int, int]:
+  """Two independent seeds of the random-access order: permutations, crops."""
+  permutations, crops = np.random.SeedSequence([seed, 1]).generate_state(2)
+  return int(permutations) // 2, int(crops) // 2  # below 2**31, as both consumers take
 
 
 # ---- the data on disk --------------------------------------------------------------
@@ -112,10 +130,9 @@ def missing_data_message(builder: tfds.core.DatasetBuilder, missing: list[str]) 
 # ---- preprocessing -----------------------------------------------------------------
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """uint8 or float pixels in [0, 255] to float32, zero mean and unit variance per channel."""
-  image = tf.cast(image, tf.float32)
-  return (image - tf.constant(MEAN_RGB, tf.float32)) / tf.constant(STDDEV_RGB, tf.float32)
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+  """float pixels in [0, 255] (a resize's output) to uint8: rounded, clipped to [0, 255]."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -186,22 +203,24 @@ def preprocess_train(
   photometric_distortion: float = 0.0,
 ) -> dict:
   """Random crop, flip (and color distortion) of the ``index``-th example of a
-  host's epoch; the randomness is a function of ``(crop_seed, index)``."""
+  host's epoch (TFRecord) or of the stream (ArrayRecord); the randomness is a
+  function of ``(crop_seed, index)``. ``image``: uint8 ``[S, S, 3]``."""
+  key = tf.stack([tf.cast(crop_seed, tf.int64), tf.constant(0, tf.int64)])
   seeds = tf.random.experimental.stateless_split(
-    tf.random.experimental.stateless_fold_in(tf.constant([crop_seed, 0], tf.int64), index), 6
+    tf.random.experimental.stateless_fold_in(key, index), 6
   )
   image = decode_and_random_crop(example["image"], seeds[0], image_size)
   image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   if photometric_distortion > 0:
     image = distort_color(image, seeds[2:], photometric_distortion)
-  return {"image": normalize(image), "label": tf.cast(example["label"], tf.int32)}
+  return {"image": to_pixels(image), "label": tf.cast(example["label"], tf.int32)}
 
 
 def preprocess_eval(
   example: dict, *, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION
 ) -> dict:
   return {
-    "image": normalize(decode_and_center_crop(example["image"], image_size, crop_fraction)),
+    "image": to_pixels(decode_and_center_crop(example["image"], image_size, crop_fraction)),
     "label": tf.cast(example["label"], tf.int32),
     "mask": tf.constant(True),
   }
@@ -222,7 +241,7 @@ def _padded(ds: tf.data.Dataset, plan: Split, image_size: int) -> tf.data.Datase
   """``ds`` followed by masked-out zeros, cut to exactly ``plan.num_batches`` batches."""
   padding = tf.data.Dataset.from_tensors(
     {
-      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "image": tf.zeros([image_size, image_size, 3], tf.uint8),
       "label": tf.constant(0, tf.int32),
       "mask": tf.constant(False),
     }
@@ -231,12 +250,58 @@ def _padded(ds: tf.data.Dataset, plan: Split, image_size: int) -> tf.data.Datase
   return ds.batch(plan.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def _padding(image_size: int) -> dict:
+  """The example that fills the last evaluation batches (masked out)."""
+  return {"image": np.zeros([image_size, image_size, 3], np.uint8), "label": np.int32(0)}
+
+
+@functools.cache
+def _graph_train(image_size: int, photometric_distortion: float):
+  """``preprocess_train`` as one TensorFlow graph, for the random-access reader's
+  threads: ``(index, image_bytes, label, crop_seed) -> {"image", "label"}``."""
+  scalar = functools.partial(tf.TensorSpec, [])
+  return _traced(
+    lambda index, image, label, crop_seed: preprocess_train(
+      index,
+      {"image": image, "label": label},
+      crop_seed=crop_seed,
+      image_size=image_size,
+      photometric_distortion=photometric_distortion,
+    ),
+    [scalar(tf.int64), scalar(tf.string), scalar(tf.int64), scalar(tf.int64)],
+  )
+
+
+@functools.cache
+def _graph_eval(image_size: int, crop_fraction: float):
+  """``preprocess_eval`` as one TensorFlow graph: ``(image_bytes, label) -> example``."""
+  scalar = functools.partial(tf.TensorSpec, [])
+  return _traced(
+    lambda image, label: preprocess_eval(
+      {"image": image, "label": label}, image_size=image_size, crop_fraction=crop_fraction
+    ),
+    [scalar(tf.string), scalar(tf.int64)],
+  )
+
+
+def _traced(function, signature: list[tf.TensorSpec]):
+  """``function`` as a TensorFlow graph, traced once now (the reader's threads would
+  otherwise each trace it at their first call)."""
+  graph = tf.function(function, input_signature=signature)
+  graph.get_concrete_function()
+  return graph
+
+
+def _numpy(example: dict) -> dict:
+  return {k: v.numpy() for k, v in example.items() if k != "mask"}
+
+
 class TfdsSource(NamedTuple):
   """A TFDS dataset with ``train`` and ``validation`` splits: a ``data.Source``.
 
-  ``shuffle_buffer_size``: examples in each host's shuffle buffer (0: the shards'
-  order and interleaving only); ``photometric_distortion``: strength of
-  ``distort_color`` (0: none); ``crop_fraction``: of the evaluation's central crop.
+  ``shuffle_buffer_size``: examples in each host's shuffle buffer (TFRecord only;
+  0: the shards' order and interleaving only); ``photometric_distortion``: strength
+  of ``distort_color`` (0: none); ``crop_fraction``: of the evaluation's central crop.
   """
 
   builder: tfds.core.DatasetBuilder
@@ -252,6 +317,20 @@ class TfdsSource(NamedTuple):
   @property
   def num_classes(self) -> int:
     return self.builder.info.features["label"].num_classes
+
+  @property
+  def pixel_moments(self) -> data.PixelMoments:
+    return data.IMAGENET_PIXELS
+
+  @property
+  def random_access(self) -> bool:
+    """Whether the prepared files are ArrayRecord (read by index), not TFRecord."""
+    return self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+  def _records(self, split: str):
+    """The examples of ``split`` (a TFDS split name, sliced or not) by index, the
+    images as JPEG bytes."""
+    return self.builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
   def split_plan(
     self, split: str, *, global_batch_size: int, process_count: int, train: bool
@@ -277,22 +356,54 @@ class TfdsSource(NamedTuple):
     process_index: int,
     process_count: int,
   ) -> Iterator[dict]:
-    """This host's training batches from step ``start_step`` on, without end.
-
-    Epoch ``e`` reads the host's part of the split in an order drawn from
-    ``(seed, e, process_index)``; the batches of steps ``s, s+1, ...`` are the same
-    whatever ``start_step`` the iteration began at.
+    """This host's training batches from step ``start_step`` on, without end; the
+    batches of steps ``s, s+1, ...`` are the same whatever ``start_step`` the
+    iteration began at (module docstring: the order of each format).
 
     Yields:
-      ``{"image": float32 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
+      ``{"image": uint8 [B, S, S, 3], "label": int32 [B]}``, ``B`` the host's batch.
     """
-    plan = self.split_plan(
-      TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=True
+    if not self.random_access:
+      plan = self.split_plan(
+        TRAIN_SPLIT, global_batch_size=global_batch_size, process_count=process_count, train=True
+      )
+      split = tfds.split_for_jax_process(
+        TRAIN_SPLIT, process_index=process_index, process_count=process_count
+      )
+      return self._sequential_train_batches(
+        start_step, plan, split, image_size=image_size, seed=seed, process_index=process_index
+      )
+    permutation_seed, crop_seed = _stream_seeds(seed)
+    preprocess = _graph_train(image_size, self.photometric_distortion)
+
+    def make_example(position: int, record: dict) -> dict:
+      return _numpy(preprocess(position, record["image"], record["label"], crop_seed))
+
+    stream = random_access.shuffled_stream(
+      self._records(TRAIN_SPLIT), make_example, seed=permutation_seed
     )
+    return random_access.train_batches(
+      stream,
+      start_step,
+      global_batch_size=global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  def _sequential_train_batches(
+    self,
+    start_step: int,
+    plan: Split,
+    split: str,
+    *,
+    image_size: int,
+    seed: int,
+    process_index: int,
+  ) -> Iterator[dict]:
+    """TFRecord: epoch ``e`` reads the host's ``split`` in an order drawn from
+    ``(seed, e, process_index)``, from step ``start_step`` on (reading, not
+    decoding, the examples of the epoch before it)."""
     local = plan.local_batch_size
-    split = tfds.split_for_jax_process(
-      TRAIN_SPLIT, process_index=process_index, process_count=process_count
-    )
     preprocess = functools.partial(
       preprocess_train, image_size=image_size, photometric_distortion=self.photometric_distortion
     )
@@ -325,10 +436,11 @@ class TfdsSource(NamedTuple):
   def eval_batches(
     self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int
   ) -> tuple[Split, Iterator[dict]]:
-    """This host's evaluation batches of the validation split: every example once.
+    """This host's evaluation batches of the validation split: every example once,
+    in order (the same batches from either format).
 
     Returns:
-      ``(plan, batches)``: ``plan.num_batches`` batches ``{"image": float32 [B, S, S, 3],
+      ``(plan, batches)``: ``plan.num_batches`` batches ``{"image": uint8 [B, S, S, 3],
       "label": int32 [B], "mask": bool [B]}``, the same number on every host, ``mask``
       False on the padding that fills them.
     """
@@ -338,6 +450,16 @@ class TfdsSource(NamedTuple):
     split = tfds.split_for_jax_process(
       EVAL_SPLIT, process_index=process_index, process_count=process_count
     )
+    if self.random_access:
+      preprocess = _graph_eval(image_size, self.crop_fraction)
+      batches = random_access.padded_batches(
+        self._records(split),
+        lambda record: _numpy(preprocess(record["image"], record["label"])),
+        _padding(image_size),
+        num_batches=plan.num_batches,
+        batch_size=plan.local_batch_size,
+      )
+      return plan, batches
     ds = self.builder.as_dataset(
       split=split,
       shuffle_files=False,

@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 import bnjax
+import experiments.imagenet.bn_report as bn_report
 from bnjax import linen as bn
 from experiments import common
 from experiments.imagenet import data, models, parallel, sources
@@ -103,6 +104,7 @@ class StepConfig(NamedTuple):
   label_smoothing: float
   weight_decay: float
   dropout_seed: int
+  pixel_moments: data.PixelMoments  # the source's: the step normalizes the uint8 images
   log_every: int = 1  # a row of metrics every that many steps: loss_sum restarts after each
   axis_name: str | None = None  # pmap's axis
   average_statistics: bool = False  # pmap with axis_index_groups: average running statistics
@@ -115,8 +117,9 @@ def train_step(
 
   Args:
     state: the current state (under ``pmap``: this device's copy).
-    batch: ``image`` float32 ``[N, S, S, 3]``, ``label`` int32 ``[N]`` (the global
-      batch under ``jit``; this device's part under ``pmap``).
+    batch: ``image`` uint8 ``[N, S, S, 3]`` (normalized here with
+      ``step_config.pixel_moments``), ``label`` int32 ``[N]`` (the global batch under
+      ``jit``; this device's part under ``pmap``).
 
   Returns:
     ``(new_state, {"loss": [] float32, "learning_rate": [] float32})``; the loss is
@@ -128,10 +131,12 @@ def train_step(
   if axis is not None:
     dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis))
 
+  images = data.normalize(batch["image"], step_config.pixel_moments)
+
   def loss_fn(params):
     logits, updates = model.apply(
       variables_of(params, state.batch_stats),
-      batch["image"],
+      images,
       train=True,
       mutable=["batch_stats"],
       rngs={"dropout": dropout_key},
@@ -165,15 +170,18 @@ def train_step(
   }
 
 
-def eval_step(params, batch_stats, batch: dict, *, model, num_classes: int) -> dict:
+def eval_step(
+  params, batch_stats, batch: dict, *, model, num_classes: int, pixel_moments: data.PixelMoments
+) -> dict:
   """Sums over the batch's unmasked examples: ``top1``, ``top5`` (correct, int32),
   ``loss`` (cross-entropy, float32) and ``count``.
 
   Args:
-    batch: ``image`` float32 ``[N, S, S, 3]``, ``label`` int32 ``[N]``, ``mask``
-      bool ``[N]`` (False for padding).
+    batch: ``image`` uint8 ``[N, S, S, 3]`` (normalized here with ``pixel_moments``),
+      ``label`` int32 ``[N]``, ``mask`` bool ``[N]`` (False for padding).
   """
-  logits = model.apply(variables_of(params, batch_stats), batch["image"], train=False)
+  images = data.normalize(batch["image"], pixel_moments)
+  logits = model.apply(variables_of(params, batch_stats), images, train=False)
   labels, mask = batch["label"], batch["mask"]
   top = jax.lax.top_k(logits, min(5, num_classes))[1]
   hits = top == labels[:, None]
@@ -265,7 +273,12 @@ def prepare(
     learning_rate_fn=learning_rate_fn,
     optimizer=make_optimizer(config, learning_rate_fn),
     eval_step=jax.jit(
-      functools.partial(eval_step, model=eval_model, num_classes=source.num_classes),
+      functools.partial(
+        eval_step,
+        model=eval_model,
+        num_classes=source.num_classes,
+        pixel_moments=source.pixel_moments,
+      ),
       out_shardings=parallel.replicated(eval_layout),
     ),
     num_params=models.count_params(eval_model, config.image_size),
@@ -279,6 +292,7 @@ def _step_config(exp: Experiment) -> StepConfig:
     label_smoothing=float(config.label_smoothing),
     weight_decay=float(config.weight_decay),
     dropout_seed=int(config.seed) + 1,
+    pixel_moments=exp.source.pixel_moments,
     log_every=exp.schedule.log_every,
     axis_name=exp.bn_setup.axis_name,
     average_statistics=exp.bn_setup.average_statistics,
@@ -374,7 +388,10 @@ def recompute_statistics(exp: Experiment, params, batch_stats):
     parallel.to_device_batch(exp.eval_layout, next(host))["image"]
     for _ in range(config.recompute_bn_batches)
   )
-  apply = lambda v, x: exp.eval_model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+  moments = exp.source.pixel_moments
+  apply = lambda v, x: exp.eval_model.apply(  # noqa: E731
+    v, data.normalize(x, moments), train=True, mutable=["batch_stats"]
+  )
   return bn.recompute_batch_stats(apply, variables_of(params, batch_stats), images)["batch_stats"]
 
 
@@ -534,6 +551,7 @@ def _train(exp: Experiment, run: common.Run) -> TrainState:
   device = _DeviceState(exp.layout, run.restore_or(make_initial_state(exp)))
   start = int(parallel.host_copy(device.canonical().step))
   run_step, batches = make_train_step(exp), train_batches(exp, start)
+  batches = bn_report.announce(run_step, device.value, batches)  # what BN's statistics cover
   fake = "  [FAKE DATA]" if config.fake_data else ""
   evaluated = False
   for step in range(start + 1, schedule.num_train_steps + 1):
