@@ -1,19 +1,22 @@
-"""Training-step time around a checkpoint save: synchronous against asynchronous,
-on local disk and on a Cloud Storage emulator (fake-gcs-server).
+"""What a run's bookkeeping costs (``experiments.common.Run``), on local disk and on a
+Cloud Storage emulator (fake-gcs-server):
 
-    python -m benchmarks.checkpoint                     # ~1-2 min on 2 CPU cores
-    python -m benchmarks.checkpoint --megabytes=256 --steps=60
+1. The training step around an (asynchronous) checkpoint save: the median step
+   without a save, and "a step plus ``maybe_save``" (what the loop waits for).
+2. SIGTERM to exit: from the signal, after a step, to the end of
+   ``stop_if_requested`` and ``close`` (the step's checkpoint saved, the rows
+   written, the workdir released), against orbax's own save of the same state in
+   the same place (``CheckpointManager.save`` then ``wait_until_finished``, after
+   the same saves before it: the oldest step is deleted in both).
+3. Metric rows: bytes sent and milliseconds per row appended to ``metrics.jsonl``,
+   over the first and the last 1,000 of ``--rows`` rows (gs:// only: locally an
+   append is a write of the row).
 
-A jitted training step (a matmul-heavy MLP update whose state is ``--megabytes`` of
-float32) runs ``--steps`` steps, saving through ``experiments.common.Checkpoints``
-every ``--save_every`` steps. For each storage x mode it reports, in milliseconds:
-the median step without a save; the median of "a step plus its save call" (what
-the training loop waits for at a save); and the wall time of the whole loop,
-including waiting at the end for the last write and its SHA256SUMS. The emulator
-is a local process, so its upload is a lower bound for a real bucket's.
+    python -m benchmarks.checkpoint                     # ~3 min on 2 CPU cores
+    python -m benchmarks.checkpoint --megabytes=256 --rows=10000
 
-Writes ``benchmarks/checkpoint_results.json`` and ``benchmarks/checkpoint_results.md``
-(or into ``--output_dir``).
+The emulator is a local process: its uploads are a lower bound for a real bucket's.
+Writes ``benchmarks/checkpoint_results.json`` and ``.md`` (or into ``--output_dir``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -38,10 +42,7 @@ def _state(megabytes: float):
   width = 1024
   layers = max(1, int(megabytes * 2**20 / 4 / width / width))
   keys = jax.random.split(jax.random.key(0), layers)
-  return {
-    "w": [jax.random.normal(k, (width, width), jnp.float32) / width**0.5 for k in keys],
-    "step": jnp.zeros((), jnp.int32),
-  }
+  return {"w": [jax.random.normal(k, (width, width), jnp.float32) / width**0.5 for k in keys]}
 
 
 def _train_step():
@@ -56,56 +57,100 @@ def _train_step():
       return jnp.mean(h**2)
 
     grads = jax.grad(loss)(state["w"])
-    new_weights = [w - 0.01 * g for w, g in zip(state["w"], grads, strict=True)]
-    return {"w": new_weights, "step": state["step"] + 1}
+    return {"w": [w - 0.01 * g for w, g in zip(state["w"], grads, strict=True)]}
 
   return jax.jit(step, donate_argnums=0)
 
 
-def measure(
-  directory: str, *, asynchronous: bool, megabytes: float, steps: int, save_every: int
-) -> dict:
+def measure_run(directory: str, *, megabytes: float, steps: int, save_every: int) -> dict:
+  """Sections 1 and 2 on ``directory``."""
   import jax
   import jax.numpy as jnp
+  import orbax.checkpoint as ocp
 
   from experiments import common
 
-  step_fn = _train_step()
-  state = _state(megabytes)
-  x = jnp.ones((256, 1024), jnp.float32)
+  step_fn, state, x = _train_step(), _state(megabytes), jnp.ones((256, 1024), jnp.float32)
   state = jax.block_until_ready(step_fn(state, x))  # compile
-  plain, with_save = [], []
-  started = time.perf_counter()
-  with common.Checkpoints(directory, max_to_keep=2, asynchronous=asynchronous) as checkpoints:
-    for i in range(1, steps + 1):
-      t = time.perf_counter()
-      state = jax.block_until_ready(step_fn(state, x))
-      if i % save_every == 0:
-        checkpoints.save(i, state)
-        with_save.append(time.perf_counter() - t)
-      else:
-        plain.append(time.perf_counter() - t)
-  total = time.perf_counter() - started  # close() waited for the last write and its record
+  plain, with_save, signalled = [], [], None
+  options = {"num_train_steps": 10**6, "checkpoint_every": save_every, "max_to_keep": 2}
+  try:
+    with common.Run.open(directory, {"megabytes": megabytes}, **options) as run:
+      for i in range(1, steps + 2):
+        t = time.perf_counter()
+        state = jax.block_until_ready(step_fn(state, x))
+        if i > steps:  # SIGTERM after a step that saves nothing of itself
+          signalled = time.perf_counter()
+          os.kill(os.getpid(), signal.SIGTERM)
+        run.log(i, {"loss": 0.5})
+        saved = run.maybe_save(i, state)
+        if i <= steps:
+          (with_save if saved else plain).append(time.perf_counter() - t)
+        run.stop_if_requested(i)
+  except common.Preempted:
+    pass
+  to_exit = time.perf_counter() - signalled
+  # orbax alone, in the same place: the same saves before, then the timed one (with
+  # max_to_keep=2 it deletes the oldest step, as the run's last save did).
+  with ocp.CheckpointManager(
+    f"{directory}-orbax", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+  ) as manager:
+    for i in range(save_every, steps + 1, save_every):
+      manager.save(i, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    t = time.perf_counter()
+    manager.save(steps + 1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    orbax_save = time.perf_counter() - t
   return {
     "storage": "gcs-emulator" if directory.startswith("gs://") else "local",
-    "asynchronous": asynchronous,
     "step_ms": 1e3 * statistics.median(plain),
     "step_with_save_ms": 1e3 * statistics.median(with_save),
-    "saves": len(with_save),
-    "steps": steps,
-    "total_s": total,
+    "sigterm_to_exit_s": to_exit,
+    "orbax_save_s": orbax_save,
+  }
+
+
+def measure_rows(directory: str, rows: int) -> dict:
+  """Section 3: ``rows`` rows appended to ``directory/metrics.jsonl``."""
+  import requests
+
+  from experiments.common import files
+
+  sent, request = [0], requests.Session.request
+
+  def counting(self, method, url, *args, data=None, **kwargs):
+    sent[0] += len(data) if isinstance(data, bytes) else 0
+    return request(self, method, url, *args, data=data, **kwargs)
+
+  requests.Session.request = counting
+  try:
+    appender, costs = files.Appender(files.workdir_path(directory) / "metrics.jsonl"), []
+    for step in range(rows):
+      before, t = sent[0], time.perf_counter()
+      row = {"step": step, "train_loss": 1 / (step + 1), "learning_rate": 0.1}
+      appender.write(json.dumps(row).encode() + b"\n")
+      costs.append((sent[0] - before, time.perf_counter() - t))
+  finally:
+    requests.Session.request = request
+  first, last = costs[:1000], costs[-1000:]
+  return {
+    "rows": rows,
+    "file_bytes": len((files.workdir_path(directory) / "metrics.jsonl").read_bytes()),
+    "bytes_sent_per_row_first_1000": statistics.mean(b for b, _ in first),
+    "bytes_sent_per_row_last_1000": statistics.mean(b for b, _ in last),
+    "ms_per_row_first_1000": 1e3 * statistics.median(s for _, s in first),
+    "ms_per_row_last_1000": 1e3 * statistics.median(s for _, s in last),
   }
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--megabytes", type=float, default=64, help="size of the saved state")
-  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--steps", type=int, default=35, help="then SIGTERM (not just after a save)")
   parser.add_argument("--save_every", type=int, default=10)
-  parser.add_argument(
-    "--repeats", type=int, default=2, help="each storage x mode measured this many times"
-  )
-  # --output-dir as the other benchmarks spell it; --output_dir works too.
+  parser.add_argument("--rows", type=int, default=10000)
+  parser.add_argument("--repeats", type=int, default=2, help="sections 1-2, per storage")
   parser.add_argument("--output-dir", "--output_dir", dest="output_dir", default=str(HERE))
   args = parser.parse_args(argv)
   sys.path.insert(0, str(HERE.parent))
@@ -113,59 +158,56 @@ def main(argv=None) -> dict:
 
   root = pathlib.Path(tempfile.mkdtemp(prefix="bnjax-ckpt-bench-"))
   server, emulator = gcs_emulator.start(root)
-  os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
-  results = []
+  os.environ.update(gcs_emulator.environment(emulator.url))
+  runs = []
   try:
     bucket = emulator.make_bucket()
-    run = 0
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):  # interleaved: the machine's load falls on both alike
       for storage in ("local", "gcs-emulator"):
-        for asynchronous in (False, True):  # interleaved: the machine's load falls on all alike
-          run += 1
-          directory = f"gs://{bucket}/run{run}" if storage != "local" else str(root / f"local{run}")
-          results.append(
-            measure(
-              directory,
-              asynchronous=asynchronous,
-              megabytes=args.megabytes,
-              steps=args.steps,
-              save_every=args.save_every,
-            )
+        where = f"gs://{bucket}" if storage != "local" else str(root)
+        runs.append(
+          measure_run(
+            f"{where}/run{repeat}",
+            megabytes=args.megabytes,
+            steps=args.steps,
+            save_every=args.save_every,
           )
-          print(json.dumps(results[-1]), flush=True)
+        )
+        print(json.dumps(runs[-1]), flush=True)
+    rows = measure_rows(f"gs://{bucket}/rows", args.rows)
+    print(json.dumps(rows), flush=True)
   finally:
     server.kill()
     server.wait()
   summary = {
     "settings": {**vars(args), "machine": platform.machine(), "cpus": os.cpu_count()},
-    "runs": results,
+    "runs": runs,
+    "rows": rows,
   }
   out = pathlib.Path(args.output_dir)
   (out / "checkpoint_results.json").write_text(json.dumps(summary, indent=2) + "\n")
   lines = [
-    "# Training-step time around a checkpoint save",
+    "# What a run's bookkeeping costs",
     "",
     f"`python -m benchmarks.checkpoint --megabytes={args.megabytes:g} --steps={args.steps} "
-    f"--save_every={args.save_every} --repeats={args.repeats}` ({os.cpu_count()} CPUs). "
-    "Milliseconds; "
-    "the median over the runs of each kind (min-max in brackets).",
+    f"--save_every={args.save_every} --rows={args.rows} --repeats={args.repeats}` "
+    f"({os.cpu_count()} CPUs); each run's figures, in the order measured.",
     "",
-    "| storage | save | step (no save) | step + save call | whole loop (s) |",
+    "| storage | step (ms) | step + save (ms) | SIGTERM to exit (s) | orbax's save (s) |",
     "|---|---|---|---|---|",
   ]
-  for storage in ("local", "gcs-emulator"):
-    for asynchronous in (False, True):
-      rows = [r for r in results if r["storage"] == storage and r["asynchronous"] == asynchronous]
-
-      def fmt(key, scale=1.0, digits=0):
-        values = [r[key] * scale for r in rows]  # noqa: B023 - used at once, in this iteration
-        low, mid, high = min(values), statistics.median(values), max(values)
-        return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
-
-      lines.append(
-        f"| {storage} | {'async' if asynchronous else 'sync'} | {fmt('step_ms')} | "
-        f"{fmt('step_with_save_ms')} | {fmt('total_s', digits=2)} |"
-      )
+  for r in runs:
+    lines.append(
+      f"| {r['storage']} | {r['step_ms']:.0f} | {r['step_with_save_ms']:.0f} | "
+      f"{r['sigterm_to_exit_s']:.2f} | {r['orbax_save_s']:.2f} |"
+    )
+  lines += [
+    "",
+    f"Metric rows on the emulator: {rows['rows']:,} rows, a {rows['file_bytes']:,}-byte file; "
+    f"bytes sent per row {rows['bytes_sent_per_row_first_1000']:.0f} (first 1,000) and "
+    f"{rows['bytes_sent_per_row_last_1000']:.0f} (last 1,000); ms per row "
+    f"{rows['ms_per_row_first_1000']:.1f} and {rows['ms_per_row_last_1000']:.1f}.",
+  ]
   (out / "checkpoint_results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
   return summary

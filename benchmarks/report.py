@@ -12,7 +12,7 @@ import platform
 import jax
 
 import bnjax
-from experiments.common.files import write_text_atomic
+from experiments.common.files import write_atomic
 
 
 def machine() -> dict:
@@ -42,5 +42,5 @@ def write_results(
   folders created), and a line saying where."""
   for path, content in ((json_path, json.dumps(results, indent=2) + "\n"), (markdown_path, text)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, content)
+    write_atomic(path, content.encode())
   print(f"Wrote {json_path} and {markdown_path}")

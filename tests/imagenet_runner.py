@@ -11,6 +11,8 @@ Environment (all optional):
                                   wait (to be killed: an interrupted run).
   IMAGENET_RUNNER_MICRO=1         train tests.imagenet_testing.MicroNet instead of
                                   config.model (compiles in seconds).
+  IMAGENET_RUNNER_UNREADABLE=K    this process cannot read checkpoint K (a storage
+                                  error of its host alone).
 """
 
 import contextlib
@@ -28,8 +30,7 @@ def main():
 
   from absl import app
 
-  from experiments import common
-  from experiments.common import cli
+  from experiments import config_flags
   from experiments.imagenet import __main__ as imagenet_main
   from experiments.imagenet import train
   from tests.imagenet_testing import micro_net, stop_after_saving
@@ -39,24 +40,36 @@ def main():
 
   stop_after = os.environ.get("IMAGENET_RUNNER_STOP_AFTER")
   if stop_after:
-    stop_after_saving(
-      lambda checkpoints, step: f"saved {step}" if step == int(stop_after) else None
-    )
+    stop_after_saving(lambda run, step: f"saved {step}" if step == int(stop_after) else None)
+  unreadable = os.environ.get("IMAGENET_RUNNER_UNREADABLE")
+  if unreadable:
+    import orbax.checkpoint as ocp
+
+    restore = ocp.StandardCheckpointHandler.restore
+
+    def restore_or_fail(self, directory, *args, **kwargs):
+      if directory.parent.name == unreadable:
+        raise OSError(f"simulated storage error reading {directory}")
+      return restore(self, directory, *args, **kwargs)
+
+    ocp.StandardCheckpointHandler.restore = restore_or_fail
   mock = os.environ.get("IMAGENET_RUNNER_MOCK")
   context = contextlib.nullcontext()
   if mock:
-    # tfds.testing.mock_data redirects file reads into a folder of its own, which
-    # orbax's background writer does not see (it then misses its own files): save
-    # synchronously inside the mock. Real data have no such redirection.
-    common.Checkpoints.__init__ = functools.partialmethod(
-      common.Checkpoints.__init__, asynchronous=False
-    )
+    # tfds.testing.mock_data redirects file writes into a folder of its own, which
+    # orbax's background writer then misses: save synchronously inside the mock.
+    # Real data have no such redirection.
+    import orbax.checkpoint as ocp
     import tensorflow_datasets as tfds
+
+    ocp.CheckpointManagerOptions.__init__ = functools.partialmethod(
+      ocp.CheckpointManagerOptions.__init__, enable_async_checkpointing=False
+    )
 
     num_examples, data_dir = mock.split(":", 1)
     context = tfds.testing.mock_data(num_examples=int(num_examples), data_dir=data_dir)
   with context:
-    app.run(imagenet_main.main, argv=sys.argv, flags_parser=cli.parse_flags)
+    app.run(imagenet_main.main, argv=sys.argv, flags_parser=config_flags.parse_flags)
 
 
 if __name__ == "__main__":

@@ -144,20 +144,20 @@ def tiny_config(**overrides):
 
 
 def stop_after_saving(announce: Callable[[object, int], str | None]) -> None:
-  """Makes every ``experiments.common.Checkpoints.save`` stop the process where
-  ``announce(checkpoints, step)`` gives a line: once that checkpoint is written
-  whole (asynchronous saves finished: the step and its SHA256SUMS), print the line
-  and wait an hour, for the test to kill the process (an interrupted run)."""
+  """Makes every ``experiments.common.Run.maybe_save`` stop the process where
+  ``announce(run, step)`` gives a line: once that checkpoint is written whole, print
+  the line and wait an hour, for the test to kill the process (an interrupted run)."""
   from experiments import common
 
-  save = common.Checkpoints.save
+  maybe_save = common.Run.maybe_save
 
   def save_then_wait(self, step, state):
-    save(self, step, state)
-    line = announce(self, step)
+    saved = maybe_save(self, step, state)
+    line = announce(self, step) if saved else None
     if line is not None:
-      self.wait_until_finished()
+      self.wait_until_saved()
       print(line, flush=True)
       time.sleep(3600)
+    return saved
 
-  common.Checkpoints.save = save_then_wait
+  common.Run.maybe_save = save_then_wait

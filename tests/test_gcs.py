@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments.common import lease as lease_lib
-from experiments.common import storage
-from tests import ROOT
+from experiments.common import files, lock
+from tests import ROOT, gcs_emulator
 from tests.mnist_testing import LONG_RUN, config_flags, make_idx_folder, mnist_command, small_config
 from tests.processes import child_env, finish, free_port, start_module
 
@@ -33,210 +32,164 @@ def workdir(gcs_bucket):
   return f"gs://{gcs_bucket}/runs/a"
 
 
-# ---- the bookkeeping's units ---------------------------------------------------------
+# ---- the Run on a bucket -----------------------------------------------------------------
+
+CONFIG = {"learning_rate": 0.01, "seed": 0}
 
 
-def test_config_and_metrics_in_a_bucket(workdir, gcs_emulator, gcs_bucket):
-  config = {"learning_rate": 0.01, "num_steps": 100}
-  common.write_config(workdir, config)
-  assert common.read_config(workdir)["config"] == config
-  common.check_config(
-    workdir, {**config, "num_steps": 200}, resuming=True, may_change=("num_steps",)
-  )
-  with pytest.raises(common.ConfigError, match=r"learning_rate: 0.01 -> 0.5"):
-    common.check_config(workdir, {**config, "learning_rate": 0.5}, resuming=True)
-  log = common.MetricsLog(f"{workdir}/metrics.jsonl")
-  for step in (100, 200, 300):
-    log.append({"step": step, "loss": step / 1000})
-    # In the bucket at once, as another machine reads it:
-    assert [r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()][-1] == step
-  resumed = common.MetricsLog(f"{workdir}/metrics.jsonl")
-  resumed.keep_up_to(200)
-  resumed.append({"step": 300, "loss": 0.25})
-  assert common.MetricsLog(f"{workdir}/metrics.jsonl").read() == [
-    {"step": 100, "loss": 0.1},
-    {"step": 200, "loss": 0.2},
-    {"step": 300, "loss": 0.25},
+def _open(workdir, **options):
+  options = {"num_train_steps": 10, "checkpoint_every": 1, "max_to_keep": 3, **options}
+  return common.Run.open(workdir, CONFIG, **options)
+
+
+def _state(value):
+  # Random, so that compression cannot make the array's file smaller than the metadata.
+  w = np.random.default_rng(value).standard_normal((64, 64)).astype(np.float32)
+  return {"w": jnp.asarray(w), "step": jnp.int32(value)}
+
+
+def _blob(path):
+  blob = files.gcs_blob(path)
+  blob.reload()
+  return blob
+
+
+def test_a_run_in_a_bucket_its_rows_events_and_a_damaged_checkpoint(
+  workdir, gcs_emulator, gcs_bucket, tmp_path, capsys
+):
+  """config.json, rows (appended, in the bucket once flushed), TensorBoard events,
+  checkpoints; a resume cuts the rows back to its step and sets a damaged step aside."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  with _open(workdir, hparams={"learning_rate": 0.01}) as run:
+    run.restore_or(_state(0))
+    for step in (1, 2, 3):
+      run.log(step, {"loss": 1.0 / step})
+      run.maybe_save(step, _state(step))
+      run.flush()  # as another machine reads it:
+      assert [r["step"] for r in common.read_metrics(workdir)][-1] == step
+  names = gcs_emulator.objects(gcs_bucket)
+  assert {"runs/a/config.json", "runs/a/checkpoints/3/commit_success.txt"} <= set(names)
+  (events,) = [n for n in names if n.startswith("runs/a/events.out.tfevents.")]
+  local = tmp_path / events.split("/")[-1]  # TensorBoard knows the file by its name
+  local.write_bytes(_blob(f"gs://{gcs_bucket}/{events}").download_as_bytes())
+  accumulator = event_accumulator.EventAccumulator(str(local))
+  accumulator.Reload()  # TensorBoard's own reader
+  assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [
+    (1, 1.0),
+    (2, pytest.approx(0.5)),
+    (3, pytest.approx(1 / 3)),
   ]
-  assert gcs_emulator.objects(gcs_bucket) == ["runs/a/config.json", "runs/a/metrics.jsonl"]
+  # Flip a bit in step 3's largest object (the array's data).
+  step3 = [n for n in names if n.startswith("runs/a/checkpoints/3/")]
+  largest = max(step3, key=lambda n: _blob(f"gs://{gcs_bucket}/{n}").size)
+  blob = _blob(f"gs://{gcs_bucket}/{largest}")
+  raw = bytearray(blob.download_as_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  blob.upload_from_string(bytes(raw))
+  with _open(workdir) as run:
+    np.testing.assert_array_equal(run.restore_or(_state(0))["w"], _state(2)["w"])
+  assert f"warning: checkpoint {workdir}/checkpoints/3 is not intact" in capsys.readouterr().err
+  assert [r["step"] for r in common.read_metrics(workdir)] == [1, 2]
+  names = gcs_emulator.objects(gcs_bucket)
+  assert any(n.startswith("runs/a/checkpoints/3.corrupt/") for n in names)
+  assert not any(n.startswith("runs/a/checkpoints/3/") for n in names)
+  assert "runs/a/.lock" not in names
 
 
-def test_the_lease_refuses_a_second_run_and_is_released(workdir, gcs_emulator, gcs_bucket):
-  with common.WorkdirLock(workdir):
-    holder = json.loads(storage.as_path(f"{workdir}/.lock").read_bytes())
+def test_rows_cost_the_same_bytes_however_long_the_file(workdir, monkeypatch):
+  """Each row uploads itself, not the file: the bytes sent for the last 100 of 300
+  rows are those of the first 100 (benchmarks/metrics.py measures 10,000)."""
+  import requests
+
+  sent = []
+  request = requests.Session.request
+
+  def counting(self, method, url, *args, data=None, **kwargs):
+    sent.append(len(data) if isinstance(data, bytes) else 0)
+    return request(self, method, url, *args, data=data, **kwargs)
+
+  monkeypatch.setattr(requests.Session, "request", counting)
+  appender = files.Appender(common.workdir_path(workdir) / "metrics.jsonl")
+  per_row = []
+  for step in range(300):
+    before = sum(sent)
+    appender.write(json.dumps({"step": step, "loss": 0.5}).encode() + b"\n")
+    per_row.append(sum(sent) - before)
+  assert len(common.read_metrics(workdir)) == 300
+  assert sum(per_row[200:]) <= 1.05 * sum(per_row[:100]) + 2000, per_row
+
+
+def test_the_lease_refuses_a_second_run_is_released_and_a_dead_one_is_taken(workdir):
+  with _open(workdir):
+    holder = json.loads(_blob(f"{workdir}/.lock").download_as_bytes())
     assert holder["holder"] == f"{os.getpid()} {socket.gethostname()}"
     with pytest.raises(
       common.WorkdirError,
       match=rf"the workdir {workdir} is in use by another run \(pid "
       rf"{os.getpid()} on {socket.gethostname()}, lease refreshed",
     ):
-      with common.WorkdirLock(workdir):
-        pass
-    assert gcs_emulator.objects(gcs_bucket) == ["runs/a/.lock"]  # the refused one removed nothing
-  assert gcs_emulator.objects(gcs_bucket) == []
-
-
-def _lease(workdir, **kwargs):
-  path = storage.as_path(workdir) / ".lock"
-  return lease_lib.GcsLease(path, workdir, **kwargs)
+      _open(workdir)
+  assert not common.workdir_path(workdir).joinpath(".lock").exists()
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  record = json.dumps({"holder": f"{int(dead.stdout)} {socket.gethostname()}"}).encode()
+  files.gcs_blob(f"{workdir}/.lock").upload_from_string(record)  # as left by kill -9
+  _open(workdir).close()  # its process is gone: taken at once
 
 
 def test_the_lease_is_refreshed_and_a_stale_one_taken_over(workdir, capsys):
-  path = storage.as_path(workdir) / ".lock"
-  other = _lease(workdir, refresh_seconds=0.2)
-  other.holder = "12345 another-host"  # a process this machine cannot check
-  other.acquire()
-
-  def generation():
-    blob = path.blob()
-    blob.reload()
-    return blob.generation
-
-  first_generation = generation()
-  deadline = time.monotonic() + 1.0  # refreshed within a second (every 0.2 s): polled
-  while generation() == first_generation and time.monotonic() < deadline:
+  path = common.workdir_path(workdir)
+  other = lock.GcsLease(path, refresh_seconds=0.2)
+  other.record = json.dumps({"holder": "12345 another-host"}).encode()  # at its next refresh
+  first = _blob(f"{workdir}/.lock").generation
+  deadline = time.monotonic() + 5
+  while _blob(f"{workdir}/.lock").generation == first and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert generation() != first_generation  # refreshed meanwhile
+  assert _blob(f"{workdir}/.lock").generation != first  # refreshed
   with pytest.raises(common.WorkdirError, match="in use by another run"):
-    _lease(workdir, stale_after_seconds=60).acquire()
+    lock.GcsLease(path)
   other._stop.set()  # the other run hangs: no more refreshes
   other._thread.join()
   time.sleep(1.5)
-  mine = _lease(workdir, stale_after_seconds=1)
-  mine.acquire()
+  mine = lock.GcsLease(path, stale_after_seconds=1)
   assert "took over the stale lease" in capsys.readouterr().err
-  assert json.loads(path.read_bytes())["token"] == mine.token
+  assert _blob(f"{workdir}/.lock").download_as_bytes() == mine.record
   mine.release()
-  assert not path.is_file()
+  assert not path.joinpath(".lock").exists()
 
 
-def test_a_lease_of_a_dead_process_on_this_machine_is_taken_at_once(workdir):
-  dead = subprocess.run(
-    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-  )
-  stale = _lease(workdir)
-  stale.holder = f"{dead.stdout.strip()} {socket.gethostname()}"
-  stale.acquire()
-  stale._stop.set()  # as if killed with -9: the lease object stays
-  with common.WorkdirLock(workdir):
-    pass
-
-
-def _weights(value):
-  # Random, so that compression cannot make the array's file smaller than the metadata.
-  return np.random.default_rng(value).standard_normal((64, 64)).astype(np.float32)
-
-
-def _state(value):
-  return {"w": jnp.asarray(_weights(value)), "step": jnp.int32(value)}
-
-
-# The synchronous save is slow: the set-aside is the same code, and the experiments
-# save asynchronously (issue 19: the fast set under 90 s).
-@pytest.mark.parametrize("asynchronous", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_checkpoints_in_a_bucket_and_a_damaged_one_set_aside(
-  workdir, gcs_emulator, gcs_bucket, capsys, asynchronous
-):
-  directory = f"{workdir}/checkpoints"
-  with common.Checkpoints(directory, max_to_keep=3, asynchronous=asynchronous) as checkpoints:
-    for step in (1, 2):
-      checkpoints.save(step, _state(step))
-  names = gcs_emulator.objects(gcs_bucket)
-  assert {"runs/a/checkpoints/1/SHA256SUMS", "runs/a/checkpoints/2/SHA256SUMS"} <= set(names)
-  # Flip a bit in step 2's largest file (the array's data, not the list of checksums).
-  step2 = storage.as_path(directory) / "2"
-  blobs = [
-    storage.as_path(f"gs://{gcs_bucket}/{n}")
-    for n in names
-    if n.startswith("runs/a/checkpoints/2/") and not n.endswith("/SHA256SUMS")
-  ]
-  largest = max(blobs, key=lambda p: len(p.read_bytes()))
-  raw = bytearray(largest.read_bytes())
-  raw[len(raw) // 2] ^= 0x10
-  largest.write_bytes(bytes(raw))
-  with common.Checkpoints(directory) as checkpoints:
-    assert checkpoints.latest_step == 1
-    np.testing.assert_array_equal(checkpoints.restore(_state(0))["w"], _weights(1))
-  err = capsys.readouterr().err
-  assert (
-    f"warning: checkpoint {step2} is not intact" in err and "does not match its checksum" in err
-  )
-  assert any(
-    n.startswith("runs/a/checkpoints/2.corrupt/") for n in gcs_emulator.objects(gcs_bucket)
-  )
-  assert not any(n.startswith("runs/a/checkpoints/2/") for n in gcs_emulator.objects(gcs_bucket))
-
-
-def test_an_async_save_counts_only_once_its_record_is_written(tmp_path):
-  """A step whose SHA256SUMS is not written yet is not intact: a run killed then
-  resumes from the step before."""
-  with common.Checkpoints(tmp_path, max_to_keep=3) as checkpoints:
-    checkpoints.save(1, _state(1))
-    checkpoints.wait_until_finished()
-    assert (tmp_path / "1" / "SHA256SUMS").is_file()
-    checkpoints.save(2, _state(2))
-  (tmp_path / "2" / "SHA256SUMS").unlink()  # as if killed before the record
-  with common.Checkpoints(tmp_path) as checkpoints:
-    assert checkpoints.latest_step == 1
-
-
-def test_tensorboard_events_in_a_bucket(workdir, tmp_path):
-  from tensorboard.backend.event_processing import event_accumulator
-
-  writer = common.summary_writer(workdir, primary=True)
-  writer.write_hparams({"learning_rate": 0.5, "model": "tiny"})
-  for step in (1, 2, 3):
-    writer.write_scalars(step, {"train_loss": 1.0 / step})
-  writer.close()
-  (events,) = [
-    p for p in storage.as_path(workdir).iterdir() if p.name.startswith("events.out.tfevents.")
-  ]
-  local = tmp_path / events.name
-  local.write_bytes(events.read_bytes())  # TensorBoard's own reader, on a copy
-  accumulator = event_accumulator.EventAccumulator(str(local))
-  accumulator.Reload()
-  assert [(e.step, e.value) for e in accumulator.Scalars("train_loss")] == [
-    (1, 1.0),
-    (2, pytest.approx(0.5)),
-    (3, pytest.approx(1 / 3)),
-  ]
-
-
-def test_config_json_is_readable_by_others(tmp_path):
-  common.write_config(tmp_path, {"seed": 0})
-  assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask():
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+def test_a_lease_taken_over_mid_run_stops_the_run_before_its_next_write(workdir, gcs_emulator):
+  with _open(workdir, lease={"refresh_seconds": 0.2}) as run:
+    run.restore_or(_state(0))
+    run.log(1, {"loss": 1.0})
+    files.gcs_blob(f"{workdir}/.lock").upload_from_string(b'{"holder": "1 elsewhere"}')
+    time.sleep(1.0)  # the next refresh finds it taken
+    with pytest.raises(common.LeaseLost, match=f"^another run took over {workdir}; stopping$"):
+      run.log(2, {"loss": 1.0})
+    with pytest.raises(common.LeaseLost):
+      run.maybe_save(2, _state(2))
+  assert [r["step"] for r in common.read_metrics(workdir)] == [1]
+  assert not any("checkpoints/2" in n for n in gcs_emulator.objects(workdir.split("/")[2]))
+  assert _blob(f"{workdir}/.lock").download_as_bytes() == b'{"holder": "1 elsewhere"}'
 
 
 # ---- bad input: one line, nothing left behind -------------------------------------------
 
 
-def test_gs_without_a_bucket_and_other_schemes_are_refused(tmp_path, monkeypatch):
+def test_gs_without_a_bucket_other_schemes_and_a_missing_bucket(
+  gcs_emulator, tmp_path, monkeypatch
+):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(common.WorkdirError, match=r"'gs://' names no bucket: write gs://BUCKET/PATH"):
-    common.WorkdirLock("gs://")
-  with pytest.raises(
-    common.WorkdirError, match=r"the scheme s3:// is not supported; use a local folder or gs://"
-  ):
-    common.WorkdirLock("s3://bucket/run")
+  for workdir, line in [
+    ("gs://", r"'gs://' names no bucket: write gs://BUCKET/PATH"),
+    ("s3://bucket/run", r"the scheme s3:// is not supported; use a local folder or gs://"),
+    ("gs://no-such-x/run", r"the bucket gs://no-such-x does not exist \(create it with `gcloud"),
+  ]:
+    with pytest.raises(common.WorkdirError, match=line):
+      _open(workdir)
   assert list(tmp_path.iterdir()) == []  # no folder named gs: or s3:
-
-
-def test_a_bucket_that_does_not_exist(gcs_emulator, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(
-    common.WorkdirError,
-    match=r"the bucket gs://no-such-bucket-x does not exist \(create it "
-    r"with `gcloud storage buckets create gs://no-such-bucket-x`",
-  ):
-    with common.WorkdirLock("gs://no-such-bucket-x/run"):
-      pass
-  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -251,7 +204,9 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
   for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
     env.pop(name, None)
   result = subprocess.run(
-    mnist_command("gs://some-bucket/run", None, "--config.num_train_steps=10"),
+    mnist_command(
+      "gs://some-bucket/run", make_idx_folder(tmp_path / "data"), "--config.num_train_steps=10"
+    ),
     cwd=tmp_path,
     env=env,
     capture_output=True,
@@ -264,7 +219,7 @@ def test_no_credentials_against_real_cloud_storage(tmp_path):
     "run `gcloud auth application-default login` (a TPU VM uses its service account)"
   )
   assert "Traceback" not in result.stderr
-  assert sorted(p.name for p in tmp_path.iterdir()) == []  # no gs: folder, nothing else
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no gs: folder, nothing else
 
 
 # ---- whole runs on gs:// (MNIST, in subprocesses) ---------------------------------------
@@ -297,7 +252,7 @@ def _env(tmp_path):
 
 def _object(workdir, name):
   try:
-    return (storage.as_path(workdir) / name).read_bytes()
+    return (common.workdir_path(workdir) / name).read_bytes()
   except FileNotFoundError:
     return None
 
@@ -321,7 +276,7 @@ def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
   )
   try:
     _wait_for(
-      lambda: _object(workdir, "checkpoints/2000/SHA256SUMS") is not None, run, "checkpoint"
+      lambda: _object(workdir, "checkpoints/2000/commit_success.txt") is not None, run, "checkpoint"
     )
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.poll() is None, "the run finished before the second launch"
@@ -336,7 +291,7 @@ def test_a_killed_run_on_gs_resumes_exactly_and_a_second_launch_is_refused(
   finally:
     run.kill()
     run.wait()
-  cut = common.MetricsLog(f"{workdir}/metrics.jsonl").read()
+  cut = common.read_metrics(workdir)
   assert cut and max(r["step"] for r in cut) < 20000, "the run finished before it was killed"
   resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -375,8 +330,8 @@ def test_sigterm_saves_at_the_step_reached_and_the_resume_is_exact(
   assert match, err[-2000:]
   step = int(match.group(1))
   assert 1000 <= step < 20000
-  assert _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
-  assert max(r["step"] for r in common.MetricsLog(f"{workdir}/metrics.jsonl").read()) == step
+  assert _object(workdir, f"checkpoints/{step}/commit_success.txt") is not None
+  assert max(r["step"] for r in common.read_metrics(workdir)) == step
   resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"from its checkpoint of step {step}" in resumed.stdout
@@ -462,9 +417,11 @@ def test_two_processes_on_one_gs_workdir_train_as_one_local_process(two_process_
   for step in one:  # gloo's and one process's sums differ in rounding, which 60 steps of SGD grow
     assert two[step] == pytest.approx(one[step], rel=1e-4), step
   names = gcs_emulator.objects(bucket)
-  assert {"runs/a/config.json", "runs/a/metrics.jsonl", "runs/a/checkpoints/60/SHA256SUMS"} <= set(
-    names
-  )
+  assert {
+    "runs/a/config.json",
+    "runs/a/metrics.jsonl",
+    "runs/a/checkpoints/60/commit_success.txt",
+  } <= set(names)
   assert "runs/a/.lock" not in names
   events = [n for n in names if n.startswith("runs/a/events.out.tfevents.")]
   assert len(events) == 1, names  # process 0's only
@@ -474,7 +431,8 @@ def test_two_processes_on_one_gs_workdir_train_as_one_local_process(two_process_
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run, workdir, tmp_path):
   """JAX's preemption service: both processes save the same step and exit 75; the
-  resume gives exactly the losses of the uninterrupted two-process run."""
+  resume writes the rows of the uninterrupted two-process run, byte for byte (the
+  row after the restart too: its loss sum is in the checkpoint)."""
   env = _env(tmp_path)
   workers = _two_processes(workdir, LONG_FLAGS, env)
   try:
@@ -490,12 +448,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(two_process_run,
   )
   assert match and lines[1] == lines[0], lines
   step = int(match.group(1))
-  assert 0 < step < 60 and _object(workdir, f"checkpoints/{step}/SHA256SUMS") is not None
+  assert 0 < step < 60 and _object(workdir, f"checkpoints/{step}/commit_success.txt") is not None
   assert max(_losses(workdir)) == step
   resumed = _two_processes(workdir, LONG_FLAGS, env)
   out = [finish(w) for w in resumed][0][0]
   assert f"from its checkpoint of step {step}" in out
-  assert _losses(workdir) == _losses(two_process_run[0])
+  assert _object(workdir, "metrics.jsonl") == _object(two_process_run[0], "metrics.jsonl")
 
 
 @pytest.mark.slow
@@ -544,7 +502,10 @@ def test_figure3_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket, fashion_mnis
   names = set(gcs_emulator.objects(gcs_bucket))
   assert {"runs/a/figure3.png", "runs/a/figure3.md"} <= names
   for name in figure3.VARIANTS:
-    assert {f"runs/a/{name}/metrics.jsonl", f"runs/a/{name}/checkpoints/2/SHA256SUMS"} <= names
+    assert {
+      f"runs/a/{name}/metrics.jsonl",
+      f"runs/a/{name}/checkpoints/2/commit_success.txt",
+    } <= names
     assert f"{name}: finished, not trained again" in runs[1].stderr
   assert _object(workdir, "figure3.png")[:8] == b"\x89PNG\r\n\x1a\n"
   assert f"| {figure3.VARIANTS['bn_x5']} |" in _object(workdir, "figure3.md").decode()
@@ -552,25 +513,104 @@ def test_figure3_on_gs(workdir, tmp_path, gcs_emulator, gcs_bucket, fashion_mnis
   assert not (ROOT / "gs:").exists()
 
 
-@pytest.mark.slow
-def test_orbax_reaches_the_bucket_through_gcsfs_even_after_tfds_chose_tensorflow():
-  """etils caches its file-system choice at its first gs:// path (TFDS makes one on
-  import): a gs:// workdir must still send orbax through gcsfs, which honours
-  STORAGE_EMULATOR_HOST, not through TensorFlow's file system, which does not (the
-  in-process figure1 run on gs:// failed this way once TFDS was imported first)."""
-  code = (
-    "import tensorflow_datasets\n"
-    "from etils import epath\n"
-    "from etils.epath import gpath\n"
-    "epath.Path('gs://x/y')._backend\n"
-    "assert gpath._is_tf_installed(), 'the premise: etils chose TensorFlow'\n"
-    "from experiments.common import storage\n"
-    "storage.as_path('gs://bucket/run')\n"
-    "print(type(epath.Path('gs://bucket/run')._backend).__name__)\n"
-  )
-  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+# ---- no process-wide side effects -----------------------------------------------------
+
+# Each group in its own process: the commands define absl flags of the same names.
+_MODULE_GROUPS = [
+  [
+    "experiments.common",
+    "experiments.mnist.train",
+    "experiments.imagenet.train",
+    "experiments.imagenet.figure3",
+    "experiments.imagenet.input_pipeline",
+    "experiments.mnist.__main__",
+  ],
+  ["experiments.mnist.figure1"],
+  ["experiments.imagenet.__main__"],
+]
+
+
+# What the experiments import, first: some of these set variables of their own on import.
+_THIRD_PARTY = [
+  "jax",
+  "flax.linen",
+  "optax",
+  "orbax.checkpoint",
+  "etils.epath",
+  "tensorflow",
+  "tensorflow_datasets",
+  "matplotlib.pyplot",
+  "ml_collections",
+  "google.cloud.storage",
+]
+
+
+def _python_without_test_wiring(code: str) -> str:
+  """The output of ``python -c code`` in this environment without the emulator's
+  variables (tests/gcs_emulator.py): as a user runs it."""
+  wiring = gcs_emulator.environment("http://unused")
+  env = {k: v for k, v in os.environ.items() if k not in wiring}
   result = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip() == "_FileSystemSpecBackend", result.stdout
+  return result.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modules", _MODULE_GROUPS, ids=["library", "figure1", "imagenet"])
+def test_importing_an_experiment_module_changes_no_environment_variable(modules):
+  code = (
+    "import importlib, os, pkgutil, sys\n"
+    f"for name in {_THIRD_PARTY!r}:  # their own variables (TF2_BEHAVIOR, ...) are theirs\n"
+    "  importlib.import_module(name)\n"
+    "import experiments\n"
+    "before = dict(os.environ)\n"
+    f"for name in {modules!r}:\n"
+    "  importlib.import_module(name)\n"
+    "if 'experiments.common' in sys.modules:  # and every module below it\n"
+    "  for info in pkgutil.walk_packages(experiments.__path__, 'experiments.'):\n"
+    "    if not info.name.endswith(('__main__', 'figure1')):\n"
+    "      importlib.import_module(info.name)\n"
+    "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+    "print(sorted(changed))\n"
+  )
+  assert _python_without_test_wiring(code).splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_a_gs_data_dir_is_handed_to_tensorflow_without_gcsfs():
+  """The single-VM recipe: `pip install -e ".[imagenet]"` (no gcsfs), a local workdir,
+  `--config.tfds_data_dir=gs://...`. TFDS's reads of the bucket must reach
+  TensorFlow's file system, whatever the experiment imported first. No network here:
+  TensorFlow's gfile calls are recorded, and answer "not found"."""
+  code = """
+import sys
+sys.modules["gcsfs"] = None  # not installed: `import gcsfs` raises ImportError
+import tensorflow as tf
+
+asked = []
+def refuse(name):
+  def call(path, *args, **kwargs):
+    asked.append(str(path))
+    if name in ("exists", "isdir"):
+      return False
+    raise tf.errors.NotFoundError(None, None, f"{path} (recorded by the test)")
+  return call
+for name in ("exists", "isdir", "glob", "listdir", "stat", "GFile", "walk"):
+  setattr(tf.io.gfile, name, refuse(name))
+
+from experiments.common import cli  # everything the command imports
+from experiments.imagenet import sources, train
+from experiments.imagenet.configs import tiny
+config = tiny.get_config()
+config.fake_data = False
+config.tfds_data_dir = "gs://some-bucket/tensorflow_datasets"
+try:
+  sources.open_source(config)
+except Exception as e:
+  print("error:", type(e).__name__, str(e).splitlines()[0][:300])
+print("asked:", sorted({a for a in asked if a.startswith("gs://")})[:3])
+"""
+  out = _python_without_test_wiring(code)
+  assert "gcsfs" not in out and "gs://some-bucket/tensorflow_datasets" in out.splitlines()[-1], out

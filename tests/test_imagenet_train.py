@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from flax import linen as nn
 
 from experiments import common
+from experiments.common import run as common_run
 from experiments.imagenet import data, input_pipeline, parallel, train
 from tests.imagenet_testing import (
   micro_net,
@@ -414,18 +415,17 @@ def test_bad_input_fails_before_any_compile_and_writes_nothing(
 
 
 def test_resume_refuses_another_config(tmp_path):
-  common.write_config(tmp_path, tiny_config(batch_size=BATCH))
+  config = tiny_config(batch_size=BATCH)
+  common.Run.open(tmp_path, config, num_train_steps=1, checkpoint_every=1).close()
   with pytest.raises(common.ConfigError, match="model: 'resnet_tiny' -> 'inception_tiny'"):
-    common.check_config(
+    common_run.check_config(
       tmp_path,
       tiny_config(batch_size=BATCH, model="inception_tiny"),
-      resuming=True,
       may_change=train.RESTART_MAY_CHANGE,
     )
   # How often to log, evaluate and save may change.
-  common.check_config(
+  common_run.check_config(
     tmp_path,
     tiny_config(batch_size=BATCH, log_every=7, eval_every=3),
-    resuming=True,
     may_change=train.RESTART_MAY_CHANGE,
   )

@@ -1,140 +1,209 @@
-"""Files a kill cannot leave half-written: atomic replacement, an append-only log.
+"""A run's files, in a local folder or in ``gs://BUCKET/PATH``, through ``etils.epath``.
 
-A file is replaced by writing a temporary file beside it, ``fsync``-ing it, and
-``os.replace``-ing it over the old one (atomic on POSIX file systems): a reader, or
-a run killed at any instant, sees the old content or the new, never a mix.
-``metrics.jsonl`` grows by appending one line per evaluation; a kill in the middle
-of an append can only truncate the last line, which ``MetricsLog`` drops on reading.
-On ``gs://`` (``experiments.common.storage``) a replacement is one upload, atomic
-by itself, and an append re-uploads the whole file.
+epath (orbax's path library) reads, lists, renames and writes whole files on both,
+for gs:// through TensorFlow's file system or gcsfs (``EPATH_USE_TF`` chooses;
+nothing here sets it). What no library here does:
+
+* ``write_atomic``: a kill leaves the old file or the new one (locally a temporary
+  file, ``fsync``, ``os.replace``; a Cloud Storage upload is atomic by itself).
+* ``Appender``: a file that grows without being rewritten. An object cannot grow,
+  and TensorFlow's file system uploads the whole file again at each flush, which a
+  TensorBoard writer does at every row: quadratic in the run's length. So each
+  append uploads its bytes alone and ``compose``s them onto the object (server
+  side, its generation as precondition): bounded work per row. google-cloud-storage
+  does this, and the lease's conditional writes (``lock.py``): epath has no word.
+* ``EventFile``: TensorBoard's format (tensorboard's ``RecordWriter`` and protocol
+  buffers) on an ``Appender``. clu's writers send it through TensorFlow's file
+  system, and importing any of them imports TensorFlow.
+* ``metrics.jsonl``: one JSON object per row; a last line cut short by a kill
+  during an append is left out, a damaged line elsewhere named.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from experiments.common import storage
-from experiments.common.errors import NonFiniteError, WorkdirError, warn
+from etils import epath
+
+from experiments.common.errors import WorkdirError, first_line, warn
+
+LOGIN_HINT = "run `gcloud auth application-default login` (a TPU VM uses its service account)"
 
 
-def write_text_atomic(path: str | os.PathLike | storage.GcsPath, text: str) -> None:
-  """Replaces ``path``'s content by ``text``, atomically and durably (local or ``gs://``).
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an ``epath.Path``: a local folder or ``gs://BUCKET/PATH``.
 
   Raises:
-    WorkdirError: if the folder cannot be written (naming the path and why).
+    WorkdirError: ``gs://`` without a bucket, or another scheme (``s3://`` would
+      otherwise become a local folder named ``s3:``).
   """
-  write_bytes_atomic(path, text.encode("utf-8"))
+  text = os.fspath(workdir)
+  scheme, separator, rest = text.partition("://")
+  if separator and scheme == "gs" and not rest.split("/")[0]:
+    raise WorkdirError(f"{text!r} names no bucket: write gs://BUCKET/PATH")
+  if separator and scheme.isidentifier() and scheme != "gs":
+    raise WorkdirError(
+      f"{text!r}: the scheme {scheme}:// is not supported; use a local folder or gs://BUCKET/PATH"
+    )
+  return epath.Path(text)
 
 
-def write_bytes_atomic(path: str | os.PathLike | storage.GcsPath, data: bytes) -> None:
-  """Replaces ``path``'s content by ``data``, atomically and durably (as ``write_text_atomic``)."""
-  storage.write_bytes(storage.as_path(path), data)
+def is_gcs(path: str | os.PathLike) -> bool:
+  return os.fspath(path).startswith("gs://")
 
 
-def to_json(value: Any, **kwargs) -> str:
-  """``json.dumps`` that refuses NaN and infinities (standard JSON has none)."""
-  return json.dumps(value, allow_nan=False, **kwargs)
+@functools.cache
+def _client():
+  try:
+    from google.cloud import storage
+  except ImportError:
+    raise WorkdirError(
+      "a gs:// workdir needs google-cloud-storage: pip install -e '.[gcs]'"
+    ) from None
+  import google.auth.exceptions
+
+  try:
+    return storage.Client()  # an emulator's if STORAGE_EMULATOR_HOST is set
+  except google.auth.exceptions.DefaultCredentialsError:
+    raise WorkdirError(f"no Google Cloud credentials for gs:// paths; {LOGIN_HINT}") from None
 
 
-def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
-  """Writes ``value`` as indented, key-sorted standard JSON, atomically."""
-  write_text_atomic(path, to_json(value, indent=2, sort_keys=True) + "\n")
+def gcs_blob(path: str | os.PathLike):
+  """The ``google.cloud.storage.Blob`` of ``gs://BUCKET/KEY``."""
+  bucket, _, key = os.fspath(path).removeprefix("gs://").partition("/")
+  return _client().bucket(bucket).blob(key)
 
 
-def non_finite_entries(row: Mapping[str, Any]) -> list[str]:
-  """The keys of ``row`` whose values are NaN or infinite floats."""
-  return [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+def _write_durably(path, mode: str, data: bytes) -> None:
+  with open(path, mode) as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
-class MetricsLog:
-  """A JSON-lines file of evaluations, each a flat object with an integer ``"step"``.
+def write_atomic(path: epath.Path, data: bytes) -> None:
+  """Replaces ``path``'s content by ``data``: a reader or a kill sees the old content
+  or the new, never a mix.
 
-  Appending writes one line and ``fsync``s it; other lines are never rewritten in
-  place. ``keep_up_to`` (for a resumed run) replaces the file atomically. On
-  ``gs://`` (objects cannot grow) each ``append`` uploads the whole file again, so
-  the bucket holds every row as soon as it is appended.
-
-  Example::
-
-    log = MetricsLog(workdir / "metrics.jsonl")
-    log.keep_up_to(restored_step)        # drop rows the lost steps had written
-    log.append({"step": 500, "test_accuracy": 0.91})
-    rows = log.read()
+  Raises:
+    WorkdirError: naming the path and why it cannot be written.
   """
+  if is_gcs(path):
+    return path.write_bytes(data)
+  temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    _write_durably(temporary, "wb", data)  # mode 0666 & ~umask, as any new file
+    os.replace(temporary, path)
+  except OSError as e:
+    temporary.unlink(missing_ok=True)
+    raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from e
 
-  def __init__(self, path: str | os.PathLike | storage.GcsPath):
-    self.path = storage.as_path(path)
-    self._text: str | None = None  # gs://: the object's content, as last read or written
 
-  def _lines(self) -> tuple[list[dict], bool]:
-    """The rows, and whether a truncated last line was dropped."""
+class Appender:
+  """``path``, grown by ``write(data)``, each write durable when it returns: an
+  ``fsync``'ed append locally, an upload and a ``compose`` on Cloud Storage."""
+
+  def __init__(self, path: epath.Path):
+    self.path, self._generation = path, None  # gs://: the object's, once known
+
+  def write(self, data: bytes) -> None:
+    if is_gcs(self.path):
+      return self._compose(data)
     try:
-      text = self.path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-      text = ""
-    except (OSError, UnicodeDecodeError) as e:
-      raise WorkdirError(f"cannot read {self.path}: {e}") from e
-    self._text = text
-    if not text:
-      return [], False
-    lines = text.split("\n")
-    # A complete file ends with "\n", so its last piece is "". Anything else is a
-    # last line cut short by a kill during an append: it carries no evaluation.
-    dropped = lines[-1] != ""
-    rows = []
-    for number, line in enumerate(lines[:-1], start=1):
-      if not line.strip():
-        continue
+      _write_durably(self.path, "ab", data)
+    except OSError as e:
+      raise WorkdirError(f"cannot append to {self.path}: {e.strerror or e}") from e
+
+  def _compose(self, data: bytes) -> None:
+    from google.api_core import exceptions as api
+
+    target, piece = gcs_blob(self.path), gcs_blob(f"{self.path}.append-{uuid.uuid4().hex}")
+    try:
+      if self._generation is None:
+        target.reload()
+      piece.upload_from_string(data)
       try:
-        row = json.loads(line)
-      except ValueError:
-        row = None
-      if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
-        raise WorkdirError(
-          f'{self.path}, line {number}: not a JSON object with an integer "step" '
-          f"({line[:80]!r}); repair or delete that line"
-        )
-      rows.append(row)
-    return rows, dropped
+        target.compose([target, piece], if_generation_match=self._generation or target.generation)
+      finally:
+        piece.delete()
+    except api.NotFound:  # the first row
+      target.upload_from_string(data, if_generation_match=0)
+    except api.PreconditionFailed:
+      raise WorkdirError(f"{self.path} was changed by another run; stopping") from None
+    except api.GoogleAPIError as e:
+      raise WorkdirError(f"cannot append to {self.path}: {first_line(e)}") from e
+    self._generation = target.generation
 
-  def read(self) -> list[dict]:
-    """All complete rows, in file order; a truncated last line is left out."""
-    return self._lines()[0]
+  def flush(self) -> None:  # tensorboard's RecordWriter calls these; each write is durable
+    pass
 
-  def keep_up_to(self, step: int) -> None:
-    """Keeps the rows with ``row["step"] <= step`` (the evaluations a resumed run
-    has already made) and drops a truncated last line, replacing the file
-    atomically; does not touch a file that needs no change."""
-    rows, dropped = self._lines()
-    kept = [row for row in rows if row["step"] <= step]
-    if dropped:
-      warn(f"{self.path}: dropped a truncated last line (a run was killed while writing it)")
-    if dropped or len(kept) < len(rows):
-      self._text = "".join(to_json(row) + "\n" for row in kept)
-      write_text_atomic(self.path, self._text)
+  close = flush
 
-  def append(self, row: Mapping[str, Any]) -> None:
-    """Appends one evaluation and makes it durable.
 
-    Raises:
-      NonFiniteError: naming the entries that are NaN or infinite (nothing is
-        written: JSON has no NaN).
-    """
-    bad = non_finite_entries(row)
-    if bad:
-      raise NonFiniteError(
-        f"at step {row.get('step')}, "
-        + ", ".join(f"{k} = {row[k]}" for k in bad)
-        + " is not finite; not written to "
-        + str(self.path)
-      )
-    line = to_json(dict(row)) + "\n"
-    if storage.is_gcs(self.path) and self._text is None:
-      self._lines()
-    whole = None if self._text is None else self._text + line
-    storage.append_text(self.path, line, whole=whole)
-    self._text = whole
+class EventFile:
+  """A TensorBoard event file ``events.out.tfevents.<time>.<host>.<pid>`` in ``logdir``,
+  a record appended per call (see the module docstring)."""
+
+  def __init__(self, logdir: epath.Path):
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    name = f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}.{os.getpid()}"
+    self._event, self._records = event_pb2.Event, RecordWriter(Appender(logdir / name))
+    self._add(self._event(file_version="brain.Event:2"))
+
+  def _add(self, event) -> None:
+    event.wall_time = time.time()
+    self._records.write(event.SerializeToString())
+
+  def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._add(self._event(step=step, summary=Summary(value=values)))
+
+  def hparams(self, hparams: Mapping[str, Any]) -> None:
+    from tensorboard.plugins.hparams import summary_v2
+
+    self._add(self._event(step=0, summary=summary_v2.hparams_pb(dict(hparams))))
+
+
+def _rows(path: epath.Path) -> tuple[list[dict], bool]:
+  """The rows of a ``metrics.jsonl``, and whether a truncated last line was left out."""
+  try:
+    lines = path.read_text().split("\n")
+  except FileNotFoundError:
+    return [], False
+  rows = []
+  for number, line in enumerate(lines[:-1], start=1):
+    try:
+      rows.append(json.loads(line))
+      assert isinstance(rows[-1]["step"], int)
+    except Exception:  # noqa: BLE001 - not JSON, not an object, no integer step: all damage
+      raise WorkdirError(
+        f'{path}, line {number}: not a JSON object with an integer "step" ({line[:80]!r}); '
+        "repair or delete that line"
+      ) from None
+  return rows, lines[-1] != ""  # a complete file ends with a newline
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """The rows of ``workdir/metrics.jsonl``, oldest first (a truncated last line left out)."""
+  return _rows(workdir_path(workdir) / "metrics.jsonl")[0]
+
+
+def keep_rows_up_to(path: epath.Path, step: int) -> None:
+  """Keeps the rows of ``path`` up to ``step`` (a resumed run writes the later ones
+  again) and drops a truncated last line, replacing the file atomically if it changes."""
+  rows, truncated = _rows(path)
+  kept = [row for row in rows if row["step"] <= step]
+  if truncated:
+    warn(f"{path}: dropped a truncated last line (a run was killed while writing it)")
+  if truncated or len(kept) < len(rows):
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept).encode())

@@ -16,6 +16,7 @@ import pathlib
 
 from absl import app, flags
 
+from experiments import config_flags
 from experiments.common import cli
 
 FLAGS = flags.FLAGS
@@ -26,7 +27,7 @@ flags.DEFINE_string(
   "Folder for config.json, metrics.jsonl, TensorBoard summaries and checkpoints "
   "(a local folder, or gs://BUCKET/PATH; on a pod slice, the bucket all hosts share).",
 )
-cli.define_config_flag(
+config_flags.define_config_flag(
   DEFAULT_CONFIG, "Training configuration, experiments/imagenet/configs/NAME.py."
 )
 flags.DEFINE_bool(
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 
+import jax
+
 import bnjax
-from experiments.imagenet import progress
 
 
 def announce(run_step: Callable, state, batches: Iterator[dict]) -> Iterator[dict]:
@@ -23,5 +24,6 @@ def announce(run_step: Callable, state, batches: Iterator[dict]) -> Iterator[dic
   first = next(batches)
   report = bnjax.describe(run_step, state, first)
   for line in report.summary().splitlines():
-    progress.say(f"batch norm: {line}")
+    if jax.process_index() == 0:  # the others run the same loop silently
+      print(f"batch norm: {line}", flush=True)
   return itertools.chain([first], batches)

@@ -30,7 +30,6 @@ uninterrupted run sees from step ``s``; evaluation scores every example once.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
@@ -95,14 +94,6 @@ class Source(Protocol):
   def eval_batches(
     self, *, global_batch_size: int, image_size: int, process_index: int, process_count: int
   ) -> tuple[Split, Iterator[dict]]: ...
-
-
-def quiet_tensorflow() -> None:
-  """Before TensorFlow loads: no oneDNN banner and C++ INFO lines before a command's
-  output (oneDNN's custom ops speed up TensorFlow's convolutions and matmuls; the
-  input pipeline and the summaries have none)."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def host_bounds(num_examples: int, process_count: int) -> list[int]:

@@ -31,7 +31,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, config_flags  # noqa: E402
 from experiments.common import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -65,27 +65,16 @@ def variant_config(name: str, miniature):
   return config
 
 
-def is_finished(workdir: pathlib.Path, num_train_steps: int) -> bool:
+def is_finished(workdir, num_train_steps: int) -> bool:
   """Whether the run in ``workdir`` evaluated its last step, or diverged."""
-  from experiments.imagenet import train
-
   if (workdir / DIVERGED).exists():
     return True
-  if not (workdir / "metrics.jsonl").exists():
-    return False
-  return any(r["step"] == num_train_steps and "top1" in r for r in train.read_metrics(workdir))
+  return any(r["step"] == num_train_steps and "top1" in r for r in common.read_metrics(workdir))
 
 
-def evaluations(workdir: pathlib.Path) -> list[tuple[int, float]]:
+def evaluations(workdir) -> list[tuple[int, float]]:
   """``(step, top1)`` of each evaluation in ``workdir/metrics.jsonl``."""
-  from experiments.imagenet import train
-
-  path = workdir / "metrics.jsonl"
-  return (
-    [(r["step"], r["top1"]) for r in train.read_metrics(workdir) if "top1" in r]
-    if path.exists()
-    else []
-  )
+  return [(r["step"], r["top1"]) for r in common.read_metrics(workdir) if "top1" in r]
 
 
 def table(
@@ -176,16 +165,16 @@ def draw(curves: dict, rows: list[dict], path: pathlib.Path, *, title: str) -> N
     fig.savefig(png, format="png", dpi=110)
   finally:
     plt.close(fig)
-  common.write_bytes_atomic(path, png.getvalue())
+  common.write_atomic(path, png.getvalue())
 
 
 def run_figure3(miniature, workdir) -> pathlib.Path:
   """Trains (or resumes, or skips when finished) each variant, then draws the figure."""
   from experiments.imagenet import train
 
-  workdir = common.workdir_path(workdir)
   configs = {name: variant_config(name, miniature) for name in VARIANTS}
-  with common.WorkdirLock(workdir):
+  workdir = common.workdir_path(workdir)
+  with common.lock.acquire(workdir):
     for name, config in configs.items():
       run_dir = workdir / name
       if is_finished(run_dir, config.num_train_steps):
@@ -196,7 +185,7 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
       try:
         train.train_and_evaluate(config, str(run_dir))
       except common.NonFiniteError as e:
-        common.write_text_atomic(run_dir / DIVERGED, f"{e}\n")
+        common.write_atomic(run_dir / DIVERGED, f"{e}\n".encode())
         print(f"{name}: diverged: {e}", file=sys.stderr, flush=True)
       print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     curves = {name: evaluations(workdir / name) for name in VARIANTS}
@@ -208,7 +197,7 @@ def run_figure3(miniature, workdir) -> pathlib.Path:
     text = format_table(rows)
     markdown = ["| " + " | ".join(text[0]) + " |", "|" + "---|" * len(text[0])]
     markdown += ["| " + " | ".join(line) + " |" for line in text[1:]]
-    common.write_text_atomic(workdir / "figure3.md", "\n".join(markdown) + "\n")
+    common.write_atomic(workdir / "figure3.md", ("\n".join(markdown) + "\n").encode())
     path = workdir / "figure3.png"
     draw(
       curves,
@@ -229,16 +218,18 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "workdir", None, "Folder for one run per variant (W/<name>/) and figure3.png."
   )
-  cli.define_config_flag(DEFAULT_CONFIG, "The miniature's fields, set on every variant's config.")
+  config_flags.define_config_flag(
+    DEFAULT_CONFIG, "The miniature's fields, set on every variant's config."
+  )
 
 
 def main(argv):
   cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure3, FLAGS.config, FLAGS.workdir)
-  print((common.workdir_path(FLAGS.workdir) / "figure3.md").read_text(), file=sys.stderr)
+  print((path.parent / "figure3.md").read_text(), file=sys.stderr)
   print(f"Figure written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

@@ -7,7 +7,7 @@
 (``python -m experiments.imagenet.figure3`` sets these fields on all six variants.)
 
 ``config.dataset`` is ``fashion_mnist`` or ``mnist`` and ``config.data_dir`` the
-folder of the four IDX files (read by ``experiments.common.idx``, the reader the
+folder of the four IDX files (read by ``experiments.idx``, the reader the
 MNIST experiment uses). The 60,000 training and 10,000 test images (28x28 gray
 bytes) stay in memory; batches have the ImageNet pipeline's form and guarantees
 (``sources.open_source`` chooses this source when the config has a ``data_dir``;
@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from experiments.common import idx
+from experiments import idx
 from experiments.imagenet import data
 
 DATASETS = idx.DATASETS  # ("mnist", "fashion_mnist")

@@ -49,14 +49,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from experiments.imagenet import data, random_access
-
-data.quiet_tensorflow()
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-from experiments.imagenet.data import (  # noqa: E402
+from experiments.imagenet.data import (
   EVAL_SPLIT,
   TRAIN_SPLIT,
   DataError,

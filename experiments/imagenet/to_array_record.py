@@ -25,15 +25,13 @@ import json
 import os
 import sys
 
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import app, flags
+from array_record.python import array_record_module
 from etils import epath
 
 from experiments.imagenet import data
-
-data.quiet_tensorflow()
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-from array_record.python import array_record_module  # noqa: E402
 
 SHARDS_AT_ONCE = 8  # shard files copied in parallel
 

@@ -18,9 +18,9 @@ exactly as it would have without the interruption.
 
 The file reads top to bottom as the Flax example's: the steps, ``prepare`` (the
 run's parts, from the config, checked by ``checks.validate_config``), evaluation,
-and the loop. Beside it: the schedule and the optimizer in ``schedule.py``, the
-workdir's bookkeeping in ``bookkeeping.py`` (every use of ``experiments.common``),
-what the run prints in ``progress.py``.
+and the loop, whose workdir (checkpoints, rows, preemption) is an
+``experiments.common.Run``. Beside it: the schedule and the optimizer in
+``schedule.py``.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import bnjax
 import experiments.imagenet.bn_report as bn_report
 from bnjax import linen as bn
 from experiments import common
-from experiments.imagenet import bookkeeping, data, models, parallel, progress, sources
+from experiments.imagenet import data, models, parallel, sources
 from experiments.imagenet.checks import ConfigError, validate_config
 from experiments.imagenet.schedule import (
   Schedule,
@@ -58,6 +57,8 @@ class TrainState(NamedTuple):
   params: Any  # the network's parameters
   batch_stats: Any  # BN running statistics ({} without BN)
   opt_state: optax.OptState
+  loss_sum: jax.Array  # [], float32: training losses summed since the last row of metrics
+  loss_count: jax.Array  # [], int32: steps in loss_sum (so a resumed run's rows are the same)
 
 
 def variables_of(params, batch_stats) -> dict:
@@ -76,6 +77,8 @@ def initial_state(model, optimizer, config, key: jax.Array) -> TrainState:
     params=params,
     batch_stats=variables.get("batch_stats", {}),
     opt_state=optimizer.init(params),
+    loss_sum=jnp.zeros((), jnp.float32),
+    loss_count=jnp.zeros((), jnp.int32),
   )
 
 
@@ -102,6 +105,7 @@ class StepConfig(NamedTuple):
   weight_decay: float
   dropout_seed: int
   pixel_moments: data.PixelMoments  # the source's: the step normalizes the uint8 images
+  log_every: int = 1  # a row of metrics every that many steps: loss_sum restarts after each
   axis_name: str | None = None  # pmap's axis
   average_statistics: bool = False  # pmap with axis_index_groups: average running statistics
 
@@ -119,7 +123,8 @@ def train_step(
 
   Returns:
     ``(new_state, {"loss": [] float32, "learning_rate": [] float32})``; the loss is
-    the mean cross-entropy over the global batch (without the weight penalty).
+    the mean cross-entropy over the global batch (without the weight penalty), and
+    is added to ``loss_sum``, which restarts at each multiple of ``log_every``.
   """
   axis = step_config.axis_name
   dropout_key = jax.random.fold_in(jax.random.key(step_config.dropout_seed), state.step)
@@ -150,11 +155,14 @@ def train_step(
     if step_config.average_statistics:
       batch_stats = bnjax.sync_state(batch_stats, axis)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_row = state.step % step_config.log_every == 0
   new_state = TrainState(
     step=state.step + 1,
     params=optax.apply_updates(state.params, updates),
     batch_stats=batch_stats,
     opt_state=opt_state,
+    loss_sum=jnp.where(new_row, 0.0, state.loss_sum) + loss,
+    loss_count=jnp.where(new_row, 0, state.loss_count) + 1,
   )
   return new_state, {
     "loss": loss,
@@ -285,6 +293,7 @@ def _step_config(exp: Experiment) -> StepConfig:
     weight_decay=float(config.weight_decay),
     dropout_seed=int(config.seed) + 1,
     pixel_moments=exp.source.pixel_moments,
+    log_every=exp.schedule.log_every,
     axis_name=exp.bn_setup.axis_name,
     average_statistics=exp.bn_setup.average_statistics,
   )
@@ -411,12 +420,22 @@ RESTART_MAY_CHANGE = (
 )
 
 
-def read_metrics(workdir) -> list[dict]:
-  """The rows of ``workdir/metrics.jsonl``, oldest first."""
-  return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
+read_metrics = common.read_metrics  # the rows of workdir/metrics.jsonl, oldest first
 
 
 # ---- the loop -------------------------------------------------------------------------------
+
+
+FAKE_DATA_WARNING = (
+  "FAKE DATA: config.fake_data=True trains and evaluates on synthetic random "
+  "images; losses and accuracies say nothing about the network"
+)
+
+
+def say(message: str) -> None:
+  """Prints ``message`` on process 0 (the others run the same loop silently)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def train_and_evaluate(
@@ -425,14 +444,16 @@ def train_and_evaluate(
   """Trains ``config``'s network into ``workdir``; resumes from its newest intact checkpoint.
 
   Writes (process 0) ``workdir/config.json``, ``workdir/metrics.jsonl`` (rows with
-  ``step``, ``train_loss``, ``learning_rate``, ``images_per_sec`` every
-  ``log_every`` steps, ``top1``, ``top5``, ``eval_loss`` at each evaluation, and
-  ``fake_data`` in every row) and TensorBoard summaries (with clu and TensorFlow
-  installed); every process writes its part of the checksummed orbax checkpoints in
-  ``workdir/checkpoints`` (see ``experiments.common``; on several hosts the workdir
-  must be a folder they all see). Everything is checked (``prepare``) before the
-  first write. A resumed run must have the config it started with, up to
-  ``RESTART_MAY_CHANGE``. ``create_model``: as ``prepare``'s.
+  ``step``, ``train_loss`` (the mean over the steps since the last row) and
+  ``learning_rate`` every ``log_every`` steps, ``top1``, ``top5``, ``eval_loss``,
+  ``eval_examples`` and ``bn_statistics`` at each evaluation, and ``fake_data`` in
+  every row) and TensorBoard events (with the ``tensorboard`` package); every
+  process writes its part of the orbax checkpoints in ``workdir/checkpoints``
+  (``experiments.common.Run``; on several hosts the workdir must be a folder they
+  all see, or a bucket). Everything is checked (``prepare``) before the first
+  write. A resumed run must have the config it started with, up to
+  ``RESTART_MAY_CHANGE``, and writes the rows an uninterrupted run writes.
+  ``create_model``: as ``prepare``'s.
 
   Returns:
     The final canonical state.
@@ -441,50 +462,61 @@ def train_and_evaluate(
     ConfigError, DataError, WorkdirError, CheckpointError: what to change, in one
       line; a config or data error leaves nothing in the workdir.
     NonFiniteError: at the first logged NaN or infinite training loss.
+    Preempted: at the step every host agreed on after a preemption notice, its
+      checkpoint saved.
   """
   exp = prepare(config, create_model=create_model)
-  with bookkeeping.open_run(
-    config,
+  with common.Run.open(
     workdir,
+    config,
     num_train_steps=exp.schedule.num_train_steps,
+    checkpoint_every=exp.schedule.checkpoint_every,
     may_change=RESTART_MAY_CHANGE,
+    hparams={k: v for k, v in config.items() if isinstance(v, int | float | str | bool)},
   ) as run:
     state = _train(exp, run)
-    run.checkpoints.wait_until_finished()  # the newest checkpoint sealed before it is named
-    progress.say(
+    run.wait_until_saved()
+    summaries = ", TensorBoard summaries" if run.summaries else ""
+    say(
       f"done: step {int(parallel.host_copy(state.step))}/{exp.schedule.num_train_steps}; "
-      f"wrote {run.written()} in {run.workdir}"
+      f"wrote config.json, metrics.jsonl{summaries} and checkpoints/ (newest: step "
+      f"{run.latest_step}) in {run.workdir}"
     )
     return state
 
 
-def _training_row(exp: Experiment, run, step: int, fetched: list[dict], images_per_sec) -> dict:
-  """The row of the ``log_every`` steps ending at ``step`` (their metrics, ``fetched``);
-  stops at a non-finite loss."""
-  train_loss = float(np.mean([np.mean(m["loss"]) for m in fetched]))
+def _announce(exp: Experiment) -> None:
+  """The FAKE DATA warning (fake data only), then what is trained on what."""
+  config, schedule, devices = exp.config, exp.schedule, exp.layout.num_devices
+  if config.fake_data:
+    say(f"WARNING: {FAKE_DATA_WARNING}")
+  hosts = jax.process_count()
+  say(
+    f"{config.model}: {exp.num_params:,} parameters; {devices} device{'s' * (devices > 1)} on "
+    f"{hosts} host{'s' * (hosts > 1)}, {exp.layout.parallelism}; {schedule.num_train_steps} steps "
+    f"of {config.batch_size} images ({schedule.steps_per_epoch} steps per epoch)"
+  )
+
+
+def _training_row(exp: Experiment, run: common.Run, state: TrainState, step: int) -> dict:
+  """The mean training loss of the steps since the last row (carried in the state)
+  and the learning rate of ``step``; stops at a non-finite loss."""
+  loss_sum, loss_count = (float(x) for x in parallel.host_copy((state.loss_sum, state.loss_count)))
+  train_loss = loss_sum / loss_count
   if not math.isfinite(train_loss):
     raise common.non_finite_loss(
       train_loss,
       step,
-      latest_checkpoint=run.checkpoints.latest_step,
+      latest_checkpoint=run.latest_step,
       rate=f"config.base_learning_rate (the rate is now {exp.config.learning_rate})",
     )
-  row = {
-    "train_loss": train_loss,
-    "learning_rate": float(np.mean(fetched[-1]["learning_rate"])),
-    "images_per_sec": images_per_sec,
-  }
-  progress.training_line(exp.config, exp.schedule, step, row)
-  return row
+  return {"train_loss": train_loss, "learning_rate": float(exp.learning_rate_fn(step - 1))}
 
 
-def _evaluation_row(exp: Experiment, state: TrainState, step: int, first: bool) -> dict:
+def _evaluation_row(exp: Experiment, state: TrainState, first: bool) -> dict:
   if first:
-    progress.say("evaluating (the first evaluation compiles the evaluation step)...")
-  started = time.perf_counter()
-  row = evaluation_row(exp, state)
-  progress.evaluation_line(exp.config, step, row, time.perf_counter() - started)
-  return row
+    say("evaluating (the first evaluation compiles the evaluation step)...")
+  return evaluation_row(exp, state)
 
 
 class _DeviceState:
@@ -504,52 +536,37 @@ def _every(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def _first_step(run_step, device: _DeviceState, batch: dict, start: int) -> dict:
+def _first_step(run_step, device: _DeviceState, batch: dict, start: int) -> None:
   """Step ``start + 1``, which compiles, with a line before and after."""
-  progress.say("compiling the training step (about a minute on a CPU for the small configs)...")
+  say("compiling the training step (about a minute on a CPU for the small configs)...")
   started = time.perf_counter()
   device.value, metrics = run_step(device.value, batch)
   jax.block_until_ready(metrics)
-  progress.say(f"compiled and ran step {start + 1} in {time.perf_counter() - started:.1f} s")
-  return metrics
+  say(f"compiled and ran step {start + 1} in {time.perf_counter() - started:.1f} s")
 
 
-def _train(exp: Experiment, run: bookkeeping.Run) -> TrainState:
+def _train(exp: Experiment, run: common.Run) -> TrainState:
   config, schedule = exp.config, exp.schedule
-  progress.announce(
-    config,
-    num_params=exp.num_params,
-    num_devices=exp.layout.num_devices,
-    parallelism=exp.layout.parallelism,
-    schedule=schedule,
-  )
-  device = _DeviceState(exp.layout, bookkeeping.resume(run, make_initial_state(exp), config))
+  _announce(exp)
+  device = _DeviceState(exp.layout, run.restore_or(make_initial_state(exp)))
   start = int(parallel.host_copy(device.canonical().step))
   run_step, batches = make_train_step(exp), train_batches(exp, start)
   batches = bn_report.announce(run_step, device.value, batches)  # what BN's statistics cover
-  pending, timer, evaluated = [], progress.Throughput(config.batch_size), False
+  fake = "  [FAKE DATA]" if config.fake_data else ""
+  evaluated = False
   for step in range(start + 1, schedule.num_train_steps + 1):
-    if step == start + 1:  # the first step compiles: time from its end
-      pending.append(_first_step(run_step, device, next(batches), start))
-      timer.restart()
+    if step == start + 1:
+      _first_step(run_step, device, next(batches), start)
     else:
-      device.value, step_metrics = run_step(device.value, next(batches))
-      pending.append(step_metrics)
-      timer.steps += 1
+      device.value, _ = run_step(device.value, next(batches))
     row = {}
     if _every(step, schedule.log_every, schedule.num_train_steps):
-      fetched = jax.device_get(pending)  # waits for the steps: then the rate is the steps' own
-      row.update(_training_row(exp, run, step, fetched, timer.rate()))
-      pending = []
-      timer.restart()
-    pause = time.perf_counter()
+      row.update(_training_row(exp, run, device.canonical(), step))
     if _every(step, schedule.eval_every, schedule.num_train_steps):
-      row.update(_evaluation_row(exp, device.canonical(), step, first=not evaluated))
+      row.update(_evaluation_row(exp, device.canonical(), first=not evaluated))
       evaluated = True
     if row:
-      run.write_row({"step": step, **row, "fake_data": bool(config.fake_data)})
-    if _every(step, schedule.checkpoint_every, schedule.num_train_steps):
-      run.checkpoints.save(step, device.canonical())
-    run.preemption.check(step, run.checkpoints, device.canonical)  # every step, on every host
-    timer.exclude(time.perf_counter() - pause)  # evaluation and saving are not training
+      say(run.log(step, {**row, "fake_data": bool(config.fake_data)}) + fake)
+    run.maybe_save(step, device.canonical)  # every step, on every host: a stop is agreed on
+    run.stop_if_requested(step)
   return device.canonical()

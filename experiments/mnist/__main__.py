@@ -10,12 +10,13 @@ continues from its last intact checkpoint.
 
 from absl import app, flags
 
+from experiments import config_flags
 from experiments.common import cli
 from experiments.mnist import configs, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for metrics.jsonl, config.json and checkpoints.")
-cli.define_config_flag(configs.DEFAULT, "Training configuration.", aliases=configs.RENAMED)
+config_flags.define_config_flag(configs.DEFAULT, "Training configuration.", aliases=configs.RENAMED)
 
 
 def main(argv):
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

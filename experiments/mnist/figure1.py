@@ -21,13 +21,13 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, config_flags  # noqa: E402
 from experiments.common import cli  # noqa: E402
 from experiments.mnist import configs, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for bn/, baseline/ and figure1.png.")
-cli.define_config_flag(
+config_flags.define_config_flag(
   configs.DEFAULT,
   "Configuration of both networks (config.batch_norm is set for each).",
   aliases=configs.RENAMED,
@@ -85,14 +85,14 @@ def draw_figure1(bn_metrics: list[dict], baseline_metrics: list[dict], path, *, 
     fig.savefig(png, format="png", dpi=120)
   finally:
     plt.close(fig)
-  common.write_bytes_atomic(path, png.getvalue())  # a local folder or gs://
+  common.write_atomic(path, png.getvalue())  # a local folder or gs://
 
 
 def run_figure1(config, workdir) -> pathlib.Path:
   """Trains (or resumes) both networks and draws the figure; returns its path."""
-  workdir = common.workdir_path(workdir)
   train.validate_config(config)
-  with common.WorkdirLock(workdir):
+  workdir = common.workdir_path(workdir)
+  with common.lock.acquire(workdir):
     for name, batch_norm in RUNS.items():
       run_config = config.copy_and_resolve_references()
       run_config.batch_norm = batch_norm
@@ -114,7 +114,7 @@ def main(argv):
   cli.check_command_line(argv, FLAGS.workdir)
   path = cli.exit_on_error(run_figure1, FLAGS.config, FLAGS.workdir)
   for name in RUNS:
-    final = train.read_metrics(common.workdir_path(FLAGS.workdir) / name)[-1]
+    final = train.read_metrics(f"{FLAGS.workdir}/{name}")[-1]
     print(
       f"{name:>8}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps",
       file=sys.stderr,
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=config_flags.parse_flags)

@@ -7,13 +7,12 @@ batches there by index.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np
 
 from experiments.common import DataError as DataError
-from experiments.common.idx import (  # noqa: F401 (re-exported: the reader is shared, experiments/common/idx.py)
+from experiments.idx import (  # noqa: F401 (re-exported: the reader is shared, experiments/idx.py)
   DATASETS,
   IMAGE_MAGIC,
   LABEL_MAGIC,
@@ -39,9 +38,6 @@ def internet_reachable(host: str = "storage.googleapis.com", timeout: float = 3.
 def load_tfds(name: str, tfds_data_dir: str | None = None) -> Dataset:
   """Loads ``name`` through TensorFlow Datasets (downloading it if needed)."""
   try:
-    # Before TensorFlow loads: no oneDNN banner or C++ INFO lines before the command's output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow_datasets as tfds  # Heavy (TensorFlow); only on this path.
   except ImportError as e:
     raise DataError(

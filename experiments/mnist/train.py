@@ -212,7 +212,7 @@ RESTART_MAY_CHANGE = ("num_train_steps", "checkpoint_every")
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   """The evaluations of the run in ``workdir``, oldest first."""
-  return common.MetricsLog(common.workdir_path(workdir) / "metrics.jsonl").read()
+  return common.read_metrics(workdir)
 
 
 def _next_stop(step: int, config) -> int:
@@ -255,52 +255,44 @@ def train_and_evaluate(
   """Trains one network as ``config`` says, into ``workdir``; resumes if possible.
 
   Writes ``workdir/config.json`` (the config and the JAX settings that change the
-  numbers), ``workdir/metrics.jsonl`` (one JSON object per evaluation) and
-  checksummed orbax checkpoints in ``workdir/checkpoints`` (see
-  ``experiments.common``). Returns the final state. A workdir with checkpoints
-  resumes from the newest intact one, with the same config and settings only
-  (``num_train_steps`` may grow, ``checkpoint_every`` change); an extended run keeps the
-  evaluation it made at its old last step.
+  numbers), ``workdir/metrics.jsonl`` (one JSON object per evaluation) and orbax
+  checkpoints in ``workdir/checkpoints`` (``experiments.common.Run``). Returns the
+  final state. A workdir with checkpoints resumes from the newest intact one, with
+  the same config and settings only (``num_train_steps`` may grow,
+  ``checkpoint_every`` change); an extended run keeps the evaluation it made at its
+  old last step.
 
   Raises:
     ConfigError, DataError, WorkdirError, CheckpointError: what to change, in one
       line; a config or data error leaves no new workdir behind.
     NonFiniteError: at the first step with a NaN or infinite training loss; the
       checkpoints written before it are kept.
+    Preempted: after SIGTERM or Ctrl-C, at the next evaluation or checkpoint,
+      once that step's checkpoint is saved.
   """
   validate_config(config)
-  workdir = common.workdir_path(workdir)  # a local folder or gs://BUCKET/PATH
-  with common.WorkdirLock(workdir):
-    dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.tfds_data_dir)
-    with (
-      common.Checkpoints(workdir / "checkpoints", max_to_keep=2) as checkpoints,
-      common.Preemption() as preemption,
-    ):  # SIGTERM, Ctrl-C: save, exit 75
-      restored_step = checkpoints.latest_step
-      common.check_config(
-        workdir, config, resuming=restored_step is not None, may_change=RESTART_MAY_CHANGE
-      )
-      common.check_not_past_the_end(restored_step, config.num_train_steps)
-      common.write_config(workdir, config)
-      return _train(config, workdir, dataset, checkpoints, preemption)
+  dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, config.tfds_data_dir)
+  with common.Run.open(
+    workdir,
+    config,
+    num_train_steps=config.num_train_steps,
+    checkpoint_every=config.checkpoint_every,
+    may_change=RESTART_MAY_CHANGE,
+  ) as run:
+    state = _train(config, run, dataset)
+    run.wait_until_saved()
+    tqdm.write(
+      f"done: step {int(state.step)}/{config.num_train_steps}; wrote config.json, "
+      f"metrics.jsonl and checkpoints/ (newest: step {run.latest_step}) in {run.workdir}"
+    )
+    return state
 
 
-def _train(
-  config,
-  workdir: pathlib.Path,
-  dataset,
-  checkpoints: common.Checkpoints,
-  preemption: common.Preemption,
-) -> TrainState:
+def _train(config, run: common.Run, dataset) -> TrainState:
   data = DeviceData(*(jax.device_put(a) for a in dataset))
   model, optimizer = make_model(config), make_optimizer(config)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
-  state = initial_state(model, optimizer, init_key)
-  if checkpoints.latest_step is not None:
-    state = checkpoints.restore(state)
-    tqdm.write(f"Resumed {workdir} from its checkpoint of step {int(state.step)}.")
-  metrics_log = common.MetricsLog(workdir / "metrics.jsonl")
-  metrics_log.keep_up_to(int(state.step))
+  state = run.restore_or(initial_state(model, optimizer, init_key))
   step = int(state.step)
   if step == config.num_train_steps:
     return state
@@ -327,26 +319,18 @@ def _train(
         raise common.non_finite_loss(
           float(state.loss_sum),
           int(state.step),
-          latest_checkpoint=checkpoints.latest_step,
+          latest_checkpoint=run.latest_step,
           rate=f"config.learning_rate (now {config.learning_rate})",
         )
       step = stop
       if step % config.eval_every == 0 or step == config.num_train_steps:
-        metrics = {"step": step, **{k: float(v) for k, v in run_evaluation(state, data).items()}}
-        metrics_log.append(metrics)
+        metrics = {k: float(v) for k, v in run_evaluation(state, data).items()}
+        run.log(step, metrics)
         state = state._replace(
           loss_sum=jnp.zeros_like(state.loss_sum), loss_count=jnp.zeros_like(state.loss_count)
         )
-        progress.set_postfix(
-          {"test_acc": f"{metrics['test_accuracy']:.4f}"}
-        )  # tqdm shows the speed
-      if step % config.checkpoint_every == 0 or step == config.num_train_steps:
-        checkpoints.save(step, state)
+        progress.set_postfix({"test_acc": f"{metrics['test_accuracy']:.4f}"})  # tqdm: the speed
+      run.maybe_save(step, state)
       progress.update(stop - progress.n)
-      preemption.check(step, checkpoints, lambda state=state: state)
-  checkpoints.wait_until_finished()  # the newest checkpoint sealed (SHA256SUMS) before we name it
-  tqdm.write(
-    f"done: step {step}/{config.num_train_steps}; wrote config.json, metrics.jsonl and "
-    f"checkpoints/ (newest: step {checkpoints.latest_step}) in {workdir}"
-  )
+      run.stop_if_requested(step)
   return state
