@@ -33,12 +33,12 @@ def count_collectives(compiled_text: str, *, outside_branches: bool = False) -> 
   ({'all-reduce': 2}, {'all-reduce': 1})
   """
   if outside_branches:
-    compiled_text = _without_branches(compiled_text)
+    compiled_text = without_branches(compiled_text)
   counts = collections.Counter(m.group(1) for m in _INSTRUCTION.finditer(compiled_text))
   return dict(counts)
 
 
-def _without_branches(compiled_text: str) -> str:
+def without_branches(compiled_text: str) -> str:
   """The program's text less the computations that are branches of conditionals
   (nested ones included: their conditionals name them too)."""
   branches = set()
@@ -52,3 +52,32 @@ def _without_branches(compiled_text: str) -> str:
 def total_collectives(compiled_text: str) -> int:
   """All collective instructions in a compiled program, of every kind."""
   return sum(count_collectives(compiled_text).values())
+
+
+_BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_BYTES_PER_ELEMENT.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8})
+_BYTES_PER_ELEMENT["c128"] = 16
+# The result type(s) of a collective instruction: `%n = f32[2,4]{1,0} all-reduce(`,
+# or a tuple `(f32[4]{0}, f32[4]{0}) all-reduce(`; async pairs count once, by their -start.
+_RESULT = re.compile(r"=\s*(\(.*?\)|\S+)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def collective_bytes(compiled_text: str) -> dict[str, int]:
+  """Bytes of the results of each kind of collective instruction in a compiled
+  program: for an all-reduce, the size of the array every device sends and gets
+  (what bandwidth models of a ring all-reduce take).
+
+  >>> collective_bytes("%a = f32[3,1024]{1,0} all-reduce(f32[3,1024]{1,0} %x), to_apply=%add")
+  {'all-reduce': 12288}
+  >>> collective_bytes("%t = (f32[4]{0}, bf16[8]{0}) all-reduce(%x, %y), to_apply=%add")
+  {'all-reduce': 32}
+  """
+  totals = collections.Counter()
+  for match in _RESULT.finditer(compiled_text):
+    for dtype, dims in _ARRAY.findall(match.group(1)):
+      elements = 1
+      for d in filter(None, dims.split(",")):
+        elements *= int(d)
+      totals[match.group(2)] += elements * _BYTES_PER_ELEMENT[dtype]
+  return dict(totals)

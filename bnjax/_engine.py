@@ -107,6 +107,9 @@ class TrainingConfig(NamedTuple):
   # The sizes of axis_name's axes, asked before the custom derivative, inside which a
   # vmap's may be unknown (bnjax.collectives.axis_sizes); None without axis_name.
   axis_sizes: tuple[int, ...] | None = None
+  # Whether axis_name's axes are devices' (bnjax.collectives.are_device_axes), asked
+  # where they are bound: they exchange O(F) sums; a vmap's gathers every row.
+  device_axes: bool = False
 
 
 def training_config(
@@ -120,6 +123,7 @@ def training_config(
     out_dtype=inputs.out_dtype,
     unbiased_variance=unbiased_variance,
     axis_sizes=None if axis_name is None else collectives.axis_sizes(axis_name),
+    device_axes=axis_name is not None and collectives.are_device_axes(axis_name),
   )
 
 
@@ -361,16 +365,34 @@ def _train_forward(config: TrainingConfig, x, scale, bias, mask, correction, upd
     statistics = stats.local_moments(
       x, reduction_axes=axes, mask=mask, finish=lambda moments: finish(moments, moments)
     )
-  else:
+  elif not config.device_axes:
     local = stats.local_moments(x, reduction_axes=axes, mask=mask)
-    statistics = finish(
-      local,
-      stats.all_gather_moments(
-        local, config.axis_name, config.axis_index_groups, config.axis_sizes
-      ),
+    combined = stats.all_gather_moments(
+      local, config.axis_name, config.axis_index_groups, config.axis_sizes
     )
+    statistics = finish(local, combined)
+  else:
+    moments = stats.synchronized_moments(
+      x,
+      stats.agreed_shift(_running_mean(update, correction), x, config.axis_name),
+      reduction_axes=axes,
+      mask=mask,
+      axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups,
+      axis_sizes=config.axis_sizes,
+    )
+    statistics = finish(moments, moments)
   y = _apply(x, statistics.moments.mean, statistics.gain, statistics.shifted_bias, axes)
   return _Forward(y.astype(config.out_dtype), statistics)
+
+
+def _running_mean(update: StateUpdate | None, correction: RenormCorrection | None):
+  """The running mean, if any: the synchronized sums go around it where every
+  device provably holds the same one (``bnjax.stats.agreed_shift``). After a few
+  steps it lies near the batch mean, so features far from zero need no second pass."""
+  if update is not None:
+    return update.state.mean
+  return None if correction is None else correction.running_mean
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

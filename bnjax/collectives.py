@@ -1,8 +1,8 @@
 """Exchanging values across devices, and checking device groups.
 
-``batch_norm`` synchronizes statistics with one collective (``gather_rows``: every
-device's row, on every device), and derivatives with one ``psum``; both check
-``axis_index_groups`` first, with errors that name the problem.
+``batch_norm`` synchronizes statistics and derivatives with ``psum``s of per-feature
+sums (``bnjax.stats.synchronized_moments``), which check ``axis_index_groups``
+first (``psum`` here), with errors that name the problem.
 
 Where each way of synchronizing works:
 
@@ -105,16 +105,58 @@ def axis_sizes(axis_name: Hashable) -> tuple[int, ...]:
   return tuple(lax.axis_size(name) for name in names)
 
 
+def are_device_axes(axis_name: Hashable) -> bool:
+  """Whether every name in ``axis_name`` is an axis of devices (``shard_map``'s or
+  ``pmap``'s), not a ``vmap``'s: ask where the axes are bound. Along a ``vmap``'s
+  named axis the "devices" are rows of one array in memory: nothing is sent."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  device_axes = jax.sharding.get_abstract_mesh().manual_axes
+  return all(name in device_axes for name in names)
+
+
+def varying_axes(x) -> frozenset:
+  """The device axes along which ``x`` may differ, as ``shard_map``'s type checks
+  (``check_vma``) track them (``jax.typeof(x).manual_axis_type.varying`` in JAX
+  0.10); empty where nothing tracks them (``pmap``, ``check_vma=False``, outside)."""
+  axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(getattr(axis_type, "varying", ()))
+
+
+def _index_along(axis_name, sizes: tuple[int, ...]):
+  """This device's index along ``axis_name``, the first name running slowest."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  index = 0
+  for name, size in zip(names, sizes, strict=True):  # one name at a time: see axis_sizes
+    index = index * size + lax.axis_index(name)
+  return index
+
+
+def group_size(axis_name, axis_index_groups, sizes: tuple[int, ...] | None = None):
+  """How many devices this device's group along ``axis_name`` holds: a Python int
+  where every group has one size, else a traced ``[]`` int32 looked up by this
+  device's index. ``sizes``: ``axis_sizes(axis_name)``, asked where the axes are
+  bound (see there); without it, asked here. Along a tuple of names the index runs
+  over the first name slowest."""
+  sizes = axis_sizes(axis_name) if sizes is None else sizes
+  if axis_index_groups is None:
+    return math.prod(sizes)
+  lengths = {len(group) for group in axis_index_groups}
+  if len(lengths) == 1:
+    return lengths.pop()
+  index = _index_along(axis_name, sizes)
+  size_of = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
+  for group in axis_index_groups:
+    size_of[list(group)] = len(group)
+  return jnp.asarray(size_of)[index]
+
+
 def position_in_group(axis_name, axis_index_groups, sizes: tuple[int, ...] | None = None):
   """This device's index within its group along ``axis_name``, and the size of
   the largest group. ``sizes``: ``axis_sizes(axis_name)``, asked where the axes are
   bound (see there); without it, asked here. Along a tuple of names the index runs
   over the first name slowest."""
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   sizes = axis_sizes(axis_name) if sizes is None else sizes
-  index = 0
-  for name, size in zip(names, sizes, strict=True):  # one name at a time: see axis_sizes
-    index = index * size + lax.axis_index(name)
+  index = _index_along(axis_name, sizes)
   if axis_index_groups is None:
     return index, math.prod(sizes)
   positions = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)

@@ -9,13 +9,14 @@ a batch (Algorithm 1 of Ioffe & Szegedy, 2015). This module computes them
 * in at least float32, whatever the input dtype (bfloat16 and float16 inputs are
   reduced in float32; float64 and complex inputs keep their precision);
 * over the valid entries of an optional ``mask`` only;
-* across devices with one collective: each device reduces its own values to
-  ``(count, mean, var)``, one collective exchanges them, and every device
-  combines them exactly (Chan, Golub & LeVeque, 1979). Uneven valid counts per
-  device are weighted correctly; this is not a mean of means. The exchange is one
-  ``psum`` of a ``[D, 4, *F]`` array (D devices in the group): tiny next to the
-  activations, but it grows with D, so very large axes are best synchronized in
-  groups, as large-scale training does anyway. ``bnjax.collectives`` holds the
+* across devices, in bytes that do not grow with their number: each device sums
+  its values per feature around a shift every device holds, and one ``psum`` of
+  ``[2, *F]`` (``[3, *F]`` with a mask: the valid counts, so that uneven counts
+  per device are weighted exactly) gives every device the global sums
+  (``synchronized_moments``); a second exchange of the same size runs only where
+  the first sums are not exact. Along a ``vmap``'s named axis, where nothing is
+  sent, each row's moments are gathered and combined exactly instead (Chan,
+  Golub & LeVeque, 1979; ``all_gather_moments``). ``bnjax.collectives`` holds the
   exchange and the group checks, and says where each way of synchronizing works.
 
 One pass or two. For values ``x_1..x_n`` and any shift ``K``, with ``s1 = sum(x -
@@ -350,13 +351,157 @@ def combine_moments(moments: Moments) -> Moments:
   return combine_shifted_moments(shifted).moments
 
 
+def agreed_shift(hint: jax.Array | None, x: jax.Array, axis_name: Hashable) -> jax.Array | None:
+  """``hint`` where JAX's types prove that every device along ``axis_name`` holds
+  the same one, else None (the exchange then sums around zero).
+
+  Proven only under ``shard_map`` with its type checks on (``check_vma``): ``x``
+  varies along every name of ``axis_name`` and ``hint`` along none. ``pmap``,
+  ``vmap``'s named axes and ``check_vma=False`` carry no such types, so there a
+  per-device state can never skew the sums. Values that are not finite become 0.
+  """
+  if hint is None:
+    return None
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  x_axes, hint_axes = collectives.varying_axes(x), collectives.varying_axes(hint)
+  if not all(name in x_axes and name not in hint_axes for name in names):
+    return None
+  dtype = statistics_dtype(x.dtype)
+  hint = lax.stop_gradient(hint).astype(dtype)
+  return jnp.where(jnp.isfinite(hint), hint, jnp.zeros((), dtype))
+
+
+def _psum_features(arrays, axis_name, axis_index_groups):
+  """``psum`` of ``[*F]`` arrays (real or complex) as one ``[k, *F]`` real array:
+  one collective whatever their number."""
+  rows = []
+  for a in arrays:
+    rows.extend([a.real, a.imag] if jnp.iscomplexobj(a) else [a])
+  summed = collectives.psum(jnp.stack(rows), axis_name, axis_index_groups)
+  out, i = [], 0
+  for a in arrays:
+    if jnp.iscomplexobj(a):
+      out.append(lax.complex(summed[i], summed[i + 1]))
+      i += 2
+    else:
+      out.append(summed[i])
+      i += 1
+  return out
+
+
+def _with_axes_of(value: jax.Array, other: jax.Array) -> jax.Array:
+  """``value`` typed as varying along every axis ``other`` varies along
+  (``shard_map``'s types; elsewhere unchanged), so both branches of a ``lax.cond``
+  return one type."""
+  missing = collectives.varying_axes(other) - collectives.varying_axes(value)
+  return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying") if missing else value
+
+
+def _is_exact(offset, var, s2) -> jax.Array:
+  """Whether sums around a shift give every feature's moments exactly: each mean
+  within 2 standard deviations of the shift (``offset^2 <= 4 var``), every sum of
+  squares finite. One float reduction (max, NaN propagating)."""
+  excess = abs_squared(offset) - ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
+  excess = jnp.where(jnp.isfinite(s2), excess, jnp.inf)
+  return jnp.max(excess, initial=-jnp.inf) <= 0
+
+
+def synchronized_moments(
+  x: jax.Array,
+  shift: jax.Array | None,
+  *,
+  reduction_axes: Sequence[int],
+  mask: jax.Array | None,
+  axis_name: Hashable,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  axis_sizes: tuple[int, ...] | None = None,
+) -> ShiftedMoments:
+  """Exact moments of every device's ``x`` along ``axis_name``, exchanging O(F).
+
+  Each device sums ``x - K`` and ``|x - K|^2`` per feature around a shift ``K``
+  that every device holds (``shift``, from ``agreed_shift``, or 0), and one
+  ``psum`` of the ``[2, *F]`` sums (``[3, *F]`` with a ``mask``: the valid counts
+  too) gives every device the same global sums: the bytes sent do not depend on
+  the number of devices. They are kept where every feature's global mean lies
+  within 2 standard deviations of ``K`` (error at most ``5 eps`` relative, as for
+  ``local_moments``). Elsewhere, only then (``lax.cond``, on a predicate every
+  device computes alike), a second pass sums around that first mean and exchanges
+  ``[2, *F]`` again (deviations scaled by a power of two where the first sums of
+  squares came near overflow), and, if the first mean was itself too far off for
+  that (``|mean - K| / std`` beyond about ``1e6``), a third pass around the second
+  mean: exact up to ``|mean - K| / std`` of about ``1 / eps^2``, ``1e13`` in
+  float32. At most three exchanges of ``[2, *F]`` in all: with the backward pass's
+  one, twice Flax's bytes; on the common path, Flax's bytes.
+
+  Args:
+    x: ``[...]`` floating or complex input, this device's part of the batch.
+    shift: ``[*F]`` or None; must be the same on every device (``agreed_shift``).
+    reduction_axes, mask: as ``local_moments``.
+    axis_name, axis_index_groups: the devices to synchronize over (see
+      ``bnjax.collectives``).
+    axis_sizes: ``bnjax.collectives.axis_sizes(axis_name)``, asked where the axes
+      are bound (here otherwise).
+
+  Returns:
+    ``ShiftedMoments`` of the union, ``[*F]`` fields, identical on every device.
+  """
+  dtype = statistics_dtype(x.dtype)
+  real_dtype = jnp.finfo(dtype).dtype
+  sizes = collectives.axis_sizes(axis_name) if axis_sizes is None else axis_sizes
+  exchange = functools.partial(
+    _psum_features, axis_name=axis_name, axis_index_groups=axis_index_groups
+  )
+  sums = functools.partial(_sums, x, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
+  local_count = _count(x.shape, reduction_axes, mask, real_dtype)
+  if mask is None:
+    group_size = collectives.group_size(axis_name, axis_index_groups, sizes)
+    s1, s2 = exchange(sums(shift, None))
+    count = local_count * jnp.asarray(group_size, real_dtype)
+  else:
+    count, s1, s2 = exchange([local_count, *sums(shift, None)])
+  shift = jnp.zeros(count.shape, dtype) if shift is None else shift
+  offset, var = _mean_and_variance(s1, s2, count)
+  # A sum of squares around the first shift bounds those around the mean: where it
+  # is near the top of the range (or not finite), the later passes sum deviations
+  # scaled by a power of two, decided here alike on every device.
+  scale = _power_of_two_scale(math.prod(x.shape[a] for a in reduction_axes) * math.prod(sizes))
+  near_overflow = jnp.logical_not(jnp.all(s2 <= jnp.finfo(real_dtype).max / 4))
+  factor = jnp.where(near_overflow, jnp.asarray(scale, real_dtype), 1)
+
+  def around(shift):
+    s1, s2 = exchange(sums(shift, factor.astype(dtype)))
+    offset, var = _mean_and_variance(s1, s2, count)
+    return shift, offset / factor.astype(dtype), var / (factor * factor), s2
+
+  def second_pass(shift, offset):
+    shift, offset, var, s2 = around(shift + offset)
+    return lax.cond(
+      _is_exact(offset, var, s2),
+      lambda: (shift, offset, var),
+      lambda: around(shift + offset)[:3],
+    )
+
+  shift, offset, var = lax.cond(
+    _is_exact(offset, var, s2),
+    lambda: (_with_axes_of(shift, offset), offset, var),
+    lambda: second_pass(shift, offset),
+  )
+  return ShiftedMoments(count=count, shift=shift, offset=offset, var=var)
+
+
 def all_gather_moments(
   moments: ShiftedMoments,
   axis_name: Hashable,
   axis_index_groups: Sequence[Sequence[int]] | None = None,
   axis_sizes: tuple[int, ...] | None = None,
 ) -> ShiftedMoments:
-  """Moments of the union of every device's values along ``axis_name``.
+  """Moments of the union of every device's values along ``axis_name``, from
+  every device's own moments: the exchange where ``axis_name`` holds a ``vmap``'s
+  axis (``bnjax.collectives.are_device_axes``). There nothing is sent; and a
+  collective inside ``lax.cond``, as ``synchronized_moments`` has, cannot be
+  traced where JAX 0.10 differentiates such a ``vmap`` lazily (see
+  ``bnjax.collectives.axis_sizes``). Between devices that exchange would grow
+  with their number.
 
   One collective (``bnjax.collectives.gather_rows``) gathers every device's
   ``(count, shift, offset, var)``, stacked as one ``[P, *F]`` real array, on every
@@ -437,7 +582,16 @@ def batch_moments(
   >>> batch_moments(x, reduction_axes=(0,), mask=valid).mean.tolist()
   [1.0, 10.0]
   """
-  moments = local_moments(x, reduction_axes=reduction_axes, mask=mask)
-  if axis_name is not None:
-    moments = all_gather_moments(moments, axis_name, axis_index_groups)
-  return moments.moments
+  if axis_name is None:
+    return local_moments(x, reduction_axes=reduction_axes, mask=mask).moments
+  if not collectives.are_device_axes(axis_name):
+    local = local_moments(x, reduction_axes=reduction_axes, mask=mask)
+    return all_gather_moments(local, axis_name, axis_index_groups).moments
+  return synchronized_moments(
+    x,
+    None,
+    reduction_axes=reduction_axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  ).moments

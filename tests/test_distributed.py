@@ -222,12 +222,16 @@ def test_one_collective_forward_and_one_backward():
   pmap_forward = jax.pmap(forward, axis_name="batch", in_axes=(0, None, None))
   forward_text = pmap_forward.lower(xs, params, state).compile().as_text()
   step_text = synchronized_step.lower(xs, ws, params, state, None).compile().as_text()
-  assert count_collectives(forward_text) == {"all-reduce": 1}
-  assert count_collectives(step_text) == {"all-reduce": 2}
+  # On every call; the forward's fallback exchanges (a second pass, and a third for
+  # a shift far off) sit in lax.cond branches that run only where needed.
+  every_call = functools.partial(count_collectives, outside_branches=True)
+  assert every_call(forward_text) == {"all-reduce": 1}
+  assert every_call(step_text) == {"all-reduce": 2}
+  assert count_collectives(forward_text) == {"all-reduce": 3}
 
   (_, _, _, _), sharded, mesh = sharded_problem()
   shard_map_text = shard_map_step(mesh).lower(*sharded).compile().as_text()
-  assert count_collectives(shard_map_text) == {"all-reduce": 2}
+  assert every_call(shard_map_text) == {"all-reduce": 2}
 
 
 def test_flax_exact_mode_needs_more_collectives():
