@@ -47,6 +47,42 @@ def test_quick_forward_benchmark_writes_results(tmp_path):
   assert case["case"] in (tmp_path / "forward.md").read_text()
 
 
+@pytest.mark.slow
+def test_small_accelerator_benchmark_fills_every_table(tmp_path):
+  """``benchmarks.accelerator --small`` on the suite's 8 CPU devices: every section
+  holds positive timings (or counts); another backend's results (here, a run whose
+  time budget let no section start, renamed) stay, and are reported as skipped."""
+  from benchmarks import accelerator
+
+  results_path = tmp_path / "accelerator_results.json"
+  accelerator.main(["--small", "--output-dir", str(tmp_path), "--budget-s", "-1"])
+  ((_, skipped),) = json.loads(results_path.read_text())["backends"].items()
+  assert skipped["skipped"] == ["batch_norm", "steering", "collectives", "training_steps"]
+  results_path.write_text(json.dumps({"backends": {"tpu: TPU v9": skipped}}))
+  with jax.numpy_dtype_promotion("standard"):  # Flax's BatchNorm relies on implicit promotion
+    accelerator.main(["--small", "--output-dir", str(tmp_path)])
+  backends = json.loads(results_path.read_text())["backends"]
+  assert backends["tpu: TPU v9"] == skipped
+  (key,) = set(backends) - {"tpu: TPU v9"}
+  assert key.startswith("cpu: ") and "small mode" in key
+  run = backends[key]
+  assert run["skipped"] == [] and run["settings"]["small"] is True
+  timings = [t for case in run["batch_norm"] for t in case["forward_backward_s"].values()]
+  timings += [t for case in run["batch_norm"] for t in case["forward_s"].values()]
+  timings += [t for case in run["steering"] for t in case["forward_backward_s"].values()]
+  timings += [t for step in run["training_steps"] for t in step["step_s"].values()]
+  assert len(timings) == 2 * 3 + 2 * 3 + 2 * 2 + 2 * 2 and min(timings) > 0
+  for case in run["steering"]:  # the forcing reached the program, both ways
+    assert case["programs"]["barriers"]["stablehlo_barriers"] > 0
+    assert case["programs"]["no_barriers"]["stablehlo_barriers"] == 0
+  assert run["collectives"]["devices"] == len(jax.local_devices()) == 8
+  assert run["collectives"]["bnjax"]["pmap_forward"]["every_call"] == {"all-reduce": 1}
+  markdown = (tmp_path / "accelerator_results.md").read_text()
+  for heading in (f"## {key}", "## tpu: TPU v9", "### 1.", "### 2.", "### 3.", "### 4."):
+    assert heading in markdown
+  assert markdown.count("Skipped: over the time budget.") == 4
+
+
 def _constant_sizes(lowered_text: str) -> list[int]:
   """Element counts of the constants in a lowered (StableHLO) program."""
   shapes = re.findall(r"stablehlo\.constant dense<.*?> : tensor<((?:\d+x)*)\w+>", lowered_text)
