@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import pod_scale
 from benchmarks.hlo import collective_bytes, collectives, count_collectives
+from tests import ROOT
 
 # Hand-written: an async all-reduce in the entry, and a conditional whose branch calls
 # (``calls=``) a computation holding an all-gather: that one runs only when taken.
@@ -87,6 +88,15 @@ def test_with_section_replaces_only_its_own_section():
   assert appended == "# Benchmarks\n\n## cpu\n\ntable\n\n## Pod scale\n\nx\n"
 
 
+def test_benchmarks_md_holds_the_committed_pod_scale_tables():
+  """BENCHMARKS.md's section is the one the committed pod_scale.json gives, as both
+  ``benchmarks.pod_scale`` and ``benchmarks.run`` write it."""
+  document = (ROOT / "BENCHMARKS.md").read_text()
+  section = pod_scale.committed_section()
+  assert section.startswith(pod_scale.SECTION_TITLE)
+  assert pod_scale.with_section(document, section) == document
+
+
 def _check_layer_records(result: dict, settings: pod_scale.Settings) -> None:
   """One D's shard_map records: Flax fast's forward as Flax's code says, and every
   program's bytes in the whole program at least those on the common path."""
@@ -134,7 +144,12 @@ def test_quick_pod_scale_writes_every_section(tmp_path):
   for chip in pod_scale.CHIPS:
     assert set(written["modelled_time"][chip]) == {"ResNet-50", "BN-Inception"}
   markdown = (tmp_path / "pod_scale.md").read_text()
-  for heading in ("One synchronized layer", "Bytes per channel", "under pmap", "Per training"):
+  for heading in (
+    "One synchronized layer",
+    "Bytes per channel",
+    "Cross-check under pmap",
+    "Per training",
+  ):
     assert f"## {heading}" in markdown
   assert "MODELLED time" in markdown and written["command"] in markdown
   section = pod_scale.benchmarks_section(written)
