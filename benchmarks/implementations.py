@@ -17,7 +17,7 @@ import bnjax
 EPSILON = 1e-5
 
 
-def bnjax_batch_norm(x, scale, bias, *, axis_name=None):
+def bnjax_batch_norm(x, scale, bias, *, axis_name=None, axis_index_groups=None):
   features = x.shape[-1]
   state = bnjax.BatchNormState(jnp.zeros(features), jnp.ones(features))
   return bnjax.batch_norm(
@@ -27,10 +27,11 @@ def bnjax_batch_norm(x, scale, bias, *, axis_name=None):
     training=True,
     epsilon=EPSILON,
     axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
   )
 
 
-def flax_batch_norm(x, scale, bias, *, fast, axis_name=None):
+def flax_batch_norm(x, scale, bias, *, fast, axis_name=None, axis_index_groups=None):
   features = x.shape[-1]
   module = nn.BatchNorm(
     use_running_average=False,
@@ -38,6 +39,7 @@ def flax_batch_norm(x, scale, bias, *, fast, axis_name=None):
     epsilon=EPSILON,
     dtype=x.dtype,
     axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
   )
   variables = {
     "params": {"scale": scale, "bias": bias},

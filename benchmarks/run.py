@@ -17,6 +17,10 @@ the whole measurement repeated to report the spread of each ratio.
 4. Temporary memory of forward + backward from XLA's memory analysis.
 5. A ResNet-50 training step with bnjax's and Flax's BatchNorm.
 6. The MNIST experiment's on-device training loop against a per-step Python loop.
+
+BENCHMARKS.md ends with the section "Pod scale", the tables of
+``python -m benchmarks.pod_scale`` (compiled HLO at up to 1024 simulated devices),
+put back from the committed ``benchmarks/pod_scale.json`` each time this rewrites it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bnjax  # noqa: E402
 from benchmarks import implementations as impls  # noqa: E402
+from benchmarks import pod_scale  # noqa: E402
 from benchmarks.hlo import count_collectives  # noqa: E402
 from benchmarks.report import machine, ratio_text, write_results  # noqa: E402
 from benchmarks.timing import ratio_summary, repeated, time_call  # noqa: E402
@@ -556,7 +561,11 @@ def main(argv=None) -> dict:
     "# Benchmarks\n\n"
     "Written by `python -m benchmarks.run`; see `benchmarks/run.py` for the method.\n\n"
   )
-  write_results(json_path, markdown_path, results, header + markdown(results))
+  document = header + markdown(results)
+  section = pod_scale.committed_section()  # the pod-scale tables, from their own run
+  if section:
+    document = pod_scale.with_section(document, section)
+  write_results(json_path, markdown_path, results, document)
   return results
 
 
