@@ -538,9 +538,12 @@ def seconds_text(modelled: dict | None) -> str:
   return f"{modelled['bandwidth_s'] * 1e6:,.1f} + {latency}"
 
 
-def bnjax_source(path: str) -> str:
-  """Where the measured bnjax came from: this checkout's, or the installed one's path."""
-  return "this checkout's bnjax/" if pathlib.Path(path) == HERE.parent / "bnjax" else path
+def bnjax_source(path: pathlib.Path) -> str:
+  """Where the measured bnjax came from: this checkout's, or the installed one's path.
+
+  Decided when measuring, so the committed results read the same from any clone.
+  """
+  return "this checkout's bnjax/" if path == HERE.parent / "bnjax" else str(path)
 
 
 def markdown_body(results: dict, level: int) -> str:
@@ -553,7 +556,7 @@ def markdown_body(results: dict, level: int) -> str:
   )
   lines = [
     f"Written by `{results['command']}` on {m['date']}: jax {m['jax']}, bnjax {m['bnjax']}"
-    f" ({bnjax_source(results['bnjax_path'])}), {m['cpu_count']} CPUs. Compiled for simulated"
+    f" ({results['bnjax_source']}), {m['cpu_count']} CPUs. Compiled for simulated"
     " CPU devices, never run; bytes are read from the compiled HLO.",
     f"Wall time per D (one subprocess each): {walls}.",
     "",
@@ -641,7 +644,7 @@ def main(argv=None) -> dict:
   results = {
     "machine": machine(),
     "command": shlex.join(["python", "-m", "benchmarks.pod_scale", *argv]),
-    "bnjax_path": str(pathlib.Path(bnjax.__file__).parent),
+    "bnjax_source": bnjax_source(pathlib.Path(bnjax.__file__).resolve().parent),
     "settings": settings._asdict(),
     "measured": measure_all(settings),
     "model_channels": model_channels(),
