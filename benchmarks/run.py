@@ -15,7 +15,8 @@ the whole measurement repeated to report the spread of each ratio.
 2. The streaming floor: reading x and dy and writing two tensors of their size.
 3. Collectives per synchronized layer in compiled ``pmap``/``shard_map`` steps.
 4. Temporary memory of forward + backward from XLA's memory analysis.
-5. A ResNet-50 training step with bnjax's and Flax's BatchNorm.
+5. A ResNet-50 training step with bnjax's and Flax's BatchNorm, on one device and
+   synchronized over 2.
 6. The MNIST experiment's on-device training loop against a per-step Python loop.
 
 BENCHMARKS.md ends with the section "Pod scale", the tables of
@@ -191,6 +192,10 @@ def bench_collectives(quick: bool) -> dict:
 
 
 def bench_resnet(quick: bool, rounds: int, repeats: int) -> dict:
+  """ResNet-50's training step with bnjax's and Flax's BatchNorm, interleaved: under
+  ``jax.jit`` on one device (statistics of the local batch), and under ``shard_map``
+  over 2 CPU devices with ``axis_name`` (statistics synchronized: the exchange of
+  ``bnjax.stats.synchronized_moments`` against Flax's ``pmean``), the same global batch."""
   from experiments.imagenet import models
 
   if quick:
@@ -200,41 +205,59 @@ def bench_resnet(quick: bool, rounds: int, repeats: int) -> dict:
   images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
   labels = jnp.arange(batch) % 10
   optimizer = optax.sgd(0.1, momentum=0.9)
-  steps, states = {}, {}
+  mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("batch",))
+  batch_sharding = NamedSharding(mesh, P("batch"))
+  sharded = (jax.device_put(images, batch_sharding), jax.device_put(labels, batch_sharding))
+  steps = {}
   for name, norm in (("bnjax", bnjax.linen.BatchNorm), ("flax", nn.BatchNorm)):
     model = make(norm=norm)
     variables = model.init(jax.random.key(1), images, train=False)
     state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
-
-    def train_step(state, images, labels, model=model):
-      params, batch_stats, opt_state = state
-
-      def loss_fn(params):
-        logits, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats},
-          images,
-          train=True,
-          mutable=["batch_stats"],
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-
-      (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      param_updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state
-
-    steps[name], states[name] = jax.jit(train_step), state
-  times = repeated(
-    {name: functools.partial(steps[name], states[name], images, labels) for name in steps},
-    rounds=rounds,
-    repeats=repeats,
-  )
+    local_step = resnet_train_step(make(norm=norm), optimizer)
+    synchronized_step = jax.shard_map(
+      resnet_train_step(make(norm=functools.partial(norm, axis_name="batch")), optimizer),
+      mesh=mesh,
+      in_specs=(P(), P("batch"), P("batch")),
+      out_specs=P(),
+    )
+    replicated = jax.device_put(state, NamedSharding(mesh, P()))
+    steps[f"{name} jit"] = functools.partial(jax.jit(local_step), state, images, labels)
+    steps[f"{name} shard_map"] = functools.partial(jax.jit(synchronized_step), replicated, *sharded)
+  times = repeated(steps, rounds=rounds, repeats=repeats)
   result = {
     "model": label,
-    "step_s": {n: statistics.median(t) for n, t in times.items()},
-    "bnjax_vs_flax": ratio_summary(times["bnjax"], times["flax"]),
+    "step_s": {n: statistics.median(times[f"{n} jit"]) for n in ("bnjax", "flax")},
+    "bnjax_vs_flax": ratio_summary(times["bnjax jit"], times["flax jit"]),
+    "synchronized": {
+      "devices": 2,
+      "step_s": {n: statistics.median(times[f"{n} shard_map"]) for n in ("bnjax", "flax")},
+      "bnjax_vs_flax": ratio_summary(times["bnjax shard_map"], times["flax shard_map"]),
+    },
   }
   print(f"resnet: {json.dumps(result)}", flush=True)
   return result
+
+
+def resnet_train_step(model, optimizer):
+  """One SGD step of ``model`` on (params, batch_stats, opt_state): the new state."""
+
+  def train_step(state, images, labels):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+    (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    param_updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state
+
+  return train_step
 
 
 # ---- 6: the MNIST training loop ------------------------------------------------------------
@@ -483,6 +506,14 @@ def markdown(results: dict) -> str:
     f"bnjax.linen.BatchNorm {1e3 * r['step_s']['bnjax']:.1f} ms, flax.linen.BatchNorm "
     f"{1e3 * r['step_s']['flax']:.1f} ms: ratio {ratio_text(r['bnjax_vs_flax'])}.",
   ]
+  if "synchronized" in r:
+    sync = r["synchronized"]
+    lines += [
+      "",
+      f"The same global batch under `shard_map` over {sync['devices']} CPU devices, statistics "
+      f"synchronized (`axis_name`): bnjax {1e3 * sync['step_s']['bnjax']:.1f} ms, Flax "
+      f"{1e3 * sync['step_s']['flax']:.1f} ms: ratio {ratio_text(sync['bnjax_vs_flax'])}.",
+    ]
   mn = results["mnist_loop"]
   lines += [
     "",

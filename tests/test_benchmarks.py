@@ -30,7 +30,10 @@ def test_quick_benchmark_writes_results(tmp_path):
   assert every_call["pmap_forward"] == {"all-reduce": 1}
   assert every_call["pmap_forward_backward"] == {"all-reduce": 2}
   assert results["collectives"]["bnjax"]["pmap_forward_backward"] == {"all-reduce": 4}
+  for setting in (written["resnet"], written["resnet"]["synchronized"]):
+    assert min(setting["step_s"].values()) > 0
   markdown = (tmp_path / "BENCHMARKS.md").read_text()
+  assert "under `shard_map` over 2 CPU devices, statistics synchronized" in markdown
   for heading in ("### 1, 2.", "### 3.", "### 4.", "### 5.", "### 6."):
     assert heading in markdown
 
