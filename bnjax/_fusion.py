@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-import jax
 from jax import lax
+
+from bnjax import collectives
 
 _Operands = TypeVar("_Operands")
 
@@ -40,24 +41,9 @@ def unshared_on_cpu(operands: _Operands, copies: int = 1) -> tuple[_Operands, ..
   So the operands are cast to those types first, on every backend: a cast to
   "varying" changes the type only, and lowers to nothing.
   """
-  operands = _varying_alike(operands)
+  operands = collectives.varying_alike(operands)
   return lax.platform_dependent(
     operands,
     cpu=lambda operands: lax.optimization_barrier((operands,) * copies),
     default=lambda operands: (operands,) * copies,
-  )
-
-
-def _varying_alike(operands: _Operands) -> _Operands:
-  """``operands`` with each array cast (``lax.pcast(..., to="varying")``) to vary
-  over every manual mesh axis that any of them varies over, as an optimization
-  barrier's results do; unchanged outside ``shard_map`` or with ``check_vma=False``
-  (no axis is tracked there)."""
-  varying = lambda leaf: getattr(getattr(jax.typeof(leaf), "mat", None), "varying", ())  # noqa: E731
-  axes: dict = {}  # ordered: the same program on every trace
-  for leaf in jax.tree.leaves(operands):
-    axes.update(dict.fromkeys(varying(leaf)))
-  return jax.tree.map(
-    lambda leaf: lax.pcast(leaf, tuple(a for a in axes if a not in varying(leaf)), to="varying"),
-    operands,
   )

@@ -122,6 +122,21 @@ def varying_axes(x) -> frozenset:
   return frozenset(getattr(axis_type, "varying", ()))
 
 
+def varying_alike(operands):
+  """``operands`` (a pytree) with each array cast (``lax.pcast(..., to="varying")``,
+  a change of type that lowers to nothing) to vary along every device axis that any
+  of them varies along (``varying_axes``), as an optimization barrier's results and
+  both branches of a ``lax.cond`` must; unchanged where nothing tracks the axes."""
+  leaves = jax.tree.leaves(operands)
+  axes = sorted(frozenset().union(*map(varying_axes, leaves)), key=str)  # one program per trace
+
+  def cast(leaf):
+    missing = tuple(a for a in axes if a not in varying_axes(leaf))
+    return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+  return jax.tree.map(cast, operands)
+
+
 def _index_along(axis_name, sizes: tuple[int, ...]):
   """This device's index along ``axis_name``, the first name running slowest."""
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)

@@ -296,12 +296,7 @@ def local_moments(
     offset, var = jnp.zeros(x.shape, dtype), jnp.zeros(x.shape, real_dtype)
     return finish(ShiftedMoments(count, x.astype(dtype), offset, var))
   s1, s2 = _sums(x, None, None, dtype=dtype, reduction_axes=reduction_axes, mask=mask)
-  # Every feature near zero and every sum finite, as one float reduction (max, NaN
-  # propagating) where jnp.all of booleans takes XLA's CPU backend three kernels.
-  mean, var = _mean_and_variance(s1, s2, count)
-  excess = abs_squared(mean) - ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
-  excess = jnp.where(jnp.isfinite(s2), excess, jnp.inf)
-  exact = jnp.max(excess, initial=-jnp.inf) <= 0
+  exact = _is_exact(*_mean_and_variance(s1, s2, count), s2)  # every feature near zero
 
   # Each branch derives the mean and variance from the sums itself: computed once
   # outside, they would be a kernel of their own.
@@ -389,18 +384,11 @@ def _psum_features(arrays, axis_name, axis_index_groups):
   return out
 
 
-def _with_axes_of(value: jax.Array, other: jax.Array) -> jax.Array:
-  """``value`` typed as varying along every axis ``other`` varies along
-  (``shard_map``'s types; elsewhere unchanged), so both branches of a ``lax.cond``
-  return one type."""
-  missing = collectives.varying_axes(other) - collectives.varying_axes(value)
-  return lax.pcast(value, tuple(sorted(missing, key=str)), to="varying") if missing else value
-
-
 def _is_exact(offset, var, s2) -> jax.Array:
   """Whether sums around a shift give every feature's moments exactly: each mean
   within 2 standard deviations of the shift (``offset^2 <= 4 var``), every sum of
-  squares finite. One float reduction (max, NaN propagating)."""
+  squares finite. One float reduction (max, NaN propagating), where ``jnp.all`` of
+  booleans takes XLA's CPU backend three kernels."""
   excess = abs_squared(offset) - ONE_PASS_MEAN_SQUARED_PER_VARIANCE * var
   excess = jnp.where(jnp.isfinite(s2), excess, jnp.inf)
   return jnp.max(excess, initial=-jnp.inf) <= 0
@@ -483,7 +471,7 @@ def synchronized_moments(
 
   shift, offset, var = lax.cond(
     _is_exact(offset, var, s2),
-    lambda: (_with_axes_of(shift, offset), offset, var),
+    lambda: (collectives.varying_alike((shift, offset))[0], offset, var),
     lambda: second_pass(shift, offset),
   )
   return ShiftedMoments(count=count, shift=shift, offset=offset, var=var)
