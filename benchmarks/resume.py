@@ -206,7 +206,12 @@ def _extrapolation(results: dict) -> list[str]:
     if case["reader"].startswith("TFRecord"):
       first, last = _median(case["first_batch_s"][0]), _median(case["first_batch_s"][-1])
       skipped = case["starts"][-1] * results["settings"]["batch_size"]
-      per_example = max(last - first, 0.0) / skipped
+      per_example = (last - first) / skipped
+      if per_example <= 0:  # a tiny run: skipping cost less than the timing's noise
+        return [
+          "TFRecord: skipping cost no measurable time here (the first batch came no later "
+          "at the last position than at the first): too few examples to extrapolate."
+        ]
       rate = case["bytes_per_example"] / per_example  # bytes per second
       at_99 = 0.99 * IMAGENET_TRAIN_BYTES / rate
       return [

@@ -146,3 +146,24 @@ def test_quick_resume_benchmark_writes_results(tmp_path):
     assert all(t > 0 for times in case["first_batch_s"] for t in times)
     assert case["image_bytes_float32"] == 4 * case["image_bytes_uint8"] > 0
   assert "start at 99% of the epoch" in (tmp_path / "resume_results.md").read_text()
+
+
+def test_resume_extrapolation_scales_the_skipping_cost_and_says_when_there_is_none():
+  """A quick run's first batches can come as fast at the last position as at the
+  first (timing noise): the report says so instead of dividing by zero."""
+  from benchmarks import resume
+
+  def results(first_s, last_s):
+    case = {
+      "reader": "TFRecord (tf.data)",
+      "first_batch_s": [[first_s], [last_s]],
+      "starts": [0, 100],
+      "bytes_per_example": 50_000,
+    }
+    return {"cases": [case], "settings": {"batch_size": 10}}
+
+  (measured,) = resume._extrapolation(results(0.5, 1.5))  # 1 ms per skipped example
+  assert "1000 us per example" in measured and "50 MB/s" in measured
+  for last_s in (0.5, 0.4):
+    (none,) = resume._extrapolation(results(0.5, last_s))
+    assert "no measurable time" in none
